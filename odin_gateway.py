@@ -1,0 +1,2429 @@
+#!/usr/bin/env python3
+"""odin_gateway: an ODIN gateway in one readable Python file.
+
+An ODIN gateway sits between voice-chat clients and a pool of ODIN media
+servers (SFUs). Servers register with it and report their rooms and load every
+few seconds; clients present a token signed with their customer's access key
+and get back the address of the server that hosts (or will host) their room,
+plus a fresh Ed25519-signed token for that server.
+
+Run it::
+
+    pip install pynacl
+    python odin_gateway.py                 # reads ./config.py if present
+    python odin_gateway.py --help
+
+The protocol in five lines::
+
+    Server -> Gateway  POST /internal  sfu.GridConfig  (once)      <- recommended config + its signing key
+    Server -> Gateway  POST /internal  sfu.Report      (every 5 s) <- queued admin tasks
+    Client -> Gateway  POST /          Connect (Bearer token)      <- {address, token}
+    Client -> Server   join the room with that token
+    Backend -> Gateway POST /          RoomClose | RoomUpdate | RoomBanClient | RoomSendMessage
+
+Everything is JSON-RPC 2.0 over HTTP/1.1. The full protocol, and where this
+gateway deliberately improves on the original, is described in README.md.
+
+Security stance: client tokens are verified with the customers' public keys
+only (the gateway never sees an access key); server keys are derived from the
+master key, so change ``master_key`` before going to production; ``/internal``
+hands out signing keys, so protect it with ``internal_users`` or a firewall.
+The gateway warns at start about each of these.
+
+The protocol logic (tokens, grid state, RPC methods, JSON-RPC dispatch) is
+plain synchronous code over plain data; only the HTTP layer and the timers
+touch asyncio. Time and randomness are injectable, and all state lives on a
+``Gateway`` instance, so several gateways can run in one process.
+"""
+
+from __future__ import annotations
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "Authorization",
+    "Config",
+    "ConfigError",
+    "Gateway",
+    "GatewayError",
+    "Licensee",
+    "RpcError",
+    "TokenError",
+    "create_token",
+    "derive_server_key",
+    "generate_access_key",
+    "main",
+    "public_jwk",
+    "room_hash",
+    "serve_in_thread",
+]
+
+import asyncio
+import base64
+import contextlib
+import datetime
+import hashlib
+import hmac
+import inspect
+import ipaddress
+import json
+import logging
+import math
+import os
+import random
+import re
+import runpy
+import ssl as ssl_module
+import sys
+import threading
+import time
+import traceback
+from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple
+
+try:  # the only third-party dependency; a clear message in main() if missing
+    import nacl.exceptions
+    import nacl.signing
+except ImportError:  # pragma: no cover - exercised by hand
+    nacl = None  # type: ignore[assignment]
+
+log = logging.getLogger("odin_gateway")
+
+
+# ---------------------------------------------------------------------------
+# Limits and errors
+# ---------------------------------------------------------------------------
+
+#: Longest request line; http.server allows 64 KiB, but no legitimate ODIN
+#: call needs more than a path, so a long line is an attack or a mistake (414).
+MAX_REQUEST_LINE = 8 * 1024
+#: Largest request head (request line plus headers), as h11 (431).
+MAX_HEAD_BYTES = 16 * 1024
+#: Most header fields in one request, as CPython's http.client (431).
+MAX_HEADERS = 100
+#: Largest request body; a report of 10,000 rooms is about 1 MiB (413).
+MAX_BODY_BYTES = 1024 * 1024
+#: Seconds to receive a whole request head or body before answering 408.
+READ_TIMEOUT = 10.0
+#: Seconds an idle keep-alive connection is kept open.
+KEEP_ALIVE_TIMEOUT = 75.0
+#: Most requests in one JSON-RPC batch.
+MAX_BATCH = 100
+#: Most admin tasks queued for one server; admin calls beyond it are refused
+#: rather than silently dropping tasks already queued.
+MAX_QUEUED_TASKS = 10_000
+#: Seconds of leeway for exp and nbf, as the original.
+TOKEN_LEEWAY = 300
+#: Largest integer JavaScript represents exactly; exp and nbf must be within.
+MAX_SAFE_INTEGER = 2**53 - 1
+
+# JSON-RPC 2.0 error codes.
+PARSE_ERROR = -32700
+INVALID_REQUEST = -32600
+METHOD_NOT_FOUND = -32601
+INVALID_PARAMS = -32602
+INTERNAL_ERROR = -32603
+
+
+class GatewayError(Exception):
+    """Base class of every error this module raises on purpose."""
+
+
+class ConfigError(GatewayError):
+    """The configuration is missing, unreadable or holds a wrong value."""
+
+
+class TokenError(GatewayError):
+    """An Authorization header or bearer token was refused; str() is the reason."""
+
+
+class RpcError(GatewayError):
+    """A JSON-RPC call was refused; becomes the error object of the response."""
+
+    def __init__(self, code: int, message: str, data: Any = None):
+        super().__init__(message)
+        self.code = code
+        self.message = message
+        self.data = data
+
+    def to_json(self) -> dict:
+        error = {"code": self.code, "message": self.message}
+        if self.data is not None:
+            error["data"] = self.data
+        return error
+
+
+def refused(message: str, code: int = INVALID_REQUEST) -> RpcError:
+    """An RpcError for a request a method handler turns down."""
+    return RpcError(code, message)
+
+
+# ---------------------------------------------------------------------------
+# Encodings: base64, JSON the way JavaScript writes it, timestamps
+# ---------------------------------------------------------------------------
+
+_B64URL_RE = re.compile(r"[A-Za-z0-9_-]*={0,2}")
+_B64_RE = re.compile(r"[A-Za-z0-9+/]*={0,2}")
+
+
+def b64url_encode(data: bytes) -> str:
+    """URL-safe base64 without padding, as JWTs and JWKs use."""
+    return base64.urlsafe_b64encode(data).rstrip(b"=").decode("ascii")
+
+
+def b64url_decode(text: str) -> bytes:
+    """Strict URL-safe base64, padding optional; ValueError on anything else.
+
+    base64.urlsafe_b64decode silently skips characters outside the alphabet,
+    so the alphabet is checked first.
+    """
+    if not _B64URL_RE.fullmatch(text):
+        raise ValueError("not base64url")
+    stripped = text.rstrip("=")
+    if len(stripped) % 4 == 1:
+        raise ValueError("not base64url: impossible length")
+    return base64.urlsafe_b64decode(stripped + "=" * (-len(stripped) % 4))
+
+
+def b64_decode(text: str) -> bytes:
+    """Strict standard base64 (padding optional); ValueError on anything else."""
+    if not _B64_RE.fullmatch(text):
+        raise ValueError("not base64")
+    stripped = text.rstrip("=")
+    if len(stripped) % 4 == 1:
+        raise ValueError("not base64: impossible length")
+    return base64.b64decode(stripped + "=" * (-len(stripped) % 4))
+
+
+def b64_encode(data: bytes) -> str:
+    return base64.b64encode(data).decode("ascii")
+
+
+_SURROGATE_RE = re.compile("[\ud800-\udfff]")
+
+
+def _escape_surrogate(match: "re.Match[str]") -> str:
+    return "\\u%04x" % ord(match.group())
+
+
+def js_number(value: float) -> str:
+    """A number as JavaScript's Number.prototype.toString writes it.
+
+    Python and JavaScript agree on the shortest round-trip digits; they differ
+    in where they switch to exponent notation and how they write it.
+    """
+    if value != value or value in (math.inf, -math.inf):
+        raise ValueError("JSON has no representation for %r" % value)
+    if value == 0:
+        return "0"
+    if isinstance(value, int):
+        return str(value)
+    sign = "-" if value < 0 else ""
+    mantissa, _, exponent = repr(abs(value)).partition("e")
+    int_part, _, frac_part = mantissa.partition(".")
+    digits = (int_part + frac_part.rstrip("0")).lstrip("0") or "0"
+    # n: position of the decimal point relative to the digit string.
+    n = len(int_part.lstrip("0")) if int_part.strip("0") else -(
+        len(frac_part) - len(frac_part.lstrip("0"))
+    )
+    n += int(exponent or 0)
+    k = len(digits)
+    if k <= n <= 21:
+        return sign + digits + "0" * (n - k)
+    if 0 < n <= 21:
+        return sign + digits[:n] + "." + digits[n:]
+    if -6 < n <= 0:
+        return sign + "0." + "0" * -n + digits
+    e = n - 1
+    e_text = ("+" if e >= 0 else "-") + str(abs(e))
+    if k == 1:
+        return sign + digits + "e" + e_text
+    return sign + digits[0] + "." + digits[1:] + "e" + e_text
+
+
+def js_json(value: Any) -> str:
+    """Compact JSON exactly as JavaScript's JSON.stringify writes it.
+
+    No spaces, keys in insertion order, non-ASCII characters raw, integral
+    floats without a fraction, lone surrogates escaped. Used for tokens, whose
+    bytes are signed, and for response bodies.
+    """
+    if isinstance(value, dict):
+        return "{" + ",".join(
+            js_json(str(k)) + ":" + js_json(v) for k, v in value.items()
+        ) + "}"
+    if isinstance(value, (list, tuple)):
+        return "[" + ",".join(js_json(v) for v in value) + "]"
+    if isinstance(value, str):
+        text = json.dumps(value, ensure_ascii=False)
+        return _SURROGATE_RE.sub(_escape_surrogate, text) if _SURROGATE_RE.search(text) else text
+    if value is True:
+        return "true"
+    if value is False:
+        return "false"
+    if value is None:
+        return "null"
+    if isinstance(value, (int, float)):
+        return js_number(value)
+    raise TypeError("cannot encode %s as JSON" % type(value).__name__)
+
+
+def dump_json(value: Any) -> bytes:
+    """A response body: compact UTF-8 JSON (C-accelerated; floats as Python writes them)."""
+    text = json.dumps(value, ensure_ascii=False, separators=(",", ":"), allow_nan=False)
+    if _SURROGATE_RE.search(text):
+        text = _SURROGATE_RE.sub(_escape_surrogate, text)
+    return text.encode("utf-8")
+
+
+def _refuse_constant(name: str) -> Any:
+    raise ValueError("%s is not JSON" % name)
+
+
+def load_json(data: bytes) -> Any:
+    """Strict JSON from UTF-8 bytes; ValueError for anything JSON.parse refuses."""
+    try:
+        return json.loads(data.decode("utf-8"), parse_constant=_refuse_constant)
+    except RecursionError as err:
+        raise ValueError("JSON nested too deeply") from err
+
+
+def iso_time(seconds: float) -> str:
+    """A timestamp as JavaScript's Date.prototype.toISOString writes it."""
+    moment = datetime.datetime.fromtimestamp(seconds, datetime.timezone.utc)
+    return moment.strftime("%Y-%m-%dT%H:%M:%S.") + "%03dZ" % (moment.microsecond // 1000)
+
+
+def printable(text: Any, limit: int = 200) -> str:
+    """Text from a request, safe to log: control characters escaped, length capped."""
+    text = str(text)
+    if len(text) > limit:
+        text = text[:limit] + "..."
+    return text.encode("unicode_escape").decode("ascii") if not text.isprintable() else text
+
+
+# ---------------------------------------------------------------------------
+# Keys: access keys, key ids, derived server keys
+# ---------------------------------------------------------------------------
+
+ACCESS_KEY_VERSION = 0x01
+CUSTOMER_KID_PREFIX = 0x01
+SERVER_KID_PREFIX = 0x02
+
+
+def crc8(data: bytes) -> int:
+    """CRC-8, polynomial 0x31, initial value 0xFF, no reflection, no final xor."""
+    crc = 0xFF
+    for byte in data:
+        crc ^= byte
+        for _ in range(8):
+            crc = ((crc << 1) ^ 0x31) & 0xFF if crc & 0x80 else (crc << 1) & 0xFF
+    return crc
+
+
+def key_id(prefix: int, public_key: bytes) -> str:
+    """kid = b64(prefix || SHA-512(public key) folded to 8 bytes by xor)."""
+    digest = hashlib.sha512(public_key).digest()
+    folded = bytearray(8)
+    for offset in range(0, 64, 8):
+        for j in range(8):
+            folded[j] ^= digest[offset + j]
+    return b64_encode(bytes([prefix]) + bytes(folded))
+
+
+def access_key_seed(access_key: str) -> bytes:
+    """The 32-byte Ed25519 seed of an ODIN access key; ValueError if invalid.
+
+    An access key is b64(0x01 || 31 random bytes || crc8 of those bytes); the
+    seed is everything after the version byte, checksum included. The
+    URL-safe alphabet is tolerated, as the original token library does.
+    """
+    try:
+        raw = b64_decode(access_key.replace("-", "+").replace("_", "/"))
+    except (ValueError, AttributeError) as err:
+        raise ValueError("invalid access key") from err
+    if len(raw) != 33 or raw[0] != ACCESS_KEY_VERSION or crc8(raw[1:]) != 0:
+        raise ValueError("invalid access key")
+    return raw[1:]
+
+
+def generate_access_key() -> str:
+    """A new random ODIN access key (keep it secret; give the gateway its public_jwk)."""
+    body = os.urandom(31)
+    return b64_encode(bytes([ACCESS_KEY_VERSION]) + body + bytes([crc8(body)]))
+
+
+class SigningKey:
+    """An Ed25519 key pair with its kid; signs JWTs."""
+
+    __slots__ = ("kid", "seed", "public", "_nacl")
+
+    def __init__(self, seed: bytes, kid_prefix: int, kid: Optional[str] = None):
+        self._nacl = nacl.signing.SigningKey(seed)
+        self.seed = bytes(seed)
+        self.public = bytes(self._nacl.verify_key)
+        self.kid = kid if kid is not None else key_id(kid_prefix, self.public)
+
+    def sign(self, message: bytes) -> bytes:
+        return self._nacl.sign(message).signature
+
+    def verify(self, message: bytes, signature: bytes) -> bool:
+        return _verify(self._nacl.verify_key, message, signature)
+
+    def public_jwk(self) -> dict:
+        return {"kid": self.kid, "kty": "OKP", "crv": "Ed25519", "x": b64url_encode(self.public)}
+
+    def private_jwk(self) -> dict:
+        return dict(self.public_jwk(), d=b64url_encode(self.seed))
+
+
+def public_jwk(access_key: str) -> dict:
+    """The public JWK (kid, kty, crv, x) of an access key, for the gateway's customers."""
+    return SigningKey(access_key_seed(access_key), CUSTOMER_KID_PREFIX).public_jwk()
+
+
+def hkdf_sha512(ikm: bytes, salt: bytes, info: bytes, length: int) -> bytes:
+    """HKDF (RFC 5869) with SHA-512; the standard library has no HKDF."""
+    prk = hmac.new(salt, ikm, hashlib.sha512).digest()
+    okm, block, counter = b"", b"", 1
+    while len(okm) < length:
+        block = hmac.new(prk, block + info + bytes([counter]), hashlib.sha512).digest()
+        okm += block
+        counter += 1
+    return okm[:length]
+
+
+def derive_server_key(master_key: bytes, hostname: str) -> SigningKey:
+    """The signing key of the server named hostname: a pure function of the master key.
+
+    Tokens therefore stay valid across gateway restarts, and a server gets the
+    same key every time it asks.
+    """
+    okm = hkdf_sha512(master_key, hostname.encode("utf-8", "surrogatepass"),
+                      b"grid-connection-key", 512)
+    return SigningKey(hashlib.sha256(okm).digest(), SERVER_KID_PREFIX)
+
+
+class VerifyKey:
+    """A customer's Ed25519 public key, from a JWK."""
+
+    __slots__ = ("kid", "public", "_nacl")
+
+    def __init__(self, kid: str, public: bytes):
+        if len(public) != 32:
+            raise ValueError("an Ed25519 public key has 32 bytes, not %d" % len(public))
+        self.kid = kid
+        self.public = public
+        self._nacl = nacl.signing.VerifyKey(public)
+
+    def verify(self, message: bytes, signature: bytes) -> bool:
+        return _verify(self._nacl, message, signature)
+
+
+def _verify(verify_key: Any, message: bytes, signature: bytes) -> bool:
+    """Ed25519 verification that answers False for anything PyNaCl refuses."""
+    try:
+        verify_key.verify(message, signature)
+        return True
+    except (nacl.exceptions.CryptoError, ValueError, TypeError):
+        return False
+
+
+# ---------------------------------------------------------------------------
+# Tokens: JWT with EdDSA, the room token, client tokens
+# ---------------------------------------------------------------------------
+
+
+def encode_jwt(claims: dict, key: SigningKey) -> str:
+    """b64url(header).b64url(claims).b64url(Ed25519 signature of the first two)."""
+    header = b64url_encode(js_json({"alg": "EdDSA", "kid": key.kid}).encode("utf-8"))
+    payload = b64url_encode(js_json(claims).encode("utf-8"))
+    signing_input = header + "." + payload
+    return signing_input + "." + b64url_encode(key.sign(signing_input.encode("ascii")))
+
+
+def create_token(
+    access_key: str,
+    room_id: Any,
+    user_id: str,
+    *,
+    audience: Any = None,
+    subject: Any = "connect",
+    lifetime: float = 300,
+    customer: Optional[str] = None,
+    internal: Optional[dict] = None,
+    now: Optional[float] = None,
+) -> str:
+    """A client token signed with an access key, byte-identical to the ODIN token library.
+
+    room_id is a string or a list of strings; audience is e.g. "gateway";
+    subject is a method name or a list of them; internal is e.g.
+    {"server": "host:4433"} to pin the room to one server. now defaults to
+    the current time.
+    """
+    key = SigningKey(access_key_seed(access_key), CUSTOMER_KID_PREFIX)
+    nbf = int(time.time() if now is None else now)
+    claims: dict = {"rid": room_id, "uid": user_id}
+    if customer is not None:
+        claims["cid"] = customer
+    if subject is not None:
+        claims["sub"] = subject
+    if audience is not None:
+        claims["aud"] = audience
+    claims["exp"] = nbf + lifetime
+    claims["nbf"] = nbf
+    if internal is not None:
+        claims["internal"] = internal
+    return encode_jwt(claims, key)
+
+
+class Licensee:
+    """Who pays for a request: a customer id and its limits (None: unlimited)."""
+
+    __slots__ = ("customer_id", "peer_limit", "room_limit")
+
+    def __init__(self, customer_id: str, peer_limit: Optional[int] = None,
+                 room_limit: Optional[int] = None):
+        self.customer_id = customer_id
+        self.peer_limit = peer_limit
+        self.room_limit = room_limit
+
+    def __repr__(self) -> str:
+        return "Licensee(%r, peer_limit=%r, room_limit=%r)" % (
+            self.customer_id, self.peer_limit, self.room_limit)
+
+
+class Authorization:
+    """The outcome of a successful authorization: licensee, namespace and claims."""
+
+    __slots__ = ("licensee", "namespace", "claims")
+
+    def __init__(self, licensee: Licensee, namespace: Optional[str], claims: dict):
+        self.licensee = licensee
+        self.namespace = namespace
+        self.claims = claims
+
+
+class CustomerKey:
+    """A customer's access key as the gateway knows it: public key, owner, namespace."""
+
+    __slots__ = ("verify_key", "licensee", "namespace")
+
+    def __init__(self, verify_key: VerifyKey, licensee: Licensee, namespace: str):
+        self.verify_key = verify_key
+        self.licensee = licensee
+        self.namespace = namespace
+
+
+# The kinds of key a token's kid can name (section "Verifying a bearer token").
+KEY_CUSTOMER, KEY_SERVER, KEY_DEMO, KEY_UNKNOWN = "customer", "server", "demo", "unknown"
+
+
+def _token_json(segment: str) -> dict:
+    """A header or claims segment: b64url JSON of an object (TokenError otherwise)."""
+    try:
+        data = b64url_decode(segment)
+        # Invalid UTF-8 becomes U+FFFD as in the original; the signature
+        # covers the raw bytes, so this changes no verdict.
+        value = json.loads(data.decode("utf-8", "replace"), parse_constant=_refuse_constant)
+    except (ValueError, RecursionError) as err:
+        raise TokenError("invalid json in token") from err
+    if not isinstance(value, dict):
+        raise TokenError("json, in token, must be a object")
+    return value
+
+
+def _is_safe_integer(value: Any) -> bool:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return False
+    if isinstance(value, float) and not value.is_integer():
+        return False
+    return abs(value) <= MAX_SAFE_INTEGER
+
+
+def _is_string_or_strings(value: Any) -> bool:
+    return isinstance(value, str) or (
+        isinstance(value, list) and all(isinstance(item, str) for item in value))
+
+
+class Authorizer:
+    """Checks Authorization headers against a key set; no I/O, time is passed in.
+
+    Lookups: customer_keys (kid -> CustomerKey), server_keys (a callable
+    kid -> SigningKey or None, the keys of the servers the gateway knows),
+    and unknown_limits: a Licensee template for unknown kids, or None when
+    unknown customers are forbidden.
+    """
+
+    def __init__(self, customer_keys: Dict[str, CustomerKey],
+                 server_keys: Callable[[str], Optional[SigningKey]],
+                 unknown_limits: Optional[Tuple[Optional[int], Optional[int]]]):
+        self.customer_keys = customer_keys
+        self.server_keys = server_keys
+        self.unknown_limits = unknown_limits
+
+    def authorize(self, header: Optional[str], now: float, *,
+                  required_claims: Tuple[str, ...] = (),
+                  basic_users: Optional[Dict[str, str]] = None,
+                  allow_unsigned: bool = False) -> Authorization:
+        """Authorization for an Authorization header value; TokenError if refused."""
+        scheme, credentials = split_authorization(header)
+        scheme = scheme.lower()
+        if scheme == "bearer":
+            return self.verify_token(credentials, now, required_claims=required_claims,
+                                     allow_unsigned=allow_unsigned)
+        if scheme == "basic":
+            return check_basic(credentials, basic_users or {})
+        raise TokenError("invalid authorization")
+
+    def verify_token(self, token: str, now: float, *, required_claims: Tuple[str, ...] = (),
+                     allow_unsigned: bool = False) -> Authorization:
+        """Verify a bearer token in the documented order; the first failure wins."""
+        segments = token.split(".")
+        if len(segments) != 3:
+            raise TokenError("token must have three segments")
+        header = _token_json(segments[0])
+        kid = header.get("kid")
+        if isinstance(kid, (int, float)) and not isinstance(kid, bool) and math.isfinite(kid):
+            kid = js_number(kid)
+        elif not isinstance(kid, str):
+            raise TokenError("invalid or missing kid in token")
+
+        kind, key = self._lookup(kid)
+        alg = header.get("alg")
+        if alg == "EdDSA":
+            if "crv" in header and header["crv"] != "Ed25519":
+                raise TokenError("unsupported crv in token")
+            if kind in (KEY_CUSTOMER, KEY_SERVER):
+                if not _signature_ok(key.verify_key if kind == KEY_CUSTOMER else key, segments):
+                    raise TokenError("invalid signature in token")
+        elif alg == "none":
+            if not allow_unsigned:
+                raise TokenError("token has not been signed")
+        else:
+            raise TokenError("unsupported alg in token")
+
+        claims = _token_json(segments[1])
+        if kind == KEY_CUSTOMER:
+            authorization = Authorization(key.licensee, key.namespace, claims)
+        elif kind == KEY_SERVER:
+            if not isinstance(claims.get("cid"), str):
+                raise TokenError("cid must be a string")
+            if not isinstance(claims.get("nsp"), str):
+                raise TokenError("nsp must be a string")
+            authorization = Authorization(Licensee(claims["cid"]), claims["nsp"], claims)
+        elif kind == KEY_DEMO:
+            peers, rooms = self.unknown_limits  # type: ignore[misc]
+            authorization = Authorization(Licensee("demo_" + kid, peers, rooms), None, claims)
+        else:
+            raise TokenError("not authorized")
+
+        if "sub" in claims and not _is_string_or_strings(claims["sub"]):
+            raise TokenError("invalid sub in token")
+        if "aud" in claims:
+            aud = claims["aud"]
+            if not _is_string_or_strings(aud):
+                raise TokenError("invalid aud in token")
+            if aud != "gateway" and not (isinstance(aud, list) and "gateway" in aud):
+                raise TokenError("token audience does not match")
+        for name in ("exp", "nbf"):
+            if name in claims and not _is_safe_integer(claims[name]):
+                raise TokenError("invalid %s in token" % name)
+        if "exp" in claims and now - claims["exp"] > TOKEN_LEEWAY:
+            raise TokenError("token has expired")
+        if "nbf" in claims and claims["nbf"] - now > TOKEN_LEEWAY:
+            raise TokenError("token not yet valid")
+        for name in required_claims:
+            if name not in claims:
+                raise TokenError("missing required claims in token")
+        return authorization
+
+    def _lookup(self, kid: str) -> Tuple[str, Any]:
+        key = self.customer_keys.get(kid)
+        if key is not None:
+            return KEY_CUSTOMER, key
+        server_key = self.server_keys(kid)
+        if server_key is not None:
+            return KEY_SERVER, server_key
+        if self.unknown_limits is not None:
+            return KEY_DEMO, None
+        return KEY_UNKNOWN, None
+
+
+def _signature_ok(key: Any, segments: List[str]) -> bool:
+    try:
+        signature = b64url_decode(segments[2])
+        message = (segments[0] + "." + segments[1]).encode("ascii")
+    except (ValueError, UnicodeEncodeError):
+        return False
+    if len(signature) != 64:
+        return False
+    return key.verify(message, signature)
+
+
+def split_authorization(header: Optional[str]) -> Tuple[str, str]:
+    """(scheme, credentials) of an Authorization header value.
+
+    Split at spaces as the original does ("Bearer  x" has empty credentials);
+    more than one space-separated credential is refused (the original
+    silently ignored the rest).
+    """
+    parts = (header or "").split(" ")
+    scheme, credentials = parts[0], parts[1] if len(parts) > 1 else ""
+    if not scheme or not credentials:
+        raise TokenError("missing authorization")
+    if len(parts) > 2 or any(ch.isspace() for ch in credentials):
+        raise TokenError("invalid authorization")
+    return scheme, credentials
+
+
+_DUMMY_PASSWORD = b"\x00" * 32
+
+
+def check_basic(credentials: str, users: Dict[str, str]) -> Authorization:
+    """Basic credentials against a user table, compared in constant time.
+
+    RFC 7617: the user id ends at the first colon; the password is the rest
+    and may itself contain colons.
+    """
+    try:
+        user, password = b64_decode(credentials).decode("utf-8").split(":", 1)
+    except ValueError as err:  # not base64, not UTF-8 or no colon
+        raise TokenError("invalid credentials") from err
+    expected = users.get(user)
+    # Compare against a dummy for unknown users so timing reveals nothing.
+    matched = hmac.compare_digest(
+        password.encode("utf-8"),
+        expected.encode("utf-8") if isinstance(expected, str) else _DUMMY_PASSWORD)
+    if expected is None or not matched:
+        raise TokenError("invalid credentials")
+    return Authorization(Licensee(user), None, {})
+
+
+# ---------------------------------------------------------------------------
+# Configuration: config.py, its defaults and their validation
+# ---------------------------------------------------------------------------
+
+#: The well-known master key of the original's sample configuration.
+DEFAULT_MASTER_KEY = "VGhpcyBpcyBhIHN1cGVyIHNlY3JldCBtYXN0ZXIga2V5IQ=="
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _is_limit(value: Any) -> bool:
+    return value is None or (isinstance(value, int) and not isinstance(value, bool) and value >= 0)
+
+
+def _check_setting(name: str, value: Any) -> Optional[str]:
+    """Why value is wrong for setting name, or None when it is fine."""
+    if name == "log_level":
+        if not (isinstance(value, str) and value.upper() in LOG_LEVELS):
+            return "expected one of %s" % ", ".join(LOG_LEVELS)
+    elif name == "log_format":
+        if value not in ("pretty", "json"):
+            return 'expected "pretty" or "json"'
+    elif name in ("host", "certificate", "private_key", "metrics_server"):
+        if not isinstance(value, str) or not value:
+            return "expected a non-empty string"
+        if name == "metrics_server":
+            try:
+                ipaddress.ip_network(value, strict=False)
+            except ValueError:
+                return "expected a CIDR network such as 0.0.0.0/0 or 10.0.0.0/8"
+    elif name == "port":
+        if not (isinstance(value, int) and not isinstance(value, bool) and 0 <= value <= 65535):
+            return "expected an integer from 0 to 65535"
+    elif name == "ssl":
+        if not isinstance(value, bool):
+            return "expected True or False"
+    elif name == "master_key":
+        try:
+            if not isinstance(value, str) or not b64_decode(value):
+                raise ValueError
+        except ValueError:
+            return "expected a non-empty base64 string (make one with: python odin_gateway.py keygen --master)"
+    elif name in ("update_interval", "disable_timeout", "remove_timeout", "login_token_lifetime"):
+        if not (_is_number(value) and value > 0):
+            return "expected a positive number of seconds"
+    elif name == "customers":
+        return _check_customers(value)
+    elif name == "customer_api":
+        if value is not None:
+            if not isinstance(value, dict) or not callable(value.get("update_function")):
+                return 'expected None or {"update_function": fn, "update_interval": seconds}'
+            interval = value.get("update_interval", 300)
+            if not (_is_number(interval) and interval > 0):
+                return "update_interval: expected a positive number of seconds"
+    elif name == "unknown_customers":
+        if value != "forbidden":
+            if not (isinstance(value, dict) and _is_limit(_pick(value, "max_peers"))
+                    and _is_limit(_pick(value, "max_rooms"))):
+                return 'expected "forbidden" or {"max_peers": n, "max_rooms": n} (None: unlimited)'
+    elif name == "internal_users":
+        if not (isinstance(value, dict) and all(
+                isinstance(u, str) and u and ":" not in u and isinstance(p, str)
+                for u, p in value.items())):
+            return 'expected {"user": "password"} with string names (no colon) and passwords'
+    return None
+
+
+def _pick(mapping: dict, snake: str, default: Any = None) -> Any:
+    """mapping[snake], also accepting the original's camelCase spelling."""
+    if snake in mapping:
+        return mapping[snake]
+    camel = re.sub(r"_(\w)", lambda m: m.group(1).upper(), snake)
+    return mapping.get(camel, default)
+
+
+def _check_customers(customers: Any) -> Optional[str]:
+    """Why a customer list is malformed, or None. (JWKs are checked when loaded.)"""
+    if not isinstance(customers, list):
+        return "expected a list of customers"
+    for index, customer in enumerate(customers):
+        where = "customer #%d" % (index + 1)
+        if not isinstance(customer, dict):
+            return "%s: expected a dict" % where
+        if not isinstance(customer.get("id"), str) or not customer["id"]:
+            return "%s: id must be a non-empty string" % where
+        where = "customer %r" % customer["id"]
+        for field in ("max_peers", "max_rooms"):
+            if not _is_limit(_pick(customer, field)):
+                return "%s: %s must be a non-negative integer or None" % (where, field)
+        keys = _pick(customer, "access_keys", [])
+        if not isinstance(keys, list):
+            return "%s: access_keys must be a list" % where
+        for key in keys:
+            if not isinstance(key, dict) or not isinstance(_pick(key, "public_key"), dict):
+                return '%s: each access key must be {"public_key": {...jwk...}, "namespace": ...}' % where
+            if _pick(key, "namespace") is not None and not isinstance(_pick(key, "namespace"), str):
+                return "%s: namespace must be a string or None" % where
+    return None
+
+
+class Config:
+    """Every setting of config.py with its default; Config(**settings) validates them.
+
+    Names and defaults are those of the sample config.py. None means
+    unlimited where a limit is expected.
+    """
+
+    DEFAULTS: Dict[str, Any] = {
+        "log_level": "INFO",
+        "log_format": "pretty",
+        "host": "0.0.0.0",
+        "port": 7000,
+        "ssl": False,
+        "certificate": "fullchain.pem",
+        "private_key": "privkey.pem",
+        "master_key": DEFAULT_MASTER_KEY,
+        "customers": [],
+        "customer_api": None,
+        "unknown_customers": "forbidden",
+        "internal_users": {},
+        "metrics_server": "0.0.0.0/0",
+        "update_interval": 5,
+        "disable_timeout": 7.5,
+        "remove_timeout": 600,
+        "login_token_lifetime": 300,
+    }
+
+    def __init__(self, source: str = "Config()", **settings: Any):
+        unknown = sorted(set(settings) - set(self.DEFAULTS))
+        if unknown:
+            raise ConfigError("%s: unknown setting %s (known: %s)" % (
+                source, ", ".join(unknown), ", ".join(self.DEFAULTS)))
+        self.source = source
+        for name, default in self.DEFAULTS.items():
+            value = settings.get(name, default)
+            problem = _check_setting(name, value)
+            if problem:
+                raise ConfigError("%s: %s = %s: %s" % (source, name, printable(repr(value), 80), problem))
+            setattr(self, name, value)
+        self.log_level = self.log_level.upper()
+        self.master_key_bytes = b64_decode(self.master_key)
+
+    @classmethod
+    def load(cls, path: str) -> "Config":
+        """Run the Python file at path and take the settings it defines."""
+        if not os.path.isfile(path):
+            raise ConfigError("%s: no such file" % path)
+        try:
+            namespace = runpy.run_path(path, run_name="odin_gateway_config")
+        except Exception as err:  # any error in the user's file stops the start
+            raise ConfigError("%s: cannot load: %s: %s" % (path, type(err).__name__, err)) from err
+        settings = {name: namespace[name] for name in cls.DEFAULTS if name in namespace}
+        for name, value in namespace.items():
+            if (name not in cls.DEFAULTS and not name.startswith("_") and name.islower()
+                    and not callable(value) and not inspect.ismodule(value)):
+                log.warning("%s: ignoring unknown setting %r", path, name)
+        return cls(source=path, **settings)
+
+    def replace(self, **changes: Any) -> "Config":
+        """A copy with some settings changed (validated again)."""
+        settings = {name: getattr(self, name) for name in self.DEFAULTS}
+        settings.update(changes)
+        return Config(source=self.source, **settings)
+
+
+def load_customer_keys(customers: List[dict]) -> Dict[str, CustomerKey]:
+    """kid -> CustomerKey for a customer list; a JWK that cannot be used is skipped."""
+    keys: Dict[str, CustomerKey] = {}
+    for customer in customers:
+        customer_id = customer["id"]
+        licensee = Licensee(customer_id, _pick(customer, "max_peers"), _pick(customer, "max_rooms"))
+        for access_key in _pick(customer, "access_keys", []):
+            jwk = _pick(access_key, "public_key")
+            try:
+                if not isinstance(jwk.get("kid"), str):
+                    raise ValueError("kid must be a string")
+                public = b64url_decode(jwk.get("x") or "")
+                verify_key = VerifyKey(jwk["kid"], public)
+            except (ValueError, TypeError, AttributeError) as err:
+                log.warning("customer %r: skipping access key %r: %s",
+                            customer_id, printable(jwk.get("kid") if isinstance(jwk, dict) else jwk), err)
+                continue
+            namespace = _pick(access_key, "namespace") or customer_id
+            if verify_key.kid in keys:
+                log.warning("customer %r: key id %s is already used by customer %r; the later wins",
+                            customer_id, verify_key.kid, keys[verify_key.kid].licensee.customer_id)
+            keys[verify_key.kid] = CustomerKey(verify_key, licensee, namespace)
+    return keys
+
+
+# ---------------------------------------------------------------------------
+# Rooms: base names and hashes
+# ---------------------------------------------------------------------------
+
+
+def room_base_name(name: str) -> str:
+    """The part of a room name that identifies it: from a '{' up to the next '}'.
+
+    "lobby" -> "lobby"; "match{42}red" -> "{42" (the '{' kept, the '}' not),
+    so every room of one group lands on the same server.
+    """
+    start = name.find("{")
+    if start >= 0:
+        end = name.find("}", start + 1)
+        if end >= 0:
+            return name[start:end]
+    return name
+
+
+def _utf8(text: str) -> bytes:
+    try:
+        return text.encode("utf-8")
+    except UnicodeEncodeError:  # a lone surrogate from a JSON \ud800 escape
+        return _SURROGATE_RE.sub("\ufffd", text).encode("utf-8")
+
+
+def room_hash(namespace: str, name: str) -> str:
+    """b64(SHA-256(len(ns) || ns || len(base) || base)), each length one byte.
+
+    ValueError when the namespace or base name is longer than 255 bytes (the
+    original silently wrapped the length byte, so distinct rooms could share
+    a preimage prefix).
+    """
+    ns = _utf8(namespace)
+    base = _utf8(room_base_name(name))
+    if len(ns) > 255 or len(base) > 255:
+        raise ValueError("room namespace and base name must be at most 255 bytes of UTF-8")
+    return b64_encode(hashlib.sha256(bytes([len(ns)]) + ns + bytes([len(base)]) + base).digest())
+
+
+# The original orders reported rooms by hash with JavaScript's localeCompare
+# (ICU root collation). For the base64 alphabet that is: '/' < '+' < '=' <
+# digits < letters compared case-insensitively, then lowercase before upper.
+_PRIMARY = str.maketrans(
+    {c: chr(0x21 + i) for i, c in enumerate("/+=0123456789")}
+    | {c: chr(0x41 + i) for i, c in enumerate("abcdefghijklmnopqrstuvwxyz")}
+    | {c: chr(0x41 + i) for i, c in enumerate("ABCDEFGHIJKLMNOPQRSTUVWXYZ")}
+)
+_TERTIARY = str.maketrans({c: "1" for c in "ABCDEFGHIJKLMNOPQRSTUVWXYZ"})
+
+
+def locale_order(text: str) -> Tuple[str, str]:
+    """Sort key giving JavaScript's localeCompare order for base64 text."""
+    return text.translate(_PRIMARY), text.translate(_TERTIARY)
+
+
+# ---------------------------------------------------------------------------
+# TOML: the server configuration round trip of sfu.GridConfig
+# ---------------------------------------------------------------------------
+
+try:
+    import tomllib as _toml_reader
+except ImportError:  # Python < 3.11
+    try:
+        import tomli as _toml_reader  # type: ignore[no-redef]
+    except ImportError:
+        _toml_reader = None  # type: ignore[assignment]
+
+_BARE_KEY_RE = re.compile(r"[A-Za-z0-9_-]+")
+_TOML_ESCAPES = {'"': '\\"', "\\": "\\\\", "\b": "\\b", "\t": "\\t", "\n": "\\n",
+                 "\f": "\\f", "\r": "\\r"}
+
+
+def _toml_key(key: str) -> str:
+    return key if _BARE_KEY_RE.fullmatch(key) else _toml_string(key)
+
+
+def _toml_string(text: str) -> str:
+    out = []
+    for ch in text:
+        if ch in _TOML_ESCAPES:
+            out.append(_TOML_ESCAPES[ch])
+        elif ch < " " or ch == "\x7f":
+            out.append("\\u%04x" % ord(ch))
+        else:
+            out.append(ch)
+    return '"' + "".join(out) + '"'
+
+
+def _toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int):
+        return str(value)
+    if isinstance(value, float):
+        if value != value:
+            return "nan"
+        if value in (math.inf, -math.inf):
+            return "inf" if value > 0 else "-inf"
+        return repr(value)
+    if isinstance(value, str):
+        return _toml_string(value)
+    if isinstance(value, (datetime.datetime, datetime.date, datetime.time)):
+        return value.isoformat()
+    if isinstance(value, list):
+        return "[" + ",".join(_toml_value(item) for item in value) + "]"
+    if isinstance(value, dict):
+        if not value:
+            return "{}"
+        return "{ " + ", ".join("%s = %s" % (_toml_key(k), _toml_value(v))
+                                for k, v in value.items()) + " }"
+    raise TypeError("cannot write %s as TOML" % type(value).__name__)
+
+
+def _is_table_array(value: Any) -> bool:
+    return isinstance(value, list) and bool(value) and all(isinstance(v, dict) for v in value)
+
+
+def toml_dumps(document: dict) -> str:
+    """TOML text for a parsed document; tomllib.loads(toml_dumps(d)) == d.
+
+    Keys keep their order; plain values come before sub-tables, as TOML
+    requires. The standard library reads TOML but cannot write it.
+    """
+    lines: List[str] = []
+    _toml_table(document, [], lines, header=None)
+    return "\n".join(lines) + "\n"
+
+
+def _toml_table(table: dict, path: List[str], lines: List[str], header: Optional[str]) -> None:
+    # Like the original, a table holding only sub-tables gets no header line
+    # of its own ("[a.b]" rather than "[a]" then "[a.b]").
+    if header is not None and (header.startswith("[[") or not table or not all(
+            isinstance(value, dict) for value in table.values())):
+        lines.extend(["", header])
+    for key, value in table.items():
+        if not isinstance(value, dict) and not _is_table_array(value):
+            lines.append("%s = %s" % (_toml_key(key), _toml_value(value)))
+    for key, value in table.items():
+        sub_path = path + [_toml_key(key)]
+        if isinstance(value, dict):
+            _toml_table(value, sub_path, lines, "[%s]" % ".".join(sub_path))
+        elif _is_table_array(value):
+            for item in value:
+                _toml_table(item, sub_path, lines, "[[%s]]" % ".".join(sub_path))
+
+
+def parse_toml(text: str) -> dict:
+    """Parse TOML; RpcError naming the line and column when it is invalid."""
+    if _toml_reader is None:
+        raise RpcError(INTERNAL_ERROR, "sfu.GridConfig needs Python 3.11+ or the tomli package")
+    try:
+        return _toml_reader.loads(text)
+    except _toml_reader.TOMLDecodeError as err:
+        raise refused("invalid TOML in config: %s" % err) from err
+
+
+def recommended_server_config(config: Config) -> dict:
+    """What the gateway recommends to every server (durations in milliseconds)."""
+    return {
+        "supervisor": {"report_interval": _millis(config.update_interval)},
+        "quic": {"keep_alive_interval": 5000, "idle_timeout": 30000,
+                 "pre_send_timeout": 500, "migration": True},
+        "http": {"timeout": 10000, "ping_interval": 5000},
+        "metrics": {"binding": "0.0.0.0:9000", "idle_timeout": 3600000,
+                    "global_labels": {"deployment": "public"},
+                    "allowed": [config.metrics_server, "127.0.0.1/8", "::1/128"]},
+        "limit": {"peer": {"incoming_messages": {"rate": 10, "capacity": 50, "overflow": 20}}},
+    }
+
+
+def _millis(seconds: float) -> int:
+    return int(round(seconds * 1000))
+
+
+def merge_config(server: dict, recommended: dict) -> dict:
+    """Merge recommended settings into a server's config, in place.
+
+    Both arrays: append the recommended items; both tables: merge; absent in
+    the server's config: take the recommended value; otherwise the server's
+    own value wins.
+    """
+    for key, value in recommended.items():
+        mine = server.get(key)
+        if mine is None:
+            server[key] = value
+        elif isinstance(mine, list) and isinstance(value, list):
+            mine.extend(value)
+        elif isinstance(mine, dict) and isinstance(value, dict):
+            merge_config(mine, value)
+    return server
+
+
+# ---------------------------------------------------------------------------
+# Grid state: servers, rooms, customer usage
+# ---------------------------------------------------------------------------
+
+
+class Server:
+    """A media server as the gateway knows it, keyed by its hostname."""
+
+    __slots__ = ("hostname", "version", "disabled", "report", "first_seen", "last_seen",
+                 "tasks", "key", "room_hashes", "closing")
+
+    def __init__(self, hostname: str, key: SigningKey, now: float):
+        self.hostname = hostname
+        self.version = ""
+        self.disabled = False
+        self.report: dict = {"load": 0, "clients": 0, "rooms": []}
+        self.first_seen = now
+        self.last_seen = now
+        self.tasks: List[dict] = []
+        self.key = key
+        self.room_hashes: set = set()  # hashes of the rooms of its last report
+        self.closing: set = set()  # hashes with a collision RoomClose queued
+
+    @property
+    def load(self) -> float:
+        return self.report["load"]
+
+
+class Room:
+    """Where a room lives: its id (namespace, name), customer, server and last update."""
+
+    __slots__ = ("id", "customer", "server", "updated")
+
+    def __init__(self, room_id: Tuple[str, str], customer: str, server: str, updated: float):
+        self.id = room_id
+        self.customer = customer
+        self.server = server
+        self.updated = updated
+
+
+class Grid:
+    """Servers, rooms and usage: plain data, changed only by the methods below.
+
+    Settings (timeouts, intervals) are read from the gateway's current
+    config at each call, so a reloaded config applies at once.
+    """
+
+    def __init__(self, gateway: "Gateway"):
+        self._gateway = gateway
+        self.servers: Dict[str, Server] = {}
+        self.rooms: Dict[str, Room] = {}
+        self.usage: Dict[str, Tuple[int, int]] = {}  # customer -> (peers, rooms)
+        self._by_kid: Dict[str, Server] = {}
+
+    @property
+    def config(self) -> Config:
+        return self._gateway.config
+
+    def key_for(self, hostname: str) -> SigningKey:
+        server = self.servers.get(hostname)
+        return server.key if server else derive_server_key(self.config.master_key_bytes, hostname)
+
+    def server_key_by_kid(self, kid: str) -> Optional[SigningKey]:
+        server = self._by_kid.get(kid)
+        return server.key if server else None
+
+    # -- reports ------------------------------------------------------------
+
+    def report(self, hostname: str, version: str, report: dict, now: float) -> Server:
+        """Store a server's report: find or create it, integrate its rooms, re-enable it."""
+        server = self.servers.get(hostname)
+        if server is None:
+            server = Server(hostname, derive_server_key(self.config.master_key_bytes, hostname), now)
+            self.servers[hostname] = server
+            self._by_kid[server.key.kid] = server
+            log.info("server %s added (version %s, key %s)", printable(hostname),
+                     printable(version), server.key.kid)
+        elif server.disabled:
+            log.info("server %s re-enabled: it reported again", printable(hostname))
+        self._integrate_rooms(server, report["rooms"], now)
+        server.version = version
+        server.report = report
+        server.last_seen = now
+        server.disabled = False
+        return server
+
+    def _integrate_rooms(self, server: Server, reported_rooms: List[dict], now: float) -> None:
+        hostname = server.hostname
+        reported: Dict[str, dict] = {}
+        for room in reported_rooms:
+            namespace, name = room["id"]
+            try:
+                reported[room_hash(namespace, name)] = room
+            except ValueError as err:
+                log.warning("server %s reported room %s/%s: %s; ignoring it", printable(hostname),
+                            printable(namespace), printable(name), err)
+        fresh = []
+        for digest, room in reported.items():
+            known = self.rooms.get(digest)
+            if known is not None and known.server == hostname:
+                known.updated = now
+                known.customer = room["customer"]
+            else:
+                fresh.append(digest)
+        # Sorted as the original sorts them: the order shows in Info and in
+        # the order of collision tasks.
+        for digest in sorted(fresh, key=locale_order):
+            room = reported[digest]
+            known = self.rooms.get(digest)
+            if known is None or known.server not in self.servers:
+                self.rooms[digest] = Room(tuple(room["id"]), room["customer"], hostname, now)
+            elif digest not in server.closing:
+                self._collision(server, known, room)
+        for digest in server.room_hashes.difference(reported):
+            known = self.rooms.get(digest)
+            if known is not None and known.server == hostname:
+                del self.rooms[digest]
+        server.room_hashes = set(reported)
+        server.closing.intersection_update(reported)
+
+    def _collision(self, server: Server, owner: Room, room: dict) -> None:
+        """Another server owns the room: tell this one to close its copy."""
+        log.warning("room collision: %s reports room %s/%s, which lives on %s; "
+                    "closing it there", printable(server.hostname), printable(room["id"][0]),
+                    printable(room["id"][1]), printable(owner.server))
+        ban = {"secs": int(math.ceil(self.config.update_interval)), "nanos": 0}
+        server.tasks.append({"task": "RoomClose", "id": list(room["id"]), "ban_time": ban})
+        server.closing.add(room_hash(*room["id"]))
+
+    def take_tasks(self, server: Server) -> List[dict]:
+        tasks, server.tasks = server.tasks, []
+        server.closing.clear()
+        return tasks
+
+    def queue_task(self, server: Server, task: dict) -> None:
+        if len(server.tasks) >= MAX_QUEUED_TASKS:
+            raise refused("task queue of server %s is full (%d tasks); try again after its next report"
+                          % (server.hostname, MAX_QUEUED_TASKS))
+        server.tasks.append(task)
+
+    # -- placement ----------------------------------------------------------
+
+    def assign(self, digest: str, room_id: Tuple[str, str], customer: str,
+               pinned: Optional[str], now: float) -> Server:
+        """The server for a room: where it lives, else a new pick; (re)maps it there."""
+        room = self.rooms.get(digest)
+        server = self.servers.get(room.server) if room is not None else None
+        if server is None or server.disabled:
+            server = self._pick(pinned)
+        if room is None:
+            self.rooms[digest] = Room(room_id, customer, server.hostname, now)
+        else:
+            room.server = server.hostname
+            room.updated = now
+        return server
+
+    def _pick(self, pinned: Optional[str]) -> Server:
+        """A random enabled server, weighted by 1 - load (a server is a candidate from
+        its first report on)."""
+        if pinned is not None:
+            server = self.servers.get(pinned)
+            candidates = [server] if server is not None and not server.disabled else []
+        else:
+            candidates = [s for s in self.servers.values() if not s.disabled]
+        if not candidates:
+            raise refused("no server to assign room too")
+        weights = [1.0 - min(max(s.load, 0.0), 1.0) for s in candidates]
+        total = sum(weights)
+        rng = self._gateway.rng
+        if total <= 0:
+            return candidates[int(rng.random() * len(candidates))]
+        point = rng.random() * total
+        for server, weight in zip(candidates, weights):
+            point -= weight
+            if point < 0:
+                return server
+        return candidates[-1]
+
+    # -- maintenance --------------------------------------------------------
+
+    def tick(self, now: float) -> None:
+        """Disable and remove silent servers, expire rooms, recompute usage."""
+        config = self.config
+        for server in list(self.servers.values()):
+            silent = now - server.last_seen
+            if silent >= config.remove_timeout:
+                self._remove(server)
+                log.info("server %s removed: no report for %.0f s", printable(server.hostname), silent)
+            elif silent >= config.disable_timeout and not server.disabled:
+                server.disabled = True
+                log.warning("server %s disabled: no report for %.1f s; its rooms move on their "
+                            "next Connect", printable(server.hostname), silent)
+        expired = [digest for digest, room in self.rooms.items()
+                   if now - room.updated > config.login_token_lifetime]
+        for digest in expired:
+            del self.rooms[digest]
+        self.usage = self._usage()
+
+    def _remove(self, server: Server) -> None:
+        del self.servers[server.hostname]
+        self._by_kid.pop(server.key.kid, None)
+        for digest in [d for d, room in self.rooms.items() if room.server == server.hostname]:
+            del self.rooms[digest]
+
+    def _usage(self) -> Dict[str, Tuple[int, int]]:
+        """(peers, rooms) per customer, from the enabled servers' last reports."""
+        usage: Dict[str, List[int]] = {}
+        for server in self.servers.values():
+            if server.disabled:
+                continue
+            for room in server.report["rooms"]:
+                counts = usage.setdefault(room["customer"], [0, 0])
+                counts[0] += room["peers"]
+                counts[1] += 1
+        return {customer: (peers, rooms) for customer, (peers, rooms) in usage.items()}
+
+
+# ---------------------------------------------------------------------------
+# RPC parameters: validation with messages that name the field
+# ---------------------------------------------------------------------------
+
+_MISSING = object()
+
+
+def _want_string(value: Any) -> Optional[str]:
+    return None if isinstance(value, str) else "must be a string"
+
+
+def _want_number(value: Any) -> Optional[str]:
+    return None if _is_number(value) else "must be a number"
+
+
+def _want_duration(value: Any) -> Optional[str]:
+    return None if _is_number(value) and value >= 0 else "must be a non-negative number of seconds"
+
+
+def _want_bytes(value: Any) -> Optional[str]:
+    if isinstance(value, list) and all(
+            isinstance(b, int) and not isinstance(b, bool) and 0 <= b <= 255 for b in value):
+        return None
+    return "must be an array of integers from 0 to 255"
+
+
+def _want_server_kind(value: Any) -> Optional[str]:
+    return None if value in ("grid", "saga") else 'must be "grid" or "saga"'
+
+
+def _want_rooms(value: Any) -> Optional[str]:
+    if not isinstance(value, list):
+        return "must be an array of rooms"
+    for index, room in enumerate(value):
+        problem = _room_problem(room)
+        if problem:
+            return "[%d]: %s" % (index, problem)
+    return None
+
+
+def _room_problem(room: Any) -> Optional[str]:
+    if not isinstance(room, dict):
+        return "must be an object"
+    room_id = room.get("id")
+    if not (isinstance(room_id, list) and len(room_id) == 2
+            and all(isinstance(part, str) for part in room_id)):
+        return "id must be [namespace, name], two strings"
+    if not isinstance(room.get("customer"), str):
+        return "customer must be a string"
+    age = room.get("age")
+    if not (isinstance(age, dict) and _is_number(age.get("secs")) and _is_number(age.get("nanos"))):
+        return "age must be {secs: number, nanos: number}"
+    if not (_is_number(room.get("peers")) and room["peers"] >= 0):
+        return "peers must be a non-negative number"
+    return None
+
+
+class Params:
+    """Take fields from a params object, collecting every problem before refusing."""
+
+    def __init__(self, params: dict):
+        self.params = params
+        self.problems: Dict[str, str] = {}
+
+    def take(self, name: str, check: Callable[[Any], Optional[str]], default: Any = _MISSING) -> Any:
+        if name not in self.params:
+            if default is _MISSING:
+                self.problems[name] = "is required"
+            return None if default is _MISSING else default
+        value = self.params[name]
+        problem = check(value)
+        if problem:
+            self.problems[name] = problem
+        return value
+
+    def check(self) -> None:
+        """RpcError listing every problem, with zod-style fieldErrors as data."""
+        if self.problems:
+            raise invalid_fields(self.problems)
+
+
+def invalid_fields(problems: Dict[str, str], what: str = "invalid params") -> RpcError:
+    message = "%s: %s" % (what, "; ".join(
+        "%s %s" % (name, problem) if not problem.startswith("[") else name + problem
+        for name, problem in problems.items()))
+    data = {"formErrors": [], "fieldErrors": {name: [p] for name, p in problems.items()}}
+    return RpcError(INVALID_REQUEST, message, data)
+
+
+def _task_duration(seconds: float) -> dict:
+    """A ban time as the servers expect it: whole seconds and nanoseconds."""
+    secs = int(seconds)
+    nanos = int(round((seconds - secs) * 1e9))
+    if nanos >= 1_000_000_000:
+        secs, nanos = secs + 1, 0
+    return {"secs": secs, "nanos": nanos}
+
+
+# ---------------------------------------------------------------------------
+# The gateway: customers, RPC methods, JSON-RPC dispatch, HTTP requests
+# ---------------------------------------------------------------------------
+
+
+class Call:
+    """What a method handler knows about its call besides the params."""
+
+    __slots__ = ("auth", "remote", "notification")
+
+    def __init__(self, auth: Optional[Authorization], remote: str, notification: bool):
+        self.auth = auth
+        self.remote = remote  # the default hostname of a server calling from there
+        self.notification = notification
+
+
+def remote_hostname(address: str) -> str:
+    """The hostname a server calling from address gets when it names none."""
+    try:
+        if ipaddress.ip_address(address).version == 6:
+            return "[%s]:4433" % address
+    except ValueError:
+        pass
+    return "%s:4433" % address
+
+
+class Response:
+    """An HTTP response as plain data: status, extra headers and body."""
+
+    __slots__ = ("status", "headers", "body")
+
+    def __init__(self, status: int, body: bytes = b"", headers: Optional[List[Tuple[str, str]]] = None):
+        self.status = status
+        self.body = body
+        self.headers = headers or []
+
+    def json(self) -> Any:
+        return load_json(self.body) if self.body else None
+
+
+def _error_body(code: int, message: str, request_id: Any = None) -> bytes:
+    return dump_json({"jsonrpc": "2.0", "error": {"code": code, "message": message}, "id": request_id})
+
+
+def _is_request_id(value: Any) -> bool:
+    if value is None or isinstance(value, str):
+        return True
+    if isinstance(value, bool):
+        return False
+    return isinstance(value, int) or (isinstance(value, float) and value.is_integer())
+
+
+class Gateway:
+    """An ODIN gateway: grid state, customers and the RPC methods over them.
+
+    Everything here is synchronous and does no I/O: handle_http() takes a
+    parsed request and returns a Response; tick() runs the maintenance step.
+    serve() (below) puts it on a socket. clock returns seconds since the
+    epoch; rng is a random.Random used to pick servers.
+    """
+
+    PUBLIC_METHODS = ("Connect", "RoomClose", "RoomUpdate", "RoomBanClient", "RoomSendMessage")
+    INTERNAL_METHODS = ("sfu.GridConfig", "sfu.Report", "GetConfig", "SubmitReport", "Info")
+
+    def __init__(self, config: Optional[Config] = None, *, clock: Callable[[], float] = time.time,
+                 rng: Optional[random.Random] = None):
+        self.config = config if config is not None else Config()
+        self.clock = clock
+        self.rng = rng if rng is not None else random.Random()
+        self.grid = Grid(self)
+        self.stats: Dict[str, List[int]] = {}  # method -> [success, failure, rejected]
+        self.stopping = False  # set while shutting down: connections are not kept alive
+        self._dynamic_keys: Dict[str, CustomerKey] = {}
+        self._static_keys = load_customer_keys(self.config.customers)
+        self._rebuild_authorizer()
+        self._handlers = {
+            "Connect": self.rpc_connect,
+            "RoomClose": self.rpc_room_close,
+            "RoomUpdate": self.rpc_room_update,
+            "RoomBanClient": self.rpc_room_ban_client,
+            "RoomSendMessage": self.rpc_room_send_message,
+            "sfu.GridConfig": lambda call, params: self.rpc_grid_config(call, params, sfu=True),
+            "GetConfig": lambda call, params: self.rpc_grid_config(call, params, sfu=False),
+            "sfu.Report": lambda call, params: self.rpc_report(call, params, sfu=True),
+            "SubmitReport": lambda call, params: self.rpc_report(call, params, sfu=False),
+            "Info": self.rpc_info,
+        }
+
+    # -- customers ----------------------------------------------------------
+
+    def _rebuild_authorizer(self) -> None:
+        keys = dict(self._static_keys)
+        keys.update(self._dynamic_keys)
+        unknown = self.config.unknown_customers
+        if unknown != "forbidden":
+            limits: Optional[tuple] = (_pick(unknown, "max_peers"), _pick(unknown, "max_rooms"))
+        elif self.everything_goes:
+            limits = (None, None)
+        else:
+            limits = None
+        self.authorizer = Authorizer(keys, self.grid.server_key_by_kid, limits)
+
+    @property
+    def everything_goes(self) -> bool:
+        """No customer source is configured: any token is admitted as a demo licensee."""
+        return not self.config.customers and self.config.customer_api is None
+
+    def set_customers(self, customers: Any) -> bool:
+        """Replace the customers from the update function; False (old keys kept) if unusable."""
+        problem = _check_customers(customers)
+        if problem:
+            log.warning("customer update: keeping the previous keys: %s", problem)
+            return False
+        keys = load_customer_keys(customers)
+        if not keys:
+            log.warning("customer update: keeping the previous keys: the update has no usable key")
+            return False
+        self._dynamic_keys = keys
+        self._rebuild_authorizer()
+        log.info("customer update: %d keys of %d customers loaded", len(keys), len(customers))
+        return True
+
+    # -- public methods (/) -------------------------------------------------
+
+    def rpc_connect(self, call: Call, params: dict) -> dict:
+        """Pick the server for the token's room and sign a room token for it."""
+        auth = call.auth
+        claims = auth.claims
+        problems = {}
+        if not isinstance(claims.get("uid"), str):
+            problems["uid"] = "must be a string"
+        rid = claims.get("rid")
+        if not _is_string_or_strings(rid):
+            problems["rid"] = "must be a string or an array of strings"
+        internal = claims.get("internal")
+        pinned = None
+        if internal is not None:
+            if not isinstance(internal, dict) or not isinstance(internal.get("server", ""), str):
+                problems["internal"] = "must be an object with an optional string server"
+            else:
+                pinned = internal.get("server")
+        if problems:
+            raise invalid_fields(problems, "invalid claims in token")
+
+        licensee = auth.licensee
+        peers, rooms = self.grid.usage.get(licensee.customer_id, (0, 0))
+        if licensee.peer_limit is not None and not licensee.peer_limit > peers:
+            log.info("Connect refused: customer %s has %d of %d peers", printable(licensee.customer_id),
+                     peers, licensee.peer_limit)
+            raise refused("peer limit exceeded")
+        if licensee.room_limit is not None and not licensee.room_limit > rooms:
+            log.info("Connect refused: customer %s has %d of %d rooms", printable(licensee.customer_id),
+                     rooms, licensee.room_limit)
+            raise refused("room limit exceeded")
+
+        namespace = auth.namespace if auth.namespace is not None else licensee.customer_id
+        if isinstance(rid, list):
+            if not rid:
+                raise RpcError(400, "rid in authorization token must not be empty")
+            if len({room_base_name(name) for name in rid}) > 1:
+                raise RpcError(400, "all values in rid must have the same base")
+            room_name = rid[-1]
+        else:
+            room_name = rid
+        try:
+            digest = room_hash(namespace, room_name)
+        except ValueError as err:
+            raise refused(str(err)) from err
+
+        now = self.clock()
+        server = self.grid.assign(digest, (namespace, room_name), licensee.customer_id, pinned, now)
+        nbf = int(now)
+        token = encode_jwt({
+            "uid": claims["uid"], "cid": licensee.customer_id, "rid": rid, "nsp": namespace,
+            "adr": server.hostname, "sub": "connect", "aud": "sfu",
+            "exp": nbf + self.config.login_token_lifetime, "nbf": nbf,
+        }, server.key)
+        return {"address": server.hostname, "token": token}
+
+    def rpc_room_close(self, call: Call, params: dict) -> dict:
+        p = Params(params)
+        room_id = p.take("room_id", _want_string)
+        ban_time = p.take("ban_time", _want_duration, 0)
+        p.check()
+        return self._queue_room_task(call, room_id, {"task": "RoomClose", "ban_time": ban_time})
+
+    def rpc_room_update(self, call: Call, params: dict) -> dict:
+        p = Params(params)
+        room_id = p.take("room_id", _want_string)
+        user_data = p.take("user_data", _want_bytes)
+        p.check()
+        return self._queue_room_task(call, room_id, {"task": "RoomUpdate", "user_data": user_data})
+
+    def rpc_room_ban_client(self, call: Call, params: dict) -> dict:
+        p = Params(params)
+        room_id = p.take("room_id", _want_string)
+        user_id = p.take("user_id", _want_string)
+        ban_time = p.take("ban_time", _want_duration, 0)
+        p.check()
+        return self._queue_room_task(call, room_id, {
+            "task": "RoomBanClient", "user_id": user_id, "ban_time": ban_time})
+
+    def rpc_room_send_message(self, call: Call, params: dict) -> dict:
+        p = Params(params)
+        room_id = p.take("room_id", _want_string)
+        user_id = p.take("user_id", _want_string)
+        message = p.take("message", _want_bytes)
+        p.check()
+        return self._queue_room_task(call, room_id, {
+            "task": "RoomSendMessage", "user_id": user_id, "message": message})
+
+    def _queue_room_task(self, call: Call, room_id: str, fields: dict) -> dict:
+        """Queue an admin task for the server of a room the token may administer."""
+        auth = call.auth
+        rid = auth.claims.get("rid")
+        prefix = rid[0] if isinstance(rid, list) and rid else rid
+        if not isinstance(prefix, str) or not room_id.startswith(prefix):
+            raise refused("room_id param does not match rid in authorization token")
+        namespace = auth.namespace if auth.namespace is not None else auth.licensee.customer_id
+        try:
+            room = self.grid.rooms.get(room_hash(namespace, room_id))
+        except ValueError as err:
+            raise refused(str(err)) from err
+        server = self.grid.servers.get(room.server) if room is not None else None
+        if server is None:
+            raise refused("no server for room found")
+        task = {"task": fields.pop("task"), "id": [namespace, room_id]}
+        for name, value in fields.items():
+            task[name] = _task_duration(value) if name == "ban_time" else value
+        self.grid.queue_task(server, task)
+        return {}
+
+    # -- internal methods (/internal) ---------------------------------------
+
+    def rpc_grid_config(self, call: Call, params: dict, *, sfu: bool) -> dict:
+        """A server's own TOML config with the recommended settings and its key merged in."""
+        p = Params(params)
+        endpoint = p.take("public_endpoint", _want_string, None)
+        kind = p.take("server", _want_server_kind, "grid" if sfu else _MISSING)
+        p.take("version", _want_string)
+        text = p.take("config", _want_string)
+        p.check()
+        if kind != "grid":
+            raise refused("api must be used for grid servers only" if sfu else "only grid is supported")
+        hostname = endpoint or remote_hostname(call.remote)
+        document = merge_config(parse_toml(text), recommended_server_config(self.config))
+        authorization = document.setdefault("authorization", {})
+        if not isinstance(authorization, dict):
+            raise refused("config: authorization must be a table (the gateway adds the server's "
+                          "key to authorization.keys), not %s" % _toml_kind(authorization))
+        keys = authorization.setdefault("keys", [])
+        if not isinstance(keys, list):
+            raise refused("config: authorization.keys must be an array, not %s" % _toml_kind(keys))
+        keys.append(self.grid.key_for(hostname).private_jwk())
+        return {"config": toml_dumps(document)}
+
+    def rpc_report(self, call: Call, params: dict, *, sfu: bool) -> dict:
+        """Store a server's report; answer the admin tasks queued for it."""
+        p = Params(params)
+        endpoint = p.take("public_endpoint", _want_string, None)
+        kind = p.take("server", _want_server_kind, "grid" if sfu else _MISSING)
+        version = p.take("version", _want_string)
+        load = p.take("load", _want_number)
+        clients = p.take("clients", _want_number)
+        rooms = p.take("rooms", _want_rooms)
+        p.check()
+        if kind != "grid":
+            raise refused("api must be used for grid servers only" if sfu else "only grid is supported")
+        report = {"load": load, "clients": clients, "rooms": [
+            {"id": room["id"], "customer": room["customer"],
+             "age": {"secs": room["age"]["secs"], "nanos": room["age"]["nanos"]},
+             "peers": room["peers"]} for room in rooms]}
+        server = self.grid.report(endpoint or remote_hostname(call.remote), version, report, self.clock())
+        if call.notification:
+            # A notification gets no answer, so the tasks stay queued for the next report.
+            return {"tasks": []}
+        return {"tasks": self.grid.take_tasks(server)}
+
+    def rpc_info(self, call: Call, params: dict) -> dict:
+        """Servers, rooms and call statistics, for operators."""
+        servers = [{
+            "hostname": s.hostname, "address": s.hostname, "version": s.version,
+            "disabled": s.disabled, "keyId": s.key.kid, "report": s.report,
+            "firstSeen": iso_time(s.first_seen), "lastSeen": iso_time(s.last_seen),
+            "tasks": len(s.tasks),
+        } for s in self.grid.servers.values()]
+        rooms = [{
+            "hash": digest, "id": list(room.id), "customer": room.customer,
+            "server": room.server, "updated": iso_time(room.updated),
+        } for digest, room in self.grid.rooms.items()]
+        calls = [{"name": name, "success": counts[0], "failure": counts[1], "rejected": counts[2]}
+                 for name, counts in self.stats.items()]
+        return {"servers": servers, "rooms": rooms, "stats": {"apiCalls": calls}}
+
+    # -- maintenance --------------------------------------------------------
+
+    def tick(self) -> None:
+        """The maintenance step (every update_interval): timeouts, expiry, usage."""
+        self.grid.tick(self.clock())
+
+    def serve(self, host: str = "127.0.0.1", port: int = 0,
+              ssl: Optional[ssl_module.SSLContext] = None) -> "contextlib.AbstractAsyncContextManager":
+        """Serve HTTP(S) while inside ``async with gateway.serve() as server``.
+
+        port 0 binds a free port; server.url has the real one (no trailing
+        slash). Timers for the maintenance tick and the customer update run
+        meanwhile; leaving the block stops everything cleanly.
+        """
+        return _serve(self, host, port, ssl)
+
+    # -- JSON-RPC dispatch --------------------------------------------------
+
+    def dispatch(self, methods: Tuple[str, ...], body: bytes, auth: Optional[Authorization],
+                 remote: str) -> Tuple[int, Optional[bytes]]:
+        """(HTTP status, response body or None) for a JSON-RPC request or batch."""
+        try:
+            request = load_json(body)
+        except ValueError:
+            return 400, _error_body(PARSE_ERROR, "Parse error")
+        if isinstance(request, list):
+            if not request:
+                return 200, _error_body(INVALID_REQUEST, "Invalid Request")
+            if len(request) > MAX_BATCH:
+                return 200, _error_body(INVALID_REQUEST, "Invalid Request: a batch may hold at most "
+                                        "%d requests" % MAX_BATCH)
+            answers = [a for a in (self._call(methods, r, auth, remote) for r in request) if a]
+            return (200, dump_json(answers)) if answers else (204, None)
+        answer = self._call(methods, request, auth, remote)
+        return (200, dump_json(answer)) if answer else (204, None)
+
+    def _call(self, methods: Tuple[str, ...], request: Any, auth: Optional[Authorization],
+              remote: str) -> Optional[dict]:
+        """The response object for one request, or None for a notification."""
+        if not isinstance(request, dict) or not _is_request_id(request.get("id")):
+            return {"jsonrpc": "2.0", "error": {"code": INVALID_REQUEST, "message": "Invalid Request"},
+                    "id": None}
+        notification = "id" not in request
+        request_id = request.get("id")
+        if isinstance(request_id, float):
+            request_id = int(request_id)
+        method = request.get("method")
+        try:
+            if (request.get("jsonrpc") != "2.0" or not isinstance(method, str)
+                    or method.startswith("rpc.")):
+                if notification:  # the id cannot be trusted; JSON-RPC answers null
+                    request_id = None
+                    notification = False
+                raise RpcError(INVALID_REQUEST, "Invalid Request")
+            if method not in methods or not _subject_allows(auth, method):
+                raise RpcError(METHOD_NOT_FOUND, "Method not found")
+            params = request.get("params", {})
+            if isinstance(params, list):
+                raise RpcError(INVALID_PARAMS, "Invalid params: params must be an object, not an array")
+            if not isinstance(params, dict):
+                raise RpcError(INVALID_PARAMS, "Invalid params", "params must be an object")
+            result = self._run(method, Call(auth, remote, notification), params)
+        except RpcError as err:
+            if notification:
+                return None
+            return {"jsonrpc": "2.0", "error": err.to_json(), "id": request_id}
+        if notification:
+            return None
+        return {"jsonrpc": "2.0", "result": result, "id": request_id}
+
+    def _run(self, method: str, call: Call, params: dict) -> Any:
+        """Run a handler, counting success, rejection (RpcError) and failure (a bug)."""
+        try:
+            result = self._handlers[method](call, params)
+        except RpcError:
+            self._count(method, 2)
+            raise
+        except Exception:
+            self._count(method, 1)
+            log.error("internal error in %s:\n%s", method, traceback.format_exc())
+            raise RpcError(INTERNAL_ERROR, "Internal error") from None
+        self._count(method, 0)
+        return result
+
+    def _count(self, method: str, outcome: int) -> None:
+        # Counted after the call, so Info does not see itself in its own answer.
+        counts = self.stats.get(method)
+        if counts is None:
+            counts = self.stats[method] = [0, 0, 0]
+        counts[outcome] += 1
+
+    # -- HTTP requests ------------------------------------------------------
+
+    def handle_http(self, method: str, target: str, headers: Dict[str, str], body: bytes,
+                    remote: str = "127.0.0.1") -> Response:
+        """The response to one HTTP request (headers keyed by lower-case name)."""
+        path = target.split("?", 1)[0]
+        if path == "/":
+            methods = self.PUBLIC_METHODS
+        elif path == "/internal":
+            methods = self.INTERNAL_METHODS
+        else:
+            return Response(404, _error_body(PARSE_ERROR, "not found"))
+        if method == "OPTIONS":
+            return Response(200)
+        if method != "POST":
+            return Response(405, _error_body(INVALID_REQUEST, "method not allowed: use POST"),
+                            [("Allow", "POST, OPTIONS")])
+
+        header = headers.get("authorization", "")
+        auth: Optional[Authorization] = None
+        try:
+            if path == "/":
+                if not header:
+                    return Response(401, _error_body(PARSE_ERROR, "invalid or missing authorization"))
+                auth = self.authorizer.authorize(header, self.clock(), required_claims=("rid", "uid"))
+            elif self.config.internal_users:
+                if not header:
+                    return Response(401, _error_body(PARSE_ERROR, "invalid or missing authorization"),
+                                    [("WWW-Authenticate", 'Basic realm="odin-gateway"')])
+                scheme, credentials = split_authorization(header)
+                if scheme.lower() != "basic":
+                    raise TokenError("invalid authorization")
+                auth = check_basic(credentials, self.config.internal_users)
+        except TokenError as err:
+            log.debug("%s refused: %s", path, err)
+            return Response(401, _error_body(INVALID_REQUEST, str(err)))
+
+        if auth is not None and "sub" in auth.claims:
+            methods = tuple(m for m in methods if _subject_allows(auth, m))
+            if not methods:
+                return Response(403, _error_body(PARSE_ERROR, "access denied by token restrictions"))
+        status, response_body = self.dispatch(methods, body, auth, remote)
+        return Response(status, response_body or b"")
+
+
+def _subject_allows(auth: Optional[Authorization], method: str) -> bool:
+    """A token with sub may call only the methods it names (case-insensitively)."""
+    if auth is None or "sub" not in auth.claims:
+        return True
+    subjects = auth.claims["sub"]
+    if isinstance(subjects, str):
+        subjects = [subjects]
+    lowered = method.lower()
+    return any(subject.lower() == lowered for subject in subjects)
+
+
+def _toml_kind(value: Any) -> str:
+    if _is_table_array(value):
+        return "an array of tables"
+    return {dict: "a table", list: "an array", str: "a string", bool: "a boolean",
+            int: "an integer", float: "a float"}.get(type(value), type(value).__name__)
+
+
+# ---------------------------------------------------------------------------
+# HTTP/1.1: parsing a request head strictly, writing responses
+# ---------------------------------------------------------------------------
+
+_TOKEN_RE = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
+_VERSION_RE = re.compile(r"HTTP/(\d)\.(\d)")
+_CONTENT_LENGTH_RE = re.compile(r"[0-9]{1,15}")
+_REASONS = {200: "OK", 204: "No Content", 400: "Bad Request", 401: "Unauthorized",
+            403: "Forbidden", 404: "Not Found", 405: "Method Not Allowed",
+            408: "Request Timeout", 413: "Content Too Large", 414: "URI Too Long",
+            431: "Request Header Fields Too Large", 500: "Internal Server Error",
+            501: "Not Implemented", 503: "Service Unavailable",
+            505: "HTTP Version Not Supported"}
+_COMMON_HEADERS = (
+    b"Access-Control-Allow-Origin: *\r\n"
+    b"Access-Control-Allow-Headers: Authorization,Content-Type\r\n"
+    b"Access-Control-Allow-Methods: POST, OPTIONS\r\n"
+    b"Access-Control-Request-Method: POST\r\n"
+    b"Cache-Control: no-store\r\n"
+)
+
+
+class HttpError(GatewayError):
+    """A request the HTTP layer refuses; the connection is closed after the answer."""
+
+    def __init__(self, status: int, message: str):
+        super().__init__(message)
+        self.status = status
+        self.message = message
+
+
+class Request:
+    """A parsed request head."""
+
+    __slots__ = ("method", "target", "version", "headers")
+
+    def __init__(self, method: str, target: str, version: Tuple[int, int], headers: Dict[str, str]):
+        self.method = method
+        self.target = target
+        self.version = version
+        self.headers = headers
+
+    @property
+    def keep_alive(self) -> bool:
+        connection = self.headers.get("connection", "").lower()
+        if self.version >= (1, 1):
+            return "close" not in connection
+        return "keep-alive" in connection
+
+
+def parse_request_line(line: bytes) -> Tuple[str, str, Tuple[int, int]]:
+    """(method, target, (major, minor)) of a request line without its CRLF."""
+    try:
+        method, target, version = line.decode("ascii").split(" ")
+    except (UnicodeDecodeError, ValueError):
+        raise HttpError(400, "malformed request line") from None
+    match = _VERSION_RE.fullmatch(version)
+    if not _TOKEN_RE.fullmatch(method) or not target or not match:
+        raise HttpError(400, "malformed request line")
+    if match.group(1) != "1":
+        raise HttpError(505, "HTTP version not supported: use HTTP/1.1")
+    return method, target, (1, int(match.group(2)))
+
+
+def parse_header_line(line: bytes, headers: Dict[str, str]) -> None:
+    """Add one 'Name: value' line (without CRLF) to headers, keyed by lower-case name."""
+    text = line.decode("latin-1")
+    name, colon, value = text.partition(":")
+    if not colon or not _TOKEN_RE.fullmatch(name):
+        # Also refuses obsolete line folding and whitespace before the colon.
+        raise HttpError(400, "malformed header line")
+    value = value.strip(" \t")
+    if any(ch in value for ch in "\r\n\0"):
+        raise HttpError(400, "malformed header value")
+    name = name.lower()
+    if name in headers:
+        if name == "content-length":
+            if headers[name] != value:
+                raise HttpError(400, "conflicting Content-Length headers")
+            return
+        if name in ("authorization", "host", "transfer-encoding"):
+            raise HttpError(400, "duplicate %s header" % name)
+        value = headers[name] + ", " + value
+    headers[name] = value
+
+
+def body_length(headers: Dict[str, str]) -> Optional[int]:
+    """Content-Length as an int, None for a chunked body; HttpError otherwise."""
+    encoding = headers.get("transfer-encoding")
+    if encoding is not None:
+        if encoding.lower() != "chunked" or "content-length" in headers:
+            raise HttpError(501 if encoding.lower() != "chunked" else 400,
+                            "unsupported Transfer-Encoding: %s" % printable(encoding, 40))
+        return None
+    text = headers.get("content-length", "0")
+    if not _CONTENT_LENGTH_RE.fullmatch(text):
+        raise HttpError(400, "Content-Length must be plain digits")
+    return int(text)
+
+
+_date_cache: List[Any] = [0, b""]
+
+
+def _date_header() -> bytes:
+    now = int(time.time())
+    if _date_cache[0] != now:  # formatting a date costs more than a request
+        import email.utils
+
+        _date_cache[:] = [now, email.utils.formatdate(now, usegmt=True).encode("ascii")]
+    return _date_cache[1]
+
+
+def render_response(response: Response, *, keep_alive: bool, head_only: bool = False) -> bytes:
+    """The bytes of an HTTP/1.1 response with the CORS headers every answer carries."""
+    parts = [b"HTTP/1.1 %d %s\r\n" % (response.status, _REASONS.get(response.status, "").encode()),
+             _COMMON_HEADERS, b"Date: ", _date_header(), b"\r\n"]
+    if response.body:
+        parts.append(b"Content-Type: application/json\r\n")
+    for name, value in response.headers:
+        parts.append(("%s: %s\r\n" % (name, value)).encode("latin-1"))
+    if response.status != 204:
+        parts.append(b"Content-Length: %d\r\n" % len(response.body))
+    if not keep_alive:
+        parts.append(b"Connection: close\r\n")
+    parts.append(b"\r\n")
+    if not head_only:
+        parts.append(response.body)
+    return b"".join(parts)
+
+
+def _http_error_response(err: HttpError) -> Response:
+    code = PARSE_ERROR if err.status == 400 else INVALID_REQUEST
+    return Response(err.status, _error_body(code, err.message))
+
+
+# ---------------------------------------------------------------------------
+# Connections: the asyncio loop around Gateway.handle_http
+# ---------------------------------------------------------------------------
+
+
+async def _read_line(reader: asyncio.StreamReader, limit: int, status: int, what: str) -> bytes:
+    try:
+        line = await reader.readuntil(b"\r\n")
+    except asyncio.LimitOverrunError:
+        raise HttpError(status, "%s too long" % what) from None
+    except asyncio.IncompleteReadError as err:
+        if not err.partial:
+            raise ConnectionResetError from None
+        raise HttpError(400, "connection closed inside the request head") from None
+    if len(line) > limit:
+        raise HttpError(status, "%s too long (limit %d bytes)" % (what, limit))
+    return line[:-2]
+
+
+async def read_request_head(reader: asyncio.StreamReader, first: bytes = b"") -> Request:
+    """Read and parse a request head, enforcing the head limits.
+
+    first: bytes of the request line already read (waiting for a request's
+    first byte is timed apart from reading the rest of it).
+    """
+    line = first + await _read_line(reader, MAX_REQUEST_LINE, 414, "request line")
+    if len(line) > MAX_REQUEST_LINE:
+        raise HttpError(414, "request line too long (limit %d bytes)" % MAX_REQUEST_LINE)
+    method, target, version = parse_request_line(line)
+    headers: Dict[str, str] = {}
+    size = len(line)
+    while True:
+        line = await _read_line(reader, MAX_HEAD_BYTES, 431, "header block")
+        if not line:
+            return Request(method, target, version, headers)
+        size += len(line) + 2
+        if size > MAX_HEAD_BYTES:
+            raise HttpError(431, "header block too large (limit %d bytes)" % MAX_HEAD_BYTES)
+        if len(headers) >= MAX_HEADERS:
+            raise HttpError(431, "too many header fields (limit %d)" % MAX_HEADERS)
+        parse_header_line(line, headers)
+
+
+async def read_chunked_body(reader: asyncio.StreamReader) -> bytes:
+    """A chunked request body (RFC 9112 section 7.1), at most MAX_BODY_BYTES."""
+    body = bytearray()
+    while True:
+        size_line = await _read_line(reader, 1024, 400, "chunk size line")
+        size_text = size_line.split(b";", 1)[0].strip()
+        if not re.fullmatch(rb"[0-9A-Fa-f]{1,8}", size_text):
+            raise HttpError(400, "malformed chunk size")
+        size = int(size_text, 16)
+        if size == 0:
+            while await _read_line(reader, MAX_HEAD_BYTES, 431, "trailer"):
+                pass
+            return bytes(body)
+        if len(body) + size > MAX_BODY_BYTES:
+            raise HttpError(413, "request body too large (limit %d bytes)" % MAX_BODY_BYTES)
+        body += await reader.readexactly(size)
+        if await reader.readexactly(2) != b"\r\n":
+            raise HttpError(400, "malformed chunk")
+
+
+class _Connections:
+    """The open connections of a listener, so that stop() can close them."""
+
+    def __init__(self) -> None:
+        self.idle: set = set()
+        self.all: set = set()
+
+
+async def serve_connection(gateway: Gateway, reader: asyncio.StreamReader,
+                           writer: asyncio.StreamWriter, connections: _Connections) -> None:
+    """Serve requests on one connection until it closes, errs or idles out."""
+    peer = writer.get_extra_info("peername")
+    remote = peer[0] if isinstance(peer, tuple) else "127.0.0.1"
+    connections.all.add(writer)
+    try:
+        while True:
+            connections.idle.add(writer)
+            try:
+                first = await asyncio.wait_for(reader.read(1), KEEP_ALIVE_TIMEOUT)
+            except asyncio.TimeoutError:
+                return
+            finally:
+                connections.idle.discard(writer)
+            if not first:
+                return
+            try:
+                request = await asyncio.wait_for(read_request_head(reader, first), READ_TIMEOUT)
+                length = body_length(request.headers)
+                if length is not None and length > MAX_BODY_BYTES:
+                    raise HttpError(413, "request body too large (limit %d bytes)" % MAX_BODY_BYTES)
+                if request.headers.get("expect", "").lower() == "100-continue" and length != 0:
+                    writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+                if length is None:
+                    body = await asyncio.wait_for(read_chunked_body(reader), READ_TIMEOUT)
+                else:
+                    body = await asyncio.wait_for(reader.readexactly(length), READ_TIMEOUT)
+            except HttpError as err:
+                log.debug("%s: HTTP %d: %s", remote, err.status, err.message)
+                writer.write(render_response(_http_error_response(err), keep_alive=False))
+                await writer.drain()
+                return
+            except asyncio.TimeoutError:
+                writer.write(render_response(_http_error_response(
+                    HttpError(408, "request not received in time")), keep_alive=False))
+                await writer.drain()
+                return
+            except asyncio.IncompleteReadError:
+                return
+            try:
+                response = gateway.handle_http(request.method, request.target, request.headers,
+                                               body, remote)
+            except Exception:  # a bug: answer, log once, keep the process serving
+                log.error("internal error serving %s %s:\n%s", printable(request.method),
+                          printable(request.target), traceback.format_exc())
+                response = Response(500, _error_body(INTERNAL_ERROR, "Internal error"))
+            keep_alive = request.keep_alive and not gateway.stopping
+            writer.write(render_response(response, keep_alive=keep_alive,
+                                         head_only=request.method == "HEAD"))
+            await writer.drain()
+            if not keep_alive:
+                return
+    except (ConnectionError, asyncio.IncompleteReadError, ssl_module.SSLError, OSError):
+        pass
+    finally:
+        connections.all.discard(writer)
+        connections.idle.discard(writer)
+        writer.close()
+
+
+# ---------------------------------------------------------------------------
+# Lifecycle: listening, timers, stopping; a gateway in a thread
+# ---------------------------------------------------------------------------
+
+#: Seconds stop() waits for in-flight requests before closing their connections.
+SHUTDOWN_TIMEOUT = 10.0
+#: Seconds a customer update function may take before its result is ignored.
+CUSTOMER_UPDATE_TIMEOUT = 30.0
+
+
+class RunningServer:
+    """A gateway listening on a socket: its url, host, port and gateway."""
+
+    def __init__(self, gateway: Gateway, listener: asyncio.AbstractServer, scheme: str):
+        self.gateway = gateway
+        self.listener = listener
+        sockname = listener.sockets[0].getsockname()
+        self.host, self.port = sockname[0], sockname[1]
+        host = "[%s]" % self.host if ":" in self.host else self.host
+        self.url = "%s://%s:%d" % (scheme, host, self.port)
+
+
+@contextlib.asynccontextmanager
+async def _serve(gateway: Gateway, host: str, port: int,
+                 ssl: Optional[ssl_module.SSLContext]) -> Any:
+    connections = _Connections()
+    handlers: set = set()
+
+    def on_connection(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        task = asyncio.ensure_future(serve_connection(gateway, reader, writer, connections))
+        handlers.add(task)
+        task.add_done_callback(handlers.discard)
+
+    listener = await asyncio.start_server(on_connection, host, port, ssl=ssl,
+                                          limit=MAX_HEAD_BYTES + 2)
+    server = RunningServer(gateway, listener, "https" if ssl else "http")
+    timers = [asyncio.ensure_future(_maintenance_timer(gateway))]
+    if gateway.config.customer_api is not None:
+        timers.append(asyncio.ensure_future(_customer_timer(gateway)))
+    gateway.stopping = False
+    log.info("listening on %s", server.url)
+    try:
+        yield server
+    finally:
+        gateway.stopping = True
+        listener.close()
+        for timer in timers:
+            timer.cancel()
+        for writer in list(connections.idle):
+            writer.close()
+        if handlers:
+            _done, pending = await asyncio.wait(set(handlers), timeout=SHUTDOWN_TIMEOUT)
+            for writer in list(connections.all):
+                writer.close()
+            for task in pending:
+                task.cancel()
+            if pending:
+                await asyncio.wait(pending, timeout=1)
+        await listener.wait_closed()
+        await asyncio.gather(*timers, return_exceptions=True)
+        log.info("stopped listening on %s", server.url)
+
+
+async def _maintenance_timer(gateway: Gateway) -> None:
+    while True:
+        await asyncio.sleep(gateway.config.update_interval)
+        try:
+            gateway.tick()
+        except Exception:  # keep ticking: a bug here must not freeze the grid
+            log.error("maintenance tick failed:\n%s", traceback.format_exc())
+
+
+async def update_customers(gateway: Gateway) -> bool:
+    """Call the customer update function once (sync or async, with a timeout)."""
+    function = gateway.config.customer_api["update_function"]
+    try:
+        if inspect.iscoroutinefunction(function):
+            customers = await asyncio.wait_for(function(), CUSTOMER_UPDATE_TIMEOUT)
+        else:
+            loop = asyncio.get_running_loop()
+            customers = await asyncio.wait_for(loop.run_in_executor(None, function),
+                                               CUSTOMER_UPDATE_TIMEOUT)
+            if inspect.isawaitable(customers):
+                customers = await asyncio.wait_for(customers, CUSTOMER_UPDATE_TIMEOUT)
+    except asyncio.TimeoutError:
+        log.warning("customer update: keeping the previous keys: no answer within %.0f s",
+                    CUSTOMER_UPDATE_TIMEOUT)
+        return False
+    except Exception as err:
+        log.warning("customer update: keeping the previous keys: the function raised %s: %s",
+                    type(err).__name__, printable(err))
+        return False
+    return gateway.set_customers(customers)
+
+
+async def _customer_timer(gateway: Gateway) -> None:
+    while True:
+        await update_customers(gateway)
+        api = gateway.config.customer_api or {}
+        await asyncio.sleep(api.get("update_interval", 300))
+
+
+class ThreadedServer:
+    """A gateway served by an event loop in a background thread (see serve_in_thread)."""
+
+    def __init__(self, gateway: Gateway):
+        self.gateway = gateway
+        self.url = ""
+        self.port = 0
+        self._loop: Optional[asyncio.AbstractEventLoop] = None
+        self._stop: Optional[asyncio.Event] = None
+        self._thread: Optional[threading.Thread] = None
+        self._error: Optional[BaseException] = None
+
+
+@contextlib.contextmanager
+def serve_in_thread(config: Optional[Config] = None, host: str = "127.0.0.1", port: int = 0, *,
+                    gateway: Optional[Gateway] = None) -> Iterator[ThreadedServer]:
+    """Run a gateway in a background thread for synchronous test suites.
+
+    with serve_in_thread(Config(...)) as server:
+        requests.post(server.url + "/internal", ...)
+
+    Returns once the socket listens; stops cleanly (no leaked thread, socket
+    or task) when the block exits.
+    """
+    runner = ThreadedServer(gateway if gateway is not None else Gateway(config))
+    ready = threading.Event()
+
+    async def run() -> None:
+        runner._loop = asyncio.get_running_loop()
+        runner._stop = asyncio.Event()
+        try:
+            async with runner.gateway.serve(host, port) as server:
+                runner.url, runner.port = server.url, server.port
+                ready.set()
+                await runner._stop.wait()
+        except BaseException as err:  # reported to the caller's thread
+            runner._error = err
+        finally:
+            ready.set()
+
+    runner._thread = threading.Thread(target=asyncio.run, args=(run(),),
+                                      name="odin-gateway", daemon=True)
+    runner._thread.start()
+    ready.wait()
+    if runner._error is not None:
+        runner._thread.join()
+        raise runner._error
+    try:
+        yield runner
+    finally:
+        runner._loop.call_soon_threadsafe(runner._stop.set)  # type: ignore[union-attr]
+        runner._thread.join()
+
+
+# ---------------------------------------------------------------------------
+# Logging: pretty lines for people, JSON lines for machines
+# ---------------------------------------------------------------------------
+
+
+class JsonFormatter(logging.Formatter):
+    """One JSON object per line: time, level, logger, message (and traceback)."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        entry = {"time": iso_time(record.created), "level": record.levelname,
+                 "logger": record.name, "message": record.getMessage()}
+        if record.exc_info:
+            entry["traceback"] = self.formatException(record.exc_info)
+        return json.dumps(entry, ensure_ascii=False)
+
+
+def configure_logging(level: str, fmt: str, stream: Any = None) -> None:
+    """Send odin_gateway's log to stderr in the chosen format (main() only)."""
+    handler = logging.StreamHandler(stream or sys.stderr)
+    if fmt == "json":
+        handler.setFormatter(JsonFormatter())
+    else:
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)-7s %(message)s"))
+    log.handlers[:] = [handler]
+    log.setLevel(level)
+    log.propagate = False
+
+
+# ---------------------------------------------------------------------------
+# Command line
+# ---------------------------------------------------------------------------
+
+
+def warn_about_exposure(gateway: Gateway) -> None:
+    """Say at start what an operator must know is exposed, and how to fix it."""
+    config = gateway.config
+    if config.master_key == DEFAULT_MASTER_KEY:
+        log.warning("master_key is the well-known default: anyone can derive your servers' "
+                    "signing keys and forge room tokens; set a secret one "
+                    "(python odin_gateway.py keygen --master)")
+    if not config.internal_users:
+        log.warning("/internal is open (internal_users is empty): anyone who reaches this port "
+                    "can register servers and read their signing keys; set internal_users or "
+                    "firewall the port")
+    if gateway.everything_goes:
+        log.warning("no customers configured: every token is accepted as a demo customer "
+                    "without checking its signature; add customers to the config")
+    elif config.unknown_customers != "forbidden":
+        log.warning("unknown_customers is not \"forbidden\": tokens with unknown key ids are "
+                    "accepted as demo customers without checking their signature")
+
+
+def _ssl_context(config: Config) -> ssl_module.SSLContext:
+    context = ssl_module.SSLContext(ssl_module.PROTOCOL_TLS_SERVER)
+    try:
+        context.load_cert_chain(config.certificate, config.private_key)
+    except FileNotFoundError as err:
+        raise ConfigError("TLS: cannot read %s: no such file" % err.filename) from err
+    except (ssl_module.SSLError, OSError) as err:
+        raise ConfigError("TLS: cannot use certificate %s with key %s: %s"
+                          % (config.certificate, config.private_key, err)) from err
+    return context
+
+
+def build_parser() -> "argparse.ArgumentParser":
+    import argparse
+
+    parser = argparse.ArgumentParser(
+        prog="odin_gateway.py",
+        description="An ODIN gateway: spreads ODIN clients over ODIN media servers and "
+                    "checks customer licences. Settings come from a config file "
+                    "(see config.py); flags override it.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--version", action="version", version="%(prog)s " + __version__)
+    parser.add_argument("--config", metavar="PATH", default="config.py",
+                        help="config file; when the default is missing the built-in defaults apply")
+    parser.add_argument("--host", help="address to listen on (config: host, default 0.0.0.0)")
+    parser.add_argument("--port", type=int, help="TCP port to listen on (config: port, default 7000)")
+    parser.add_argument("--ssl", action="store_true", default=None,
+                        help="serve HTTPS (config: ssl)")
+    parser.add_argument("--certificate", metavar="FILE",
+                        help="PEM certificate chain for --ssl (config: certificate)")
+    parser.add_argument("--privatekey", metavar="FILE",
+                        help="PEM private key for --ssl (config: private_key)")
+    return parser
+
+
+def load_config(args: Any) -> Config:
+    """The config file named by --config (optional when it is the default), with flags applied."""
+    if os.path.isfile(args.config):
+        config = Config.load(args.config)
+    elif args.config != "config.py":
+        raise ConfigError("%s: no such file" % args.config)
+    else:
+        config = Config()
+    overrides = {name: value for name, value in (
+        ("host", args.host), ("port", args.port), ("ssl", args.ssl),
+        ("certificate", args.certificate), ("private_key", args.privatekey)) if value is not None}
+    return config.replace(**overrides) if overrides else config
+
+
+async def _run(gateway: Gateway, ssl_context: Optional[ssl_module.SSLContext]) -> None:
+    import signal
+
+    config = gateway.config
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    signals = (signal.SIGINT, signal.SIGTERM)
+
+    def on_signal() -> None:
+        if stop.is_set():
+            log.warning("second signal: exiting at once")
+            os._exit(1)
+        log.info("stopping: finishing requests in flight")
+        stop.set()
+
+    for signum in signals:
+        with contextlib.suppress(NotImplementedError, RuntimeError):
+            loop.add_signal_handler(signum, on_signal)
+    try:
+        async with gateway.serve(config.host, config.port, ssl_context):
+            await stop.wait()
+    finally:
+        for signum in signals:
+            with contextlib.suppress(NotImplementedError, RuntimeError):
+                loop.remove_signal_handler(signum)
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    """Run the gateway from the command line; the exit status."""
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
+    if nacl is None:
+        print("odin_gateway: PyNaCl is missing; install it with: pip install pynacl", file=sys.stderr)
+        return 2
+    try:
+        config = load_config(args)
+        configure_logging(config.log_level, config.log_format)
+        ssl_context = _ssl_context(config) if config.ssl else None
+        gateway = Gateway(config)
+    except ConfigError as err:
+        print("odin_gateway: %s" % err, file=sys.stderr)
+        return 2
+    log.info("odin_gateway %s (config: %s)", __version__,
+             config.source if config.source != "Config()" else "built-in defaults")
+    warn_about_exposure(gateway)
+    try:
+        asyncio.run(_run(gateway, ssl_context))
+    except OSError as err:
+        log.error("cannot listen on %s:%s: %s", config.host, config.port, err.strerror or err)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
