@@ -2335,15 +2335,48 @@ def _ssl_context(config: Config) -> ssl_module.SSLContext:
     return context
 
 
-def build_parser() -> "argparse.ArgumentParser":
+COMMANDS = ("serve", "keygen", "token")
+
+
+def build_parser(command: str = "serve") -> "argparse.ArgumentParser":
+    """The argument parser of one command (serve is the default command)."""
     import argparse
 
+    formatter = argparse.ArgumentDefaultsHelpFormatter
+    if command == "keygen":
+        parser = argparse.ArgumentParser(
+            prog="odin_gateway.py keygen", formatter_class=formatter,
+            description="Make a new ODIN access key and print it with its public JWK, its key "
+                        "id and the customers entry to paste into config.py. Keep the access "
+                        "key secret: the gateway needs only the public key.")
+        parser.add_argument("--master", action="store_true",
+                            help="print a new random master_key instead")
+        parser.add_argument("--customer", default="my-customer",
+                            help="customer id for the printed config entry")
+        return parser
+    if command == "token":
+        parser = argparse.ArgumentParser(
+            prog="odin_gateway.py token", formatter_class=formatter,
+            description="Print a client token signed with an access key, as the ODIN token "
+                        "library makes them (for testing Connect and the admin methods).")
+        parser.add_argument("--access-key", required=True, help="the access key to sign with")
+        parser.add_argument("--room", required=True, action="append",
+                            help="room id (repeat for a list of rooms with the same base)")
+        parser.add_argument("--user", required=True, help="user id")
+        parser.add_argument("--audience", help='aud claim, e.g. "gateway"')
+        parser.add_argument("--subject", action="append",
+                            help="method the token may call (repeat for several; "
+                                 "default: connect)")
+        parser.add_argument("--lifetime", type=int, default=300, help="seconds until it expires")
+        parser.add_argument("--customer", help="cid claim")
+        parser.add_argument("--server", help="internal.server claim: pin the room to this server")
+        return parser
     parser = argparse.ArgumentParser(
-        prog="odin_gateway.py",
-        description="An ODIN gateway: spreads ODIN clients over ODIN media servers and "
-                    "checks customer licences. Settings come from a config file "
-                    "(see config.py); flags override it.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        prog="odin_gateway.py", formatter_class=formatter,
+        description="An ODIN gateway: spreads ODIN clients over ODIN media servers and checks "
+                    "customer licences. Settings come from a config file (see config.py); "
+                    "flags override it.",
+        epilog="Other commands: 'odin_gateway.py keygen --help', 'odin_gateway.py token --help'.")
     parser.add_argument("--version", action="version", version="%(prog)s " + __version__)
     parser.add_argument("--config", metavar="PATH", default="config.py",
                         help="config file; when the default is missing the built-in defaults apply")
@@ -2356,6 +2389,37 @@ def build_parser() -> "argparse.ArgumentParser":
     parser.add_argument("--privatekey", metavar="FILE",
                         help="PEM private key for --ssl (config: private_key)")
     return parser
+
+
+def keygen_command(args: Any) -> int:
+    if args.master:
+        print(b64_encode(os.urandom(32)))
+        return 0
+    access_key = generate_access_key()
+    jwk = public_jwk(access_key)
+    entry = {"id": args.customer, "max_peers": None, "max_rooms": None,
+             "access_keys": [{"public_key": jwk, "namespace": None}]}
+    print("access key (secret, for your token backend): %s" % access_key)
+    print("key id: %s" % jwk["kid"])
+    print("public JWK: %s" % json.dumps(jwk))
+    print("config.py customers entry:")
+    print(json.dumps(entry, indent=4).replace("null", "None"))
+    return 0
+
+
+def token_command(args: Any) -> int:
+    room = args.room[0] if len(args.room) == 1 else args.room
+    subject: Any = "connect"
+    if args.subject:
+        subject = args.subject[0] if len(args.subject) == 1 else args.subject
+    try:
+        print(create_token(args.access_key, room, args.user, audience=args.audience,
+                           subject=subject, lifetime=args.lifetime, customer=args.customer,
+                           internal={"server": args.server} if args.server else None))
+    except ValueError as err:
+        print("odin_gateway token: %s" % err, file=sys.stderr)
+        return 2
+    return 0
 
 
 def load_config(args: Any) -> Config:
@@ -2400,12 +2464,18 @@ async def _run(gateway: Gateway, ssl_context: Optional[ssl_module.SSLContext]) -
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-    """Run the gateway from the command line; the exit status."""
-    args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
+    """Run the gateway (or another command) from the command line; the exit status."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    command = argv.pop(0) if argv and argv[0] in COMMANDS else "serve"
+    args = build_parser(command).parse_args(argv)
     if nacl is None:
         print("odin_gateway: PyNaCl is missing; install it with: pip install pynacl", file=sys.stderr)
         return 2
+    if command == "keygen":
+        return keygen_command(args)
+    if command == "token":
+        return token_command(args)
+    configure_logging("INFO", "pretty")  # until the config says otherwise
     try:
         config = load_config(args)
         configure_logging(config.log_level, config.log_format)

@@ -1,0 +1,87 @@
+# Sample configuration of odin_gateway.py.
+#
+# A plain Python module: the gateway runs it and takes the names below. Every
+# name is optional; each is shown here with its default unless said otherwise.
+# None means "unlimited" wherever a limit is expected. Command-line flags
+# (--host, --port, --ssl, --certificate, --privatekey) override this file.
+#
+#   python odin_gateway.py                     # uses ./config.py
+#   python odin_gateway.py --config /etc/odin-gateway/config.py
+
+# -- Logging ------------------------------------------------------------------
+log_level = "INFO"          # DEBUG, INFO, WARNING, ERROR, CRITICAL
+log_format = "pretty"       # "pretty" for people, "json" for one object per line
+
+# -- Listening ----------------------------------------------------------------
+host = "0.0.0.0"
+port = 7000
+ssl = False                 # serve HTTPS with the two PEM files below
+certificate = "fullchain.pem"
+private_key = "privkey.pem"
+
+# -- Keys ---------------------------------------------------------------------
+# The master key (base64) from which every media server's signing key is
+# derived. This default is public knowledge: anyone who knows it can forge
+# room tokens. Make your own with:  python odin_gateway.py keygen --master
+master_key = "VGhpcyBpcyBhIHN1cGVyIHNlY3JldCBtYXN0ZXIga2V5IQ=="
+
+# -- Customers ----------------------------------------------------------------
+# Each customer has limits and the *public* keys of its access keys. Add a
+# customer's key with the output of:  python odin_gateway.py keygen
+# Default: [] (no customers, which puts the gateway in the "everything goes"
+# demo mode: any token is accepted as a demo customer).
+customers = [
+    {
+        # FOR LOCAL TESTING ONLY. The access key of this customer is printed
+        # in README.md, so anyone can sign tokens for it:
+        #   Aa6xMG5KsCRp0BevxLhsLzSdBAEpJK9sxcvscAsK5+8j
+        # Remove this customer before the gateway faces a network.
+        "id": "demo",
+        "max_peers": 100,   # concurrent peers over all its rooms (None: unlimited)
+        "max_rooms": 20,    # concurrent rooms (None: unlimited)
+        "access_keys": [
+            {
+                "public_key": {
+                    "kid": "ARjlCj4VESC3",
+                    "kty": "OKP",
+                    "crv": "Ed25519",
+                    "x": "IIy5Y30wG7_fGPlMjHfwMBHkoAF0K333UNl5xvymUMY",
+                },
+                "namespace": None,  # rooms live in this namespace; None: the customer id
+            },
+        ],
+    },
+]
+
+# Customers can also come from a function, called at start and then every
+# update_interval seconds; it returns a list shaped like `customers` (the
+# original's camelCase names such as maxPeers are accepted too). It may be a
+# plain or an async function. When it raises or returns no usable key, the
+# previous keys stay in force. Default: None.
+#
+# def fetch_customers():
+#     import json, urllib.request
+#     with urllib.request.urlopen("https://example.com/api/customer-keys", timeout=10) as reply:
+#         return json.load(reply)
+#
+# customer_api = {"update_function": fetch_customers, "update_interval": 300}
+customer_api = None
+
+# Tokens whose key id belongs to no customer: "forbidden", or admitted as
+# customer "demo_<kid>" with these limits, without any signature check.
+# unknown_customers = {"max_peers": 10, "max_rooms": 5}
+unknown_customers = "forbidden"
+
+# -- The internal endpoint (/internal) ----------------------------------------
+# Servers register there and receive their signing keys. With users set, a
+# Basic Authorization header is required: point each server's supervisor url
+# at http://user:password@gateway:7000/internal. Empty: open to anyone who
+# reaches the port (the gateway warns at start).
+internal_users = {}         # e.g. {"sfu": "a long random password"}
+
+# -- Media servers ------------------------------------------------------------
+metrics_server = "0.0.0.0/0"  # network allowed to scrape the servers' metrics
+update_interval = 5           # s between server reports and maintenance ticks
+disable_timeout = 7.5         # s without a report before a server gets no new rooms
+remove_timeout = 600          # s without a report before a server is forgotten
+login_token_lifetime = 300    # s a room token (and a room never reported) lives
