@@ -940,7 +940,8 @@ _PRIMARY = str.maketrans(
     | {c: chr(0x41 + i) for i, c in enumerate("abcdefghijklmnopqrstuvwxyz")}
     | {c: chr(0x41 + i) for i, c in enumerate("ABCDEFGHIJKLMNOPQRSTUVWXYZ")}
 )
-_TERTIARY = str.maketrans({c: "1" for c in "ABCDEFGHIJKLMNOPQRSTUVWXYZ"})
+_TERTIARY = str.maketrans({c: "1" if c.isupper() else "0" for c in
+                           "/+=0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ"})
 
 
 def locale_order(text: str) -> Tuple[str, str]:
