@@ -576,3 +576,490 @@ def test_transcript_replay_over_http():
 def test_transcript_improvements_name_real_steps():
     assert set(IMPROVED_STEPS) <= set(STEPS)
     assert len(STEPS) == 75
+
+
+# ---------------------------------------------------------------------------
+# Connect: placement and the room token
+# ---------------------------------------------------------------------------
+
+
+def test_connect_without_servers_is_refused():
+    gw = make_gateway()
+    assert error(gw, "Connect", {}, token=token()) == {
+        "code": -32600, "message": "no server to assign room too"}
+
+
+def test_connect_signs_a_room_token_for_the_server():
+    clock = Clock()
+    gw = make_gateway(clock)
+    report(gw, SFU1)
+    answer = result(gw, "Connect", {}, token=token())
+    assert answer["address"] == SFU1
+    jwt = answer["token"]
+    assert header_of(jwt) == {"alg": "EdDSA", "kid": _server_jwk(SFU1)["kid"]}
+    claims = claims_of(jwt)
+    assert list(claims) == ["uid", "cid", "rid", "nsp", "adr", "sub", "aud", "exp", "nbf"]
+    assert claims == {"uid": "alice", "cid": "odinref", "rid": "lobby", "nsp": "custom-ns",
+                      "adr": SFU1, "sub": "connect", "aud": "sfu", "exp": int(NOW) + 300,
+                      "nbf": int(NOW)}
+    signing_input, signature = jwt.rsplit(".", 1)
+    key = og.derive_server_key(base64.b64decode(og.DEFAULT_MASTER_KEY), SFU1)
+    assert key.verify(signing_input.encode(), og.b64url_decode(signature))
+
+
+def test_room_token_lifetime_follows_config():
+    gw = make_gateway(login_token_lifetime=60)
+    report(gw, SFU1)
+    claims = claims_of(result(gw, "Connect", {}, token=token())["token"])
+    assert claims["exp"] - claims["nbf"] == 60
+
+
+def test_a_server_is_a_candidate_from_its_first_report():
+    gw = make_gateway()
+    report(gw, SFU1)  # no tick in between
+    assert result(gw, "Connect", {}, token=token())["address"] == SFU1
+
+
+def test_clients_of_one_room_land_on_the_same_server():
+    gw = make_gateway(seed=7)
+    for hostname in (SFU1, SFU2, "sfu-3:4433", "sfu-4:4433"):
+        report(gw, hostname)
+    first = result(gw, "Connect", {}, token=token(user="alice"))["address"]
+    for user in ("bob", "carol", "dave", "erin"):
+        assert result(gw, "Connect", {}, token=token(user=user))["address"] == first
+
+
+def test_rooms_with_the_same_base_share_a_server():
+    gw = make_gateway(seed=3)
+    for hostname in (SFU1, SFU2, "sfu-3:4433", "sfu-4:4433"):
+        report(gw, hostname)
+    addresses = {result(gw, "Connect", {}, token=token(room_id="match{42}%s" % team))["address"]
+                 for team in ("red", "blue", "green", "gold", "teal")}
+    assert len(addresses) == 1
+
+
+def test_key_namespace_and_customer_namespace_are_distinct_rooms():
+    gw = make_gateway()
+    report(gw, SFU1)
+    result(gw, "Connect", {}, token=token(KEY_A))
+    result(gw, "Connect", {}, token=token(KEY_B))
+    ids = sorted(r["id"] for r in result(gw, "Info")["rooms"])
+    assert ids == [["custom-ns", "lobby"], ["odinref", "lobby"]]
+
+
+def test_rid_array_uses_the_last_room_of_one_base():
+    gw = make_gateway()
+    report(gw, SFU1)
+    answer = result(gw, "Connect", {}, token=token(room_id=["{main}a", "{main}b"]))
+    assert claims_of(answer["token"])["rid"] == ["{main}a", "{main}b"]
+    assert [r["id"] for r in result(gw, "Info")["rooms"]] == [["custom-ns", "{main}b"]]
+
+
+@pytest.mark.parametrize("rid, message", [
+    ([], "rid in authorization token must not be empty"),
+    (["{a}x", "{b}y"], "all values in rid must have the same base"),
+])
+def test_rid_array_errors_use_code_400(rid, message):
+    gw = make_gateway()
+    report(gw, SFU1)
+    assert error(gw, "Connect", {}, token=token(room_id=rid)) == {"code": 400, "message": message}
+
+
+def test_room_name_too_long_is_refused_clearly():
+    gw = make_gateway()
+    report(gw, SFU1)
+    assert "at most 255 bytes" in error(gw, "Connect", {}, token=token(room_id="r" * 256))["message"]
+
+
+def test_internal_server_claim_pins_the_pick():
+    gw = make_gateway(seed=5)
+    report(gw, SFU1)
+    report(gw, SFU2)
+    for index in range(10):
+        pinned = token(room_id="room%d" % index, internal={"server": SFU2})
+        assert result(gw, "Connect", {}, token=pinned)["address"] == SFU2
+    unknown = token(room_id="elsewhere", internal={"server": "nope:4433"})
+    assert error(gw, "Connect", {}, token=unknown)["message"] == "no server to assign room too"
+
+
+def test_a_full_server_gets_no_room_while_another_has_capacity():
+    gw = make_gateway(seed=11)
+    report(gw, SFU1, load=1.0)
+    report(gw, SFU2, load=0.2)
+    for index in range(30):
+        assert result(gw, "Connect", {}, token=token(room_id="r%d" % index))["address"] == SFU2
+
+
+def test_when_every_server_is_full_one_is_still_chosen():
+    gw = make_gateway()
+    report(gw, SFU1, load=1.0)
+    report(gw, SFU2, load=3.5)
+    assert result(gw, "Connect", {}, token=token())["address"] in (SFU1, SFU2)
+
+
+def test_pick_is_weighted_by_free_capacity():
+    gw = make_gateway(seed=2)
+    report(gw, SFU1, load=0.0)  # weight 1.0
+    report(gw, SFU2, load=0.75)  # weight 0.25
+    picks = [result(gw, "Connect", {}, token=token(room_id="w%d" % i))["address"] for i in range(400)]
+    share = picks.count(SFU1) / len(picks)
+    assert 0.7 < share < 0.9  # 0.8 expected; the seed is fixed, so this is deterministic
+
+
+def test_connect_claims_are_validated():
+    gw = make_gateway()
+    report(gw, SFU1)
+    key = og.SigningKey(og.access_key_seed(KEY_A), 1)
+    bad = og.encode_jwt({"rid": 5, "uid": 7}, key)
+    err = error(gw, "Connect", {}, token=bad)
+    assert err["code"] == -32600
+    assert set(err["data"]["fieldErrors"]) == {"uid", "rid"}
+
+
+def test_server_key_tokens_authorize_as_their_cid_and_nsp():
+    gw = make_gateway()
+    report(gw, SFU1)
+    key = og.derive_server_key(base64.b64decode(og.DEFAULT_MASTER_KEY), SFU1)
+    jwt = og.encode_jwt({"rid": "lobby", "uid": "x", "cid": "foo", "nsp": "foo-ns"}, key)
+    result(gw, "Connect", {}, token=jwt)
+    room_entry = result(gw, "Info")["rooms"][0]
+    assert room_entry["id"] == ["foo-ns", "lobby"] and room_entry["customer"] == "foo"
+
+
+def test_demo_mode_without_customers_admits_any_token():
+    gw = make_gateway(customers=[])
+    assert gw.everything_goes
+    report(gw, SFU1)
+    answer = result(gw, "Connect", {}, token=token(KEY_UNKNOWN))
+    kid = og.public_jwk(KEY_UNKNOWN)["kid"]
+    assert claims_of(answer["token"])["cid"] == "demo_" + kid
+    assert claims_of(answer["token"])["nsp"] == "demo_" + kid
+
+
+def test_unknown_kids_are_refused_when_customers_exist():
+    gw = make_gateway()
+    report(gw, SFU1)
+    status, body = rpc(gw, "Connect", {}, token=token(KEY_UNKNOWN))
+    assert status == 401 and body["error"]["message"] == "not authorized"
+
+
+def test_unknown_customers_get_the_configured_limits():
+    clock = Clock()
+    gw = make_gateway(clock, unknown_customers={"max_peers": 10, "max_rooms": 1})
+    report(gw, SFU1)
+    result(gw, "Connect", {}, token=token(KEY_UNKNOWN, room_id="one"))
+    kid = og.public_jwk(KEY_UNKNOWN)["kid"]
+    report(gw, SFU1, rooms=[room("demo_" + kid, "one", "demo_" + kid)])
+    gw.tick()
+    err = error(gw, "Connect", {}, token=token(KEY_UNKNOWN, room_id="two"))
+    assert err["message"] == "room limit exceeded"
+
+
+# ---------------------------------------------------------------------------
+# Licence limits
+# ---------------------------------------------------------------------------
+
+
+def test_room_and_peer_limits_use_reported_usage():
+    clock = Clock()
+    gw = make_gateway(clock)
+    report(gw, SFU1, rooms=[room("tiny", "t1", "tiny"), room("tiny", "t2", "tiny")])
+    assert result(gw, "Connect", {}, token=token(KEY_TINY, "t1"))  # usage not yet counted
+    gw.tick()
+    assert error(gw, "Connect", {}, token=token(KEY_TINY, "t3"))["message"] == "room limit exceeded"
+    report(gw, SFU1, rooms=[room("tiny", "t1", "tiny", peers=3)])
+    gw.tick()
+    assert error(gw, "Connect", {}, token=token(KEY_TINY, "t1"))["message"] == "peer limit exceeded"
+    report(gw, SFU1, rooms=[room("tiny", "t1", "tiny", peers=2)])
+    gw.tick()
+    assert result(gw, "Connect", {}, token=token(KEY_TINY, "t1"))["address"] == SFU1
+
+
+def test_usage_ignores_disabled_servers():
+    clock = Clock()
+    gw = make_gateway(clock)
+    report(gw, SFU2)
+    report(gw, SFU1, rooms=[room("tiny", "t1", "tiny"), room("tiny", "t2", "tiny")])
+    gw.tick()
+    assert gw.grid.usage["tiny"] == (2, 2)
+    clock.advance(8)
+    report(gw, SFU2)
+    gw.tick()  # SFU1 silent for 8 s: disabled
+    assert "tiny" not in gw.grid.usage
+    assert result(gw, "Connect", {}, token=token(KEY_TINY, "t3"))["address"] == SFU2
+
+
+# ---------------------------------------------------------------------------
+# Admin tasks
+# ---------------------------------------------------------------------------
+
+
+def test_admin_tasks_are_queued_and_delivered_with_the_next_report():
+    gw = make_gateway()
+    report(gw, SFU1, rooms=[room("custom-ns", "lobby", "odinref")])
+    admin = admin_token()
+    assert result(gw, "RoomClose", {"room_id": "lobby", "ban_time": 30}, token=admin) == {}
+    assert result(gw, "RoomUpdate", {"room_id": "lobby", "user_data": [1, 2, 3]}, token=admin) == {}
+    assert result(gw, "RoomBanClient", {"room_id": "lobby", "user_id": "bob", "ban_time": 1.5},
+                  token=admin) == {}
+    assert result(gw, "RoomSendMessage", {"room_id": "lobby", "user_id": "bob",
+                                          "message": [104, 105]}, token=admin) == {}
+    assert result(gw, "RoomClose", {"room_id": "lobby"}, token=admin) == {}
+    lobby = ["custom-ns", "lobby"]
+    assert report(gw, SFU1, rooms=[room("custom-ns", "lobby", "odinref")]) == [
+        {"task": "RoomClose", "id": lobby, "ban_time": {"secs": 30, "nanos": 0}},
+        {"task": "RoomUpdate", "id": lobby, "user_data": [1, 2, 3]},
+        {"task": "RoomBanClient", "id": lobby, "user_id": "bob",
+         "ban_time": {"secs": 1, "nanos": 500000000}},
+        {"task": "RoomSendMessage", "id": lobby, "user_id": "bob", "message": [104, 105]},
+        {"task": "RoomClose", "id": lobby, "ban_time": {"secs": 0, "nanos": 0}},
+    ]
+    assert report(gw, SFU1, rooms=[room("custom-ns", "lobby", "odinref")]) == []
+
+
+def test_a_report_sent_as_notification_keeps_the_queue():
+    gw = make_gateway()
+    report(gw, SFU1, rooms=[room("custom-ns", "lobby", "odinref")])
+    result(gw, "RoomUpdate", {"room_id": "lobby", "user_data": []}, token=admin_token())
+    params = {"public_endpoint": SFU1, "version": "1", "load": 0, "clients": 0,
+              "rooms": [room("custom-ns", "lobby", "odinref")]}
+    assert rpc(gw, "sfu.Report", params, request_id=None) == (204, None)
+    assert len(report(gw, SFU1, rooms=[room("custom-ns", "lobby", "odinref")])) == 1
+
+
+def test_admin_room_must_start_with_the_token_rid():
+    gw = make_gateway()
+    report(gw, SFU1, rooms=[room("custom-ns", "lobby", "odinref")])
+    err = error(gw, "RoomClose", {"room_id": "other"}, token=admin_token())
+    assert err["message"] == "room_id param does not match rid in authorization token"
+    err = error(gw, "RoomClose", {"room_id": "lobby2"}, token=admin_token())
+    assert err["message"] == "no server for room found"
+
+
+def test_admin_rid_array_uses_its_first_element():
+    gw = make_gateway()
+    report(gw, SFU1, rooms=[room("custom-ns", "{g}a", "odinref")])
+    admin = og.create_token(KEY_A, ["{g}a", "{g}b"], "admin", now=NOW, subject="roomclose")
+    assert result(gw, "RoomClose", {"room_id": "{g}a"}, token=admin) == {}
+
+
+@pytest.mark.parametrize("method, params, field", [
+    ("RoomClose", {}, "room_id"),
+    ("RoomClose", {"room_id": 5}, "room_id"),
+    ("RoomClose", {"room_id": "lobby", "ban_time": -1}, "ban_time"),
+    ("RoomClose", {"room_id": "lobby", "ban_time": "5"}, "ban_time"),
+    ("RoomUpdate", {"room_id": "lobby", "user_data": [256]}, "user_data"),
+    ("RoomUpdate", {"room_id": "lobby", "user_data": [1.5]}, "user_data"),
+    ("RoomUpdate", {"room_id": "lobby", "user_data": [True]}, "user_data"),
+    ("RoomBanClient", {"room_id": "lobby"}, "user_id"),
+    ("RoomSendMessage", {"room_id": "lobby", "user_id": "u", "message": "hi"}, "message"),
+    ("RoomSendMessage", {"room_id": "lobby", "user_id": "u", "message": [-1]}, "message"),
+])
+def test_admin_params_are_validated(method, params, field):
+    gw = make_gateway()
+    report(gw, SFU1, rooms=[room("custom-ns", "lobby", "odinref")])
+    err = error(gw, method, params, token=admin_token())
+    assert err["code"] == -32600 and field in err["data"]["fieldErrors"]
+    assert err["message"].startswith("invalid params: " + field)
+
+
+def test_a_full_task_queue_refuses_new_tasks_and_keeps_the_old(monkeypatch):
+    monkeypatch.setattr(og, "MAX_QUEUED_TASKS", 3)
+    gw = make_gateway()
+    report(gw, SFU1, rooms=[room("custom-ns", "lobby", "odinref")])
+    for index in range(3):
+        result(gw, "RoomUpdate", {"room_id": "lobby", "user_data": [index]}, token=admin_token())
+    err = error(gw, "RoomUpdate", {"room_id": "lobby", "user_data": [9]}, token=admin_token())
+    assert "task queue" in err["message"] and "full" in err["message"]
+    tasks = report(gw, SFU1, rooms=[room("custom-ns", "lobby", "odinref")])
+    assert [t["user_data"] for t in tasks] == [[0], [1], [2]]
+
+
+# ---------------------------------------------------------------------------
+# Reports: rooms, collisions, servers
+# ---------------------------------------------------------------------------
+
+
+def test_reported_rooms_are_mapped_and_unmapped():
+    gw = make_gateway()
+    report(gw, SFU1, rooms=[room("ns", "a", "c"), room("ns", "b", "c")])
+    assert sorted(r["id"][1] for r in result(gw, "Info")["rooms"]) == ["a", "b"]
+    report(gw, SFU1, rooms=[room("ns", "b", "c")])
+    assert [r["id"][1] for r in result(gw, "Info")["rooms"]] == ["b"]
+
+
+def test_collision_closes_the_copy_and_the_first_owner_keeps_the_room():
+    clock = Clock()
+    gw = make_gateway(clock)
+    report(gw, SFU1, rooms=[room("ns", "r", "c")])
+    close = {"task": "RoomClose", "id": ["ns", "r"], "ban_time": {"secs": 5, "nanos": 0}}
+    params = {"public_endpoint": SFU2, "version": "1", "load": 0, "clients": 0,
+              "rooms": [room("ns", "r", "c")]}
+    rpc(gw, "sfu.Report", params, request_id=None)  # notification: the task stays queued
+    rpc(gw, "sfu.Report", params, request_id=None)  # still one RoomClose, not two
+    assert report(gw, SFU2, rooms=[room("ns", "r", "c")]) == [close]
+    # The original flipped ownership here; the first owner keeps the room.
+    assert result(gw, "Info")["rooms"][0]["server"] == SFU1
+    assert report(gw, SFU1, rooms=[room("ns", "r", "c")]) == []
+    assert report(gw, SFU2, rooms=[room("ns", "r", "c")]) == [close]
+
+
+def test_collision_ban_time_follows_update_interval():
+    gw = make_gateway(update_interval=2.5)
+    report(gw, SFU1, rooms=[room("ns", "r", "c")])
+    assert report(gw, SFU2, rooms=[room("ns", "r", "c")])[0]["ban_time"] == {"secs": 3, "nanos": 0}
+
+
+def test_a_room_assigned_by_connect_is_kept_by_the_servers_report():
+    gw = make_gateway()
+    report(gw, SFU1)
+    result(gw, "Connect", {}, token=token())
+    assert report(gw, SFU1, rooms=[room("custom-ns", "lobby", "odinref")]) == []
+    assert result(gw, "Info")["rooms"][0]["server"] == SFU1
+
+
+def test_server_hostname_defaults_to_the_remote_address():
+    gw = make_gateway()
+    params = {"version": "1", "load": 0, "clients": 0, "rooms": []}
+    for remote, hostname in (("10.1.2.3", "10.1.2.3:4433"), ("::1", "[::1]:4433")):
+        body = json.dumps({"jsonrpc": "2.0", "method": "sfu.Report", "params": params, "id": 1})
+        assert gw.handle_http("POST", "/internal", {}, body.encode(), remote).status == 200
+        assert hostname in gw.grid.servers
+
+
+@pytest.mark.parametrize("params, field", [
+    ({"version": "1", "load": 0, "clients": 0}, "rooms"),
+    ({"version": "1", "load": "high", "clients": 0, "rooms": []}, "load"),
+    ({"version": "1", "load": 0, "clients": 0, "rooms": [{"id": ["ns"]}]}, "rooms"),
+    ({"version": "1", "load": 0, "clients": 0, "rooms": [dict(room("a", "b", "c"), peers=-1)]}, "rooms"),
+    ({"version": "1", "load": 0, "clients": 0, "rooms": [], "server": "other"}, "server"),
+    ({"load": 0, "clients": 0, "rooms": []}, "version"),
+])
+def test_report_params_are_validated(params, field):
+    gw = make_gateway()
+    err = error(gw, "sfu.Report", params)
+    assert err["code"] == -32600 and field in err["data"]["fieldErrors"]
+    assert not gw.grid.servers
+
+
+def test_report_keeps_only_the_known_room_fields():
+    gw = make_gateway()
+    report(gw, SFU1, rooms=[dict(room("ns", "r", "c"), extra="x")])
+    assert result(gw, "Info")["servers"][0]["report"]["rooms"] == [room("ns", "r", "c")]
+
+
+def test_saga_servers_are_refused():
+    gw = make_gateway()
+    params = {"version": "1", "load": 0, "clients": 0, "rooms": [], "server": "saga"}
+    assert error(gw, "sfu.Report", params)["message"] == "api must be used for grid servers only"
+    assert error(gw, "SubmitReport", params)["message"] == "only grid is supported"
+    assert result(gw, "SubmitReport", dict(params, server="grid", public_endpoint=SFU1)) == {"tasks": []}
+
+
+# ---------------------------------------------------------------------------
+# Maintenance: timeouts and expiry
+# ---------------------------------------------------------------------------
+
+
+def test_silent_server_is_disabled_its_rooms_move_and_it_comes_back():
+    clock = Clock()
+    gw = make_gateway(clock, seed=4)
+    report(gw, SFU1, rooms=[room("custom-ns", "lobby", "odinref")])
+    clock.advance(7.4)
+    report(gw, SFU2)
+    gw.tick()
+    assert not gw.grid.servers[SFU1].disabled  # 7.4 s < disable_timeout
+    clock.advance(0.1)
+    gw.tick()
+    assert gw.grid.servers[SFU1].disabled
+    assert result(gw, "Connect", {}, token=token())["address"] == SFU2
+    report(gw, SFU1)
+    assert not gw.grid.servers[SFU1].disabled
+    assert result(gw, "Connect", {}, token=token())["address"] == SFU2  # stays where it moved
+
+
+def test_silent_server_is_removed_with_its_rooms():
+    clock = Clock()
+    gw = make_gateway(clock)
+    report(gw, SFU1, rooms=[room("ns", "r", "c")])
+    clock.advance(599)
+    gw.tick()
+    assert SFU1 in gw.grid.servers
+    clock.advance(1)
+    gw.tick()
+    assert gw.grid.servers == {} and gw.grid.rooms == {}
+    kid = _server_jwk(SFU1)["kid"]
+    assert gw.grid.server_key_by_kid(kid) is None
+
+
+def test_rooms_never_reported_expire_with_their_tokens():
+    clock = Clock()
+    gw = make_gateway(clock)
+    report(gw, SFU1)
+    result(gw, "Connect", {}, token=token())
+    for _ in range(60):  # the server keeps reporting, without the room
+        clock.advance(5)
+        report(gw, SFU1)
+        gw.tick()
+    assert len(gw.grid.rooms) == 1  # 300 s: its tokens are still valid
+    clock.advance(1)
+    gw.tick()
+    assert gw.grid.rooms == {}
+
+
+def test_reported_rooms_do_not_expire():
+    clock = Clock()
+    gw = make_gateway(clock)
+    for _ in range(100):
+        report(gw, SFU1, rooms=[room("ns", "r", "c")])
+        clock.advance(5)
+        gw.tick()
+    assert len(gw.grid.rooms) == 1
+
+
+def test_a_restarted_gateway_derives_the_same_keys_and_rebuilds_rooms():
+    first = make_gateway()
+    report(first, SFU1, rooms=[room("custom-ns", "lobby", "odinref")])
+    issued = result(first, "Connect", {}, token=token())["token"]
+    second = make_gateway()  # a restart: nothing carried over
+    report(second, SFU1, rooms=[room("custom-ns", "lobby", "odinref")])
+    again = result(second, "Connect", {}, token=token())["token"]
+    assert issued == again  # same key, same claims, same clock
+    assert result(second, "Info")["rooms"][0]["server"] == SFU1
+
+
+# ---------------------------------------------------------------------------
+# Info
+# ---------------------------------------------------------------------------
+
+
+def test_info_lists_servers_rooms_and_call_statistics():
+    clock = Clock(1700000000.5)
+    gw = make_gateway(clock)
+    report(gw, SFU1, rooms=[room("ns", "r", "c", peers=2)], load=0.5)
+    error(gw, "Connect", {}, token=token(room_id=[]))
+    info = result(gw, "Info")
+    assert info["servers"] == [{
+        "hostname": SFU1, "address": SFU1, "version": "1.6.0", "disabled": False,
+        "keyId": _server_jwk(SFU1)["kid"],
+        "report": {"load": 0.5, "clients": 0, "rooms": [room("ns", "r", "c", peers=2)]},
+        "firstSeen": "2023-11-14T22:13:20.500Z", "lastSeen": "2023-11-14T22:13:20.500Z", "tasks": 0}]
+    assert info["rooms"] == [{"hash": og.room_hash("ns", "r"), "id": ["ns", "r"], "customer": "c",
+                              "server": SFU1, "updated": "2023-11-14T22:13:20.500Z"}]
+    assert info["stats"]["apiCalls"] == [
+        {"name": "sfu.Report", "success": 1, "failure": 0, "rejected": 0},
+        {"name": "Connect", "success": 0, "failure": 0, "rejected": 1}]
+
+
+def test_internal_errors_answer_generically_count_as_failure_and_log(caplog, monkeypatch):
+    gw = make_gateway()
+
+    def broken(call, params):
+        raise KeyError("secret detail")
+
+    monkeypatch.setitem(gw._handlers, "Info", broken)
+    with caplog.at_level(logging.ERROR, logger="odin_gateway"):
+        assert error(gw, "Info") == {"code": -32603, "message": "Internal error"}
+    assert "secret detail" in caplog.text
+    assert gw.stats["Info"] == [0, 1, 0]
+    assert result(gw, "GetConfig", {"server": "grid", "version": "1", "config": ""})
