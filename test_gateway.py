@@ -179,6 +179,12 @@ def test_kid_of_original_config_keys(case):
     assert og.key_id(0x01, og.b64url_decode(case["x"])) == case["kid_in_config"]
 
 
+def test_create_token_refuses_fractional_lifetimes():
+    with pytest.raises(ValueError, match="whole number"):
+        og.create_token(KEY_A, "lobby", "alice", lifetime=300.5)
+    assert claims_of(og.create_token(KEY_A, "r", "u", lifetime=60.0, now=NOW))["exp"] == int(NOW) + 60
+
+
 def test_generated_access_key_is_valid():
     key = og.generate_access_key()
     assert len(key) == 44
@@ -1063,3 +1069,693 @@ def test_internal_errors_answer_generically_count_as_failure_and_log(caplog, mon
     assert "secret detail" in caplog.text
     assert gw.stats["Info"] == [0, 1, 0]
     assert result(gw, "GetConfig", {"server": "grid", "version": "1", "config": ""})
+
+
+# ---------------------------------------------------------------------------
+# JSON-RPC 2.0
+# ---------------------------------------------------------------------------
+
+
+def post(gw, body, path="/internal", headers=None):
+    data = body if isinstance(body, bytes) else json.dumps(body).encode()
+    response = gw.handle_http("POST", path, headers or {}, data, "127.0.0.1")
+    return response.status, response.json()
+
+
+@pytest.mark.parametrize("body", [b"", b"{", b"\xff\xfe", b'{"a": NaN}', b"[" * 100_000,
+                                  b'"\xed\xa0\x80"', b"1" * 5000])
+def test_unparsable_bodies_are_parse_errors(body):
+    assert post(make_gateway(), body) == (400, {
+        "jsonrpc": "2.0", "error": {"code": -32700, "message": "Parse error"}, "id": None})
+
+
+@pytest.mark.parametrize("request_body, request_id", [
+    ({"jsonrpc": "1.0", "method": "Info", "id": 10}, 10),
+    ({"jsonrpc": "2.0", "method": "rpc.Info", "id": 11}, 11),
+    ({"jsonrpc": "2.0", "method": 5, "id": 12}, 12),
+    ({"jsonrpc": "2.0", "method": "Info", "id": 1.5}, None),
+    ({"jsonrpc": "2.0", "method": "Info", "id": True}, None),
+    ({"jsonrpc": "2.0", "method": "Info", "id": {}}, None),
+    ({"jsonrpc": "1.0", "method": "Info"}, None),
+    ("hello", None),
+    (5, None),
+])
+def test_invalid_requests(request_body, request_id):
+    assert post(make_gateway(), request_body) == (200, {
+        "jsonrpc": "2.0", "error": {"code": -32600, "message": "Invalid Request"}, "id": request_id})
+
+
+def test_request_ids_are_echoed():
+    gw = make_gateway()
+    for request_id in ("abc", 7, None, 2.0):
+        status, body = post(gw, {"jsonrpc": "2.0", "method": "Nope", "id": request_id})
+        assert body["id"] == request_id and body["error"]["code"] == -32601
+        assert json.dumps(body["id"]) == json.dumps(int(request_id) if request_id == 2.0 else request_id)
+
+
+def test_batches_answer_in_order_and_skip_notifications():
+    gw = make_gateway()
+    status, body = post(gw, [
+        {"jsonrpc": "2.0", "method": "GetConfig", "params": {"server": "saga", "version": "1",
+                                                             "config": ""}, "id": "a"},
+        {"jsonrpc": "2.0", "method": "Nope", "id": "b"},
+        {"jsonrpc": "2.0", "method": "Info"},
+        {"jsonrpc": "2.0", "method": "Info", "id": "d"},
+        5,
+    ])
+    assert status == 200
+    assert [(answer["id"], answer.get("error", {}).get("code")) for answer in body] == [
+        ("a", -32600), ("b", -32601), ("d", None), (None, -32600)]
+
+
+def test_empty_batch_and_notification_only_batch():
+    gw = make_gateway()
+    assert post(gw, []) == (200, {"jsonrpc": "2.0", "error": {
+        "code": -32600, "message": "Invalid Request"}, "id": None})
+    assert post(gw, [{"jsonrpc": "2.0", "method": "Nope"}, {"jsonrpc": "2.0", "method": "Info"}]) \
+        == (204, None)
+    assert post(gw, {"jsonrpc": "2.0", "method": "Info"}) == (204, None)
+    assert gw.stats["Info"] == [2, 0, 0]  # notifications run
+
+
+def test_batches_are_bounded():
+    gw = make_gateway()
+    status, body = post(gw, [{"jsonrpc": "2.0", "method": "Info", "id": i}
+                             for i in range(og.MAX_BATCH + 1)])
+    assert status == 200 and body["error"]["code"] == -32600 and "at most" in body["error"]["message"]
+    status, body = post(gw, [{"jsonrpc": "2.0", "method": "Info", "id": i} for i in range(og.MAX_BATCH)])
+    assert len(body) == og.MAX_BATCH
+
+
+@pytest.mark.parametrize("params, message", [
+    ([], "Invalid params: params must be an object, not an array"),
+    ("x", "Invalid params"),
+    (5, "Invalid params"),
+])
+def test_params_must_be_an_object(params, message):
+    gw = make_gateway()
+    status, body = post(gw, {"jsonrpc": "2.0", "method": "Info", "params": params, "id": 1})
+    assert body["error"]["code"] == -32602 and body["error"]["message"] == message
+    assert "Info" not in gw.stats  # refused before the method runs, as the original
+
+
+def test_unknown_params_are_ignored():
+    gw = make_gateway()
+    report(gw, SFU1)
+    assert result(gw, "Connect", {"whatever": 1}, token=token())["address"] == SFU1
+
+
+# ---------------------------------------------------------------------------
+# HTTP requests (sans socket)
+# ---------------------------------------------------------------------------
+
+
+def test_unknown_paths_are_404_even_for_options():
+    gw = make_gateway()
+    for method, path in (("OPTIONS", "/nope"), ("POST", "/internal/"), ("GET", "/x")):
+        response = gw.handle_http(method, path, {}, b"")
+        assert response.status == 404
+        assert response.json() == {"jsonrpc": "2.0", "error": {"code": -32700, "message": "not found"},
+                                   "id": None}
+
+
+def test_options_on_known_paths_is_an_empty_200():
+    gw = make_gateway()
+    for path in ("/", "/internal", "/internal?x=1"):
+        response = gw.handle_http("OPTIONS", path, {}, b"")
+        assert (response.status, response.body) == (200, b"")
+
+
+@pytest.mark.parametrize("method", ["GET", "PUT", "DELETE", "PATCH", "HEAD"])
+def test_other_methods_are_405_with_allow(method):
+    response = make_gateway().handle_http(method, "/internal", {}, b"")
+    assert response.status == 405 and ("Allow", "POST, OPTIONS") in response.headers
+
+
+def test_query_strings_are_ignored():
+    assert post(make_gateway(), {"jsonrpc": "2.0", "method": "Info", "id": 1}, path="/internal?x=1")[0] == 200
+
+
+@pytest.mark.parametrize("header", [None, ""])
+def test_public_endpoint_requires_authorization(header):
+    headers = {} if header is None else {"authorization": header}
+    status, body = post(make_gateway(), {"jsonrpc": "2.0", "method": "Connect", "id": 1}, "/", headers)
+    assert status == 401
+    assert body["error"] == {"code": -32700, "message": "invalid or missing authorization"}
+
+
+@pytest.mark.parametrize("header, message", [
+    ("Bearer", "missing authorization"),
+    ("Token abc", "invalid authorization"),
+    ("Bearer a.b", "token must have three segments"),
+    ("Bearer a b", "invalid authorization"),
+    ("Bearer a\tb", "invalid authorization"),
+    ("Basic dXNlcjpwYXNz", "invalid credentials"),
+])
+def test_invalid_authorization_is_401_with_the_reason(header, message):
+    status, body = post(make_gateway(), {"jsonrpc": "2.0", "method": "Connect", "id": 1}, "/",
+                        {"authorization": header})
+    assert status == 401 and body["error"] == {"code": -32600, "message": message}
+
+
+def test_subject_restricts_methods():
+    gw = make_gateway()
+    report(gw, SFU1, rooms=[room("custom-ns", "lobby", "odinref")])
+    close_only = token(subject="RoomClose")
+    assert error(gw, "Connect", {}, token=close_only) == {"code": -32601, "message": "Method not found"}
+    assert result(gw, "RoomClose", {"room_id": "lobby"}, token=close_only) == {}
+    for subject in ("foo", []):
+        status, body = rpc(gw, "Connect", {}, token=token(subject=subject))
+        assert status == 403
+        assert body["error"] == {"code": -32700, "message": "access denied by token restrictions"}
+    no_subject = token(subject=None)
+    assert result(gw, "Connect", {}, token=no_subject)["address"] == SFU1
+
+
+def test_internal_is_open_and_ignores_authorization_without_users():
+    gw = make_gateway()
+    status, _ = post(gw, {"jsonrpc": "2.0", "method": "Info", "id": 1},
+                     headers={"authorization": "Bearer garbage"})
+    assert status == 200
+
+
+def test_internal_users_require_basic_credentials():
+    gw = make_gateway(internal_users={"sfu": "pass:word"})
+    request = {"jsonrpc": "2.0", "method": "Info", "id": 1}
+    status, body = post(gw, request)
+    assert status == 401 and body["error"]["message"] == "invalid or missing authorization"
+    good = "Basic " + base64.b64encode(b"sfu:pass:word").decode()
+    assert post(gw, request, headers={"authorization": good})[0] == 200
+    for header, message in (
+            ("Basic " + base64.b64encode(b"sfu:nope").decode(), "invalid credentials"),
+            ("Basic " + base64.b64encode(b"root:pass:word").decode(), "invalid credentials"),
+            ("Basic !!!", "invalid credentials"),
+            ("Bearer " + token(), "invalid authorization")):
+        status, body = post(gw, request, headers={"authorization": header})
+        assert status == 401 and body["error"] == {"code": -32600, "message": message}, header
+
+
+# ---------------------------------------------------------------------------
+# Customers: static keys, the update function
+# ---------------------------------------------------------------------------
+
+TINY_CUSTOMER = VERDICTS["configuration"]["extra_customers"][1]
+
+
+def test_an_unusable_jwk_is_skipped_with_a_warning_and_the_others_load(caplog):
+    broken = {"id": "broken", "max_peers": 1, "max_rooms": 1, "access_keys": [
+        {"public_key": {"kid": "AAAA", "kty": "OKP", "crv": "Ed25519", "x": "c2hvcnQ"}},
+        {"public_key": {"kid": "AatVMEY/ThH2", "kty": "OKP", "crv": "Ed25519",
+                        "x": TINY_CUSTOMER["accessKeys"][0]["publicKey"]["x"]}}]}
+    with caplog.at_level(logging.WARNING, logger="odin_gateway"):
+        gw = make_gateway(customers=[broken])
+    assert "broken" in caplog.text and "AAAA" in caplog.text
+    assert set(gw.authorizer.customer_keys) == {"AatVMEY/ThH2"}
+
+
+def test_configured_but_unusable_keys_do_not_open_the_gateway():
+    broken = {"id": "broken", "access_keys": [
+        {"public_key": {"kid": "AAAA", "kty": "OKP", "crv": "Ed25519", "x": "!!"}}]}
+    gw = make_gateway(customers=[broken])
+    assert not gw.everything_goes
+    status, body = rpc(gw, "Connect", {}, token=token(KEY_UNKNOWN))
+    assert status == 401 and body["error"]["message"] == "not authorized"
+
+
+def test_set_customers_replaces_keys_and_keeps_them_on_bad_input(caplog):
+    gw = make_gateway(customers=[], customer_api={"update_function": lambda: []})
+    assert not gw.everything_goes
+    assert gw.set_customers([TINY_CUSTOMER])
+    assert "AatVMEY/ThH2" in gw.authorizer.customer_keys
+    with caplog.at_level(logging.WARNING, logger="odin_gateway"):
+        assert not gw.set_customers([])
+        assert not gw.set_customers("garbage")
+        assert not gw.set_customers([{"id": "x", "access_keys": [{"public_key": {"kid": "k", "x": ""}}]}])
+    assert caplog.text.count("keeping the previous keys") == 3
+    assert "AatVMEY/ThH2" in gw.authorizer.customer_keys
+
+
+def test_update_customers_from_sync_and_async_functions():
+    async def fetch_async():
+        return [TINY_CUSTOMER]
+
+    for function in (lambda: [TINY_CUSTOMER], fetch_async):
+        gw = make_gateway(customers=[], customer_api={"update_function": function})
+        assert asyncio.run(og.update_customers(gw)) is True
+        assert "AatVMEY/ThH2" in gw.authorizer.customer_keys
+
+
+def test_a_failing_or_hanging_update_function_keeps_the_keys(caplog, monkeypatch):
+    monkeypatch.setattr(og, "CUSTOMER_UPDATE_TIMEOUT", 0.05)
+
+    def failing():
+        raise RuntimeError("api down")
+
+    async def hanging():
+        await asyncio.Event().wait()
+
+    gw = make_gateway(customers=[], customer_api={"update_function": failing})
+    gw.set_customers([TINY_CUSTOMER])
+    with caplog.at_level(logging.WARNING, logger="odin_gateway"):
+        assert asyncio.run(og.update_customers(gw)) is False
+        gw.config = gw.config.replace(customer_api={"update_function": hanging})
+        assert asyncio.run(og.update_customers(gw)) is False
+    assert "api down" in caplog.text and "no answer within" in caplog.text
+    assert "AatVMEY/ThH2" in gw.authorizer.customer_keys
+
+
+# ---------------------------------------------------------------------------
+# Configuration
+# ---------------------------------------------------------------------------
+
+
+def test_config_defaults():
+    config = og.Config()
+    assert (config.host, config.port, config.ssl, config.update_interval, config.disable_timeout,
+            config.remove_timeout, config.login_token_lifetime) == ("0.0.0.0", 7000, False, 5, 7.5, 600, 300)
+    assert config.unknown_customers == "forbidden" and config.customers == []
+    assert config.master_key == og.DEFAULT_MASTER_KEY
+
+
+@pytest.mark.parametrize("settings, words", [
+    ({"port": "7000"}, ["port", "integer"]),
+    ({"port": 70000}, ["port"]),
+    ({"ssl": "yes"}, ["ssl"]),
+    ({"log_level": "LOUD"}, ["log_level"]),
+    ({"log_format": "xml"}, ["log_format"]),
+    ({"master_key": "not base64!"}, ["master_key", "base64"]),
+    ({"update_interval": 0}, ["update_interval", "positive"]),
+    ({"customers": {"id": "x"}}, ["customers", "list"]),
+    ({"customers": [{"id": "x", "max_peers": -1}]}, ["customers", "max_peers"]),
+    ({"customers": [{"id": "x", "access_keys": [{"kid": "k"}]}]}, ["customers", "public_key"]),
+    ({"unknown_customers": "allowed"}, ["unknown_customers"]),
+    ({"internal_users": {"a:b": "c"}}, ["internal_users"]),
+    ({"customer_api": {"update_function": 5}}, ["customer_api"]),
+    ({"metrics_server": "everyone"}, ["metrics_server", "CIDR"]),
+    ({"prot": 1}, ["unknown setting", "prot"]),
+])
+def test_config_errors_name_the_setting(settings, words):
+    with pytest.raises(og.ConfigError) as caught:
+        og.Config(**settings)
+    for word in words:
+        assert word in str(caught.value)
+
+
+def test_config_load_reads_a_python_file(tmp_path, caplog):
+    path = tmp_path / "gateway.py"
+    path.write_text("import os\nport = 7100\nupdate_interval = 2\nprot = 1\n"
+                    "def helper():\n    return []\n")
+    with caplog.at_level(logging.WARNING, logger="odin_gateway"):
+        config = og.Config.load(str(path))
+    assert config.port == 7100 and config.update_interval == 2 and config.source == str(path)
+    assert "prot" in caplog.text and "helper" not in caplog.text and "'os'" not in caplog.text
+
+
+@pytest.mark.parametrize("text, words", [
+    ("port = (", ["gateway.py", "SyntaxError"]),
+    ("raise ValueError('boom')", ["gateway.py", "boom"]),
+    ("port = 'x'", ["gateway.py", "port", "integer"]),
+])
+def test_config_load_errors_name_file_setting_and_problem(tmp_path, text, words):
+    path = tmp_path / "gateway.py"
+    path.write_text(text)
+    with pytest.raises(og.ConfigError) as caught:
+        og.Config.load(str(path))
+    for word in words:
+        assert word in str(caught.value)
+
+
+def test_the_sample_config_loads_and_its_demo_key_works():
+    config = og.Config.load(str(HERE / "config.py"))
+    demo_key = "Aa6xMG5KsCRp0BevxLhsLzSdBAEpJK9sxcvscAsK5+8j"  # printed in README and config.py
+    assert demo_key in (HERE / "config.py").read_text()
+    assert demo_key in (HERE / "README.md").read_text()
+    gw = og.Gateway(config, clock=Clock())
+    report(gw, SFU1)
+    assert result(gw, "Connect", {}, token=token(demo_key))["address"] == SFU1
+
+
+def test_flags_override_the_config_file(tmp_path):
+    path = tmp_path / "c.py"
+    path.write_text("port = 7100\nhost = '127.0.0.1'\n")
+    args = og.build_parser().parse_args(["--config", str(path), "--port", "7200", "--ssl",
+                                         "--certificate", "c.pem", "--privatekey", "k.pem"])
+    config = og.load_config(args)
+    assert (config.host, config.port, config.ssl, config.certificate, config.private_key) == (
+        "127.0.0.1", 7200, True, "c.pem", "k.pem")
+
+
+def test_a_missing_explicit_config_file_is_an_error(tmp_path):
+    args = og.build_parser().parse_args(["--config", str(tmp_path / "missing.py")])
+    with pytest.raises(og.ConfigError, match="no such file"):
+        og.load_config(args)
+
+
+def test_two_gateways_share_nothing():
+    first, second = make_gateway(), make_gateway(customers=[])
+    report(first, SFU1, rooms=[room("ns", "r", "c")])
+    assert second.grid.servers == {} and second.grid.rooms == {} and second.stats == {}
+    assert first.authorizer.customer_keys and not second.authorizer.customer_keys
+
+
+# ---------------------------------------------------------------------------
+# The HTTP server over real sockets
+# ---------------------------------------------------------------------------
+
+INFO_BODY = b'{"jsonrpc":"2.0","method":"Info","id":1}'
+
+
+@contextlib.contextmanager
+def running(gw=None, **kwargs):
+    with og.serve_in_thread(gateway=gw or make_gateway(), **kwargs) as server:
+        yield server
+
+
+def exchange(port, data, *, timeout=5.0):
+    """Send raw bytes and read until the server closes the connection."""
+    with socket.create_connection(("127.0.0.1", port), timeout=timeout) as sock:
+        sock.sendall(data)
+        chunks = []
+        while True:
+            chunk = sock.recv(65536)
+            if not chunk:
+                return b"".join(chunks)
+            chunks.append(chunk)
+
+
+def status_of(response):
+    return int(response.split(b" ", 2)[1])
+
+
+def test_keep_alive_serves_many_requests_on_one_connection():
+    import http.client
+
+    with running() as server:
+        connection = http.client.HTTPConnection("127.0.0.1", server.port, timeout=5)
+        sockets = set()
+        for _ in range(5):
+            connection.request("POST", "/internal", body=INFO_BODY)
+            response = connection.getresponse()
+            assert response.status == 200 and json.loads(response.read())["result"]
+            assert response.getheader("Connection") is None
+            sockets.add(id(connection.sock))
+        assert len(sockets) == 1
+        connection.close()
+
+
+@pytest.mark.parametrize("head", [
+    b"POST /internal HTTP/1.1\r\nConnection: close\r\n",
+    b"POST /internal HTTP/1.0\r\n",
+])
+def test_connection_close_and_http_1_0(head):
+    with running() as server:
+        data = exchange(server.port, head + b"Content-Length: %d\r\n\r\n" % len(INFO_BODY) + INFO_BODY)
+    assert status_of(data) == 200 and b"Connection: close\r\n" in data
+    assert data.count(b"HTTP/1.1") == 1
+
+
+def test_chunked_request_bodies_are_read():
+    half = len(INFO_BODY) // 2
+    body = b"%x\r\n%s\r\n%x;ext=1\r\n%s\r\n0\r\nTrailer: x\r\n\r\n" % (
+        half, INFO_BODY[:half], len(INFO_BODY) - half, INFO_BODY[half:])
+    with running() as server:
+        data = exchange(server.port, b"POST /internal HTTP/1.1\r\nTransfer-Encoding: chunked\r\n"
+                                     b"Connection: close\r\n\r\n" + body)
+    assert status_of(data) == 200 and b'"servers":[]' in data
+
+
+def test_expect_100_continue():
+    with running() as server, socket.create_connection(("127.0.0.1", server.port), timeout=5) as sock:
+        sock.sendall(b"POST /internal HTTP/1.1\r\nExpect: 100-continue\r\nConnection: close\r\n"
+                     b"Content-Length: %d\r\n\r\n" % len(INFO_BODY))
+        assert sock.recv(100).startswith(b"HTTP/1.1 100 Continue\r\n\r\n")
+        sock.sendall(INFO_BODY)
+        data = sock.recv(65536)
+    assert status_of(data) == 200
+
+
+def test_every_response_carries_the_cors_headers_and_a_date():
+    with running() as server:
+        for request in (b"OPTIONS / HTTP/1.1\r\n", b"GET /nope HTTP/1.1\r\n",
+                        b"POST / HTTP/1.1\r\nContent-Length: 0\r\n"):
+            data = exchange(server.port, request + b"Connection: close\r\n\r\n")
+            head = data.split(b"\r\n\r\n")[0].decode().lower()
+            for name, value in GATEWAY_HEADERS.items():
+                assert "%s: %s" % (name, value.lower()) in head
+            assert "access-control-allow-methods: post, options" in head and "\r\ndate: " in head
+
+
+def test_head_gets_405_without_a_body():
+    with running() as server:
+        data = exchange(server.port, b"HEAD /internal HTTP/1.1\r\nConnection: close\r\n\r\n")
+    head, _, body = data.partition(b"\r\n\r\n")
+    assert status_of(data) == 405 and b"Allow: POST, OPTIONS" in head and body == b""
+
+
+def test_notification_answers_204_without_content_type():
+    body = b'{"jsonrpc":"2.0","method":"Info"}'
+    with running() as server:
+        data = exchange(server.port, b"POST /internal HTTP/1.1\r\nConnection: close\r\n"
+                                     b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
+    assert status_of(data) == 204
+    assert b"\r\nContent-Type:" not in data and b"\r\nContent-Length:" not in data
+
+
+@pytest.mark.parametrize("request_bytes, status", [
+    (b"POST /internal HTTP/1.1\r\nContent-Length: 2000000\r\n\r\n", 413),
+    (b"POST /" + b"a" * (og.MAX_REQUEST_LINE + 10) + b" HTTP/1.1\r\n\r\n", 414),
+    (b"POST /internal HTTP/1.1\r\n" + b"".join(b"X-%d: y\r\n" % i for i in range(og.MAX_HEADERS + 1))
+     + b"\r\n", 431),
+    (b"POST /internal HTTP/1.1\r\nX-Big: " + b"y" * og.MAX_HEAD_BYTES + b"\r\n\r\n", 431),
+    (b"POST /internal HTTP/1.1\r\nContent-Length: +5\r\n\r\n", 400),
+    (b"POST /internal HTTP/1.1\r\nContent-Length: -1\r\n\r\n", 400),
+    (b"POST /internal HTTP/1.1\r\nContent-Length: 5\r\nContent-Length: 6\r\n\r\n", 400),
+    (b"POST /internal HTTP/1.1\r\nContent-Length: \xd9\xa3\r\n\r\n", 400),
+    (b"POST /internal HTTP/1.1\r\nTransfer-Encoding: gzip\r\n\r\n", 501),
+    (b"POST /internal HTTP/2.0\r\n\r\n", 505),
+    (b"POST /internal\r\n\r\n", 400),
+    (b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03" + os.urandom(64) + b"\r\n\r\n", 400),
+    (b"POST /internal HTTP/1.1\r\n folded: x\r\n\r\n", 400),
+    (b"POST /internal HTTP/1.1\r\nBad Name: x\r\n\r\n", 400),
+    (b"POST /internal HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n", 400),
+])
+def test_malformed_or_oversized_requests_get_their_status_and_are_closed(request_bytes, status):
+    with running() as server:
+        data = exchange(server.port, request_bytes)
+        assert status_of(data) == status
+        assert b"Connection: close" in data
+        assert json.loads(data.split(b"\r\n\r\n", 1)[1])["error"]["message"]
+        # The server still serves others.
+        ok = exchange(server.port, b"POST /internal HTTP/1.1\r\nConnection: close\r\n"
+                                   b"Content-Length: %d\r\n\r\n%s" % (len(INFO_BODY), INFO_BODY))
+        assert status_of(ok) == 200
+
+
+def test_identical_duplicate_content_length_is_accepted():
+    with running() as server:
+        data = exchange(server.port, b"POST /internal HTTP/1.1\r\nConnection: close\r\n"
+                                     b"Content-Length: %d\r\nContent-Length: %d\r\n\r\n%s"
+                                     % (len(INFO_BODY), len(INFO_BODY), INFO_BODY))
+    assert status_of(data) == 200
+
+
+def test_a_slow_client_is_cut_off_while_others_are_served(monkeypatch):
+    monkeypatch.setattr(og, "READ_TIMEOUT", 0.3)
+    with running() as server, socket.create_connection(("127.0.0.1", server.port), timeout=5) as slow:
+        slow.sendall(b"POST /internal HTTP/1.1\r\nX-Slow: ")
+        ok = exchange(server.port, b"POST /internal HTTP/1.1\r\nConnection: close\r\n"
+                                   b"Content-Length: %d\r\n\r\n%s" % (len(INFO_BODY), INFO_BODY))
+        assert status_of(ok) == 200
+        started = time.monotonic()
+        data = slow.recv(65536)
+        assert status_of(data) == 408 and time.monotonic() - started < 3
+
+
+def test_idle_keep_alive_connections_are_closed(monkeypatch):
+    monkeypatch.setattr(og, "KEEP_ALIVE_TIMEOUT", 0.2)
+    with running() as server, socket.create_connection(("127.0.0.1", server.port), timeout=5) as idle:
+        assert idle.recv(10) == b""  # closed by the server without a response
+
+
+def test_an_internal_error_answers_500_and_the_server_keeps_serving(monkeypatch, caplog):
+    gw = make_gateway()
+    real = gw.handle_http
+
+    def flaky(method, target, headers, body, remote):
+        if target == "/crash":
+            raise RuntimeError("bug")
+        return real(method, target, headers, body, remote)
+
+    monkeypatch.setattr(gw, "handle_http", flaky)
+    with running(gw) as server, caplog.at_level(logging.ERROR, logger="odin_gateway"):
+        data = exchange(server.port, b"POST /crash HTTP/1.1\r\nConnection: close\r\n\r\n")
+        assert status_of(data) == 500 and b'"Internal error"' in data and b"bug" not in data
+        assert status_of(exchange(server.port, b"OPTIONS / HTTP/1.1\r\nConnection: close\r\n\r\n")) == 200
+    assert "RuntimeError: bug" in caplog.text
+
+
+def test_serve_in_thread_stops_cleanly():
+    before = threading.active_count()
+    with running() as server:
+        assert server.url == "http://127.0.0.1:%d" % server.port
+        port = server.port
+        kept = socket.create_connection(("127.0.0.1", port), timeout=5)  # an idle keep-alive
+    assert threading.active_count() == before
+    assert kept.recv(10) == b""
+    kept.close()
+    with pytest.raises(OSError):
+        socket.create_connection(("127.0.0.1", port), timeout=1).close()
+
+
+def test_serve_in_thread_reports_a_busy_port():
+    with running() as server:
+        with pytest.raises(OSError):
+            with og.serve_in_thread(og.Config(), port=server.port):
+                pass
+
+
+def test_async_serve_binds_port_zero_and_reports_the_url():
+    async def scenario():
+        gw = make_gateway()
+        async with gw.serve("127.0.0.1", 0) as server:
+            reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
+            writer.write(b"OPTIONS / HTTP/1.1\r\nConnection: close\r\n\r\n")
+            data = await reader.read()
+            writer.close()
+            return server.url, data
+
+    url, data = asyncio.run(scenario())
+    assert url.startswith("http://127.0.0.1:") and status_of(data) == 200
+
+
+# ---------------------------------------------------------------------------
+# TLS
+# ---------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def certificate(tmp_path_factory):
+    if shutil.which("openssl") is None:
+        pytest.skip("openssl is needed to make a test certificate")
+    folder = tmp_path_factory.mktemp("tls")
+    cert, key = folder / "cert.pem", folder / "key.pem"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
+                    "-subj", "/CN=127.0.0.1", "-addext", "subjectAltName=IP:127.0.0.1",
+                    "-keyout", str(key), "-out", str(cert)], check=True, capture_output=True)
+    return str(cert), str(key)
+
+
+def test_https(certificate):
+    cert, key = certificate
+    config = og.Config(ssl=True, certificate=cert, private_key=key, customers=reference_customers())
+    context = og._ssl_context(config)
+    client = ssl.create_default_context(cafile=cert)
+    import http.client
+
+    with running(og.Gateway(config), ssl=context) as server:
+        assert server.url.startswith("https://")
+        connection = http.client.HTTPSConnection("127.0.0.1", server.port, context=client, timeout=5)
+        connection.request("POST", "/internal", body=INFO_BODY)
+        assert connection.getresponse().status == 200
+        connection.close()
+        # A plain-text client on the TLS port is dropped, and the server carries on.
+        with socket.create_connection(("127.0.0.1", server.port), timeout=5) as plain:
+            plain.sendall(b"POST /internal HTTP/1.1\r\n\r\n")
+            assert not plain.recv(100).startswith(b"HTTP/1.1 200")
+
+
+def test_tls_misconfiguration_stops_with_a_clear_message(certificate, tmp_path):
+    cert, key = certificate
+    with pytest.raises(og.ConfigError, match="no such file"):
+        og._ssl_context(og.Config(ssl=True, certificate=str(tmp_path / "nope.pem"), private_key=key))
+    other_key = tmp_path / "other.pem"
+    subprocess.run(["openssl", "genrsa", "-out", str(other_key), "2048"], check=True, capture_output=True)
+    with pytest.raises(og.ConfigError, match="cannot use certificate"):
+        og._ssl_context(og.Config(ssl=True, certificate=cert, private_key=str(other_key)))
+
+
+# ---------------------------------------------------------------------------
+# Command line
+# ---------------------------------------------------------------------------
+
+
+def run_cli(*args, timeout=30):
+    return subprocess.run([sys.executable, str(HERE / "odin_gateway.py"), *args],
+                          capture_output=True, text=True, timeout=timeout, cwd=str(HERE))
+
+
+def test_help_and_version():
+    help_text = run_cli("--help")
+    assert help_text.returncode == 0
+    for flag in ("--config", "--host", "--port", "--ssl", "--certificate", "--privatekey", "keygen"):
+        assert flag in help_text.stdout
+    assert run_cli("--version").stdout.strip() == "odin_gateway.py " + og.__version__
+
+
+def test_keygen_prints_a_working_key_and_config_entry():
+    out = run_cli("keygen", "--customer", "acme").stdout
+    access_key = out.split("access key (secret, for your token backend): ")[1].split()[0]
+    jwk = og.public_jwk(access_key)
+    assert jwk["kid"] in out and jwk["x"] in out
+    assert "'id': 'acme'" in out and "'namespace': None" in out
+    nulls = run_cli("keygen", "--customer", "nullsoft").stdout
+    assert "'id': 'nullsoft'" in nulls
+    master = run_cli("keygen", "--master").stdout.strip()
+    assert len(base64.b64decode(master)) == 32
+
+
+def test_token_command_prints_a_token_the_gateway_accepts():
+    out = run_cli("token", "--access-key", KEY_A, "--room", "lobby", "--user", "alice",
+                  "--audience", "gateway", "--subject", "connect", "--subject", "roomclose")
+    jwt = out.stdout.strip()
+    claims = claims_of(jwt)
+    assert claims["sub"] == ["connect", "roomclose"] and claims["aud"] == "gateway"
+    auth = make_gateway().authorizer.authorize("Bearer " + jwt, time.time(), required_claims=("rid", "uid"))
+    assert auth.licensee.customer_id == "odinref"
+    bad = run_cli("token", "--access-key", "nope", "--room", "r", "--user", "u")
+    assert bad.returncode == 2 and "invalid access key" in bad.stderr
+
+
+def test_a_bad_config_stops_the_start_with_a_message(tmp_path):
+    path = tmp_path / "bad.py"
+    path.write_text("port = 'seven'\n")
+    finished = run_cli("--config", str(path))
+    assert finished.returncode == 2
+    assert str(path) in finished.stderr and "port" in finished.stderr
+
+
+def test_the_gateway_runs_from_the_command_line_and_stops_on_sigterm(tmp_path):
+    path = tmp_path / "gateway.py"
+    path.write_text("host = '127.0.0.1'\nport = 0\nlog_format = 'json'\n")
+    process = subprocess.Popen([sys.executable, str(HERE / "odin_gateway.py"), "--config", str(path)],
+                               stderr=subprocess.PIPE, text=True, cwd=str(tmp_path))
+    try:
+        lines = []
+        for line in process.stderr:
+            lines.append(json.loads(line))
+            if lines[-1]["message"].startswith("listening on "):
+                break
+        url = lines[-1]["message"].split()[-1]
+        assert any("master_key is the well-known default" in entry["message"] for entry in lines)
+        assert any("/internal is open" in entry["message"] for entry in lines)
+        assert any("no customers configured" in entry["message"] for entry in lines)
+        port = int(url.rsplit(":", 1)[1])
+        data = exchange(port, b"POST /internal HTTP/1.1\r\nConnection: close\r\n"
+                              b"Content-Length: %d\r\n\r\n%s" % (len(INFO_BODY), INFO_BODY))
+        assert status_of(data) == 200
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(timeout=15) == 0
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+        process.stderr.close()
+
+
+def test_ci_runs_exactly_the_readme_test_command():
+    readme = (HERE / "README.md").read_text()
+    ci = (HERE / ".ci" / "run").read_text()
+    command = "pip install -r requirements-test.txt && python -m pytest -q"
+    assert "```\n%s\n```" % command in readme.replace("```sh\n", "```\n").replace("```bash\n", "```\n")
+    assert ci.rstrip().endswith(command)
+    assert "pip install pynacl && python odin_gateway.py" in readme
