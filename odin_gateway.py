@@ -45,9 +45,11 @@ __all__ = [
     "Authorization",
     "Config",
     "ConfigError",
+    "FakeServer",
     "Gateway",
     "GatewayError",
     "Licensee",
+    "RpcClient",
     "RpcError",
     "TokenError",
     "create_token",
@@ -2242,6 +2244,21 @@ class ThreadedServer:
         self._thread: Optional[threading.Thread] = None
         self._error: Optional[BaseException] = None
 
+    def call(self, function: Callable[[], Any]) -> Any:
+        """Run function() in the server's thread and return its result.
+
+        The gateway is not thread-safe: change it from the test's thread only
+        through here, e.g. server.call(server.gateway.tick).
+        """
+        async def run() -> Any:
+            return function()
+
+        return asyncio.run_coroutine_threadsafe(run(), self._loop).result()  # type: ignore[arg-type]
+
+    def tick(self) -> None:
+        """Run the maintenance step now (in the server's thread)."""
+        self.call(self.gateway.tick)
+
 
 @contextlib.contextmanager
 def serve_in_thread(config: Optional[Config] = None, host: str = "127.0.0.1", port: int = 0, *,
@@ -2284,6 +2301,279 @@ def serve_in_thread(config: Optional[Config] = None, host: str = "127.0.0.1", po
     finally:
         runner._loop.call_soon_threadsafe(runner._stop.set)  # type: ignore[union-attr]
         runner._thread.join()
+
+
+# ---------------------------------------------------------------------------
+# Embedding: a JSON-RPC client and a fake media server for test suites
+# ---------------------------------------------------------------------------
+
+
+class RpcClient:
+    """A minimal JSON-RPC 2.0 client over HTTP(S), for tests, tools and the demo.
+
+    The url may carry user:password@ (sent as Basic credentials); trace, if
+    given, is called with (method, params, answer) after every call.
+    """
+
+    def __init__(self, url: str, *, token: Optional[str] = None, timeout: float = 10.0,
+                 trace: Optional[Callable[[str, Any, Any], None]] = None):
+        import urllib.parse
+
+        parts = urllib.parse.urlsplit(url)
+        self.headers = {"Content-Type": "application/json"}
+        if token is not None:
+            self.headers["Authorization"] = "Bearer " + token
+        elif parts.username is not None:
+            credentials = "%s:%s" % (urllib.parse.unquote(parts.username),
+                                     urllib.parse.unquote(parts.password or ""))
+            self.headers["Authorization"] = "Basic " + b64_encode(credentials.encode("utf-8"))
+        netloc = parts.hostname or ""
+        if ":" in netloc:
+            netloc = "[%s]" % netloc
+        if parts.port is not None:
+            netloc += ":%d" % parts.port
+        self.url = urllib.parse.urlunsplit((parts.scheme, netloc, parts.path or "/", parts.query, ""))
+        self.timeout = timeout
+        self.trace = trace
+        self._next_id = 0
+
+    def call(self, method: str, params: Optional[dict] = None, *, notify: bool = False) -> Any:
+        """The result of a call; RpcError if the gateway answers with an error."""
+        import urllib.error
+        import urllib.request
+
+        request: dict = {"jsonrpc": "2.0", "method": method, "params": params or {}}
+        if not notify:
+            self._next_id += 1
+            request["id"] = self._next_id
+        http_request = urllib.request.Request(self.url, data=dump_json(request),
+                                              headers=self.headers, method="POST")
+        try:
+            with urllib.request.urlopen(http_request, timeout=self.timeout) as reply:
+                body = reply.read()
+        except urllib.error.HTTPError as err:
+            body = err.read()
+            if not body:
+                raise RpcError(INTERNAL_ERROR, "HTTP %d from %s" % (err.code, self.url)) from None
+        answer = load_json(body) if body else None
+        if self.trace is not None:
+            self.trace(method, params or {}, answer)
+        if answer is None:
+            return None
+        if "error" in answer:
+            error = answer["error"]
+            raise RpcError(error.get("code", INTERNAL_ERROR), error.get("message", ""), error.get("data"))
+        return answer["result"]
+
+
+class FakeServer:
+    """The server side of the protocol over HTTP: a stand-in for an ODIN media server.
+
+    internal_url is the gateway's /internal endpoint, as a server's
+    supervisor url names it (e.g. server.url + "/internal"). Rooms added
+    here are sent with every report(); the tasks the gateway answers are
+    collected in .tasks, and a RoomClose task closes the room, as a real
+    server would. start() reports in a background thread until stop().
+    """
+
+    def __init__(self, internal_url: str, public_endpoint: str = "127.0.0.1:4433", *,
+                 load: float = 0.0, version: str = "fake",
+                 trace: Optional[Callable[[str, Any, Any], None]] = None):
+        self.client = RpcClient(internal_url, trace=trace)
+        self.public_endpoint = public_endpoint
+        self.load = load
+        self.version = version
+        self.rooms: Dict[Tuple[str, str], dict] = {}
+        self.tasks: List[dict] = []
+        self.report_interval = 5.0
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._thread: Optional[threading.Thread] = None
+
+    def grid_config(self, toml_text: str = "") -> dict:
+        """Ask for the recommended config; the merged config, parsed."""
+        answer = self.client.call("sfu.GridConfig", {
+            "public_endpoint": self.public_endpoint, "version": self.version, "config": toml_text})
+        config = parse_toml(answer["config"])
+        interval = config.get("supervisor", {}).get("report_interval")
+        if _is_number(interval) and interval > 0:
+            self.report_interval = interval / 1000
+        return config
+
+    def add_room(self, room_id: str, customer: str, peers: int = 1,
+                 namespace: Optional[str] = None) -> None:
+        """A room on this server (namespace defaults to the customer id)."""
+        key = (namespace if namespace is not None else customer, room_id)
+        with self._lock:
+            self.rooms[key] = {"customer": customer, "peers": peers, "since": time.time()}
+
+    def remove_room(self, room_id: str, customer: Optional[str] = None,
+                    namespace: Optional[str] = None) -> None:
+        with self._lock:
+            for key in [k for k in self.rooms if k[1] == room_id and
+                        (namespace is None or k[0] == namespace) and
+                        (customer is None or self.rooms[k]["customer"] == customer)]:
+                del self.rooms[key]
+
+    def set_load(self, load: float) -> None:
+        self.load = load
+
+    def report(self) -> List[dict]:
+        """Send one report; the tasks it brought back (also appended to .tasks)."""
+        now = time.time()
+        with self._lock:
+            rooms = []
+            for (namespace, name), info in self.rooms.items():
+                age = max(0.0, now - info["since"])
+                rooms.append({"id": [namespace, name], "customer": info["customer"],
+                              "age": {"secs": int(age), "nanos": int(age % 1 * 1e9)},
+                              "peers": info["peers"]})
+        answer = self.client.call("sfu.Report", {
+            "public_endpoint": self.public_endpoint, "version": self.version, "load": self.load,
+            "clients": sum(room["peers"] for room in rooms), "rooms": rooms})
+        tasks = answer["tasks"]
+        with self._lock:
+            self.tasks.extend(tasks)
+            for task in tasks:
+                if task.get("task") == "RoomClose":
+                    self.rooms.pop(tuple(task["id"]), None)
+        return tasks
+
+    def start(self, interval: Optional[float] = None) -> None:
+        """Report now and then every interval seconds (default: as the gateway recommends)."""
+        if self._thread is not None:
+            raise RuntimeError("the fake server is already reporting")
+        every = interval if interval is not None else self.report_interval
+        self._stop.clear()
+        self.report()
+
+        def loop() -> None:
+            while not self._stop.wait(every):
+                try:
+                    self.report()
+                except (OSError, RpcError) as err:
+                    log.warning("fake server %s: report failed: %s", self.public_endpoint, err)
+
+        self._thread = threading.Thread(target=loop, name="fake-server", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        """Stop reporting (the gateway disables the server after disable_timeout)."""
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+
+    def __enter__(self) -> "FakeServer":
+        return self
+
+    def __exit__(self, *exc_info: Any) -> None:
+        self.stop()
+
+
+def run_demo(out: Any = None) -> int:
+    """Run the whole protocol on this machine and narrate it (the demo command)."""
+    out = out or sys.stdout
+    offset = [0.0]
+
+    def clock() -> float:  # real time, plus the time the demo pretends has passed
+        return time.time() + offset[0]
+
+    def say(text: str = "") -> None:
+        print(text, file=out)
+
+    def wire(who: str) -> Callable[[str, Any, Any], None]:
+        def trace(method: str, params: Any, answer: Any) -> None:
+            say("    %-7s -> %s %s" % (who, method, _short(params)))
+            shown = answer.get("result", answer.get("error")) if isinstance(answer, dict) else answer
+            say("    %-7s <- %s" % ("", _short(shown)))
+        return trace
+
+    access_key = generate_access_key()
+    config = Config(customers=[{"id": "acme", "max_peers": 10, "max_rooms": 5,
+                                "access_keys": [{"public_key": public_jwk(access_key)}]}],
+                    master_key=b64_encode(os.urandom(32)), internal_users={"sfu": "demo-password"})
+    gateway = Gateway(config, clock=clock, rng=random.Random(4))
+    with serve_in_thread(gateway=gateway) as server:
+        internal = server.url.replace("://", "://sfu:demo-password@") + "/internal"
+        say("ODIN gateway demo: the whole protocol, on this machine, in a few seconds.")
+        say("Arrows show each JSON-RPC call and its answer, shortened.")
+        say()
+        say("1. A gateway listens on %s with one customer, acme (max 10 peers," % server.url)
+        say("   5 rooms). acme's access key was made just now; the gateway knows only its")
+        say("   public key, kid %s. Servers log in to /internal as user 'sfu'." % public_jwk(access_key)["kid"])
+        say()
+        say("2. Two media servers start. Each sends its own TOML config and gets it back")
+        say("   with recommended settings and its own signing key, derived from the")
+        say("   gateway's master key and its hostname:")
+        servers = {}
+        for name, load in (("sfu-a", 0.2), ("sfu-b", 0.6)):
+            fake = FakeServer(internal, "%s.local:4433" % name, load=load, version="demo",
+                              trace=wire(name))
+            merged = fake.grid_config('public_address = "%s.local"\n' % name)
+            key = merged["authorization"]["keys"][-1]
+            say("           report every %d ms; signing key kid %s" % (
+                merged["supervisor"]["report_interval"], key["kid"]))
+            servers[name] = fake
+        say()
+        say("3. Both report their load and rooms (none yet); the answer holds queued tasks:")
+        for fake in servers.values():
+            fake.report()
+        say()
+
+        def connect(user: str, room: str) -> str:
+            token = create_token(access_key, room, user, now=clock())
+            client = RpcClient(server.url + "/", token=token, trace=wire(user))
+            answer = client.call("Connect")
+            claims = json.loads(b64url_decode(answer["token"].split(".")[1]))
+            say("           room token for %s: kid %s, claims %s" % (
+                answer["address"], json.loads(b64url_decode(answer["token"].split(".")[0]))["kid"],
+                _short({k: claims[k] for k in ("uid", "cid", "rid", "nsp", "aud")})))
+            return answer["address"]
+
+        say("4. alice and bob join room 'lobby' with tokens from acme's backend. The first")
+        say("   Connect picks a server at random, weighted by free capacity (1 - load);")
+        say("   the second finds the room where it already is:")
+        first = connect("alice", "lobby")
+        second = connect("bob", "lobby")
+        say("   -> both on %s%s" % (first, "" if first == second else " and " + second))
+        host = next(fake for fake in servers.values() if fake.public_endpoint == first)
+        host.add_room("lobby", "acme", peers=2)
+        say()
+        say("5. %s reports the room; the gateway now counts acme's usage:" % first)
+        host.report()
+        server.tick()
+        say()
+        say("6. acme's backend closes the room (its token may call RoomClose). The gateway")
+        say("   queues the task; the server gets it with its next report:")
+        admin = create_token(access_key, "lobby", "ops", subject="roomclose", now=clock())
+        RpcClient(server.url + "/", token=admin, trace=wire("ops")).call(
+            "RoomClose", {"room_id": "lobby", "ban_time": 10})
+        host.report()
+        say()
+        say("7. carol joins room 'quiz'; then the server it lands on falls silent:")
+        quiz = connect("carol", "quiz")
+        silent = next(fake for fake in servers.values() if fake.public_endpoint == quiz)
+        alive = next(fake for fake in servers.values() if fake is not silent)
+        offset[0] += 8  # no real waiting: the gateway's clock is moved on
+        alive.report()
+        server.tick()
+        say("   8 s pass (simulated) without a report from %s; the maintenance tick" % quiz)
+        say("   disables it (disable_timeout is 7.5 s). Info shows:")
+        info = RpcClient(internal).call("Info")
+        for entry in info["servers"]:
+            say("           %s disabled=%s" % (entry["hostname"], str(entry["disabled"]).lower()))
+        say("   carol connects again: her room moves to a server that is alive:")
+        moved = connect("carol", "quiz")
+        say()
+        say("Done: rooms stay together, tasks ride on reports, silent servers lose their")
+        say("rooms (now on %s). Read README.md for every call and option." % moved)
+    return 0
+
+
+def _short(value: Any, limit: int = 100) -> str:
+    text = js_json(value)
+    return text if len(text) <= limit else text[:limit - 3] + "..."
 
 
 # ---------------------------------------------------------------------------
@@ -2350,7 +2640,7 @@ def _ssl_context(config: Config) -> ssl_module.SSLContext:
     return context
 
 
-COMMANDS = ("serve", "keygen", "token")
+COMMANDS = ("serve", "keygen", "token", "demo")
 
 
 def build_parser(command: str = "serve") -> "argparse.ArgumentParser":
@@ -2369,6 +2659,12 @@ def build_parser(command: str = "serve") -> "argparse.ArgumentParser":
         parser.add_argument("--customer", default="my-customer",
                             help="customer id for the printed config entry")
         return parser
+    if command == "demo":
+        return argparse.ArgumentParser(
+            prog="odin_gateway.py demo", formatter_class=formatter,
+            description="Run the whole protocol on this machine in a few seconds and narrate "
+                        "it: a gateway, two fake media servers, clients, an admin task, and a "
+                        "server falling silent.")
     if command == "token":
         parser = argparse.ArgumentParser(
             prog="odin_gateway.py token", formatter_class=formatter,
@@ -2391,7 +2687,8 @@ def build_parser(command: str = "serve") -> "argparse.ArgumentParser":
         description="An ODIN gateway: spreads ODIN clients over ODIN media servers and checks "
                     "customer licences. Settings come from a config file (see config.py); "
                     "flags override it.",
-        epilog="Other commands: 'odin_gateway.py keygen --help', 'odin_gateway.py token --help'.")
+        epilog="Other commands: 'odin_gateway.py demo' runs the protocol and narrates it; "
+               "'odin_gateway.py keygen --help'; 'odin_gateway.py token --help'.")
     parser.add_argument("--version", action="version", version="%(prog)s " + __version__)
     parser.add_argument("--config", metavar="PATH", default="config.py",
                         help="config file; when the default is missing the built-in defaults apply")
@@ -2492,6 +2789,9 @@ def main(argv: Optional[List[str]] = None) -> int:
         return keygen_command(args)
     if command == "token":
         return token_command(args)
+    if command == "demo":
+        configure_logging("ERROR", "pretty")  # the narration says what happens
+        return run_demo()
     configure_logging("INFO", "pretty")  # until the config says otherwise
     try:
         config = load_config(args)

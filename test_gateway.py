@@ -1759,3 +1759,129 @@ def test_ci_runs_exactly_the_readme_test_command():
     assert "```\n%s\n```" % command in readme.replace("```sh\n", "```\n").replace("```bash\n", "```\n")
     assert ci.rstrip().endswith(command)
     assert "pip install pynacl && python odin_gateway.py" in readme
+
+
+# ---------------------------------------------------------------------------
+# Embedding: the fake server, the JSON-RPC client, the demo, README examples
+# ---------------------------------------------------------------------------
+
+
+def test_fake_server_speaks_the_server_side_over_http():
+    config = og.Config(customers=reference_customers(), internal_users={"sfu": "p@ss:word"})
+    with og.serve_in_thread(config) as server:
+        internal = server.url.replace("://", "://sfu:p%40ss%3Aword@") + "/internal"
+        fake = og.FakeServer(internal, SFU1, load=0.25, version="1.6.0")
+        merged = fake.grid_config('public_address = "sfu-1.example.com"\n')
+        assert merged["public_address"] == "sfu-1.example.com"
+        assert merged["authorization"]["keys"] == [_server_jwk(SFU1)]
+        assert fake.report_interval == 5.0
+        fake.add_room("lobby", "odinref", peers=2, namespace="custom-ns")
+        assert fake.report() == []
+        info = og.RpcClient(internal).call("Info")
+        assert info["servers"][0]["report"]["load"] == 0.25
+        assert info["rooms"][0]["id"] == ["custom-ns", "lobby"]
+
+        client = og.RpcClient(server.url + "/", token=admin_token(now=time.time()))
+        assert client.call("Connect")["address"] == SFU1
+        client.call("RoomClose", {"room_id": "lobby", "ban_time": 5})
+        tasks = fake.report()
+        assert tasks == [{"task": "RoomClose", "id": ["custom-ns", "lobby"],
+                          "ban_time": {"secs": 5, "nanos": 0}}]
+        assert fake.tasks == tasks and fake.rooms == {}  # closed, as a real server would
+        with pytest.raises(og.RpcError) as refused_call:
+            og.RpcClient(server.url + "/internal").call("Info")  # no credentials
+        assert refused_call.value.message == "invalid or missing authorization"
+
+
+def test_fake_server_reports_in_the_background_until_stopped():
+    with og.serve_in_thread(og.Config()) as server:
+        fake = og.FakeServer(server.url + "/internal", SFU2)
+        before = threading.active_count()
+        fake.start(interval=0.02)
+        deadline = time.monotonic() + 10
+        while server.call(lambda: server.gateway.stats.get("sfu.Report", [0])[0]) < 3:
+            assert time.monotonic() < deadline, "no background reports"
+            time.sleep(0.01)
+        assert threading.active_count() == before + 1
+        fake.stop()
+        assert threading.active_count() == before
+        count = server.call(lambda: server.gateway.stats["sfu.Report"][0])
+        fake.report()
+        assert server.call(lambda: server.gateway.stats["sfu.Report"][0]) == count + 1
+        with pytest.raises(RuntimeError):
+            fake.start(interval=10)
+            fake.start(interval=10)
+        fake.stop()
+
+
+def test_threaded_server_ticks_in_its_own_thread():
+    clock = Clock()
+    gw = make_gateway(clock)
+    with og.serve_in_thread(gateway=gw) as server:
+        og.FakeServer(server.url + "/internal", SFU1).report()
+        clock.advance(10)
+        server.tick()
+        assert server.call(lambda: gw.grid.servers[SFU1].disabled)
+
+
+def test_two_gateways_serve_side_by_side():
+    with og.serve_in_thread(og.Config()) as one, og.serve_in_thread(og.Config()) as two:
+        og.FakeServer(one.url + "/internal", SFU1).report()
+        assert og.RpcClient(two.url + "/internal").call("Info")["servers"] == []
+        assert len(og.RpcClient(one.url + "/internal").call("Info")["servers"]) == 1
+
+
+def test_demo_narrates_the_protocol():
+    import io
+
+    out = io.StringIO()
+    assert og.run_demo(out) == 0
+    text = out.getvalue()
+    for expected in ("sfu.GridConfig", "sfu.Report", "Connect", "RoomClose", "disabled=true",
+                     '"task":"RoomClose"', "moves to a server that is alive"):
+        assert expected in text
+    both = [line for line in text.splitlines() if line.startswith("   -> both on")]
+    assert len(both) == 1 and " and " not in both[0]  # alice and bob share their room's server
+
+
+def test_demo_command_exits_zero():
+    finished = run_cli("demo")
+    assert finished.returncode == 0 and "Done:" in finished.stdout
+
+
+def _readme_blocks(language, section=None):
+    text = (HERE / "README.md").read_text()
+    if section is not None:
+        text = text.split("\n## " + section, 1)[1].split("\n## ", 1)[0]
+    blocks = text.split("```" + language + "\n")[1:]
+    return [block.split("```", 1)[0] for block in blocks]
+
+
+def test_readme_python_example_runs():
+    blocks = _readme_blocks("python")
+    assert blocks
+    for block in blocks:
+        exec(compile(block, "README.md", "exec"), {"__name__": "readme_example"})
+
+
+@pytest.mark.skipif(shutil.which("curl") is None, reason="the README's examples use curl")
+def test_readme_curl_examples_work(tmp_path):
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "python").symlink_to(sys.executable)
+    blocks = [block for block in _readme_blocks("sh", "API") if "curl" in block]
+    assert len(blocks) >= 5
+    config = og.Config.load(str(HERE / "config.py"))
+    with og.serve_in_thread(config) as server:
+        og.FakeServer(server.url + "/internal", "sfu1.example.com:4433").report()
+        env = dict(os.environ, GW=server.url, PATH=str(bin_dir) + os.pathsep + os.environ["PATH"],
+                   KEY="Aa6xMG5KsCRp0BevxLhsLzSdBAEpJK9sxcvscAsK5+8j")
+        for block in blocks:
+            finished = subprocess.run(["bash", "-euo", "pipefail", "-c", block], cwd=str(HERE),
+                                      env=env, capture_output=True, text=True, timeout=60)
+            assert finished.returncode == 0, (block, finished.stderr)
+            answers = [json.loads(line) for line in finished.stdout.replace("}{", "}\n{").splitlines()
+                       if line.strip()]
+            assert answers, block
+            for answer in answers:
+                assert "result" in answer, (block, answer)
