@@ -96,6 +96,9 @@ log = logging.getLogger("odin_gateway")
 # Limits and errors
 # ---------------------------------------------------------------------------
 
+# Defaults of the limits; each is a setting of the same name in lower case
+# (config.py, Config), so every gateway can have its own.
+
 #: Longest request line; http.server allows 64 KiB, but no legitimate ODIN
 #: call needs more than a path, so a long line is an attack or a mistake (414).
 MAX_REQUEST_LINE = 8 * 1024
@@ -109,11 +112,17 @@ MAX_BODY_BYTES = 1024 * 1024
 READ_TIMEOUT = 10.0
 #: Seconds an idle keep-alive connection is kept open.
 KEEP_ALIVE_TIMEOUT = 75.0
+#: Most open connections; more are answered 503 and closed at once.
+MAX_CONNECTIONS = 1024
 #: Most requests in one JSON-RPC batch.
 MAX_BATCH = 100
 #: Most admin tasks queued for one server; admin calls beyond it are refused
 #: rather than silently dropping tasks already queued.
 MAX_QUEUED_TASKS = 10_000
+#: Seconds a stop waits for requests in flight before closing their connections.
+SHUTDOWN_TIMEOUT = 10.0
+#: Seconds a customer update function may take before its result is ignored.
+CUSTOMER_UPDATE_TIMEOUT = 30.0
 #: Seconds of leeway for exp and nbf, as the original.
 TOKEN_LEEWAY = 300
 #: Largest integer JavaScript represents exactly; exp and nbf must be within.
@@ -752,9 +761,14 @@ def _check_setting(name: str, value: Any) -> Optional[str]:
                 raise ValueError
         except ValueError:
             return "expected a non-empty base64 string (make one with: python odin_gateway.py keygen --master)"
-    elif name in ("update_interval", "disable_timeout", "remove_timeout", "login_token_lifetime"):
+    elif name in ("update_interval", "disable_timeout", "remove_timeout", "login_token_lifetime",
+                  "read_timeout", "keep_alive_timeout", "shutdown_timeout",
+                  "customer_update_timeout"):
         if not (_is_number(value) and value > 0):
             return "expected a positive number of seconds"
+    elif name.startswith("max_"):
+        if not (isinstance(value, int) and not isinstance(value, bool) and value > 0):
+            return "expected a positive integer"
     elif name == "customers":
         return _check_customers(value)
     elif name == "customer_api":
@@ -835,6 +849,18 @@ class Config:
         "disable_timeout": 7.5,
         "remove_timeout": 600,
         "login_token_lifetime": 300,
+        # Limits (see "Security and limits" in README.md).
+        "max_request_line": MAX_REQUEST_LINE,
+        "max_head_bytes": MAX_HEAD_BYTES,
+        "max_headers": MAX_HEADERS,
+        "max_body_bytes": MAX_BODY_BYTES,
+        "max_connections": MAX_CONNECTIONS,
+        "max_batch": MAX_BATCH,
+        "max_queued_tasks": MAX_QUEUED_TASKS,
+        "read_timeout": READ_TIMEOUT,
+        "keep_alive_timeout": KEEP_ALIVE_TIMEOUT,
+        "shutdown_timeout": SHUTDOWN_TIMEOUT,
+        "customer_update_timeout": CUSTOMER_UPDATE_TIMEOUT,
     }
 
     def __init__(self, source: str = "Config()", **settings: Any):
@@ -1229,9 +1255,10 @@ class Grid:
         return tasks
 
     def queue_task(self, server: Server, task: dict) -> None:
-        if len(server.tasks) >= MAX_QUEUED_TASKS:
+        limit = self.config.max_queued_tasks
+        if len(server.tasks) >= limit:
             raise refused("task queue of server %s is full (%d tasks); try again after its next report"
-                          % (server.hostname, MAX_QUEUED_TASKS))
+                          % (server.hostname, limit))
         server.tasks.append(task)
 
     # -- placement ----------------------------------------------------------
@@ -1731,9 +1758,9 @@ class Gateway:
         if isinstance(request, list):
             if not request:
                 return 200, _error_body(INVALID_REQUEST, "Invalid Request")
-            if len(request) > MAX_BATCH:
+            if len(request) > self.config.max_batch:
                 return 200, _error_body(INVALID_REQUEST, "Invalid Request: a batch may hold at most "
-                                        "%d requests" % MAX_BATCH)
+                                        "%d requests" % self.config.max_batch)
             answers = [a for a in (self._call(methods, r, auth, remote) for r in request) if a]
             return (200, dump_json(answers)) if answers else (204, None)
         answer = self._call(methods, request, auth, remote)
@@ -1807,6 +1834,10 @@ class Gateway:
         else:
             return Response(404, _error_body(PARSE_ERROR, "not found"))
         if method == "OPTIONS":
+            if headers.get("access-control-request-private-network", "").lower() == "true":
+                # Chrome's Private Network Access: a public page calling a
+                # gateway on a private address asks for this in the preflight.
+                return Response(200, headers=[("Access-Control-Allow-Private-Network", "true")])
             return Response(200)
         if method != "POST":
             return Response(405, _error_body(INVALID_REQUEST, "method not allowed: use POST"),
@@ -2011,32 +2042,33 @@ async def _read_line(reader: asyncio.StreamReader, limit: int, status: int, what
     return line[:-2]
 
 
-async def read_request_head(reader: asyncio.StreamReader, first: bytes = b"") -> Request:
+async def read_request_head(reader: asyncio.StreamReader, limits: Config,
+                            first: bytes = b"") -> Request:
     """Read and parse a request head, enforcing the head limits.
 
     first: bytes of the request line already read (waiting for a request's
     first byte is timed apart from reading the rest of it).
     """
-    line = first + await _read_line(reader, MAX_REQUEST_LINE, 414, "request line")
-    if len(line) > MAX_REQUEST_LINE:
-        raise HttpError(414, "request line too long (limit %d bytes)" % MAX_REQUEST_LINE)
+    line = first + await _read_line(reader, limits.max_request_line, 414, "request line")
+    if len(line) > limits.max_request_line:
+        raise HttpError(414, "request line too long (limit %d bytes)" % limits.max_request_line)
     method, target, version = parse_request_line(line)
     headers: Dict[str, str] = {}
     size = len(line)
     while True:
-        line = await _read_line(reader, MAX_HEAD_BYTES, 431, "header block")
+        line = await _read_line(reader, limits.max_head_bytes, 431, "header block")
         if not line:
             return Request(method, target, version, headers)
         size += len(line) + 2
-        if size > MAX_HEAD_BYTES:
-            raise HttpError(431, "header block too large (limit %d bytes)" % MAX_HEAD_BYTES)
-        if len(headers) >= MAX_HEADERS:
-            raise HttpError(431, "too many header fields (limit %d)" % MAX_HEADERS)
+        if size > limits.max_head_bytes:
+            raise HttpError(431, "header block too large (limit %d bytes)" % limits.max_head_bytes)
+        if len(headers) >= limits.max_headers:
+            raise HttpError(431, "too many header fields (limit %d)" % limits.max_headers)
         parse_header_line(line, headers)
 
 
-async def read_chunked_body(reader: asyncio.StreamReader) -> bytes:
-    """A chunked request body (RFC 9112 section 7.1), at most MAX_BODY_BYTES."""
+async def read_chunked_body(reader: asyncio.StreamReader, limits: Config) -> bytes:
+    """A chunked request body (RFC 9112 section 7.1), at most max_body_bytes."""
     body = bytearray()
     while True:
         size_line = await _read_line(reader, 1024, 400, "chunk size line")
@@ -2045,14 +2077,50 @@ async def read_chunked_body(reader: asyncio.StreamReader) -> bytes:
             raise HttpError(400, "malformed chunk size")
         size = int(size_text, 16)
         if size == 0:
-            while await _read_line(reader, MAX_HEAD_BYTES, 431, "trailer"):
+            while await _read_line(reader, limits.max_head_bytes, 431, "trailer"):
                 pass
             return bytes(body)
-        if len(body) + size > MAX_BODY_BYTES:
-            raise HttpError(413, "request body too large (limit %d bytes)" % MAX_BODY_BYTES)
+        if len(body) + size > limits.max_body_bytes:
+            raise HttpError(413, "request body too large (limit %d bytes)" % limits.max_body_bytes)
         body += await reader.readexactly(size)
         if await reader.readexactly(2) != b"\r\n":
             raise HttpError(400, "malformed chunk")
+
+
+#: Seconds (and bytes) a connection closed after an error answer is still read
+#: from, so that the client receives the answer rather than a reset.
+LINGER_SECONDS = 1.0
+LINGER_BYTES = 4 * 1024 * 1024
+
+
+async def close_after_answer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
+                             answer: bytes) -> None:
+    """Send a final answer and close without losing it.
+
+    Closing a socket with unread input makes the kernel send a reset, which
+    can destroy the answer before the client reads it (a 413 while the body
+    is still arriving, say); so half-close, then discard input for a moment.
+    """
+    try:
+        writer.write(answer)
+        await writer.drain()
+        if writer.can_write_eof():
+            writer.write_eof()
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + LINGER_SECONDS
+        discarded = 0
+        while discarded < LINGER_BYTES:
+            remaining = deadline - loop.time()
+            if remaining <= 0:
+                break
+            chunk = await asyncio.wait_for(reader.read(65536), remaining)
+            if not chunk:
+                break
+            discarded += len(chunk)
+    except (asyncio.TimeoutError, ConnectionError, OSError, ssl_module.SSLError):
+        pass
+    finally:
+        writer.close()
 
 
 class _Connections:
@@ -2068,12 +2136,13 @@ async def serve_connection(gateway: Gateway, reader: asyncio.StreamReader,
     """Serve requests on one connection until it closes, errs or idles out."""
     peer = writer.get_extra_info("peername")
     remote = peer[0] if isinstance(peer, tuple) else "127.0.0.1"
+    limits = gateway.config
     connections.all.add(writer)
     try:
         while not gateway.stopping:  # a connection accepted as stop() began closes at once
             connections.idle.add(writer)
             try:
-                first = await asyncio.wait_for(reader.read(1), KEEP_ALIVE_TIMEOUT)
+                first = await asyncio.wait_for(reader.read(1), limits.keep_alive_timeout)
             except asyncio.TimeoutError:
                 return
             finally:
@@ -2081,25 +2150,27 @@ async def serve_connection(gateway: Gateway, reader: asyncio.StreamReader,
             if not first:
                 return
             try:
-                request = await asyncio.wait_for(read_request_head(reader, first), READ_TIMEOUT)
+                request = await asyncio.wait_for(read_request_head(reader, limits, first),
+                                                 limits.read_timeout)
                 length = body_length(request.headers)
-                if length is not None and length > MAX_BODY_BYTES:
-                    raise HttpError(413, "request body too large (limit %d bytes)" % MAX_BODY_BYTES)
+                if length is not None and length > limits.max_body_bytes:
+                    raise HttpError(413, "request body too large (limit %d bytes)"
+                                    % limits.max_body_bytes)
                 if request.headers.get("expect", "").lower() == "100-continue" and length != 0:
                     writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
                 if length is None:
-                    body = await asyncio.wait_for(read_chunked_body(reader), READ_TIMEOUT)
+                    body = await asyncio.wait_for(read_chunked_body(reader, limits),
+                                                  limits.read_timeout)
                 else:
-                    body = await asyncio.wait_for(reader.readexactly(length), READ_TIMEOUT)
+                    body = await asyncio.wait_for(reader.readexactly(length), limits.read_timeout)
             except HttpError as err:
                 log.debug("%s: HTTP %d: %s", remote, err.status, err.message)
-                writer.write(render_response(_http_error_response(err), keep_alive=False))
-                await writer.drain()
+                await close_after_answer(reader, writer, render_response(
+                    _http_error_response(err), keep_alive=False))
                 return
             except asyncio.TimeoutError:
-                writer.write(render_response(_http_error_response(
+                await close_after_answer(reader, writer, render_response(_http_error_response(
                     HttpError(408, "request not received in time")), keep_alive=False))
-                await writer.drain()
                 return
             except asyncio.IncompleteReadError:
                 return
@@ -2128,12 +2199,6 @@ async def serve_connection(gateway: Gateway, reader: asyncio.StreamReader,
 # Lifecycle: listening, timers, stopping; a gateway in a thread
 # ---------------------------------------------------------------------------
 
-#: Seconds stop() waits for in-flight requests before closing their connections.
-SHUTDOWN_TIMEOUT = 10.0
-#: Seconds a customer update function may take before its result is ignored.
-CUSTOMER_UPDATE_TIMEOUT = 30.0
-
-
 class RunningServer:
     """A gateway listening on a socket: its url, host, port and gateway."""
 
@@ -2151,14 +2216,25 @@ async def _serve(gateway: Gateway, host: str, port: int,
                  ssl: Optional[ssl_module.SSLContext]) -> Any:
     connections = _Connections()
     handlers: set = set()
+    refusals: set = set()  # connections over max_connections, being answered 503
 
     def on_connection(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        if len(handlers) >= gateway.config.max_connections:
+            log.warning("refusing a connection: %d connections are open (max_connections)",
+                        len(handlers))
+            answer = render_response(Response(503, _error_body(
+                INVALID_REQUEST, "too many connections; try again later")), keep_alive=False)
+            task = asyncio.ensure_future(close_after_answer(reader, writer, answer))
+            refusals.add(task)
+            task.add_done_callback(refusals.discard)
+            return
         task = asyncio.ensure_future(serve_connection(gateway, reader, writer, connections))
         handlers.add(task)
         task.add_done_callback(handlers.discard)
 
-    listener = await asyncio.start_server(on_connection, host, port, ssl=ssl,
-                                          limit=MAX_HEAD_BYTES + 2)
+    config = gateway.config
+    listener = await asyncio.start_server(on_connection, host, port, ssl=ssl, limit=max(
+        config.max_request_line, config.max_head_bytes) + 2)
     server = RunningServer(gateway, listener, "https" if ssl else "http")
     timers = [asyncio.ensure_future(_maintenance_timer(gateway))]
     if gateway.config.customer_api is not None:
@@ -2181,15 +2257,18 @@ async def _serve(gateway: Gateway, host: str, port: int,
         for writer in list(connections.idle):
             writer.close()
         if handlers:
-            _done, pending = await asyncio.wait(set(handlers), timeout=SHUTDOWN_TIMEOUT)
+            _done, pending = await asyncio.wait(set(handlers),
+                                                timeout=gateway.config.shutdown_timeout)
             for writer in list(connections.all):
                 writer.close()
             for task in pending:
                 task.cancel()
             if pending:
                 await asyncio.wait(pending, timeout=1)
+        for task in list(refusals):
+            task.cancel()
         await listener.wait_closed()
-        await asyncio.gather(*timers, return_exceptions=True)
+        await asyncio.gather(*timers, *refusals, return_exceptions=True)
         log.info("stopped listening on %s", server.url)
 
 
@@ -2205,18 +2284,17 @@ async def _maintenance_timer(gateway: Gateway) -> None:
 async def update_customers(gateway: Gateway) -> bool:
     """Call the customer update function once (sync or async, with a timeout)."""
     function = gateway.config.customer_api["update_function"]
+    timeout = gateway.config.customer_update_timeout
     try:
         if inspect.iscoroutinefunction(function):
-            customers = await asyncio.wait_for(function(), CUSTOMER_UPDATE_TIMEOUT)
+            customers = await asyncio.wait_for(function(), timeout)
         else:
             loop = asyncio.get_running_loop()
-            customers = await asyncio.wait_for(loop.run_in_executor(None, function),
-                                               CUSTOMER_UPDATE_TIMEOUT)
+            customers = await asyncio.wait_for(loop.run_in_executor(None, function), timeout)
             if inspect.isawaitable(customers):
-                customers = await asyncio.wait_for(customers, CUSTOMER_UPDATE_TIMEOUT)
+                customers = await asyncio.wait_for(customers, timeout)
     except asyncio.TimeoutError:
-        log.warning("customer update: keeping the previous keys: no answer within %.0f s",
-                    CUSTOMER_UPDATE_TIMEOUT)
+        log.warning("customer update: keeping the previous keys: no answer within %g s", timeout)
         return False
     except Exception as err:
         log.warning("customer update: keeping the previous keys: the function raised %s: %s",

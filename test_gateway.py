@@ -869,9 +869,8 @@ def test_admin_params_are_validated(method, params, field):
     assert err["message"].startswith("invalid params: " + field)
 
 
-def test_a_full_task_queue_refuses_new_tasks_and_keeps_the_old(monkeypatch):
-    monkeypatch.setattr(og, "MAX_QUEUED_TASKS", 3)
-    gw = make_gateway()
+def test_a_full_task_queue_refuses_new_tasks_and_keeps_the_old():
+    gw = make_gateway(max_queued_tasks=3)
     report(gw, SFU1, rooms=[room("custom-ns", "lobby", "odinref")])
     for index in range(3):
         result(gw, "RoomUpdate", {"room_id": "lobby", "user_data": [index]}, token=admin_token())
@@ -1186,6 +1185,13 @@ def test_options_on_known_paths_is_an_empty_200():
         assert (response.status, response.body) == (200, b"")
 
 
+def test_private_network_preflight_is_allowed_when_asked():
+    gw = make_gateway()
+    asked = gw.handle_http("OPTIONS", "/", {"access-control-request-private-network": "true"}, b"")
+    assert ("Access-Control-Allow-Private-Network", "true") in asked.headers
+    assert gw.handle_http("OPTIONS", "/", {}, b"").headers == []
+
+
 @pytest.mark.parametrize("method", ["GET", "PUT", "DELETE", "PATCH", "HEAD"])
 def test_other_methods_are_405_with_allow(method):
     response = make_gateway().handle_http(method, "/internal", {}, b"")
@@ -1305,16 +1311,15 @@ def test_update_customers_from_sync_and_async_functions():
         assert "AatVMEY/ThH2" in gw.authorizer.customer_keys
 
 
-def test_a_failing_or_hanging_update_function_keeps_the_keys(caplog, monkeypatch):
-    monkeypatch.setattr(og, "CUSTOMER_UPDATE_TIMEOUT", 0.05)
-
+def test_a_failing_or_hanging_update_function_keeps_the_keys(caplog):
     def failing():
         raise RuntimeError("api down")
 
     async def hanging():
         await asyncio.Event().wait()
 
-    gw = make_gateway(customers=[], customer_api={"update_function": failing})
+    gw = make_gateway(customers=[], customer_api={"update_function": failing},
+                      customer_update_timeout=0.05)
     gw.set_customers([TINY_CUSTOMER])
     with caplog.at_level(logging.WARNING, logger="odin_gateway"):
         assert asyncio.run(og.update_customers(gw)) is False
@@ -1551,6 +1556,16 @@ def test_malformed_or_oversized_requests_get_their_status_and_are_closed(request
         assert status_of(ok) == 200
 
 
+def test_413_reaches_a_client_that_keeps_sending_its_body():
+    with running() as server, socket.create_connection(("127.0.0.1", server.port), timeout=5) as sock:
+        sock.sendall(b"POST /internal HTTP/1.1\r\nContent-Length: 3000000\r\n\r\n")
+        with contextlib.suppress(OSError):
+            for _ in range(48):
+                sock.sendall(b"x" * 65536)  # the body the gateway refuses to read
+        data = sock.recv(65536)
+    assert status_of(data) == 413 and b"request body too large" in data
+
+
 def test_identical_duplicate_content_length_is_accepted():
     with running() as server:
         data = exchange(server.port, b"POST /internal HTTP/1.1\r\nConnection: close\r\n"
@@ -1559,9 +1574,8 @@ def test_identical_duplicate_content_length_is_accepted():
     assert status_of(data) == 200
 
 
-def test_a_slow_client_is_cut_off_while_others_are_served(monkeypatch):
-    monkeypatch.setattr(og, "READ_TIMEOUT", 0.3)
-    with running() as server, socket.create_connection(("127.0.0.1", server.port), timeout=5) as slow:
+def test_a_slow_client_is_cut_off_while_others_are_served():
+    with running(make_gateway(read_timeout=0.3)) as server, socket.create_connection(("127.0.0.1", server.port), timeout=5) as slow:
         slow.sendall(b"POST /internal HTTP/1.1\r\nX-Slow: ")
         ok = exchange(server.port, b"POST /internal HTTP/1.1\r\nConnection: close\r\n"
                                    b"Content-Length: %d\r\n\r\n%s" % (len(INFO_BODY), INFO_BODY))
@@ -1571,9 +1585,33 @@ def test_a_slow_client_is_cut_off_while_others_are_served(monkeypatch):
         assert status_of(data) == 408 and time.monotonic() - started < 3
 
 
-def test_idle_keep_alive_connections_are_closed(monkeypatch):
-    monkeypatch.setattr(og, "KEEP_ALIVE_TIMEOUT", 0.2)
-    with running() as server, socket.create_connection(("127.0.0.1", server.port), timeout=5) as idle:
+def test_connections_beyond_the_cap_get_503_and_the_others_are_served():
+    with running(make_gateway(max_connections=2)) as server:
+        held = [socket.create_connection(("127.0.0.1", server.port), timeout=5) for _ in range(2)]
+        for sock in held:  # make sure both are being served before the third arrives
+            sock.sendall(b"OPTIONS / HTTP/1.1\r\n\r\n")
+            assert status_of(sock.recv(65536)) == 200
+        refused_data = exchange(server.port, b"OPTIONS / HTTP/1.1\r\n\r\n")
+        assert status_of(refused_data) == 503 and b"too many connections" in refused_data
+        held[0].close()
+        deadline = time.monotonic() + 5
+        while status_of(exchange(server.port, b"OPTIONS / HTTP/1.1\r\nConnection: close\r\n\r\n")) != 200:
+            assert time.monotonic() < deadline  # the closed one's slot frees up
+        held[1].close()
+
+
+def test_limits_are_settings_of_each_gateway():
+    small = make_gateway(max_body_bytes=10, max_batch=1)
+    assert small.config.max_body_bytes == 10 and og.Config().max_body_bytes == og.MAX_BODY_BYTES
+    status, body = post(small, [{"jsonrpc": "2.0", "method": "Info", "id": 1}] * 2)
+    assert "at most 1 requests" in body["error"]["message"]
+    with running(small) as server:
+        data = exchange(server.port, b"POST /internal HTTP/1.1\r\nContent-Length: 11\r\n\r\n")
+        assert status_of(data) == 413
+
+
+def test_idle_keep_alive_connections_are_closed():
+    with running(make_gateway(keep_alive_timeout=0.2)) as server, socket.create_connection(("127.0.0.1", server.port), timeout=5) as idle:
         assert idle.recv(10) == b""  # closed by the server without a response
 
 
