@@ -85,3 +85,19 @@ update_interval = 5           # s between server reports and maintenance ticks
 disable_timeout = 7.5         # s without a report before a server gets no new rooms
 remove_timeout = 600          # s without a report before a server is forgotten
 login_token_lifetime = 300    # s a room token (and a room never reported) lives
+
+# -- Limits -------------------------------------------------------------------
+# What one client may cost the gateway. A request over a limit gets the HTTP
+# status named here and its connection is closed; see README, "Security and
+# limits".
+max_request_line = 8192       # bytes in the request line (414)
+max_head_bytes = 16384        # bytes in the request line and headers (431)
+max_headers = 100             # header fields (431)
+max_body_bytes = 1048576      # bytes in a body, checked before reading it (413)
+max_connections = 1024        # open connections; more get 503
+max_batch = 100               # requests in one JSON-RPC batch
+max_queued_tasks = 10000      # admin tasks waiting for one server; more are refused
+read_timeout = 10.0           # s to receive a request's head, and then its body (408)
+keep_alive_timeout = 75.0     # s an idle connection is kept open
+shutdown_timeout = 10.0       # s a stop waits for requests in flight
+customer_update_timeout = 30.0  # s the customer update function may take

@@ -2028,15 +2028,17 @@ def _http_error_response(err: HttpError) -> Response:
 # ---------------------------------------------------------------------------
 
 
-async def _read_line(reader: asyncio.StreamReader, limit: int, status: int, what: str) -> bytes:
+async def _read_line(reader: asyncio.StreamReader, limit: int, status: int, what: str,
+                     started: bool = True) -> bytes:
+    """A CRLF-terminated line without its CRLF; started: part of the request is in."""
     try:
         line = await reader.readuntil(b"\r\n")
     except asyncio.LimitOverrunError:
         raise HttpError(status, "%s too long" % what) from None
     except asyncio.IncompleteReadError as err:
-        if not err.partial:
+        if not err.partial and not started:  # closed between requests: nothing to answer
             raise ConnectionResetError from None
-        raise HttpError(400, "connection closed inside the request head") from None
+        raise HttpError(400, "connection closed inside the request") from None
     if len(line) > limit:
         raise HttpError(status, "%s too long (limit %d bytes)" % (what, limit))
     return line[:-2]
@@ -2049,7 +2051,8 @@ async def read_request_head(reader: asyncio.StreamReader, limits: Config,
     first: bytes of the request line already read (waiting for a request's
     first byte is timed apart from reading the rest of it).
     """
-    line = first + await _read_line(reader, limits.max_request_line, 414, "request line")
+    line = first + await _read_line(reader, limits.max_request_line, 414, "request line",
+                                    started=bool(first))
     if len(line) > limits.max_request_line:
         raise HttpError(414, "request line too long (limit %d bytes)" % limits.max_request_line)
     method, target, version = parse_request_line(line)

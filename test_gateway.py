@@ -1923,3 +1923,142 @@ def test_readme_curl_examples_work(tmp_path):
             assert answers, block
             for answer in answers:
                 assert "result" in answer, (block, answer)
+
+
+def test_sample_config_shows_every_setting_with_its_default():
+    import runpy
+
+    sample = runpy.run_path(str(HERE / "config.py"))
+    for name, default in og.Config.DEFAULTS.items():
+        assert name in sample, "config.py does not show %s" % name
+        if name != "customers":  # the sample ships the demo customer
+            assert sample[name] == default, name
+
+
+# ---------------------------------------------------------------------------
+# Fuzzing: arbitrary input gives only documented answers
+# ---------------------------------------------------------------------------
+
+from hypothesis import HealthCheck, given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+FUZZ = settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+TOKEN_MESSAGES = {
+    "missing authorization", "invalid authorization", "invalid credentials",
+    "token must have three segments", "invalid json in token", "json, in token, must be a object",
+    "invalid or missing kid in token", "unsupported crv in token", "invalid signature in token",
+    "token has not been signed", "unsupported alg in token", "not authorized",
+    "cid must be a string", "nsp must be a string", "invalid sub in token", "invalid aud in token",
+    "token audience does not match", "invalid exp in token", "invalid nbf in token",
+    "token has expired", "token not yet valid", "missing required claims in token",
+}
+JSON_VALUES = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False, allow_infinity=False)
+    | st.text(max_size=20),
+    lambda children: st.lists(children, max_size=5) | st.dictionaries(st.text(max_size=10), children,
+                                                                      max_size=5),
+    max_leaves=20)
+RPC_REQUESTS = st.fixed_dictionaries(
+    {}, optional={"jsonrpc": st.sampled_from(["2.0", "1.0"]) | JSON_VALUES,
+                  "method": st.sampled_from(list(og.Gateway.INTERNAL_METHODS) + ["Nope", "rpc.x"])
+                  | JSON_VALUES,
+                  "params": JSON_VALUES | st.dictionaries(st.sampled_from(
+                      ["public_endpoint", "server", "version", "config", "load", "clients",
+                       "rooms"]), JSON_VALUES, max_size=7),
+                  "id": JSON_VALUES})
+
+
+_FUZZ_GATEWAY = make_gateway()
+
+
+def _check_response_object(answer):
+    assert set(answer) == {"jsonrpc", "id", "result"} or set(answer) == {"jsonrpc", "id", "error"}
+    assert answer["jsonrpc"] == "2.0"
+    if "error" in answer:
+        assert answer["error"]["code"] in (-32600, -32601, -32602, 400)  # never -32603: no crash
+        assert isinstance(answer["error"]["message"], str) and answer["error"]["message"]
+
+
+@FUZZ
+@given(st.one_of(RPC_REQUESTS, st.lists(RPC_REQUESTS, max_size=4), JSON_VALUES))
+def test_fuzz_dispatch_answers_only_json_rpc(request_value):
+    gw = _FUZZ_GATEWAY  # one gateway for all examples: state piles up, as in real life
+    status, body = gw.dispatch(og.Gateway.INTERNAL_METHODS, json.dumps(request_value).encode(),
+                               None, "127.0.0.1")
+    assert status in (200, 204)
+    if status == 204:
+        assert body is None
+        return
+    answer = json.loads(body)
+    for item in answer if isinstance(answer, list) else [answer]:
+        _check_response_object(item)
+
+
+@FUZZ
+@given(st.binary(max_size=200))
+def test_fuzz_dispatch_survives_arbitrary_bytes(body):
+    status, answer = make_gateway().dispatch(og.Gateway.INTERNAL_METHODS, body, None, "127.0.0.1")
+    assert status in (200, 204, 400)
+
+
+@FUZZ
+@given(st.text(max_size=300))
+def test_fuzz_authorization_header(header):
+    gw = make_gateway(unknown_customers={"max_peers": 1, "max_rooms": 1})
+    try:
+        gw.authorizer.authorize(header, NOW, required_claims=("rid", "uid"))
+    except og.TokenError as err:
+        assert str(err) in TOKEN_MESSAGES
+
+
+@FUZZ
+@given(JSON_VALUES, JSON_VALUES, st.sampled_from(["A", "tiny", "unknown"]), st.booleans())
+def test_fuzz_signed_tokens_with_arbitrary_header_and_claims(header, claims, signer, forbidden):
+    key = og.SigningKey(og.access_key_seed(VERDICTS["keys"][signer]["access_key"]), 1)
+    if isinstance(header, dict):
+        header.setdefault("kid", key.kid)
+    head = og.b64url_encode(og.js_json(header).encode())
+    body = og.b64url_encode(og.js_json(claims).encode())
+    signature = og.b64url_encode(key.sign((head + "." + body).encode()))
+    gw = make_gateway(unknown_customers="forbidden" if forbidden else {"max_peers": 1, "max_rooms": 1})
+    try:
+        auth = gw.authorizer.authorize("Bearer %s.%s.%s" % (head, body, signature), NOW,
+                                       required_claims=("rid", "uid"))
+    except og.TokenError as err:
+        assert str(err) in TOKEN_MESSAGES
+    else:
+        assert isinstance(auth.claims, dict) and "rid" in auth.claims and "uid" in auth.claims
+
+
+_FUZZ_LOOP = asyncio.new_event_loop()
+
+
+def _parse_head(data):
+    async def parse():
+        reader = asyncio.StreamReader(limit=og.MAX_HEAD_BYTES + 2)
+        reader.feed_data(data)
+        reader.feed_eof()
+        return await og.read_request_head(reader, og.Config())
+    return _FUZZ_LOOP.run_until_complete(parse())
+
+
+@FUZZ
+@given(st.binary(max_size=300) | st.builds(
+    lambda method, target, headers: b"%s %s HTTP/1.1\r\n%s\r\n" % (method, target, headers),
+    st.sampled_from([b"POST", b"GET", b"P\x00ST", b""]), st.binary(max_size=30),
+    st.binary(max_size=200)))
+def test_fuzz_request_head_parser(data):
+    try:
+        request = _parse_head(data)
+    except og.HttpError as err:
+        assert err.status in (400, 414, 431, 505) and err.message
+    except ConnectionResetError:
+        assert data == b""  # only a connection that sent nothing closes without an answer
+    else:
+        assert request.method and request.target and request.version in ((1, 0), (1, 1))
+        try:
+            length = og.body_length(request.headers)
+        except og.HttpError as err:
+            assert err.status in (400, 501)
+        else:
+            assert length is None or length >= 0
