@@ -11,6 +11,7 @@
 # -- Logging ------------------------------------------------------------------
 log_level = "INFO"          # DEBUG, INFO, WARNING, ERROR, CRITICAL
 log_format = "pretty"       # "pretty" for people, "json" for one object per line
+access_log = False          # one log line per HTTP request (also: --access-log)
 
 # -- Listening ----------------------------------------------------------------
 host = "0.0.0.0"
@@ -23,6 +24,8 @@ private_key = "privkey.pem"
 # The master key (base64) from which every media server's signing key is
 # derived. This default is public knowledge: anyone who knows it can forge
 # room tokens. Make your own with:  python odin_gateway.py keygen --master
+# Better kept out of this file: the environment variable ODIN_GATEWAY_MASTER_KEY
+# or --master-key-file FILE take precedence over this setting.
 master_key = "VGhpcyBpcyBhIHN1cGVyIHNlY3JldCBtYXN0ZXIga2V5IQ=="
 
 # -- Customers ----------------------------------------------------------------

@@ -164,6 +164,15 @@ class RpcError(GatewayError):
         return error
 
 
+def fields(event: str, **values: Any) -> dict:
+    """Structured fields for a log record: log.info(..., extra=fields("server_added", ...)).
+
+    The json log format writes them as keys of the line's object; the pretty
+    format shows only the message, which says the same for people.
+    """
+    return {"event": event, "fields": values}
+
+
 def refused(message: str, code: int = INVALID_REQUEST) -> RpcError:
     """An RpcError for a request a method handler turns down."""
     return RpcError(code, message)
@@ -752,7 +761,7 @@ def _check_setting(name: str, value: Any) -> Optional[str]:
     elif name == "port":
         if not (isinstance(value, int) and not isinstance(value, bool) and 0 <= value <= 65535):
             return "expected an integer from 0 to 65535"
-    elif name == "ssl":
+    elif name in ("ssl", "access_log"):
         if not isinstance(value, bool):
             return "expected True or False"
     elif name == "master_key":
@@ -849,6 +858,7 @@ class Config:
         "disable_timeout": 7.5,
         "remove_timeout": 600,
         "login_token_lifetime": 300,
+        "access_log": False,
         # Limits (see "Security and limits" in README.md).
         "max_request_line": MAX_REQUEST_LINE,
         "max_head_bytes": MAX_HEAD_BYTES,
@@ -1196,9 +1206,11 @@ class Grid:
             self.servers[hostname] = server
             self._by_kid[server.key.kid] = server
             log.info("server %s added (version %s, key %s)", printable(hostname),
-                     printable(version), server.key.kid)
+                     printable(version), server.key.kid, extra=fields(
+                         "server_added", hostname=hostname, version=version, kid=server.key.kid))
         elif server.disabled:
-            log.info("server %s re-enabled: it reported again", printable(hostname))
+            log.info("server %s re-enabled: it reported again", printable(hostname),
+                     extra=fields("server_enabled", hostname=hostname))
         self._integrate_rooms(server, report["rooms"], now)
         server.version = version
         server.report = report
@@ -1244,7 +1256,9 @@ class Grid:
         """Another server owns the room: tell this one to close its copy."""
         log.warning("room collision: %s reports room %s/%s, which lives on %s; "
                     "closing it there", printable(server.hostname), printable(room["id"][0]),
-                    printable(room["id"][1]), printable(owner.server))
+                    printable(room["id"][1]), printable(owner.server), extra=fields(
+                        "room_collision", hostname=server.hostname, room=room["id"],
+                        owner=owner.server))
         ban = {"secs": int(math.ceil(self.config.update_interval)), "nanos": 0}
         server.tasks.append({"task": "RoomClose", "id": list(room["id"]), "ban_time": ban})
         server.closing.add(room_hash(*room["id"]))
@@ -1308,11 +1322,13 @@ class Grid:
             silent = now - server.last_seen
             if silent >= config.remove_timeout:
                 self._remove(server)
-                log.info("server %s removed: no report for %.0f s", printable(server.hostname), silent)
+                log.info("server %s removed: no report for %.0f s", printable(server.hostname), silent,
+                         extra=fields("server_removed", hostname=server.hostname, silent=silent))
             elif silent >= config.disable_timeout and not server.disabled:
                 server.disabled = True
                 log.warning("server %s disabled: no report for %.1f s; its rooms move on their "
-                            "next Connect", printable(server.hostname), silent)
+                            "next Connect", printable(server.hostname), silent, extra=fields(
+                                "server_disabled", hostname=server.hostname, silent=silent))
         expired = [digest for digest, room in self.rooms.items()
                    if now - room.updated > config.login_token_lifetime]
         for digest in expired:
@@ -1463,14 +1479,16 @@ def remote_hostname(address: str) -> str:
 
 
 class Response:
-    """An HTTP response as plain data: status, extra headers and body."""
+    """An HTTP response as plain data: status, extra headers, body and its type."""
 
-    __slots__ = ("status", "headers", "body")
+    __slots__ = ("status", "headers", "body", "content_type")
 
-    def __init__(self, status: int, body: bytes = b"", headers: Optional[List[Tuple[str, str]]] = None):
+    def __init__(self, status: int, body: bytes = b"", headers: Optional[List[Tuple[str, str]]] = None,
+                 content_type: str = "application/json"):
         self.status = status
         self.body = body
         self.headers = headers or []
+        self.content_type = content_type
 
     def json(self) -> Any:
         return load_json(self.body) if self.body else None
@@ -1508,6 +1526,7 @@ class Gateway:
         self.grid = Grid(self)
         self.stats: Dict[str, List[int]] = {}  # method -> [success, failure, rejected]
         self.stopping = False  # set while shutting down: connections are not kept alive
+        self.metrics = Metrics()
         self._dynamic_keys: Dict[str, CustomerKey] = {}
         self._static_keys = load_customer_keys(self.config.customers)
         self._rebuild_authorizer()
@@ -1538,6 +1557,27 @@ class Gateway:
             limits = None
         self.authorizer = Authorizer(keys, self.grid.server_key_by_kid, limits)
 
+    def reload(self, config: Config) -> None:
+        """Apply a new config without dropping state: customers, limits, timeouts.
+
+        What only a restart can apply (listening address, TLS, master key) is
+        kept as it is, with a warning.
+        """
+        kept = {}
+        for name in ("host", "port", "ssl", "certificate", "private_key", "master_key"):
+            if getattr(config, name) != getattr(self.config, name):
+                log.warning("config reload: %s changed; it takes effect after a restart", name)
+                kept[name] = getattr(self.config, name)
+        if kept:
+            config = config.replace(**kept)
+        self.config = config
+        self._static_keys = load_customer_keys(config.customers)
+        self._rebuild_authorizer()
+        log.info("config reloaded from %s: %d customer keys", config.source,
+                 len(self.authorizer.customer_keys),
+                 extra=fields("config_reloaded", source=config.source,
+                              keys=len(self.authorizer.customer_keys)))
+
     @property
     def everything_goes(self) -> bool:
         """No customer source is configured: any token is admitted as a demo licensee."""
@@ -1547,15 +1587,18 @@ class Gateway:
         """Replace the customers from the update function; False (old keys kept) if unusable."""
         problem = _check_customers(customers)
         if problem:
-            log.warning("customer update: keeping the previous keys: %s", problem)
+            log.warning("customer update: keeping the previous keys: %s", problem,
+                        extra=fields("customers_kept", reason=problem))
             return False
         keys = load_customer_keys(customers)
         if not keys:
-            log.warning("customer update: keeping the previous keys: the update has no usable key")
+            log.warning("customer update: keeping the previous keys: the update has no usable key",
+                        extra=fields("customers_kept", reason="no usable key"))
             return False
         self._dynamic_keys = keys
         self._rebuild_authorizer()
-        log.info("customer update: %d keys of %d customers loaded", len(keys), len(customers))
+        log.info("customer update: %d keys of %d customers loaded", len(keys), len(customers),
+                 extra=fields("customers_loaded", keys=len(keys), customers=len(customers)))
         return True
 
     # -- public methods (/) -------------------------------------------------
@@ -1584,11 +1627,15 @@ class Gateway:
         peers, rooms = self.grid.usage.get(licensee.customer_id, (0, 0))
         if licensee.peer_limit is not None and not licensee.peer_limit > peers:
             log.info("Connect refused: customer %s has %d of %d peers", printable(licensee.customer_id),
-                     peers, licensee.peer_limit)
+                     peers, licensee.peer_limit, extra=fields(
+                         "limit_refused", customer=licensee.customer_id, limit="peers",
+                         usage=peers, max=licensee.peer_limit))
             raise refused("peer limit exceeded")
         if licensee.room_limit is not None and not licensee.room_limit > rooms:
             log.info("Connect refused: customer %s has %d of %d rooms", printable(licensee.customer_id),
-                     rooms, licensee.room_limit)
+                     rooms, licensee.room_limit, extra=fields(
+                         "limit_refused", customer=licensee.customer_id, limit="rooms",
+                         usage=rooms, max=licensee.room_limit))
             raise refused("room limit exceeded")
 
         namespace = auth.namespace if auth.namespace is not None else licensee.customer_id
@@ -1802,6 +1849,7 @@ class Gateway:
 
     def _run(self, method: str, call: Call, params: dict) -> Any:
         """Run a handler, counting success, rejection (RpcError) and failure (a bug)."""
+        started = time.perf_counter()
         try:
             result = self._handlers[method](call, params)
         except RpcError:
@@ -1812,6 +1860,8 @@ class Gateway:
             log.error("internal error in %s:\n%s", method, traceback.format_exc())
             raise RpcError(INTERNAL_ERROR, "Internal error") from None
         self._count(method, 0)
+        if method == "Connect":
+            self.metrics.observe_connect(time.perf_counter() - started)
         return result
 
     def _count(self, method: str, outcome: int) -> None:
@@ -1827,6 +1877,8 @@ class Gateway:
                     remote: str = "127.0.0.1") -> Response:
         """The response to one HTTP request (headers keyed by lower-case name)."""
         path = target.split("?", 1)[0]
+        if path in ("/health", "/ready", "/metrics"):
+            return self._operations(method, path, headers)
         if path == "/":
             methods = self.PUBLIC_METHODS
         elif path == "/internal":
@@ -1869,6 +1921,32 @@ class Gateway:
         status, response_body = self.dispatch(methods, body, auth, remote)
         return Response(status, response_body or b"")
 
+    def _operations(self, method: str, path: str, headers: Dict[str, str]) -> Response:
+        """GET /health, /ready and /metrics: for load balancers and Prometheus."""
+        if method not in ("GET", "HEAD"):
+            return Response(405, _error_body(INVALID_REQUEST, "method not allowed: use GET"),
+                            [("Allow", "GET, HEAD")])
+        if path == "/health":
+            return Response(200, dump_json({"status": "ok"}))
+        if path == "/ready":
+            enabled = sum(1 for server in self.grid.servers.values() if not server.disabled)
+            if self.stopping:
+                return Response(503, dump_json({"status": "stopping"}))
+            if not enabled:
+                return Response(503, dump_json({"status": "no enabled server"}))
+            return Response(200, dump_json({"status": "ready", "servers": enabled}))
+        if self.config.internal_users:  # /metrics is protected like /internal
+            try:
+                scheme, credentials = split_authorization(headers.get("authorization", ""))
+                if scheme.lower() != "basic":
+                    raise TokenError("invalid authorization")
+                check_basic(credentials, self.config.internal_users)
+            except TokenError as err:
+                return Response(401, _error_body(INVALID_REQUEST, str(err)),
+                                [("WWW-Authenticate", 'Basic realm="odin-gateway"')])
+        return Response(200, render_metrics(self).encode("utf-8"),
+                        content_type="text/plain; version=0.0.4; charset=utf-8")
+
 
 def _subject_allows(auth: Optional[Authorization], method: str) -> bool:
     """A token with sub may call only the methods it names (case-insensitively)."""
@@ -1886,6 +1964,127 @@ def _toml_kind(value: Any) -> str:
         return "an array of tables"
     return {dict: "a table", list: "an array", str: "a string", bool: "a boolean",
             int: "an integer", float: "a float"}.get(type(value), type(value).__name__)
+
+
+# ---------------------------------------------------------------------------
+# Metrics: Prometheus text exposition format 0.0.4
+# ---------------------------------------------------------------------------
+
+#: Upper bounds (seconds) of the Connect latency histogram's buckets.
+CONNECT_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1,
+                   0.25, 0.5, 1.0)
+#: The path label of HTTP responses: a fixed set, never raw request paths.
+METRIC_PATHS = ("/", "/internal", "/metrics", "/health", "/ready")
+
+
+class Metrics:
+    """Counters the HTTP layer and the RPC methods feed (RPC calls live in Gateway.stats)."""
+
+    def __init__(self) -> None:
+        self.responses: Dict[Tuple[str, str], int] = {}
+        self.connect_buckets = [0] * len(CONNECT_BUCKETS)
+        self.connect_sum = 0.0
+        self.connect_count = 0
+        self.started = time.time()
+
+    def count_response(self, target: Optional[str], status: int) -> None:
+        path = (target or "").split("?", 1)[0]
+        key = (path if path in METRIC_PATHS else "other" if target else "invalid",
+               "%dxx" % (status // 100))
+        self.responses[key] = self.responses.get(key, 0) + 1
+
+    def observe_connect(self, seconds: float) -> None:
+        for index, bound in enumerate(CONNECT_BUCKETS):
+            if seconds <= bound:
+                self.connect_buckets[index] += 1
+                break
+        self.connect_sum += seconds
+        self.connect_count += 1
+
+
+def _label_value(value: Any) -> str:
+    return str(value).replace("\\", "\\\\").replace("\n", "\\n").replace('"', '\\"')
+
+
+def _sample(name: str, labels: Dict[str, Any], value: float) -> str:
+    if labels:
+        name += "{%s}" % ",".join('%s="%s"' % (k, _label_value(v)) for k, v in labels.items())
+    text = repr(float(value)) if isinstance(value, float) else str(value)
+    return "%s %s" % (name, text)
+
+
+def process_start_time() -> Optional[float]:
+    """When this process started (Linux /proc), or None where that cannot be read."""
+    try:
+        with open("/proc/self/stat") as stat:
+            ticks = int(stat.read().rsplit(")", 1)[1].split()[19])
+        with open("/proc/stat") as system:
+            boot = next(int(line.split()[1]) for line in system if line.startswith("btime "))
+        return boot + ticks / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError, StopIteration):
+        return None
+
+
+def render_metrics(gateway: Gateway) -> str:
+    """The /metrics page: one HELP and one TYPE line per family, then its samples."""
+    lines: List[str] = []
+
+    def family(name: str, kind: str, help_text: str, samples: List[Tuple[dict, float]],
+               suffix: str = "") -> None:
+        lines.append("# HELP %s %s" % (name, help_text))
+        lines.append("# TYPE %s %s" % (name, kind))
+        lines.extend(_sample(name + suffix, labels, value) for labels, value in samples)
+
+    grid = gateway.grid
+    now = gateway.clock()
+    enabled = [s for s in grid.servers.values() if not s.disabled]
+    family("odin_gateway_build_info", "gauge", "Version of this gateway (always 1).",
+           [({"version": __version__}, 1)])
+    start = process_start_time()
+    family("process_start_time_seconds", "gauge", "Start time of the process since the epoch.",
+           [({}, start if start is not None else gateway.metrics.started)])
+    family("odin_gateway_rpc_calls_total", "counter",
+           "JSON-RPC calls by method and outcome (rejected: refused with an error; "
+           "failure: an internal error).",
+           [({"method": m, "outcome": outcome}, counts[index])
+            for m, counts in gateway.stats.items()
+            for index, outcome in enumerate(("success", "failure", "rejected"))])
+    family("odin_gateway_http_responses_total", "counter", "HTTP responses by path and status class.",
+           [({"path": path, "status": status}, count)
+            for (path, status), count in sorted(gateway.metrics.responses.items())])
+    metrics = gateway.metrics
+    cumulative, buckets = 0, []
+    for bound, count in zip(CONNECT_BUCKETS, metrics.connect_buckets):
+        cumulative += count
+        buckets.append(({"le": repr(bound)}, cumulative))
+    buckets.append(({"le": "+Inf"}, metrics.connect_count))
+    lines.append("# HELP odin_gateway_connect_duration_seconds Time to answer a successful Connect.")
+    lines.append("# TYPE odin_gateway_connect_duration_seconds histogram")
+    lines.extend(_sample("odin_gateway_connect_duration_seconds_bucket", labels, value)
+                 for labels, value in buckets)
+    lines.append(_sample("odin_gateway_connect_duration_seconds_sum", {}, float(metrics.connect_sum)))
+    lines.append(_sample("odin_gateway_connect_duration_seconds_count", {}, metrics.connect_count))
+    family("odin_gateway_servers", "gauge", "Media servers by state.",
+           [({"state": "enabled"}, len(enabled)),
+            ({"state": "disabled"}, len(grid.servers) - len(enabled))])
+    family("odin_gateway_rooms", "gauge", "Rooms the gateway maps to a server.", [({}, len(grid.rooms))])
+    family("odin_gateway_reported_peers", "gauge", "Peers in the enabled servers' last reports.",
+           [({}, sum(peers for peers, _rooms in grid.usage.values()))])
+    family("odin_gateway_reported_clients", "gauge", "Clients in the enabled servers' last reports.",
+           [({}, sum(s.report["clients"] for s in enabled))])
+    family("odin_gateway_customer_rooms", "gauge", "Rooms per customer, as of the last maintenance tick.",
+           [({"customer": c}, rooms) for c, (_peers, rooms) in sorted(grid.usage.items())])
+    family("odin_gateway_customer_peers", "gauge", "Peers per customer, as of the last maintenance tick.",
+           [({"customer": c}, peers) for c, (peers, _rooms) in sorted(grid.usage.items())])
+    oldest = min((s.last_seen for s in enabled), default=None)
+    family("odin_gateway_oldest_report_age_seconds", "gauge",
+           "Seconds since the stalest enabled server last reported (0 without servers).",
+           [({}, float(max(0.0, now - oldest)) if oldest is not None else 0.0)])
+    family("odin_gateway_tasks_queued", "gauge", "Admin tasks waiting for their server's next report.",
+           [({}, sum(len(s.tasks) for s in grid.servers.values()))])
+    family("odin_gateway_customer_keys", "gauge", "Customer access keys loaded.",
+           [({}, len(gateway.authorizer.customer_keys))])
+    return "\n".join(lines) + "\n"
 
 
 # ---------------------------------------------------------------------------
@@ -2005,7 +2204,7 @@ def render_response(response: Response, *, keep_alive: bool, head_only: bool = F
     parts = [b"HTTP/1.1 %d %s\r\n" % (response.status, _REASONS.get(response.status, "").encode()),
              _COMMON_HEADERS, b"Date: ", _date_header(), b"\r\n"]
     if response.body:
-        parts.append(b"Content-Type: application/json\r\n")
+        parts.append(b"Content-Type: %s\r\n" % response.content_type.encode("ascii"))
     for name, value in response.headers:
         parts.append(("%s: %s\r\n" % (name, value)).encode("latin-1"))
     if response.status != 204:
@@ -2126,6 +2325,14 @@ async def close_after_answer(reader: asyncio.StreamReader, writer: asyncio.Strea
         writer.close()
 
 
+def _access_log(remote: str, request: Request, response: Response, seconds: float) -> None:
+    log.info('%s "%s %s" %d %d %.2fms', remote, printable(request.method), printable(request.target),
+             response.status, len(response.body), seconds * 1000, extra=fields(
+                 "request", remote=remote, method=request.method, target=request.target,
+                 status=response.status, bytes=len(response.body),
+                 duration_ms=round(seconds * 1000, 3)))
+
+
 class _Connections:
     """The open connections of a listener, so that stop() can close them."""
 
@@ -2168,15 +2375,18 @@ async def serve_connection(gateway: Gateway, reader: asyncio.StreamReader,
                     body = await asyncio.wait_for(reader.readexactly(length), limits.read_timeout)
             except HttpError as err:
                 log.debug("%s: HTTP %d: %s", remote, err.status, err.message)
+                gateway.metrics.count_response(None, err.status)
                 await close_after_answer(reader, writer, render_response(
                     _http_error_response(err), keep_alive=False))
                 return
             except asyncio.TimeoutError:
+                gateway.metrics.count_response(None, 408)
                 await close_after_answer(reader, writer, render_response(_http_error_response(
                     HttpError(408, "request not received in time")), keep_alive=False))
                 return
             except asyncio.IncompleteReadError:
                 return
+            started = time.perf_counter()
             try:
                 response = gateway.handle_http(request.method, request.target, request.headers,
                                                body, remote)
@@ -2187,6 +2397,9 @@ async def serve_connection(gateway: Gateway, reader: asyncio.StreamReader,
             keep_alive = request.keep_alive and not gateway.stopping
             writer.write(render_response(response, keep_alive=keep_alive,
                                          head_only=request.method == "HEAD"))
+            gateway.metrics.count_response(request.target, response.status)
+            if gateway.config.access_log:
+                _access_log(remote, request, response, time.perf_counter() - started)
             await writer.drain()
             if not keep_alive:
                 return
@@ -2243,7 +2456,7 @@ async def _serve(gateway: Gateway, host: str, port: int,
     if gateway.config.customer_api is not None:
         timers.append(asyncio.ensure_future(_customer_timer(gateway)))
     gateway.stopping = False
-    log.info("listening on %s", server.url)
+    log.info("listening on %s", server.url, extra=fields("listening", url=server.url))
     try:
         yield server
     finally:
@@ -2272,7 +2485,7 @@ async def _serve(gateway: Gateway, host: str, port: int,
             task.cancel()
         await listener.wait_closed()
         await asyncio.gather(*timers, *refusals, return_exceptions=True)
-        log.info("stopped listening on %s", server.url)
+        log.info("stopped listening on %s", server.url, extra=fields("stopped", url=server.url))
 
 
 async def _maintenance_timer(gateway: Gateway) -> None:
@@ -2297,11 +2510,13 @@ async def update_customers(gateway: Gateway) -> bool:
             if inspect.isawaitable(customers):
                 customers = await asyncio.wait_for(customers, timeout)
     except asyncio.TimeoutError:
-        log.warning("customer update: keeping the previous keys: no answer within %g s", timeout)
+        log.warning("customer update: keeping the previous keys: no answer within %g s", timeout,
+                    extra=fields("customers_kept", reason="timeout"))
         return False
     except Exception as err:
         log.warning("customer update: keeping the previous keys: the function raised %s: %s",
-                    type(err).__name__, printable(err))
+                    type(err).__name__, printable(err),
+                    extra=fields("customers_kept", reason="%s: %s" % (type(err).__name__, err)))
         return False
     return gateway.set_customers(customers)
 
@@ -2668,9 +2883,13 @@ class JsonFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
         entry = {"time": iso_time(record.created), "level": record.levelname,
                  "logger": record.name, "message": record.getMessage()}
+        if hasattr(record, "event"):
+            entry["event"] = record.event
+            for name, value in record.fields.items():
+                entry.setdefault(name, value)
         if record.exc_info:
             entry["traceback"] = self.formatException(record.exc_info)
-        return json.dumps(entry, ensure_ascii=False)
+        return json.dumps(entry, ensure_ascii=False, default=str)
 
 
 def configure_logging(level: str, fmt: str, stream: Any = None) -> None:
@@ -2722,6 +2941,8 @@ def _ssl_context(config: Config) -> ssl_module.SSLContext:
 
 
 COMMANDS = ("serve", "keygen", "token", "demo")
+#: Environment variable that holds the master key (instead of config.py).
+MASTER_KEY_ENV = "ODIN_GATEWAY_MASTER_KEY"
 
 
 def build_parser(command: str = "serve") -> "argparse.ArgumentParser":
@@ -2763,24 +2984,38 @@ def build_parser(command: str = "serve") -> "argparse.ArgumentParser":
         parser.add_argument("--customer", help="cid claim")
         parser.add_argument("--server", help="internal.server claim: pin the room to this server")
         return parser
+    defaults = Config.DEFAULTS
     parser = argparse.ArgumentParser(
-        prog="odin_gateway.py", formatter_class=formatter,
+        prog="odin_gateway.py",
         description="An ODIN gateway: spreads ODIN clients over ODIN media servers and checks "
                     "customer licences. Settings come from a config file (see config.py); "
                     "flags override it.",
         epilog="Other commands: 'odin_gateway.py demo' runs the protocol and narrates it; "
-               "'odin_gateway.py keygen --help'; 'odin_gateway.py token --help'.")
+               "'odin_gateway.py keygen --help'; 'odin_gateway.py token --help'. "
+               "Signals: SIGTERM/SIGINT stop gracefully (twice: at once); SIGHUP reloads the "
+               "config file.")
     parser.add_argument("--version", action="version", version="%(prog)s " + __version__)
     parser.add_argument("--config", metavar="PATH", default="config.py",
-                        help="config file; when the default is missing the built-in defaults apply")
-    parser.add_argument("--host", help="address to listen on (config: host, default 0.0.0.0)")
-    parser.add_argument("--port", type=int, help="TCP port to listen on (config: port, default 7000)")
+                        help="config file (default: config.py; if that default is missing, "
+                             "the built-in defaults apply)")
+    parser.add_argument("--host", help="address to listen on (config: host; default %s)"
+                        % defaults["host"])
+    parser.add_argument("--port", type=int, help="TCP port to listen on (config: port; default %d)"
+                        % defaults["port"])
     parser.add_argument("--ssl", action="store_true", default=None,
-                        help="serve HTTPS (config: ssl)")
+                        help="serve HTTPS (config: ssl; default off)")
     parser.add_argument("--certificate", metavar="FILE",
-                        help="PEM certificate chain for --ssl (config: certificate)")
+                        help="PEM certificate chain for --ssl (config: certificate; default %s)"
+                        % defaults["certificate"])
     parser.add_argument("--privatekey", metavar="FILE",
-                        help="PEM private key for --ssl (config: private_key)")
+                        help="PEM private key for --ssl (config: private_key; default %s)"
+                        % defaults["private_key"])
+    parser.add_argument("--master-key-file", metavar="FILE",
+                        help="read master_key from this file; it takes precedence over the "
+                             "environment variable %s, which takes precedence over the config "
+                             "(default: neither)" % MASTER_KEY_ENV)
+    parser.add_argument("--access-log", action="store_true", default=None,
+                        help="log every HTTP request (config: access_log; default off)")
     return parser
 
 
@@ -2817,8 +3052,13 @@ def token_command(args: Any) -> int:
     return 0
 
 
-def load_config(args: Any) -> Config:
-    """The config file named by --config (optional when it is the default), with flags applied."""
+def load_config(args: Any, environ: Optional[Dict[str, str]] = None) -> Config:
+    """The config file named by --config (optional when it is the default), with flags applied.
+
+    The master key comes from --master-key-file, else the environment
+    variable ODIN_GATEWAY_MASTER_KEY, else the config file.
+    """
+    environ = os.environ if environ is None else environ
     if os.path.isfile(args.config):
         config = Config.load(args.config)
     elif args.config != "config.py":
@@ -2827,17 +3067,45 @@ def load_config(args: Any) -> Config:
         config = Config()
     overrides = {name: value for name, value in (
         ("host", args.host), ("port", args.port), ("ssl", args.ssl),
-        ("certificate", args.certificate), ("private_key", args.privatekey)) if value is not None}
+        ("certificate", args.certificate), ("private_key", args.privatekey),
+        ("access_log", getattr(args, "access_log", None))) if value is not None}
+    if environ.get(MASTER_KEY_ENV):
+        overrides["master_key"] = environ[MASTER_KEY_ENV].strip()
+        config.source += " + $" + MASTER_KEY_ENV
+    if getattr(args, "master_key_file", None):
+        try:
+            with open(args.master_key_file, encoding="utf-8") as key_file:
+                overrides["master_key"] = key_file.read().strip()
+        except OSError as err:
+            raise ConfigError("--master-key-file %s: %s" % (args.master_key_file,
+                                                            err.strerror or err)) from err
+        config.source += " + " + args.master_key_file
     return config.replace(**overrides) if overrides else config
 
 
-async def _run(gateway: Gateway, ssl_context: Optional[ssl_module.SSLContext]) -> None:
+async def _run(gateway: Gateway, ssl_context: Optional[ssl_module.SSLContext],
+               reload: Optional[Callable[[], Config]] = None) -> None:
     import signal
 
     config = gateway.config
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     signals = (signal.SIGINT, signal.SIGTERM)
+
+    def on_hangup() -> None:
+        try:
+            new_config = reload()  # type: ignore[misc]
+        except ConfigError as err:
+            log.error("config reload refused, the running config stays: %s", err,
+                      extra=fields("config_reload_refused", reason=str(err)))
+            return
+        configure_logging(new_config.log_level, new_config.log_format)
+        gateway.reload(new_config)
+
+    if reload is not None and hasattr(signal, "SIGHUP"):
+        with contextlib.suppress(NotImplementedError, RuntimeError):
+            loop.add_signal_handler(signal.SIGHUP, on_hangup)
+            signals += (signal.SIGHUP,)
 
     def on_signal() -> None:
         if stop.is_set():
@@ -2846,7 +3114,7 @@ async def _run(gateway: Gateway, ssl_context: Optional[ssl_module.SSLContext]) -
         log.info("stopping: finishing requests in flight")
         stop.set()
 
-    for signum in signals:
+    for signum in (signal.SIGINT, signal.SIGTERM):
         with contextlib.suppress(NotImplementedError, RuntimeError):
             loop.add_signal_handler(signum, on_signal)
     try:
@@ -2886,7 +3154,7 @@ def main(argv: Optional[List[str]] = None) -> int:
              config.source if config.source != "Config()" else "built-in defaults")
     warn_about_exposure(gateway)
     try:
-        asyncio.run(_run(gateway, ssl_context))
+        asyncio.run(_run(gateway, ssl_context, reload=lambda: load_config(args)))
     except OSError as err:
         log.error("cannot listen on %s:%s: %s", config.host, config.port, err.strerror or err)
         return 1

@@ -2135,3 +2135,229 @@ def test_a_second_signal_exits_at_once(tmp_path):
             process.send_signal(signal.SIGINT)
             assert process.wait(timeout=10) == 1
             assert time.monotonic() - started < 5
+
+
+# ---------------------------------------------------------------------------
+# Operating: health, readiness, metrics, logs, reload, secrets, packaging
+# ---------------------------------------------------------------------------
+
+
+def get(gw, path, headers=None):
+    return gw.handle_http("GET", path, headers or {}, b"", "127.0.0.1")
+
+
+def test_health_and_readiness():
+    gw = make_gateway()
+    assert (get(gw, "/health").status, get(gw, "/health").json()) == (200, {"status": "ok"})
+    assert get(gw, "/ready").status == 503
+    report(gw, SFU1)
+    assert get(gw, "/ready").json() == {"status": "ready", "servers": 1}
+    gw.stopping = True
+    assert get(gw, "/ready").status == 503
+    response = gw.handle_http("POST", "/health", {}, b"")
+    assert response.status == 405 and ("Allow", "GET, HEAD") in response.headers
+
+
+def parse_metrics(text):
+    from prometheus_client.parser import text_string_to_metric_families
+
+    return {family.name: family for family in text_string_to_metric_families(text)}
+
+
+def sample_value(families, name, **labels):
+    for family in families.values():
+        for sample in family.samples:
+            if sample.name == name and all(sample.labels.get(k) == v for k, v in labels.items()):
+                return sample.value
+    raise KeyError((name, labels))
+
+
+def test_metrics_follow_the_prometheus_text_format():
+    clock = Clock()
+    gw = make_gateway(clock)
+    report(gw, SFU1, rooms=[room("custom-ns", "lobby", "odinref", peers=2),
+                            room("x", "y", 'we"ird\\cus\ntomer')], load=0.5)
+    report(gw, SFU2)
+    result(gw, "Connect", {}, token=token())
+    error(gw, "Connect", {}, token=token(room_id=[]))
+    result(gw, "RoomClose", {"room_id": "lobby"}, token=admin_token())
+    clock.advance(3)
+    gw.tick()
+    response = get(gw, "/metrics")
+    assert response.status == 200
+    assert response.content_type == "text/plain; version=0.0.4; charset=utf-8"
+    text = response.body.decode()
+    names = [line.split()[2] for line in text.splitlines() if line.startswith("# TYPE")]
+    assert len(names) == len(set(names))  # one TYPE line per family
+    assert len([line for line in text.splitlines() if line.startswith("# HELP")]) == len(names)
+    families = parse_metrics(text)
+    assert families["odin_gateway_rpc_calls"].type == "counter"
+    assert sample_value(families, "odin_gateway_rpc_calls_total", method="Connect", outcome="success") == 1
+    assert sample_value(families, "odin_gateway_rpc_calls_total", method="Connect", outcome="rejected") == 1
+    assert sample_value(families, "odin_gateway_servers", state="enabled") == 2
+    assert sample_value(families, "odin_gateway_rooms") == 2  # Connect joined the reported lobby
+    assert sample_value(families, "odin_gateway_reported_peers") == 3
+    assert sample_value(families, "odin_gateway_customer_peers", customer="odinref") == 2
+    assert sample_value(families, "odin_gateway_customer_rooms", customer='we"ird\\cus\ntomer') == 1
+    assert sample_value(families, "odin_gateway_oldest_report_age_seconds") == 3.0
+    assert sample_value(families, "odin_gateway_tasks_queued") == 1
+    assert sample_value(families, "odin_gateway_build_info", version=og.__version__) == 1
+    assert sample_value(families, "process_start_time_seconds") > 1_600_000_000
+    assert families["odin_gateway_connect_duration_seconds"].type == "histogram"
+    assert sample_value(families, "odin_gateway_connect_duration_seconds_count") == 1
+    assert sample_value(families, "odin_gateway_connect_duration_seconds_bucket", le="+Inf") == 1
+    for name, family in families.items():
+        if family.type == "counter":
+            assert all(s.name.endswith("_total") for s in family.samples)
+
+
+def test_http_responses_are_counted_by_path_and_class():
+    with running() as server:
+        for request in (b"OPTIONS / HTTP/1.1\r\n", b"GET /nope/secret-room HTTP/1.1\r\n",
+                        b"GET /health HTTP/1.1\r\n", b"BAD\r\n"):
+            exchange(server.port, request + b"Connection: close\r\n\r\n")
+        families = parse_metrics(og.render_metrics(server.gateway))
+    count = lambda **labels: sample_value(families, "odin_gateway_http_responses_total", **labels)  # noqa: E731
+    assert count(path="/", status="2xx") == 1
+    assert count(path="other", status="4xx") == 1  # raw paths never become labels
+    assert count(path="/health", status="2xx") == 1
+    assert count(path="invalid", status="4xx") == 1
+
+
+def test_metrics_are_protected_like_internal():
+    gw = make_gateway(internal_users={"ops": "secret"})
+    assert get(gw, "/metrics").status == 401
+    assert get(gw, "/health").status == 200  # load balancers need no password
+    good = {"authorization": "Basic " + base64.b64encode(b"ops:secret").decode()}
+    assert get(gw, "/metrics", good).status == 200
+
+
+def json_log_lines(caplog):
+    formatter = og.JsonFormatter()
+    return [json.loads(formatter.format(record)) for record in caplog.records]
+
+
+def test_json_logs_carry_event_fields(caplog):
+    clock = Clock()
+    with caplog.at_level(logging.INFO, logger="odin_gateway"):
+        gw = make_gateway(clock)
+        report(gw, SFU1, rooms=[room("ns", "r", "c")])
+        report(gw, SFU2, rooms=[room("ns", "r", "c")])
+        clock.advance(8)
+        report(gw, SFU2)
+        gw.tick()
+        report(gw, SFU1)
+        clock.advance(600)
+        gw.tick()
+    events = {}
+    for line in json_log_lines(caplog):
+        assert {"time", "level", "logger", "message"} <= set(line)
+        if "event" in line:
+            events.setdefault(line["event"], line)
+    assert events["server_added"]["hostname"] == SFU1 and events["server_added"]["kid"]
+    assert events["room_collision"]["owner"] == SFU1 and events["room_collision"]["room"] == ["ns", "r"]
+    assert events["server_disabled"]["hostname"] == SFU1
+    assert events["server_enabled"]["hostname"] == SFU1
+    assert events["server_removed"]["silent"] >= 600
+
+
+def test_limit_refusals_are_logged_with_fields(caplog):
+    gw = make_gateway()
+    report(gw, SFU1, rooms=[room("tiny", "t1", "tiny"), room("tiny", "t2", "tiny")])
+    gw.tick()
+    with caplog.at_level(logging.INFO, logger="odin_gateway"):
+        error(gw, "Connect", {}, token=token(KEY_TINY, "t3"))
+    refusal = [line for line in json_log_lines(caplog) if line.get("event") == "limit_refused"]
+    assert refusal and refusal[0]["customer"] == "tiny" and refusal[0]["limit"] == "rooms"
+
+
+def test_access_log(caplog):
+    with caplog.at_level(logging.INFO, logger="odin_gateway"):
+        with running(make_gateway(access_log=True)) as server:
+            exchange(server.port, b"OPTIONS /?q=\x1b[31m HTTP/1.1\r\nConnection: close\r\n\r\n")
+    requests = [line for line in json_log_lines(caplog) if line.get("event") == "request"]
+    assert requests and requests[0]["method"] == "OPTIONS" and requests[0]["status"] == 200
+    assert "\x1b" not in requests[0]["message"]  # request text is escaped in the message
+
+
+def test_reload_applies_customers_and_limits_and_keeps_state(caplog):
+    gw = make_gateway(customers=[TINY_CUSTOMER])
+    report(gw, SFU1, rooms=[room("ns", "r", "c")])
+    assert rpc(gw, "Connect", {}, token=token(KEY_A))[0] == 401
+    with caplog.at_level(logging.WARNING, logger="odin_gateway"):
+        gw.reload(gw.config.replace(customers=reference_customers(), max_batch=7,
+                                    master_key=base64.b64encode(b"k" * 32).decode(), port=1234))
+    assert result(gw, "Connect", {}, token=token(KEY_A))["address"] == SFU1
+    assert gw.config.max_batch == 7
+    assert SFU1 in gw.grid.servers and len(gw.grid.rooms) == 2  # state kept
+    assert gw.config.master_key == og.DEFAULT_MASTER_KEY and gw.config.port == 7000
+    assert "master_key changed" in caplog.text and "port changed" in caplog.text
+
+
+@needs_proc
+def test_sighup_reloads_the_config_file_and_refuses_a_broken_one(tmp_path):
+    with gateway_process(tmp_path, "customers = %r\n" % [TINY_CUSTOMER]) as (process, port):
+        def connect_status(access_key):
+            body = json.dumps({"jsonrpc": "2.0", "method": "Connect", "params": {}, "id": 1}).encode()
+            return status_of(exchange(port, b"POST / HTTP/1.1\r\nConnection: close\r\nAuthorization: "
+                                            b"Bearer %s\r\nContent-Length: %d\r\n\r\n%s" % (
+                                                token(access_key, now=time.time()).encode(),
+                                                len(body), body)))
+
+        def wait_for(event):
+            for line in process.stderr:
+                if json.loads(line).get("event") == event:
+                    return
+            raise AssertionError("no %s log line" % event)
+
+        assert connect_status(KEY_A) == 401
+        path = tmp_path / "gateway_config.py"
+        path.write_text(path.read_text() + "customers = %r\n" % reference_customers())
+        process.send_signal(signal.SIGHUP)
+        wait_for("config_reloaded")
+        assert connect_status(KEY_A) == 200  # known now (no server yet: a JSON-RPC error)
+        path.write_text(path.read_text() + "port = 'x'\n")
+        process.send_signal(signal.SIGHUP)
+        wait_for("config_reload_refused")
+        assert connect_status(KEY_A) == 200 and process.poll() is None
+
+
+def test_master_key_from_environment_or_file(tmp_path):
+    config_file = tmp_path / "c.py"
+    config_file.write_text("master_key = %r\n" % og.DEFAULT_MASTER_KEY)
+    key_file = tmp_path / "master.key"
+    from_file = base64.b64encode(b"f" * 32).decode()
+    from_env = base64.b64encode(b"e" * 32).decode()
+    key_file.write_text(from_file + "\n")
+    parse = og.build_parser().parse_args
+    assert og.load_config(parse(["--config", str(config_file)]), {}).master_key == og.DEFAULT_MASTER_KEY
+    environ = {og.MASTER_KEY_ENV: from_env}
+    assert og.load_config(parse(["--config", str(config_file)]), environ).master_key == from_env
+    args = parse(["--config", str(config_file), "--master-key-file", str(key_file)])
+    assert og.load_config(args, environ).master_key == from_file
+    with pytest.raises(og.ConfigError, match="master-key-file"):
+        og.load_config(parse(["--master-key-file", str(tmp_path / "missing")]), {})
+    with pytest.raises(og.ConfigError, match="master_key"):
+        og.load_config(parse([]), {og.MASTER_KEY_ENV: "not base64!"})
+
+
+def test_python_dash_m_runs_the_gateway():
+    finished = subprocess.run([sys.executable, "-m", "odin_gateway", "--version"], cwd=str(HERE),
+                              capture_output=True, text=True, timeout=30)
+    assert finished.stdout.strip().endswith(og.__version__)
+
+
+def test_the_wheel_has_the_module_and_console_script_but_not_config(tmp_path):
+    import zipfile
+
+    finished = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "-q", "-w",
+                               str(tmp_path), str(HERE)], capture_output=True, text=True, timeout=240)
+    if finished.returncode != 0 and "setuptools" in finished.stderr + finished.stdout:
+        pytest.skip("cannot build a wheel here: %s" % finished.stderr[-200:])
+    assert finished.returncode == 0, finished.stderr
+    wheel = next(tmp_path.glob("odin_gateway-%s-*.whl" % og.__version__))
+    names = zipfile.ZipFile(wheel).namelist()
+    assert "odin_gateway.py" in names
+    assert not any(name.endswith("config.py") or name.startswith("test_") for name in names)
+    entry_points = zipfile.ZipFile(wheel).read(next(n for n in names if n.endswith("entry_points.txt")))
+    assert b"odin-gateway = odin_gateway:main" in entry_points
