@@ -2452,9 +2452,8 @@ async def _serve(gateway: Gateway, host: str, port: int,
     listener = await asyncio.start_server(on_connection, host, port, ssl=ssl, limit=max(
         config.max_request_line, config.max_head_bytes) + 2)
     server = RunningServer(gateway, listener, "https" if ssl else "http")
-    timers = [asyncio.ensure_future(_maintenance_timer(gateway))]
-    if gateway.config.customer_api is not None:
-        timers.append(asyncio.ensure_future(_customer_timer(gateway)))
+    timers = [asyncio.ensure_future(_maintenance_timer(gateway)),
+              asyncio.ensure_future(_customer_timer(gateway))]
     gateway.stopping = False
     log.info("listening on %s", server.url, extra=fields("listening", url=server.url))
     try:
@@ -2522,10 +2521,14 @@ async def update_customers(gateway: Gateway) -> bool:
 
 
 async def _customer_timer(gateway: Gateway) -> None:
+    """Call the customer update function now and every update_interval (if configured;
+    a reload may add or remove it)."""
     while True:
-        await update_customers(gateway)
-        api = gateway.config.customer_api or {}
-        await asyncio.sleep(api.get("update_interval", 300))
+        api = gateway.config.customer_api
+        if api is not None:
+            await update_customers(gateway)
+        await asyncio.sleep(api.get("update_interval", 300) if api is not None else
+                            gateway.config.update_interval)
 
 
 class ThreadedServer:

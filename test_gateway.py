@@ -2361,3 +2361,19 @@ def test_the_wheel_has_the_module_and_console_script_but_not_config(tmp_path):
     assert not any(name.endswith("config.py") or name.startswith("test_") for name in names)
     entry_points = zipfile.ZipFile(wheel).read(next(n for n in names if n.endswith("entry_points.txt")))
     assert b"odin-gateway = odin_gateway:main" in entry_points
+
+
+def test_the_customer_update_function_runs_when_serving():
+    calls = []
+
+    def fetch():
+        calls.append(1)
+        return [TINY_CUSTOMER]
+
+    gw = make_gateway(customers=[], customer_api={"update_function": fetch, "update_interval": 300})
+    with running(gw) as server:
+        deadline = time.monotonic() + 10
+        while not server.call(lambda: "AatVMEY/ThH2" in gw.authorizer.customer_keys):
+            assert time.monotonic() < deadline, "the update function was not called"
+            time.sleep(0.01)
+    assert calls == [1]
