@@ -83,6 +83,10 @@ unknown_customers = "forbidden"
 internal_users = {}         # e.g. {"sfu": "a long random password"}
 
 # -- Media servers ------------------------------------------------------------
+# How a new room finds its server: "balanced" picks the least loaded server,
+# counting the peers sent to it since its last report; "random" picks at
+# random, weighted by free capacity, as the original gateway did.
+placement = "balanced"
 metrics_server = "0.0.0.0/0"  # network allowed to scrape the servers' metrics
 update_interval = 5           # s between server reports and maintenance ticks
 disable_timeout = 7.5         # s without a report before a server gets no new rooms

@@ -750,6 +750,9 @@ def _check_setting(name: str, value: Any) -> Optional[str]:
     elif name == "log_format":
         if value not in ("pretty", "json"):
             return 'expected "pretty" or "json"'
+    elif name == "placement":
+        if value not in ("balanced", "random"):
+            return 'expected "balanced" or "random"'
     elif name in ("host", "certificate", "private_key", "metrics_server"):
         if not isinstance(value, str) or not value:
             return "expected a non-empty string"
@@ -859,6 +862,7 @@ class Config:
         "remove_timeout": 600,
         "login_token_lifetime": 300,
         "access_log": False,
+        "placement": "balanced",
         # Limits (see "Security and limits" in README.md).
         "max_request_line": MAX_REQUEST_LINE,
         "max_head_bytes": MAX_HEAD_BYTES,
@@ -1135,16 +1139,28 @@ def merge_config(server: dict, recommended: dict) -> dict:
 # ---------------------------------------------------------------------------
 
 
-class Server:
-    """A media server as the gateway knows it, keyed by its hostname."""
+#: Load one peer adds to a server that has not yet reported any clients: a
+#: server is assumed to carry a thousand peers at load 1.0 until it says more.
+DEFAULT_PEER_LOAD = 0.001
 
-    __slots__ = ("hostname", "version", "disabled", "report", "first_seen", "last_seen",
-                 "tasks", "key", "room_hashes", "closing")
+
+class Server:
+    """A media server as the gateway knows it, keyed by its hostname.
+
+    Besides its last report it keeps what Connect sent its way since then
+    (pending peers and rooms, by customer): load the report does not show yet.
+    """
+
+    __slots__ = ("hostname", "version", "disabled", "draining", "reported_draining", "report",
+                 "first_seen", "last_seen", "tasks", "key", "room_hashes", "closing",
+                 "usage", "pending", "pending_peers")
 
     def __init__(self, hostname: str, key: SigningKey, now: float):
         self.hostname = hostname
         self.version = ""
         self.disabled = False
+        self.draining = False  # set by an operator (Drain)
+        self.reported_draining = False  # set by the server in its report
         self.report: dict = {"load": 0, "clients": 0, "rooms": []}
         self.first_seen = now
         self.last_seen = now
@@ -1152,10 +1168,28 @@ class Server:
         self.key = key
         self.room_hashes: set = set()  # hashes of the rooms of its last report
         self.closing: set = set()  # hashes with a collision RoomClose queued
+        self.usage: Dict[str, List[int]] = {}  # customer -> [peers, rooms] of its last report
+        self.pending: Dict[str, List[int]] = {}  # customer -> [peers, rooms] sent since
+        self.pending_peers = 0
 
     @property
     def load(self) -> float:
         return self.report["load"]
+
+    @property
+    def takes_rooms(self) -> bool:
+        return not (self.disabled or self.draining or self.reported_draining)
+
+    def peer_load(self) -> float:
+        """The load one more peer adds, estimated from the server's own report."""
+        clients, load = self.report["clients"], self.report["load"]
+        if clients > 0 and load > 0:
+            return load / clients
+        return DEFAULT_PEER_LOAD
+
+    def estimated_load(self) -> float:
+        """Reported load plus the peers Connect sent here since the report."""
+        return min(max(self.load, 0.0), 1.0) + self.pending_peers * self.peer_load()
 
 
 class Room:
@@ -1181,7 +1215,11 @@ class Grid:
         self._gateway = gateway
         self.servers: Dict[str, Server] = {}
         self.rooms: Dict[str, Room] = {}
-        self.usage: Dict[str, Tuple[int, int]] = {}  # customer -> (peers, rooms)
+        # customer -> [peers, rooms]: reported by the enabled servers, and sent
+        # by Connect since their last report. Kept up to date as reports and
+        # Connects arrive, so limits hold between maintenance ticks too.
+        self.reported: Dict[str, List[int]] = {}
+        self.pending: Dict[str, List[int]] = {}
         self._by_kid: Dict[str, Server] = {}
 
     @property
@@ -1212,11 +1250,44 @@ class Grid:
             log.info("server %s re-enabled: it reported again", printable(hostname),
                      extra=fields("server_enabled", hostname=hostname))
         self._integrate_rooms(server, report["rooms"], now)
+        self._account(server, -1)
+        server.usage = {}
+        for room in report["rooms"]:
+            counts = server.usage.setdefault(room["customer"], [0, 0])
+            counts[0] += room["peers"]
+            counts[1] += 1
+        server.pending = {}
+        server.pending_peers = 0
         server.version = version
         server.report = report
+        server.reported_draining = bool(report.get("draining", False))
         server.last_seen = now
         server.disabled = False
+        self._account(server, +1)
         return server
+
+    def _account(self, server: Server, sign: int) -> None:
+        """Add (sign +1) or take back (-1) an enabled server's share of the usage."""
+        if server.disabled:
+            return
+        for totals, share in ((self.reported, server.usage), (self.pending, server.pending)):
+            for customer, (peers, rooms) in share.items():
+                counts = totals.setdefault(customer, [0, 0])
+                counts[0] += sign * peers
+                counts[1] += sign * rooms
+                if counts == [0, 0]:
+                    del totals[customer]
+
+    def usage_of(self, customer: str) -> Tuple[int, int]:
+        """(peers, rooms) of a customer: reported, plus sent by Connect since."""
+        reported = self.reported.get(customer, (0, 0))
+        pending = self.pending.get(customer, (0, 0))
+        return reported[0] + pending[0], reported[1] + pending[1]
+
+    @property
+    def usage(self) -> Dict[str, Tuple[int, int]]:
+        """(peers, rooms) per customer, as usage_of() counts them."""
+        return {customer: self.usage_of(customer) for customer in set(self.reported) | set(self.pending)}
 
     def _integrate_rooms(self, server: Server, reported_rooms: List[dict], now: float) -> None:
         hostname = server.hostname
@@ -1279,39 +1350,63 @@ class Grid:
 
     def assign(self, digest: str, room_id: Tuple[str, str], customer: str,
                pinned: Optional[str], now: float) -> Server:
-        """The server for a room: where it lives, else a new pick; (re)maps it there."""
+        """The server for a room: where it lives, else a new pick; (re)maps it there.
+
+        The peer (and the room, if new there) count as pending usage of the
+        server and the customer until the server's next report.
+        """
         room = self.rooms.get(digest)
         server = self.servers.get(room.server) if room is not None else None
         if server is None or server.disabled:
             server = self._pick(pinned)
+        new_here = room is None or room.server != server.hostname
         if room is None:
             self.rooms[digest] = Room(room_id, customer, server.hostname, now)
         else:
             room.server = server.hostname
             room.updated = now
+        self._account(server, -1)
+        counts = server.pending.setdefault(customer, [0, 0])
+        counts[0] += 1
+        counts[1] += 1 if new_here and digest not in server.room_hashes else 0
+        server.pending_peers += 1
+        self._account(server, +1)
         return server
 
     def _pick(self, pinned: Optional[str]) -> Server:
-        """A random enabled server, weighted by 1 - load (a server is a candidate from
-        its first report on)."""
+        """A server for a new room, among those taking rooms (enabled, not draining;
+        a server is a candidate from its first report on).
+
+        placement "balanced": the least estimated load (reported load plus the
+        peers sent since), ties at random; a full server (1.0) gets a room only
+        when every server is full. placement "random", as the original: at
+        random, weighted by 1 - load.
+        """
         if pinned is not None:
             server = self.servers.get(pinned)
-            candidates = [server] if server is not None and not server.disabled else []
+            candidates = [server] if server is not None and server.takes_rooms else []
         else:
-            candidates = [s for s in self.servers.values() if not s.disabled]
+            candidates = [s for s in self.servers.values() if s.takes_rooms]
         if not candidates:
             raise refused("no server to assign room too")
-        weights = [1.0 - min(max(s.load, 0.0), 1.0) for s in candidates]
-        total = sum(weights)
         rng = self._gateway.rng
-        if total <= 0:
-            return candidates[int(rng.random() * len(candidates))]
-        point = rng.random() * total
-        for server, weight in zip(candidates, weights):
-            point -= weight
-            if point < 0:
-                return server
-        return candidates[-1]
+        if len(candidates) == 1:
+            return candidates[0]
+        if self.config.placement == "random":
+            weights = [1.0 - min(max(s.estimated_load(), 0.0), 1.0) for s in candidates]
+            total = sum(weights)
+            if total <= 0:
+                return candidates[int(rng.random() * len(candidates))]
+            point = rng.random() * total
+            for server, weight in zip(candidates, weights):
+                point -= weight
+                if point < 0:
+                    return server
+            return candidates[-1]
+        loads = [s.estimated_load() for s in candidates]
+        lowest = min(loads)
+        best = [s for s, load in zip(candidates, loads) if load - lowest < 1e-9]
+        return best[int(rng.random() * len(best))] if len(best) > 1 else best[0]
 
     # -- maintenance --------------------------------------------------------
 
@@ -1325,6 +1420,7 @@ class Grid:
                 log.info("server %s removed: no report for %.0f s", printable(server.hostname), silent,
                          extra=fields("server_removed", hostname=server.hostname, silent=silent))
             elif silent >= config.disable_timeout and not server.disabled:
+                self._account(server, -1)
                 server.disabled = True
                 log.warning("server %s disabled: no report for %.1f s; its rooms move on their "
                             "next Connect", printable(server.hostname), silent, extra=fields(
@@ -1333,25 +1429,13 @@ class Grid:
                    if now - room.updated > config.login_token_lifetime]
         for digest in expired:
             del self.rooms[digest]
-        self.usage = self._usage()
 
     def _remove(self, server: Server) -> None:
+        self._account(server, -1)
         del self.servers[server.hostname]
         self._by_kid.pop(server.key.kid, None)
         for digest in [d for d, room in self.rooms.items() if room.server == server.hostname]:
             del self.rooms[digest]
-
-    def _usage(self) -> Dict[str, Tuple[int, int]]:
-        """(peers, rooms) per customer, from the enabled servers' last reports."""
-        usage: Dict[str, List[int]] = {}
-        for server in self.servers.values():
-            if server.disabled:
-                continue
-            for room in server.report["rooms"]:
-                counts = usage.setdefault(room["customer"], [0, 0])
-                counts[0] += room["peers"]
-                counts[1] += 1
-        return {customer: (peers, rooms) for customer, (peers, rooms) in usage.items()}
 
 
 # ---------------------------------------------------------------------------
@@ -1378,6 +1462,10 @@ def _want_bytes(value: Any) -> Optional[str]:
             isinstance(b, int) and not isinstance(b, bool) and 0 <= b <= 255 for b in value):
         return None
     return "must be an array of integers from 0 to 255"
+
+
+def _want_bool(value: Any) -> Optional[str]:
+    return None if isinstance(value, bool) else "must be true or false"
 
 
 def _want_server_kind(value: Any) -> Optional[str]:
@@ -1516,7 +1604,7 @@ class Gateway:
     """
 
     PUBLIC_METHODS = ("Connect", "RoomClose", "RoomUpdate", "RoomBanClient", "RoomSendMessage")
-    INTERNAL_METHODS = ("sfu.GridConfig", "sfu.Report", "GetConfig", "SubmitReport", "Info")
+    INTERNAL_METHODS = ("sfu.GridConfig", "sfu.Report", "GetConfig", "SubmitReport", "Info", "Drain")
 
     def __init__(self, config: Optional[Config] = None, *, clock: Callable[[], float] = time.time,
                  rng: Optional[random.Random] = None):
@@ -1541,6 +1629,7 @@ class Gateway:
             "sfu.Report": lambda call, params: self.rpc_report(call, params, sfu=True),
             "SubmitReport": lambda call, params: self.rpc_report(call, params, sfu=False),
             "Info": self.rpc_info,
+            "Drain": self.rpc_drain,
         }
 
     # -- customers ----------------------------------------------------------
@@ -1748,6 +1837,7 @@ class Gateway:
         load = p.take("load", _want_number)
         clients = p.take("clients", _want_number)
         rooms = p.take("rooms", _want_rooms)
+        draining = p.take("draining", _want_bool, False)
         p.check()
         if kind != "grid":
             raise refused("api must be used for grid servers only" if sfu else "only grid is supported")
@@ -1755,17 +1845,37 @@ class Gateway:
             {"id": room["id"], "customer": room["customer"],
              "age": {"secs": room["age"]["secs"], "nanos": room["age"]["nanos"]},
              "peers": room["peers"]} for room in rooms]}
+        if draining:
+            report["draining"] = True
         server = self.grid.report(endpoint or remote_hostname(call.remote), version, report, self.clock())
         if call.notification:
             # A notification gets no answer, so the tasks stay queued for the next report.
             return {"tasks": []}
         return {"tasks": self.grid.take_tasks(server)}
 
+    def rpc_drain(self, call: Call, params: dict) -> dict:
+        """Drain a server (no new rooms; its rooms stay and are served) or undrain it."""
+        p = Params(params)
+        hostname = p.take("hostname", _want_string)
+        draining = p.take("draining", _want_bool, True)
+        p.check()
+        server = self.grid.servers.get(hostname)
+        if server is None:
+            raise refused("no server %s: Info lists the servers" % printable(hostname))
+        if server.draining != draining:
+            server.draining = draining
+            log.info("server %s %s by an operator", printable(hostname),
+                     "draining" if draining else "undrained",
+                     extra=fields("server_draining" if draining else "server_undrained",
+                                  hostname=hostname))
+        return {"hostname": hostname, "draining": server.draining or server.reported_draining}
+
     def rpc_info(self, call: Call, params: dict) -> dict:
         """Servers, rooms and call statistics, for operators."""
         servers = [{
             "hostname": s.hostname, "address": s.hostname, "version": s.version,
-            "disabled": s.disabled, "keyId": s.key.kid, "report": s.report,
+            "disabled": s.disabled, "draining": s.draining or s.reported_draining,
+            "keyId": s.key.kid, "report": s.report,
             "firstSeen": iso_time(s.first_seen), "lastSeen": iso_time(s.last_seen),
             "tasks": len(s.tasks),
         } for s in self.grid.servers.values()]
@@ -1929,7 +2039,7 @@ class Gateway:
         if path == "/health":
             return Response(200, dump_json({"status": "ok"}))
         if path == "/ready":
-            enabled = sum(1 for server in self.grid.servers.values() if not server.disabled)
+            enabled = sum(1 for server in self.grid.servers.values() if server.takes_rooms)
             if self.stopping:
                 return Response(503, dump_json({"status": "stopping"}))
             if not enabled:
@@ -2064,18 +2174,24 @@ def render_metrics(gateway: Gateway) -> str:
                  for labels, value in buckets)
     lines.append(_sample("odin_gateway_connect_duration_seconds_sum", {}, float(metrics.connect_sum)))
     lines.append(_sample("odin_gateway_connect_duration_seconds_count", {}, metrics.connect_count))
-    family("odin_gateway_servers", "gauge", "Media servers by state.",
-           [({"state": "enabled"}, len(enabled)),
+    taking = sum(1 for s in enabled if s.takes_rooms)
+    family("odin_gateway_servers", "gauge",
+           "Media servers by state: enabled (taking rooms), draining (serving its rooms, no "
+           "new ones), disabled (silent).",
+           [({"state": "enabled"}, taking), ({"state": "draining"}, len(enabled) - taking),
             ({"state": "disabled"}, len(grid.servers) - len(enabled))])
     family("odin_gateway_rooms", "gauge", "Rooms the gateway maps to a server.", [({}, len(grid.rooms))])
     family("odin_gateway_reported_peers", "gauge", "Peers in the enabled servers' last reports.",
-           [({}, sum(peers for peers, _rooms in grid.usage.values()))])
+           [({}, sum(peers for peers, _rooms in grid.reported.values()))])
     family("odin_gateway_reported_clients", "gauge", "Clients in the enabled servers' last reports.",
            [({}, sum(s.report["clients"] for s in enabled))])
-    family("odin_gateway_customer_rooms", "gauge", "Rooms per customer, as of the last maintenance tick.",
-           [({"customer": c}, rooms) for c, (_peers, rooms) in sorted(grid.usage.items())])
-    family("odin_gateway_customer_peers", "gauge", "Peers per customer, as of the last maintenance tick.",
-           [({"customer": c}, peers) for c, (peers, _rooms) in sorted(grid.usage.items())])
+    usage = sorted(grid.usage.items())
+    family("odin_gateway_customer_rooms", "gauge",
+           "Rooms per customer: reported, plus sent by Connect since (what limits count).",
+           [({"customer": c}, rooms) for c, (_peers, rooms) in usage])
+    family("odin_gateway_customer_peers", "gauge",
+           "Peers per customer: reported, plus sent by Connect since (what limits count).",
+           [({"customer": c}, peers) for c, (peers, _rooms) in usage])
     oldest = min((s.last_seen for s in enabled), default=None)
     family("odin_gateway_oldest_report_age_seconds", "gauge",
            "Seconds since the stalest enabled server last reported (0 without servers).",

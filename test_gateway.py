@@ -488,6 +488,8 @@ def _status_and_error(status_code, code, message_part):
 def _reference_info(step, api_call_changes):
     """The original's Info answer at step, with our documented differences in the stats."""
     body = _mask_times(json.loads(STEPS[step]["response"]["body_text"]))
+    for server in body["result"]["servers"]:
+        server["draining"] = False  # Info shows draining (a field the original did not have)
     for entry in body["result"]["stats"]["apiCalls"]:
         entry.update(api_call_changes.get(entry["name"], {}))
 
@@ -681,15 +683,16 @@ def test_internal_server_claim_pins_the_pick():
     gw = make_gateway(seed=5)
     report(gw, SFU1)
     report(gw, SFU2)
-    for index in range(10):
+    for index in range(5):
         pinned = token(room_id="room%d" % index, internal={"server": SFU2})
         assert result(gw, "Connect", {}, token=pinned)["address"] == SFU2
     unknown = token(room_id="elsewhere", internal={"server": "nope:4433"})
     assert error(gw, "Connect", {}, token=unknown)["message"] == "no server to assign room too"
 
 
-def test_a_full_server_gets_no_room_while_another_has_capacity():
-    gw = make_gateway(seed=11)
+@pytest.mark.parametrize("placement", ["balanced", "random"])
+def test_a_full_server_gets_no_room_while_another_has_capacity(placement):
+    gw = make_gateway(seed=11, customers=[], placement=placement)  # demo mode: no limits
     report(gw, SFU1, load=1.0)
     report(gw, SFU2, load=0.2)
     for index in range(30):
@@ -703,8 +706,8 @@ def test_when_every_server_is_full_one_is_still_chosen():
     assert result(gw, "Connect", {}, token=token())["address"] in (SFU1, SFU2)
 
 
-def test_pick_is_weighted_by_free_capacity():
-    gw = make_gateway(seed=2)
+def test_random_placement_is_weighted_by_free_capacity():
+    gw = make_gateway(seed=2, customers=[], placement="random")
     report(gw, SFU1, load=0.0)  # weight 1.0
     report(gw, SFU2, load=0.75)  # weight 0.25
     picks = [result(gw, "Connect", {}, token=token(room_id="w%d" % i))["address"] for i in range(400)]
@@ -766,19 +769,42 @@ def test_unknown_customers_get_the_configured_limits():
 # ---------------------------------------------------------------------------
 
 
-def test_room_and_peer_limits_use_reported_usage():
-    clock = Clock()
-    gw = make_gateway(clock)
+def test_room_and_peer_limits_use_reported_usage_at_once():
+    gw = make_gateway()
     report(gw, SFU1, rooms=[room("tiny", "t1", "tiny"), room("tiny", "t2", "tiny")])
-    assert result(gw, "Connect", {}, token=token(KEY_TINY, "t1"))  # usage not yet counted
-    gw.tick()
     assert error(gw, "Connect", {}, token=token(KEY_TINY, "t3"))["message"] == "room limit exceeded"
     report(gw, SFU1, rooms=[room("tiny", "t1", "tiny", peers=3)])
-    gw.tick()
     assert error(gw, "Connect", {}, token=token(KEY_TINY, "t1"))["message"] == "peer limit exceeded"
     report(gw, SFU1, rooms=[room("tiny", "t1", "tiny", peers=2)])
-    gw.tick()
     assert result(gw, "Connect", {}, token=token(KEY_TINY, "t1"))["address"] == SFU1
+
+
+def test_a_burst_of_connects_cannot_overrun_the_limits():
+    gw = make_gateway()
+    report(gw, SFU1)
+    # tiny: 3 peers, 2 rooms. Nothing is reported between these Connects.
+    assert result(gw, "Connect", {}, token=token(KEY_TINY, "a", user="u1"))
+    assert result(gw, "Connect", {}, token=token(KEY_TINY, "b", user="u2"))
+    assert error(gw, "Connect", {}, token=token(KEY_TINY, "c", user="u3"))["message"] == \
+        "room limit exceeded"
+    assert gw.grid.usage_of("tiny") == (2, 2)
+    # The server's report replaces the estimate: only room a was joined.
+    report(gw, SFU1, rooms=[room("tiny", "a", "tiny")])
+    assert gw.grid.usage_of("tiny") == (1, 1)
+    assert result(gw, "Connect", {}, token=token(KEY_TINY, "c", user="u3"))
+    # At the room limit even an existing room is refused (PROTOCOL 5.3, as the original).
+    assert error(gw, "Connect", {}, token=token(KEY_TINY, "a", user="u4"))["message"] == \
+        "room limit exceeded"
+
+
+def test_a_burst_of_peers_cannot_overrun_the_peer_limit():
+    gw = make_gateway()
+    report(gw, SFU1)
+    for user in ("u1", "u2", "u3"):  # tiny: 3 peers
+        assert result(gw, "Connect", {}, token=token(KEY_TINY, "a", user=user))
+    assert gw.grid.usage_of("tiny") == (3, 1)
+    assert error(gw, "Connect", {}, token=token(KEY_TINY, "a", user="u4"))["message"] == \
+        "peer limit exceeded"
 
 
 def test_usage_ignores_disabled_servers():
@@ -786,12 +812,11 @@ def test_usage_ignores_disabled_servers():
     gw = make_gateway(clock)
     report(gw, SFU2)
     report(gw, SFU1, rooms=[room("tiny", "t1", "tiny"), room("tiny", "t2", "tiny")])
-    gw.tick()
     assert gw.grid.usage["tiny"] == (2, 2)
     clock.advance(8)
     report(gw, SFU2)
     gw.tick()  # SFU1 silent for 8 s: disabled
-    assert "tiny" not in gw.grid.usage
+    assert "tiny" not in gw.grid.usage and gw.grid.usage_of("tiny") == (0, 0)
     assert result(gw, "Connect", {}, token=token(KEY_TINY, "t3"))["address"] == SFU2
 
 
@@ -1045,7 +1070,7 @@ def test_info_lists_servers_rooms_and_call_statistics():
     error(gw, "Connect", {}, token=token(room_id=[]))
     info = result(gw, "Info")
     assert info["servers"] == [{
-        "hostname": SFU1, "address": SFU1, "version": "1.6.0", "disabled": False,
+        "hostname": SFU1, "address": SFU1, "version": "1.6.0", "disabled": False, "draining": False,
         "keyId": _server_jwk(SFU1)["kid"],
         "report": {"load": 0.5, "clients": 0, "rooms": [room("ns", "r", "c", peers=2)]},
         "firstSeen": "2023-11-14T22:13:20.500Z", "lastSeen": "2023-11-14T22:13:20.500Z", "tasks": 0}]
@@ -2197,7 +2222,7 @@ def test_metrics_follow_the_prometheus_text_format():
     assert sample_value(families, "odin_gateway_servers", state="enabled") == 2
     assert sample_value(families, "odin_gateway_rooms") == 2  # Connect joined the reported lobby
     assert sample_value(families, "odin_gateway_reported_peers") == 3
-    assert sample_value(families, "odin_gateway_customer_peers", customer="odinref") == 2
+    assert sample_value(families, "odin_gateway_customer_peers", customer="odinref") == 3  # 1 pending
     assert sample_value(families, "odin_gateway_customer_rooms", customer='we"ird\\cus\ntomer') == 1
     assert sample_value(families, "odin_gateway_oldest_report_age_seconds") == 3.0
     assert sample_value(families, "odin_gateway_tasks_queued") == 1
@@ -2377,3 +2402,107 @@ def test_the_customer_update_function_runs_when_serving():
             assert time.monotonic() < deadline, "the update function was not called"
             time.sleep(0.01)
     assert calls == [1]
+
+
+# ---------------------------------------------------------------------------
+# Placement by current and future usage; draining
+# ---------------------------------------------------------------------------
+
+
+def rooms_per_server(gw):
+    counts = {hostname: 0 for hostname in gw.grid.servers}
+    for entry in gw.grid.rooms.values():
+        counts[entry.server] += 1
+    return counts
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_a_burst_of_new_rooms_spreads_evenly(seed):
+    gw = make_gateway(seed=seed, customers=[])
+    servers = ["sfu-%d:4433" % i for i in range(10)]
+    for hostname in servers:
+        report(gw, hostname, load=0.3)
+    for index in range(100):  # no report in between
+        result(gw, "Connect", {}, token=token(KEY_UNKNOWN, "burst-%d" % index))
+    counts = rooms_per_server(gw)
+    assert max(counts.values()) / (100 / 10) <= 1.2, counts
+
+
+def test_the_original_random_placement_spreads_a_burst_unevenly():
+    # What placement = "random" (the original's rule) does with the same burst.
+    ratios = []
+    for seed in range(5):
+        gw = make_gateway(seed=seed, customers=[], placement="random")
+        for i in range(10):
+            report(gw, "sfu-%d:4433" % i, load=0.3)
+        for index in range(100):
+            result(gw, "Connect", {}, token=token(KEY_UNKNOWN, "burst-%d" % index))
+        ratios.append(max(rooms_per_server(gw).values()) / 10)
+    assert max(ratios) > 1.2
+
+
+def test_uneven_loads_fill_the_emptiest_servers_first():
+    gw = make_gateway(customers=[])
+    report(gw, SFU1, load=0.1)
+    report(gw, SFU2, load=0.5)
+    gw.grid.servers[SFU1].report["clients"] = 100  # 0.001 load per peer
+    gw.grid.servers[SFU2].report["clients"] = 500
+    picks = [result(gw, "Connect", {}, token=token(KEY_UNKNOWN, "r%d" % i))["address"] for i in range(450)]
+    assert picks[:399] == [SFU1] * 399  # SFU1 is estimated below SFU2 until then
+    assert SFU2 in picks[399:]
+
+
+def test_pending_load_is_cleared_by_the_next_report():
+    gw = make_gateway(customers=[])
+    report(gw, SFU1)
+    for index in range(5):
+        result(gw, "Connect", {}, token=token(KEY_UNKNOWN, "p%d" % index))
+    server = gw.grid.servers[SFU1]
+    assert server.pending_peers == 5 and server.estimated_load() == pytest.approx(0.005)
+    report(gw, SFU1, load=0.2)
+    assert server.pending_peers == 0 and server.estimated_load() == 0.2
+
+
+def test_peer_cost_is_estimated_from_the_servers_own_report():
+    gw = make_gateway()
+    report(gw, SFU1, rooms=[room("ns", "r", "c", peers=40)], load=0.4)
+    gw.grid.servers[SFU1].report["clients"] = 40
+    assert gw.grid.servers[SFU1].peer_load() == pytest.approx(0.01)
+    report(gw, SFU2)
+    assert gw.grid.servers[SFU2].peer_load() == og.DEFAULT_PEER_LOAD
+
+
+def test_drain_keeps_rooms_but_takes_no_new_ones():
+    gw = make_gateway(customers=[])
+    report(gw, SFU1, rooms=[room("demo_" + og.public_jwk(KEY_UNKNOWN)["kid"], "old", "c")])
+    report(gw, SFU2, load=0.9)
+    assert result(gw, "Drain", {"hostname": SFU1}) == {"hostname": SFU1, "draining": True}
+    assert result(gw, "Connect", {}, token=token(KEY_UNKNOWN, "old"))["address"] == SFU1
+    for index in range(5):
+        assert result(gw, "Connect", {}, token=token(KEY_UNKNOWN, "new%d" % index))["address"] == SFU2
+    info = result(gw, "Info")["servers"]
+    assert [(s["hostname"], s["draining"]) for s in info] == [(SFU1, True), (SFU2, False)]
+    families = parse_metrics(og.render_metrics(gw))
+    assert sample_value(families, "odin_gateway_servers", state="draining") == 1
+    assert result(gw, "Drain", {"hostname": SFU1, "draining": False})["draining"] is False
+    assert result(gw, "Connect", {}, token=token(KEY_UNKNOWN, "new-again"))["address"] == SFU1
+
+
+def test_a_server_may_drain_itself_in_its_report():
+    gw = make_gateway(customers=[])
+    params = {"public_endpoint": SFU1, "version": "1", "load": 0, "clients": 0, "rooms": [],
+              "draining": True}
+    result(gw, "sfu.Report", params)
+    assert error(gw, "Connect", {}, token=token(KEY_UNKNOWN))["message"] == "no server to assign room too"
+    assert get(gw, "/ready").status == 503
+    report(gw, SFU1)  # no flag: taking rooms again
+    assert result(gw, "Connect", {}, token=token(KEY_UNKNOWN))["address"] == SFU1
+
+
+def test_drain_errors():
+    gw = make_gateway()
+    assert "no server" in error(gw, "Drain", {"hostname": "nope:4433"})["message"]
+    assert "draining" in error(gw, "Drain", {"hostname": SFU1, "draining": "yes"})["data"]["fieldErrors"]
+    params = {"public_endpoint": SFU1, "version": "1", "load": 0, "clients": 0, "rooms": [],
+              "draining": 1}
+    assert "draining" in error(gw, "sfu.Report", params)["data"]["fieldErrors"]
