@@ -64,6 +64,7 @@ __all__ = [
 import asyncio
 import base64
 import contextlib
+import copy
 import datetime
 import hashlib
 import hmac
@@ -226,6 +227,23 @@ def _escape_surrogate(match: "re.Match[str]") -> str:
     return "\\u%04x" % ord(match.group())
 
 
+def _refuse_constant(name: str) -> Any:
+    raise ValueError("%s is not JSON" % name)
+
+
+# Immutable, so shareable; json.loads/dumps with options would build one per call.
+_JSON_DECODER = json.JSONDecoder(parse_constant=_refuse_constant)
+_JSON_ENCODER = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"), allow_nan=False)
+
+
+def _utf8(text: str) -> bytes:
+    """UTF-8 as JavaScript's TextEncoder writes it: a lone surrogate becomes U+FFFD."""
+    try:
+        return text.encode("utf-8")
+    except UnicodeEncodeError:  # a lone surrogate from a JSON \ud800 escape
+        return _SURROGATE_RE.sub("\ufffd", text).encode("utf-8")
+
+
 def js_number(value: float) -> str:
     """A number as JavaScript's Number.prototype.toString writes it.
 
@@ -261,13 +279,26 @@ def js_number(value: float) -> str:
     return sign + digits[0] + "." + digits[1:] + "e" + e_text
 
 
+def _has_float(value: Any) -> bool:
+    if isinstance(value, float):
+        return True
+    if isinstance(value, dict):
+        return any(_has_float(item) for item in value.values())
+    if isinstance(value, (list, tuple)):
+        return any(_has_float(item) for item in value)
+    return False
+
+
 def js_json(value: Any) -> str:
     """Compact JSON exactly as JavaScript's JSON.stringify writes it.
 
     No spaces, keys in insertion order, non-ASCII characters raw, integral
     floats without a fraction, lone surrogates escaped. Used for tokens, whose
-    bytes are signed, and for response bodies.
+    bytes are signed. Without floats the standard library writes the same.
     """
+    if not _has_float(value):
+        text = _JSON_ENCODER.encode(value)
+        return _SURROGATE_RE.sub(_escape_surrogate, text) if _SURROGATE_RE.search(text) else text
     if isinstance(value, dict):
         return "{" + ",".join(
             js_json(str(k)) + ":" + js_json(v) for k, v in value.items()
@@ -290,20 +321,16 @@ def js_json(value: Any) -> str:
 
 def dump_json(value: Any) -> bytes:
     """A response body: compact UTF-8 JSON (C-accelerated; floats as Python writes them)."""
-    text = json.dumps(value, ensure_ascii=False, separators=(",", ":"), allow_nan=False)
+    text = _JSON_ENCODER.encode(value)
     if _SURROGATE_RE.search(text):
         text = _SURROGATE_RE.sub(_escape_surrogate, text)
     return text.encode("utf-8")
 
 
-def _refuse_constant(name: str) -> Any:
-    raise ValueError("%s is not JSON" % name)
-
-
 def load_json(data: bytes) -> Any:
     """Strict JSON from UTF-8 bytes; ValueError for anything JSON.parse refuses."""
     try:
-        return json.loads(data.decode("utf-8"), parse_constant=_refuse_constant)
+        return _JSON_DECODER.decode(data.decode("utf-8"))
     except RecursionError as err:
         raise ValueError("JSON nested too deeply") from err
 
@@ -419,8 +446,7 @@ def derive_server_key(master_key: bytes, hostname: str) -> SigningKey:
     Tokens therefore stay valid across gateway restarts, and a server gets the
     same key every time it asks.
     """
-    okm = hkdf_sha512(master_key, hostname.encode("utf-8", "surrogatepass"),
-                      b"grid-connection-key", 512)
+    okm = hkdf_sha512(master_key, _utf8(hostname), b"grid-connection-key", 512)
     return SigningKey(hashlib.sha256(okm).digest(), SERVER_KID_PREFIX)
 
 
@@ -550,7 +576,7 @@ def _token_json(segment: str) -> dict:
         data = b64url_decode(segment)
         # Invalid UTF-8 becomes U+FFFD as in the original; the signature
         # covers the raw bytes, so this changes no verdict.
-        value = json.loads(data.decode("utf-8", "replace"), parse_constant=_refuse_constant)
+        value = _JSON_DECODER.decode(data.decode("utf-8", "replace"))
     except (ValueError, RecursionError) as err:
         raise TokenError("invalid json in token") from err
     if not isinstance(value, dict):
@@ -697,11 +723,12 @@ def split_authorization(header: Optional[str]) -> Tuple[str, str]:
     scheme, credentials = parts[0], parts[1] if len(parts) > 1 else ""
     if not scheme or not credentials:
         raise TokenError("missing authorization")
-    if len(parts) > 2 or any(ch.isspace() for ch in credentials):
+    if len(parts) > 2 or _WHITESPACE_RE.search(credentials):
         raise TokenError("invalid authorization")
     return scheme, credentials
 
 
+_WHITESPACE_RE = re.compile(r"\s")
 _DUMMY_PASSWORD = b"\x00" * 32
 
 
@@ -773,7 +800,10 @@ def _check_setting(name: str, value: Any) -> Optional[str]:
                 raise ValueError
         except ValueError:
             return "expected a non-empty base64 string (make one with: python odin_gateway.py keygen --master)"
-    elif name in ("update_interval", "disable_timeout", "remove_timeout", "login_token_lifetime",
+    elif name == "login_token_lifetime":
+        if not (isinstance(value, int) and not isinstance(value, bool) and value > 0):
+            return "expected a positive whole number of seconds (it becomes the tokens' exp)"
+    elif name in ("update_interval", "disable_timeout", "remove_timeout",
                   "read_timeout", "keep_alive_timeout", "shutdown_timeout",
                   "customer_update_timeout"):
         if not (_is_number(value) and value > 0):
@@ -884,7 +914,8 @@ class Config:
                 source, ", ".join(unknown), ", ".join(self.DEFAULTS)))
         self.source = source
         for name, default in self.DEFAULTS.items():
-            value = settings.get(name, default)
+            # A copy: a default list or dict must not be shared between configs.
+            value = settings[name] if name in settings else copy.deepcopy(default)
             problem = _check_setting(name, value)
             if problem:
                 raise ConfigError("%s: %s = %s: %s" % (source, name, printable(repr(value), 80), problem))
@@ -957,13 +988,6 @@ def room_base_name(name: str) -> str:
         if end >= 0:
             return name[start:end]
     return name
-
-
-def _utf8(text: str) -> bytes:
-    try:
-        return text.encode("utf-8")
-    except UnicodeEncodeError:  # a lone surrogate from a JSON \ud800 escape
-        return _SURROGATE_RE.sub("\ufffd", text).encode("utf-8")
 
 
 def room_hash(namespace: str, name: str) -> str:
@@ -1088,14 +1112,23 @@ def _toml_table(table: dict, path: List[str], lines: List[str], header: Optional
                 _toml_table(item, sub_path, lines, "[[%s]]" % ".".join(sub_path))
 
 
+#: Largest server config sfu.GridConfig accepts: real ones are a few KiB, and
+#: parsing runs on the event loop.
+MAX_SERVER_CONFIG = 64 * 1024
+
+
 def parse_toml(text: str) -> dict:
     """Parse TOML; RpcError naming the line and column when it is invalid."""
     if _toml_reader is None:
         raise RpcError(INTERNAL_ERROR, "sfu.GridConfig needs Python 3.11+ or the tomli package")
+    if len(text) > MAX_SERVER_CONFIG:
+        raise refused("config is %d characters; at most %d are accepted" % (len(text), MAX_SERVER_CONFIG))
     try:
         return _toml_reader.loads(text)
     except _toml_reader.TOMLDecodeError as err:
         raise refused("invalid TOML in config: %s" % err) from err
+    except (ValueError, RecursionError) as err:  # e.g. an integer beyond Python's digit limit
+        raise refused("config cannot be used: %s" % err) from err
 
 
 def recommended_server_config(config: Config) -> dict:
@@ -1249,10 +1282,10 @@ class Grid:
         elif server.disabled:
             log.info("server %s re-enabled: it reported again", printable(hostname),
                      extra=fields("server_enabled", hostname=hostname))
-        self._integrate_rooms(server, report["rooms"], now)
+        counted = self._integrate_rooms(server, report["rooms"], now)
         self._account(server, -1)
         server.usage = {}
-        for room in report["rooms"]:
+        for room in counted:
             counts = server.usage.setdefault(room["customer"], [0, 0])
             counts[0] += room["peers"]
             counts[1] += 1
@@ -1289,7 +1322,9 @@ class Grid:
         """(peers, rooms) per customer, as usage_of() counts them."""
         return {customer: self.usage_of(customer) for customer in set(self.reported) | set(self.pending)}
 
-    def _integrate_rooms(self, server: Server, reported_rooms: List[dict], now: float) -> None:
+    def _integrate_rooms(self, server: Server, reported_rooms: List[dict], now: float) -> List[dict]:
+        """Map the reported rooms; the rooms that could be identified (a name over
+        255 bytes cannot: it is left out, with a warning)."""
         hostname = server.hostname
         reported: Dict[str, dict] = {}
         for room in reported_rooms:
@@ -1314,17 +1349,21 @@ class Grid:
             known = self.rooms.get(digest)
             if known is None or known.server not in self.servers:
                 self.rooms[digest] = Room(tuple(room["id"]), room["customer"], hostname, now)
-            elif digest not in server.closing:
-                self._collision(server, known, room)
+            elif digest not in server.closing:  # at most one RoomClose queued per room
+                self._collision(server, known, room, digest)
         for digest in server.room_hashes.difference(reported):
             known = self.rooms.get(digest)
             if known is not None and known.server == hostname:
                 del self.rooms[digest]
         server.room_hashes = set(reported)
-        server.closing.intersection_update(reported)
+        return list(reported.values())
 
-    def _collision(self, server: Server, owner: Room, room: dict) -> None:
+    def _collision(self, server: Server, owner: Room, room: dict, digest: str) -> None:
         """Another server owns the room: tell this one to close its copy."""
+        if len(server.tasks) >= self.config.max_queued_tasks:
+            log.warning("room collision on %s: its task queue is full; not queueing RoomClose",
+                        printable(server.hostname))
+            return
         log.warning("room collision: %s reports room %s/%s, which lives on %s; "
                     "closing it there", printable(server.hostname), printable(room["id"][0]),
                     printable(room["id"][1]), printable(owner.server), extra=fields(
@@ -1332,7 +1371,7 @@ class Grid:
                         owner=owner.server))
         ban = {"secs": int(math.ceil(self.config.update_interval)), "nanos": 0}
         server.tasks.append({"task": "RoomClose", "id": list(room["id"]), "ban_time": ban})
-        server.closing.add(room_hash(*room["id"]))
+        server.closing.add(digest)
 
     def take_tasks(self, server: Server) -> List[dict]:
         tasks, server.tasks = server.tasks, []
@@ -1454,7 +1493,9 @@ def _want_number(value: Any) -> Optional[str]:
 
 
 def _want_duration(value: Any) -> Optional[str]:
-    return None if _is_number(value) and value >= 0 else "must be a non-negative number of seconds"
+    if _is_number(value) and 0 <= value <= MAX_SAFE_INTEGER:
+        return None
+    return "must be a non-negative number of seconds (at most 2^53 - 1)"
 
 
 def _want_bytes(value: Any) -> Optional[str]:
@@ -1826,7 +1867,10 @@ class Gateway:
         if not isinstance(keys, list):
             raise refused("config: authorization.keys must be an array, not %s" % _toml_kind(keys))
         keys.append(self.grid.key_for(hostname).private_jwk())
-        return {"config": toml_dumps(document)}
+        try:
+            return {"config": toml_dumps(document)}
+        except (ValueError, RecursionError) as err:  # nesting or digits beyond Python's limits
+            raise refused("config cannot be written back: %s" % err) from err
 
     def rpc_report(self, call: Call, params: dict, *, sfu: bool) -> dict:
         """Store a server's report; answer the admin tasks queued for it."""
@@ -1941,7 +1985,7 @@ class Gateway:
                     request_id = None
                     notification = False
                 raise RpcError(INVALID_REQUEST, "Invalid Request")
-            if method not in methods or not _subject_allows(auth, method):
+            if method not in methods:  # methods: those the token's sub allows
                 raise RpcError(METHOD_NOT_FOUND, "Method not found")
             params = request.get("params", {})
             if isinstance(params, list):
@@ -2011,7 +2055,9 @@ class Gateway:
             if path == "/":
                 if not header:
                     return Response(401, _error_body(PARSE_ERROR, "invalid or missing authorization"))
-                auth = self.authorizer.authorize(header, self.clock(), required_claims=("rid", "uid"))
+                # Whole seconds, as the original: a token exactly 300 s late still passes.
+                auth = self.authorizer.authorize(header, int(self.clock()),
+                                                 required_claims=("rid", "uid"))
             elif self.config.internal_users:
                 if not header:
                     return Response(401, _error_body(PARSE_ERROR, "invalid or missing authorization"),
@@ -2025,7 +2071,7 @@ class Gateway:
             return Response(401, _error_body(INVALID_REQUEST, str(err)))
 
         if auth is not None and "sub" in auth.claims:
-            methods = tuple(m for m in methods if _subject_allows(auth, m))
+            methods = _subject_filter(auth.claims["sub"], methods)
             if not methods:
                 return Response(403, _error_body(PARSE_ERROR, "access denied by token restrictions"))
         status, response_body = self.dispatch(methods, body, auth, remote)
@@ -2058,15 +2104,10 @@ class Gateway:
                         content_type="text/plain; version=0.0.4; charset=utf-8")
 
 
-def _subject_allows(auth: Optional[Authorization], method: str) -> bool:
-    """A token with sub may call only the methods it names (case-insensitively)."""
-    if auth is None or "sub" not in auth.claims:
-        return True
-    subjects = auth.claims["sub"]
-    if isinstance(subjects, str):
-        subjects = [subjects]
-    lowered = method.lower()
-    return any(subject.lower() == lowered for subject in subjects)
+def _subject_filter(subjects: Any, methods: Tuple[str, ...]) -> Tuple[str, ...]:
+    """The methods a token with sub may call: those it names, case-insensitively."""
+    named = {subjects.lower()} if isinstance(subjects, str) else {s.lower() for s in subjects}
+    return tuple(method for method in methods if method.lower() in named)
 
 
 def _toml_kind(value: Any) -> str:
@@ -2113,7 +2154,8 @@ class Metrics:
 
 
 def _label_value(value: Any) -> str:
-    return str(value).replace("\\", "\\\\").replace("\n", "\\n").replace('"', '\\"')
+    value = _SURROGATE_RE.sub("\ufffd", str(value))  # a lone surrogate cannot be UTF-8
+    return value.replace("\\", "\\\\").replace("\n", "\\n").replace('"', '\\"')
 
 
 def _sample(name: str, labels: Dict[str, Any], value: float) -> str:
@@ -2343,16 +2385,39 @@ def _http_error_response(err: HttpError) -> Response:
 # ---------------------------------------------------------------------------
 
 
-async def _read_line(reader: asyncio.StreamReader, limit: int, status: int, what: str,
-                     started: bool = True) -> bytes:
-    """A CRLF-terminated line without its CRLF; started: part of the request is in."""
+if sys.version_info >= (3, 11):
+    deadline = asyncio.timeout
+else:
+    class deadline:  # noqa: N801 - named like asyncio.timeout, which it stands in for
+        """asyncio.timeout for Python < 3.11: cancel the task when time is up."""
+
+        def __init__(self, seconds: float):
+            self.seconds = seconds
+            self.expired = False
+
+        async def __aenter__(self) -> "deadline":
+            task = asyncio.current_task()
+            self.handle = asyncio.get_running_loop().call_later(self.seconds, self._expire, task)
+            return self
+
+        def _expire(self, task: "asyncio.Task[Any]") -> None:
+            self.expired = True
+            task.cancel()
+
+        async def __aexit__(self, exc_type: Any, exc: Any, tb: Any) -> bool:
+            self.handle.cancel()
+            if self.expired and exc_type is asyncio.CancelledError:
+                raise asyncio.TimeoutError from None
+            return False
+
+
+async def _read_line(reader: asyncio.StreamReader, limit: int, status: int, what: str) -> bytes:
+    """A CRLF-terminated line (of a chunked body) without its CRLF."""
     try:
         line = await reader.readuntil(b"\r\n")
     except asyncio.LimitOverrunError:
         raise HttpError(status, "%s too long" % what) from None
-    except asyncio.IncompleteReadError as err:
-        if not err.partial and not started:  # closed between requests: nothing to answer
-            raise ConnectionResetError from None
+    except asyncio.IncompleteReadError:
         raise HttpError(400, "connection closed inside the request") from None
     if len(line) > limit:
         raise HttpError(status, "%s too long (limit %d bytes)" % (what, limit))
@@ -2363,26 +2428,35 @@ async def read_request_head(reader: asyncio.StreamReader, limits: Config,
                             first: bytes = b"") -> Request:
     """Read and parse a request head, enforcing the head limits.
 
-    first: bytes of the request line already read (waiting for a request's
-    first byte is timed apart from reading the rest of it).
+    first: bytes of the request already read (waiting for a request's first
+    byte is timed apart from reading the rest of it). The reader's limit must
+    be above max_head_bytes and max_request_line.
     """
-    line = first + await _read_line(reader, limits.max_request_line, 414, "request line",
-                                    started=bool(first))
-    if len(line) > limits.max_request_line:
+    try:
+        head = first + await reader.readuntil(b"\r\n\r\n")
+    except asyncio.LimitOverrunError:
+        start = first + await reader.read(limits.max_request_line + 2)
+        if b"\r\n" not in start[:limits.max_request_line + 2]:
+            raise HttpError(414, "request line too long (limit %d bytes)"
+                            % limits.max_request_line) from None
+        raise HttpError(431, "header block too large (limit %d bytes)"
+                        % limits.max_head_bytes) from None
+    except asyncio.IncompleteReadError as err:
+        if not err.partial and not first:  # closed between requests: nothing to answer
+            raise ConnectionResetError from None
+        raise HttpError(400, "connection closed inside the request") from None
+    lines = head[:-4].split(b"\r\n")
+    if len(lines[0]) > limits.max_request_line:
         raise HttpError(414, "request line too long (limit %d bytes)" % limits.max_request_line)
-    method, target, version = parse_request_line(line)
+    method, target, version = parse_request_line(lines[0])
+    if len(head) - 4 > limits.max_head_bytes:
+        raise HttpError(431, "header block too large (limit %d bytes)" % limits.max_head_bytes)
+    if len(lines) - 1 > limits.max_headers:
+        raise HttpError(431, "too many header fields (limit %d)" % limits.max_headers)
     headers: Dict[str, str] = {}
-    size = len(line)
-    while True:
-        line = await _read_line(reader, limits.max_head_bytes, 431, "header block")
-        if not line:
-            return Request(method, target, version, headers)
-        size += len(line) + 2
-        if size > limits.max_head_bytes:
-            raise HttpError(431, "header block too large (limit %d bytes)" % limits.max_head_bytes)
-        if len(headers) >= limits.max_headers:
-            raise HttpError(431, "too many header fields (limit %d)" % limits.max_headers)
+    for line in lines[1:]:
         parse_header_line(line, headers)
+    return Request(method, target, version, headers)
 
 
 async def read_chunked_body(reader: asyncio.StreamReader, limits: Config) -> bytes:
@@ -2405,6 +2479,8 @@ async def read_chunked_body(reader: asyncio.StreamReader, limits: Config) -> byt
             raise HttpError(400, "malformed chunk")
 
 
+#: Bytes asyncio receives at once on a connection (its default is 256 KiB).
+RECEIVE_SIZE = 64 * 1024
 #: Seconds (and bytes) a connection closed after an error answer is still read
 #: from, so that the client receives the answer rather than a reset.
 LINGER_SECONDS = 1.0
@@ -2421,14 +2497,15 @@ async def close_after_answer(reader: asyncio.StreamReader, writer: asyncio.Strea
     """
     try:
         writer.write(answer)
-        await writer.drain()
+        async with deadline(LINGER_SECONDS):
+            await writer.drain()
         if writer.can_write_eof():
             writer.write_eof()
         loop = asyncio.get_running_loop()
-        deadline = loop.time() + LINGER_SECONDS
+        until = loop.time() + LINGER_SECONDS
         discarded = 0
         while discarded < LINGER_BYTES:
-            remaining = deadline - loop.time()
+            remaining = until - loop.time()
             if remaining <= 0:
                 break
             chunk = await asyncio.wait_for(reader.read(65536), remaining)
@@ -2463,12 +2540,18 @@ async def serve_connection(gateway: Gateway, reader: asyncio.StreamReader,
     peer = writer.get_extra_info("peername")
     remote = peer[0] if isinstance(peer, tuple) else "127.0.0.1"
     limits = gateway.config
+    # asyncio receives into 256 KiB buffers, above glibc's default mmap
+    # threshold (128 KiB): every read would map and unmap memory until glibc
+    # adapts. Requests are small; 64 KiB reads come from the heap.
+    if hasattr(writer.transport, "max_size"):
+        writer.transport.max_size = RECEIVE_SIZE
     connections.all.add(writer)
     try:
         while not gateway.stopping:  # a connection accepted as stop() began closes at once
             connections.idle.add(writer)
             try:
-                first = await asyncio.wait_for(reader.read(1), limits.keep_alive_timeout)
+                async with deadline(limits.keep_alive_timeout):
+                    first = await reader.read(1)
             except asyncio.TimeoutError:
                 return
             finally:
@@ -2476,19 +2559,19 @@ async def serve_connection(gateway: Gateway, reader: asyncio.StreamReader,
             if not first:
                 return
             try:
-                request = await asyncio.wait_for(read_request_head(reader, limits, first),
-                                                 limits.read_timeout)
+                async with deadline(limits.read_timeout):
+                    request = await read_request_head(reader, limits, first)
                 length = body_length(request.headers)
                 if length is not None and length > limits.max_body_bytes:
                     raise HttpError(413, "request body too large (limit %d bytes)"
                                     % limits.max_body_bytes)
                 if request.headers.get("expect", "").lower() == "100-continue" and length != 0:
                     writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
-                if length is None:
-                    body = await asyncio.wait_for(read_chunked_body(reader, limits),
-                                                  limits.read_timeout)
-                else:
-                    body = await asyncio.wait_for(reader.readexactly(length), limits.read_timeout)
+                async with deadline(limits.read_timeout):
+                    if length is None:
+                        body = await read_chunked_body(reader, limits)
+                    else:
+                        body = await reader.readexactly(length)
             except HttpError as err:
                 log.debug("%s: HTTP %d: %s", remote, err.status, err.message)
                 gateway.metrics.count_response(None, err.status)
@@ -2516,7 +2599,13 @@ async def serve_connection(gateway: Gateway, reader: asyncio.StreamReader,
             gateway.metrics.count_response(request.target, response.status)
             if gateway.config.access_log:
                 _access_log(remote, request, response, time.perf_counter() - started)
-            await writer.drain()
+            try:
+                # A client that does not read its answers must not hold a slot forever.
+                async with deadline(limits.read_timeout):
+                    await writer.drain()
+            except asyncio.TimeoutError:
+                writer.transport.abort()
+                return
             if not keep_alive:
                 return
     except (ConnectionError, asyncio.IncompleteReadError, ssl_module.SSLError, OSError):
@@ -2566,7 +2655,7 @@ async def _serve(gateway: Gateway, host: str, port: int,
 
     config = gateway.config
     listener = await asyncio.start_server(on_connection, host, port, ssl=ssl, limit=max(
-        config.max_request_line, config.max_head_bytes) + 2)
+        config.max_request_line, config.max_head_bytes) + 4)
     server = RunningServer(gateway, listener, "https" if ssl else "http")
     timers = [asyncio.ensure_future(_maintenance_timer(gateway)),
               asyncio.ensure_future(_customer_timer(gateway))]
@@ -3230,7 +3319,8 @@ async def _run(gateway: Gateway, ssl_context: Optional[ssl_module.SSLContext],
         if stop.is_set():
             log.warning("second signal: exiting at once")
             os._exit(1)
-        log.info("stopping: finishing requests in flight")
+        gateway.stopping = True  # from now on, answers close their connections
+        log.info("stopping: finishing requests in flight", extra=fields("stopping"))
         stop.set()
 
     for signum in (signal.SIGINT, signal.SIGTERM):

@@ -2139,6 +2139,9 @@ def test_sigterm_lets_a_request_in_flight_finish(tmp_path):
                          % (len(INFO_BODY), INFO_BODY[:10]))
             wait_until_server_read(sock, port)
             process.send_signal(signal.SIGTERM)
+            for line in process.stderr:  # the stop has begun
+                if json.loads(line).get("event") == "stopping":
+                    break
             sock.sendall(INFO_BODY[10:])
             data = sock.recv(65536)
         assert status_of(data) == 200 and b"Connection: close" in data
@@ -2153,7 +2156,7 @@ def test_a_second_signal_exits_at_once(tmp_path):
             wait_until_server_read(sock, port)
             process.send_signal(signal.SIGTERM)
             for line in process.stderr:  # the first signal is taken: a graceful stop begins
-                if "stopping" in json.loads(line)["message"]:
+                if json.loads(line).get("event") == "stopping":
                     break
             assert process.poll() is None  # waiting for the request in flight
             started = time.monotonic()
@@ -2506,3 +2509,184 @@ def test_drain_errors():
     params = {"public_endpoint": SFU1, "version": "1", "load": 0, "clients": 0, "rooms": [],
               "draining": 1}
     assert "draining" in error(gw, "sfu.Report", params)["data"]["fieldErrors"]
+
+
+# ---------------------------------------------------------------------------
+# Regressions found by review
+# ---------------------------------------------------------------------------
+
+
+def test_leeway_is_counted_in_whole_seconds_with_a_real_clock():
+    gw = make_gateway(Clock(1700000000.9))
+    report(gw, SFU1)
+    exactly_300_late = og.create_token(KEY_A, "lobby", "a", lifetime=-300, now=1700000000)
+    assert result(gw, "Connect", {}, token=exactly_300_late)["address"] == SFU1
+    late = og.create_token(KEY_A, "lobby", "a", lifetime=-301, now=1700000000)
+    assert rpc(gw, "Connect", {}, token=late)[1]["error"]["message"] == "token has expired"
+
+
+def test_a_client_that_never_reads_loses_its_connection():
+    gw = make_gateway(read_timeout=0.3, max_connections=2)
+    with running(gw) as server, socket.create_connection(("127.0.0.1", server.port), timeout=5) as greedy:
+        greedy.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        request = b"POST /internal HTTP/1.1\r\nContent-Length: %d\r\n\r\n%s" % (len(INFO_BODY), INFO_BODY)
+        greedy.settimeout(0.05)
+        deadline = time.monotonic() + 10
+        with contextlib.suppress(OSError):  # send, never read, until the gateway gives up on it
+            while time.monotonic() < deadline:
+                greedy.sendall(request * 50)
+        assert time.monotonic() < deadline, "the gateway kept the unread connection open"
+        ok = exchange(server.port, b"OPTIONS / HTTP/1.1\r\nConnection: close\r\n\r\n")
+        assert status_of(ok) == 200
+
+
+@pytest.mark.parametrize("config_text, words", [
+    ("x = 1" + "0" * 5000, "cannot be used"),
+    ("x = " + "[" * 400 + "]" * 400, "cannot"),
+    ("x = 0x" + "f" * 4000, "cannot be written back"),
+    ("a = 1\n" + "#" * (og.MAX_SERVER_CONFIG + 1), "at most"),
+])
+def test_unusable_server_configs_are_refused_clearly(config_text, words):
+    gw = make_gateway()
+    err = error(gw, "GetConfig", {"server": "grid", "version": "1", "config": config_text})
+    assert err["code"] == -32600 and words in err["message"], err
+
+
+def test_collision_closes_stay_single_and_bounded_under_notification_reports():
+    gw = make_gateway(max_queued_tasks=5)
+    report(gw, SFU1, rooms=[room("ns", "r", "c")])
+    with_room = {"public_endpoint": SFU2, "version": "1", "load": 0, "clients": 0,
+                 "rooms": [room("ns", "r", "c")]}
+    without = dict(with_room, rooms=[])
+    for _ in range(50):
+        rpc(gw, "sfu.Report", with_room, request_id=None)
+        rpc(gw, "sfu.Report", without, request_id=None)
+    assert len(gw.grid.servers[SFU2].tasks) == 1
+
+
+def test_a_full_queue_takes_no_collision_close():
+    gw = make_gateway(max_queued_tasks=1)
+    report(gw, SFU2, rooms=[room("ns", "own", "c")])
+    gw.grid.servers[SFU2].tasks.append({"task": "RoomUpdate", "id": ["ns", "own"], "user_data": []})
+    report(gw, SFU1, rooms=[room("ns", "r", "c")])
+    params = {"public_endpoint": SFU2, "version": "1", "load": 0, "clients": 0,
+              "rooms": [room("ns", "own", "c"), room("ns", "r", "c")]}
+    rpc(gw, "sfu.Report", params, request_id=None)
+    assert len(gw.grid.servers[SFU2].tasks) == 1
+
+
+def test_login_token_lifetime_must_be_whole_seconds():
+    with pytest.raises(og.ConfigError, match="login_token_lifetime"):
+        og.Config(login_token_lifetime=60.5)
+
+
+def test_config_defaults_are_not_shared():
+    first = og.Config()
+    first.internal_users["eve"] = "pw"
+    first.customers.append({"id": "x"})
+    assert og.Config().internal_users == {} and og.Config().customers == []
+
+
+def test_ban_time_is_bounded():
+    gw = make_gateway()
+    report(gw, SFU1, rooms=[room("custom-ns", "lobby", "odinref")])
+    err = error(gw, "RoomClose", {"room_id": "lobby", "ban_time": 1e20}, token=admin_token())
+    assert "ban_time" in err["data"]["fieldErrors"]
+
+
+def test_reported_rooms_with_too_long_names_are_left_out_of_usage(caplog):
+    gw = make_gateway()
+    with caplog.at_level(logging.WARNING, logger="odin_gateway"):
+        report(gw, SFU1, rooms=[room("ns", "x" * 300, "c", peers=4), room("ns", "ok", "c")])
+    assert "at most 255 bytes" in caplog.text
+    assert gw.grid.usage_of("c") == (1, 1) and len(gw.grid.rooms) == 1
+
+
+def test_server_keys_treat_lone_surrogates_as_room_hashes_do():
+    master = base64.b64decode(og.DEFAULT_MASTER_KEY)
+    assert og.derive_server_key(master, "h\ud800").kid == og.derive_server_key(master, "h\ufffd").kid
+    assert og.room_hash("ns", "h\ud800") == og.room_hash("ns", "h\ufffd")
+
+
+def test_metrics_survive_odd_customer_ids():
+    gw = make_gateway()
+    report(gw, SFU1, rooms=[room("ns", "r", "\ud800")])
+    response = get(gw, "/metrics")
+    assert response.status == 200
+    assert sample_value(parse_metrics(response.body.decode()), "odin_gateway_customer_rooms",
+                        customer="\ufffd") == 1
+
+
+def test_the_maintenance_timer_runs_while_serving():
+    gw = og.Gateway(og.Config(update_interval=0.05, disable_timeout=0.1))
+    with og.serve_in_thread(gateway=gw) as server:
+        og.FakeServer(server.url + "/internal", SFU1).report()
+        deadline = time.monotonic() + 10
+        while not server.call(lambda: gw.grid.servers[SFU1].disabled):  # no report for 0.1 s
+            assert time.monotonic() < deadline, "the timer did not disable the silent server"
+            time.sleep(0.02)
+
+
+def test_a_pinned_server_must_be_enabled():
+    clock = Clock()
+    gw = make_gateway(clock)
+    report(gw, SFU1)
+    clock.advance(8)
+    report(gw, SFU2)
+    gw.tick()
+    pinned = token(room_id="p", internal={"server": SFU1}, now=clock.now)
+    assert error(gw, "Connect", {}, token=pinned)["message"] == "no server to assign room too"
+
+
+@pytest.mark.parametrize("internal", ["sfu-1", {"server": 5}, []])
+def test_the_internal_claim_is_validated(internal):
+    gw = make_gateway()
+    report(gw, SFU1)
+    err = error(gw, "Connect", {}, token=token(internal=internal))
+    assert "internal" in err["data"]["fieldErrors"]
+
+
+def test_loads_below_zero_count_as_zero():
+    gw = make_gateway(customers=[], seed=1)
+    report(gw, SFU1, load=-5.0)
+    report(gw, SFU2, load=0.0)
+    assert gw.grid.servers[SFU1].estimated_load() == gw.grid.servers[SFU2].estimated_load() == 0.0
+    for placement in ("balanced", "random"):
+        gw.config = gw.config.replace(placement=placement)
+        picks = {result(gw, "Connect", {}, token=token(KEY_UNKNOWN, "%s%d" % (placement, i)))["address"]
+                 for i in range(20)}
+        assert picks == {SFU1, SFU2}
+
+
+def test_a_removed_servers_fresh_rooms_go_with_it():
+    clock = Clock()
+    gw = make_gateway(clock)
+    report(gw, SFU1)
+    clock.advance(500)
+    report(gw, SFU2, load=1.0)
+    result(gw, "Connect", {}, token=token(room_id="fresh", now=clock.now, internal={"server": SFU1}))
+    clock.advance(100)  # SFU1 silent for 600 s; the room is only 100 s old
+    report(gw, SFU2, load=1.0)
+    gw.tick()
+    assert SFU1 not in gw.grid.servers
+    assert all(entry.server != SFU1 for entry in gw.grid.rooms.values())
+
+
+def test_info_shows_queue_lengths():
+    gw = make_gateway()
+    report(gw, SFU1, rooms=[room("custom-ns", "lobby", "odinref")])
+    result(gw, "RoomClose", {"room_id": "lobby"}, token=admin_token())
+    assert result(gw, "Info")["servers"][0]["tasks"] == 1
+
+
+def test_authorization_keys_must_be_an_array():
+    gw = make_gateway()
+    err = error(gw, "GetConfig", {"server": "grid", "version": "1", "config": "[authorization]\nkeys = 5\n"})
+    assert "authorization.keys must be an array" in err["message"]
+
+
+def test_a_report_refreshes_the_rooms_customer():
+    gw = make_gateway()
+    report(gw, SFU1, rooms=[room("ns", "r", "old")])
+    report(gw, SFU1, rooms=[room("ns", "r", "new")])
+    assert result(gw, "Info")["rooms"][0]["customer"] == "new"
