@@ -85,6 +85,7 @@ import traceback
 from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple
 
 try:  # the only third-party dependency; a clear message in main() if missing
+    import nacl.bindings
     import nacl.exceptions
     import nacl.signing
 except ImportError:  # pragma: no cover - exercised by hand
@@ -280,12 +281,17 @@ def js_number(value: float) -> str:
 
 
 def _has_float(value: Any) -> bool:
-    if isinstance(value, float):
-        return True
-    if isinstance(value, dict):
-        return any(_has_float(item) for item in value.values())
-    if isinstance(value, (list, tuple)):
-        return any(_has_float(item) for item in value)
+    kind = type(value)
+    if kind is dict:
+        items: Any = value.values()
+    elif kind is list or kind is tuple:
+        items = value
+    else:
+        return isinstance(value, float)
+    for item in items:
+        kind = type(item)
+        if kind is not str and kind is not int and _has_float(item):
+            return True
     return False
 
 
@@ -403,19 +409,23 @@ def generate_access_key() -> str:
 class SigningKey:
     """An Ed25519 key pair with its kid; signs JWTs."""
 
-    __slots__ = ("kid", "seed", "public", "_nacl")
+    __slots__ = ("kid", "seed", "public", "jwt_header", "_secret")
 
     def __init__(self, seed: bytes, kid_prefix: int, kid: Optional[str] = None):
-        self._nacl = nacl.signing.SigningKey(seed)
+        if len(seed) != 32:
+            raise ValueError("an Ed25519 seed has 32 bytes, not %d" % len(seed))
         self.seed = bytes(seed)
-        self.public = bytes(self._nacl.verify_key)
+        self.public, self._secret = nacl.bindings.crypto_sign_seed_keypair(self.seed)
         self.kid = kid if kid is not None else key_id(kid_prefix, self.public)
+        # The first segment of every JWT this key signs: the same each time.
+        self.jwt_header = b64url_encode(js_json({"alg": "EdDSA", "kid": self.kid}).encode("utf-8"))
 
     def sign(self, message: bytes) -> bytes:
-        return self._nacl.sign(message).signature
+        # PyNaCl's bindings return signature || message; the signature is 64 bytes.
+        return nacl.bindings.crypto_sign(message, self._secret)[:64]
 
     def verify(self, message: bytes, signature: bytes) -> bool:
-        return _verify(self._nacl.verify_key, message, signature)
+        return _verify(self.public, message, signature)
 
     def public_jwk(self) -> dict:
         return {"kid": self.kid, "kty": "OKP", "crv": "Ed25519", "x": b64url_encode(self.public)}
@@ -453,23 +463,25 @@ def derive_server_key(master_key: bytes, hostname: str) -> SigningKey:
 class VerifyKey:
     """A customer's Ed25519 public key, from a JWK."""
 
-    __slots__ = ("kid", "public", "_nacl")
+    __slots__ = ("kid", "public")
 
     def __init__(self, kid: str, public: bytes):
         if len(public) != 32:
             raise ValueError("an Ed25519 public key has 32 bytes, not %d" % len(public))
+        nacl.signing.VerifyKey(public)  # refuses what libsodium cannot use, now rather than later
         self.kid = kid
-        self.public = public
-        self._nacl = nacl.signing.VerifyKey(public)
+        self.public = bytes(public)
 
     def verify(self, message: bytes, signature: bytes) -> bool:
-        return _verify(self._nacl, message, signature)
+        return _verify(self.public, message, signature)
 
 
-def _verify(verify_key: Any, message: bytes, signature: bytes) -> bool:
+def _verify(public: bytes, message: bytes, signature: bytes) -> bool:
     """Ed25519 verification that answers False for anything PyNaCl refuses."""
+    if len(signature) != 64:
+        return False
     try:
-        verify_key.verify(message, signature)
+        nacl.bindings.crypto_sign_open(signature + message, public)
         return True
     except (nacl.exceptions.CryptoError, ValueError, TypeError):
         return False
@@ -482,9 +494,8 @@ def _verify(verify_key: Any, message: bytes, signature: bytes) -> bool:
 
 def encode_jwt(claims: dict, key: SigningKey) -> str:
     """b64url(header).b64url(claims).b64url(Ed25519 signature of the first two)."""
-    header = b64url_encode(js_json({"alg": "EdDSA", "kid": key.kid}).encode("utf-8"))
     payload = b64url_encode(js_json(claims).encode("utf-8"))
-    signing_input = header + "." + payload
+    signing_input = key.jwt_header + "." + payload
     return signing_input + "." + b64url_encode(key.sign(signing_input.encode("ascii")))
 
 
@@ -2481,6 +2492,9 @@ async def read_chunked_body(reader: asyncio.StreamReader, limits: Config) -> byt
 
 #: Bytes asyncio receives at once on a connection (its default is 256 KiB).
 RECEIVE_SIZE = 64 * 1024
+#: Unsent bytes above which a response waits for the client to read (asyncio's
+#: own high-water mark; below it, drain() returns at once anyway).
+WRITE_BUFFER_HIGH = 64 * 1024
 #: Seconds (and bytes) a connection closed after an error answer is still read
 #: from, so that the client receives the answer rather than a reset.
 LINGER_SECONDS = 1.0
@@ -2526,12 +2540,69 @@ def _access_log(remote: str, request: Request, response: Response, seconds: floa
                  duration_ms=round(seconds * 1000, 3)))
 
 
+class Watchdog:
+    """One lazy timer per connection: arm() sets a deadline; when it passes, the
+    connection's task is cancelled.
+
+    Arming only moves the deadline; the timer is rescheduled when it fires
+    early, or for a deadline before the one it waits for. asyncio.timeout
+    would schedule and cancel a timer for every read of every request.
+    """
+
+    __slots__ = ("loop", "task", "until", "handle", "scheduled", "expired")
+
+    def __init__(self, task: "asyncio.Task[Any]"):
+        self.loop = asyncio.get_running_loop()
+        self.task = task
+        self.until = 0.0
+        self.handle: Optional[asyncio.TimerHandle] = None
+        self.scheduled = 0.0
+        self.expired = False
+
+    def arm(self, seconds: float) -> None:
+        self.until = self.loop.time() + seconds
+        if self.handle is None or self.until < self.scheduled:
+            self._schedule()
+
+    def _schedule(self) -> None:
+        if self.handle is not None:
+            self.handle.cancel()
+        self.scheduled = self.until
+        self.handle = self.loop.call_at(self.until, self._fire)
+
+    def _fire(self) -> None:
+        self.handle = None
+        if self.loop.time() >= self.until:
+            self.expired = True
+            self.task.cancel()
+        else:
+            self._schedule()
+
+    def take_expiry(self) -> bool:
+        """True (once) if a CancelledError just caught came from this watchdog."""
+        if not self.expired:
+            return False
+        self.expired = False
+        if hasattr(self.task, "uncancel"):  # Python 3.11+: the cancel is handled here
+            self.task.uncancel()
+        return True
+
+    def close(self) -> None:
+        if self.handle is not None:
+            self.handle.cancel()
+            self.handle = None
+
+
 class _Connections:
     """The open connections of a listener, so that stop() can close them."""
 
     def __init__(self) -> None:
         self.idle: set = set()
         self.all: set = set()
+
+
+# What a connection is doing when its watchdog fires: that decides the answer.
+IDLE, READING, WRITING = "idle", "reading", "writing"
 
 
 async def serve_connection(gateway: Gateway, reader: asyncio.StreamReader,
@@ -2545,45 +2616,41 @@ async def serve_connection(gateway: Gateway, reader: asyncio.StreamReader,
     # adapts. Requests are small; 64 KiB reads come from the heap.
     if hasattr(writer.transport, "max_size"):
         writer.transport.max_size = RECEIVE_SIZE
+    watchdog = Watchdog(asyncio.current_task())  # type: ignore[arg-type]
     connections.all.add(writer)
+    phase = IDLE
     try:
         while not gateway.stopping:  # a connection accepted as stop() began closes at once
+            phase = IDLE
             connections.idle.add(writer)
+            watchdog.arm(limits.keep_alive_timeout)
             try:
-                async with deadline(limits.keep_alive_timeout):
-                    first = await reader.read(1)
-            except asyncio.TimeoutError:
-                return
+                first = await reader.read(1)
             finally:
                 connections.idle.discard(writer)
             if not first:
                 return
+            phase = READING
+            watchdog.arm(limits.read_timeout)
             try:
-                async with deadline(limits.read_timeout):
-                    request = await read_request_head(reader, limits, first)
+                request = await read_request_head(reader, limits, first)
                 length = body_length(request.headers)
                 if length is not None and length > limits.max_body_bytes:
                     raise HttpError(413, "request body too large (limit %d bytes)"
                                     % limits.max_body_bytes)
                 if request.headers.get("expect", "").lower() == "100-continue" and length != 0:
                     writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
-                async with deadline(limits.read_timeout):
-                    if length is None:
-                        body = await read_chunked_body(reader, limits)
-                    else:
-                        body = await reader.readexactly(length)
+                watchdog.arm(limits.read_timeout)
+                if length is None:
+                    body = await read_chunked_body(reader, limits)
+                else:
+                    body = await reader.readexactly(length)
             except HttpError as err:
                 log.debug("%s: HTTP %d: %s", remote, err.status, err.message)
                 gateway.metrics.count_response(None, err.status)
+                watchdog.close()
                 await close_after_answer(reader, writer, render_response(
                     _http_error_response(err), keep_alive=False))
-                return
-            except asyncio.TimeoutError:
-                gateway.metrics.count_response(None, 408)
-                await close_after_answer(reader, writer, render_response(_http_error_response(
-                    HttpError(408, "request not received in time")), keep_alive=False))
-                return
-            except asyncio.IncompleteReadError:
                 return
             started = time.perf_counter()
             try:
@@ -2599,18 +2666,26 @@ async def serve_connection(gateway: Gateway, reader: asyncio.StreamReader,
             gateway.metrics.count_response(request.target, response.status)
             if gateway.config.access_log:
                 _access_log(remote, request, response, time.perf_counter() - started)
-            try:
-                # A client that does not read its answers must not hold a slot forever.
-                async with deadline(limits.read_timeout):
-                    await writer.drain()
-            except asyncio.TimeoutError:
-                writer.transport.abort()
-                return
+            # A client that does not read its answers must not hold a slot forever.
+            if writer.transport.get_write_buffer_size() > WRITE_BUFFER_HIGH:
+                phase = WRITING
+                watchdog.arm(limits.read_timeout)
+                await writer.drain()
             if not keep_alive:
                 return
+    except asyncio.CancelledError:
+        if not watchdog.take_expiry():
+            raise  # a stop, not a timeout
+        if phase == READING:
+            gateway.metrics.count_response(None, 408)
+            await close_after_answer(reader, writer, render_response(_http_error_response(
+                HttpError(408, "request not received in time")), keep_alive=False))
+        elif phase == WRITING:
+            writer.transport.abort()
     except (ConnectionError, asyncio.IncompleteReadError, ssl_module.SSLError, OSError):
         pass
     finally:
+        watchdog.close()
         connections.all.discard(writer)
         connections.idle.discard(writer)
         writer.close()
