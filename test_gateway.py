@@ -2690,3 +2690,16 @@ def test_a_report_refreshes_the_rooms_customer():
     report(gw, SFU1, rooms=[room("ns", "r", "old")])
     report(gw, SFU1, rooms=[room("ns", "r", "new")])
     assert result(gw, "Info")["rooms"][0]["customer"] == "new"
+
+
+def test_benchmark_parts_run():
+    # A smoke run of the benchmark's in-process parts (the benchmark asserts nothing).
+    sys.path.insert(0, str(HERE / "bench"))
+    try:
+        import bench
+    finally:
+        sys.path.remove(str(HERE / "bench"))
+    assert bench.placement("balanced", [0.3] * 10, seeds=2)[0][0] == 1.0
+    assert bench.connect_cost(10, bench.make_tokens(5)) > 0
+    first, again, size = bench.time_report(100)
+    assert first > 0 and size > 1000

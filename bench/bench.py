@@ -361,20 +361,16 @@ def main():
     for rooms in sizes:
         print("  %8d rooms: %.0f us" % (rooms, connect_cost(rooms, tokens) * 1e6))
 
-    print("\nPlacement: 100 new rooms between two reports on 10 servers (max/mean rooms per server, "
-          "20 seeds):")
-    for label, loads in (("equal loads 0.3", [0.3] * 10),
-                         ("uneven loads 0.0-0.9", [i / 10 for i in range(10)])):
-        for rule in ("balanced", "random"):
-            ratios = placement(rule, loads)
-            worst = max(r for r, _ in ratios)
-            mean = statistics.mean(r for r, _ in ratios)
-            line = "  %-22s %-9s worst %.2f, mean %.2f" % (label, rule, worst, mean)
-            if label.startswith("uneven"):
-                counts = ratios[0][1]
-                line += "; rooms by load: " + " ".join(
-                    str(counts.get("sfu-%d:4433" % i, 0)) for i in range(10))
-            print(line)
+    print("\nPlacement: 100 new rooms between two reports on 10 servers (20 seeds):")
+    for rule in ("balanced", "random"):
+        ratios = placement(rule, [0.3] * 10)
+        print("  equal loads (0.3):    %-9s max/mean worst %.2f, average %.2f" % (
+            rule, max(r for r, _ in ratios), statistics.mean(r for r, _ in ratios)))
+    print("  uneven loads 0.0, 0.1 ... 0.9 (no clients reported): rooms per server, first seed")
+    for rule in ("balanced", "random"):
+        counts = placement(rule, [i / 10 for i in range(10)], seeds=1)[0][1]
+        print("    %-9s %s" % (rule, " ".join("%3d" % counts.get("sfu-%d:4433" % i, 0)
+                                              for i in range(10))))
 
 
 if __name__ == "__main__":
