@@ -193,28 +193,26 @@ def b64url_encode(data: bytes) -> str:
     return base64.urlsafe_b64encode(data).rstrip(b"=").decode("ascii")
 
 
-def b64url_decode(text: str) -> bytes:
-    """Strict URL-safe base64, padding optional; ValueError on anything else.
-
-    base64.urlsafe_b64decode silently skips characters outside the alphabet,
-    so the alphabet is checked first.
-    """
-    if not _B64URL_RE.fullmatch(text):
-        raise ValueError("not base64url")
+def _strict_b64(text: str, alphabet: "re.Pattern[str]", decode: Callable[[str], bytes],
+                what: str) -> bytes:
+    # The standard library silently skips characters outside the alphabet, so
+    # the alphabet and the length are checked first.
+    if not alphabet.fullmatch(text):
+        raise ValueError("not " + what)
     stripped = text.rstrip("=")
     if len(stripped) % 4 == 1:
-        raise ValueError("not base64url: impossible length")
-    return base64.urlsafe_b64decode(stripped + "=" * (-len(stripped) % 4))
+        raise ValueError("not %s: impossible length" % what)
+    return decode(stripped + "=" * (-len(stripped) % 4))
+
+
+def b64url_decode(text: str) -> bytes:
+    """Strict URL-safe base64, padding optional; ValueError on anything else."""
+    return _strict_b64(text, _B64URL_RE, base64.urlsafe_b64decode, "base64url")
 
 
 def b64_decode(text: str) -> bytes:
-    """Strict standard base64 (padding optional); ValueError on anything else."""
-    if not _B64_RE.fullmatch(text):
-        raise ValueError("not base64")
-    stripped = text.rstrip("=")
-    if len(stripped) % 4 == 1:
-        raise ValueError("not base64: impossible length")
-    return base64.b64decode(stripped + "=" * (-len(stripped) % 4))
+    """Strict standard base64, padding optional; ValueError on anything else."""
+    return _strict_b64(text, _B64_RE, base64.b64decode, "base64")
 
 
 def b64_encode(data: bytes) -> str:
@@ -1583,6 +1581,16 @@ def invalid_fields(problems: Dict[str, str], what: str = "invalid params") -> Rp
     return RpcError(INVALID_REQUEST, message, data)
 
 
+#: The admin tasks a customer's backend can queue, with their fields in the
+#: order the task carries them: (name, check, default; _MISSING: required).
+ROOM_TASKS = {
+    "RoomClose": (("ban_time", _want_duration, 0),),
+    "RoomUpdate": (("user_data", _want_bytes, _MISSING),),
+    "RoomBanClient": (("user_id", _want_string, _MISSING), ("ban_time", _want_duration, 0)),
+    "RoomSendMessage": (("user_id", _want_string, _MISSING), ("message", _want_bytes, _MISSING)),
+}
+
+
 def _task_duration(seconds: float) -> dict:
     """A ban time as the servers expect it: whole seconds and nanoseconds."""
     secs = int(seconds)
@@ -1672,10 +1680,12 @@ class Gateway:
         self._rebuild_authorizer()
         self._handlers = {
             "Connect": self.rpc_connect,
-            "RoomClose": self.rpc_room_close,
-            "RoomUpdate": self.rpc_room_update,
-            "RoomBanClient": self.rpc_room_ban_client,
-            "RoomSendMessage": self.rpc_room_send_message,
+            "RoomClose": lambda call, params: self.rpc_room_task(call, params, task="RoomClose"),
+            "RoomUpdate": lambda call, params: self.rpc_room_task(call, params, task="RoomUpdate"),
+            "RoomBanClient": lambda call, params: self.rpc_room_task(
+                call, params, task="RoomBanClient"),
+            "RoomSendMessage": lambda call, params: self.rpc_room_task(
+                call, params, task="RoomSendMessage"),
             "sfu.GridConfig": lambda call, params: self.rpc_grid_config(call, params, sfu=True),
             "GetConfig": lambda call, params: self.rpc_grid_config(call, params, sfu=False),
             "sfu.Report": lambda call, params: self.rpc_report(call, params, sfu=True),
@@ -1765,19 +1775,16 @@ class Gateway:
             raise invalid_fields(problems, "invalid claims in token")
 
         licensee = auth.licensee
-        peers, rooms = self.grid.usage.get(licensee.customer_id, (0, 0))
-        if licensee.peer_limit is not None and not licensee.peer_limit > peers:
-            log.info("Connect refused: customer %s has %d of %d peers", printable(licensee.customer_id),
-                     peers, licensee.peer_limit, extra=fields(
-                         "limit_refused", customer=licensee.customer_id, limit="peers",
-                         usage=peers, max=licensee.peer_limit))
-            raise refused("peer limit exceeded")
-        if licensee.room_limit is not None and not licensee.room_limit > rooms:
-            log.info("Connect refused: customer %s has %d of %d rooms", printable(licensee.customer_id),
-                     rooms, licensee.room_limit, extra=fields(
-                         "limit_refused", customer=licensee.customer_id, limit="rooms",
-                         usage=rooms, max=licensee.room_limit))
-            raise refused("room limit exceeded")
+        peers, rooms = self.grid.usage_of(licensee.customer_id)
+        for limit, usage, what, message in (
+                (licensee.peer_limit, peers, "peers", "peer limit exceeded"),
+                (licensee.room_limit, rooms, "rooms", "room limit exceeded")):
+            if limit is not None and not limit > usage:
+                log.info("Connect refused: customer %s has %d of %d %s",
+                         printable(licensee.customer_id), usage, limit, what, extra=fields(
+                             "limit_refused", customer=licensee.customer_id, limit=what,
+                             usage=usage, max=limit))
+                raise refused(message)
 
         namespace = auth.namespace if auth.namespace is not None else licensee.customer_id
         if isinstance(rid, list):
@@ -1803,37 +1810,14 @@ class Gateway:
         }, server.key)
         return {"address": server.hostname, "token": token}
 
-    def rpc_room_close(self, call: Call, params: dict) -> dict:
+    def rpc_room_task(self, call: Call, params: dict, *, task: str) -> dict:
+        """RoomClose, RoomUpdate, RoomBanClient, RoomSendMessage: queue the task
+        (fields as in ROOM_TASKS) for the server of the room."""
         p = Params(params)
         room_id = p.take("room_id", _want_string)
-        ban_time = p.take("ban_time", _want_duration, 0)
+        fields = {name: p.take(name, check, default) for name, check, default in ROOM_TASKS[task]}
         p.check()
-        return self._queue_room_task(call, room_id, {"task": "RoomClose", "ban_time": ban_time})
-
-    def rpc_room_update(self, call: Call, params: dict) -> dict:
-        p = Params(params)
-        room_id = p.take("room_id", _want_string)
-        user_data = p.take("user_data", _want_bytes)
-        p.check()
-        return self._queue_room_task(call, room_id, {"task": "RoomUpdate", "user_data": user_data})
-
-    def rpc_room_ban_client(self, call: Call, params: dict) -> dict:
-        p = Params(params)
-        room_id = p.take("room_id", _want_string)
-        user_id = p.take("user_id", _want_string)
-        ban_time = p.take("ban_time", _want_duration, 0)
-        p.check()
-        return self._queue_room_task(call, room_id, {
-            "task": "RoomBanClient", "user_id": user_id, "ban_time": ban_time})
-
-    def rpc_room_send_message(self, call: Call, params: dict) -> dict:
-        p = Params(params)
-        room_id = p.take("room_id", _want_string)
-        user_id = p.take("user_id", _want_string)
-        message = p.take("message", _want_bytes)
-        p.check()
-        return self._queue_room_task(call, room_id, {
-            "task": "RoomSendMessage", "user_id": user_id, "message": message})
+        return self._queue_room_task(call, room_id, dict(task=task, **fields))
 
     def _queue_room_task(self, call: Call, room_id: str, fields: dict) -> dict:
         """Queue an admin task for the server of a room the token may administer."""
