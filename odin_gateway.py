@@ -3252,8 +3252,9 @@ def build_parser(command: str = "serve") -> "argparse.ArgumentParser":
         parser.add_argument("--server", help="internal.server claim: pin the room to this server")
         return parser
     defaults = Config.DEFAULTS
+    called = os.path.basename(sys.argv[0]) if sys.argv and sys.argv[0] else ""
     parser = argparse.ArgumentParser(
-        prog="odin_gateway.py",
+        prog=called if called.startswith("odin") else "odin_gateway.py",
         description="An ODIN gateway: spreads ODIN clients over ODIN media servers and checks "
                     "customer licences. Settings come from a config file (see config.py); "
                     "flags override it.",

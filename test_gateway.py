@@ -2714,3 +2714,9 @@ def test_benchmark_parts_run():
     assert bench.connect_cost(10, bench.make_tokens(5)) > 0
     first, again, size = bench.time_report(100)
     assert first > 0 and size > 1000
+
+
+def test_serve_is_the_default_command_and_can_be_named():
+    named = run_cli("serve", "--help")
+    assert named.returncode == 0 and "--privatekey" in named.stdout
+    assert run_cli("--help").stdout == named.stdout
