@@ -1711,11 +1711,13 @@ class Gateway:
     def reload(self, config: Config) -> None:
         """Apply a new config without dropping state: customers, limits, timeouts.
 
-        What only a restart can apply (listening address, TLS, master key) is
-        kept as it is, with a warning.
+        What only a restart can apply (listening address, TLS, master key, the
+        head size limits) is kept as it is, with a warning.
         """
         kept = {}
-        for name in ("host", "port", "ssl", "certificate", "private_key", "master_key"):
+        # The head limits size the stream readers when the listener starts.
+        for name in ("host", "port", "ssl", "certificate", "private_key", "master_key",
+                     "max_request_line", "max_head_bytes"):
             if getattr(config, name) != getattr(self.config, name):
                 log.warning("config reload: %s changed; it takes effect after a restart", name)
                 kept[name] = getattr(self.config, name)

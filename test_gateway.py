@@ -2316,7 +2316,9 @@ def test_reload_applies_customers_and_limits_and_keeps_state(caplog):
     assert rpc(gw, "Connect", {}, token=token(KEY_A))[0] == 401
     with caplog.at_level(logging.WARNING, logger="odin_gateway"):
         gw.reload(gw.config.replace(customers=reference_customers(), max_batch=7,
-                                    master_key=base64.b64encode(b"k" * 32).decode(), port=1234))
+                                    master_key=base64.b64encode(b"k" * 32).decode(), port=1234,
+                                    max_head_bytes=99999))
+    assert gw.config.max_head_bytes == og.MAX_HEAD_BYTES
     assert result(gw, "Connect", {}, token=token(KEY_A))["address"] == SFU1
     assert gw.config.max_batch == 7
     assert SFU1 in gw.grid.servers and len(gw.grid.rooms) == 2  # state kept
