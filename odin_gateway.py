@@ -765,6 +765,8 @@ def check_basic(credentials: str, users: Dict[str, str]) -> Authorization:
 # Configuration: config.py, its defaults and their validation
 # ---------------------------------------------------------------------------
 
+#: Settings whose values never appear in messages.
+SECRET_SETTINGS = ("master_key", "internal_users")
 #: The well-known master key of the original's sample configuration.
 DEFAULT_MASTER_KEY = "VGhpcyBpcyBhIHN1cGVyIHNlY3JldCBtYXN0ZXIga2V5IQ=="
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
@@ -927,7 +929,8 @@ class Config:
             value = settings[name] if name in settings else copy.deepcopy(default)
             problem = _check_setting(name, value)
             if problem:
-                raise ConfigError("%s: %s = %s: %s" % (source, name, printable(repr(value), 80), problem))
+                shown = "<hidden>" if name in SECRET_SETTINGS else printable(repr(value), 80)
+                raise ConfigError("%s: %s = %s: %s" % (source, name, shown, problem))
             setattr(self, name, value)
         self.log_level = self.log_level.upper()
         self.master_key_bytes = b64_decode(self.master_key)
@@ -1332,14 +1335,17 @@ class Grid:
         return {customer: self.usage_of(customer) for customer in set(self.reported) | set(self.pending)}
 
     def _integrate_rooms(self, server: Server, reported_rooms: List[dict], now: float) -> List[dict]:
-        """Map the reported rooms; the rooms that could be identified (a name over
-        255 bytes cannot: it is left out, with a warning)."""
+        """Map the reported rooms; the rooms that could be identified, each entry
+        counted (rooms sharing a base name each have their peers; a name over
+        255 bytes cannot be identified: it is left out, with a warning)."""
         hostname = server.hostname
         reported: Dict[str, dict] = {}
+        counted = []
         for room in reported_rooms:
             namespace, name = room["id"]
             try:
                 reported[room_hash(namespace, name)] = room
+                counted.append(room)
             except ValueError as err:
                 log.warning("server %s reported room %s/%s: %s; ignoring it", printable(hostname),
                             printable(namespace), printable(name), err)
@@ -1365,7 +1371,7 @@ class Grid:
             if known is not None and known.server == hostname:
                 del self.rooms[digest]
         server.room_hashes = set(reported)
-        return list(reported.values())
+        return counted
 
     def _collision(self, server: Server, owner: Room, room: dict, digest: str) -> None:
         """Another server owns the room: tell this one to close its copy."""
@@ -1413,12 +1419,12 @@ class Grid:
         else:
             room.server = server.hostname
             room.updated = now
-        self._account(server, -1)
-        counts = server.pending.setdefault(customer, [0, 0])
-        counts[0] += 1
-        counts[1] += 1 if new_here and digest not in server.room_hashes else 0
+        new_room = 1 if new_here and digest not in server.room_hashes else 0
+        for totals in (server.pending, self.pending):  # the server is enabled: it counts
+            counts = totals.setdefault(customer, [0, 0])
+            counts[0] += 1
+            counts[1] += new_room
         server.pending_peers += 1
-        self._account(server, +1)
         return server
 
     def _pick(self, pinned: Optional[str]) -> Server:
@@ -1477,6 +1483,14 @@ class Grid:
                    if now - room.updated > config.login_token_lifetime]
         for digest in expired:
             del self.rooms[digest]
+        self._recount()
+
+    def _recount(self) -> None:
+        """Rebuild the usage totals from the enabled servers (they are kept up to
+        date as reports and Connects arrive; this keeps them honest)."""
+        self.reported, self.pending = {}, {}
+        for server in self.servers.values():
+            self._account(server, +1)
 
     def _remove(self, server: Server) -> None:
         self._account(server, -1)
@@ -1544,8 +1558,9 @@ def _room_problem(room: Any) -> Optional[str]:
     age = room.get("age")
     if not (isinstance(age, dict) and _is_number(age.get("secs")) and _is_number(age.get("nanos"))):
         return "age must be {secs: number, nanos: number}"
-    if not (_is_number(room.get("peers")) and room["peers"] >= 0):
-        return "peers must be a non-negative number"
+    peers = room.get("peers")
+    if not (isinstance(peers, int) and not isinstance(peers, bool) and peers >= 0):
+        return "peers must be a non-negative integer"
     return None
 
 
@@ -1734,7 +1749,8 @@ class Gateway:
     @property
     def everything_goes(self) -> bool:
         """No customer source is configured: any token is admitted as a demo licensee."""
-        return not self.config.customers and self.config.customer_api is None
+        return (not self.config.customers and self.config.customer_api is None
+                and not self._dynamic_keys)
 
     def set_customers(self, customers: Any) -> bool:
         """Replace the customers from the update function; False (old keys kept) if unusable."""
@@ -2488,15 +2504,17 @@ LINGER_BYTES = 4 * 1024 * 1024
 
 
 async def close_after_answer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
-                             answer: bytes) -> None:
-    """Send a final answer and close without losing it.
+                             answer: bytes = b"") -> None:
+    """Send a final answer (or finish the one written) and close without losing it.
 
     Closing a socket with unread input makes the kernel send a reset, which
     can destroy the answer before the client reads it (a 413 while the body
-    is still arriving, say); so half-close, then discard input for a moment.
+    is still arriving, or the answer to a Connection: close request with
+    more requests behind it); so half-close, then discard input for a moment.
     """
     try:
-        writer.write(answer)
+        if answer:
+            writer.write(answer)
         async with deadline(LINGER_SECONDS):
             await writer.drain()
         if writer.can_write_eof():
@@ -2518,12 +2536,16 @@ async def close_after_answer(reader: asyncio.StreamReader, writer: asyncio.Strea
         writer.close()
 
 
-def _access_log(remote: str, request: Request, response: Response, seconds: float) -> None:
-    log.info('%s "%s %s" %d %d %.2fms', remote, printable(request.method), printable(request.target),
-             response.status, len(response.body), seconds * 1000, extra=fields(
-                 "request", remote=remote, method=request.method, target=request.target,
-                 status=response.status, bytes=len(response.body),
-                 duration_ms=round(seconds * 1000, 3)))
+def _answered(gateway: Gateway, remote: str, target: Optional[str], status: int, started: float,
+              method: str = "-", size: int = 0) -> None:
+    """Count an answer in the metrics and, if asked for, write its access log line."""
+    gateway.metrics.count_response(target, status)
+    if gateway.config.access_log:
+        seconds = time.perf_counter() - started
+        log.info('%s "%s %s" %d %d %.2fms', remote, printable(method), printable(target or "-"),
+                 status, size, seconds * 1000, extra=fields(
+                     "request", remote=remote, method=method, target=target, status=status,
+                     bytes=size, duration_ms=round(seconds * 1000, 3)))
 
 
 class Watchdog:
@@ -2583,8 +2605,27 @@ class _Connections:
     """The open connections of a listener, so that stop() can close them."""
 
     def __init__(self) -> None:
-        self.idle: set = set()
-        self.all: set = set()
+        self.idle: set = set()  # writers waiting for a request
+        self.all: set = set()  # writers of the connections being served
+        self.closing: set = set()  # transports closed with answer bytes still unsent
+
+
+def _abort(transport: asyncio.BaseTransport, connections: "_Connections") -> None:
+    connections.closing.discard(transport)
+    transport.abort()  # type: ignore[attr-defined]
+
+
+def release(writer: asyncio.StreamWriter, connections: "_Connections", grace: float) -> None:
+    """Close a connection; if answer bytes are still unsent, abort it after grace seconds.
+
+    A plain close waits for the client to read what is buffered, for ever
+    if it never reads (and on Python 3.12+ a stopping server waits with it).
+    """
+    transport = writer.transport
+    if not transport.is_closing() and transport.get_write_buffer_size():
+        connections.closing.add(transport)
+        asyncio.get_running_loop().call_later(grace, _abort, transport, connections)
+    writer.close()
 
 
 # What a connection is doing when its watchdog fires: that decides the answer.
@@ -2597,6 +2638,7 @@ async def serve_connection(gateway: Gateway, reader: asyncio.StreamReader,
     peer = writer.get_extra_info("peername")
     remote = peer[0] if isinstance(peer, tuple) else "127.0.0.1"
     limits = gateway.config
+    target: Optional[str] = None
     # asyncio receives into 256 KiB buffers, above glibc's default mmap
     # threshold (128 KiB): every read would map and unmap memory until glibc
     # adapts. Requests are small; 64 KiB reads come from the heap.
@@ -2607,7 +2649,9 @@ async def serve_connection(gateway: Gateway, reader: asyncio.StreamReader,
     phase = IDLE
     try:
         while not gateway.stopping:  # a connection accepted as stop() began closes at once
+            limits = gateway.config  # a reload applies to open connections too
             phase = IDLE
+            target = None
             connections.idle.add(writer)
             watchdog.arm(limits.keep_alive_timeout)
             try:
@@ -2618,8 +2662,10 @@ async def serve_connection(gateway: Gateway, reader: asyncio.StreamReader,
                 return
             phase = READING
             watchdog.arm(limits.read_timeout)
+            started = time.perf_counter()
             try:
                 request = await read_request_head(reader, limits, first)
+                target = request.target
                 length = body_length(request.headers)
                 if length is not None and length > limits.max_body_bytes:
                     raise HttpError(413, "request body too large (limit %d bytes)"
@@ -2633,12 +2679,11 @@ async def serve_connection(gateway: Gateway, reader: asyncio.StreamReader,
                     body = await reader.readexactly(length)
             except HttpError as err:
                 log.debug("%s: HTTP %d: %s", remote, err.status, err.message)
-                gateway.metrics.count_response(None, err.status)
+                _answered(gateway, remote, target, err.status, started)
                 watchdog.close()
                 await close_after_answer(reader, writer, render_response(
                     _http_error_response(err), keep_alive=False))
                 return
-            started = time.perf_counter()
             try:
                 response = gateway.handle_http(request.method, request.target, request.headers,
                                                body, remote)
@@ -2649,21 +2694,22 @@ async def serve_connection(gateway: Gateway, reader: asyncio.StreamReader,
             keep_alive = request.keep_alive and not gateway.stopping
             writer.write(render_response(response, keep_alive=keep_alive,
                                          head_only=request.method == "HEAD"))
-            gateway.metrics.count_response(request.target, response.status)
-            if gateway.config.access_log:
-                _access_log(remote, request, response, time.perf_counter() - started)
+            _answered(gateway, remote, request.target, response.status, started,
+                      request.method, len(response.body))
             # A client that does not read its answers must not hold a slot forever.
             if writer.transport.get_write_buffer_size() > WRITE_BUFFER_HIGH:
                 phase = WRITING
                 watchdog.arm(limits.read_timeout)
                 await writer.drain()
             if not keep_alive:
+                watchdog.close()
+                await close_after_answer(reader, writer)
                 return
     except asyncio.CancelledError:
         if not watchdog.take_expiry():
             raise  # a stop, not a timeout
         if phase == READING:
-            gateway.metrics.count_response(None, 408)
+            _answered(gateway, remote, target, 408, time.perf_counter())
             await close_after_answer(reader, writer, render_response(_http_error_response(
                 HttpError(408, "request not received in time")), keep_alive=False))
         elif phase == WRITING:
@@ -2674,7 +2720,7 @@ async def serve_connection(gateway: Gateway, reader: asyncio.StreamReader,
         watchdog.close()
         connections.all.discard(writer)
         connections.idle.discard(writer)
-        writer.close()
+        release(writer, connections, gateway.config.read_timeout)
 
 
 # ---------------------------------------------------------------------------
@@ -2706,6 +2752,7 @@ async def _serve(gateway: Gateway, host: str, port: int,
                         len(handlers))
             answer = render_response(Response(503, _error_body(
                 INVALID_REQUEST, "too many connections; try again later")), keep_alive=False)
+            _answered(gateway, "-", None, 503, time.perf_counter())
             task = asyncio.ensure_future(close_after_answer(reader, writer, answer))
             refusals.add(task)
             task.add_done_callback(refusals.discard)
@@ -2736,18 +2783,20 @@ async def _serve(gateway: Gateway, host: str, port: int,
             await asyncio.sleep(0)
         listener.close()
         for writer in list(connections.idle):
-            writer.close()
+            writer.transport.abort()  # nothing in flight; abort skips TLS's closing handshake
         if handlers:
             _done, pending = await asyncio.wait(set(handlers),
                                                 timeout=gateway.config.shutdown_timeout)
             for writer in list(connections.all):
-                writer.close()
+                writer.transport.abort()
             for task in pending:
                 task.cancel()
             if pending:
                 await asyncio.wait(pending, timeout=1)
         for task in list(refusals):
             task.cancel()
+        for transport in list(connections.closing):  # answers nobody reads
+            _abort(transport, connections)
         await listener.wait_closed()
         await asyncio.gather(*timers, *refusals, return_exceptions=True)
         log.info("stopped listening on %s", server.url, extra=fields("stopped", url=server.url))
@@ -2770,8 +2819,7 @@ async def update_customers(gateway: Gateway) -> bool:
         if inspect.iscoroutinefunction(function):
             customers = await asyncio.wait_for(function(), timeout)
         else:
-            loop = asyncio.get_running_loop()
-            customers = await asyncio.wait_for(loop.run_in_executor(None, function), timeout)
+            customers = await asyncio.wait_for(_in_daemon_thread(function), timeout)
             if inspect.isawaitable(customers):
                 customers = await asyncio.wait_for(customers, timeout)
     except asyncio.TimeoutError:
@@ -2784,6 +2832,32 @@ async def update_customers(gateway: Gateway) -> bool:
                     extra=fields("customers_kept", reason="%s: %s" % (type(err).__name__, err)))
         return False
     return gateway.set_customers(customers)
+
+
+def _in_daemon_thread(function: Callable[[], Any]) -> "asyncio.Future[Any]":
+    """function() in a thread of its own: one that hangs cannot hold up a stop
+    (the loop's executor is joined when asyncio.run ends)."""
+    loop = asyncio.get_running_loop()
+    future = loop.create_future()
+
+    def settle(outcome: Any, failed: bool) -> None:
+        if future.done():  # timed out meanwhile
+            return
+        if failed:
+            future.set_exception(outcome)
+        else:
+            future.set_result(outcome)
+
+    def run() -> None:
+        try:
+            outcome, failed = function(), False
+        except Exception as err:  # handed to the awaiting coroutine
+            outcome, failed = err, True
+        with contextlib.suppress(RuntimeError):  # the loop may be closed by now
+            loop.call_soon_threadsafe(settle, outcome, failed)
+
+    threading.Thread(target=run, name="customer-update", daemon=True).start()
+    return future
 
 
 async def _customer_timer(gateway: Gateway) -> None:
@@ -2866,6 +2940,8 @@ def serve_in_thread(config: Optional[Config] = None, host: str = "127.0.0.1", po
     finally:
         runner._loop.call_soon_threadsafe(runner._stop.set)  # type: ignore[union-attr]
         runner._thread.join()
+    if runner._error is not None:  # the stop itself failed
+        raise runner._error
 
 
 # ---------------------------------------------------------------------------
@@ -2914,7 +2990,9 @@ class RpcClient:
         http_request = urllib.request.Request(self.url, data=dump_json(request),
                                               headers=self.headers, method="POST")
         try:
-            with urllib.request.urlopen(http_request, timeout=self.timeout) as reply:
+            # No proxy from the environment: a gateway is called directly.
+            opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+            with opener.open(http_request, timeout=self.timeout) as reply:
                 body = reply.read()
         except urllib.error.HTTPError as err:
             body = err.read()
@@ -3097,8 +3175,8 @@ def run_demo(out: Any = None) -> int:
             return answer["address"]
 
         say("4. alice and bob join room 'lobby' with tokens from acme's backend. The first")
-        say("   Connect picks a server at random, weighted by free capacity (1 - load);")
-        say("   the second finds the room where it already is:")
+        say("   Connect picks the least loaded server (its reported load plus the rooms")
+        say("   sent to it since); the second finds the room where it already is:")
         first = connect("alice", "lobby")
         second = connect("bob", "lobby")
         say("   -> both on %s%s" % (first, "" if first == second else " and " + second))
@@ -3353,6 +3431,14 @@ def load_config(args: Any, environ: Optional[Dict[str, str]] = None) -> Config:
     return config.replace(**overrides) if overrides else config
 
 
+def reload_config(args: Any, started_from_file: bool) -> Config:
+    """The config for a reload: the file the gateway started with must still be there
+    (a file missing for a moment must not turn into the built-in defaults)."""
+    if started_from_file and not os.path.isfile(args.config):
+        raise ConfigError("%s: no such file (it was there at start)" % args.config)
+    return load_config(args)
+
+
 async def _run(gateway: Gateway, ssl_context: Optional[ssl_module.SSLContext],
                reload: Optional[Callable[[], Config]] = None) -> None:
     import signal
@@ -3371,6 +3457,7 @@ async def _run(gateway: Gateway, ssl_context: Optional[ssl_module.SSLContext],
             return
         configure_logging(new_config.log_level, new_config.log_format)
         gateway.reload(new_config)
+        warn_about_exposure(gateway)
 
     if reload is not None and hasattr(signal, "SIGHUP"):
         with contextlib.suppress(NotImplementedError, RuntimeError):
@@ -3413,6 +3500,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         configure_logging("ERROR", "pretty")  # the narration says what happens
         return run_demo()
     configure_logging("INFO", "pretty")  # until the config says otherwise
+    started_from = os.path.isfile(args.config)
     try:
         config = load_config(args)
         configure_logging(config.log_level, config.log_format)
@@ -3425,7 +3513,7 @@ def main(argv: Optional[List[str]] = None) -> int:
              config.source if config.source != "Config()" else "built-in defaults")
     warn_about_exposure(gateway)
     try:
-        asyncio.run(_run(gateway, ssl_context, reload=lambda: load_config(args)))
+        asyncio.run(_run(gateway, ssl_context, reload=lambda: reload_config(args, started_from)))
     except OSError as err:
         log.error("cannot listen on %s:%s: %s", config.host, config.port, err.strerror or err)
         return 1

@@ -2722,3 +2722,186 @@ def test_serve_is_the_default_command_and_can_be_named():
     named = run_cli("serve", "--help")
     assert named.returncode == 0 and "--privatekey" in named.stdout
     assert run_cli("--help").stdout == named.stdout
+
+
+# ---------------------------------------------------------------------------
+# Regressions found by the second review
+# ---------------------------------------------------------------------------
+
+
+def server_side_open(server_port, client_port):
+    wanted = ":%04X" % server_port, ":%04X" % client_port
+    with open("/proc/net/tcp") as table:
+        return any(f[1].endswith(wanted[0]) and f[2].endswith(wanted[1]) and f[3] == "01"
+                   for f in (line.split() for line in table.readlines()[1:]))
+
+
+def big_answer_gateway(**settings):
+    gw = make_gateway(**settings)
+    real = gw.handle_http
+    big = og.Response(200, b"x" * 6_000_000)
+    gw.handle_http = lambda m, t, h, b, r="127.0.0.1": big if t == "/big" else real(m, t, h, b, r)
+    return gw
+
+
+@needs_proc
+def test_an_unread_answer_does_not_keep_its_connection_or_the_stop():
+    gw = big_answer_gateway(read_timeout=0.3, shutdown_timeout=0.3)
+    with og.serve_in_thread(gateway=gw) as server:
+        sock = socket.create_connection(("127.0.0.1", server.port), timeout=5)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        sock.sendall(b"GET /big HTTP/1.1\r\nConnection: close\r\n\r\n")  # and never read
+        client_port = sock.getsockname()[1]
+        deadline = time.monotonic() + 10
+        while server_side_open(server.port, client_port):
+            assert time.monotonic() < deadline, "the gateway kept the unread connection"
+            time.sleep(0.05)
+        second = socket.create_connection(("127.0.0.1", server.port), timeout=5)
+        second.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        second.sendall(b"GET /big HTTP/1.1\r\n\r\n")  # keep-alive, never read
+        wait_until_server_read(second, server.port)
+        started = time.monotonic()
+    assert time.monotonic() - started < 5  # the stop does not wait for the reader
+    sock.close()
+    second.close()
+
+
+def test_a_connection_close_answer_survives_more_input_behind_it():
+    gw = big_answer_gateway()
+    with og.serve_in_thread(gateway=gw) as server, \
+            socket.create_connection(("127.0.0.1", server.port), timeout=10) as sock:
+        sock.sendall(b"GET /big HTTP/1.1\r\nConnection: close\r\n\r\n" + b"y" * 1_000_000)
+        received = bytearray()
+        while True:
+            chunk = sock.recv(1 << 20)  # ConnectionResetError here was the bug
+            if not chunk:
+                break
+            received += chunk
+    head, _, body = bytes(received).partition(b"\r\n\r\n")
+    assert status_of(head) == 200 and len(body) == 6_000_000
+
+
+def test_a_hanging_sync_update_function_does_not_hold_up_the_stop():
+    called, release_it = threading.Event(), threading.Event()
+
+    def hangs():
+        called.set()
+        release_it.wait(30)
+        return []
+
+    gw = make_gateway(customers=[], customer_api={"update_function": hangs},
+                      customer_update_timeout=0.2)
+    try:
+        with og.serve_in_thread(gateway=gw):
+            assert called.wait(10)
+            started = time.monotonic()
+        assert time.monotonic() - started < 5
+    finally:
+        release_it.set()
+
+
+def test_reload_refuses_when_the_started_config_file_is_gone(tmp_path):
+    path = tmp_path / "c.py"
+    path.write_text("port = 7100\n")
+    args = og.build_parser().parse_args(["--config", str(path)])
+    assert og.reload_config(args, True).port == 7100
+    path.unlink()
+    with pytest.raises(og.ConfigError, match="no such file"):
+        og.reload_config(args, True)
+
+
+def test_rooms_sharing_a_base_name_each_count_their_peers():
+    gw = make_gateway()
+    report(gw, SFU1, rooms=[room("acme", "match{42}red", "acme", peers=3),
+                            room("acme", "match{42}blue", "acme", peers=4)])
+    assert gw.grid.usage_of("acme") == (7, 2)
+
+
+def test_the_rpc_client_ignores_proxy_settings(monkeypatch):
+    monkeypatch.setenv("http_proxy", "http://127.0.0.1:9")
+    monkeypatch.setenv("HTTP_PROXY", "http://127.0.0.1:9")
+    with og.serve_in_thread(og.Config()) as server:
+        assert og.RpcClient(server.url + "/internal").call("Info")["servers"] == []
+
+
+def test_fractional_peers_are_refused():
+    gw = make_gateway()
+    params = {"public_endpoint": SFU1, "version": "1", "load": 0, "clients": 0,
+              "rooms": [dict(room("ns", "r", "c"), peers=0.5)]}
+    assert "rooms" in error(gw, "sfu.Report", params)["data"]["fieldErrors"]
+
+
+@pytest.mark.parametrize("settings, secret", [
+    ({"master_key": "s3cret-not-base64!"}, "s3cret"),
+    ({"internal_users": {"ops": 5, "x:y": "hunter2"}}, "hunter2"),
+])
+def test_config_errors_do_not_show_secrets(settings, secret):
+    with pytest.raises(og.ConfigError) as caught:
+        og.Config(**settings)
+    assert secret not in str(caught.value) and "<hidden>" in str(caught.value)
+
+
+def test_error_answers_are_counted_by_path_and_logged(caplog):
+    with caplog.at_level(logging.INFO, logger="odin_gateway"):
+        with running(make_gateway(access_log=True)) as server:
+            exchange(server.port, b"POST / HTTP/1.1\r\nContent-Length: 9999999\r\n\r\n")
+            too_large = parse_metrics(og.render_metrics(server.gateway))
+        with running(make_gateway(access_log=True, max_connections=1)) as server:
+            with socket.create_connection(("127.0.0.1", server.port), timeout=5) as held:
+                held.sendall(b"OPTIONS / HTTP/1.1\r\n\r\n")
+                assert status_of(held.recv(65536)) == 200  # held is the one connection served
+                assert status_of(exchange(server.port, b"OPTIONS / HTTP/1.1\r\n\r\n")) == 503
+            refused_one = parse_metrics(og.render_metrics(server.gateway))
+    assert sample_value(too_large, "odin_gateway_http_responses_total", path="/", status="4xx") == 1
+    assert sample_value(refused_one, "odin_gateway_http_responses_total", path="invalid",
+                        status="5xx") == 1
+    statuses = [line["status"] for line in json_log_lines(caplog) if line.get("event") == "request"]
+    assert 413 in statuses and 503 in statuses
+
+
+def test_dynamic_keys_keep_the_gateway_closed_after_customer_api_is_removed():
+    gw = make_gateway(customers=[], customer_api={"update_function": lambda: []})
+    assert gw.set_customers([TINY_CUSTOMER])
+    gw.reload(gw.config.replace(customer_api=None))
+    assert not gw.everything_goes
+    assert rpc(gw, "Connect", {}, token=token(KEY_UNKNOWN))[0] == 401
+
+
+@pytest.mark.parametrize("seed", range(25))
+def test_usage_accounting_matches_a_recount_from_scratch(seed):
+    rng = random.Random(seed)
+    clock = Clock()
+    gw = make_gateway(clock, customers=[])
+    hostnames = ["s%d:4433" % i for i in range(3)]
+    customers = ["c%d" % i for i in range(3)]
+
+    def expected():
+        totals = {}
+        for server in gw.grid.servers.values():
+            if server.disabled:
+                continue
+            for share in (server.usage, server.pending):
+                for customer, (peers, rooms) in share.items():
+                    counts = totals.setdefault(customer, [0, 0])
+                    counts[0] += peers
+                    counts[1] += rooms
+        return {c: tuple(v) for c, v in totals.items() if v != [0, 0]}
+
+    for _ in range(120):
+        action = rng.random()
+        hostname = rng.choice(hostnames)
+        if action < 0.35:
+            rooms = [room(c, "r%d" % rng.randrange(6), c, peers=rng.randrange(4))
+                     for c in rng.sample(customers, rng.randrange(4))]
+            params = {"public_endpoint": hostname, "version": "1", "load": rng.random(),
+                      "clients": 0, "rooms": rooms}
+            rpc(gw, "sfu.Report", params, request_id=rng.choice([1, None]))
+        elif action < 0.75 and gw.grid.servers:
+            rpc(gw, "Connect", {}, token=token(KEY_UNKNOWN, "r%d" % rng.randrange(6), now=clock.now))
+        elif action < 0.85 and hostname in gw.grid.servers:
+            result(gw, "Drain", {"hostname": hostname, "draining": rng.random() < 0.5})
+        else:
+            clock.advance(rng.choice([1, 4, 8, 700]))
+            gw.tick()
+        assert gw.grid.usage == expected()
+        assert all(peers >= 0 and rooms >= 0 for peers, rooms in gw.grid.usage.values())
