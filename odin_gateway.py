@@ -61,11 +61,13 @@ __all__ = [
     "serve_in_thread",
 ]
 
+import argparse
 import asyncio
 import base64
 import contextlib
 import copy
 import datetime
+import email.utils
 import hashlib
 import hmac
 import inspect
@@ -74,6 +76,7 @@ import json
 import logging
 import math
 import os
+import pprint
 import random
 import re
 import runpy
@@ -82,6 +85,9 @@ import sys
 import threading
 import time
 import traceback
+import urllib.error
+import urllib.parse
+import urllib.request
 from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple
 
 try:  # the only third-party dependency; a clear message in main() if missing
@@ -2364,8 +2370,6 @@ _date_cache: List[Any] = [0, b""]
 def _date_header() -> bytes:
     now = int(time.time())
     if _date_cache[0] != now:  # formatting a date costs more than a request
-        import email.utils
-
         _date_cache[:] = [now, email.utils.formatdate(now, usegmt=True).encode("ascii")]
     return _date_cache[1]
 
@@ -2958,8 +2962,6 @@ class RpcClient:
 
     def __init__(self, url: str, *, token: Optional[str] = None, timeout: float = 10.0,
                  trace: Optional[Callable[[str, Any, Any], None]] = None):
-        import urllib.parse
-
         parts = urllib.parse.urlsplit(url)
         self.headers = {"Content-Type": "application/json"}
         if token is not None:
@@ -2980,9 +2982,6 @@ class RpcClient:
 
     def call(self, method: str, params: Optional[dict] = None, *, notify: bool = False) -> Any:
         """The result of a call; RpcError if the gateway answers with an error."""
-        import urllib.error
-        import urllib.request
-
         request: dict = {"jsonrpc": "2.0", "method": method, "params": params or {}}
         if not notify:
             self._next_id += 1
@@ -3292,10 +3291,8 @@ COMMANDS = ("serve", "keygen", "token", "demo")
 MASTER_KEY_ENV = "ODIN_GATEWAY_MASTER_KEY"
 
 
-def build_parser(command: str = "serve") -> "argparse.ArgumentParser":
+def build_parser(command: str = "serve") -> argparse.ArgumentParser:
     """The argument parser of one command (serve is the default command)."""
-    import argparse
-
     formatter = argparse.ArgumentDefaultsHelpFormatter
     if command == "keygen":
         parser = argparse.ArgumentParser(
@@ -3378,8 +3375,6 @@ def keygen_command(args: Any) -> int:
     print("access key (secret, for your token backend): %s" % access_key)
     print("key id: %s" % jwk["kid"])
     print("public JWK: %s" % json.dumps(jwk))
-    import pprint
-
     print("config.py customers entry:")
     print(pprint.pformat(entry, sort_dicts=False))
     return 0
