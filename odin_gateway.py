@@ -2081,10 +2081,7 @@ class Gateway:
                 if not header:
                     return Response(401, _error_body(PARSE_ERROR, "invalid or missing authorization"),
                                     [("WWW-Authenticate", 'Basic realm="odin-gateway"')])
-                scheme, credentials = split_authorization(header)
-                if scheme.lower() != "basic":
-                    raise TokenError("invalid authorization")
-                auth = check_basic(credentials, self.config.internal_users)
+                auth = self._basic_auth(header)
         except TokenError as err:
             log.debug("%s refused: %s", path, err)
             return Response(401, _error_body(INVALID_REQUEST, str(err)))
@@ -2095,6 +2092,13 @@ class Gateway:
                 return Response(403, _error_body(PARSE_ERROR, "access denied by token restrictions"))
         status, response_body = self.dispatch(methods, body, auth, remote)
         return Response(status, response_body or b"")
+
+    def _basic_auth(self, header: str) -> Authorization:
+        """Basic credentials checked against internal_users; TokenError if refused."""
+        scheme, credentials = split_authorization(header)
+        if scheme.lower() != "basic":
+            raise TokenError("invalid authorization")
+        return check_basic(credentials, self.config.internal_users)
 
     def _operations(self, method: str, path: str, headers: Dict[str, str]) -> Response:
         """GET /health, /ready and /metrics: for load balancers and Prometheus."""
@@ -2112,10 +2116,7 @@ class Gateway:
             return Response(200, dump_json({"status": "ready", "servers": enabled}))
         if self.config.internal_users:  # /metrics is protected like /internal
             try:
-                scheme, credentials = split_authorization(headers.get("authorization", ""))
-                if scheme.lower() != "basic":
-                    raise TokenError("invalid authorization")
-                check_basic(credentials, self.config.internal_users)
+                self._basic_auth(headers.get("authorization", ""))
             except TokenError as err:
                 return Response(401, _error_body(INVALID_REQUEST, str(err)),
                                 [("WWW-Authenticate", 'Basic realm="odin-gateway"')])
