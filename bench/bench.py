@@ -28,6 +28,7 @@ import asyncio
 import json
 import os
 import random
+import re
 import shutil
 import statistics
 import subprocess
@@ -98,7 +99,9 @@ def run_wrk(port, connections, seconds, script):
     rate = float(out.split("Requests/sec:")[1].split()[0])
 
     def percentile(label):
-        value = out.split(label)[1].split()[0]
+        # The "Latency Distribution" lines, e.g. "     50%  401.00us"; a stdev
+        # figure elsewhere may also end in "50%".
+        value = re.search(r"^\s*%s\s+(\S+)" % re.escape(label), out, re.MULTILINE).group(1)
         for unit, factor in (("us", 1e-3), ("ms", 1.0), ("s", 1000.0)):
             if value.endswith(unit):
                 return float(value[:-len(unit)]) * factor
