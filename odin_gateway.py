@@ -68,6 +68,7 @@ import contextlib
 import copy
 import dataclasses
 import datetime
+import difflib
 import email.utils
 import functools
 import hashlib
@@ -823,36 +824,74 @@ def _master_key(value: Any) -> Optional[str]:
     return "expected a non-empty base64 string (make one with: python odin_gateway.py keygen --master)"
 
 
+def _camel(snake: str) -> str:
+    return re.sub(r"_(\w)", lambda m: m.group(1).upper(), snake)
+
+
 def _pick(mapping: dict, snake: str, default: Any = None) -> Any:
     """mapping[snake], also accepting the original's camelCase spelling."""
     if snake in mapping:
         return mapping[snake]
-    camel = re.sub(r"_(\w)", lambda m: m.group(1).upper(), snake)
-    return mapping.get(camel, default)
+    return mapping.get(_camel(snake), default)
+
+
+#: The keys of a customer, of one of its access keys, of unknown_customers and
+#: of customer_api (camelCase spellings of the first three are accepted too).
+CUSTOMER_KEYS = ("id", "max_peers", "max_rooms", "access_keys")
+ACCESS_KEY_KEYS = ("public_key", "namespace")
+LIMIT_KEYS = ("max_peers", "max_rooms")
+CUSTOMER_API_KEYS = ("update_function", "update_interval")
+
+
+def _unknown_key(mapping: dict, known: Tuple[str, ...], camel: bool = True) -> Optional[str]:
+    """'unknown key ...' naming the first key of mapping that is not known, and the
+    nearest known one: a misspelled limit must not silently mean no limit."""
+    names = known + tuple(_camel(name) for name in known) if camel else known
+    for key in mapping:
+        if key not in names:
+            close = difflib.get_close_matches(str(key), names, n=1)
+            hint = "did you mean %r?" % close[0] if close else "known: %s" % ", ".join(known)
+            return "unknown key %s (%s)" % (printable(repr(key), 40), hint)
+    return None
+
+
+def _customer_problem(index: int, customer: Any) -> Optional[str]:
+    """Why one entry of a customer list is malformed, naming it, or None.
+    (JWKs are checked when loaded.)"""
+    where = "customer #%d" % (index + 1)
+    if not isinstance(customer, dict):
+        return "%s: expected a dict" % where
+    if not isinstance(customer.get("id"), str) or not customer["id"]:
+        return "%s: id must be a non-empty string" % where
+    where = "customer %s" % printable(repr(customer["id"]), 60)
+    unknown = _unknown_key(customer, CUSTOMER_KEYS)
+    if unknown:
+        return "%s: %s" % (where, unknown)
+    for field in LIMIT_KEYS:
+        if not _is_limit(_pick(customer, field)):
+            return "%s: %s must be a non-negative integer or None" % (where, field)
+    keys = _pick(customer, "access_keys", [])
+    if not isinstance(keys, list):
+        return "%s: access_keys must be a list" % where
+    for number, key in enumerate(keys, 1):
+        if not isinstance(key, dict) or not isinstance(_pick(key, "public_key"), dict):
+            return '%s: each access key must be {"public_key": {...jwk...}, "namespace": ...}' % where
+        unknown = _unknown_key(key, ACCESS_KEY_KEYS)
+        if unknown:
+            return "%s, access key #%d: %s" % (where, number, unknown)
+        if _pick(key, "namespace") is not None and not isinstance(_pick(key, "namespace"), str):
+            return "%s: namespace must be a string or None" % where
+    return None
 
 
 def _check_customers(customers: Any) -> Optional[str]:
-    """Why a customer list is malformed, or None. (JWKs are checked when loaded.)"""
+    """Why a customer list is malformed, or None."""
     if not isinstance(customers, list):
         return "expected a list of customers"
     for index, customer in enumerate(customers):
-        where = "customer #%d" % (index + 1)
-        if not isinstance(customer, dict):
-            return "%s: expected a dict" % where
-        if not isinstance(customer.get("id"), str) or not customer["id"]:
-            return "%s: id must be a non-empty string" % where
-        where = "customer %r" % customer["id"]
-        for field in ("max_peers", "max_rooms"):
-            if not _is_limit(_pick(customer, field)):
-                return "%s: %s must be a non-negative integer or None" % (where, field)
-        keys = _pick(customer, "access_keys", [])
-        if not isinstance(keys, list):
-            return "%s: access_keys must be a list" % where
-        for key in keys:
-            if not isinstance(key, dict) or not isinstance(_pick(key, "public_key"), dict):
-                return '%s: each access key must be {"public_key": {...jwk...}, "namespace": ...}' % where
-            if _pick(key, "namespace") is not None and not isinstance(_pick(key, "namespace"), str):
-                return "%s: namespace must be a string or None" % where
+        problem = _customer_problem(index, customer)
+        if problem:
+            return problem
     return None
 
 
@@ -861,15 +900,21 @@ def _check_customer_api(value: Any) -> Optional[str]:
         return None
     if not isinstance(value, dict) or not callable(value.get("update_function")):
         return 'expected None or {"update_function": fn, "update_interval": seconds}'
+    unknown = _unknown_key(value, CUSTOMER_API_KEYS, camel=False)
+    if unknown:
+        return unknown
     if _positive_seconds(value.get("update_interval", 300)):
         return "update_interval: expected a positive number of seconds"
     return None
 
 
 def _check_unknown_customers(value: Any) -> Optional[str]:
-    if value == "forbidden" or (isinstance(value, dict) and _is_limit(_pick(value, "max_peers"))
-                                and _is_limit(_pick(value, "max_rooms"))):
+    if value == "forbidden":
         return None
+    if isinstance(value, dict):
+        unknown = _unknown_key(value, LIMIT_KEYS)
+        if unknown or all(_is_limit(_pick(value, field)) for field in LIMIT_KEYS):
+            return unknown
     return 'expected "forbidden" or {"max_peers": n, "max_rooms": n} (None: unlimited)'
 
 
@@ -949,9 +994,10 @@ class Config:
     customers: List[dict] = setting(
         [], _check_customers,
         'list of `{"id", "max_peers", "max_rooms", "access_keys": [{"public_key": jwk, '
-        '"namespace": None}]}`; camelCase names (`maxPeers`, `accessKeys`, `publicKey`) work too. '
-        "A JWK that cannot be used is skipped with a warning (the sample config ships the "
-        "`demo` customer)")
+        '"namespace": None}]}`. An omitted `max_peers` or `max_rooms` (or `None`) means unlimited; '
+        "an unknown key stops the start; camelCase names (`maxPeers`, `accessKeys`, `publicKey`) "
+        "work too. A JWK that cannot be used is skipped with a warning (the sample config ships "
+        "the `demo` customer)")
     customer_api: Optional[dict] = setting(
         None, _check_customer_api, '`{"update_function": fn, "update_interval": 300}`, see below')
     unknown_customers: Union[str, Dict[str, Any]] = setting(
@@ -1844,11 +1890,20 @@ class Gateway:
 
     def set_customers(self, customers: Any) -> bool:
         """Replace the customers from the update function; False (old keys kept) if unusable."""
-        problem = _check_customers(customers)
-        if problem:
+        if not isinstance(customers, list):
+            problem = "expected a list of customers, not %s" % type(customers).__name__
             log.warning("customer update: keeping the previous keys: %s", problem,
                         extra=fields("customers_kept", reason=problem))
             return False
+        usable = []
+        for index, customer in enumerate(customers):
+            problem = _customer_problem(index, customer)
+            if problem:  # one bad entry must not cost every other customer its keys
+                log.warning("customer update: skipping %s", problem,
+                            extra=fields("customer_skipped", reason=problem))
+            else:
+                usable.append(customer)
+        customers = usable
         keys = load_customer_keys(customers)
         if not keys:
             log.warning("customer update: keeping the previous keys: the update has no usable key",

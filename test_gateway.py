@@ -1327,6 +1327,15 @@ def test_set_customers_replaces_keys_and_keeps_them_on_bad_input(caplog):
     assert "AatVMEY/ThH2" in gw.authorizer.customer_keys
 
 
+def test_a_bad_entry_from_the_update_function_is_skipped_by_name_and_the_rest_loads(caplog):
+    gw = make_gateway(customers=[], customer_api={"update_function": lambda: []})
+    typo = {"id": "typo", "max_peer": 1, "access_keys": []}
+    with caplog.at_level(logging.WARNING, logger="odin_gateway"):
+        assert gw.set_customers([typo, TINY_CUSTOMER])
+    assert "skipping customer 'typo'" in caplog.text and "did you mean 'max_peers'" in caplog.text
+    assert "AatVMEY/ThH2" in gw.authorizer.customer_keys
+
+
 def test_update_customers_from_sync_and_async_functions():
     async def fetch_async():
         return [TINY_CUSTOMER]
@@ -1384,6 +1393,16 @@ def test_config_defaults():
     ({"customer_api": {"update_function": 5}}, ["customer_api"]),
     ({"metrics_server": "everyone"}, ["metrics_server", "CIDR"]),
     ({"prot": 1}, ["unknown setting", "prot"]),
+    # A misspelled key must not mean "no limit", "no keys" or "no namespace".
+    ({"customers": [{"id": "demo", "max_peer": 1, "max_room": 1, "access_keys": []}]},
+     ["customer 'demo'", "'max_peer'", "did you mean 'max_peers'"]),
+    ({"customers": [{"id": "demo", "acess_keys": []}]}, ["'acess_keys'", "did you mean 'access_keys'"]),
+    ({"customers": [{"id": "demo", "access_keys": [{"public_key": {}, "namspace": "n"}]}]},
+     ["customer 'demo', access key #1", "'namspace'", "did you mean 'namespace'"]),
+    ({"customers": [{"id": "demo", "maxPeer": 1}]}, ["'maxPeer'", "did you mean 'maxPeers'"]),
+    ({"unknown_customers": {"max_peer": 1}}, ["unknown_customers", "did you mean 'max_peers'"]),
+    ({"customer_api": {"update_function": list, "update_intervall": 60}},
+     ["customer_api", "'update_intervall'", "did you mean 'update_interval'"]),
 ])
 def test_config_errors_name_the_setting(settings, words):
     with pytest.raises(og.ConfigError) as caught:
