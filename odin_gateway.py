@@ -1058,8 +1058,8 @@ class Config:
     def __init__(self, source: str = "Config()", **settings: Any):
         unknown = sorted(set(settings) - set(SETTINGS))
         if unknown:
-            raise ConfigError("%s: unknown setting %s (known: %s)" % (
-                source, ", ".join(unknown), ", ".join(SETTINGS)))
+            raise ConfigError("%s: unknown setting %s%s (known: %s)" % (
+                source, ", ".join(unknown), _nearest_setting(unknown[0]), ", ".join(SETTINGS)))
         self.source = source
         for name, declared in SETTINGS.items():
             # A copy: a default list or dict must not be shared between configs.
@@ -1082,9 +1082,12 @@ class Config:
             raise ConfigError("%s: cannot load: %s: %s" % (path, type(err).__name__, err)) from err
         settings = {name: namespace[name] for name in SETTINGS if name in namespace}
         for name, value in namespace.items():
-            if (name not in SETTINGS and not name.startswith("_") and name.islower()
+            # PORT = 17322 is as much a mistake as prot = 17322; names of the
+            # user's own start with "_".
+            if (name not in SETTINGS and not name.startswith("_")
                     and not callable(value) and not inspect.ismodule(value)):
-                log.warning("%s: ignoring unknown setting %r", path, name)
+                log.warning("%s: ignoring unknown setting %r%s (names of your own start with _)",
+                            path, name, _nearest_setting(name))
         return cls(source=path, **settings)
 
     def replace(self, **changes: Any) -> "Config":
@@ -1092,6 +1095,12 @@ class Config:
         settings = {name: getattr(self, name) for name in SETTINGS}
         settings.update(changes)
         return Config(source=self.source, **settings)
+
+
+def _nearest_setting(name: str) -> str:
+    """' (did you mean 'port'?)' for a name that is not a setting, or ''."""
+    close = difflib.get_close_matches(name.lower(), SETTINGS, n=1)
+    return " (did you mean %r?)" % close[0] if close else ""
 
 
 #: name -> Setting, in the order of Config's fields (read-only).

@@ -1421,6 +1421,15 @@ def test_config_load_reads_a_python_file(tmp_path, caplog):
     assert "prot" in caplog.text and "helper" not in caplog.text and "'os'" not in caplog.text
 
 
+def test_upper_case_names_in_the_config_file_are_warned_about(tmp_path, caplog):
+    path = tmp_path / "gateway.py"
+    path.write_text("PORT = 17322\n_MY_REGION = 'eu'\n")
+    with caplog.at_level(logging.WARNING, logger="odin_gateway"):
+        config = og.Config.load(str(path))
+    assert config.port == 7000
+    assert "'PORT' (did you mean 'port'?)" in caplog.text and "_MY_REGION" not in caplog.text
+
+
 @pytest.mark.parametrize("text, words", [
     ("port = (", ["gateway.py", "SyntaxError"]),
     ("raise ValueError('boom')", ["gateway.py", "boom"]),
