@@ -457,7 +457,7 @@ class VerifyKey:
 
     def __init__(self, kid: str, public: bytes):
         if len(public) != 32:
-            raise ValueError("an Ed25519 public key has 32 bytes, not %d" % len(public))
+            raise ValueError("x is %d bytes long; an Ed25519 public key has 32" % len(public))
         nacl.signing.VerifyKey(public)  # refuses what libsodium cannot use, now rather than later
         self.kid = kid
         self.public = bytes(public)
@@ -1109,28 +1109,57 @@ SETTINGS: "types.MappingProxyType[str, Setting]" = types.MappingProxyType({
     for field in dataclasses.fields(Config)})
 
 
+def customer_verify_key(jwk: Any) -> VerifyKey:
+    """The key of a customer's public JWK; ValueError saying what is wrong with it."""
+    if not isinstance(jwk, dict):
+        raise ValueError("expected a JWK object")
+    if jwk.get("kty", "OKP") != "OKP":
+        raise ValueError('kty is %s: only Ed25519 keys (kty "OKP") are supported'
+                         % printable(repr(jwk["kty"]), 40))
+    if jwk.get("crv", "Ed25519") != "Ed25519":
+        raise ValueError("crv is %s: only Ed25519 keys are supported" % printable(repr(jwk["crv"]), 40))
+    if not isinstance(jwk.get("x"), str) or not jwk["x"]:
+        raise ValueError("the JWK has no x (the public key)")
+    try:
+        public = b64url_decode(jwk["x"])
+    except ValueError:
+        raise ValueError("x is not base64url") from None
+    key = VerifyKey(key_id(CUSTOMER_KID_PREFIX, public), public)
+    # Tokens carry the kid derived from the key, so any other kid matches no token.
+    if "kid" not in jwk:
+        raise ValueError("the JWK has no kid (for this x it is %s)" % key.kid)
+    if jwk["kid"] != key.kid:
+        raise ValueError("kid %s does not match x, whose kid is %s"
+                         % (printable(repr(jwk["kid"]), 40), key.kid))
+    return key
+
+
 def load_customer_keys(customers: List[dict]) -> Dict[str, CustomerKey]:
-    """kid -> CustomerKey for a customer list; a JWK that cannot be used is skipped."""
+    """kid -> CustomerKey for a customer list; a JWK that cannot be used is skipped,
+    with a warning naming the customer and the key."""
     keys: Dict[str, CustomerKey] = {}
     for customer in customers:
         customer_id = customer["id"]
         licensee = Licensee(customer_id, _pick(customer, "max_peers"), _pick(customer, "max_rooms"))
-        for access_key in _pick(customer, "access_keys", []):
+        access_keys = _pick(customer, "access_keys", [])
+        usable = 0
+        for number, access_key in enumerate(access_keys, 1):
             jwk = _pick(access_key, "public_key")
             try:
-                if not isinstance(jwk.get("kid"), str):
-                    raise ValueError("kid must be a string")
-                public = b64url_decode(jwk.get("x") or "")
-                verify_key = VerifyKey(jwk["kid"], public)
-            except (ValueError, TypeError, AttributeError) as err:
-                log.warning("customer %r: skipping access key %r: %s",
-                            customer_id, printable(jwk.get("kid") if isinstance(jwk, dict) else jwk), err)
+                verify_key = customer_verify_key(jwk)
+            except ValueError as err:
+                kid = " (kid %s)" % printable(repr(jwk["kid"]), 40) if "kid" in jwk else ""
+                log.warning("customer %r: skipping access key #%d%s: %s", customer_id, number, kid, err)
                 continue
+            usable += 1
             namespace = _pick(access_key, "namespace") or customer_id
             if verify_key.kid in keys:
                 log.warning("customer %r: key id %s is already used by customer %r; the later wins",
                             customer_id, verify_key.kid, keys[verify_key.kid].licensee.customer_id)
             keys[verify_key.kid] = CustomerKey(verify_key, licensee, namespace)
+        if not usable:
+            log.warning("customer %r has no usable access key (%d configured): all its tokens "
+                        "will be refused", customer_id, len(access_keys))
     return keys
 
 
@@ -1842,8 +1871,7 @@ class Gateway:
         self.stopping = False  # set while shutting down: connections are not kept alive
         self.metrics = Metrics()
         self._dynamic_keys: Dict[str, CustomerKey] = {}
-        self._static_keys = load_customer_keys(self.config.customers)
-        self._rebuild_authorizer()
+        self._load_static_keys()
         self._handlers: Dict[str, Callable[[Call, dict], Any]] = {
             "Connect": self.rpc_connect,
             **{task: functools.partial(self.rpc_room_task, task=task) for task in ROOM_TASKS},
@@ -1856,6 +1884,14 @@ class Gateway:
         }
 
     # -- customers ----------------------------------------------------------
+
+    def _load_static_keys(self) -> None:
+        customers = self.config.customers
+        self._static_keys = load_customer_keys(customers)
+        if customers and not self._static_keys:
+            log.warning("no usable access key in customers (%d configured): every token of "
+                        "those customers will be refused", len(customers))
+        self._rebuild_authorizer()
 
     def _rebuild_authorizer(self) -> None:
         keys = dict(self._static_keys)
@@ -1884,8 +1920,7 @@ class Gateway:
         if kept:
             config = config.replace(**kept)
         self.config = config
-        self._static_keys = load_customer_keys(config.customers)
-        self._rebuild_authorizer()
+        self._load_static_keys()
         log.info("config reloaded from %s: %d customer keys", config.source,
                  len(self.authorizer.customer_keys),
                  extra=fields("config_reloaded", source=config.source,

@@ -1305,6 +1305,31 @@ def test_an_unusable_jwk_is_skipped_with_a_warning_and_the_others_load(caplog):
     assert set(gw.authorizer.customer_keys) == {"AatVMEY/ThH2"}
 
 
+TINY_X = TINY_CUSTOMER["accessKeys"][0]["publicKey"]["x"]  # its kid is AatVMEY/ThH2
+
+
+@pytest.mark.parametrize("jwk, words", [
+    ({"kid": "ARjlCj4VESC3", "kty": "OKP", "crv": "Ed25519", "x": TINY_X},
+     ["(kid 'ARjlCj4VESC3')", "kid 'ARjlCj4VESC3' does not match x, whose kid is AatVMEY/ThH2"]),
+    ({"kty": "OKP", "crv": "Ed25519", "x": TINY_X}, ["the JWK has no kid (for this x it is AatVMEY/ThH2)"]),
+    ({"kid": "AatVMEY/ThH2", "kty": "EC", "crv": "P-256", "x": TINY_X}, ["kty is 'EC'", "Ed25519"]),
+    ({"kid": "AatVMEY/ThH2", "kty": "OKP", "crv": "X25519", "x": TINY_X}, ["crv is 'X25519'"]),
+    ({"kid": "AatVMEY/ThH2", "kty": "OKP", "crv": "Ed25519"}, ["no x"]),
+    ({"kid": "AatVMEY/ThH2", "x": "c2hvcnQ"}, ["x is 5 bytes long"]),
+])
+def test_an_unusable_jwk_is_named_with_what_is_wrong(jwk, words, caplog):
+    with caplog.at_level(logging.WARNING, logger="odin_gateway"):
+        gw = make_gateway(customers=[{"id": "acme", "access_keys": [{"public_key": jwk}]}])
+    assert "customer 'acme': skipping access key #1" in caplog.text
+    for word in words:
+        assert word in caplog.text
+    assert "None" not in caplog.text
+    assert "customer 'acme' has no usable access key (1 configured): all its tokens will be refused" \
+        in caplog.text
+    assert "no usable access key in customers (1 configured)" in caplog.text
+    assert not gw.authorizer.customer_keys
+
+
 def test_configured_but_unusable_keys_do_not_open_the_gateway():
     broken = {"id": "broken", "access_keys": [
         {"public_key": {"kid": "AAAA", "kty": "OKP", "crv": "Ed25519", "x": "!!"}}]}
