@@ -756,6 +756,10 @@ def check_basic(credentials: str, users: Dict[str, str]) -> Authorization:
 
 #: The well-known master key of the original's sample configuration.
 DEFAULT_MASTER_KEY = "VGhpcyBpcyBhIHN1cGVyIHNlY3JldCBtYXN0ZXIga2V5IQ=="
+#: Shorter master keys are guessable; keygen --master makes 32 random bytes.
+MIN_MASTER_KEY_BYTES = 32
+#: Key id of the sample config's demo customer, whose access key README.md prints.
+PUBLISHED_DEMO_KID = "ARjlCj4VESC3"
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 
 #: Why a value is wrong for a setting, or None when it is fine.
@@ -3443,6 +3447,15 @@ def warn_about_exposure(gateway: Gateway) -> None:
         log.warning("master_key is the well-known default: anyone can derive your servers' "
                     "signing keys and forge room tokens; set a secret one "
                     "(python odin_gateway.py keygen --master)")
+    elif len(config.master_key_bytes) < MIN_MASTER_KEY_BYTES:
+        log.warning("master_key is only %d bytes long: use at least %d random bytes "
+                    "(python odin_gateway.py keygen --master makes one)",
+                    len(config.master_key_bytes), MIN_MASTER_KEY_BYTES)
+    for key in gateway.authorizer.customer_keys.values():
+        if key.verify_key.kid == PUBLISHED_DEMO_KID:
+            log.warning("customer %r has the access key published in README.md (key id %s): "
+                        "anyone can sign tokens for it; remove it before the gateway faces a "
+                        "network", key.licensee.customer_id, PUBLISHED_DEMO_KID)
     if not config.internal_users:
         log.warning("/internal is open (internal_users is empty): anyone who reaches this port "
                     "can register servers and read their signing keys; set internal_users or "

@@ -1898,6 +1898,19 @@ def test_token_command_prints_a_token_the_gateway_accepts():
     assert bad.returncode == 2 and "invalid access key" in bad.stderr
 
 
+def test_start_up_warns_about_the_published_demo_key_and_a_short_master_key(caplog):
+    sample = og.Config.load(str(HERE / "config.py"))
+    with caplog.at_level(logging.WARNING, logger="odin_gateway"):
+        og.warn_about_exposure(og.Gateway(sample.replace(master_key=og.b64_encode(b"short"))))
+    assert "customer 'demo' has the access key published in README.md" in caplog.text
+    assert "master_key is only 5 bytes long" in caplog.text and "keygen --master" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="odin_gateway"):
+        og.warn_about_exposure(og.Gateway(og.Config(
+            customers=reference_customers(), master_key=og.b64_encode(os.urandom(32)))))
+    assert "published" not in caplog.text and "master_key" not in caplog.text
+
+
 def test_a_bad_config_stops_the_start_with_a_message(tmp_path):
     path = tmp_path / "bad.py"
     path.write_text("port = 'seven'\n")
