@@ -3485,11 +3485,40 @@ COMMANDS = ("serve", "keygen", "token", "demo")
 MASTER_KEY_ENV = "ODIN_GATEWAY_MASTER_KEY"
 
 
-def build_parser(command: str = "serve") -> argparse.ArgumentParser:
+#: A flag whose name says it carries a secret (--access-key, --master-key...); a
+#: flag that names a file holding one (--master-key-file) is not secret.
+_SECRET_FLAG_RE = re.compile(r"--[\w-]*(key|secret|password)")
+
+
+class CommandParser(argparse.ArgumentParser):
+    """argparse without abbreviations (--master-key must not pass for
+    --master-key-file), whose error messages never repeat a secret flag's value."""
+
+    def __init__(self, **options: Any):
+        super().__init__(allow_abbrev=False, **options)
+        self.secrets: List[str] = []
+
+    def parse_known_args(self, args: Any = None, namespace: Any = None) -> Any:
+        argv = list(sys.argv[1:] if args is None else args)
+        self.secrets = []
+        for index, arg in enumerate(argv):
+            name, equals, value = arg.partition("=")
+            if _SECRET_FLAG_RE.fullmatch(name):
+                self.secrets.append(value if equals else argv[index + 1] if index + 1 < len(argv) else "")
+        return super().parse_known_args(args, namespace)
+
+    def error(self, message: str) -> Any:
+        for secret in self.secrets:
+            if len(secret) >= 4:  # shorter is no secret, and would blank out words
+                message = message.replace(secret, "<hidden>")
+        super().error(message)
+
+
+def build_parser(command: str = "serve") -> CommandParser:
     """The argument parser of one command (serve is the default command)."""
     formatter = argparse.ArgumentDefaultsHelpFormatter
     if command == "keygen":
-        parser = argparse.ArgumentParser(
+        parser = CommandParser(
             prog="odin_gateway.py keygen", formatter_class=formatter,
             description="Make a new ODIN access key and print it with its public JWK, its key "
                         "id and the customers entry to paste into config.py. Keep the access "
@@ -3500,13 +3529,13 @@ def build_parser(command: str = "serve") -> argparse.ArgumentParser:
                             help="customer id for the printed config entry")
         return parser
     if command == "demo":
-        return argparse.ArgumentParser(
+        return CommandParser(
             prog="odin_gateway.py demo", formatter_class=formatter,
             description="Run the whole protocol on this machine in a few seconds and narrate "
                         "it: a gateway, two fake media servers, clients, an admin task, and a "
                         "server falling silent.")
     if command == "token":
-        parser = argparse.ArgumentParser(
+        parser = CommandParser(
             prog="odin_gateway.py token", formatter_class=formatter,
             description="Print a client token signed with an access key, as the ODIN token "
                         "library makes them (for testing Connect and the admin methods).")
@@ -3523,7 +3552,7 @@ def build_parser(command: str = "serve") -> argparse.ArgumentParser:
         parser.add_argument("--server", help="internal.server claim: pin the room to this server")
         return parser
     called = os.path.basename(sys.argv[0]) if sys.argv and sys.argv[0] else ""
-    parser = argparse.ArgumentParser(
+    parser = CommandParser(
         prog=called if called.startswith("odin") else "odin_gateway.py",
         description="An ODIN gateway: spreads ODIN clients over ODIN media servers and checks "
                     "customer licences. Settings come from a config file (see config.py); "

@@ -1911,6 +1911,22 @@ def test_start_up_warns_about_the_published_demo_key_and_a_short_master_key(capl
     assert "published" not in caplog.text and "master_key" not in caplog.text
 
 
+@pytest.mark.parametrize("argv", [
+    ["--master-key", "c2VjcmV0IHZhbHVlIQ=="],  # not an abbreviation of --master-key-file
+    ["--master-key=c2VjcmV0IHZhbHVlIQ=="],
+    ["keygen", "--access-key", "c2VjcmV0IHZhbHVlIQ=="],
+])
+def test_flags_are_never_abbreviated_and_secret_values_never_echoed(argv, capsys):
+    with pytest.raises(SystemExit) as stopped:
+        og.main(argv)
+    err = capsys.readouterr().err
+    assert stopped.value.code == 2 and "unrecognized arguments" in err
+    assert "c2VjcmV0" not in err and "<hidden>" in err
+    with pytest.raises(SystemExit):
+        og.main(["--master-key-fil", "mk.txt"])  # abbreviations are refused, not guessed
+    assert "unrecognized arguments: --master-key-fil" in capsys.readouterr().err
+
+
 def test_a_bad_config_stops_the_start_with_a_message(tmp_path):
     path = tmp_path / "bad.py"
     path.write_text("port = 'seven'\n")
