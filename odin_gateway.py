@@ -83,6 +83,7 @@ import pprint
 import random
 import re
 import runpy
+import shlex
 import ssl as ssl_module
 import sys
 import threading
@@ -1078,6 +1079,8 @@ class Config:
     @classmethod
     def load(cls, path: str) -> "Config":
         """Run the Python file at path and take the settings it defines."""
+        if os.path.isdir(path):
+            raise ConfigError("%s: is a directory, not a config file" % path)
         if not os.path.isfile(path):
             raise ConfigError("%s: no such file" % path)
         try:
@@ -3470,10 +3473,14 @@ def warn_about_exposure(gateway: Gateway) -> None:
 
 def _ssl_context(config: Config) -> ssl_module.SSLContext:
     context = ssl_module.SSLContext(ssl_module.PROTOCOL_TLS_SERVER)
+    # load_cert_chain's FileNotFoundError names no file (3.9-3.13): look first.
+    for name in ("certificate", "private_key"):
+        path = getattr(config, name)
+        if not os.path.isfile(path):
+            raise ConfigError("TLS: %s %s: %s" % (name, path, "is a directory" if os.path.isdir(path)
+                                                    else "no such file"))
     try:
         context.load_cert_chain(config.certificate, config.private_key)
-    except FileNotFoundError as err:
-        raise ConfigError("TLS: cannot read %s: no such file" % err.filename) from err
     except (ssl_module.SSLError, OSError) as err:
         raise ConfigError("TLS: cannot use certificate %s with key %s: %s"
                           % (config.certificate, config.private_key, err)) from err
@@ -3620,26 +3627,33 @@ def load_config(args: Any, environ: Optional[Dict[str, str]] = None) -> Config:
     variable ODIN_GATEWAY_MASTER_KEY, else the config file.
     """
     environ = os.environ if environ is None else environ
-    if os.path.isfile(args.config):
+    if os.path.exists(args.config) or args.config != "config.py":
         config = Config.load(args.config)
-    elif args.config != "config.py":
-        raise ConfigError("%s: no such file" % args.config)
     else:
         config = Config()
-    overrides = {name: getattr(args, name) for name, declared in SETTINGS.items()
-                 if declared.flag and getattr(args, name, None) is not None}
+    # setting -> (what the user wrote, its value): an error names the flag, not the setting.
+    overrides: Dict[str, Tuple[str, Any]] = {}
+    for name, declared in SETTINGS.items():
+        value = getattr(args, name, None)
+        if declared.flag and value is not None:
+            overrides[name] = (declared.flag if value is True
+                               else "%s %s" % (declared.flag, shlex.quote(str(value))), value)
     if environ.get(MASTER_KEY_ENV):
-        overrides["master_key"] = environ[MASTER_KEY_ENV].strip()
+        overrides["master_key"] = ("$" + MASTER_KEY_ENV, environ[MASTER_KEY_ENV].strip())
         config.source += " + $" + MASTER_KEY_ENV
     if getattr(args, "master_key_file", None):
+        written = "--master-key-file %s" % args.master_key_file
         try:
             with open(args.master_key_file, encoding="utf-8") as key_file:
-                overrides["master_key"] = key_file.read().strip()
-        except OSError as err:
-            raise ConfigError("--master-key-file %s: %s" % (args.master_key_file,
-                                                            err.strerror or err)) from err
+                overrides["master_key"] = (written, key_file.read().strip())
+        except (OSError, UnicodeDecodeError) as err:
+            raise ConfigError("%s: %s" % (written, getattr(err, "strerror", None) or err)) from err
         config.source += " + " + args.master_key_file
-    return config.replace(**overrides) if overrides else config
+    for name, (written, value) in overrides.items():
+        problem = SETTINGS[name].check(value)
+        if problem:
+            raise ConfigError("%s: %s" % (written, problem))
+    return config.replace(**{name: value for name, (_, value) in overrides.items()})
 
 
 def reload_config(args: Any, started_from_file: bool) -> Config:

@@ -1489,6 +1489,30 @@ def test_flags_override_the_config_file(tmp_path):
         "127.0.0.1", 7200, True, "c.pem", "k.pem")
 
 
+@pytest.mark.parametrize("argv, environ, expected", [
+    (["--port", "70000"], {}, "--port 70000: expected an integer from 0 to 65535"),
+    (["--host", ""], {}, "--host '': expected a non-empty string"),
+    ([], {"ODIN_GATEWAY_MASTER_KEY": "not base64!"}, "$ODIN_GATEWAY_MASTER_KEY: expected a non-empty base64"),
+])
+def test_flag_errors_name_what_the_user_wrote(argv, environ, expected):
+    args = og.build_parser().parse_args(argv)
+    with pytest.raises(og.ConfigError) as caught:
+        og.load_config(args, environ=environ)
+    assert str(caught.value).startswith(expected)
+
+
+def test_master_key_file_and_config_directory_errors_name_them(tmp_path):
+    key_file = tmp_path / "mk.txt"
+    key_file.write_text("not base64!\n")
+    with pytest.raises(og.ConfigError) as caught:
+        og.load_config(og.build_parser().parse_args(["--master-key-file", str(key_file)]), environ={})
+    assert str(caught.value).startswith("--master-key-file %s: expected a non-empty base64" % key_file)
+    assert "not base64!" not in str(caught.value)
+    with pytest.raises(og.ConfigError) as caught:
+        og.load_config(og.build_parser().parse_args(["--config", str(tmp_path)]), environ={})
+    assert str(caught.value) == "%s: is a directory, not a config file" % tmp_path
+
+
 def test_a_missing_explicit_config_file_is_an_error(tmp_path):
     args = og.build_parser().parse_args(["--config", str(tmp_path / "missing.py")])
     with pytest.raises(og.ConfigError, match="no such file"):
@@ -1848,8 +1872,13 @@ def test_https(certificate):
 
 def test_tls_misconfiguration_stops_with_a_clear_message(certificate, tmp_path):
     cert, key = certificate
-    with pytest.raises(og.ConfigError, match="no such file"):
-        og._ssl_context(og.Config(ssl=True, certificate=str(tmp_path / "nope.pem"), private_key=key))
+    missing = str(tmp_path / "nope.pem")
+    with pytest.raises(og.ConfigError, match="no such file") as caught:
+        og._ssl_context(og.Config(ssl=True, certificate=missing, private_key=key))
+    assert str(caught.value) == "TLS: certificate %s: no such file" % missing
+    with pytest.raises(og.ConfigError) as caught:
+        og._ssl_context(og.Config(ssl=True, certificate=cert, private_key=missing))
+    assert str(caught.value) == "TLS: private_key %s: no such file" % missing
     other_key = tmp_path / "other.pem"
     subprocess.run(["openssl", "genrsa", "-out", str(other_key), "2048"], check=True, capture_output=True)
     with pytest.raises(og.ConfigError, match="cannot use certificate"):
@@ -2517,7 +2546,7 @@ def test_master_key_from_environment_or_file(tmp_path):
     assert og.load_config(args, environ).master_key == from_file
     with pytest.raises(og.ConfigError, match="master-key-file"):
         og.load_config(parse(["--master-key-file", str(tmp_path / "missing")]), {})
-    with pytest.raises(og.ConfigError, match="master_key"):
+    with pytest.raises(og.ConfigError, match="ODIN_GATEWAY_MASTER_KEY: expected a non-empty base64"):
         og.load_config(parse([]), {og.MASTER_KEY_ENV: "not base64!"})
 
 
