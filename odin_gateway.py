@@ -9,7 +9,7 @@ plus a fresh Ed25519-signed token for that server.
 
 Run it::
 
-    pip install pynacl
+    pip install pynacl "tomli; python_version < '3.11'"
     python odin_gateway.py                 # reads ./config.py if present
     python odin_gateway.py --help
 
@@ -1231,6 +1231,8 @@ except ImportError:  # Python < 3.11
         import tomli as _toml_reader  # type: ignore[no-redef]
     except ImportError:
         _toml_reader = None  # type: ignore[assignment]
+NO_TOML_READER = ("sfu.GridConfig needs a TOML parser: Python 3.11+ has one; on Python %d.%d "
+                  "run: pip install tomli" % sys.version_info[:2])
 
 _BARE_KEY_RE = re.compile(r"[A-Za-z0-9_-]+")
 _TOML_ESCAPES = {'"': '\\"', "\\": "\\\\", "\b": "\\b", "\t": "\\t", "\n": "\\n",
@@ -1319,7 +1321,7 @@ MAX_SERVER_CONFIG = 64 * 1024
 def parse_toml(text: str) -> dict:
     """Parse TOML; RpcError naming the line and column when it is invalid."""
     if _toml_reader is None:
-        raise RpcError(INTERNAL_ERROR, "sfu.GridConfig needs Python 3.11+ or the tomli package")
+        raise RpcError(INTERNAL_ERROR, NO_TOML_READER)
     if len(text) > MAX_SERVER_CONFIG:
         raise refused("config is %d characters; at most %d are accepted" % (len(text), MAX_SERVER_CONFIG))
     try:
@@ -3303,6 +3305,10 @@ class FakeServer:
 def run_demo(out: Any = None) -> int:
     """Run the whole protocol on this machine and narrate it (the demo command)."""
     out = out or sys.stdout
+    if _toml_reader is None:
+        print("The demo starts media servers, whose first call is sfu.GridConfig.\n" + NO_TOML_READER,
+              file=out)
+        return 2
     offset = [0.0]
 
     def clock() -> float:  # real time, plus the time the demo pretends has passed
@@ -3325,7 +3331,7 @@ def run_demo(out: Any = None) -> int:
     gateway = Gateway(config, clock=clock, rng=random.Random(4))
     with serve_in_thread(gateway=gateway) as server:
         internal = server.url.replace("://", "://sfu:demo-password@") + "/internal"
-        say("ODIN gateway demo: the whole protocol, on this machine, in a few seconds.")
+        say("ODIN gateway demo: the whole protocol, on this machine, in under a second.")
         say("Arrows show each JSON-RPC call and its answer, shortened.")
         say()
         say("1. A gateway listens on %s with one customer, acme (max 10 peers," % server.url)
@@ -3446,6 +3452,8 @@ def configure_logging(level: str, fmt: str, stream: Any = None) -> None:
 def warn_about_exposure(gateway: Gateway) -> None:
     """Say at start what an operator must know is exposed, and how to fix it."""
     config = gateway.config
+    if _toml_reader is None:
+        log.warning("%s (until then every server's sfu.GridConfig fails)", NO_TOML_READER)
     if config.master_key == DEFAULT_MASTER_KEY:
         log.warning("master_key is the well-known default: anyone can derive your servers' "
                     "signing keys and forge room tokens; set a secret one "
@@ -3538,7 +3546,7 @@ def build_parser(command: str = "serve") -> CommandParser:
     if command == "demo":
         return CommandParser(
             prog="odin_gateway.py demo", formatter_class=formatter,
-            description="Run the whole protocol on this machine in a few seconds and narrate "
+            description="Run the whole protocol on this machine in under a second and narrate "
                         "it: a gateway, two fake media servers, clients, an admin task, and a "
                         "server falling silent.")
     if command == "token":

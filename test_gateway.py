@@ -18,6 +18,7 @@ import math
 import os
 import pathlib
 import random
+import re
 import shutil
 import signal
 import socket
@@ -1991,13 +1992,17 @@ def test_the_gateway_runs_from_the_command_line_and_stops_on_sigterm(tmp_path):
         process.stderr.close()
 
 
+START_COMMAND = """pip install pynacl "tomli; python_version < '3.11'" && python odin_gateway.py"""
+
+
 def test_ci_runs_exactly_the_readme_test_command():
     readme = (HERE / "README.md").read_text()
     ci = (HERE / ".ci" / "run").read_text()
     command = "pip install -r requirements-test.txt && python -m pytest -q"
     assert "```\n%s\n```" % command in readme.replace("```sh\n", "```\n").replace("```bash\n", "```\n")
     assert ci.rstrip().endswith(command)
-    assert "pip install pynacl && python odin_gateway.py" in readme
+    # Right on 3.9 to 3.13: tomli where the standard library has no TOML parser.
+    assert "```\n%s\n```" % START_COMMAND in readme.replace("```sh\n", "```\n")
 
 
 # ---------------------------------------------------------------------------
@@ -2081,6 +2086,23 @@ def test_demo_narrates_the_protocol():
         assert expected in text
     both = [line for line in text.splitlines() if line.startswith("   -> both on")]
     assert len(both) == 1 and " and " not in both[0]  # alice and bob share their room's server
+
+
+def test_without_a_toml_parser_the_start_warns_and_the_demo_explains(monkeypatch, caplog):
+    import io
+
+    monkeypatch.setattr(og, "_toml_reader", None)
+    with caplog.at_level(logging.WARNING, logger="odin_gateway"):
+        og.warn_about_exposure(make_gateway())
+    assert "sfu.GridConfig needs a TOML parser" in caplog.text and "pip install tomli" in caplog.text
+    out = io.StringIO()
+    assert og.run_demo(out) == 2
+    assert "pip install tomli" in out.getvalue()
+
+
+def test_the_demo_takes_as_long_as_readme_says():
+    assert "in under a second" in og.build_parser("demo").description
+    assert "in under a second" in (HERE / "README.md").read_text().split("## How it works")[0]
 
 
 def test_demo_command_exits_zero():
@@ -2559,17 +2581,26 @@ def test_python_dash_m_runs_the_gateway():
 def test_the_wheel_has_the_module_and_console_script_but_not_config(tmp_path):
     import zipfile
 
+    # Built from a copy, so that build/ and *.egg-info never land in the checkout.
+    source = tmp_path / "source"
+    shutil.copytree(str(HERE), str(source), ignore=shutil.ignore_patterns(
+        ".git", "build", "*.egg-info", "__pycache__", ".pytest_cache", ".hypothesis"))
+    before = sorted(path.name for path in HERE.iterdir())
     finished = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "-q", "-w",
-                               str(tmp_path), str(HERE)], capture_output=True, text=True, timeout=240)
+                               str(tmp_path), str(source)], capture_output=True, text=True, timeout=240)
     if finished.returncode != 0 and "setuptools" in finished.stderr + finished.stdout:
         pytest.skip("cannot build a wheel here: %s" % finished.stderr[-200:])
     assert finished.returncode == 0, finished.stderr
-    wheel = next(tmp_path.glob("odin_gateway-%s-*.whl" % og.__version__))
-    names = zipfile.ZipFile(wheel).namelist()
+    assert sorted(path.name for path in HERE.iterdir()) == before
+    wheel = zipfile.ZipFile(next(tmp_path.glob("odin_gateway-%s-*.whl" % og.__version__)))
+    names = wheel.namelist()
     assert "odin_gateway.py" in names
     assert not any(name.endswith("config.py") or name.startswith("test_") for name in names)
-    entry_points = zipfile.ZipFile(wheel).read(next(n for n in names if n.endswith("entry_points.txt")))
+    entry_points = wheel.read(next(n for n in names if n.endswith("entry_points.txt")))
     assert b"odin-gateway = odin_gateway:main" in entry_points
+    # pip install . gives Python 3.9 and 3.10 their TOML parser.
+    metadata = wheel.read(next(n for n in names if n.endswith("METADATA"))).decode()
+    assert re.search(r"Requires-Dist: tomli>=1\.1; python_version < \"3\.11\"", metadata), metadata
 
 
 def test_the_customer_update_function_runs_when_serving():
