@@ -3529,9 +3529,20 @@ class CommandParser(argparse.ArgumentParser):
         super().error(message)
 
 
+class _DefaultsFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows a default once: not for required flags or switches, nor for None, nor when the
+    help says it."""
+
+    def _get_help_string(self, action: argparse.Action) -> Optional[str]:
+        if (action.required or action.default is None or action.default is False
+                or "default" in (action.help or "")):
+            return action.help
+        return super()._get_help_string(action)
+
+
 def build_parser(command: str = "serve") -> CommandParser:
     """The argument parser of one command (serve is the default command)."""
-    formatter = argparse.ArgumentDefaultsHelpFormatter
+    formatter = _DefaultsFormatter
     if command == "keygen":
         parser = CommandParser(
             prog="odin_gateway.py keygen", formatter_class=formatter,
@@ -3540,8 +3551,8 @@ def build_parser(command: str = "serve") -> CommandParser:
                         "key secret: the gateway needs only the public key.")
         parser.add_argument("--master", action="store_true",
                             help="print a new random master_key instead")
-        parser.add_argument("--customer", default="my-customer",
-                            help="customer id for the printed config entry")
+        parser.add_argument("--customer",
+                            help="customer id for the printed config entry (default: my-customer)")
         return parser
     if command == "demo":
         return CommandParser(
@@ -3576,7 +3587,9 @@ def build_parser(command: str = "serve") -> CommandParser:
                "'odin_gateway.py keygen --help'; 'odin_gateway.py token --help'. "
                "Signals: SIGTERM/SIGINT stop gracefully (twice: at once); SIGHUP reloads the "
                "config file.")
-    parser.add_argument("--version", action="version", version="%(prog)s " + __version__)
+    # The name as installed (odin-gateway) or the module's, never "odin_gateway.py".
+    parser.add_argument("--version", action="version", version="%s %s" % (
+        "odin-gateway" if called == "odin-gateway" else "odin_gateway", __version__))
     parser.add_argument("--config", metavar="PATH", default="config.py",
                         help="config file (default: config.py; if that default is missing, "
                              "the built-in defaults apply)")
@@ -3599,11 +3612,15 @@ def build_parser(command: str = "serve") -> CommandParser:
 
 def keygen_command(args: Any) -> int:
     if args.master:
-        print(b64_encode(os.urandom(32)))
+        if args.customer is not None:
+            print("odin_gateway keygen: --customer names the customer of an access key; "
+                  "a master key (--master) has none", file=sys.stderr)
+            return 2
+        print(b64_encode(os.urandom(MIN_MASTER_KEY_BYTES)))
         return 0
     access_key = generate_access_key()
     jwk = public_jwk(access_key)
-    entry = {"id": args.customer, "max_peers": None, "max_rooms": None,
+    entry = {"id": args.customer or "my-customer", "max_peers": None, "max_rooms": None,
              "access_keys": [{"public_key": jwk, "namespace": None}]}
     print("access key (secret, for your token backend): %s" % access_key)
     print("key id: %s" % jwk["kid"])
@@ -3613,11 +3630,34 @@ def keygen_command(args: Any) -> int:
     return 0
 
 
+def _token_problem(args: Any) -> Optional[str]:
+    """Why the gateway would refuse the token these flags describe, in its words, or None."""
+    if len({room_base_name(room) for room in args.room}) > 1:
+        return "--room %s: all values in rid must have the same base" % " --room ".join(
+            shlex.quote(room) for room in args.room)
+    if args.lifetime <= 0:
+        return "--lifetime %d: expected a positive number of seconds (the token would expire " \
+               "before it is made)" % args.lifetime
+    methods = [method.lower() for method in Gateway.PUBLIC_METHODS]
+    for subject in args.subject or ():
+        if subject.lower() not in methods:
+            close = difflib.get_close_matches(subject.lower(), methods, n=1)
+            return ("--subject %s: no method has this name, so the gateway would answer "
+                    "'access denied by token restrictions' (%s)" % (
+                        shlex.quote(subject), "did you mean %s?" % close[0] if close
+                        else "methods: " + ", ".join(methods)))
+    return None
+
+
 def token_command(args: Any) -> int:
     room = args.room[0] if len(args.room) == 1 else args.room
     subject: Any = "connect"
     if args.subject:
         subject = args.subject[0] if len(args.subject) == 1 else args.subject
+    problem = _token_problem(args)
+    if problem:
+        print("odin_gateway token: %s" % problem, file=sys.stderr)
+        return 2
     try:
         print(create_token(args.access_key, room, args.user, audience=args.audience,
                            subject=subject, lifetime=args.lifetime, customer=args.customer,
@@ -3717,6 +3757,19 @@ async def _run(gateway: Gateway, ssl_context: Optional[ssl_module.SSLContext],
                 loop.remove_signal_handler(signum)
 
 
+def _printing(command: Callable[[Any], int], args: Any) -> int:
+    """Run a command that prints; a reader that goes away (keygen | head -1) ends it
+    quietly, as it ends other Unix tools."""
+    try:
+        status = command(args)
+        sys.stdout.flush()
+        return status
+    except BrokenPipeError:
+        # Python would complain again when it flushes stdout at exit.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     """Run the gateway (or another command) from the command line; the exit status."""
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -3725,13 +3778,11 @@ def main(argv: Optional[List[str]] = None) -> int:
     if nacl is None:
         print("odin_gateway: PyNaCl is missing; install it with: pip install pynacl", file=sys.stderr)
         return 2
-    if command == "keygen":
-        return keygen_command(args)
-    if command == "token":
-        return token_command(args)
     if command == "demo":
         configure_logging("ERROR", "pretty")  # the narration says what happens
-        return run_demo()
+    if command != "serve":
+        return _printing({"keygen": keygen_command, "token": token_command,
+                          "demo": lambda _args: run_demo()}[command], args)
     configure_logging("INFO", "pretty")  # until the config says otherwise
     started_from = os.path.isfile(args.config)
     try:

@@ -1901,7 +1901,48 @@ def test_help_and_version():
     assert help_text.returncode == 0
     for flag in ("--config", "--host", "--port", "--ssl", "--certificate", "--privatekey", "keygen"):
         assert flag in help_text.stdout
-    assert run_cli("--version").stdout.strip() == "odin_gateway.py " + og.__version__
+    assert run_cli("--version").stdout.strip() == "odin_gateway " + og.__version__
+
+
+def test_help_shows_each_default_once_and_none_for_required_flags():
+    for command in og.COMMANDS:
+        help_text = og.build_parser(command).format_help()
+        assert "(default: None)" not in help_text and "(default: False)" not in help_text, command
+        for line in " ".join(help_text.split()).split("--"):
+            assert line.count("default:") <= 1, (command, line)
+    token_help = " ".join(og.build_parser("token").format_help().split())
+    assert "default: connect" in token_help and "(default: 300)" in token_help
+
+
+@pytest.mark.parametrize("argv, words", [
+    (["--room", "a{1}x", "--room", "b{2}y"], ["--room 'a{1}x' --room 'b{2}y'",
+                                               "all values in rid must have the same base"]),
+    (["--room", "a", "--lifetime", "-5"], ["--lifetime -5", "positive"]),
+    (["--room", "a", "--subject", "bogus"], ["--subject bogus", "access denied by token restrictions"]),
+    (["--room", "a", "--subject", "roomclos"], ["did you mean roomclose?"]),
+])
+def test_token_refuses_what_the_gateway_would_refuse(argv, words, capsys):
+    assert og.main(["token", "--access-key", KEY_A, "--user", "u"] + argv) == 2
+    err = capsys.readouterr().err
+    for word in words:
+        assert word in err
+    assert og.main(["token", "--access-key", KEY_A, "--user", "u", "--room", "a{1}x", "--room", "b{1}y",
+                    "--subject", "RoomClose", "--subject", "connect"]) == 0
+
+
+def test_keygen_refuses_a_customer_for_a_master_key(capsys):
+    assert og.main(["keygen", "--master", "--customer", "acme"]) == 2
+    assert "--customer" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("argv", [["keygen"], ["keygen", "--master"]])
+def test_a_reader_that_goes_away_ends_a_command_quietly(argv):
+    process = subprocess.Popen([sys.executable, str(HERE / "odin_gateway.py"), *argv],
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=str(HERE))
+    process.stdout.close()  # as `| head -0` does
+    err = process.stderr.read().decode()
+    process.stderr.close()
+    assert process.wait(timeout=30) == 1 and err == ""
 
 
 def test_keygen_prints_a_working_key_and_config_entry():
