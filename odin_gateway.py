@@ -1598,9 +1598,9 @@ class Grid:
         The peer (and the room, if new there) count as pending usage of the
         server and the customer until the server's next report.
         """
+        server = self.server_of(digest, now)
         room = self.rooms.get(digest)
-        server = self.servers.get(room.server) if room is not None else None
-        if server is None or server.disabled:
+        if server is None:
             server = self._pick(pinned)
         new_here = room is None or room.server != server.hostname
         if room is None:
@@ -1616,8 +1616,24 @@ class Grid:
         server.pending_peers += 1
         return server
 
+    def answering(self, server: Server, now: float) -> bool:
+        """Not disabled, and not silent for disable_timeout: a silent server is out
+        from that moment, whatever the phase of the maintenance tick (which only
+        makes it official)."""
+        return not server.disabled and now - server.last_seen < self.config.disable_timeout
+
+    def candidates(self, now: float) -> List[Server]:
+        """The servers that take new rooms now: answering and not draining."""
+        return [s for s in self.servers.values() if s.takes_rooms and self.answering(s, now)]
+
+    def server_of(self, digest: str, now: float) -> Optional[Server]:
+        """The answering server a room is mapped to, or None: then a Connect opens it anew."""
+        room = self.rooms.get(digest)
+        server = self.servers.get(room.server) if room is not None else None
+        return server if server is not None and self.answering(server, now) else None
+
     def _pick(self, pinned: Optional[str]) -> Server:
-        """A server for a new room, among those taking rooms (enabled, not draining;
+        """A server for a new room, among those taking rooms (answering, not draining;
         a server is a candidate from its first report on).
 
         placement "balanced": the least estimated load (reported load plus the
@@ -1625,11 +1641,9 @@ class Grid:
         when every server is full. placement "random", as the original: at
         random, weighted by 1 - load.
         """
+        candidates = self.candidates(self._gateway.clock())
         if pinned is not None:
-            server = self.servers.get(pinned)
-            candidates = [server] if server is not None and server.takes_rooms else []
-        else:
-            candidates = [s for s in self.servers.values() if s.takes_rooms]
+            candidates = [server for server in candidates if server.hostname == pinned]
         if not candidates:
             raise refused("no server to assign room too")
         rng = self._gateway.rng
@@ -1992,15 +2006,7 @@ class Gateway:
 
         licensee = auth.licensee
         peers, rooms = self.grid.usage_of(licensee.customer_id)
-        for limit, usage, what, message in (
-                (licensee.peer_limit, peers, "peers", "peer limit exceeded"),
-                (licensee.room_limit, rooms, "rooms", "room limit exceeded")):
-            if limit is not None and not limit > usage:
-                log.info("Connect refused: customer %s has %d of %d %s",
-                         printable(licensee.customer_id), usage, limit, what, extra=fields(
-                             "limit_refused", customer=licensee.customer_id, limit=what,
-                             usage=usage, max=limit))
-                raise refused(message)
+        _check_limit(licensee, licensee.peer_limit, peers, "peers")  # every Connect
 
         namespace = auth.namespace if auth.namespace is not None else licensee.customer_id
         if isinstance(rid, list):
@@ -2017,6 +2023,10 @@ class Gateway:
             raise refused(str(err)) from err
 
         now = self.clock()
+        # The room limit limits rooms (PROTOCOL.md 5.3): a Connect to a room that
+        # lives on an answering server opens none, so only a new room is refused.
+        if self.grid.server_of(digest, now) is None:
+            _check_limit(licensee, licensee.room_limit, rooms, "rooms")
         server = self.grid.assign(digest, (namespace, room_name), licensee.customer_id, pinned, now)
         nbf = int(now)
         token = encode_jwt({
@@ -2300,11 +2310,16 @@ class Gateway:
         if path == "/health":
             return Response(200, dump_json({"status": "ok"}))
         if path == "/ready":
-            enabled = sum(1 for server in self.grid.servers.values() if server.takes_rooms)
+            now = self.clock()
+            enabled = len(self.grid.candidates(now))
             if self.stopping:
                 return Response(503, dump_json({"status": "stopping"}))
             if not enabled:
-                return Response(503, dump_json({"status": "no enabled server"}))
+                answering = sum(1 for s in self.grid.servers.values() if self.grid.answering(s, now))
+                why = ", ".join("%d %s" % (count, state) for count, state in (
+                    (answering, "draining"), (len(self.grid.servers) - answering, "silent"))
+                    if count) or "none has reported"
+                return Response(503, dump_json({"status": "no server takes rooms: " + why}))
             return Response(200, dump_json({"status": "ready", "servers": enabled}))
         if self.config.internal_users:  # /metrics is protected like /internal
             try:
@@ -2314,6 +2329,15 @@ class Gateway:
                                 [("WWW-Authenticate", 'Basic realm="odin-gateway"')])
         return Response(200, render_metrics(self).encode("utf-8"),
                         content_type="text/plain; version=0.0.4; charset=utf-8")
+
+
+def _check_limit(licensee: Licensee, limit: Optional[int], usage: int, what: str) -> None:
+    """Refuse a Connect when the customer's usage has reached a limit of its licence."""
+    if limit is not None and not limit > usage:
+        log.info("Connect refused: customer %s has %d of %d %s", printable(licensee.customer_id),
+                 usage, limit, what, extra=fields("limit_refused", customer=licensee.customer_id,
+                                                  limit=what, usage=usage, max=limit))
+        raise refused("%s limit exceeded" % what[:-1])
 
 
 def _subject_filter(subjects: Any, methods: Tuple[str, ...]) -> Tuple[str, ...]:

@@ -794,7 +794,29 @@ def test_a_burst_of_connects_cannot_overrun_the_limits():
     report(gw, SFU1, rooms=[room("tiny", "a", "tiny")])
     assert gw.grid.usage_of("tiny") == (1, 1)
     assert result(gw, "Connect", {}, token=token(KEY_TINY, "c", user="u3"))
-    # At the room limit even an existing room is refused (PROTOCOL 5.3, as the original).
+    assert error(gw, "Connect", {}, token=token(KEY_TINY, "d", user="u4"))["message"] == \
+        "room limit exceeded"
+
+
+def test_the_room_limit_refuses_only_new_rooms():
+    # PROTOCOL.md 5.3: at its room limit a customer can still let peers into its rooms.
+    clock = Clock()
+    gw = make_gateway(clock)
+    empty_rooms = [room("tiny", "a", "tiny", peers=0), room("tiny", "b", "tiny", peers=0)]
+    report(gw, SFU1, rooms=empty_rooms)  # 2 of 2 rooms, 0 of 3 peers
+    assert result(gw, "Connect", {}, token=token(KEY_TINY, "a", user="u1"))["address"] == SFU1
+    assert error(gw, "Connect", {}, token=token(KEY_TINY, "c", user="u2"))["message"] == \
+        "room limit exceeded"
+    # The peer limit still applies to every Connect: 3 reported, of 3.
+    report(gw, SFU1, rooms=[room("tiny", "a", "tiny", peers=2), room("tiny", "b", "tiny")])
+    assert error(gw, "Connect", {}, token=token(KEY_TINY, "b", user="u3"))["message"] == \
+        "peer limit exceeded"
+    # A room whose server fell silent is opened anew, so the room limit applies to it.
+    report(gw, SFU2)
+    report(gw, SFU1, rooms=empty_rooms)
+    clock.advance(8)
+    report(gw, SFU2)
+    assert gw.grid.usage_of("tiny") == (0, 2)  # until the tick, the silent server's usage counts
     assert error(gw, "Connect", {}, token=token(KEY_TINY, "a", user="u4"))["message"] == \
         "room limit exceeded"
 
@@ -991,6 +1013,28 @@ def test_saga_servers_are_refused():
 # ---------------------------------------------------------------------------
 # Maintenance: timeouts and expiry
 # ---------------------------------------------------------------------------
+
+
+def test_a_silent_server_takes_no_new_rooms_from_the_moment_it_is_silent():
+    # Whatever the phase of the maintenance tick: no tick runs in this test.
+    clock = Clock()
+    gw = make_gateway(clock)
+    report(gw, SFU1)
+    report(gw, SFU2, load=0.9)  # the busier one: balanced placement avoids it while it can
+    clock.advance(7.4)
+    assert result(gw, "Connect", {}, token=token(room_id="early", now=clock.now))["address"] == SFU1
+    report(gw, SFU2, load=0.9)
+    clock.advance(0.2)  # SFU1 silent for 7.6 s > disable_timeout
+    for index in range(5):
+        assert result(gw, "Connect", {}, token=token(room_id="r%d" % index, now=clock.now))["address"] \
+            == SFU2
+    # Its rooms move on their next Connect, as a disabled server's do.
+    assert result(gw, "Connect", {}, token=token(room_id="early", now=clock.now))["address"] == SFU2
+    clock.advance(7.5)
+    assert get(gw, "/ready").json() == {"status": "no server takes rooms: 2 silent"}
+    assert error(gw, "Connect", {}, token=token(room_id="late", now=clock.now))["message"] == \
+        "no server to assign room too"
+
 
 
 def test_silent_server_is_disabled_its_rooms_move_and_it_comes_back():
@@ -2419,9 +2463,13 @@ def get(gw, path, headers=None):
 def test_health_and_readiness():
     gw = make_gateway()
     assert (get(gw, "/health").status, get(gw, "/health").json()) == (200, {"status": "ok"})
-    assert get(gw, "/ready").status == 503
+    assert get(gw, "/ready").json() == {"status": "no server takes rooms: none has reported"}
     report(gw, SFU1)
     assert get(gw, "/ready").json() == {"status": "ready", "servers": 1}
+    result(gw, "Drain", {"hostname": SFU1})
+    response = get(gw, "/ready")
+    assert (response.status, response.json()) == (503, {"status": "no server takes rooms: 1 draining"})
+    result(gw, "Drain", {"hostname": SFU1, "draining": False})
     gw.stopping = True
     assert get(gw, "/ready").status == 503
     response = gw.handle_http("POST", "/health", {}, b"")
@@ -2922,12 +2970,12 @@ def test_loads_below_zero_count_as_zero():
 
 def test_a_removed_servers_fresh_rooms_go_with_it():
     clock = Clock()
-    gw = make_gateway(clock)
+    gw = make_gateway(clock, disable_timeout=50, remove_timeout=60)
     report(gw, SFU1)
-    clock.advance(500)
+    clock.advance(40)
     report(gw, SFU2, load=1.0)
     result(gw, "Connect", {}, token=token(room_id="fresh", now=clock.now, internal={"server": SFU1}))
-    clock.advance(100)  # SFU1 silent for 600 s; the room is only 100 s old
+    clock.advance(20)  # SFU1 silent for 60 s; the room is only 20 s old
     report(gw, SFU2, load=1.0)
     gw.tick()
     assert SFU1 not in gw.grid.servers
