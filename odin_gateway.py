@@ -1944,10 +1944,18 @@ class Gateway:
             config = config.replace(**kept)
         self.config = config
         self._load_static_keys()
-        log.info("config reloaded from %s: %d customer keys", config.source,
-                 len(self.authorizer.customer_keys),
+        log.info("config reloaded from %s: %s", config.source, self.customer_counts(),
                  extra=fields("config_reloaded", source=config.source,
-                              keys=len(self.authorizer.customer_keys)))
+                              customers=len(config.customers), keys=len(self._static_keys)))
+
+    def customer_counts(self) -> str:
+        """'2 customers with 3 usable access keys' of the config, for the start and reload lines."""
+        config = self.config
+        text = "%s with %s" % (_counted(len(config.customers), "customer"),
+                               _counted(len(self._static_keys), "usable access key"))
+        if config.customer_api is not None:
+            text += ", and those of customer_api"
+        return text
 
     @property
     def everything_goes(self) -> bool:
@@ -2329,6 +2337,10 @@ class Gateway:
                                 [("WWW-Authenticate", 'Basic realm="odin-gateway"')])
         return Response(200, render_metrics(self).encode("utf-8"),
                         content_type="text/plain; version=0.0.4; charset=utf-8")
+
+
+def _counted(count: int, noun: str) -> str:
+    return "%d %s%s" % (count, noun, "" if count == 1 else "s")
 
 
 def _check_limit(licensee: Licensee, limit: Optional[int], usage: int, what: str) -> None:
@@ -3456,13 +3468,20 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(entry, ensure_ascii=False, default=str)
 
 
+class PrettyFormatter(logging.Formatter):
+    """A line for people: UTC time with its Z (as the JSON lines), level, message."""
+
+    def __init__(self) -> None:
+        super().__init__("%(asctime)s %(levelname)-7s %(message)s")
+
+    def formatTime(self, record: logging.LogRecord, datefmt: Optional[str] = None) -> str:
+        return iso_time(record.created)
+
+
 def configure_logging(level: str, fmt: str, stream: Any = None) -> None:
     """Send odin_gateway's log to stderr in the chosen format (main() only)."""
     handler = logging.StreamHandler(stream or sys.stderr)
-    if fmt == "json":
-        handler.setFormatter(JsonFormatter())
-    else:
-        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)-7s %(message)s"))
+    handler.setFormatter(JsonFormatter() if fmt == "json" else PrettyFormatter())
     log.handlers[:] = [handler]
     log.setLevel(level)
     log.propagate = False
@@ -3817,8 +3836,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     except ConfigError as err:
         print("odin_gateway: %s" % err, file=sys.stderr)
         return 2
-    log.info("odin_gateway %s (config: %s)", __version__,
-             config.source if config.source != "Config()" else "built-in defaults")
+    log.info("odin_gateway %s (config: %s): %s", __version__,
+             config.source if config.source != "Config()" else "built-in defaults",
+             gateway.customer_counts())
     warn_about_exposure(gateway)
     try:
         asyncio.run(_run(gateway, ssl_context, reload=lambda: reload_config(args, started_from)))

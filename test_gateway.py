@@ -1629,6 +1629,14 @@ def test_reload_keeps_the_settings_only_a_restart_applies(caplog):
     assert "port changed" in caplog.text and "master_key changed" in caplog.text
 
 
+def test_start_and_reload_lines_count_customers_and_keys(caplog):
+    gw = make_gateway()
+    assert gw.customer_counts() == "4 customers with 6 usable access keys"
+    with caplog.at_level(logging.INFO, logger="odin_gateway"):
+        gw.reload(gw.config.replace(customers=[TINY_CUSTOMER]))
+    assert "config reloaded from Config(): 1 customer with 1 usable access key" in caplog.text
+
+
 def test_two_gateways_share_nothing():
     first, second = make_gateway(), make_gateway(customers=[])
     report(first, SFU1, rooms=[room("ns", "r", "c")])
@@ -2061,6 +2069,7 @@ def test_the_gateway_runs_from_the_command_line_and_stops_on_sigterm(tmp_path):
             lines.append(json.loads(line))
             if lines[-1]["message"].startswith("listening on "):
                 break
+        assert lines[0]["message"].endswith("0 customers with 0 usable access keys")
         for warning in ("master_key is the well-known default", "/internal is open",
                         "no customers configured"):
             assert any(warning in entry["message"] and entry["level"] == "WARNING" for entry in lines)
@@ -2553,6 +2562,13 @@ def test_metrics_are_protected_like_internal():
 def json_log_lines(caplog):
     formatter = og.JsonFormatter()
     return [json.loads(formatter.format(record)) for record in caplog.records]
+
+
+def test_pretty_and_json_logs_both_write_utc_with_a_z():
+    record = logging.LogRecord("odin_gateway", logging.INFO, __file__, 1, "hello", None, None)
+    record.created = 1_700_000_000.25  # 2023-11-14T22:13:20.250Z
+    assert og.PrettyFormatter().format(record) == "2023-11-14T22:13:20.250Z INFO    hello"
+    assert json.loads(og.JsonFormatter().format(record))["time"] == "2023-11-14T22:13:20.250Z"
 
 
 def test_json_logs_carry_event_fields(caplog):
