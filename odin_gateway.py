@@ -2283,14 +2283,13 @@ class Gateway:
         try:
             if path == "/":
                 if not header:
-                    return Response(401, _error_body(PARSE_ERROR, "invalid or missing authorization"))
+                    return _missing_credentials(basic=False)
                 # Whole seconds, as the original: a token exactly 300 s late still passes.
                 auth = self.authorizer.authorize(header, int(self.clock()),
                                                  required_claims=("rid", "uid"))
             elif self.config.internal_users:
                 if not header:
-                    return Response(401, _error_body(PARSE_ERROR, "invalid or missing authorization"),
-                                    [("WWW-Authenticate", 'Basic realm="odin-gateway"')])
+                    return _missing_credentials(basic=True)
                 auth = self._basic_auth(header)
         except TokenError as err:
             log.debug("%s refused: %s", path, err)
@@ -2330,13 +2329,27 @@ class Gateway:
                 return Response(503, dump_json({"status": "no server takes rooms: " + why}))
             return Response(200, dump_json({"status": "ready", "servers": enabled}))
         if self.config.internal_users:  # /metrics is protected like /internal
+            if not headers.get("authorization"):
+                return _missing_credentials(basic=True)
             try:
-                self._basic_auth(headers.get("authorization", ""))
+                self._basic_auth(headers["authorization"])
             except TokenError as err:
                 return Response(401, _error_body(INVALID_REQUEST, str(err)),
                                 [("WWW-Authenticate", 'Basic realm="odin-gateway"')])
         return Response(200, render_metrics(self).encode("utf-8"),
                         content_type="text/plain; version=0.0.4; charset=utf-8")
+
+
+def _missing_credentials(basic: bool) -> Response:
+    """The 401 for a request without an Authorization header, on every protected path.
+
+    Its code is -32700 (Parse error) although nothing failed to parse: the
+    original answers its HTTP-level refusals (this 401, 403, 404) with
+    -32700, and clients may match on it, so it stays. Credentials that are
+    present but refused get -32600 and the reason.
+    """
+    return Response(401, _error_body(PARSE_ERROR, "invalid or missing authorization"),
+                    [("WWW-Authenticate", 'Basic realm="odin-gateway"')] if basic else None)
 
 
 def _counted(count: int, noun: str) -> str:

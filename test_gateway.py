@@ -2551,6 +2551,18 @@ def test_http_responses_are_counted_by_path_and_class():
     assert count(path="invalid", status="4xx") == 1
 
 
+def test_missing_credentials_get_one_answer_on_every_protected_path():
+    # The original's answer on / and /internal (the transcript vectors); /metrics agrees.
+    gw = make_gateway(internal_users={"ops": "secret"})
+    answers = [gw.handle_http("POST", "/", {}, b"{}"), gw.handle_http("POST", "/internal", {}, b"{}"),
+               get(gw, "/metrics")]
+    for response in answers:
+        assert response.status == 401
+        assert response.json() == {"jsonrpc": "2.0", "error": {
+            "code": -32700, "message": "invalid or missing authorization"}, "id": None}
+    assert all(("WWW-Authenticate", 'Basic realm="odin-gateway"') in r.headers for r in answers[1:])
+
+
 def test_metrics_are_protected_like_internal():
     gw = make_gateway(internal_users={"ops": "secret"})
     assert get(gw, "/metrics").status == 401
