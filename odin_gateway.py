@@ -971,9 +971,9 @@ class Config:
     Each setting is one field below: its type, then setting(default, check,
     meaning, reload=..., flag=...). Config's validation, the reload rule, the
     command-line flags and README's settings table all follow from it
-    (SETTINGS lists them), so adding a setting is adding a field. Names and
-    defaults are those of the sample config.py. None means unlimited where a
-    limit is expected.
+    (SETTINGS lists them), so adding a setting is adding a field; the tests
+    then ask for its line in the sample config.py and print the README table
+    with its row. None means unlimited where a limit is expected.
     """
 
     # -- logging
