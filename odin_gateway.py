@@ -879,6 +879,10 @@ def _customer_problem(index: int, customer: Any) -> Optional[str]:
     if not isinstance(keys, list):
         return "%s: access_keys must be a list" % where
     for number, key in enumerate(keys, 1):
+        if isinstance(key, str) or (isinstance(key, dict) and isinstance(_pick(key, "public_key"), str)):
+            return ("%s, access key #%d: a string where the public JWK belongs; the gateway needs "
+                    "only the public key (python odin_gateway.py keygen prints the entry), never "
+                    "the access key itself" % (where, number))
         if not isinstance(key, dict) or not isinstance(_pick(key, "public_key"), dict):
             return '%s: each access key must be {"public_key": {...jwk...}, "namespace": ...}' % where
         unknown = _unknown_key(key, ACCESS_KEY_KEYS)
@@ -1021,7 +1025,8 @@ class Config:
         5, _positive_seconds,
         "seconds between server reports (sent to servers) and maintenance ticks")
     disable_timeout: float = setting(
-        7.5, _positive_seconds, "seconds without a report before a server gets no new rooms")
+        7.5, _positive_seconds,
+        "seconds without a report before a server gets no new rooms (more than `update_interval`)")
     remove_timeout: float = setting(
         600, _positive_seconds, "seconds without a report before a server is forgotten")
     login_token_lifetime: int = setting(
@@ -1073,6 +1078,11 @@ class Config:
             if problem:
                 raise ConfigError("%s: %s" % (source, problem))
             setattr(self, name, value)
+        if self.disable_timeout <= self.update_interval:
+            raise ConfigError(
+                "%s: disable_timeout = %r: expected more than update_interval (%r): servers "
+                "report every update_interval, so each would count as silent between two reports"
+                % (source, self.disable_timeout, self.update_interval))
         self.log_level = self.log_level.upper()
         self.master_key_bytes = b64_decode(self.master_key)
 
@@ -1159,6 +1169,9 @@ def load_customer_keys(customers: List[dict]) -> Dict[str, CustomerKey]:
                 log.warning("customer %r: skipping access key #%d%s: %s", customer_id, number, kid, err)
                 continue
             usable += 1
+            if "d" in jwk:
+                log.warning("customer %r: access key #%d is a private JWK (it has d): the gateway "
+                            "needs only the public key; remove d from the config", customer_id, number)
             namespace = _pick(access_key, "namespace") or customer_id
             if verify_key.kid in keys:
                 log.warning("customer %r: key id %s is already used by customer %r; the later wins",

@@ -1375,6 +1375,14 @@ def test_an_unusable_jwk_is_named_with_what_is_wrong(jwk, words, caplog):
     assert not gw.authorizer.customer_keys
 
 
+def test_a_private_jwk_loads_with_a_warning_to_remove_d(caplog):
+    jwk = dict(og.public_jwk(KEY_TINY), d="c2VjcmV0")
+    with caplog.at_level(logging.WARNING, logger="odin_gateway"):
+        gw = make_gateway(customers=[{"id": "acme", "access_keys": [{"public_key": jwk}]}])
+    assert "customer 'acme': access key #1 is a private JWK (it has d)" in caplog.text
+    assert jwk["kid"] in gw.authorizer.customer_keys
+
+
 def test_configured_but_unusable_keys_do_not_open_the_gateway():
     broken = {"id": "broken", "access_keys": [
         {"public_key": {"kid": "AAAA", "kty": "OKP", "crv": "Ed25519", "x": "!!"}}]}
@@ -1473,6 +1481,13 @@ def test_config_defaults():
     ({"unknown_customers": {"max_peer": 1}}, ["unknown_customers", "did you mean 'max_peers'"]),
     ({"customer_api": {"update_function": list, "update_intervall": 60}},
      ["customer_api", "'update_intervall'", "did you mean 'update_interval'"]),
+    # The access key itself where its public JWK belongs.
+    ({"customers": [{"id": "demo", "access_keys": ["Aa6xMG5KsCRp0BevxLhsLzSdBAEpJK9sxcvscAsK5+8j"]}]},
+     ["customer 'demo', access key #1", "public", "keygen"]),
+    ({"customers": [{"id": "demo", "access_keys": [{"public_key": "ARjlCj4VESC3"}]}]},
+     ["customer 'demo', access key #1", "public", "keygen"]),
+    # Servers would count as silent between two reports.
+    ({"update_interval": 10}, ["disable_timeout = 7.5", "update_interval (10)"]),
 ])
 def test_config_errors_name_the_setting(settings, words):
     with pytest.raises(og.ConfigError) as caught:
