@@ -1146,7 +1146,7 @@ def customer_verify_key(jwk: Any) -> VerifyKey:
     if "kid" not in jwk:
         raise ValueError("the JWK has no kid (for this x it is %s)" % key.kid)
     if jwk["kid"] != key.kid:
-        raise ValueError("kid %s does not match x, whose kid is %s"
+        raise ValueError("kid %s does not match the public key x, whose kid is %s"
                          % (printable(repr(jwk["kid"]), 40), key.kid))
     return key
 
@@ -1165,7 +1165,8 @@ def load_customer_keys(customers: List[dict]) -> Dict[str, CustomerKey]:
             try:
                 verify_key = customer_verify_key(jwk)
             except ValueError as err:
-                kid = " (kid %s)" % printable(repr(jwk["kid"]), 40) if "kid" in jwk else ""
+                named = isinstance(jwk, dict) and "kid" in jwk
+                kid = " (kid %s)" % printable(repr(jwk["kid"]), 40) if named else ""
                 log.warning("customer %r: skipping access key #%d%s: %s", customer_id, number, kid, err)
                 continue
             usable += 1

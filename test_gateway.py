@@ -1355,7 +1355,7 @@ TINY_X = TINY_CUSTOMER["accessKeys"][0]["publicKey"]["x"]  # its kid is AatVMEY/
 
 @pytest.mark.parametrize("jwk, words", [
     ({"kid": "ARjlCj4VESC3", "kty": "OKP", "crv": "Ed25519", "x": TINY_X},
-     ["(kid 'ARjlCj4VESC3')", "kid 'ARjlCj4VESC3' does not match x, whose kid is AatVMEY/ThH2"]),
+     ["(kid 'ARjlCj4VESC3')", "kid 'ARjlCj4VESC3' does not match the public key x, whose kid is AatVMEY/ThH2"]),
     ({"kty": "OKP", "crv": "Ed25519", "x": TINY_X}, ["the JWK has no kid (for this x it is AatVMEY/ThH2)"]),
     ({"kid": "AatVMEY/ThH2", "kty": "EC", "crv": "P-256", "x": TINY_X}, ["kty is 'EC'", "Ed25519"]),
     ({"kid": "AatVMEY/ThH2", "kty": "OKP", "crv": "X25519", "x": TINY_X}, ["crv is 'X25519'"]),
