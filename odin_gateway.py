@@ -850,13 +850,20 @@ CUSTOMER_API_KEYS = ("update_function", "update_interval")
 
 def _unknown_key(mapping: dict, known: Tuple[str, ...], camel: bool = True) -> Optional[str]:
     """'unknown key ...' naming the first key of mapping that is not known, and the
-    nearest known one: a misspelled limit must not silently mean no limit."""
+    nearest known one: a misspelled limit must not silently mean no limit. A key
+    given in both spellings (max_peers and maxPeers) is refused too: one would be
+    silently ignored."""
     names = known + tuple(_camel(name) for name in known) if camel else known
     for key in mapping:
         if key not in names:
-            close = difflib.get_close_matches(str(key), names, n=1)
+            loose = str(key).lower().replace("_", "")  # ID, publickey, Max_Peers
+            same_but_case = [name for name in names if name.lower().replace("_", "") == loose]
+            close = same_but_case or difflib.get_close_matches(str(key), names, n=1, cutoff=0.5)
             hint = "did you mean %r?" % close[0] if close else "known: %s" % ", ".join(known)
             return "unknown key %s (%s)" % (printable(repr(key), 40), hint)
+    for name in known:
+        if camel and name != _camel(name) and name in mapping and _camel(name) in mapping:
+            return "both %r and %r are given; keep one" % (name, _camel(name))
     return None
 
 
@@ -866,12 +873,13 @@ def _customer_problem(index: int, customer: Any) -> Optional[str]:
     where = "customer #%d" % (index + 1)
     if not isinstance(customer, dict):
         return "%s: expected a dict" % where
-    if not isinstance(customer.get("id"), str) or not customer["id"]:
-        return "%s: id must be a non-empty string" % where
-    where = "customer %s" % printable(repr(customer["id"]), 60)
-    unknown = _unknown_key(customer, CUSTOMER_KEYS)
+    if isinstance(customer.get("id"), str) and customer["id"]:
+        where = "customer %s" % printable(repr(customer["id"]), 60)
+    unknown = _unknown_key(customer, CUSTOMER_KEYS)  # first: "ID" is a typo of "id"
     if unknown:
         return "%s: %s" % (where, unknown)
+    if not isinstance(customer.get("id"), str) or not customer["id"]:
+        return "%s: id must be a non-empty string" % where
     for field in LIMIT_KEYS:
         if not _is_limit(_pick(customer, field)):
             return "%s: %s must be a non-negative integer or None" % (where, field)
@@ -883,22 +891,37 @@ def _customer_problem(index: int, customer: Any) -> Optional[str]:
             return ("%s, access key #%d: a string where the public JWK belongs; the gateway needs "
                     "only the public key (python odin_gateway.py keygen prints the entry), never "
                     "the access key itself" % (where, number))
-        if not isinstance(key, dict) or not isinstance(_pick(key, "public_key"), dict):
-            return '%s: each access key must be {"public_key": {...jwk...}, "namespace": ...}' % where
+        if not isinstance(key, dict):
+            return '%s, access key #%d: expected {"public_key": {...jwk...}, "namespace": ...}' % (
+                where, number)
         unknown = _unknown_key(key, ACCESS_KEY_KEYS)
         if unknown:
             return "%s, access key #%d: %s" % (where, number, unknown)
+        if not isinstance(_pick(key, "public_key"), dict):
+            return "%s, access key #%d: public_key must be the public JWK, a dict" % (where, number)
         if _pick(key, "namespace") is not None and not isinstance(_pick(key, "namespace"), str):
-            return "%s: namespace must be a string or None" % where
+            return "%s, access key #%d: namespace must be a string or None" % (where, number)
+    return None
+
+
+def _duplicate_customer(customers: List[Any], index: int) -> Optional[str]:
+    """'customer 'a': id already used by customer #1' when an earlier entry has the same
+    id (two entries of one customer would count one usage against two sets of limits)."""
+    customer_id = customers[index]["id"]
+    for earlier, other in enumerate(customers[:index]):
+        if isinstance(other, dict) and other.get("id") == customer_id:
+            return "customer %s (#%d): id already used by customer #%d; give each customer one " \
+                   "entry and list all its keys in access_keys" % (
+                       printable(repr(customer_id), 60), index + 1, earlier + 1)
     return None
 
 
 def _check_customers(customers: Any) -> Optional[str]:
     """Why a customer list is malformed, or None."""
     if not isinstance(customers, list):
-        return "expected a list of customers"
+        return "expected a list of customers, not %s" % type(customers).__name__
     for index, customer in enumerate(customers):
-        problem = _customer_problem(index, customer)
+        problem = _customer_problem(index, customer) or _duplicate_customer(customers, index)
         if problem:
             return problem
     return None
@@ -907,11 +930,13 @@ def _check_customers(customers: Any) -> Optional[str]:
 def _check_customer_api(value: Any) -> Optional[str]:
     if value is None:
         return None
-    if not isinstance(value, dict) or not callable(value.get("update_function")):
+    if not isinstance(value, dict):
         return 'expected None or {"update_function": fn, "update_interval": seconds}'
     unknown = _unknown_key(value, CUSTOMER_API_KEYS, camel=False)
     if unknown:
         return unknown
+    if not callable(value.get("update_function")):
+        return "update_function: expected a function that returns a list of customers"
     if _positive_seconds(value.get("update_interval", 300)):
         return "update_interval: expected a positive number of seconds"
     return None
@@ -920,19 +945,27 @@ def _check_customer_api(value: Any) -> Optional[str]:
 def _check_unknown_customers(value: Any) -> Optional[str]:
     if value == "forbidden":
         return None
-    if isinstance(value, dict):
-        unknown = _unknown_key(value, LIMIT_KEYS)
-        if unknown or all(_is_limit(_pick(value, field)) for field in LIMIT_KEYS):
-            return unknown
-    return 'expected "forbidden" or {"max_peers": n, "max_rooms": n} (None: unlimited)'
+    if not isinstance(value, dict):
+        return 'expected "forbidden" or {"max_peers": n, "max_rooms": n} (None: unlimited)'
+    unknown = _unknown_key(value, LIMIT_KEYS)
+    if unknown:
+        return unknown
+    for field in LIMIT_KEYS:
+        if not _is_limit(_pick(value, field)):
+            return "%s must be a non-negative integer or None" % field
+    return None
 
 
 def _check_internal_users(value: Any) -> Optional[str]:
-    if isinstance(value, dict) and all(isinstance(user, str) and user and ":" not in user
-                                       and isinstance(password, str)
-                                       for user, password in value.items()):
-        return None
-    return 'expected {"user": "password"} with string names (no colon) and passwords'
+    if not isinstance(value, dict):
+        return 'expected {"user": "password"}'
+    for user, password in value.items():
+        if not isinstance(user, str) or not user or ":" in user:
+            return "user names must be non-empty strings without a colon (RFC 7617)"
+        # An empty password would let anyone who knows the name in.
+        if not isinstance(password, str) or not password:
+            return "user %s: the password must be a non-empty string" % printable(repr(user), 40)
+    return None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -950,10 +983,14 @@ class Setting:
     shown: Optional[str]     # how README and --help show the default, when not its value
 
     def problem(self, value: Any) -> Optional[str]:
-        """'name = value: why it is wrong' for a bad value (a secret is not shown), or None."""
+        """'name = value: why it is wrong' for a bad value (a secret is not shown), or None.
+        A list or dict is not repeated: the reason names the entry, and an entry may
+        hold a secret (an access key pasted where its public JWK belongs)."""
         why = self.check(value)
         if why is None:
             return None
+        if isinstance(value, (list, tuple, dict)) and not self.secret:
+            return "%s: %s" % (self.name, why)
         return "%s = %s: %s" % (self.name, self.show(value), why)
 
     def show(self, value: Any) -> str:
@@ -1986,7 +2023,7 @@ class Gateway:
             return False
         usable = []
         for index, customer in enumerate(customers):
-            problem = _customer_problem(index, customer)
+            problem = _customer_problem(index, customer) or _duplicate_customer(customers, index)
             if problem:  # one bad entry must not cost every other customer its keys
                 log.warning("customer update: skipping %s", problem,
                             extra=fields("customer_skipped", reason=problem))
@@ -2000,7 +2037,8 @@ class Gateway:
             return False
         self._dynamic_keys = keys
         self._rebuild_authorizer()
-        log.info("customer update: %d keys of %d customers loaded", len(keys), len(customers),
+        log.info("customer update: %s of %s loaded", _counted(len(keys), "key"),
+                 _counted(len(customers), "customer"),
                  extra=fields("customers_loaded", keys=len(keys), customers=len(customers)))
         return True
 

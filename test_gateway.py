@@ -1414,6 +1414,15 @@ def test_a_bad_entry_from_the_update_function_is_skipped_by_name_and_the_rest_lo
     assert "AatVMEY/ThH2" in gw.authorizer.customer_keys
 
 
+def test_the_update_function_cannot_give_one_customer_two_sets_of_limits(caplog):
+    gw = make_gateway(customers=[], customer_api={"update_function": lambda: []})
+    unlimited_twin = dict(TINY_CUSTOMER, maxPeers=None, maxRooms=None, accessKeys=[])
+    with caplog.at_level(logging.INFO, logger="odin_gateway"):
+        assert gw.set_customers([TINY_CUSTOMER, unlimited_twin])
+    assert "skipping customer %r (#2): id already used by customer #1" % TINY_CUSTOMER["id"] in caplog.text
+    assert "customer update: 1 key of 1 customer loaded" in caplog.text
+
+
 def test_update_customers_from_sync_and_async_functions():
     async def fetch_async():
         return [TINY_CUSTOMER]
@@ -1486,6 +1495,19 @@ def test_config_defaults():
      ["customer 'demo', access key #1", "public", "keygen"]),
     ({"customers": [{"id": "demo", "access_keys": [{"public_key": "ARjlCj4VESC3"}]}]},
      ["customer 'demo', access key #1", "public", "keygen"]),
+    # Typos the first checks hid, and entries that would make a limit ambiguous.
+    ({"customers": [{"ID": "demo"}]}, ["customer #1: unknown key 'ID' (did you mean 'id'?)"]),
+    ({"customers": [{"id": "demo", "access_keys": [{"publickey": {}}]}]},
+     ["customer 'demo', access key #1: unknown key 'publickey' (did you mean 'public_key'?)"]),
+    ({"customer_api": {"update_functon": list}},
+     ["customer_api: unknown key 'update_functon' (did you mean 'update_function'?)"]),
+    ({"customers": [{"id": "a", "max_peers": 1, "maxPeers": None}]},
+     ["customer 'a': both 'max_peers' and 'maxPeers' are given"]),
+    ({"customers": [{"id": "a"}, {"id": "a", "max_peers": 0}]},
+     ["customer 'a' (#2): id already used by customer #1"]),
+    ({"unknown_customers": {"max_peers": -1}}, ["unknown_customers: max_peers must be a non-negative"]),
+    ({"internal_users": {"sfu": ""}}, ["user 'sfu': the password must be a non-empty string"]),
+    ({"customers": ({"id": "a"},)}, ["customers: expected a list of customers, not tuple"]),
     # Servers would count as silent between two reports.
     ({"update_interval": 10}, ["disable_timeout = 7.5", "update_interval (10)"]),
 ])
@@ -1630,6 +1652,26 @@ def test_secret_settings_stay_out_of_repr_and_messages():
     with pytest.raises(og.ConfigError) as caught:
         og.Config(internal_users={"a:b": "pw-456"})
     assert "pw-456" not in str(caught.value) and "<hidden>" in str(caught.value)
+
+
+DEMO_ACCESS_KEY = "Aa6xMG5KsCRp0BevxLhsLzSdBAEpJK9sxcvscAsK5+8j"  # printed in README and config.py
+
+
+@pytest.mark.parametrize("customers", [
+    [{"id": "demo", "access_keys": [DEMO_ACCESS_KEY]}],
+    [{"id": "demo", "access_keys": [{"public_key": DEMO_ACCESS_KEY}]}],
+    [{"id": "demo", "max_peers": "x", "access_keys": [{"public_key": {"d": DEMO_ACCESS_KEY}}]}],
+])
+def test_a_config_error_never_repeats_an_access_key_pasted_into_customers(customers, tmp_path, caplog):
+    with pytest.raises(og.ConfigError) as caught:
+        og.Config(customers=customers)
+    assert DEMO_ACCESS_KEY[:12] not in str(caught.value) and "customer 'demo'" in str(caught.value)
+    # Nor the log line of a refused reload.
+    path = tmp_path / "c.py"
+    path.write_text("customers = %r\n" % customers)
+    with caplog.at_level(logging.ERROR, logger="odin_gateway"), pytest.raises(og.ConfigError) as caught:
+        og.reload_config(og.build_parser().parse_args(["--config", str(path)]), True)
+    assert DEMO_ACCESS_KEY[:12] not in str(caught.value)
 
 
 def test_reload_keeps_the_settings_only_a_restart_applies(caplog):
