@@ -1132,7 +1132,9 @@ class Config:
             raise ConfigError("%s: no such file" % path)
         try:
             namespace = runpy.run_path(path, run_name="odin_gateway_config")
-        except Exception as err:  # any error in the user's file stops the start
+        # Any error in the user's file stops the start, and exit() there must not end
+        # a running gateway at a reload.
+        except (Exception, SystemExit) as err:
             raise ConfigError("%s: cannot load: %s: %s" % (path, type(err).__name__, err)) from err
         settings = {name: namespace[name] for name in SETTINGS if name in namespace}
         for name, value in namespace.items():
@@ -3120,7 +3122,7 @@ async def update_customers(gateway: Gateway) -> bool:
         log.warning("customer update: keeping the previous keys: no answer within %g s", timeout,
                     extra=fields("customers_kept", reason="timeout"))
         return False
-    except Exception as err:
+    except (Exception, SystemExit) as err:
         log.warning("customer update: keeping the previous keys: the function raised %s: %s",
                     type(err).__name__, printable(err),
                     extra=fields("customers_kept", reason="%s: %s" % (type(err).__name__, err)))
@@ -3145,7 +3147,7 @@ def _in_daemon_thread(function: Callable[[], Any]) -> "asyncio.Future[Any]":
     def run() -> None:
         try:
             outcome, failed = function(), False
-        except Exception as err:  # handed to the awaiting coroutine
+        except BaseException as err:  # handed to the awaiting coroutine (SystemExit too)
             outcome, failed = err, True
         with contextlib.suppress(RuntimeError):  # the loop may be closed by now
             loop.call_soon_threadsafe(settle, outcome, failed)
@@ -3746,6 +3748,9 @@ def _token_problem(args: Any) -> Optional[str]:
     if args.lifetime <= 0:
         return "--lifetime %d: expected a positive number of seconds (the token would expire " \
                "before it is made)" % args.lifetime
+    if args.audience is not None and args.audience != "gateway":
+        return ("--audience %s: the gateway would answer 'token audience does not match' (it "
+                "accepts only \"gateway\", or no --audience)" % shlex.quote(args.audience))
     methods = [method.lower() for method in Gateway.PUBLIC_METHODS]
     for subject in args.subject or ():
         if subject.lower() not in methods:
@@ -3803,6 +3808,11 @@ def load_config(args: Any, environ: Optional[Dict[str, str]] = None) -> Config:
             with open(args.master_key_file, encoding="utf-8") as key_file:
                 overrides["master_key"] = (written, key_file.read().strip())
         except (OSError, UnicodeDecodeError) as err:
+            if not os.path.exists(args.master_key_file) and _looks_like_a_key(args.master_key_file):
+                raise ConfigError(
+                    "--master-key-file: no such file, and the value looks like a key itself (not "
+                    "shown): the flag takes the path of a file that holds the key; a key on the "
+                    "command line can be read by anyone who lists processes") from None
             raise ConfigError("%s: %s" % (written, getattr(err, "strerror", None) or err)) from err
         config.source += " + " + args.master_key_file
     for name, (written, value) in overrides.items():
@@ -3812,10 +3822,18 @@ def load_config(args: Any, environ: Optional[Dict[str, str]] = None) -> Config:
     return config.replace(**{name: value for name, (_, value) in overrides.items()})
 
 
+def _looks_like_a_key(text: str) -> bool:
+    """Whether a value given for a file's path is rather a key (16 bytes or more in base64)."""
+    try:
+        return len(b64_decode(text)) >= 16
+    except ValueError:
+        return False
+
+
 def reload_config(args: Any, started_from_file: bool) -> Config:
     """The config for a reload: the file the gateway started with must still be there
     (a file missing for a moment must not turn into the built-in defaults)."""
-    if started_from_file and not os.path.isfile(args.config):
+    if started_from_file and not os.path.exists(args.config):
         raise ConfigError("%s: no such file (it was there at start)" % args.config)
     return load_config(args)
 

@@ -1451,6 +1451,17 @@ def test_a_failing_or_hanging_update_function_keeps_the_keys(caplog):
     assert "AatVMEY/ThH2" in gw.authorizer.customer_keys
 
 
+def test_an_update_function_that_exits_is_reported_not_waited_for(caplog):
+    def exiting():
+        sys.exit("no database configured")
+
+    gw = make_gateway(customers=[], customer_api={"update_function": exiting},
+                      customer_update_timeout=30)
+    with caplog.at_level(logging.WARNING, logger="odin_gateway"):
+        assert asyncio.run(asyncio.wait_for(og.update_customers(gw), 10)) is False
+    assert "the function raised SystemExit: no database configured" in caplog.text
+
+
 # ---------------------------------------------------------------------------
 # Configuration
 # ---------------------------------------------------------------------------
@@ -2029,6 +2040,7 @@ def test_help_shows_each_default_once_and_none_for_required_flags():
     (["--room", "a", "--lifetime", "-5"], ["--lifetime -5", "positive"]),
     (["--room", "a", "--subject", "bogus"], ["--subject bogus", "access denied by token restrictions"]),
     (["--room", "a", "--subject", "roomclos"], ["did you mean roomclose?"]),
+    (["--room", "a", "--audience", "gatway"], ["--audience gatway", "token audience does not match"]),
 ])
 def test_token_refuses_what_the_gateway_would_refuse(argv, words, capsys):
     assert og.main(["token", "--access-key", KEY_A, "--user", "u"] + argv) == 2
@@ -2036,7 +2048,16 @@ def test_token_refuses_what_the_gateway_would_refuse(argv, words, capsys):
     for word in words:
         assert word in err
     assert og.main(["token", "--access-key", KEY_A, "--user", "u", "--room", "a{1}x", "--room", "b{1}y",
-                    "--subject", "RoomClose", "--subject", "connect"]) == 0
+                    "--subject", "RoomClose", "--subject", "connect", "--audience", "gateway"]) == 0
+
+
+def test_a_key_given_to_master_key_file_is_not_echoed(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    key = "VGhpcyBpcyBhIHN1cGVyIHNlY3JldCBtYXN0ZXIga2V5IQ=="  # "$(keygen --master)" by mistake
+    with pytest.raises(og.ConfigError) as caught:
+        og.load_config(og.build_parser().parse_args(["--master-key-file", key]), environ={})
+    assert key[:8] not in str(caught.value)
+    assert "looks like a key itself" in str(caught.value) and "path of a file" in str(caught.value)
 
 
 def test_keygen_refuses_a_customer_for_a_master_key(capsys):
@@ -3188,6 +3209,16 @@ def test_reload_refuses_when_the_started_config_file_is_gone(tmp_path):
     path.unlink()
     with pytest.raises(og.ConfigError, match="no such file"):
         og.reload_config(args, True)
+    path.mkdir()
+    with pytest.raises(og.ConfigError, match="is a directory"):
+        og.reload_config(args, True)
+
+
+def test_a_config_file_that_exits_is_refused_and_the_gateway_keeps_running(tmp_path):
+    path = tmp_path / "c.py"
+    path.write_text("import sys\nsys.exit(3)\n")
+    with pytest.raises(og.ConfigError, match="SystemExit: 3"):
+        og.reload_config(og.build_parser().parse_args(["--config", str(path)]), True)
 
 
 def test_rooms_sharing_a_base_name_each_count_their_peers():
