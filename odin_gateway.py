@@ -1102,7 +1102,9 @@ class Config:
         30.0, _positive_seconds,
         "seconds the customer update function may take before its result is ignored")
 
-    def __init__(self, source: str = "Config()", **settings: Any):
+    # source is keyword-only: Config({"port": 1}) must not quietly become a config
+    # named after a dict, with every setting at its default.
+    def __init__(self, *, source: str = "Config()", **settings: Any):
         unknown = sorted(set(settings) - set(SETTINGS))
         if unknown:
             raise ConfigError("%s: unknown setting %s%s (known: %s)" % (
@@ -1120,8 +1122,6 @@ class Config:
                 "%s: disable_timeout = %r: expected more than update_interval (%r): servers "
                 "report every update_interval, so each would count as silent between two reports"
                 % (source, self.disable_timeout, self.update_interval))
-        self.log_level = self.log_level.upper()
-        self.master_key_bytes = b64_decode(self.master_key)
 
     @classmethod
     def load(cls, path: str) -> "Config":
@@ -1145,6 +1145,20 @@ class Config:
                 log.warning("%s: ignoring unknown setting %r%s (names of your own start with _)",
                             path, name, _nearest_setting(name))
         return cls(source=path, **settings)
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        """config.port = "x" is checked like Config(port="x"); config.prot = 1 is refused."""
+        if name in SETTINGS:
+            problem = SETTINGS[name].problem(value)
+            if problem:
+                raise ConfigError("%s: %s" % (self.source, problem))
+            if name == "log_level":
+                value = value.upper()
+            if name == "master_key":
+                super().__setattr__("master_key_bytes", b64_decode(value))
+        elif name not in ("source", "master_key_bytes") and not name.startswith("_"):
+            raise AttributeError("Config has no setting %r%s" % (name, _nearest_setting(name)))
+        super().__setattr__(name, value)
 
     def replace(self, **changes: Any) -> "Config":
         """A copy with some settings changed (validated again)."""
@@ -1939,6 +1953,9 @@ class Gateway:
 
     def __init__(self, config: Optional[Config] = None, *, clock: Callable[[], float] = time.time,
                  rng: Optional[random.Random] = None):
+        if config is not None and not isinstance(config, Config):
+            raise TypeError("Gateway(config): expected a Config (Config(**settings) or "
+                            "Config.load(path)), not %s" % type(config).__name__)
         self.config = config if config is not None else Config()
         self.clock = clock
         self.rng = rng if rng is not None else random.Random()

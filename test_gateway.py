@@ -1705,6 +1705,21 @@ def test_start_and_reload_lines_count_customers_and_keys(caplog):
     assert "config reloaded from Config(): 1 customer with 1 usable access key" in caplog.text
 
 
+def test_config_mistakes_of_code_that_embeds_the_gateway_are_loud():
+    with pytest.raises(TypeError):  # not a config named "{'port': 7100}" with port 7000
+        og.Config({"port": 7100})
+    with pytest.raises(TypeError, match="expected a Config"):
+        og.Gateway({"port": 7100})
+    config = og.Config(log_level="debug")
+    assert config.log_level == "DEBUG"
+    with pytest.raises(og.ConfigError, match="max_connections = 0: expected a positive integer"):
+        config.max_connections = 0
+    with pytest.raises(AttributeError, match="did you mean 'max_connections'"):
+        config.max_conections = 10
+    config.master_key = "c2VjcmV0IHZhbHVlIQ=="
+    assert config.master_key_bytes == b"secret value!" and config.max_connections == 1024
+
+
 def test_two_gateways_share_nothing():
     first, second = make_gateway(), make_gateway(customers=[])
     report(first, SFU1, rooms=[room("ns", "r", "c")])
