@@ -1142,8 +1142,12 @@ class Config:
             # user's own start with "_".
             if (name not in SETTINGS and not name.startswith("_")
                     and not callable(value) and not inspect.ismodule(value)):
-                log.warning("%s: ignoring unknown setting %r%s (names of your own start with _)",
-                            path, name, _nearest_setting(name))
+                nearest = _nearest_setting(name)
+                if nearest:  # Customers = [...] ignored would open the gateway to any token
+                    raise ConfigError("%s: unknown setting %r%s; settings are lower case, names "
+                                      "of your own start with _" % (path, name, nearest))
+                log.warning("%s: ignoring unknown setting %r (names of your own start with _)",
+                            path, name)
         return cls(source=path, **settings)
 
     def __setattr__(self, name: str, value: Any) -> None:

@@ -1531,21 +1531,31 @@ def test_config_errors_name_the_setting(settings, words):
 
 def test_config_load_reads_a_python_file(tmp_path, caplog):
     path = tmp_path / "gateway.py"
-    path.write_text("import os\nport = 7100\nupdate_interval = 2\nprot = 1\n"
+    path.write_text("import os\nport = 7100\nupdate_interval = 2\nregion = 'eu'\n"
                     "def helper():\n    return []\n")
     with caplog.at_level(logging.WARNING, logger="odin_gateway"):
         config = og.Config.load(str(path))
     assert config.port == 7100 and config.update_interval == 2 and config.source == str(path)
-    assert "prot" in caplog.text and "helper" not in caplog.text and "'os'" not in caplog.text
+    assert "ignoring unknown setting 'region'" in caplog.text
+    assert "helper" not in caplog.text and "'os'" not in caplog.text
 
 
-def test_upper_case_names_in_the_config_file_are_warned_about(tmp_path, caplog):
+@pytest.mark.parametrize("text, words", [
+    ("PORT = 17322\n", ["'PORT' (did you mean 'port'?)", "lower case"]),
+    # Ignored, these would open the gateway, or weaken a limit, with only a warning.
+    ("Customers = []\n", ["'Customers' (did you mean 'customers'?)"]),
+    ("customer = []\n", ["'customer' (did you mean 'customers'?)"]),
+    ("internal_user = {'sfu': 'pw'}\n", ["did you mean 'internal_users'?"]),
+    ("max_conections = 10\n", ["did you mean 'max_connections'?"]),
+])
+def test_a_near_miss_of_a_setting_in_the_config_file_stops_the_start(text, words, tmp_path, caplog):
     path = tmp_path / "gateway.py"
-    path.write_text("PORT = 17322\n_MY_REGION = 'eu'\n")
-    with caplog.at_level(logging.WARNING, logger="odin_gateway"):
-        config = og.Config.load(str(path))
-    assert config.port == 7000
-    assert "'PORT' (did you mean 'port'?)" in caplog.text and "_MY_REGION" not in caplog.text
+    path.write_text(text + "_MY_REGION = 'eu'\n")
+    with pytest.raises(og.ConfigError) as caught:
+        og.Config.load(str(path))
+    for word in words:
+        assert word in str(caught.value)
+    assert "_MY_REGION" not in str(caught.value) and "pw" not in str(caught.value)
 
 
 @pytest.mark.parametrize("text, words", [
