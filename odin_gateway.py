@@ -1187,6 +1187,11 @@ def customer_verify_key(jwk: Any) -> VerifyKey:
     """The key of a customer's public JWK; ValueError saying what is wrong with it."""
     if not isinstance(jwk, dict):
         raise ValueError("expected a JWK object")
+    for member in jwk:  # other members (use, alg) are allowed by RFC 7517
+        lower = str(member).lower()
+        if member != lower and lower in ("kid", "kty", "crv", "x") and lower not in jwk:
+            raise ValueError("%s: JWK member names are lower case (%r)"
+                             % (printable(repr(member), 20), lower))
     if jwk.get("kty", "OKP") != "OKP":
         raise ValueError('kty is %s: only Ed25519 keys (kty "OKP") are supported'
                          % printable(repr(jwk["kty"]), 40))
@@ -3618,11 +3623,25 @@ def _ssl_context(config: Config) -> ssl_module.SSLContext:
         if not os.path.isfile(path):
             raise ConfigError("TLS: %s %s: %s" % (name, path, "is a directory" if os.path.isdir(path)
                                                     else "no such file"))
+    asked = []
+
+    def no_passphrase() -> bytes:
+        # Else OpenSSL asks for the passphrase on the terminal, and a start under
+        # systemd waits for nobody (or fails with "Invalid argument").
+        asked.append(True)
+        return b""
+
     try:
-        context.load_cert_chain(config.certificate, config.private_key)
+        context.load_cert_chain(config.certificate, config.private_key, password=no_passphrase)
     except (ssl_module.SSLError, OSError) as err:
-        raise ConfigError("TLS: cannot use certificate %s with key %s: %s"
-                          % (config.certificate, config.private_key, err)) from err
+        if asked:
+            raise ConfigError("TLS: private_key %s is encrypted with a passphrase; the gateway "
+                              "needs it unencrypted (openssl pkey -in KEY -out KEY.plain, kept "
+                              "readable only by the gateway's user)" % config.private_key) from None
+        hint = " (are they PEM files, the certificate chain first and then the key?)" \
+            if "PEM lib" in str(err) else ""
+        raise ConfigError("TLS: cannot use certificate %s with key %s: %s%s"
+                          % (config.certificate, config.private_key, err, hint)) from err
     return context
 
 

@@ -1361,6 +1361,7 @@ TINY_X = TINY_CUSTOMER["accessKeys"][0]["publicKey"]["x"]  # its kid is AatVMEY/
     ({"kid": "AatVMEY/ThH2", "kty": "OKP", "crv": "X25519", "x": TINY_X}, ["crv is 'X25519'"]),
     ({"kid": "AatVMEY/ThH2", "kty": "OKP", "crv": "Ed25519"}, ["no x"]),
     ({"kid": "AatVMEY/ThH2", "x": "c2hvcnQ"}, ["x is 5 bytes long"]),
+    ({"kid": "AatVMEY/ThH2", "X": TINY_X}, ["'X': JWK member names are lower case ('x')"]),
 ])
 def test_an_unusable_jwk_is_named_with_what_is_wrong(jwk, words, caplog):
     with caplog.at_level(logging.WARNING, logger="odin_gateway"):
@@ -2029,6 +2030,20 @@ def test_tls_misconfiguration_stops_with_a_clear_message(certificate, tmp_path):
     subprocess.run(["openssl", "genrsa", "-out", str(other_key), "2048"], check=True, capture_output=True)
     with pytest.raises(og.ConfigError, match="cannot use certificate"):
         og._ssl_context(og.Config(ssl=True, certificate=cert, private_key=str(other_key)))
+    with pytest.raises(og.ConfigError, match="are they PEM files, the certificate chain first"):
+        og._ssl_context(og.Config(ssl=True, certificate=key, private_key=cert))
+
+
+def test_an_encrypted_private_key_is_named_without_asking_for_a_passphrase(certificate, tmp_path):
+    cert, key = certificate
+    encrypted = tmp_path / "encrypted.pem"
+    subprocess.run(["openssl", "pkey", "-in", key, "-aes256", "-passout", "pass:secret",
+                    "-out", str(encrypted)], check=True, capture_output=True)
+    with pytest.raises(og.ConfigError) as caught:
+        og._ssl_context(og.Config(ssl=True, certificate=cert, private_key=str(encrypted)))
+    assert str(caught.value).startswith(
+        "TLS: private_key %s is encrypted with a passphrase; the gateway needs it unencrypted"
+        % encrypted)
 
 
 # ---------------------------------------------------------------------------
