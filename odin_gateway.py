@@ -968,6 +968,17 @@ def _check_internal_users(value: Any) -> Optional[str]:
     return None
 
 
+#: (a timeout, the one it must exceed, what would happen otherwise).
+ORDERED_TIMEOUTS = (
+    ("disable_timeout", "update_interval", "servers report every update_interval, so each would "
+                                           "count as silent between two reports"),
+    ("remove_timeout", "disable_timeout", "a silent server would be forgotten, with its rooms, "
+                                          "before it is disabled"),
+    ("login_token_lifetime", "update_interval", "a room not reported within it is dropped, so "
+                                                "every room would be dropped between two reports"),
+)
+
+
 @dataclasses.dataclass(frozen=True)
 class Setting:
     """What the gateway knows about one setting, declared once as a field of Config."""
@@ -1065,9 +1076,11 @@ class Config:
         7.5, _positive_seconds,
         "seconds without a report before a server gets no new rooms (more than `update_interval`)")
     remove_timeout: float = setting(
-        600, _positive_seconds, "seconds without a report before a server is forgotten")
+        600, _positive_seconds,
+        "seconds without a report before a server is forgotten (more than `disable_timeout`)")
     login_token_lifetime: int = setting(
-        300, _token_lifetime, "seconds a room token lives, and an unreported room is kept")
+        300, _token_lifetime,
+        "seconds a room token lives, and an unreported room is kept (more than `update_interval`)")
     access_log: bool = setting(False, _boolean, "log one line per HTTP request", flag="--access-log")
     placement: str = setting(
         "balanced", _one_of("balanced", "random"),
@@ -1113,15 +1126,11 @@ class Config:
         for name, declared in SETTINGS.items():
             # A copy: a default list or dict must not be shared between configs.
             value = settings[name] if name in settings else copy.deepcopy(declared.default)
-            problem = declared.problem(value)
-            if problem:
-                raise ConfigError("%s: %s" % (source, problem))
-            setattr(self, name, value)
-        if self.disable_timeout <= self.update_interval:
-            raise ConfigError(
-                "%s: disable_timeout = %r: expected more than update_interval (%r): servers "
-                "report every update_interval, so each would count as silent between two reports"
-                % (source, self.disable_timeout, self.update_interval))
+            setattr(self, name, value)  # checked there
+        for longer, shorter, why in ORDERED_TIMEOUTS:
+            if getattr(self, longer) <= getattr(self, shorter):
+                raise ConfigError("%s: %s = %r: expected more than %s (%r): %s" % (
+                    source, longer, getattr(self, longer), shorter, getattr(self, shorter), why))
 
     @classmethod
     def load(cls, path: str) -> "Config":

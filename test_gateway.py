@@ -1522,6 +1522,9 @@ def test_config_defaults():
     ({"customers": ({"id": "a"},)}, ["customers: expected a list of customers, not tuple"]),
     # Servers would count as silent between two reports.
     ({"update_interval": 10}, ["disable_timeout = 7.5", "update_interval (10)"]),
+    # Rooms would be forgotten between two reports.
+    ({"remove_timeout": 5}, ["remove_timeout = 5: expected more than disable_timeout (7.5)"]),
+    ({"login_token_lifetime": 4}, ["login_token_lifetime = 4: expected more than update_interval (5)"]),
 ])
 def test_config_errors_name_the_setting(settings, words):
     with pytest.raises(og.ConfigError) as caught:
