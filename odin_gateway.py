@@ -1139,6 +1139,10 @@ class Config:
             raise ConfigError("%s: is a directory, not a config file" % path)
         if not os.path.isfile(path):
             raise ConfigError("%s: no such file" % path)
+        # A JSON or TOML file may even run as Python, and then set nothing.
+        if os.path.splitext(path)[1].lower() in (".json", ".toml", ".yaml", ".yml", ".ini"):
+            raise ConfigError("%s: the config file is Python, like the sample config.py "
+                              "(port = 7000, customers = [...])" % path)
         try:
             namespace = runpy.run_path(path, run_name="odin_gateway_config")
         # Any error in the user's file stops the start, and exit() there must not end
@@ -3685,6 +3689,8 @@ class CommandParser(argparse.ArgumentParser):
         for secret in self.secrets:
             if len(secret) >= 4:  # shorter is no secret, and would blank out words
                 message = message.replace(secret, "<hidden>")
+        # A key given where no flag takes it ("unrecognized arguments: <the key>").
+        message = " ".join("<hidden>" if _looks_like_a_key(word) else word for word in message.split(" "))
         super().error(message)
 
 
@@ -3948,6 +3954,12 @@ def _printing(command: Callable[[Any], int], args: Any) -> int:
 def main(argv: Optional[List[str]] = None) -> int:
     """Run the gateway (or another command) from the command line; the exit status."""
     argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and not argv[0].startswith("-") and argv[0] not in COMMANDS:
+        close = difflib.get_close_matches(argv[0].lower(), COMMANDS, n=1)
+        if close and not _looks_like_a_key(argv[0]):
+            print("odin_gateway: unknown command %s (did you mean %s?)" % (
+                printable(repr(argv[0]), 40), close[0]), file=sys.stderr)
+            return 2
     command = argv.pop(0) if argv and argv[0] in COMMANDS else "serve"
     args = build_parser(command).parse_args(argv)
     if nacl is None:

@@ -1576,6 +1576,14 @@ def test_config_load_errors_name_file_setting_and_problem(tmp_path, text, words)
         assert word in str(caught.value)
 
 
+@pytest.mark.parametrize("name, text", [("config.json", '{"port": 7100}'), ("config.toml", "port = 7100\n")])
+def test_a_json_or_toml_config_file_is_refused_not_run(tmp_path, name, text):
+    path = tmp_path / name
+    path.write_text(text)
+    with pytest.raises(og.ConfigError, match="the config file is Python, like the sample config.py"):
+        og.Config.load(str(path))
+
+
 def test_the_sample_config_loads_and_its_demo_key_works():
     config = og.Config.load(str(HERE / "config.py"))
     demo_key = "Aa6xMG5KsCRp0BevxLhsLzSdBAEpJK9sxcvscAsK5+8j"  # printed in README and config.py
@@ -2092,6 +2100,22 @@ def test_token_refuses_what_the_gateway_would_refuse(argv, words, capsys):
         assert word in err
     assert og.main(["token", "--access-key", KEY_A, "--user", "u", "--room", "a{1}x", "--room", "b{1}y",
                     "--subject", "RoomClose", "--subject", "connect", "--audience", "gateway"]) == 0
+
+
+@pytest.mark.parametrize("argv, words", [
+    (["dmeo"], ["unknown command 'dmeo' (did you mean demo?)"]),
+    (["Keygen"], ["unknown command 'Keygen' (did you mean keygen?)"]),
+    (["--port", "7000", "VGhpcyBpcyBhIHN1cGVyIHNlY3JldCBtYXN0ZXIga2V5IQ=="], ["unrecognized arguments: <hidden>"]),
+    (["token", "--access-key", KEY_A, "--room", "r", "--user", "u",
+      "VGhpcyBpcyBhIHN1cGVyIHNlY3JldCBtYXN0ZXIga2V5IQ=="], ["unrecognized arguments: <hidden>"]),
+])
+def test_a_mistyped_command_is_named_and_a_stray_key_is_not_echoed(argv, words, capsys):
+    with contextlib.suppress(SystemExit):
+        assert og.main(argv) == 2
+    err = capsys.readouterr().err
+    for word in words:
+        assert word in err
+    assert "VGhpcyBp" not in err and KEY_A[:10] not in err
 
 
 def test_a_key_given_to_master_key_file_is_not_echoed(tmp_path, monkeypatch):
