@@ -1171,11 +1171,13 @@ class Config:
                 raise ConfigError("%s: %s" % (self.source, problem))
             if name == "log_level":
                 value = value.upper()
-            if name == "master_key":
-                super().__setattr__("master_key_bytes", b64_decode(value))
-        elif name not in ("source", "master_key_bytes") and not name.startswith("_"):
+        elif name != "source" and not name.startswith("_"):
             raise AttributeError("Config has no setting %r%s" % (name, _nearest_setting(name)))
         super().__setattr__(name, value)
+
+    @property
+    def master_key_bytes(self) -> bytes:
+        return b64_decode(self.master_key)
 
     def replace(self, **changes: Any) -> "Config":
         """A copy with some settings changed (validated again)."""
