@@ -85,6 +85,7 @@ import re
 import runpy
 import shlex
 import ssl as ssl_module
+import stat
 import sys
 import threading
 import time
@@ -3872,6 +3873,11 @@ def load_config(args: Any, environ: Optional[Dict[str, str]] = None) -> Config:
                     "command line can be read by anyone who lists processes") from None
             raise ConfigError("%s: %s" % (written, getattr(err, "strerror", None) or err)) from err
         config.source += " + " + args.master_key_file
+        mode = os.stat(args.master_key_file).st_mode
+        if os.name == "posix" and mode & (stat.S_IRGRP | stat.S_IROTH):
+            log.warning("%s: other users can read the master key (mode %s); make it readable "
+                        "only by the gateway's user: chmod 600 %s", written,
+                        oct(stat.S_IMODE(mode)), shlex.quote(args.master_key_file))
     for name, (written, value) in overrides.items():
         problem = SETTINGS[name].check(value)
         if problem:

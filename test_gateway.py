@@ -1616,6 +1616,19 @@ def test_flag_errors_name_what_the_user_wrote(argv, environ, expected):
     assert str(caught.value).startswith(expected)
 
 
+def test_a_master_key_file_others_can_read_is_warned_about(tmp_path, caplog):
+    key_file = tmp_path / "mk.txt"
+    key_file.write_text("c2VjcmV0IHZhbHVlIQ==\n")
+    args = og.build_parser().parse_args(["--master-key-file", str(key_file)])
+    for mode, warned in ((0o644, True), (0o600, False)):
+        key_file.chmod(mode)
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="odin_gateway"):
+            assert og.load_config(args, environ={}).master_key_bytes == b"secret value!"
+        assert ("other users can read the master key (mode 0o644)" in caplog.text) is warned
+        assert "c2VjcmV0" not in caplog.text
+
+
 def test_master_key_file_and_config_directory_errors_name_them(tmp_path):
     key_file = tmp_path / "mk.txt"
     key_file.write_text("not base64!\n")
