@@ -2074,6 +2074,11 @@ class Gateway:
             else:
                 usable.append(customer)
         customers = usable
+        configured = {customer["id"] for customer in self.config.customers}
+        for customer_id in sorted(configured & {customer["id"] for customer in customers}):
+            log.warning("customer update: customer %s is also in the config's customers, with "
+                        "limits of its own; give each customer one place",
+                        printable(repr(customer_id), 60))
         keys = load_customer_keys(customers)
         if not keys:
             log.warning("customer update: keeping the previous keys: the update has no usable key",
@@ -3693,7 +3698,8 @@ class CommandParser(argparse.ArgumentParser):
             if len(secret) >= 4:  # shorter is no secret, and would blank out words
                 message = message.replace(secret, "<hidden>")
         # A key given where no flag takes it ("unrecognized arguments: <the key>").
-        message = " ".join("<hidden>" if _looks_like_a_key(word) else word for word in message.split(" "))
+        message = " ".join("<hidden>" if _looks_like_a_key(word) else word
+                           for word in message.split(" "))
         super().error(message)
 
 

@@ -1422,6 +1422,11 @@ def test_the_update_function_cannot_give_one_customer_two_sets_of_limits(caplog)
         assert gw.set_customers([TINY_CUSTOMER, unlimited_twin])
     assert "skipping customer %r (#2): id already used by customer #1" % TINY_CUSTOMER["id"] in caplog.text
     assert "customer update: 1 key of 1 customer loaded" in caplog.text
+    # Nor a customer of the config a second set of limits.
+    gw = make_gateway(customers=[TINY_CUSTOMER], customer_api={"update_function": lambda: []})
+    with caplog.at_level(logging.WARNING, logger="odin_gateway"):
+        assert gw.set_customers([dict(TINY_CUSTOMER, maxPeers=None)])
+    assert "customer %r is also in the config's customers" % TINY_CUSTOMER["id"] in caplog.text
 
 
 def test_update_customers_from_sync_and_async_functions():
