@@ -3974,6 +3974,10 @@ def main(argv: Optional[List[str]] = None) -> int:
             print("odin_gateway: unknown command %s (did you mean %s?)" % (
                 printable(repr(argv[0]), 40), close[0]), file=sys.stderr)
             return 2
+        if argv[0].endswith(".py") or os.path.isfile(argv[0]):
+            print("odin_gateway: %s: a config file is given with --config %s" % (
+                printable(argv[0], 80), shlex.quote(argv[0])), file=sys.stderr)
+            return 2
     command = argv.pop(0) if argv and argv[0] in COMMANDS else "serve"
     args = build_parser(command).parse_args(argv)
     if nacl is None:

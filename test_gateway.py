@@ -2123,6 +2123,7 @@ def test_token_refuses_what_the_gateway_would_refuse(argv, words, capsys):
 @pytest.mark.parametrize("argv, words", [
     (["dmeo"], ["unknown command 'dmeo' (did you mean demo?)"]),
     (["Keygen"], ["unknown command 'Keygen' (did you mean keygen?)"]),
+    (["my-config.py"], ["my-config.py: a config file is given with --config my-config.py"]),
     (["--port", "7000", "VGhpcyBpcyBhIHN1cGVyIHNlY3JldCBtYXN0ZXIga2V5IQ=="], ["unrecognized arguments: <hidden>"]),
     (["token", "--access-key", KEY_A, "--room", "r", "--user", "u",
       "VGhpcyBpcyBhIHN1cGVyIHNlY3JldCBtYXN0ZXIga2V5IQ=="], ["unrecognized arguments: <hidden>"]),
