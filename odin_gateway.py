@@ -776,15 +776,24 @@ def _is_limit(value: Any) -> bool:
     return value is None or (_is_integer(value) and value >= 0)
 
 
+def _did_you_mean(value: Any, choices: Tuple[str, ...]) -> str:
+    """' (did you mean "random"?)' for a string close to one of choices (any case), or ''."""
+    if not isinstance(value, str):
+        return ""
+    lowered = {choice.lower(): choice for choice in choices}
+    close = difflib.get_close_matches(value.lower(), list(lowered), n=1)
+    return ' (did you mean "%s"?)' % lowered[close[0]] if close else ""
+
+
 def _one_of(*choices: str) -> Check:
     expected = "expected " + " or ".join('"%s"' % choice for choice in choices)
-    return lambda value: None if value in choices else expected
+    return lambda value: None if value in choices else expected + _did_you_mean(value, choices)
 
 
 def _log_level(value: Any) -> Optional[str]:
     if isinstance(value, str) and value.upper() in LOG_LEVELS:
         return None
-    return "expected one of %s" % ", ".join(LOG_LEVELS)
+    return "expected one of %s%s" % (", ".join(LOG_LEVELS), _did_you_mean(value, LOG_LEVELS))
 
 
 def _non_empty_string(value: Any) -> Optional[str]:

@@ -1487,6 +1487,9 @@ def test_config_defaults():
     ({"ssl": "yes"}, ["ssl"]),
     ({"log_level": "LOUD"}, ["log_level"]),
     ({"log_format": "xml"}, ["log_format"]),
+    ({"log_level": "warn"}, ['expected one of DEBUG, INFO, WARNING, ERROR, CRITICAL (did you mean "WARNING"?)']),
+    ({"placement": "Balanced"}, ['placement = \'Balanced\': expected "balanced" or "random" '
+                                 '(did you mean "balanced"?)']),
     ({"master_key": "not base64!"}, ["master_key", "base64"]),
     ({"update_interval": 0}, ["update_interval", "positive"]),
     ({"customers": {"id": "x"}}, ["customers", "list"]),
