@@ -3908,12 +3908,19 @@ def _looks_like_a_key(text: str) -> bool:
         return False
 
 
-def reload_config(args: Any, started_from_file: bool) -> Config:
+def reload_config(args: Any, started_from_file: bool, running: Optional[Config] = None) -> Config:
     """The config for a reload: the file the gateway started with must still be there
-    (a file missing for a moment must not turn into the built-in defaults)."""
+    (a file missing for a moment must not turn into the built-in defaults), and a
+    gateway that checks tokens (the running config has customers) keeps checking them."""
     if started_from_file and not os.path.exists(args.config):
         raise ConfigError("%s: no such file (it was there at start)" % args.config)
-    return load_config(args)
+    config = load_config(args)
+    if (running is not None and (running.customers or running.customer_api is not None)
+            and not config.customers and config.customer_api is None):
+        raise ConfigError("%s: no customers and no customer_api: every token would be admitted "
+                          "without a signature check; a reload does not do that (a restart "
+                          "does, with a warning)" % config.source)
+    return config
 
 
 async def _run(gateway: Gateway, ssl_context: Optional[ssl_module.SSLContext],
@@ -4012,7 +4019,8 @@ def main(argv: Optional[List[str]] = None) -> int:
              gateway.customer_counts())
     warn_about_exposure(gateway)
     try:
-        asyncio.run(_run(gateway, ssl_context, reload=lambda: reload_config(args, started_from)))
+        asyncio.run(_run(gateway, ssl_context, reload=lambda: reload_config(
+            args, started_from, gateway.config)))
     except OSError as err:
         log.error("cannot listen on %s:%s: %s", config.host, config.port, err.strerror or err)
         return 1

@@ -3303,6 +3303,15 @@ def test_reload_refuses_when_the_started_config_file_is_gone(tmp_path):
         og.reload_config(args, True)
 
 
+def test_a_reload_does_not_turn_a_gateway_with_customers_into_everything_goes(tmp_path):
+    path = tmp_path / "c.py"
+    path.write_text("# emptied by mistake\n")
+    args = og.build_parser().parse_args(["--config", str(path)])
+    with pytest.raises(og.ConfigError, match="no customers and no customer_api: every token would"):
+        og.reload_config(args, True, og.Config(customers=[TINY_CUSTOMER]))
+    assert og.reload_config(args, True, og.Config()).customers == []  # already everything goes
+
+
 def test_a_config_file_that_exits_is_refused_and_the_gateway_keeps_running(tmp_path):
     path = tmp_path / "c.py"
     path.write_text("import sys\nsys.exit(3)\n")
