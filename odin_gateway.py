@@ -3911,15 +3911,21 @@ def _looks_like_a_key(text: str) -> bool:
 def reload_config(args: Any, started_from_file: bool, running: Optional[Config] = None) -> Config:
     """The config for a reload: the file the gateway started with must still be there
     (a file missing for a moment must not turn into the built-in defaults), and a
-    gateway that checks tokens (the running config has customers) keeps checking them."""
+    reload does not open what the running config keeps closed (a restart can, with
+    its warnings)."""
     if started_from_file and not os.path.exists(args.config):
         raise ConfigError("%s: no such file (it was there at start)" % args.config)
     config = load_config(args)
-    if (running is not None and (running.customers or running.customer_api is not None)
+    if running is None:
+        return config
+    if ((running.customers or running.customer_api is not None)
             and not config.customers and config.customer_api is None):
         raise ConfigError("%s: no customers and no customer_api: every token would be admitted "
                           "without a signature check; a reload does not do that (a restart "
                           "does, with a warning)" % config.source)
+    if running.internal_users and not config.internal_users:
+        raise ConfigError("%s: no internal_users: /internal would be open to anyone; a reload "
+                          "does not do that (a restart does, with a warning)" % config.source)
     return config
 
 

@@ -3303,13 +3303,15 @@ def test_reload_refuses_when_the_started_config_file_is_gone(tmp_path):
         og.reload_config(args, True)
 
 
-def test_a_reload_does_not_turn_a_gateway_with_customers_into_everything_goes(tmp_path):
+def test_a_reload_does_not_open_what_the_running_config_keeps_closed(tmp_path):
     path = tmp_path / "c.py"
     path.write_text("# emptied by mistake\n")
     args = og.build_parser().parse_args(["--config", str(path)])
     with pytest.raises(og.ConfigError, match="no customers and no customer_api: every token would"):
         og.reload_config(args, True, og.Config(customers=[TINY_CUSTOMER]))
     assert og.reload_config(args, True, og.Config()).customers == []  # already everything goes
+    with pytest.raises(og.ConfigError, match="no internal_users: /internal would be open"):
+        og.reload_config(args, True, og.Config(internal_users={"sfu": "pw"}))
 
 
 def test_a_config_file_that_exits_is_refused_and_the_gateway_keeps_running(tmp_path):
