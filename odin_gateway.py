@@ -1158,7 +1158,13 @@ class Config:
         # Any error in the user's file stops the start, and exit() there must not end
         # a running gateway at a reload.
         except (Exception, SystemExit) as err:
-            raise ConfigError("%s: cannot load: %s: %s" % (path, type(err).__name__, err)) from err
+            # JSON pasted into the file (keygen's JWK, an API's answer): null, true, false.
+            undefined = re.match(r"name '(\w+)' is not defined", str(err))  # NameError.name: 3.10+
+            hint = {"null": "None", "true": "True", "false": "False"}.get(
+                undefined.group(1) if undefined else "")
+            raise ConfigError("%s: cannot load: %s: %s%s" % (
+                path, type(err).__name__, err,
+                " (the config file is Python: write %s)" % hint if hint else "")) from err
         settings = {name: namespace[name] for name in SETTINGS if name in namespace}
         for name, value in namespace.items():
             # PORT = 17322 is as much a mistake as prot = 17322; names of the

@@ -1574,6 +1574,8 @@ def test_a_near_miss_of_a_setting_in_the_config_file_stops_the_start(text, words
     ("port = (", ["gateway.py", "SyntaxError"]),
     ("raise ValueError('boom')", ["gateway.py", "boom"]),
     ("port = 'x'", ["gateway.py", "port", "integer"]),
+    ('customers = [{"id": "a", "max_peers": null}]', ["name 'null' is not defined (the config file "
+                                                      "is Python: write None)"]),
 ])
 def test_config_load_errors_name_file_setting_and_problem(tmp_path, text, words):
     path = tmp_path / "gateway.py"
