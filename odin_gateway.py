@@ -2077,6 +2077,10 @@ class Gateway:
         """Replace the customers from the update function; False (old keys kept) if unusable."""
         if not isinstance(customers, list):
             problem = "expected a list of customers, not %s" % type(customers).__name__
+            lists = [key for key, value in customers.items() if isinstance(value, list)] \
+                if isinstance(customers, dict) else []
+            if lists:  # an API's whole answer, {"customers": [...]}
+                problem += " (return the list itself, e.g. its %s)" % printable(repr(lists[0]), 40)
             log.warning("customer update: keeping the previous keys: %s", problem,
                         extra=fields("customers_kept", reason=problem))
             return False

@@ -1402,7 +1402,9 @@ def test_set_customers_replaces_keys_and_keeps_them_on_bad_input(caplog):
         assert not gw.set_customers([])
         assert not gw.set_customers("garbage")
         assert not gw.set_customers([{"id": "x", "access_keys": [{"public_key": {"kid": "k", "x": ""}}]}])
-    assert caplog.text.count("keeping the previous keys") == 3
+        assert not gw.set_customers({"customers": [TINY_CUSTOMER]})
+    assert caplog.text.count("keeping the previous keys") == 4
+    assert "not dict (return the list itself, e.g. its 'customers')" in caplog.text
     assert "AatVMEY/ThH2" in gw.authorizer.customer_keys
 
 
