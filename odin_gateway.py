@@ -3643,6 +3643,10 @@ def warn_about_exposure(gateway: Gateway) -> None:
             log.warning("customer %r has the access key published in README.md (key id %s): "
                         "anyone can sign tokens for it; remove it before the gateway faces a "
                         "network", key.licensee.customer_id, PUBLISHED_DEMO_KID)
+    if not config.ssl and (config.certificate != SETTINGS["certificate"].default
+                           or config.private_key != SETTINGS["private_key"].default):
+        log.warning("certificate and private_key are set but ssl is False: serving plain HTTP "
+                    "(set ssl = True, or --ssl, for HTTPS)")
     if not config.internal_users:
         log.warning("/internal is open (internal_users is empty): anyone who reaches this port "
                     "can register servers and read their signing keys; set internal_users or "
@@ -3907,7 +3911,12 @@ def load_config(args: Any, environ: Optional[Dict[str, str]] = None) -> Config:
         problem = SETTINGS[name].check(value)
         if problem:
             raise ConfigError("%s: %s" % (written, problem))
-    return config.replace(**{name: value for name, (_, value) in overrides.items()})
+    config = config.replace(**{name: value for name, (_, value) in overrides.items()})
+    for name in ("certificate", "private_key"):
+        if name in overrides and not config.ssl:
+            raise ConfigError("%s without --ssl (or ssl = True in the config): the gateway would "
+                              "serve plain HTTP" % overrides[name][0])
+    return config
 
 
 def _looks_like_a_key(text: str) -> bool:

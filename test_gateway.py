@@ -1699,7 +1699,8 @@ def test_every_flag_overrides_its_setting_and_says_so_in_help():
             expected = True
         else:
             expected = declared.default + 1 if isinstance(declared.default, int) else "other"
-            argv = [declared.flag, str(expected)]
+            argv = [declared.flag, str(expected)] + (["--ssl"] if name in ("certificate", "private_key")
+                                                     else [])
         config = og.load_config(parser.parse_args(["--config", "config.py"] + argv), environ={})
         assert getattr(config, name) == expected, declared.flag
 
@@ -2068,6 +2069,16 @@ def test_tls_misconfiguration_stops_with_a_clear_message(certificate, tmp_path):
         og._ssl_context(og.Config(ssl=True, certificate=cert, private_key=str(other_key)))
     with pytest.raises(og.ConfigError, match="are they PEM files, the certificate chain first"):
         og._ssl_context(og.Config(ssl=True, certificate=key, private_key=cert))
+
+
+def test_tls_files_without_ssl_are_not_quietly_served_over_plain_http(tmp_path, caplog):
+    args = og.build_parser().parse_args(["--certificate", "fullchain.pem", "--privatekey", "k.pem"])
+    with pytest.raises(og.ConfigError) as caught:
+        og.load_config(args, environ={})
+    assert str(caught.value).startswith("--certificate fullchain.pem without --ssl (or ssl = True")
+    with caplog.at_level(logging.WARNING, logger="odin_gateway"):
+        og.warn_about_exposure(og.Gateway(og.Config(certificate="/etc/tls/chain.pem")))
+    assert "certificate and private_key are set but ssl is False: serving plain HTTP" in caplog.text
 
 
 def test_an_encrypted_private_key_is_named_without_asking_for_a_passphrase(certificate, tmp_path):
