@@ -3379,6 +3379,10 @@ class FakeServer:
     def __init__(self, internal_url: str, public_endpoint: str = "127.0.0.1:4433", *,
                  load: float = 0.0, version: str = "fake",
                  trace: Optional[Callable[[str, Any, Any], None]] = None):
+        # The gateway's own URL would answer every report "invalid or missing authorization".
+        if not urllib.parse.urlsplit(internal_url).path.rstrip("/").endswith("/internal"):
+            raise ValueError("FakeServer(internal_url): expected the gateway's /internal URL, "
+                             "e.g. %s/internal" % internal_url.rstrip("/"))
         self.client = RpcClient(internal_url, trace=trace)
         self.public_endpoint = public_endpoint
         self.load = load

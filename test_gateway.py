@@ -2286,6 +2286,12 @@ def test_ci_runs_exactly_the_readme_test_command():
 # ---------------------------------------------------------------------------
 
 
+def test_a_fake_server_pointed_at_the_gateway_instead_of_internal_says_so():
+    with pytest.raises(ValueError, match="expected the gateway's /internal URL, e.g. http://127.0.0.1:7000/internal"):
+        og.FakeServer("http://127.0.0.1:7000/")
+    og.FakeServer("http://sfu:pw@127.0.0.1:7000/grid/internal")  # behind a proxy's prefix
+
+
 def test_fake_server_speaks_the_server_side_over_http():
     config = og.Config(customers=reference_customers(), internal_users={"sfu": "p@ss:word"})
     with og.serve_in_thread(config) as server:
