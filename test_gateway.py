@@ -2829,6 +2829,24 @@ def test_reload_applies_customers_and_limits_and_keeps_state(caplog):
 
 
 @needs_proc
+def test_a_reload_does_not_open_what_the_running_config_keeps_closed(tmp_path):
+    path = tmp_path / "c.py"
+    path.write_text("# emptied by mistake\n")
+    args = og.build_parser().parse_args(["--config", str(path)])
+    with pytest.raises(og.ConfigError, match="no customers and no customer_api: every token would"):
+        og.reload_config(args, True, og.Config(customers=[TINY_CUSTOMER]))
+    assert og.reload_config(args, True, og.Config()).customers == []  # already everything goes
+    with pytest.raises(og.ConfigError, match="no internal_users: /internal would be open"):
+        og.reload_config(args, True, og.Config(internal_users={"sfu": "pw"}))
+
+
+def test_a_config_file_that_exits_is_refused_and_the_gateway_keeps_running(tmp_path):
+    path = tmp_path / "c.py"
+    path.write_text("import sys\nsys.exit(3)\n")
+    with pytest.raises(og.ConfigError, match="SystemExit: 3"):
+        og.reload_config(og.build_parser().parse_args(["--config", str(path)]), True)
+
+
 def test_sighup_reloads_the_config_file_and_refuses_a_broken_one(tmp_path):
     with gateway_process(tmp_path, "customers = %r\n" % [TINY_CUSTOMER]) as (process, port):
         def connect_status(access_key):
@@ -3322,24 +3340,6 @@ def test_reload_refuses_when_the_started_config_file_is_gone(tmp_path):
     path.mkdir()
     with pytest.raises(og.ConfigError, match="is a directory"):
         og.reload_config(args, True)
-
-
-def test_a_reload_does_not_open_what_the_running_config_keeps_closed(tmp_path):
-    path = tmp_path / "c.py"
-    path.write_text("# emptied by mistake\n")
-    args = og.build_parser().parse_args(["--config", str(path)])
-    with pytest.raises(og.ConfigError, match="no customers and no customer_api: every token would"):
-        og.reload_config(args, True, og.Config(customers=[TINY_CUSTOMER]))
-    assert og.reload_config(args, True, og.Config()).customers == []  # already everything goes
-    with pytest.raises(og.ConfigError, match="no internal_users: /internal would be open"):
-        og.reload_config(args, True, og.Config(internal_users={"sfu": "pw"}))
-
-
-def test_a_config_file_that_exits_is_refused_and_the_gateway_keeps_running(tmp_path):
-    path = tmp_path / "c.py"
-    path.write_text("import sys\nsys.exit(3)\n")
-    with pytest.raises(og.ConfigError, match="SystemExit: 3"):
-        og.reload_config(og.build_parser().parse_args(["--config", str(path)]), True)
 
 
 def test_rooms_sharing_a_base_name_each_count_their_peers():
