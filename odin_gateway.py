@@ -941,7 +941,8 @@ def _check_customer_api(value: Any) -> Optional[str]:
     if value is None:
         return None
     if not isinstance(value, dict):
-        return 'expected None or {"update_function": fn, "update_interval": seconds}'
+        return 'expected None or {"update_function": fn, "update_interval": seconds}, not %s' % (
+            type(value).__name__)
     unknown = _unknown_key(value, CUSTOMER_API_KEYS, camel=False)
     if unknown:
         return unknown
@@ -1005,12 +1006,13 @@ class Setting:
 
     def problem(self, value: Any) -> Optional[str]:
         """'name = value: why it is wrong' for a bad value (a secret is not shown), or None.
-        A list or dict is not repeated: the reason names the entry, and an entry may
-        hold a secret (an access key pasted where its public JWK belongs)."""
+        The value of a structured setting is not repeated: the reason names the entry,
+        and what the user put there may hold a secret (an access key pasted where its
+        public JWK belongs, an API's URL with its token)."""
         why = self.check(value)
         if why is None:
             return None
-        if isinstance(value, (list, tuple, dict)) and not self.secret:
+        if (isinstance(value, (list, tuple, dict)) or "dict" in self.type.lower()) and not self.secret:
             return "%s: %s" % (self.name, why)
         return "%s = %s: %s" % (self.name, self.show(value), why)
 

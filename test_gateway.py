@@ -1500,6 +1500,9 @@ def test_config_defaults():
     ({"unknown_customers": "allowed"}, ["unknown_customers"]),
     ({"internal_users": {"a:b": "c"}}, ["internal_users"]),
     ({"customer_api": {"update_function": 5}}, ["customer_api"]),
+    # Not repeated: a URL where the function belongs may carry the API's token.
+    ({"customer_api": "https://ops:t0ken@api.example.com/keys"},
+     ['customer_api: expected None or {"update_function": fn, "update_interval": seconds}, not str']),
     ({"metrics_server": "everyone"}, ["metrics_server", "CIDR"]),
     ({"prot": 1}, ["unknown setting", "prot"]),
     # A misspelled key must not mean "no limit", "no keys" or "no namespace".
