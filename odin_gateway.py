@@ -2000,6 +2000,10 @@ class Gateway:
                             "Config.load(path)), not %s" % type(config).__name__)
         self.config = config if config is not None else Config()
         self.clock = clock
+        if clock() < 1e9:  # before 2001: time.monotonic or a fake clock started at 0
+            log.warning("Gateway(clock=...) returned %r: expected seconds since the epoch, as "
+                        "time.time gives; tokens carry such times, so each would be refused",
+                        clock())
         self.rng = rng if rng is not None else random.Random()
         self.grid = Grid(self)
         self.stats: Dict[str, List[int]] = {}  # method -> [success, failure, rejected]

@@ -1756,7 +1756,7 @@ def test_start_and_reload_lines_count_customers_and_keys(caplog):
     assert "config reloaded from Config(): 1 customer with 1 usable access key" in caplog.text
 
 
-def test_config_mistakes_of_code_that_embeds_the_gateway_are_loud():
+def test_config_mistakes_of_code_that_embeds_the_gateway_are_loud(caplog):
     with pytest.raises(TypeError):  # not a config named "{'port': 7100}" with port 7000
         og.Config({"port": 7100})
     with pytest.raises(TypeError, match="expected a Config"):
@@ -1767,6 +1767,9 @@ def test_config_mistakes_of_code_that_embeds_the_gateway_are_loud():
         config.max_connections = 0
     with pytest.raises(AttributeError, match="did you mean 'max_connections'"):
         config.max_conections = 10
+    with caplog.at_level(logging.WARNING, logger="odin_gateway"):
+        og.Gateway(og.Config(), clock=time.monotonic)
+    assert "expected seconds since the epoch, as time.time gives" in caplog.text
     config.master_key = "c2VjcmV0IHZhbHVlIQ=="
     assert config.master_key_bytes == b"secret value!" and config.max_connections == 1024
 
