@@ -800,6 +800,14 @@ def _non_empty_string(value: Any) -> Optional[str]:
     return None if isinstance(value, str) and value else "expected a non-empty string"
 
 
+def _host(value: Any) -> Optional[str]:
+    if _non_empty_string(value):
+        return _non_empty_string(value)
+    if value.count(":") == 1 or "/" in value:  # localhost:7000, http://0.0.0.0 (IPv6 has more)
+        return "expected an address or host name alone (the port is the port setting, --port)"
+    return None
+
+
 def _network(value: Any) -> Optional[str]:
     try:
         ipaddress.ip_network(value, strict=False)
@@ -1045,7 +1053,7 @@ class Config:
     log_format: str = setting("pretty", _one_of("pretty", "json"),
                               '`"pretty"` lines for people or `"json"`, one object per line (stderr)')
     # -- listening
-    host: str = setting("0.0.0.0", _non_empty_string, "address to listen on", reload=False,
+    host: str = setting("0.0.0.0", _host, "address to listen on", reload=False,
                         flag="--host")
     port: int = setting(7000, _port, "TCP port to listen on", reload=False, flag="--port")
     ssl: bool = setting(False, _boolean, "serve HTTPS with the certificate and private key",

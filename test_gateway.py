@@ -1622,6 +1622,8 @@ def test_flags_override_the_config_file(tmp_path):
 @pytest.mark.parametrize("argv, environ, expected", [
     (["--port", "70000"], {}, "--port 70000: expected an integer from 0 to 65535"),
     (["--host", ""], {}, "--host '': expected a non-empty string"),
+    (["--host", "localhost:7000"], {}, "--host localhost:7000: expected an address or host name alone"),
+    (["--host", "http://0.0.0.0"], {}, "--host http://0.0.0.0: expected an address or host name alone"),
     ([], {"ODIN_GATEWAY_MASTER_KEY": "not base64!"}, "$ODIN_GATEWAY_MASTER_KEY: expected a non-empty base64"),
 ])
 def test_flag_errors_name_what_the_user_wrote(argv, environ, expected):
