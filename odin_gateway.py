@@ -922,24 +922,25 @@ def _customer_problem(index: int, customer: Any) -> Optional[str]:
     return None
 
 
-def _duplicate_customer(customers: List[Any], index: int) -> Optional[str]:
-    """'customer 'a': id already used by customer #1' when an earlier entry has the same
-    id (two entries of one customer would count one usage against two sets of limits)."""
-    customer_id = customers[index]["id"]
-    for earlier, other in enumerate(customers[:index]):
-        if isinstance(other, dict) and other.get("id") == customer_id:
-            return "customer %s (#%d): id already used by customer #%d; give each customer one " \
-                   "entry and list all its keys in access_keys" % (
-                       printable(repr(customer_id), 60), index + 1, earlier + 1)
-    return None
+def _duplicate_customer(customer: dict, index: int, seen: Dict[str, int]) -> Optional[str]:
+    """'customer 'a' (#2): id already used by customer #1' when an earlier entry (ids in
+    seen, with their index) has the same id: two entries of one customer would count
+    one usage against two sets of limits."""
+    earlier = seen.setdefault(customer["id"], index)
+    if earlier == index:
+        return None
+    return "customer %s (#%d): id already used by customer #%d; give each customer one entry " \
+           "and list all its keys in access_keys" % (
+               printable(repr(customer["id"]), 60), index + 1, earlier + 1)
 
 
 def _check_customers(customers: Any) -> Optional[str]:
     """Why a customer list is malformed, or None."""
     if not isinstance(customers, list):
         return "expected a list of customers, not %s" % type(customers).__name__
+    seen: Dict[str, int] = {}
     for index, customer in enumerate(customers):
-        problem = _customer_problem(index, customer) or _duplicate_customer(customers, index)
+        problem = _customer_problem(index, customer) or _duplicate_customer(customer, index, seen)
         if problem:
             return problem
     return None
@@ -2098,9 +2099,10 @@ class Gateway:
             log.warning("customer update: keeping the previous keys: %s", problem,
                         extra=fields("customers_kept", reason=problem))
             return False
-        usable = []
+        usable: List[dict] = []
+        seen: Dict[str, int] = {}
         for index, customer in enumerate(customers):
-            problem = _customer_problem(index, customer) or _duplicate_customer(customers, index)
+            problem = _customer_problem(index, customer) or _duplicate_customer(customer, index, seen)
             if problem:  # one bad entry must not cost every other customer its keys
                 log.warning("customer update: skipping %s", problem,
                             extra=fields("customer_skipped", reason=problem))
