@@ -2018,6 +2018,8 @@ class Gateway:
         self.stats: Dict[str, List[int]] = {}  # method -> [success, failure, rejected]
         self.stopping = False  # set while shutting down: connections are not kept alive
         self.metrics = Metrics()
+        # The thread of a sync customer update function, while it runs (see update_customers).
+        self.customer_update_thread: Optional[threading.Thread] = None
         self._dynamic_keys: Dict[str, CustomerKey] = {}
         self._load_static_keys()
         self._handlers: Dict[str, Callable[[Call, dict], Any]] = {
@@ -3197,7 +3199,15 @@ async def update_customers(gateway: Gateway) -> bool:
         if inspect.iscoroutinefunction(function):
             customers = await asyncio.wait_for(function(), timeout)
         else:
-            customers = await asyncio.wait_for(_in_daemon_thread(function), timeout)
+            # One thread per call at most: a function that hangs for good must not leave
+            # a new hung thread behind at every update_interval.
+            running = gateway.customer_update_thread
+            if running is not None and running.is_alive():
+                log.warning("customer update: keeping the previous keys: the last call has not "
+                            "returned yet", extra=fields("customers_kept", reason="still running"))
+                return False
+            future, gateway.customer_update_thread = _in_daemon_thread(function)
+            customers = await asyncio.wait_for(future, timeout)
             if inspect.isawaitable(customers):
                 customers = await asyncio.wait_for(customers, timeout)
     except asyncio.TimeoutError:
@@ -3212,9 +3222,10 @@ async def update_customers(gateway: Gateway) -> bool:
     return gateway.set_customers(customers)
 
 
-def _in_daemon_thread(function: Callable[[], Any]) -> "asyncio.Future[Any]":
+def _in_daemon_thread(function: Callable[[], Any]
+                      ) -> Tuple["asyncio.Future[Any]", threading.Thread]:
     """function() in a thread of its own: one that hangs cannot hold up a stop
-    (the loop's executor is joined when asyncio.run ends)."""
+    (the loop's executor is joined when asyncio.run ends). Its outcome, and the thread."""
     loop = asyncio.get_running_loop()
     future = loop.create_future()
 
@@ -3234,8 +3245,9 @@ def _in_daemon_thread(function: Callable[[], Any]) -> "asyncio.Future[Any]":
         with contextlib.suppress(RuntimeError):  # the loop may be closed by now
             loop.call_soon_threadsafe(settle, outcome, failed)
 
-    threading.Thread(target=run, name="customer-update", daemon=True).start()
-    return future
+    thread = threading.Thread(target=run, name="customer-update", daemon=True)
+    thread.start()
+    return future, thread
 
 
 async def _customer_timer(gateway: Gateway) -> None:

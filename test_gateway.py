@@ -1459,6 +1459,27 @@ def test_a_failing_or_hanging_update_function_keeps_the_keys(caplog):
     assert "AatVMEY/ThH2" in gw.authorizer.customer_keys
 
 
+def test_a_hanging_sync_update_function_is_not_called_again_until_it_returns(caplog):
+    release, calls = threading.Event(), []
+
+    def hanging():
+        calls.append(1)
+        release.wait(10)
+        return [TINY_CUSTOMER]
+
+    gw = make_gateway(customers=[], customer_api={"update_function": hanging},
+                      customer_update_timeout=0.05)
+    try:
+        with caplog.at_level(logging.WARNING, logger="odin_gateway"):
+            assert asyncio.run(og.update_customers(gw)) is False
+            assert asyncio.run(og.update_customers(gw)) is False
+        assert len(calls) == 1 and "the last call has not returned yet" in caplog.text
+    finally:
+        release.set()
+    gw.customer_update_thread.join(10)
+    assert asyncio.run(og.update_customers(gw)) is True and len(calls) == 2
+
+
 def test_an_update_function_that_exits_is_reported_not_waited_for(caplog):
     def exiting():
         sys.exit("no database configured")
