@@ -3867,6 +3867,9 @@ def _token_problem(args: Any) -> Optional[str]:
     if args.lifetime <= 0:
         return "--lifetime %d: expected a positive number of seconds (the token would expire " \
                "before it is made)" % args.lifetime
+    if not _is_safe_integer(int(time.time()) + args.lifetime):
+        return "--lifetime %d: the gateway would answer 'invalid exp in token' (exp must be at " \
+               "most %d)" % (args.lifetime, MAX_SAFE_INTEGER)
     if args.audience is not None and args.audience != "gateway":
         return ("--audience %s: the gateway would answer 'token audience does not match' (it "
                 "accepts only \"gateway\", or no --audience)" % shlex.quote(args.audience))

@@ -2154,6 +2154,7 @@ def test_help_shows_each_default_once_and_none_for_required_flags():
     (["--room", "a{1}x", "--room", "b{2}y"], ["--room 'a{1}x' --room 'b{2}y'",
                                                "all values in rid must have the same base"]),
     (["--room", "a", "--lifetime", "-5"], ["--lifetime -5", "positive"]),
+    (["--room", "a", "--lifetime", str(2 ** 53)], ["--lifetime %d" % 2 ** 53, "invalid exp in token"]),
     (["--room", "a", "--subject", "bogus"], ["--subject bogus", "access denied by token restrictions"]),
     (["--room", "a", "--subject", "roomclos"], ["did you mean roomclose?"]),
     (["--room", "a", "--audience", "gatway"], ["--audience gatway", "token audience does not match"]),
