@@ -96,6 +96,10 @@ import urllib.parse
 import urllib.request
 from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple, Union
 
+if sys.version_info < (3, 9):  # else a TypeError from deep inside, on Ubuntu 20.04's 3.8
+    raise SystemExit("odin_gateway needs Python 3.9 or newer; this is Python %d.%d"
+                     % sys.version_info[:2])
+
 try:  # the only third-party dependency; a clear message in main() if missing
     import nacl.bindings
     import nacl.exceptions

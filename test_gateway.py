@@ -2194,6 +2194,14 @@ def test_a_key_given_to_master_key_file_is_not_echoed(tmp_path, monkeypatch):
     assert "looks like a key itself" in str(caught.value) and "path of a file" in str(caught.value)
 
 
+def test_an_old_python_is_told_which_python_is_needed():
+    fake_old = "import runpy, sys; sys.version_info = (3, 8, 18, 'final', 0); runpy.run_path(%r)" % (
+        str(HERE / "odin_gateway.py"))
+    ran = subprocess.run([sys.executable, "-c", fake_old], capture_output=True, text=True, timeout=30)
+    assert ran.returncode == 1 and "Traceback" not in ran.stderr
+    assert ran.stderr.strip() == "odin_gateway needs Python 3.9 or newer; this is Python 3.8"
+
+
 def test_keygen_refuses_a_customer_for_a_master_key(capsys):
     assert og.main(["keygen", "--master", "--customer", "acme"]) == 2
     assert "--customer" in capsys.readouterr().err
