@@ -2829,7 +2829,9 @@ class Connection(asyncio.Protocol):
             transport.abort()
             return
         if deadline in ("head", "body"):
-            self.server.answered(self.remote, None, 408, self.started)
+            request = self.framing.request  # type: ignore[union-attr]  # its head, if read
+            self.server.answered(self.remote, request and request.target, 408, self.started,
+                                 request.method if request else "-")
             self._finish(self.framing.error(HttpError(  # type: ignore[union-attr]
                 408, "request not received in time")))
         elif deadline in ("first byte", "idle"):
@@ -3196,7 +3198,8 @@ class GatewayServer:
     def _on_stop_signal(self) -> None:
         if self.stop_asked.is_set():  # type: ignore[union-attr]
             log.warning("second signal: exiting at once", extra=fields("forced_exit"))
-            logging.shutdown()  # flush every handler: os._exit skips that
+            for handler in log.handlers + logging.getLogger().handlers:
+                handler.flush()  # os._exit skips the flush at exit
             self.force_exit(1)
             return
         self.stopping = True  # from now on, answers close their connections
