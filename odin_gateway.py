@@ -64,6 +64,7 @@ __all__ = [
 import argparse
 import asyncio
 import base64
+import binascii
 import contextlib
 import copy
 import datetime
@@ -225,31 +226,38 @@ _B64URL_RE = re.compile(r"[A-Za-z0-9_-]*={0,2}")
 _B64_RE = re.compile(r"[A-Za-z0-9+/]*={0,2}")
 
 
+# binascii directly: base64's wrappers cost more than the conversion (per Connect, three).
+_TO_URL_ALPHABET = bytes.maketrans(b"+/", b"-_")
+_FROM_URL_ALPHABET = bytes.maketrans(b"-_", b"+/")
+
+
 def b64url_encode(data: bytes) -> str:
     """URL-safe base64 without padding, as JWTs and JWKs use."""
-    return base64.urlsafe_b64encode(data).rstrip(b"=").decode("ascii")
+    return binascii.b2a_base64(data, newline=False).translate(_TO_URL_ALPHABET).rstrip(
+        b"=").decode("ascii")
 
 
-def _strict_b64(text: str, alphabet: "re.Pattern[str]", decode: Callable[[str], bytes],
+def _strict_b64(text: str, alphabet: "re.Pattern[str]", table: Optional[bytes],
                 what: str) -> bytes:
-    # The standard library silently skips characters outside the alphabet, so
-    # the alphabet and the length are checked first.
+    # binascii silently skips characters outside the alphabet, so the
+    # alphabet and the length are checked first.
     if not alphabet.fullmatch(text):
         raise ValueError("not " + what)
     stripped = text.rstrip("=")
     if len(stripped) % 4 == 1:
         raise ValueError("not %s: impossible length" % what)
-    return decode(stripped + "=" * (-len(stripped) % 4))
+    data = (stripped + "=" * (-len(stripped) % 4)).encode("ascii")
+    return binascii.a2b_base64(data.translate(table) if table else data)
 
 
 def b64url_decode(text: str) -> bytes:
     """Strict URL-safe base64, padding optional; ValueError on anything else."""
-    return _strict_b64(text, _B64URL_RE, base64.urlsafe_b64decode, "base64url")
+    return _strict_b64(text, _B64URL_RE, _FROM_URL_ALPHABET, "base64url")
 
 
 def b64_decode(text: str) -> bytes:
     """Strict standard base64, padding optional; ValueError on anything else."""
-    return _strict_b64(text, _B64_RE, base64.b64decode, "base64")
+    return _strict_b64(text, _B64_RE, None, "base64")
 
 
 def b64_encode(data: bytes) -> str:
@@ -270,6 +278,12 @@ def _refuse_constant(name: str) -> Any:
 # Immutable, so shareable; json.loads/dumps with options would build one per call.
 _JSON_DECODER = json.JSONDecoder(parse_constant=_refuse_constant)
 _JSON_ENCODER = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"), allow_nan=False)
+# The C scanner and encoder behind them, called directly: JSONEncoder.encode
+# builds a new C encoder on every call. (None where the C accelerator is missing.)
+_JSON_SCAN = _JSON_DECODER.scan_once
+_C_ENCODE = json.encoder.c_make_encoder and json.encoder.c_make_encoder(  # type: ignore[attr-defined]
+    None, _JSON_ENCODER.default, json.encoder.encode_basestring,  # type: ignore[attr-defined]
+    None, ":", ",", False, False, False)
 
 
 def _utf8(text: str) -> bytes:
@@ -365,7 +379,7 @@ def js_json(value: Any) -> str:
 
 def _compact_json(value: Any) -> str:
     """Compact JSON by the (C-accelerated) standard library, lone surrogates escaped."""
-    text = _JSON_ENCODER.encode(value)
+    text = "".join(_C_ENCODE(value, 0)) if _C_ENCODE else _JSON_ENCODER.encode(value)
     return _SURROGATE_RE.sub(_escape_surrogate, text) if _SURROGATE_RE.search(text) else text
 
 
@@ -376,8 +390,18 @@ def dump_json(value: Any) -> bytes:
 
 def load_json(data: bytes) -> Any:
     """Strict JSON from UTF-8 bytes; ValueError for anything JSON.parse refuses."""
+    return _parse_json(data.decode("utf-8"))
+
+
+def _parse_json(text: str) -> Any:
     try:
-        return _JSON_DECODER.decode(data.decode("utf-8"))
+        try:  # the scanner alone, for text without surrounding whitespace
+            value, end = _JSON_SCAN(text, 0)
+            if end == len(text):
+                return value
+        except StopIteration:
+            pass
+        return _JSON_DECODER.decode(text)  # whitespace, or the error's message
     except RecursionError as err:
         raise ValueError("JSON nested too deeply") from err
 
@@ -627,8 +651,8 @@ def _token_json(segment: str) -> dict:
         data = b64url_decode(segment)
         # Invalid UTF-8 becomes U+FFFD as in the original; the signature
         # covers the raw bytes, so this changes no verdict.
-        value = _JSON_DECODER.decode(data.decode("utf-8", "replace"))
-    except (ValueError, RecursionError) as err:
+        value = _parse_json(data.decode("utf-8", "replace"))
+    except ValueError as err:
         raise TokenError("invalid json in token") from err
     if not isinstance(value, dict):
         raise TokenError("json, in token, must be a object")
@@ -2324,8 +2348,12 @@ _TOKEN_RE = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
 #: byte that cannot belong to a method (a TLS ClientHello begins with 0x16)
 #: is answered 400 at once instead of waiting for a line that never comes.
 _METHOD_PREFIX_RE = re.compile(rb"[!#$%&'*+.^_`|~0-9A-Za-z-]*")
-#: A well-formed header line; anything else takes the slow path for its message.
+#: A well-formed header line, and a block of them (each line with its CRLF):
+#: two regular expressions per request instead of a function call per line;
+#: a block that does not match takes the slow path, for its message.
 _HEADER_LINE_RE = re.compile(r"([!#$%&'*+.^_`|~0-9A-Za-z-]+):[ \t]*([^\r\n\x00]*?)[ \t]*")
+_HEADER_FIELD_RE = re.compile(r"([!#$%&'*+.^_`|~0-9A-Za-z-]+):[ \t]*([^\r\n\x00]*?)[ \t]*\r\n")
+_HEADER_BLOCK_RE = re.compile(r"(?:[!#$%&'*+.^_`|~0-9A-Za-z-]+:[^\r\n\x00]*\r\n)*")
 _VERSION_RE = re.compile(r"HTTP/(\d)\.(\d)")
 _CONTENT_LENGTH_RE = re.compile(r"[0-9]{1,15}")
 _CHUNK_SIZE_RE = re.compile(rb"[0-9A-Fa-f]{1,8}")
@@ -2398,7 +2426,10 @@ def parse_header_line(line: str, headers: Dict[str, str]) -> None:
             # Also refuses obsolete line folding and whitespace before the colon.
             raise HttpError(400, "malformed header line")
         raise HttpError(400, "malformed header value")
-    name, value = match.group(1).lower(), match.group(2)
+    _add_header(headers, match.group(1).lower(), match.group(2))
+
+
+def _add_header(headers: Dict[str, str], name: str, value: str) -> None:
     if name in headers:
         if name == "content-length":
             if headers[name] != value:
@@ -2408,6 +2439,29 @@ def parse_header_line(line: str, headers: Dict[str, str]) -> None:
             raise HttpError(400, "duplicate %s header" % name)
         value = headers[name] + ", " + value
     headers[name] = value
+
+
+def parse_headers(block: str, max_headers: int) -> Dict[str, str]:
+    """The header fields of a head (latin-1 text after the request line, each
+    line ending in CRLF), keyed by lower-case name; HttpError if malformed."""
+    headers: Dict[str, str] = {}
+    if _HEADER_BLOCK_RE.fullmatch(block):
+        fields = _HEADER_FIELD_RE.findall(block)
+        if len(fields) > max_headers:
+            raise HttpError(431, "too many header fields (limit %d)" % max_headers)
+        for name, value in fields:
+            name = name.lower()
+            if name in headers:
+                _add_header(headers, name, value)
+            else:
+                headers[name] = value
+        return headers
+    lines = block[:-2].split("\r\n")
+    if len(lines) > max_headers:
+        raise HttpError(431, "too many header fields (limit %d)" % max_headers)
+    for line in lines:
+        parse_header_line(line, headers)
+    return headers
 
 
 def body_length(headers: Dict[str, str]) -> Optional[int]:
@@ -2579,11 +2633,12 @@ class HttpFraming:
                             target)
         headers: Dict[str, str] = {}
         if line_end < end:
-            lines = buffer[line_end + 2:end].decode("latin-1").split("\r\n")
-            if len(lines) > limits.max_headers:
-                raise HttpError(431, "too many header fields (limit %d)" % limits.max_headers, target)
-            for header in lines:
-                parse_header_line(header, headers)
+            try:
+                headers = parse_headers(buffer[line_end + 2:end + 2].decode("latin-1"),
+                                        limits.max_headers)
+            except HttpError as err:
+                err.target = target
+                raise
         del buffer[:end + 4]
         self.scanned = 0
         self.phase = "body"
