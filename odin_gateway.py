@@ -2348,12 +2348,13 @@ _TOKEN_RE = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
 #: byte that cannot belong to a method (a TLS ClientHello begins with 0x16)
 #: is answered 400 at once instead of waiting for a line that never comes.
 _METHOD_PREFIX_RE = re.compile(rb"[!#$%&'*+.^_`|~0-9A-Za-z-]*")
-#: A well-formed header line, and a block of them (each line with its CRLF):
-#: two regular expressions per request instead of a function call per line;
-#: a block that does not match takes the slow path, for its message.
+#: A well-formed header line; and the same at every line start of a block of
+#: them (one call per request instead of one per line): when it matches as
+#: many lines as the block has, each line is well-formed; when not, the block
+#: takes the slow path, for its message. (Greedy: a lazy value is 5x slower.)
 _HEADER_LINE_RE = re.compile(r"([!#$%&'*+.^_`|~0-9A-Za-z-]+):[ \t]*([^\r\n\x00]*?)[ \t]*")
-_HEADER_FIELD_RE = re.compile(r"([!#$%&'*+.^_`|~0-9A-Za-z-]+):[ \t]*([^\r\n\x00]*?)[ \t]*\r\n")
-_HEADER_BLOCK_RE = re.compile(r"(?:[!#$%&'*+.^_`|~0-9A-Za-z-]+:[^\r\n\x00]*\r\n)*")
+_HEADER_FIELD_RE = re.compile(r"^([!#$%&'*+.^_`|~0-9A-Za-z-]+):[ \t]*([^\r\n\x00]*)\r\n",
+                              re.MULTILINE)
 _VERSION_RE = re.compile(r"HTTP/(\d)\.(\d)")
 _CONTENT_LENGTH_RE = re.compile(r"[0-9]{1,15}")
 _CHUNK_SIZE_RE = re.compile(rb"[0-9A-Fa-f]{1,8}")
@@ -2445,12 +2446,12 @@ def parse_headers(block: str, max_headers: int) -> Dict[str, str]:
     """The header fields of a head (latin-1 text after the request line, each
     line ending in CRLF), keyed by lower-case name; HttpError if malformed."""
     headers: Dict[str, str] = {}
-    if _HEADER_BLOCK_RE.fullmatch(block):
-        fields = _HEADER_FIELD_RE.findall(block)
+    fields = _HEADER_FIELD_RE.findall(block)
+    if len(fields) == block.count("\n"):
         if len(fields) > max_headers:
             raise HttpError(431, "too many header fields (limit %d)" % max_headers)
         for name, value in fields:
-            name = name.lower()
+            name, value = name.lower(), value.rstrip(" \t")
             if name in headers:
                 _add_header(headers, name, value)
             else:
@@ -3037,12 +3038,25 @@ class Connection(asyncio.Protocol):
             self.send(data)
 
     def send(self, data: bytes) -> None:
-        """Write an answer: small ones with this iteration's flush, large ones in pieces."""
-        if len(data) <= self.server.gateway.config.max_write_buffer:
+        """Write an answer: small ones with this iteration's flush, large ones in pieces.
+
+        Under load, the answers of one loop iteration are written together
+        at its end (GatewayServer.flush), which saves a fifth of a Connect's
+        CPU; when the last iteration answered one request at most, the first
+        answer of an iteration goes out at once, which saves its latency.
+        """
+        server = self.server
+        if len(data) <= server.gateway.config.max_write_buffer:
+            if not server.flush_scheduled:
+                server.flush_scheduled = True
+                server.loop.call_soon(server.flush)
+                if server.last_batch <= 1 and not self.out:
+                    server.batch = 1
+                    self.transport.write(data)
+                    return
+            server.batch += 1
             if not self.out:
-                self.server.to_flush.append(self)
-                if len(self.server.to_flush) == 1:
-                    self.server.loop.call_soon(self.server.flush)
+                server.to_flush.append(self)
             self.out.append(data)
             return
         self.flush()
@@ -3138,7 +3152,9 @@ class GatewayServer:
         self.all_closed: Optional[asyncio.Event] = None
         self.stop_asked: Optional[asyncio.Event] = None
         self.unsent = 0  # bytes of large answers not yet handed to their transports
-        self.to_flush: List[Connection] = []
+        self.to_flush: List[Connection] = []  # connections with answers for flush()
+        self.flush_scheduled = False
+        self.batch = self.last_batch = 0  # answers of this and of the last loop iteration
         self.date = HttpDate()
         self.request_lines: Dict[bytes, Tuple[str, str, Tuple[int, int]]] = {}
         self.file_budget = gateway.config.max_connections
@@ -3321,6 +3337,8 @@ class GatewayServer:
     def flush(self) -> None:
         """Write the keep-alive answers of this loop iteration, one send per connection."""
         connections, self.to_flush = self.to_flush, []
+        self.flush_scheduled = False
+        self.last_batch, self.batch = self.batch, 0
         for connection in connections:
             connection.flush()
 
