@@ -65,6 +65,7 @@ import argparse
 import asyncio
 import base64
 import binascii
+import bisect
 import contextlib
 import copy
 import datetime
@@ -380,7 +381,9 @@ def js_json(value: Any) -> str:
 def _compact_json(value: Any) -> str:
     """Compact JSON by the (C-accelerated) standard library, lone surrogates escaped."""
     text = "".join(_C_ENCODE(value, 0)) if _C_ENCODE else _JSON_ENCODER.encode(value)
-    return _SURROGATE_RE.sub(_escape_surrogate, text) if _SURROGATE_RE.search(text) else text
+    if text.isascii() or not _SURROGATE_RE.search(text):
+        return text
+    return _SURROGATE_RE.sub(_escape_surrogate, text)
 
 
 def dump_json(value: Any) -> bytes:
@@ -672,6 +675,10 @@ def _is_string_or_strings(value: Any) -> bool:
         isinstance(value, list) and all(isinstance(item, str) for item in value))
 
 
+#: Most distinct token header segments an Authorizer keeps decoded.
+TOKEN_HEADER_CACHE = 256
+
+
 class Authorizer:
     """Checks Authorization headers against a key set; no I/O, time is passed in.
 
@@ -687,6 +694,9 @@ class Authorizer:
         self.customer_keys = customer_keys
         self.server_keys = server_keys
         self.unknown_limits = unknown_limits
+        # Decoded header segments: a customer's tokens share theirs. (The
+        # signature is checked on every token all the same.)
+        self._headers: Dict[str, dict] = {}
 
     def authorize(self, header: Optional[str], now: float, *,
                   required_claims: Tuple[str, ...] = (),
@@ -708,7 +718,12 @@ class Authorizer:
         segments = token.split(".")
         if len(segments) != 3:
             raise TokenError("token must have three segments")
-        header = _token_json(segments[0])
+        header = self._headers.get(segments[0])
+        if header is None:
+            header = _token_json(segments[0])
+            if len(self._headers) >= TOKEN_HEADER_CACHE:
+                self._headers.clear()
+            self._headers[segments[0]] = header
         kid = header.get("kid")
         if isinstance(kid, (int, float)) and not isinstance(kid, bool) and math.isfinite(kid):
             kid = js_number(kid)
@@ -2235,10 +2250,9 @@ class Metrics:
         self.responses[key] = self.responses.get(key, 0) + 1
 
     def observe_connect(self, seconds: float) -> None:
-        for index, bound in enumerate(CONNECT_BUCKETS):
-            if seconds <= bound:
-                self.connect_buckets[index] += 1
-                break
+        index = bisect.bisect_left(CONNECT_BUCKETS, seconds)
+        if index < len(CONNECT_BUCKETS):
+            self.connect_buckets[index] += 1
         self.connect_sum += seconds
         self.connect_count += 1
 
