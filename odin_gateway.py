@@ -48,6 +48,8 @@ __all__ = [
     "FakeServer",
     "Gateway",
     "GatewayError",
+    "GatewayServer",
+    "HttpFraming",
     "Licensee",
     "RpcClient",
     "RpcError",
@@ -759,7 +761,9 @@ def split_authorization(header: Optional[str]) -> Tuple[str, str]:
     scheme, credentials = parts[0], parts[1] if len(parts) > 1 else ""
     if not scheme or not credentials:
         raise TokenError("missing authorization")
-    if len(parts) > 2 or _WHITESPACE_RE.search(credentials):
+    # Printable text without a space has no whitespace: the scan is skipped.
+    if len(parts) > 2 or not (credentials.isprintable() and " " not in credentials) and \
+            _WHITESPACE_RE.search(credentials):
         raise TokenError("invalid authorization")
     return scheme, credentials
 
@@ -2295,8 +2299,16 @@ class Gateway:
 
 def _subject_filter(subjects: Any, methods: Tuple[str, ...]) -> Tuple[str, ...]:
     """The methods a token with sub may call: those it names, case-insensitively."""
-    named = {subjects.lower()} if isinstance(subjects, str) else {s.lower() for s in subjects}
+    if isinstance(subjects, str):  # the common case, one method: no sets
+        method = _METHOD_NAMES.get(subjects.lower())
+        return (method,) if method in methods else ()
+    named = {s.lower() for s in subjects}
     return tuple(method for method in methods if method.lower() in named)
+
+
+#: Method names by their lower-case spelling (read-only).
+_METHOD_NAMES = types.MappingProxyType(
+    {method.lower(): method for method in Gateway.PUBLIC_METHODS + Gateway.INTERNAL_METHODS})
 
 
 def _toml_kind(value: Any) -> str:
