@@ -2650,15 +2650,20 @@ class HttpFraming:
     limits is a Config; it may be replaced between requests (a reload).
     """
 
-    __slots__ = ("limits", "date", "lines", "buffer", "eof", "phase", "scanned", "request",
-                 "length", "continue_sent", "chunk_pos", "chunk_left", "chunks", "in_trailer")
+    __slots__ = ("limits", "date", "lines", "buffer", "start", "eof", "phase", "scanned",
+                 "request", "length", "continue_sent", "chunk_pos", "chunk_left", "chunks",
+                 "in_trailer")
 
     def __init__(self, limits: Config, *, date: Optional[Callable[[], bytes]] = None,
                  request_lines: Optional[Dict[bytes, Tuple[str, str, Tuple[int, int]]]] = None):
         self.limits = limits
         self.date = date or HttpDate()
         self.lines = request_lines if request_lines is not None else {}
-        self.buffer = bytearray()
+        # Bytes received and not yet consumed: buffer[start:]. A request that
+        # arrives whole is parsed from the bytes as received (no copy); a
+        # request in pieces is gathered in a bytearray.
+        self.buffer: Any = b""
+        self.start = 0
         self.eof = False
         self.phase = "first byte"
         self.scanned = 0  # how far the buffer is known to hold no end of head
@@ -2671,7 +2676,20 @@ class HttpFraming:
         self.in_trailer = False
 
     def feed(self, data: bytes) -> None:
+        if self.start >= len(self.buffer):
+            self.buffer, self.start = data, 0
+            self.scanned = 0
+            return
+        if self.start or type(self.buffer) is bytes:
+            self.buffer = bytearray(self.buffer[self.start:])
+            self.scanned = max(0, self.scanned - self.start)
+            self.start = 0
         self.buffer += data
+
+    @property
+    def pending(self) -> int:
+        """Bytes received and not yet consumed."""
+        return len(self.buffer) - self.start
 
     def feed_eof(self) -> None:
         self.eof = True
@@ -2688,9 +2706,10 @@ class HttpFraming:
             request = self.request
             if self.length is None:
                 body = self._chunked_body()
-            elif len(self.buffer) >= self.length:
-                body = bytes(self.buffer[:self.length])
-                del self.buffer[:self.length]
+            elif len(self.buffer) - self.start >= self.length:
+                end = self.start + self.length
+                body = bytes(self.buffer[self.start:end])
+                self.start = end
             else:
                 body = None
             if body is None:
@@ -2713,11 +2732,11 @@ class HttpFraming:
 
     def _head(self) -> Any:
         """Parse a request head if the buffer holds one (None: it did; the body follows)."""
-        buffer = self.buffer
+        buffer, start = self.buffer, self.start
         limits = self.limits
-        end = buffer.find(b"\r\n\r\n", self.scanned)
+        end = buffer.find(b"\r\n\r\n", max(start, self.scanned))
         if end < 0:
-            if not buffer:
+            if start >= len(buffer):
                 if self.eof:
                     self.phase = "closed"
                     return CLOSED
@@ -2726,10 +2745,10 @@ class HttpFraming:
             self._refuse_early(limits)
             if self.eof:
                 raise HttpError(400, "connection closed inside the request")
-            self.scanned = max(0, len(buffer) - 3)
+            self.scanned = max(start, len(buffer) - 3)
             return NEED_DATA
-        line_end = buffer.find(b"\r\n", 0, end + 2)
-        line = bytes(buffer[:line_end])
+        line_end = buffer.find(b"\r\n", start, end + 2)
+        line = bytes(buffer[start:line_end])
         if len(line) > limits.max_request_line:
             raise HttpError(414, "request line too long (limit %d bytes)" % limits.max_request_line)
         parsed = self.lines.get(line)
@@ -2739,7 +2758,7 @@ class HttpFraming:
                 self.lines.clear()
             self.lines[line] = parsed
         method, target, version = parsed
-        if end > limits.max_head_bytes:
+        if end - start > limits.max_head_bytes:
             raise HttpError(431, "header block too large (limit %d bytes)" % limits.max_head_bytes,
                             target)
         headers: Dict[str, str] = {}
@@ -2750,8 +2769,7 @@ class HttpFraming:
             except HttpError as err:
                 err.target = target
                 raise
-        del buffer[:end + 4]
-        self.scanned = 0
+        self.start = self.scanned = end + 4
         self.phase = "body"
         self.request = Request(method, target, version, headers)
         self.continue_sent = False
@@ -2773,19 +2791,21 @@ class HttpFraming:
 
     def _refuse_early(self, limits: Config) -> None:
         """HttpError at once for a head that can no longer become a valid one."""
-        buffer = self.buffer
-        method_end = _METHOD_PREFIX_RE.match(buffer).end()  # type: ignore[union-attr]
-        if method_end < len(buffer) and (method_end == 0 or buffer[method_end] != 0x20):
+        buffer, start = self.buffer, self.start
+        method_end = _METHOD_PREFIX_RE.match(buffer, start).end()  # type: ignore[union-attr]
+        if method_end < len(buffer) and (method_end == start or buffer[method_end] != 0x20):
             raise HttpError(400, "malformed request line")
-        line_end = buffer.find(b"\r\n")
-        if line_end > limits.max_request_line or (
-                line_end < 0 and len(buffer) > limits.max_request_line + 1):
+        line_end = buffer.find(b"\r\n", start)
+        if line_end - start > limits.max_request_line or (
+                line_end < 0 and len(buffer) - start > limits.max_request_line + 1):
             raise HttpError(414, "request line too long (limit %d bytes)" % limits.max_request_line)
-        if len(buffer) > limits.max_head_bytes + 3:
+        if len(buffer) - start > limits.max_head_bytes + 3:
             raise HttpError(431, "header block too large (limit %d bytes)" % limits.max_head_bytes)
 
     def _chunked_body(self) -> Optional[bytes]:
         """The chunked body (RFC 9112 section 7.1) once complete, else None."""
+        if self.start or type(self.buffer) is bytes:  # gathered from here on
+            self.buffer, self.start = bytearray(self.buffer[self.start:]), 0
         buffer, limits = self.buffer, self.limits
         limit = self.body_limit(self.request.target)  # type: ignore[union-attr]
         while True:
@@ -2807,6 +2827,7 @@ class HttpFraming:
                 if self.in_trailer:
                     if not line:
                         del buffer[:self.chunk_pos]
+                        self.scanned = 0
                         body, self.chunks = bytes(self.chunks), bytearray()
                         return body
                     continue
@@ -3408,7 +3429,7 @@ class GatewayServer:
         config = self.gateway.config
         for connection in list(self.connections):
             framing = connection.framing
-            if (framing is not None and framing.phase in ("idle", "first byte") and not framing.buffer
+            if (framing is not None and framing.phase in ("idle", "first byte") and not framing.pending
                     and not connection.out and connection.pending is None):
                 connection.transport.abort()  # nothing in flight; abort skips TLS's goodbye
             else:
