@@ -3270,10 +3270,11 @@ class GatewayServer:
     """
 
     def __init__(self, gateway: Gateway, host: str = "127.0.0.1", port: int = 0,
-                 ssl: Optional[ssl_module.SSLContext] = None):
+                 ssl: Optional[ssl_module.SSLContext] = None, *, reuse_port: bool = False):
         self.gateway = gateway
         self.ssl = ssl
         self.host, self.port = host, port
+        self.reuse_port = reuse_port  # several processes serving one port (SO_REUSEPORT)
         self.url = ""
         self.stopping = False
         self.loop: Any = None
@@ -3310,7 +3311,7 @@ class GatewayServer:
             log.warning("backlog %d is above the kernel's net.core.somaxconn (%d), which caps it; "
                         "raise it with: sysctl -w net.core.somaxconn=%d", config.backlog, somaxconn,
                         config.backlog)
-        sockets = create_listeners(self.host, self.port, config.backlog)
+        sockets = create_listeners(self.host, self.port, config.backlog, reuse_port=self.reuse_port)
         try:
             for sock in sockets:
                 self.listeners.append(await loop.create_server(
@@ -3477,7 +3478,7 @@ class GatewayServer:
         """Answer 503 to a connection over max_connections, and count it for the summary."""
         self.refused_count += 1
         self._schedule_summary()
-        self.answered("-", None, 503, connection.started)
+        self.answered(connection.remote, None, 503, connection.started)
         if len(self.refusing) >= MAX_LINGERING_REFUSALS:
             connection.transport.abort()
             return
@@ -3494,8 +3495,8 @@ class GatewayServer:
         log.debug("%s: HTTP %d: %s", remote, err.status, err.message)
         self.answered(remote, err.target, err.status, started)
         if err.status == 413 and err.target is not None and err.target.split("?", 1)[0] == "/internal":
-            servers = [hostname for hostname in self.gateway.grid.servers
-                       if remote_hostname(remote).split(":")[0] == hostname.rsplit(":", 1)[0]]
+            servers = [hostname for hostname in self.gateway.grid.servers  # at that address
+                       if hostname.rsplit(":", 1)[0].strip("[]") == remote]
             log.warning("refused a request to /internal from %s%s: %s (max_internal_body_bytes); "
                         "a server's report over the limit is lost and its rooms move",
                         remote, " (server %s)" % ", ".join(servers) if servers else "",
