@@ -2610,9 +2610,14 @@ def render_response(response: Response, *, keep_alive: bool, head_only: bool = F
                     date: bytes = b"") -> bytes:
     """The bytes of an HTTP/1.1 response with the CORS headers every answer carries."""
     status = response.status
+    body = response.body
+    if body and keep_alive and not head_only and not response.headers and status in _STATUS_LINES:
+        # The usual answer, in one formatting step.
+        return b"%s%sDate: %s\r\nContent-Type: %s\r\nContent-Length: %d\r\n\r\n%s" % (
+            _STATUS_LINES[status], _COMMON_HEADERS, date or HttpDate()(),
+            response.content_type.encode("ascii"), len(body), body)
     head = [_STATUS_LINES.get(status) or b"HTTP/1.1 %d \r\n" % status, _COMMON_HEADERS,
             b"Date: ", date or HttpDate()(), b"\r\n"]
-    body = response.body
     if body:
         head.append(b"Content-Type: %s\r\n" % response.content_type.encode("ascii"))
     for name, value in response.headers:
@@ -2698,6 +2703,8 @@ class HttpFraming:
         """A Request, an HttpError, NEED_DATA, CONTINUE or CLOSED (see the class)."""
         if self.phase == "closed":
             return CLOSED
+        if self.start >= len(self.buffer) and self.request is None and not self.eof:
+            return NEED_DATA  # between requests, nothing received
         try:
             if self.request is None:
                 event = self._head()
