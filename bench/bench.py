@@ -65,13 +65,18 @@ def crypto_ceiling(seconds):
     room_claims = og.b64url_encode(json.dumps({"uid": "alice", "cid": "bench", "rid": "lobby",
                                                "nsp": "bench", "adr": "sfu:4433"}).encode())
     signing_input = (server_key.jwt_header + "." + room_claims).encode()
-    count, started = 0, time.perf_counter()
-    while time.perf_counter() - started < seconds:
-        for _ in range(100):
-            verify_key.verify(message, sig)
-            server_key.sign(signing_input)
-        count += 100
-    return count / (time.perf_counter() - started)
+    # The best of short windows: the machine may be shared, and the ceiling
+    # is what the core does when nothing else runs on it.
+    best, until = 0.0, time.perf_counter() + seconds
+    while time.perf_counter() < until:
+        count, started = 0, time.perf_counter()
+        while time.perf_counter() - started < 0.2:
+            for _ in range(20):
+                verify_key.verify(message, sig)
+                server_key.sign(signing_input)
+            count += 20
+        best = max(best, count / (time.perf_counter() - started))
+    return best
 
 
 # -- load generation --------------------------------------------------------
