@@ -446,6 +446,10 @@ def main():
             row("Connect, 64 + 500 idle + 10 slow", results["hostile"])
             hostile.set()
             clients.join()
+            # Clean again: the hostile figure is compared with the clean ones
+            # around it, so that other load on a shared machine cancels out.
+            results["after"] = measured(process.pid, lambda: generate(64, seconds))
+            row("gateway Connect, 64 (again)", results["after"])
         finally:
             stop.set()
             process.terminate()
@@ -457,10 +461,14 @@ def main():
     ratio = results[64][0] / ceiling
     print("  Connect/s at 64 / verify+sign ceiling: %.2f (target >= 0.55; the verify+sign floor "
           "reaches %.2f) %s" % (ratio, crypto64[0] / ceiling, "met" if ratio >= 0.55 else "NOT MET"))
+    cpu = results[64][5]
+    if cpu:  # steadier than rates on a shared machine: CPU time is not shared
+        print("  the same from CPU time: one verify+sign / CPU per Connect at 64: %.2f (the "
+              "verify+sign floor's: %.2f)" % (1 / ceiling / cpu, 1 / ceiling / crypto64[5]))
     above = results[1][1] - bare1[1]
     print("  p50 at 1 connection above the bare server's: %.3f ms (target <= 0.12) %s"
           % (above, "met" if above <= 0.12 else "NOT MET"))
-    hostile_ratio = results["hostile"][0] / results[64][0]
+    hostile_ratio = results["hostile"][0] / ((results[64][0] + results["after"][0]) / 2)
     print("  Connect/s with 500 idle + 10 slowloris connections / clean: %.2f (target >= 0.90) %s"
           % (hostile_ratio, "met" if hostile_ratio >= 0.9 else "NOT MET"))
     print("Load average after: %.2f %.2f %.2f" % os.getloadavg())
