@@ -86,6 +86,7 @@ import pprint
 import random
 import re
 import runpy
+import socket
 import ssl as ssl_module
 import sys
 import threading
@@ -2932,8 +2933,6 @@ def create_listeners(host: str, port: int, backlog: int, *, reuse_port: bool = F
     """Bound, listening TCP sockets for every address host resolves to (as
     asyncio.start_server binds). reuse_port sets SO_REUSEPORT, so that several
     processes can share one port."""
-    import socket
-
     infos = socket.getaddrinfo(host or None, port, socket.AF_UNSPEC, socket.SOCK_STREAM,
                                0, socket.AI_PASSIVE)
     sockets: List[socket.socket] = []
@@ -2943,6 +2942,8 @@ def create_listeners(host: str, port: int, backlog: int, *, reuse_port: bool = F
             if (family, address) in seen:
                 continue
             seen.add((family, address))
+            if port:  # port 0: the other addresses take the port the first one got
+                address = (address[0], port) + tuple(address[2:])
             sock = socket.socket(family, kind, proto)
             sockets.append(sock)
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -2953,9 +2954,7 @@ def create_listeners(host: str, port: int, backlog: int, *, reuse_port: bool = F
             sock.bind(address)
             sock.listen(backlog)
             sock.setblocking(False)
-            if port == 0:  # the other addresses take the port the first one got
-                port = sock.getsockname()[1]
-                infos = [(f, k, p, n, (a[0], port) + tuple(a[2:])) for f, k, p, n, a in infos]
+            port = sock.getsockname()[1]
     except OSError:
         for sock in sockets:
             sock.close()

@@ -1995,6 +1995,14 @@ def test_stopping_one_of_two_servers_leaves_the_other_serving():
     assert status_of(data) == 200 and b'"ready"' in data
 
 
+def test_every_address_of_a_host_listens_on_the_same_port():
+    sockets = og.create_listeners("", 0, 8)  # all IPv4 and all IPv6 addresses, where both exist
+    try:
+        assert len({sock.getsockname()[1] for sock in sockets}) == 1
+    finally:
+        for sock in sockets:
+            sock.close()
+
 needs_ss = pytest.mark.skipif(shutil.which("ss") is None, reason="needs ss (apt install iproute2)")
 
 
