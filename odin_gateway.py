@@ -65,7 +65,6 @@ __all__ = [
 
 import argparse
 import asyncio
-import base64
 import binascii
 import bisect
 import contextlib
@@ -215,7 +214,7 @@ def b64_decode(text: str) -> bytes:
 
 
 def b64_encode(data: bytes) -> str:
-    return base64.b64encode(data).decode("ascii")
+    return binascii.b2a_base64(data, newline=False).decode("ascii")
 
 
 _SURROGATE_RE = re.compile("[\ud800-\udfff]")
@@ -1294,7 +1293,7 @@ def room_hash(namespace: str, name: str) -> str:
     base = _utf8(room_base_name(name))
     if len(ns) > 255 or len(base) > 255:
         raise ValueError("room namespace and base name must be at most 255 bytes of UTF-8")
-    return b64_encode(hashlib.sha256(bytes([len(ns)]) + ns + bytes([len(base)]) + base).digest())
+    return b64_encode(hashlib.sha256(b"%c%s%c%s" % (len(ns), ns, len(base), base)).digest())
 
 
 # The original orders reported rooms by hash with JavaScript's localeCompare
