@@ -3138,12 +3138,14 @@ class Connection(asyncio.Protocol):
     Requests are answered as they complete; keep-alive answers go out once
     per loop iteration (GatewayServer.flush). Large answers are written in
     pieces as the client reads them, and while an answer waits for the client
-    no further request of this connection is read.
+    no further request of this connection is read. Gateway.handle_http may
+    answer with an awaitable instead of a Response: the connection then waits
+    for it (in order, without a deadline of its own) while others are served.
     """
 
     __slots__ = ("server", "transport", "framing", "remote", "started", "deadline", "until",
                  "scheduled", "timer", "out", "pending", "writing_paused", "reading_paused",
-                 "closing", "lingering", "discarded", "refused")
+                 "closing", "lingering", "discarded", "refused", "waiting")
 
     def __init__(self, server: "GatewayServer"):
         self.server = server
@@ -3163,6 +3165,7 @@ class Connection(asyncio.Protocol):
         self.lingering = False  # that answer is out; input is discarded until EOF
         self.discarded = 0
         self.refused = False
+        self.waiting = False  # for an answer handle_http gave as an awaitable
 
     # -- the one deadline ---------------------------------------------------
 
@@ -3181,7 +3184,7 @@ class Connection(asyncio.Protocol):
     def _check_deadline(self) -> None:
         self.timer = None
         transport = self.transport
-        if transport is None:
+        if transport is None or self.waiting:  # the gateway's own wait has no deadline here
             return
         if self.server.loop.time() < self.until:  # moved on meanwhile
             self.scheduled = self.until
@@ -3298,7 +3301,7 @@ class Connection(asyncio.Protocol):
         client to read what it was sent)."""
         framing = self.framing
         server = self.server
-        while not (self.closing or self.writing_paused or self.pending is not None):
+        while not (self.closing or self.writing_paused or self.pending is not None or self.waiting):
             event = framing.next_event()  # type: ignore[union-attr]
             if event.__class__ is Request:
                 self._respond(event)
@@ -3319,15 +3322,35 @@ class Connection(asyncio.Protocol):
 
     def _respond(self, request: Request) -> None:
         server = self.server
-        gateway = server.gateway
         try:
-            response = gateway.handle_http(request.method, request.target, request.headers,
-                                           request.body, self.remote, stopping=server.stopping)
+            response = server.gateway.handle_http(request.method, request.target, request.headers,
+                                                  request.body, self.remote, stopping=server.stopping)
         except Exception:  # a bug: answer, log once, keep the process serving
-            log.error("internal error serving %s %s:\n%s", printable(request.method),
-                      printable(request.target), traceback.format_exc())
-            response = Response(500, _error_body(INTERNAL_ERROR, "Internal error"))
-        config = gateway.config
+            response = _internal_error(request)
+        if response.__class__ is not Response:  # an awaitable: the answer comes later
+            self.waiting = True
+            self._pause_reading()
+            asyncio.ensure_future(response).add_done_callback(
+                functools.partial(self._respond_later, request))
+            return
+        self._answer(request, response)
+
+    def _respond_later(self, request: Request, future: "asyncio.Future[Response]") -> None:
+        """An answer that was awaited (other connections were served meanwhile)."""
+        self.waiting = False
+        if self.transport is None:
+            return
+        try:
+            response = future.result()
+        except Exception:  # a bug: answer, log once, keep the process serving
+            response = _internal_error(request)
+        self._answer(request, response)
+        if not (self.closing or self.writing_paused or self.pending is not None):
+            self._unblock()
+
+    def _answer(self, request: Request, response: Response) -> None:
+        server = self.server
+        config = server.gateway.config
         size = len(response.body)
         if size > config.max_write_buffer and server.unsent + size > config.max_unsent_bytes:
             log.warning("answering %s %s with 503: %d bytes of answers wait for their clients "
@@ -3428,13 +3451,19 @@ class Connection(asyncio.Protocol):
 
     def _unblock(self) -> None:
         """The client has read what it was sent: read and answer its next requests."""
-        if self.transport is None:
+        if self.transport is None or self.waiting:
             return
         if self.reading_paused:
             self.reading_paused = False
             self.transport.resume_reading()
         self.deadline = ""
         self.process()
+
+
+def _internal_error(request: Request) -> Response:
+    log.error("internal error serving %s %s:\n%s", printable(request.method),
+              printable(request.target), traceback.format_exc())
+    return Response(500, _error_body(INTERNAL_ERROR, "Internal error"))
 
 
 class GatewayServer:

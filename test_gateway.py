@@ -2036,6 +2036,34 @@ def test_an_internal_error_answers_500_and_the_server_keeps_serving(monkeypatch,
     assert "RuntimeError: bug" in caplog.text
 
 
+def test_an_answer_the_gateway_awaits_holds_up_no_other_connection():
+    # handle_http may answer with an awaitable (a Connect that waits for its
+    # room's report, say): the connection waits, the others are served.
+    async def scenario():
+        gw = make_gateway()
+        real, release = gw.handle_http, asyncio.Event()
+
+        async def later():
+            await release.wait()
+            return og.Response(200, b'{"late":true}')
+
+        gw.handle_http = lambda m, t, h, b, r="127.0.0.1", **o: later() if t == "/wait" else real(m, t, h, b, r, **o)
+        async with gw.serve() as server:
+            waiting_reader, waiting = await asyncio.open_connection("127.0.0.1", server.port)
+            waiting.write(b"GET /wait HTTP/1.1\r\n\r\nGET /health HTTP/1.1\r\nConnection: close\r\n\r\n")
+            reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
+            writer.write(b"GET /health HTTP/1.1\r\nConnection: close\r\n\r\n")
+            other = await reader.read()
+            release.set()
+            both = await waiting_reader.read()  # the awaited answer first, then the next one
+            writer.close()
+            waiting.close()
+            return other, both
+
+    other, both = asyncio.run(scenario())
+    assert status_of(other) == 200
+    assert both.index(b'{"late":true}') < both.index(b'{"status":"ok"}') and both.count(b"HTTP/1.1 200") == 2
+
 def test_serve_in_thread_stops_cleanly():
     before = threading.active_count()
     with running() as server:
