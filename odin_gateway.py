@@ -2681,8 +2681,12 @@ class Request:
         self.version = version
         self.headers = headers
         self.body = body
-        connection = headers.get("connection", "").lower()
-        self.keep_alive = "close" not in connection if version >= (1, 1) else "keep-alive" in connection
+        connection = headers.get("connection")
+        if connection is None:
+            self.keep_alive = version >= (1, 1)
+        else:
+            connection = connection.lower()
+            self.keep_alive = "close" not in connection if version >= (1, 1) else "keep-alive" in connection
 
 
 def parse_request_line(line: bytes) -> Tuple[str, str, Tuple[int, int]]:
@@ -2755,6 +2759,8 @@ def body_length(headers: Dict[str, str]) -> Optional[int]:
                             "unsupported Transfer-Encoding: %s" % printable(encoding, 40))
         return None
     text = headers.get("content-length", "0")
+    if text.isdigit() and text.isascii() and len(text) <= 15:  # [0-9]{1,15}, quickly
+        return int(text)
     if not _CONTENT_LENGTH_RE.fullmatch(text):
         raise HttpError(400, "Content-Length must be plain digits")
     return int(text)
@@ -2963,7 +2969,7 @@ class HttpFraming:
     def body_limit(self, target: str) -> int:
         """Largest body for target: servers' reports to /internal may be far larger
         than anything a client sends."""
-        if target.split("?", 1)[0] == "/internal":
+        if target.startswith("/internal") and target.split("?", 1)[0] == "/internal":
             return self.limits.max_internal_body_bytes
         return self.limits.max_body_bytes
 
