@@ -1035,6 +1035,9 @@ def _check_internal_users(value: Any) -> Optional[str]:
     return None
 
 
+#: Malformed entries of one customer update named in the log; the rest are counted.
+MAX_SKIPPED_LOGGED = 10
+
 #: (a timeout, the one it must exceed, what would happen otherwise).
 ORDERED_TIMEOUTS = (
     ("disable_timeout", "update_interval", "servers report every update_interval, so each would "
@@ -2187,11 +2190,17 @@ class Gateway:
         seen: Dict[str, int] = {}
         for index, customer in enumerate(customers):
             problem = _customer_problem(index, customer) or _duplicate_customer(customer, index, seen)
-            if problem:  # one bad entry must not cost every other customer its keys
+            if not problem:
+                usable.append(customer)
+            # One bad entry must not cost every other customer its keys; a list of bad
+            # ones must not flood the log at every update.
+            elif index - len(usable) < MAX_SKIPPED_LOGGED:
                 log.warning("customer update: skipping %s", problem,
                             extra=fields("customer_skipped", reason=problem))
-            else:
-                usable.append(customer)
+        skipped = len(customers) - len(usable)
+        if skipped > MAX_SKIPPED_LOGGED:
+            log.warning("customer update: skipping %d more malformed entries",
+                        skipped - MAX_SKIPPED_LOGGED)
         customers = usable
         configured = {customer["id"] for customer in self.config.customers}
         for customer_id in sorted(configured & {customer["id"] for customer in customers}):

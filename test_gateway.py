@@ -1574,6 +1574,14 @@ def test_a_bad_entry_from_the_update_function_is_skipped_by_name_and_the_rest_lo
     assert "AatVMEY/ThH2" in gw.authorizer.customer_keys
 
 
+def test_a_list_of_bad_entries_from_the_update_function_does_not_flood_the_log(caplog):
+    gw = make_gateway(customers=[], customer_api={"update_function": lambda: []})
+    with caplog.at_level(logging.WARNING, logger="odin_gateway"):
+        assert gw.set_customers([{"id": "c%d" % n, "max_peer": 1} for n in range(1000)] + [TINY_CUSTOMER])
+    assert caplog.text.count("customer update: skipping customer") == og.MAX_SKIPPED_LOGGED
+    assert "skipping 990 more malformed entries" in caplog.text
+
+
 def test_the_update_function_cannot_give_one_customer_two_sets_of_limits(caplog):
     gw = make_gateway(customers=[], customer_api={"update_function": lambda: []})
     unlimited_twin = dict(TINY_CUSTOMER, maxPeers=None, maxRooms=None, accessKeys=[])
