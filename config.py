@@ -92,6 +92,8 @@ internal_users = {}         # e.g. {"sfu": "a long random password"}
 placement = "balanced"
 metrics_server = "0.0.0.0/0"  # network allowed to scrape the servers' metrics
 update_interval = 5           # s between server reports and maintenance ticks
+# disable_timeout and login_token_lifetime must exceed update_interval, and
+# remove_timeout disable_timeout: else servers or rooms go between two reports.
 disable_timeout = 7.5         # s without a report before a server gets no new rooms
 remove_timeout = 600          # s without a report before a server is forgotten
 login_token_lifetime = 300    # s a room token (and a room never reported) lives
