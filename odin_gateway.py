@@ -4524,7 +4524,10 @@ def build_parser(command: str = "serve") -> CommandParser:
             prog="odin_gateway.py token", formatter_class=formatter,
             description="Print a client token signed with an access key, as the ODIN token "
                         "library makes them (for testing Connect and the admin methods).")
-        parser.add_argument("--access-key", required=True, help="the access key to sign with")
+        parser.add_argument("--access-key", required=True,
+                            help="the access key to sign with; '-' reads it from standard input "
+                                 "(a key on the command line can be read by anyone who lists "
+                                 "processes)")
         parser.add_argument("--room", required=True, action="append",
                             help="room id (repeat for a list of rooms with the same base)")
         parser.add_argument("--user", required=True, help="user id")
@@ -4623,8 +4626,9 @@ def token_command(args: Any) -> int:
     if problem:
         print("odin_gateway token: %s" % problem, file=sys.stderr)
         return 2
+    access_key = sys.stdin.readline().strip() if args.access_key == "-" else args.access_key
     try:
-        print(create_token(args.access_key, room, args.user, audience=args.audience,
+        print(create_token(access_key, room, args.user, audience=args.audience,
                            subject=subject, lifetime=args.lifetime, customer=args.customer,
                            internal={"server": args.server} if args.server else None))
     except ValueError as err:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
+import io
 import json
 import logging
 import math
@@ -2533,6 +2534,14 @@ def test_a_mistyped_command_is_named_and_a_stray_key_is_not_echoed(argv, words, 
     for word in words:
         assert word in err
     assert "VGhpcyBp" not in err and KEY_A[:10] not in err
+
+
+def test_token_reads_the_access_key_from_standard_input(monkeypatch, capsys):
+    monkeypatch.setattr(sys, "stdin", io.StringIO(KEY_A + "\n"))
+    assert og.main(["token", "--access-key", "-", "--room", "lobby", "--user", "alice"]) == 0
+    jwt = capsys.readouterr().out.strip()
+    assert claims_of(jwt)["rid"] == "lobby" and KEY_A not in jwt
+    assert og.create_token(KEY_A, "lobby", "alice", now=claims_of(jwt)["nbf"]) == jwt
 
 
 def test_a_key_given_to_master_key_file_is_not_echoed(tmp_path, monkeypatch):
