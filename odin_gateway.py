@@ -2766,6 +2766,10 @@ _TOKEN_RE = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
 #: byte that cannot belong to a method (a TLS ClientHello begins with 0x16)
 #: is answered 400 at once instead of waiting for a line that never comes.
 _METHOD_PREFIX_RE = re.compile(rb"[!#$%&'*+.^_`|~0-9A-Za-z-]*")
+#: Bytes no head may hold: a CR not before LF, an LF not after CR, a NUL. A
+#: head that is not complete yet is refused at once when it holds one (it
+#: would otherwise wait for a CRLF CRLF that bare-LF clients never send).
+_NEVER_IN_HEAD_RE = re.compile(rb"\r[^\n]|(?<!\r)\n|\x00")
 #: A well-formed header line; and the same at every line start of a block of
 #: them (one call per request instead of one per line): when it matches as
 #: many lines as the block has, each line is well-formed; when not, the block
@@ -3122,6 +3126,9 @@ class HttpFraming:
             raise HttpError(414, "request line too long (limit %d bytes)" % limits.max_request_line)
         if len(buffer) - start > limits.max_head_bytes + 3:
             raise HttpError(431, "header block too large (limit %d bytes)" % limits.max_head_bytes)
+        # From where the last look ended (the lookbehind sees the byte before).
+        if _NEVER_IN_HEAD_RE.search(buffer, max(start, self.scanned)):
+            raise HttpError(400, "malformed head: lines must end in CRLF, without NUL bytes")
 
     def _chunked_body(self) -> Optional[bytes]:
         """The chunked body (RFC 9112 section 7.1) once complete, else None."""
@@ -3137,6 +3144,8 @@ class HttpFraming:
                 if eol < 0:
                     if len(buffer) - pos > line_limit + 1:
                         eol = len(buffer)  # too long either way
+                    elif _NEVER_IN_HEAD_RE.search(buffer, pos):  # no CRLF will end it
+                        raise HttpError(400, "malformed chunked body: lines must end in CRLF")
                     else:
                         break
                 line = bytes(buffer[pos:eol])

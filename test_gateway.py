@@ -1459,6 +1459,35 @@ def test_bytes_that_cannot_start_a_request_are_refused_at_once(data):
     assert isinstance(event, og.HttpError) and event.status == 400 and state.phase == "closed"
 
 
+@pytest.mark.parametrize("data", [
+    b"GET /health HTTP/1.1\n\n",  # bare LF throughout (printf | nc): no CRLF CRLF ever comes
+    b"GET /health HTTP/1.1\r\nHost: x\n\n",
+    b"GET /health HTTP/1.1\rHost: x\r\r",  # bare CR
+    b"GET /health HTTP/1.1\r\nX: a\x00",
+    b"POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n2\nab\n0\n\n",
+    b"POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n0\r\nT: x\n\n",
+])
+@pytest.mark.parametrize("pieces", [1, 3, 1000])
+def test_lines_not_ending_in_crlf_are_refused_at_once(data, pieces):
+    # Not after read_timeout with a 408: no more bytes could make them valid.
+    state = framing()
+    events = []
+    for start in range(0, len(data), pieces):
+        state.feed(data[start:start + pieces])
+        event = state.next_event()
+        if event is not og.NEED_DATA:
+            events.append(event)
+            break
+    assert [event.status for event in events] == [400] and state.phase == "closed"
+
+
+def test_a_head_may_arrive_split_between_its_cr_and_lf():
+    state = framing()
+    for piece in (b"GET /health HTTP/1.1\r", b"\nHost: x\r", b"\n\r", b"\n"):
+        event = feed(state, piece)
+    assert event.headers == {"host": "x"}
+
+
 def test_a_request_line_too_long_is_refused_before_its_end():
     state = framing()
     assert feed(state, b"GET /" + b"a" * (DEFAULTS.max_request_line - 5)) is og.NEED_DATA
