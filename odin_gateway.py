@@ -2778,6 +2778,9 @@ _HEADER_LINE_RE = re.compile(r"([!#$%&'*+.^_`|~0-9A-Za-z-]+):[ \t]*([^\r\n\x00]*
 _HEADER_FIELD_RE = re.compile(r"^([!#$%&'*+.^_`|~0-9A-Za-z-]+):[ \t]*([^\r\n\x00]*)\r\n",
                               re.MULTILINE)
 _VERSION_RE = re.compile(r"HTTP/(\d)\.(\d)")
+#: A request target is visible ASCII (RFC 9112 section 3.2); a control byte in
+#: it (NUL, TAB, DEL) is a malformed request line, not a path to look up.
+_TARGET_RE = re.compile(r"[\x21-\x7e]+")
 _CONTENT_LENGTH_RE = re.compile(r"[0-9]{1,15}")
 _CHUNK_SIZE_RE = re.compile(rb"[0-9A-Fa-f]{1,8}")
 _REASONS = {200: "OK", 204: "No Content", 400: "Bad Request", 401: "Unauthorized",
@@ -2837,7 +2840,7 @@ def parse_request_line(line: bytes) -> Tuple[str, str, Tuple[int, int]]:
     except (UnicodeDecodeError, ValueError):
         raise HttpError(400, "malformed request line") from None
     match = _VERSION_RE.fullmatch(version)
-    if not _TOKEN_RE.fullmatch(method) or not target or not match:
+    if not _TOKEN_RE.fullmatch(method) or not _TARGET_RE.fullmatch(target) or not match:
         raise HttpError(400, "malformed request line")
     if match.group(1) != "1":
         raise HttpError(505, "HTTP version not supported: use HTTP/1.1")
