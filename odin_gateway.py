@@ -3192,6 +3192,12 @@ class HttpFraming:
         keep_alive = request.keep_alive and not stopping
         if not keep_alive:
             self.phase = "closed"
+        elif request.version < (1, 1):
+            # An HTTP/1.0 client reads an answer without it as the last one,
+            # until the close (RFC 9112 appendix C.2.2; ab -k waited for that).
+            response = Response(response.status, response.body,
+                                response.headers + [("Connection", "keep-alive")],
+                                response.content_type)
         return render_response(response, keep_alive=keep_alive, head_only=request.method == "HEAD",
                                date=self.date())
 

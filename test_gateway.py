@@ -1391,6 +1391,8 @@ def test_framing_decides_keep_alive(head, keep_alive):
     request = feed(state, head + b"\r\n")
     data = state.answer(request, og.Response(200, b"{}"))
     assert (b"Connection: close\r\n" not in data) == keep_alive
+    # An HTTP/1.0 client is told the connection stays open, or it reads until the close.
+    assert (b"Connection: keep-alive\r\n" in data) == (keep_alive and b"HTTP/1.0" in head)
     assert state.phase == ("idle" if keep_alive else "closed")
     stopping = framing()
     data = stopping.answer(feed(stopping, head + b"\r\n"), og.Response(200), stopping=True)
