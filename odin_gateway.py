@@ -3044,7 +3044,7 @@ class HttpFraming:
                 if self.eof:
                     raise HttpError(400, "connection closed inside the request")
                 if (not self.continue_sent and request.headers.get("expect", "").lower()
-                        == "100-continue"):
+                        == "100-continue" and request.version >= (1, 1)):  # 1.0: RFC 9110 10.1.1
                     self.continue_sent = True
                     return CONTINUE
                 return NEED_DATA
@@ -3108,6 +3108,8 @@ class HttpFraming:
         if length is None:
             self.chunk_pos, self.chunk_left, self.in_trailer = 0, None, False
             self.chunks = bytearray()
+            if version < (1, 1):  # its framing is suspect: close after it (RFC 9112 6.1)
+                self.request.keep_alive = False
         return None
 
     def body_limit(self, target: str) -> int:

@@ -1416,6 +1416,20 @@ def test_framing_asks_for_the_body_with_100_continue_once():
     assert feed(whole, b"POST / HTTP/1.1\r\nExpect: 100-continue\r\nContent-Length: 2\r\n\r\n{}").body == b"{}"
 
 
+def test_an_http_1_0_expectation_of_100_continue_is_ignored():
+    # RFC 9110 section 10.1.1: an HTTP/1.0 client may not understand the interim answer.
+    state = framing()
+    assert feed(state, b"POST / HTTP/1.0\r\nExpect: 100-continue\r\nContent-Length: 2\r\n\r\n") is og.NEED_DATA
+    assert feed(state, b"{}").body == b"{}"
+
+
+def test_an_http_1_0_request_with_transfer_encoding_closes_the_connection():
+    # RFC 9112 section 6.1: its framing is suspect even when kept alive.
+    request = feed(framing(), b"POST / HTTP/1.0\r\nConnection: keep-alive\r\n"
+                              b"Transfer-Encoding: chunked\r\n\r\n2\r\n{}\r\n0\r\n\r\n")
+    assert request.body == b"{}" and not request.keep_alive
+
+
 def test_framing_reads_chunked_bodies_in_any_pieces():
     data = (b"POST /internal HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n"
             b"3\r\nabc\r\n2;ext=1\r\nde\r\n0\r\nTrailer: x\r\n\r\nGET / HTTP/1.1\r\n\r\n")
