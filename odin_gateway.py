@@ -2781,8 +2781,9 @@ _VERSION_RE = re.compile(r"HTTP/(\d)\.(\d)")
 #: A request target is visible ASCII (RFC 9112 section 3.2); a control byte in
 #: it (NUL, TAB, DEL) is a malformed request line, not a path to look up.
 _TARGET_RE = re.compile(r"[\x21-\x7e]+")
-_CONTENT_LENGTH_RE = re.compile(r"[0-9]{1,15}")
-_CHUNK_SIZE_RE = re.compile(rb"[0-9A-Fa-f]{1,8}")
+_CONTENT_LENGTH_RE = re.compile(r"[0-9]+")
+#: As h11: more hex digits than 2**64 needs is not a size (larger ones get 413).
+_CHUNK_SIZE_RE = re.compile(rb"[0-9A-Fa-f]{1,20}")
 _REASONS = {200: "OK", 204: "No Content", 400: "Bad Request", 401: "Unauthorized",
             403: "Forbidden", 404: "Not Found", 405: "Method Not Allowed",
             408: "Request Timeout", 413: "Content Too Large", 414: "URI Too Long",
@@ -2907,7 +2908,10 @@ def body_length(headers: Dict[str, str]) -> Optional[int]:
         return int(text)
     if not _CONTENT_LENGTH_RE.fullmatch(text):
         raise HttpError(400, "Content-Length must be plain digits")
-    return int(text)
+    digits = text.lstrip("0")
+    if len(digits) > 15:  # beyond every body limit (and int() refuses 4,300 digits)
+        raise HttpError(413, "request body too large (Content-Length of %d digits)" % len(digits))
+    return int(digits or "0")
 
 
 class HttpDate:

@@ -1442,6 +1442,9 @@ def test_framing_reads_chunked_bodies_in_any_pieces():
     (b"POST / HTTP/1.1\r\nContent-Length: 11\r\n\r\n", {"max_body_bytes": 10}, 413),
     (b"POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n8\r\n", {"max_body_bytes": 7}, 413),
     (b"POST /internal HTTP/1.1\r\nContent-Length: 11\r\n\r\n", {"max_internal_body_bytes": 10}, 413),
+    # Sizes too large to be read as numbers are still sizes: 413, not 400.
+    (b"POST / HTTP/1.1\r\nContent-Length: 99999999999999999999999\r\n\r\n", {}, 413),
+    (b"POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\nffffffffffffffff\r\n", {}, 413),
     (b"POST / HTTP/1.1\r\nX: " + b"y" * 100 + b"\r\n\r\n", {"max_head_bytes": 64}, 431),
     (b"POST / HTTP/1.1\r\nX: " + b"y" * 100, {"max_head_bytes": 64}, 431),
     (b"POST / HTTP/1.1\r\nA: 1\r\nB: 2\r\n\r\n", {"max_headers": 1}, 431),
@@ -1453,6 +1456,12 @@ def test_framing_reads_chunked_bodies_in_any_pieces():
 def test_framing_limits_get_their_status(data, settings, status):
     (event,) = frame(data, **settings)
     assert event.status == status
+
+
+def test_sizes_with_leading_zeros_are_read():
+    for head in (b"Content-Length: 0000000000000000002\r\n\r\n{}",
+                 b"Transfer-Encoding: chunked\r\n\r\n00000000000002\r\n{}\r\n0\r\n\r\n"):
+        assert feed(framing(), b"POST / HTTP/1.1\r\n" + head).body == b"{}"
 
 
 def test_a_report_may_be_larger_than_a_client_body():
