@@ -92,6 +92,10 @@ update_interval = 5           # s between server reports and maintenance ticks
 disable_timeout = 7.5         # s without a report before a server gets no new rooms
 remove_timeout = 600          # s without a report before a server is forgotten
 login_token_lifetime = 300    # s a room token (and a room never reported) lives
+# After a start without saved state, a Connect for a room no server has
+# reported waits this long (None: update_interval + 2 s; 0: not at all), so
+# that a room living on a server yet to report is not placed elsewhere.
+warmup = None
 
 # -- Limits -------------------------------------------------------------------
 # What one client may cost the gateway. A request over a limit gets the HTTP

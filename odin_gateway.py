@@ -132,6 +132,10 @@ MAX_QUEUED_TASKS = 10_000
 SHUTDOWN_TIMEOUT = 10.0
 #: Seconds a customer update function may take before its result is ignored.
 CUSTOMER_UPDATE_TIMEOUT = 30.0
+#: Seconds a gateway started without saved state waits, beyond one
+#: update_interval, for every server to report before it places new rooms:
+#: a report in flight, a server that retries after the gateway was down.
+WARMUP_MARGIN = 2.0
 #: Seconds of leeway for exp and nbf, as the original.
 TOKEN_LEEWAY = 300
 #: Largest integer JavaScript represents exactly; exp and nbf must be within.
@@ -824,6 +828,10 @@ def _check_setting(name: str, value: Any) -> Optional[str]:
     elif name == "login_token_lifetime":
         if not (_is_integer(value) and value > 0):
             return "expected a positive whole number of seconds (it becomes the tokens' exp)"
+    elif name == "warmup":
+        if not (value is None or (_is_number(value) and value >= 0)):
+            return "expected None (update_interval + %g s) or a number of seconds (0: no warm-up)" % (
+                WARMUP_MARGIN)
     elif name in ("update_interval", "disable_timeout", "remove_timeout",
                   "read_timeout", "keep_alive_timeout", "shutdown_timeout",
                   "customer_update_timeout"):
@@ -912,6 +920,7 @@ class Config:
         "disable_timeout": 7.5,
         "remove_timeout": 600,
         "login_token_lifetime": 300,
+        "warmup": None,
         "access_log": False,
         "placement": "balanced",
         # Limits (see "Security and limits" in README.md).
@@ -1248,15 +1257,21 @@ class Server:
 
 
 class Room:
-    """Where a room lives: its id (namespace, name), customer, server and last update."""
+    """Where a room lives: its id (namespace, name), customer, server and last update.
 
-    __slots__ = ("id", "customer", "server", "updated")
+    reported: its server has reported it. A room only placed by Connect is
+    not owned yet: a server that reports it takes it over (reported beats placed).
+    """
 
-    def __init__(self, room_id: Tuple[str, str], customer: str, server: str, updated: float):
+    __slots__ = ("id", "customer", "server", "updated", "reported")
+
+    def __init__(self, room_id: Tuple[str, str], customer: str, server: str, updated: float,
+                 reported: bool = False):
         self.id = room_id
         self.customer = customer
         self.server = server
         self.updated = updated
+        self.reported = reported
 
 
 class Grid:
@@ -1365,6 +1380,7 @@ class Grid:
             if known is not None and known.server == hostname:
                 known.updated = now
                 known.customer = room["customer"]
+                known.reported = True
             else:
                 fresh.append(digest)
         # Sorted as the original sorts them: the order shows in Info and in
@@ -1372,8 +1388,10 @@ class Grid:
         for digest in sorted(fresh, key=locale_order):
             room = reported[digest]
             known = self.rooms.get(digest)
-            if known is None or known.server not in self.servers:
-                self.rooms[digest] = Room(tuple(room["id"]), room["customer"], hostname, now)
+            # Reported beats placed: a room Connect placed elsewhere, which no
+            # server has confirmed, moves to the server that has it.
+            if known is None or not known.reported or known.server not in self.servers:
+                self.rooms[digest] = Room(tuple(room["id"]), room["customer"], hostname, now, True)
             elif digest not in server.closing:  # at most one RoomClose queued per room
                 self._collision(server, known, room, digest)
         for digest in server.room_hashes.difference(reported):
@@ -1427,6 +1445,8 @@ class Grid:
         if room is None:
             self.rooms[digest] = Room(room_id, customer, server.hostname, now)
         else:
+            if new_here:  # moved: the new server has not confirmed it yet
+                room.reported = False
             room.server = server.hostname
             room.updated = now
         new_room = 1 if new_here and digest not in server.room_hashes else 0
@@ -1667,6 +1687,20 @@ class Response:
         return load_json(self.body) if self.body else None
 
 
+class Postponed(Response):
+    """handle_http's answer to a request that must wait (a Connect for a room
+    not yet reported, during the warm-up): ask handle_http again when the
+    gateway's on_change hook fires or after seconds. Its own 503 is the answer
+    for a transport that cannot wait, or when the gateway stops."""
+
+    __slots__ = ("seconds",)
+
+    def __init__(self, seconds: float, message: str):
+        super().__init__(503, _error_body(INVALID_REQUEST, message),
+                         [("Retry-After", str(max(1, int(math.ceil(seconds)))))])
+        self.seconds = seconds
+
+
 def _error_body(code: int, message: str, request_id: Any = None) -> bytes:
     return dump_json({"jsonrpc": "2.0", "error": {"code": code, "message": message}, "id": request_id})
 
@@ -1699,6 +1733,11 @@ class Gateway:
         self.grid = Grid(self)
         self.stats: Dict[str, List[int]] = {}  # method -> [success, failure, rejected]
         self.stopping = False  # set while shutting down: connections are not kept alive
+        # Clock time the warm-up ends (0: not warming up); see begin_warmup.
+        self.warm_until = 0.0
+        self.state_restored = False  # started with saved state: no warm-up needed
+        # Set by the I/O layer: called when Postponed requests may be answered.
+        self.on_change: Optional[Callable[[], None]] = None
         self.metrics = Metrics()
         self._dynamic_keys: Dict[str, CustomerKey] = {}
         self._static_keys = load_customer_keys(self.config.customers)
@@ -1809,20 +1848,7 @@ class Gateway:
                              usage=usage, max=limit))
                 raise refused(message)
 
-        namespace = auth.namespace if auth.namespace is not None else licensee.customer_id
-        if isinstance(rid, list):
-            if not rid:
-                raise RpcError(400, "rid in authorization token must not be empty")
-            if len({room_base_name(name) for name in rid}) > 1:
-                raise RpcError(400, "all values in rid must have the same base")
-            room_name = rid[-1]
-        else:
-            room_name = rid
-        try:
-            digest = room_hash(namespace, room_name)
-        except ValueError as err:
-            raise refused(str(err)) from err
-
+        digest, (namespace, room_name) = _connect_room(auth)
         now = self.clock()
         server = self.grid.assign(digest, (namespace, room_name), licensee.customer_id, pinned, now)
         nbf = int(now)
@@ -1910,6 +1936,8 @@ class Gateway:
         if draining:
             report["draining"] = True
         server = self.grid.report(endpoint or remote_hostname(call.remote), version, report, self.clock())
+        if self.warm_until:  # rooms that Connects wait for may have arrived
+            self._changed()
         if call.notification:
             # A notification gets no answer, so the tasks stay queued for the next report.
             return {"tasks": []}
@@ -1949,11 +1977,56 @@ class Gateway:
                  for name, counts in self.stats.items()]
         return {"servers": servers, "rooms": rooms, "stats": {"apiCalls": calls}}
 
+    # -- warm-up: no blind placements after a start ----------------------------
+
+    def begin_warmup(self) -> None:
+        """Start the warm-up (serving calls it): for update_interval plus a margin
+        (setting warmup), a Connect for a room no server has reported waits,
+        so that every server can report its rooms before new ones are placed;
+        otherwise a room that lives on a server yet to report would be placed
+        on another one. Skipped when the gateway started with saved state."""
+        seconds = self.config.warmup
+        if seconds is None:
+            seconds = self.config.update_interval + WARMUP_MARGIN
+        if seconds <= 0 or self.state_restored:
+            return
+        self.warm_until = self.clock() + seconds
+        log.info("warming up: new rooms are placed in %g s, once every server has reported",
+                 seconds, extra=fields("warmup_started", seconds=seconds))
+
+    def warming_up(self, now: float) -> bool:
+        """True during the warm-up; ends it (waking the waiting requests) when its time is up."""
+        if self.warm_until and now >= self.warm_until:
+            self.warm_until = 0.0
+            log.info("warm-up over: placing new rooms", extra=fields("warmup_over"))
+            self._changed()
+        return self.warm_until > 0
+
+    def _changed(self) -> None:
+        if self.on_change is not None:
+            self.on_change()
+
+    def _postpone(self, auth: Authorization, body: bytes) -> Optional[Postponed]:
+        """A Postponed if the request calls Connect for a room not yet known, during the warm-up."""
+        now = self.clock()
+        if not self.warming_up(now):
+            return None
+        try:
+            digest, _ = _connect_room(auth)
+        except RpcError:  # Connect itself refuses it
+            return None
+        if digest in self.grid.rooms or not _calls_method(body, "Connect"):
+            return None
+        return Postponed(self.warm_until - now, "the gateway is warming up: no server has reported "
+                         "this room yet; try again in %d s" % math.ceil(self.warm_until - now))
+
     # -- maintenance --------------------------------------------------------
 
     def tick(self) -> None:
         """The maintenance step (every update_interval): timeouts, expiry, usage."""
-        self.grid.tick(self.clock())
+        now = self.clock()
+        self.warming_up(now)
+        self.grid.tick(now)
 
     def serve(self, host: str = "127.0.0.1", port: int = 0,
               ssl: Optional[ssl_module.SSLContext] = None) -> "contextlib.AbstractAsyncContextManager":
@@ -2089,6 +2162,10 @@ class Gateway:
             methods = _subject_filter(auth.claims["sub"], methods)
             if not methods:
                 return Response(403, _error_body(PARSE_ERROR, "access denied by token restrictions"))
+        if self.warm_until and path == "/" and "Connect" in methods:
+            postponed = self._postpone(auth, body)  # type: ignore[arg-type]
+            if postponed is not None:
+                return postponed
         status, response_body = self.dispatch(methods, body, auth, remote)
         return Response(status, response_body or b"")
 
@@ -2110,6 +2187,11 @@ class Gateway:
             enabled = sum(1 for server in self.grid.servers.values() if server.takes_rooms)
             if self.stopping:
                 return Response(503, dump_json({"status": "stopping"}))
+            now = self.clock()
+            if self.warming_up(now):
+                return Response(503, dump_json({
+                    "status": "warming up", "reason": "servers have %.1f s left to report their "
+                    "rooms before new rooms are placed" % (self.warm_until - now)}))
             if not enabled:
                 return Response(503, dump_json({"status": "no enabled server"}))
             return Response(200, dump_json({"status": "ready", "servers": enabled}))
@@ -2121,6 +2203,34 @@ class Gateway:
                                 [("WWW-Authenticate", 'Basic realm="odin-gateway"')])
         return Response(200, render_metrics(self).encode("utf-8"),
                         content_type="text/plain; version=0.0.4; charset=utf-8")
+
+
+def _connect_room(auth: Authorization) -> Tuple[str, Tuple[str, str]]:
+    """The hash and id of the room a Connect with these claims joins (section 7.3 step 3)."""
+    rid = auth.claims.get("rid")
+    namespace = auth.namespace if auth.namespace is not None else auth.licensee.customer_id
+    if isinstance(rid, list):
+        if not rid:
+            raise RpcError(400, "rid in authorization token must not be empty")
+        if len({room_base_name(name) for name in rid}) > 1:
+            raise RpcError(400, "all values in rid must have the same base")
+        room_name = rid[-1]
+    else:
+        room_name = rid
+    try:
+        return room_hash(namespace, room_name), (namespace, room_name)
+    except ValueError as err:
+        raise refused(str(err)) from err
+
+
+def _calls_method(body: bytes, method: str) -> bool:
+    """Whether a JSON-RPC request or batch calls method (False if it is not JSON)."""
+    try:
+        request = load_json(body)
+    except ValueError:
+        return False
+    calls = request if isinstance(request, list) else [request]
+    return any(isinstance(call, dict) and call.get("method") == method for call in calls)
 
 
 def _subject_filter(subjects: Any, methods: Tuple[str, ...]) -> Tuple[str, ...]:
@@ -2608,6 +2718,26 @@ class _Connections:
         self.idle: set = set()  # writers waiting for a request
         self.all: set = set()  # writers of the connections being served
         self.closing: set = set()  # transports closed with answer bytes still unsent
+        self.changed = Wakeup()  # fired by the gateway's on_change: Postponed requests retry
+
+
+class Wakeup:
+    """Any number of coroutines waiting for one signal (the gateway's on_change)."""
+
+    def __init__(self) -> None:
+        self._future: Optional[asyncio.Future[None]] = None
+
+    def fire(self) -> None:
+        if self._future is not None and not self._future.done():
+            self._future.set_result(None)
+        self._future = None
+
+    async def wait(self, seconds: float) -> None:
+        """Until the next fire(), or seconds at most."""
+        if self._future is None:
+            self._future = asyncio.get_running_loop().create_future()
+        with contextlib.suppress(asyncio.TimeoutError):
+            await asyncio.wait_for(asyncio.shield(self._future), seconds)
 
 
 def _abort(transport: asyncio.BaseTransport, connections: "_Connections") -> None:
@@ -2687,6 +2817,12 @@ async def serve_connection(gateway: Gateway, reader: asyncio.StreamReader,
             try:
                 response = gateway.handle_http(request.method, request.target, request.headers,
                                                body, remote)
+                while isinstance(response, Postponed) and not gateway.stopping:
+                    # Warm-up: wait, letting other requests run, and ask again.
+                    watchdog.arm(response.seconds + limits.read_timeout)
+                    await connections.changed.wait(response.seconds)
+                    response = gateway.handle_http(request.method, request.target,
+                                                   request.headers, body, remote)
             except Exception:  # a bug: answer, log once, keep the process serving
                 log.error("internal error serving %s %s:\n%s", printable(request.method),
                           printable(request.target), traceback.format_exc())
@@ -2768,11 +2904,15 @@ async def _serve(gateway: Gateway, host: str, port: int,
     timers = [asyncio.ensure_future(_maintenance_timer(gateway)),
               asyncio.ensure_future(_customer_timer(gateway))]
     gateway.stopping = False
+    gateway.on_change = connections.changed.fire
+    gateway.begin_warmup()
     log.info("listening on %s", server.url, extra=fields("listening", url=server.url))
     try:
         yield server
     finally:
         gateway.stopping = True
+        connections.changed.fire()  # Postponed requests get their 503 now
+        gateway.on_change = None
         for timer in timers:
             timer.cancel()
         # A connection the loop has just accepted reaches its handler a few
@@ -3130,7 +3270,8 @@ def run_demo(out: Any = None) -> int:
     access_key = generate_access_key()
     config = Config(customers=[{"id": "acme", "max_peers": 10, "max_rooms": 5,
                                 "access_keys": [{"public_key": public_jwk(access_key)}]}],
-                    master_key=b64_encode(os.urandom(32)), internal_users={"sfu": "demo-password"})
+                    master_key=b64_encode(os.urandom(32)), internal_users={"sfu": "demo-password"},
+                    warmup=0)  # a fresh grid: no live rooms to wait for
     gateway = Gateway(config, clock=clock, rng=random.Random(4))
     with serve_in_thread(gateway=gateway) as server:
         internal = server.url.replace("://", "://sfu:demo-password@") + "/internal"

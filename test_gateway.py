@@ -545,7 +545,7 @@ IMPROVED_STEPS = {
 
 def test_transcript_replay_over_http():
     clock = Clock(1795630240.0)
-    gw = make_gateway(clock)
+    gw = make_gateway(clock, warmup=0)  # the original places rooms at once after a start
     import http.client
 
     with og.serve_in_thread(gateway=gw) as server:
@@ -948,6 +948,30 @@ def test_a_room_assigned_by_connect_is_kept_by_the_servers_report():
     assert result(gw, "Info")["rooms"][0]["server"] == SFU1
 
 
+def test_reported_beats_placed_after_a_restart():
+    # Issue 11: B hosts "lobby"; the gateway restarts and A reports first.
+    gw = make_gateway(seed=1)
+    report(gw, SFU2)  # A: no rooms
+    assert result(gw, "Connect", {}, token=token())["address"] == SFU2  # placed blindly on A
+    lobby = room("custom-ns", "lobby", "odinref")
+    assert report(gw, SFU1, rooms=[lobby]) == []  # B really has it: no RoomClose
+    assert result(gw, "Info")["rooms"][0]["server"] == SFU1
+    assert result(gw, "Connect", {}, token=token())["address"] == SFU1
+    assert report(gw, SFU1, rooms=[lobby]) == []
+    # Now B's report owns it: A reporting it too is a collision.
+    assert report(gw, SFU2, rooms=[lobby])[0]["task"] == "RoomClose"
+    assert result(gw, "Info")["rooms"][0]["server"] == SFU1
+
+
+def test_a_placed_room_confirmed_by_its_server_is_owned():
+    gw = make_gateway()
+    report(gw, SFU1)
+    result(gw, "Connect", {}, token=token())
+    lobby = room("custom-ns", "lobby", "odinref")
+    assert report(gw, SFU1, rooms=[lobby]) == []
+    assert report(gw, SFU2, rooms=[lobby])[0]["task"] == "RoomClose"
+
+
 def test_server_hostname_defaults_to_the_remote_address():
     gw = make_gateway()
     params = {"version": "1", "load": 0, "clients": 0, "rooms": []}
@@ -1056,6 +1080,130 @@ def test_a_restarted_gateway_derives_the_same_keys_and_rebuilds_rooms():
     again = result(second, "Connect", {}, token=token())["token"]
     assert issued == again  # same key, same claims, same clock
     assert result(second, "Info")["rooms"][0]["server"] == SFU1
+
+
+# ---------------------------------------------------------------------------
+# Restarts: the warm-up, saved state
+# ---------------------------------------------------------------------------
+
+needs_proc = pytest.mark.skipif(not os.path.exists("/proc/net/tcp"), reason="reads /proc/net/tcp")
+
+
+CONNECT_BODY = b'{"jsonrpc":"2.0","method":"Connect","params":{},"id":1}'
+
+
+def connect_response(gw, room_id="lobby"):
+    return gw.handle_http("POST", "/", {"authorization": "Bearer " + token(room_id=room_id)}, CONNECT_BODY)
+
+
+def test_warmup_postpones_connects_for_unreported_rooms_only():
+    clock = Clock()
+    gw = make_gateway(clock)
+    gw.begin_warmup()
+    report(gw, SFU2)
+    report(gw, SFU1, rooms=[room("custom-ns", "known", "odinref")])
+    assert result(gw, "Connect", {}, token=token(room_id="known"))["address"] == SFU1
+    postponed = connect_response(gw)
+    assert isinstance(postponed, og.Postponed) and postponed.status == 503
+    assert postponed.seconds == 7 and ("Retry-After", "7") in postponed.headers
+    assert "warming up" in postponed.json()["error"]["message"]
+    ready = gw.handle_http("GET", "/ready", {}, b"")
+    assert ready.status == 503 and ready.json()["status"] == "warming up"
+    assert "left to report" in ready.json()["reason"]
+    clock.advance(6.9)
+    assert isinstance(connect_response(gw), og.Postponed)
+    clock.advance(0.1)  # one update_interval plus 2 s
+    assert result(gw, "Connect", {}, token=token())["address"] in (SFU1, SFU2)
+    assert gw.handle_http("GET", "/ready", {}, b"").status == 200
+
+
+def test_a_room_reported_during_the_warmup_is_answered_with_its_server():
+    gw = make_gateway()
+    gw.begin_warmup()
+    report(gw, SFU2)
+    assert isinstance(connect_response(gw), og.Postponed)
+    report(gw, SFU1, rooms=[room("custom-ns", "lobby", "odinref")])
+    assert result(gw, "Connect", {}, token=token())["address"] == SFU1
+
+
+@pytest.mark.parametrize("settings, seconds", [
+    ({}, 7), ({"update_interval": 2}, 4), ({"warmup": 30}, 30), ({"warmup": 0}, None)])
+def test_warmup_lasts_one_update_interval_and_a_margin_or_as_set(settings, seconds):
+    gw = make_gateway(**settings)
+    gw.begin_warmup()
+    report(gw, SFU1)
+    postponed = connect_response(gw)
+    if seconds is None:
+        assert postponed.status == 200
+    else:
+        assert postponed.seconds == seconds
+
+
+def test_warmup_setting_is_validated():
+    with pytest.raises(og.ConfigError, match="warmup"):
+        og.Config(warmup=-1)
+
+
+def _send_connect(port, room_id="lobby"):
+    sock = socket.create_connection(("127.0.0.1", port), timeout=5)
+    sock.sendall(b"POST / HTTP/1.1\r\nConnection: close\r\nAuthorization: Bearer %s\r\n"
+                 b"Content-Length: %d\r\n\r\n%s" % (token(room_id=room_id).encode(),
+                                                   len(CONNECT_BODY), CONNECT_BODY))
+    return sock
+
+
+def _read_all(sock):
+    chunks = []
+    while True:
+        chunk = sock.recv(65536)
+        if not chunk:
+            sock.close()
+            return b"".join(chunks)
+        chunks.append(chunk)
+
+
+def _report_over_http(server, hostname, rooms=()):
+    return og.RpcClient(server.url + "/internal").call("sfu.Report", {
+        "public_endpoint": hostname, "version": "1", "load": 0, "clients": 0, "rooms": list(rooms)})
+
+
+@needs_proc
+def test_a_waiting_connect_lets_others_run_and_gets_the_server_that_reports_its_room():
+    gw = make_gateway()
+    with running(gw) as server:
+        waiting = _send_connect(server.port)
+        wait_until_server_read(waiting, server.port)
+        server.call(lambda: None)  # the loop has handled what it read
+        assert gw.warm_until and gw.stats == {}  # postponed: Connect has not run
+        _report_over_http(server, SFU2)  # other requests are served meanwhile
+        assert server.call(lambda: gw.stats["sfu.Report"]) == [1, 0, 0]
+        _report_over_http(server, SFU1, [room("custom-ns", "lobby", "odinref")])
+        answer = _read_all(waiting)
+    assert status_of(answer) == 200 and json.loads(answer.split(b"\r\n\r\n", 1)[1])["result"][
+        "address"] == SFU1
+
+
+@needs_proc
+def test_waiting_connects_are_placed_when_the_warmup_ends_and_answered_503_at_a_stop():
+    clock = Clock()
+    gw = make_gateway(clock)
+    with running(gw) as server:
+        _report_over_http(server, SFU2)
+        placed = _send_connect(server.port)
+        stopped = _send_connect(server.port, "other")
+        for sock in (placed, stopped):
+            wait_until_server_read(sock, server.port)
+        server.call(lambda: None)
+        assert "Connect" not in gw.stats
+        clock.advance(7)
+        server.tick()  # the warm-up is over: the waiting Connects are placed
+        for sock in (placed, stopped):
+            assert json.loads(_read_all(sock).split(b"\r\n\r\n", 1)[1])["result"]["address"] == SFU2
+    with running(make_gateway()) as server:
+        stopped = _send_connect(server.port)
+        wait_until_server_read(stopped, server.port)
+        server.call(lambda: None)
+    assert status_of(_read_all(stopped)) == 503  # a stop answers the waiting Connect
 
 
 # ---------------------------------------------------------------------------
@@ -1935,7 +2083,7 @@ def test_readme_curl_examples_work(tmp_path):
     wrapper.chmod(0o755)
     blocks = [block for block in _readme_blocks("sh", "API") if "curl" in block]
     assert len(blocks) >= 5
-    config = og.Config.load(str(HERE / "config.py"))
+    config = og.Config.load(str(HERE / "config.py")).replace(warmup=0)
     with og.serve_in_thread(config) as server:
         og.FakeServer(server.url + "/internal", "sfu1.example.com:4433").report()
         env = dict(os.environ, GW=server.url, PATH=str(bin_dir) + os.pathsep + os.environ["PATH"],
@@ -2128,9 +2276,6 @@ def wait_until_server_read(sock, server_port):
                         return
         time.sleep(0.005)
     raise AssertionError("the server did not read the request")
-
-
-needs_proc = pytest.mark.skipif(not os.path.exists("/proc/net/tcp"), reason="reads /proc/net/tcp")
 
 
 @needs_proc
@@ -2328,7 +2473,7 @@ def test_reload_applies_customers_and_limits_and_keeps_state(caplog):
 
 @needs_proc
 def test_sighup_reloads_the_config_file_and_refuses_a_broken_one(tmp_path):
-    with gateway_process(tmp_path, "customers = %r\n" % [TINY_CUSTOMER]) as (process, port):
+    with gateway_process(tmp_path, "customers = %r\nwarmup = 0\n" % [TINY_CUSTOMER]) as (process, port):
         def connect_status(access_key):
             body = json.dumps({"jsonrpc": "2.0", "method": "Connect", "params": {}, "id": 1}).encode()
             return status_of(exchange(port, b"POST / HTTP/1.1\r\nConnection: close\r\nAuthorization: "
