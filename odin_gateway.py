@@ -64,6 +64,7 @@ __all__ = [
 import argparse
 import asyncio
 import base64
+import bisect
 import contextlib
 import copy
 import datetime
@@ -828,6 +829,9 @@ def _check_setting(name: str, value: Any) -> Optional[str]:
     elif name == "login_token_lifetime":
         if not (_is_integer(value) and value > 0):
             return "expected a positive whole number of seconds (it becomes the tokens' exp)"
+    elif name == "state_file":
+        if value is not None and not (isinstance(value, str) and value):
+            return "expected None or the path of a file the gateway may write"
     elif name == "warmup":
         if not (value is None or (_is_number(value) and value >= 0)):
             return "expected None (update_interval + %g s) or a number of seconds (0: no warm-up)" % (
@@ -921,6 +925,7 @@ class Config:
         "remove_timeout": 600,
         "login_token_lifetime": 300,
         "warmup": None,
+        "state_file": None,
         "access_log": False,
         "placement": "balanced",
         # Limits (see "Security and limits" in README.md).
@@ -1291,6 +1296,43 @@ class Grid:
         self.reported: Dict[str, List[int]] = {}
         self.pending: Dict[str, List[int]] = {}
         self._by_kid: Dict[str, Server] = {}
+        # Called with (record, acknowledged) for every change worth saving
+        # (section "Saved state"); None: nobody saves the state.
+        self.journal: Optional[Callable[[list, bool], None]] = None
+        self._sorted: Optional[List[str]] = None  # room hashes in order, for Info's pages
+
+    # -- changes: each room mapping goes through _map and _unmap ---------------
+
+    def _note(self, record: list, acknowledged: bool = False) -> None:
+        if self.journal is not None:
+            self.journal(record, acknowledged)
+
+    def _map(self, digest: str, room: Room, acknowledged: bool = False) -> None:
+        """Map (or remap) a room; acknowledged: a Connect answers with it."""
+        if digest not in self.rooms and self._sorted is not None:
+            bisect.insort(self._sorted, digest)
+        self.rooms[digest] = room
+        if self.journal is not None:
+            self.journal(["room", digest, room.id[0], room.id[1], room.customer, room.server,
+                          room.updated, room.reported], acknowledged)
+
+    def _unmap(self, digest: str) -> None:
+        del self.rooms[digest]
+        if self._sorted is not None:
+            index = bisect.bisect_left(self._sorted, digest)
+            if index < len(self._sorted) and self._sorted[index] == digest:
+                del self._sorted[index]
+        self._note(["unroom", digest])
+
+    def note_server(self, server: Server) -> None:
+        self._note(["server", server.hostname, server.version, server.disabled, server.draining])
+
+    def rooms_after(self, after: str, limit: int) -> List[str]:
+        """At most limit room hashes that sort after after (Info's pages)."""
+        if self._sorted is None:  # kept up to date from the first page on
+            self._sorted = sorted(self.rooms)
+        start = bisect.bisect_right(self._sorted, after)
+        return self._sorted[start:start + limit]
 
     @property
     def config(self) -> Config:
@@ -1309,6 +1351,7 @@ class Grid:
     def report(self, hostname: str, version: str, report: dict, now: float) -> Server:
         """Store a server's report: find or create it, integrate its rooms, re-enable it."""
         server = self.servers.get(hostname)
+        changed = server is None or server.disabled or server.version != version
         if server is None:
             server = Server(hostname, derive_server_key(self.config.master_key_bytes, hostname), now)
             self.servers[hostname] = server
@@ -1319,6 +1362,8 @@ class Grid:
         elif server.disabled:
             log.info("server %s re-enabled: it reported again", printable(hostname),
                      extra=fields("server_enabled", hostname=hostname))
+        if changed:  # before its rooms: a replay needs the server first
+            self._note(["server", hostname, version, False, server.draining])
         counted = self._integrate_rooms(server, report["rooms"], now)
         self._account(server, -1)
         server.usage = {}
@@ -1380,7 +1425,9 @@ class Grid:
             if known is not None and known.server == hostname:
                 known.updated = now
                 known.customer = room["customer"]
-                known.reported = True
+                if not known.reported:  # a placement, confirmed
+                    known.reported = True
+                    self._map(digest, known)
             else:
                 fresh.append(digest)
         # Sorted as the original sorts them: the order shows in Info and in
@@ -1391,13 +1438,13 @@ class Grid:
             # Reported beats placed: a room Connect placed elsewhere, which no
             # server has confirmed, moves to the server that has it.
             if known is None or not known.reported or known.server not in self.servers:
-                self.rooms[digest] = Room(tuple(room["id"]), room["customer"], hostname, now, True)
+                self._map(digest, Room(tuple(room["id"]), room["customer"], hostname, now, True))
             elif digest not in server.closing:  # at most one RoomClose queued per room
                 self._collision(server, known, room, digest)
         for digest in server.room_hashes.difference(reported):
             known = self.rooms.get(digest)
             if known is not None and known.server == hostname:
-                del self.rooms[digest]
+                self._unmap(digest)
         server.room_hashes = set(reported)
         return counted
 
@@ -1413,12 +1460,16 @@ class Grid:
                         "room_collision", hostname=server.hostname, room=room["id"],
                         owner=owner.server))
         ban = {"secs": int(math.ceil(self.config.update_interval)), "nanos": 0}
-        server.tasks.append({"task": "RoomClose", "id": list(room["id"]), "ban_time": ban})
+        task = {"task": "RoomClose", "id": list(room["id"]), "ban_time": ban}
+        server.tasks.append(task)
         server.closing.add(digest)
+        self._note(["task", server.hostname, task])
 
     def take_tasks(self, server: Server) -> List[dict]:
         tasks, server.tasks = server.tasks, []
         server.closing.clear()
+        if tasks:
+            self._note(["sent", server.hostname, len(tasks)])
         return tasks
 
     def queue_task(self, server: Server, task: dict) -> None:
@@ -1427,6 +1478,7 @@ class Grid:
             raise refused("task queue of server %s is full (%d tasks); try again after its next report"
                           % (server.hostname, limit))
         server.tasks.append(task)
+        self._note(["task", server.hostname, task], acknowledged=True)
 
     # -- placement ----------------------------------------------------------
 
@@ -1443,12 +1495,13 @@ class Grid:
             server = self._pick(pinned)
         new_here = room is None or room.server != server.hostname
         if room is None:
-            self.rooms[digest] = Room(room_id, customer, server.hostname, now)
+            self._map(digest, Room(room_id, customer, server.hostname, now), acknowledged=True)
         else:
+            room.updated = now
             if new_here:  # moved: the new server has not confirmed it yet
                 room.reported = False
-            room.server = server.hostname
-            room.updated = now
+                room.server = server.hostname
+                self._map(digest, room, acknowledged=True)
         new_room = 1 if new_here and digest not in server.room_hashes else 0
         for totals in (server.pending, self.pending):  # the server is enabled: it counts
             counts = totals.setdefault(customer, [0, 0])
@@ -1506,13 +1559,14 @@ class Grid:
             elif silent >= config.disable_timeout and not server.disabled:
                 self._account(server, -1)
                 server.disabled = True
+                self.note_server(server)
                 log.warning("server %s disabled: no report for %.1f s; its rooms move on their "
                             "next Connect", printable(server.hostname), silent, extra=fields(
                                 "server_disabled", hostname=server.hostname, silent=silent))
         expired = [digest for digest, room in self.rooms.items()
                    if now - room.updated > config.login_token_lifetime]
         for digest in expired:
-            del self.rooms[digest]
+            self._unmap(digest)
         self._recount()
 
     def _recount(self) -> None:
@@ -1526,8 +1580,284 @@ class Grid:
         self._account(server, -1)
         del self.servers[server.hostname]
         self._by_kid.pop(server.key.kid, None)
+        journal, self.journal = self.journal, None  # one record says it all
         for digest in [d for d, room in self.rooms.items() if room.server == server.hostname]:
-            del self.rooms[digest]
+            self._unmap(digest)
+        self.journal = journal
+        self._note(["forget", server.hostname])
+
+
+# ---------------------------------------------------------------------------
+# Saved state: the grid as records, the state file
+# ---------------------------------------------------------------------------
+#
+# What a restart must not lose (admin tasks answered but not yet delivered,
+# rooms placed by Connect and not yet reported) and what lets a restarted
+# gateway place rooms at once (where every room lives) are written as
+# records: JSON arrays, one kind each. The grid emits one for each change
+# (Grid.journal); grid_records() writes a whole grid as records and
+# apply_record() replays one, so a snapshot followed by the changes since
+# rebuilds the grid. The state file holds exactly that; a cluster link can
+# carry the same records.
+#
+#   ["server", hostname, version, disabled, draining]   added, or one of these changed
+#   ["forget", hostname]                                removed, with its rooms
+#   ["room", hash, namespace, name, customer, server, updated, reported]   (re)mapped
+#   ["unroom", hash]                                    unmapped
+#   ["task", hostname, task]                            queued for the server
+#   ["sent", hostname, count]                           its first count tasks were delivered
+
+#: The first line of a state file: its format and version.
+STATE_HEADER = ["odin-gateway-state", 1]
+#: A state file is compacted (rewritten as a snapshot) when the changes
+#: appended since the last snapshot exceed both this and the snapshot's size.
+STATE_COMPACT_BYTES = 4 * 1024 * 1024
+
+_RECORD_SHAPES: Dict[str, Tuple[type, ...]] = {
+    "server": (str, str, bool, bool),
+    "forget": (str,),
+    "room": (str, str, str, str, str, (int, float), bool),  # type: ignore[dict-item]
+    "unroom": (str,),
+    "task": (str, dict),
+    "sent": (str, int),
+}
+
+
+class StateError(GatewayError):
+    """The state file cannot be read or is not a state file this gateway wrote."""
+
+
+def record_problem(record: Any) -> Optional[str]:
+    """Why a record is malformed, or None."""
+    if not (isinstance(record, list) and record and record[0] in _RECORD_SHAPES):
+        return "not a record (expected [kind, ...] with kind one of %s)" % ", ".join(_RECORD_SHAPES)
+    shape = _RECORD_SHAPES[record[0]]
+    if len(record) != len(shape) + 1 or not all(
+            isinstance(value, kind) and (kind is not int or not isinstance(value, bool))
+            for value, kind in zip(record[1:], shape)):
+        return "malformed %s record" % record[0]
+    return None
+
+
+def grid_records(grid: Grid) -> Iterator[list]:
+    """The grid's state as records (a snapshot): servers, their rooms, their tasks."""
+    for server in grid.servers.values():
+        yield ["server", server.hostname, server.version, server.disabled, server.draining]
+        for task in server.tasks:
+            yield ["task", server.hostname, task]
+    for digest, room in grid.rooms.items():
+        yield ["room", digest, room.id[0], room.id[1], room.customer, room.server, room.updated,
+               room.reported]
+
+
+def apply_record(grid: Grid, record: list, now: float) -> None:
+    """Replay one record onto a grid (the journal hook is not called).
+
+    Servers come back enabled as seen now: the gateway was down, so their
+    silence meant nothing; a server that is really gone is disabled
+    disable_timeout later, as always.
+    """
+    kind = record[0]
+    if kind == "room":
+        _, digest, namespace, name, customer, hostname, updated, reported = record
+        server = grid.servers.get(hostname)
+        if server is None:
+            return  # its server was forgotten: so is the room
+        grid._sorted = None
+        grid.rooms[digest] = Room((namespace, name), customer, hostname,
+                                  max(updated, now) if reported else updated, reported)
+        if reported:
+            server.room_hashes.add(digest)
+        return
+    if kind == "unroom":
+        room = grid.rooms.pop(record[1], None)
+        if room is not None and room.server in grid.servers:
+            grid.servers[room.server].room_hashes.discard(record[1])
+        grid._sorted = None
+        return
+    hostname = record[1]
+    server = grid.servers.get(hostname)
+    if kind == "forget":
+        if server is not None:
+            journal, grid.journal = grid.journal, None
+            grid._remove(server)
+            grid.journal = journal
+        return
+    if server is None:
+        server = Server(hostname, derive_server_key(grid.config.master_key_bytes, hostname), now)
+        grid.servers[hostname] = server
+        grid._by_kid[server.key.kid] = server
+    if kind == "server":
+        server.version, server.disabled, server.draining = record[2], record[3], record[4]
+        server.last_seen = now
+    elif kind == "task":
+        server.tasks.append(record[2])
+    elif kind == "sent":
+        del server.tasks[:record[2]]
+        server.closing.clear()
+
+
+class StateFile:
+    """The state file: a header line, then one record per line (a snapshot,
+    then the changes). Writes are appended and made durable by sync()."""
+
+    def __init__(self, path: str):
+        self.path = path
+        self._file: Any = None
+        self.snapshot_bytes = 0  # size of the last snapshot
+        self.appended_bytes = 0  # bytes appended since
+
+    def read(self) -> List[list]:
+        """The records of the file ([] if there is none); StateError if unreadable.
+
+        A last line cut short (a crash while writing it) is dropped: it was
+        never synced, so nothing it held was acknowledged.
+        """
+        try:
+            with open(self.path, "rb") as source:
+                data = source.read()
+        except FileNotFoundError:
+            return []
+        except OSError as err:
+            raise StateError("state_file %s cannot be read: %s" % (self.path, err.strerror or err)) from err
+        lines = data.split(b"\n")
+        if lines[-1]:
+            log.warning("state_file %s: dropping a last line cut short (%d bytes), written while "
+                        "the gateway was killed", self.path, len(lines[-1]))
+        lines = lines[:-1]
+        records = []
+        for number, line in enumerate(lines, 1):
+            try:
+                record = load_json(line)
+            except ValueError as err:
+                raise StateError("state_file %s: line %d is not JSON (%s)" % (self.path, number, err)) from err
+            if number == 1:
+                if record != STATE_HEADER:
+                    raise StateError("state_file %s is not an odin_gateway state file (its first "
+                                     "line is not %s)" % (self.path, dump_json(STATE_HEADER).decode()))
+                continue
+            problem = record_problem(record)
+            if problem:
+                raise StateError("state_file %s: line %d: %s" % (self.path, number, problem))
+            records.append(record)
+        return records
+
+    def age(self, now: float) -> float:
+        """Seconds since the file was last written."""
+        return now - os.stat(self.path).st_mtime
+
+    def rewrite(self, records: Any) -> None:
+        """Replace the file by these records (a snapshot), atomically and durably."""
+        self.close()
+        temporary = self.path + ".new"
+        with open(temporary, "wb") as out:
+            out.write(_compact_json(STATE_HEADER).encode() + b"\n")
+            size = 0
+            for record in records:
+                line = _compact_json(record).encode() + b"\n"
+                out.write(line)
+                size += len(line)
+            out.flush()
+            os.fsync(out.fileno())
+        os.replace(temporary, self.path)
+        directory = os.open(os.path.dirname(os.path.abspath(self.path)), os.O_RDONLY)
+        try:
+            os.fsync(directory)  # the rename itself is durable
+        finally:
+            os.close(directory)
+        self._file = open(self.path, "ab")
+        self.snapshot_bytes, self.appended_bytes = size, 0
+
+    def append(self, records: List[list]) -> None:
+        """Write records at the end and sync them to disk."""
+        data = b"".join(_compact_json(record).encode() + b"\n" for record in records)
+        self._file.write(data)
+        self._file.flush()
+        os.fsync(self._file.fileno())
+        self.appended_bytes += len(data)
+
+    def needs_compaction(self) -> bool:
+        return self.appended_bytes > max(STATE_COMPACT_BYTES, self.snapshot_bytes)
+
+    def close(self) -> None:
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+
+
+class SavedState:
+    """A gateway's state file: restores the grid at start, then journals its
+    changes. Records wait in memory until flush() (the I/O layer calls it
+    once per loop iteration and holds the answers to acknowledged calls
+    until it has run); acknowledged counts the records that must be on disk
+    before their answer is sent."""
+
+    def __init__(self, gateway: "Gateway", path: str):
+        self.gateway = gateway
+        self.file = StateFile(path)
+        self.pending: List[list] = []
+        self.acknowledged = 0
+
+    def note(self, record: list, acknowledged: bool) -> None:
+        self.pending.append(record)
+        if acknowledged:
+            self.acknowledged += 1
+
+    def restore(self, discard_unreadable: bool = False) -> bool:
+        """Load the file into the grid if it is young enough; True if state was restored.
+
+        An unreadable or corrupt file stops the start (StateError) unless
+        discard_unreadable, which starts without it (and overwrites it).
+        """
+        gateway, grid, path = self.gateway, self.gateway.grid, self.file.path
+        now = gateway.clock()
+        try:
+            records = self.file.read()
+            age = self.file.age(now) if os.path.exists(path) else None
+        except (StateError, OSError) as err:
+            if not discard_unreadable:
+                raise StateError(str(err)) from err
+            log.error("%s; starting without it, as --discard-unreadable-state says", err,
+                      extra=fields("state_discarded", path=path, reason=str(err)))
+            records, age = [], None
+        restored = False
+        if age is not None and age > gateway.config.remove_timeout:
+            log.warning("state_file %s is %.0f s old (more than remove_timeout): starting without it",
+                        path, age, extra=fields("state_too_old", path=path, age=age))
+        elif age is not None:
+            for record in records:
+                apply_record(grid, record, now)
+            restored = True
+            log.info("state restored from %s: %d servers, %d rooms, %d tasks", path,
+                     len(grid.servers), len(grid.rooms),
+                     sum(len(server.tasks) for server in grid.servers.values()),
+                     extra=fields("state_restored", path=path, servers=len(grid.servers),
+                                  rooms=len(grid.rooms)))
+        self.resume()
+        return restored
+
+    def resume(self) -> None:
+        """Start journaling: a fresh snapshot of the grid, then its changes."""
+        try:
+            self.file.rewrite(grid_records(self.gateway.grid))
+        except OSError as err:
+            raise StateError("state_file %s cannot be written: %s" % (
+                self.file.path, err.strerror or err)) from err
+        self.pending = []
+        self.gateway.grid.journal = self.note
+
+    def flush(self) -> None:
+        """Write the pending records to disk (one sync); compact when it has grown."""
+        if self.pending:
+            records, self.pending = self.pending, []
+            self.file.append(records)
+        if self.file.needs_compaction():
+            self.file.rewrite(grid_records(self.gateway.grid))
+
+    def close(self) -> None:
+        """Stop journaling (flush first: what is pending is not written here)."""
+        self.file.close()
+        self.gateway.grid.journal = None
 
 
 # ---------------------------------------------------------------------------
@@ -1736,6 +2066,7 @@ class Gateway:
         # Clock time the warm-up ends (0: not warming up); see begin_warmup.
         self.warm_until = 0.0
         self.state_restored = False  # started with saved state: no warm-up needed
+        self.saved: Optional[SavedState] = None  # the state_file, once opened
         # Set by the I/O layer: called when Postponed requests may be answered.
         self.on_change: Optional[Callable[[], None]] = None
         self.metrics = Metrics()
@@ -1776,7 +2107,7 @@ class Gateway:
         kept = {}
         # The head limits size the stream readers when the listener starts.
         for name in ("host", "port", "ssl", "certificate", "private_key", "master_key",
-                     "max_request_line", "max_head_bytes"):
+                     "max_request_line", "max_head_bytes", "state_file"):
             if getattr(config, name) != getattr(self.config, name):
                 log.warning("config reload: %s changed; it takes effect after a restart", name)
                 kept[name] = getattr(self.config, name)
@@ -1954,6 +2285,7 @@ class Gateway:
             raise refused("no server %s: Info lists the servers" % printable(hostname))
         if server.draining != draining:
             server.draining = draining
+            self.grid.note_server(server)
             log.info("server %s %s by an operator", printable(hostname),
                      "draining" if draining else "undrained",
                      extra=fields("server_draining" if draining else "server_undrained",
@@ -1976,6 +2308,20 @@ class Gateway:
         calls = [{"name": name, "success": counts[0], "failure": counts[1], "rejected": counts[2]}
                  for name, counts in self.stats.items()]
         return {"servers": servers, "rooms": rooms, "stats": {"apiCalls": calls}}
+
+    # -- saved state ----------------------------------------------------------
+
+    def open_state(self, discard_unreadable: bool = False) -> None:
+        """Restore the grid from state_file (if set and young enough) and journal
+        its changes there from now on; StateError if the file is unusable
+        (unless discard_unreadable). Serving calls it if nobody did before."""
+        if self.config.state_file is None:
+            return
+        if self.saved is None:
+            self.saved = SavedState(self, self.config.state_file)
+            self.state_restored = self.saved.restore(discard_unreadable)
+        else:
+            self.saved.resume()
 
     # -- warm-up: no blind placements after a start ----------------------------
 
@@ -2719,6 +3065,39 @@ class _Connections:
         self.all: set = set()  # writers of the connections being served
         self.closing: set = set()  # transports closed with answer bytes still unsent
         self.changed = Wakeup()  # fired by the gateway's on_change: Postponed requests retry
+        self.state_flush = StateFlush()
+
+
+class StateFlush:
+    """Writes a gateway's saved state once per loop iteration, for all the
+    requests of that iteration: one write and one fsync, however many."""
+
+    def __init__(self) -> None:
+        self._future: Optional[asyncio.Future[None]] = None
+
+    def soon(self, saved: SavedState) -> "asyncio.Future[None]":
+        """A future done once what is pending now is on disk."""
+        if self._future is None:
+            loop = asyncio.get_running_loop()
+            self._future = loop.create_future()
+            loop.call_soon(self._flush, saved)
+        return self._future
+
+    def _flush(self, saved: SavedState) -> None:
+        future, self._future = self._future, None
+        flush_state(saved)
+        future.set_result(None)  # type: ignore[union-attr]
+
+
+def flush_state(saved: SavedState) -> None:
+    """saved.flush(), logging (not raising) a failure: the state stays in memory
+    and the next flush tries again."""
+    try:
+        saved.flush()
+    except OSError as err:
+        log.error("state_file %s cannot be written: %s; what was not written is kept in "
+                  "memory and written with the next change", saved.file.path, err.strerror or err,
+                  extra=fields("state_write_failed", path=saved.file.path, reason=str(err)))
 
 
 class Wakeup:
@@ -2814,6 +3193,8 @@ async def serve_connection(gateway: Gateway, reader: asyncio.StreamReader,
                 await close_after_answer(reader, writer, render_response(
                     _http_error_response(err), keep_alive=False))
                 return
+            saved = gateway.saved
+            acknowledged = saved.acknowledged if saved is not None else 0
             try:
                 response = gateway.handle_http(request.method, request.target, request.headers,
                                                body, remote)
@@ -2827,6 +3208,10 @@ async def serve_connection(gateway: Gateway, reader: asyncio.StreamReader,
                 log.error("internal error serving %s %s:\n%s", printable(request.method),
                           printable(request.target), traceback.format_exc())
                 response = Response(500, _error_body(INTERNAL_ERROR, "Internal error"))
+            if saved is not None and saved.pending:
+                written = connections.state_flush.soon(saved)
+                if saved.acknowledged != acknowledged:  # on disk before the answer says so
+                    await written
             keep_alive = request.keep_alive and not gateway.stopping
             writer.write(render_response(response, keep_alive=keep_alive,
                                          head_only=request.method == "HEAD"))
@@ -2898,6 +3283,7 @@ async def _serve(gateway: Gateway, host: str, port: int,
         task.add_done_callback(handlers.discard)
 
     config = gateway.config
+    gateway.open_state()
     listener = await asyncio.start_server(on_connection, host, port, ssl=ssl, limit=max(
         config.max_request_line, config.max_head_bytes) + 4)
     server = RunningServer(gateway, listener, "https" if ssl else "http")
@@ -2939,6 +3325,9 @@ async def _serve(gateway: Gateway, host: str, port: int,
             _abort(transport, connections)
         await listener.wait_closed()
         await asyncio.gather(*timers, *refusals, return_exceptions=True)
+        if gateway.saved is not None:
+            flush_state(gateway.saved)
+            gateway.saved.close()
         log.info("stopped listening on %s", server.url, extra=fields("stopped", url=server.url))
 
 
@@ -2949,6 +3338,8 @@ async def _maintenance_timer(gateway: Gateway) -> None:
             gateway.tick()
         except Exception:  # keep ticking: a bug here must not freeze the grid
             log.error("maintenance tick failed:\n%s", traceback.format_exc())
+        if gateway.saved is not None:
+            flush_state(gateway.saved)
 
 
 async def update_customers(gateway: Gateway) -> bool:
@@ -3499,6 +3890,9 @@ def build_parser(command: str = "serve") -> argparse.ArgumentParser:
                              "(default: neither)" % MASTER_KEY_ENV)
     parser.add_argument("--access-log", action="store_true", default=None,
                         help="log every HTTP request (config: access_log; default off)")
+    parser.add_argument("--discard-unreadable-state", action="store_true",
+                        help="if state_file cannot be read or is corrupt, start without it and "
+                             "overwrite it, losing what it held (default: refuse to start)")
     return parser
 
 
@@ -3639,8 +4033,13 @@ def main(argv: Optional[List[str]] = None) -> int:
         configure_logging(config.log_level, config.log_format)
         ssl_context = _ssl_context(config) if config.ssl else None
         gateway = Gateway(config)
+        gateway.open_state(discard_unreadable=args.discard_unreadable_state)
     except ConfigError as err:
         print("odin_gateway: %s" % err, file=sys.stderr)
+        return 2
+    except StateError as err:
+        print("odin_gateway: %s\nodin_gateway: nothing was changed; fix or move the file, or start "
+              "with --discard-unreadable-state to start without it" % err, file=sys.stderr)
         return 2
     log.info("odin_gateway %s (config: %s)", __version__,
              config.source if config.source != "Config()" else "built-in defaults")

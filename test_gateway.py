@@ -1206,6 +1206,170 @@ def test_waiting_connects_are_placed_when_the_warmup_ends_and_answered_503_at_a_
     assert status_of(_read_all(stopped)) == 503  # a stop answers the waiting Connect
 
 
+def saved_gateway(path, clock=None, **settings):
+    gw = make_gateway(clock, state_file=str(path), **settings)
+    gw.open_state()
+    return gw
+
+
+def test_saved_state_brings_back_rooms_placements_and_tasks(tmp_path):
+    clock = Clock()
+    path = tmp_path / "state.jsonl"
+    first = saved_gateway(path, clock)
+    assert not first.state_restored  # no file yet: a first start warms up
+    report(first, SFU1, rooms=[room("custom-ns", "reported", "odinref")])
+    report(first, SFU2, load=0.5)
+    placed = result(first, "Connect", {}, token=token(room_id="placed"))["address"]
+    assert first.saved.acknowledged == 1  # the placement: on disk before the answer
+    assert result(first, "RoomClose", {"room_id": "reported"}, token=admin_token("reported")) == {}
+    assert result(first, "RoomClose", {"room_id": "placed"}, token=admin_token("placed")) == {}
+    first.saved.flush()
+    snapshot = list(og.grid_records(first.grid))
+
+    clock.advance(30)  # the gateway was down for 30 s
+    second = saved_gateway(path, clock)
+    assert second.state_restored
+    second.begin_warmup()
+    assert second.warm_until == 0  # known state: no warm-up
+    assert [r for r in og.grid_records(second.grid) if r[0] != "room"] == [
+        r for r in snapshot if r[0] != "room"]
+    rooms = {r[1]: r for r in og.grid_records(second.grid) if r[0] == "room"}
+    assert rooms[og.room_hash("custom-ns", "placed")][5:] == [placed, NOW, False]
+    assert rooms[og.room_hash("custom-ns", "reported")][5:] == [SFU1, NOW + 30, True]
+    assert result(second, "Connect", {}, token=token(room_id="placed"))["address"] == placed
+    assert [t["id"][1] for t in report(second, SFU1, rooms=[room("custom-ns", "reported", "odinref")])
+            + report(second, SFU2)] == ["reported", "placed"]
+    second.saved.flush()
+    third = saved_gateway(path, clock)
+    assert report(third, SFU1) == [] and report(third, SFU2) == []  # delivered: not again
+
+
+def test_saved_state_is_compacted_and_stays_exact(tmp_path, monkeypatch):
+    monkeypatch.setattr(og, "STATE_COMPACT_BYTES", 2000)
+    path = tmp_path / "state.jsonl"
+    gw = saved_gateway(path)
+    for step in range(60):
+        report(gw, SFU1, rooms=[room("ns", "r%d" % i, "c") for i in range(step % 7)])
+        gw.saved.flush()
+    assert path.stat().st_size < 4000
+    again = saved_gateway(path)
+    assert list(og.grid_records(again.grid)) == list(og.grid_records(gw.grid))
+
+
+def test_a_state_file_cut_short_by_a_crash_loses_only_its_last_line(tmp_path, caplog):
+    path = tmp_path / "state.jsonl"
+    gw = saved_gateway(path)
+    report(gw, SFU1, rooms=[room("ns", "r", "c")])
+    gw.saved.flush()
+    with open(str(path), "ab") as out:
+        out.write(b'["task","sfu')
+    again = saved_gateway(path)
+    assert again.state_restored and len(again.grid.rooms) == 1
+    assert "cut short" in caplog.text
+
+
+@pytest.mark.parametrize("content, message", [
+    (b"garbage\n", "line 1 is not JSON"),
+    (b'["something-else",1]\n', "not an odin_gateway state file"),
+    (b'["odin-gateway-state",1]\n["room","h"]\n', "line 2: malformed room record"),
+    (b'["odin-gateway-state",1]\n["party"]\n', "line 2: not a record"),
+])
+def test_a_corrupt_state_file_stops_the_start_unless_told_to_discard_it(tmp_path, content, message):
+    path = tmp_path / "state.jsonl"
+    path.write_bytes(content)
+    with pytest.raises(og.StateError, match=message):
+        saved_gateway(path)
+    assert path.read_bytes() == content  # left as it was, for a person to look at
+    gw = make_gateway(state_file=str(path))
+    gw.open_state(discard_unreadable=True)
+    assert not gw.state_restored and gw.grid.servers == {}
+    assert og.StateFile(str(path)).read() == []
+
+
+def test_a_state_file_older_than_remove_timeout_is_not_restored(tmp_path):
+    clock = Clock()
+    path = tmp_path / "state.jsonl"
+    gw = saved_gateway(path, clock)
+    report(gw, SFU1, rooms=[room("ns", "r", "c")])
+    gw.saved.flush()
+    os.utime(str(path), (NOW - 601, NOW - 601))
+    again = saved_gateway(path, clock)
+    assert not again.state_restored and again.grid.rooms == {}
+
+
+def test_without_a_state_file_nothing_is_journaled():
+    gw = make_gateway()
+    report(gw, SFU1)
+    assert gw.saved is None and gw.grid.journal is None
+
+
+def _serve_process(tmp_path, state, discard=False, warmup=0):
+    config = tmp_path / "state_config.py"
+    config.write_text("host = '127.0.0.1'\nport = 0\nlog_format = 'json'\ncustomers = %r\n"
+                      "state_file = %r\nwarmup = %r\n" % (reference_customers(), str(state), warmup))
+    process = subprocess.Popen([sys.executable, str(HERE / "odin_gateway.py"), "--config", str(config)]
+                               + (["--discard-unreadable-state"] if discard else []),
+                               stderr=subprocess.PIPE, text=True, cwd=str(tmp_path))
+    for line in process.stderr:
+        if line.startswith("odin_gateway: "):  # refused to start
+            return process, line + process.stderr.read()
+        message = json.loads(line)["message"]
+        if message.startswith("listening on "):
+            return process, int(message.rsplit(":", 1)[1])
+    return process, process.stderr.read()
+
+
+@pytest.mark.parametrize("stop", [signal.SIGKILL, signal.SIGTERM])
+def test_a_killed_or_restarted_gateway_loses_nothing_it_acknowledged(tmp_path, stop):
+    state = tmp_path / "state.jsonl"
+    process, port = _serve_process(tmp_path, state)
+    try:
+        internal = og.RpcClient("http://127.0.0.1:%d/internal" % port)
+        lobby = room("custom-ns", "lobby", "odinref")
+        report_params = {"public_endpoint": SFU1, "version": "1", "load": 0, "clients": 0}
+        internal.call("sfu.Report", dict(report_params, rooms=[lobby]))
+        public = og.RpcClient("http://127.0.0.1:%d/" % port, token=admin_token("lobby", now=time.time()))
+        for index in range(20):
+            assert public.call("RoomSendMessage", {"room_id": "lobby", "user_id": "u",
+                                                   "message": [index]}) == {}
+        placed = og.RpcClient("http://127.0.0.1:%d/" % port, token=token(
+            room_id="new", now=time.time())).call("Connect")["address"]
+        process.send_signal(stop)
+        assert process.wait(10) == (0 if stop == signal.SIGTERM else -signal.SIGKILL)
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+        process.stderr.close()
+    process, port = _serve_process(tmp_path, state, warmup=60)  # a Connect waiting 60 s would fail
+    try:
+        internal = og.RpcClient("http://127.0.0.1:%d/internal" % port)
+        tasks = internal.call("sfu.Report", dict(report_params, rooms=[lobby]))["tasks"]
+        assert [task["message"] for task in tasks] == [[index] for index in range(20)]
+        again = og.RpcClient("http://127.0.0.1:%d/" % port, token=token(room_id="new", now=time.time()))
+        assert again.call("Connect")["address"] == placed == SFU1  # no warm-up: state was known
+    finally:
+        process.kill()
+        process.wait()
+        process.stderr.close()
+
+
+def test_the_command_refuses_a_corrupt_state_file_and_names_the_flag(tmp_path):
+    state = tmp_path / "state.jsonl"
+    state.write_text("not a state file\n")
+    process, answer = _serve_process(tmp_path, state)
+    assert process.wait(10) == 2
+    process.stderr.close()
+    assert "line 1 is not JSON" in answer and "--discard-unreadable-state" in answer
+    process, port = _serve_process(tmp_path, state, discard=True)
+    try:
+        assert isinstance(port, int)
+    finally:
+        process.kill()
+        process.wait()
+        process.stderr.close()
+
+
 # ---------------------------------------------------------------------------
 # Info
 # ---------------------------------------------------------------------------
