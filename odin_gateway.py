@@ -129,6 +129,11 @@ MAX_BATCH = 100
 #: Most admin tasks queued for one server; admin calls beyond it are refused
 #: rather than silently dropping tasks already queued.
 MAX_QUEUED_TASKS = 10_000
+#: Rooms in one page of Info (params {"rooms": {"after": hash, "limit": n}}):
+#: the default, and the most one page may ask for (a page of 10,000 rooms is
+#: about 2.5 MB of JSON; more would hold the loop as long as a whole listing).
+INFO_PAGE_ROOMS = 1000
+MAX_INFO_PAGE_ROOMS = 10_000
 #: Seconds a stop waits for requests in flight before closing their connections.
 SHUTDOWN_TIMEOUT = 10.0
 #: Seconds a customer update function may take before its result is ignored.
@@ -1849,8 +1854,8 @@ class SavedState:
     def flush(self) -> None:
         """Write the pending records to disk (one sync); compact when it has grown."""
         if self.pending:
-            records, self.pending = self.pending, []
-            self.file.append(records)
+            self.file.append(self.pending)
+            self.pending = []
         if self.file.needs_compaction():
             self.file.rewrite(grid_records(self.gateway.grid))
 
@@ -1890,6 +1895,22 @@ def _want_bytes(value: Any) -> Optional[str]:
 
 def _want_bool(value: Any) -> Optional[str]:
     return None if isinstance(value, bool) else "must be true or false"
+
+
+def _want_rooms_page(value: Any) -> Optional[str]:
+    if isinstance(value, bool):
+        return None
+    if not isinstance(value, dict):
+        return 'must be true, false or a page {"after": hash, "limit": n}'
+    unknown = sorted(set(value) - {"after", "limit"})
+    if unknown:
+        return "has unknown field %s (a page is {\"after\": hash, \"limit\": n})" % printable(unknown[0])
+    if not isinstance(value.get("after", ""), str):
+        return "after must be a string: the next of the previous page, or a room hash"
+    limit = value.get("limit", INFO_PAGE_ROOMS)
+    if not (_is_integer(limit) and 1 <= limit <= MAX_INFO_PAGE_ROOMS):
+        return "limit must be an integer from 1 to %d" % MAX_INFO_PAGE_ROOMS
+    return None
 
 
 def _want_server_kind(value: Any) -> Optional[str]:
@@ -2293,21 +2314,46 @@ class Gateway:
         return {"hostname": hostname, "draining": server.draining or server.reported_draining}
 
     def rpc_info(self, call: Call, params: dict) -> dict:
-        """Servers, rooms and call statistics, for operators."""
+        """Servers, rooms and call statistics, for operators.
+
+        params.rooms: true (default) lists every room; false none; a page
+        {"after": hash, "limit": n} lists up to n rooms in hash order after
+        that hash, and next is the hash to ask after for the next page
+        (null on the last page). Unless every room is listed, the servers'
+        reports are shown without their room lists.
+        """
+        p = Params(params)
+        pages = p.take("rooms", _want_rooms_page, True)
+        p.check()
         servers = [{
             "hostname": s.hostname, "address": s.hostname, "version": s.version,
             "disabled": s.disabled, "draining": s.draining or s.reported_draining,
-            "keyId": s.key.kid, "report": s.report,
+            "keyId": s.key.kid,
+            "report": s.report if pages is True else {k: v for k, v in s.report.items() if k != "rooms"},
             "firstSeen": iso_time(s.first_seen), "lastSeen": iso_time(s.last_seen),
             "tasks": len(s.tasks),
         } for s in self.grid.servers.values()]
-        rooms = [{
-            "hash": digest, "id": list(room.id), "customer": room.customer,
-            "server": room.server, "updated": iso_time(room.updated),
-        } for digest, room in self.grid.rooms.items()]
+        answer: Dict[str, Any] = {"servers": servers}
+        rooms = self.grid.rooms
+        if pages is True:
+            listed: Any = rooms.items()
+        elif pages is False:
+            listed = ()
+        else:
+            limit = pages.get("limit", INFO_PAGE_ROOMS)
+            digests = self.grid.rooms_after(pages.get("after", ""), limit + 1)
+            listed = [(digest, rooms[digest]) for digest in digests[:limit]]
+        if pages is not False:
+            answer["rooms"] = [{
+                "hash": digest, "id": list(room.id), "customer": room.customer,
+                "server": room.server, "updated": iso_time(room.updated),
+            } for digest, room in listed]
+        if isinstance(pages, dict):
+            answer["next"] = digests[limit - 1] if len(digests) > limit else None
         calls = [{"name": name, "success": counts[0], "failure": counts[1], "rejected": counts[2]}
                  for name, counts in self.stats.items()]
-        return {"servers": servers, "rooms": rooms, "stats": {"apiCalls": calls}}
+        answer["stats"] = {"apiCalls": calls}
+        return answer
 
     # -- saved state ----------------------------------------------------------
 

@@ -1393,6 +1393,46 @@ def test_info_lists_servers_rooms_and_call_statistics():
         {"name": "Connect", "success": 0, "failure": 0, "rejected": 1}]
 
 
+def test_info_pages_through_the_rooms_in_hash_order():
+    gw = make_gateway()
+    report(gw, SFU1, rooms=[room("ns", "r%d" % i, "c") for i in range(25)])
+    pages, after = [], ""
+    while after is not None:
+        page = result(gw, "Info", {"rooms": {"after": after, "limit": 10}})
+        assert "rooms" not in page["servers"][0]["report"] and page["servers"][0]["report"]["load"] == 0
+        pages.append([r["hash"] for r in page["rooms"]])
+        after = page["next"]
+        if len(pages) == 1:  # rooms change between pages: the cursor still holds
+            report(gw, SFU1, rooms=[room("ns", "r%d" % i, "c") for i in range(1, 25)] + [room("ns", "x", "c")])
+    assert [len(p) for p in pages] == [10, 10, 5]
+    listed = [h for p in pages for h in p]
+    assert listed == sorted(listed) and set(listed[10:]) <= set(gw.grid.rooms)
+    assert set(listed) >= set(gw.grid.rooms) - set(pages[0])
+    first = result(gw, "Info", {"rooms": {}})
+    assert len(first["rooms"]) == 25 and first["next"] is None  # default limit 1,000
+
+
+def test_info_without_rooms_is_small():
+    gw = make_gateway()
+    report(gw, SFU1, rooms=[room("ns", "r%d" % i, "c") for i in range(5)])
+    info = result(gw, "Info", {"rooms": False})
+    assert "rooms" not in info and "next" not in info and "rooms" not in info["servers"][0]["report"]
+    assert len(result(gw, "Info", {"rooms": True})["rooms"]) == 5
+
+
+@pytest.mark.parametrize("rooms, problem", [
+    ("all", "must be true, false or a page"),
+    ({"page": 2}, "unknown field page"),
+    ({"after": 5}, "after must be a string"),
+    ({"limit": 0}, "limit must be an integer from 1 to 10000"),
+    ({"limit": 10001}, "limit must be an integer from 1 to 10000"),
+    ({"limit": 2.5}, "limit must be an integer"),
+])
+def test_info_page_params_are_validated(rooms, problem):
+    err = error(make_gateway(), "Info", {"rooms": rooms})
+    assert err["code"] == -32600 and problem in err["data"]["fieldErrors"]["rooms"][0]
+
+
 def test_internal_errors_answer_generically_count_as_failure_and_log(caplog, monkeypatch):
     gw = make_gateway()
 
