@@ -972,6 +972,56 @@ def test_a_placed_room_confirmed_by_its_server_is_owned():
     assert report(gw, SFU2, rooms=[lobby])[0]["task"] == "RoomClose"
 
 
+def test_a_report_costs_what_changed_rooms_are_hashed_once(monkeypatch):
+    gw = make_gateway()
+    calls = []
+    real_hash = og.room_hash
+    monkeypatch.setattr(og, "room_hash", lambda ns, name: calls.append(name) or real_hash(ns, name))
+    rooms = [room("ns", "r%d" % i, "c", peers=2) for i in range(50)]
+    report(gw, SFU1, rooms=rooms)
+    assert len(calls) == 50
+    report(gw, SFU1, rooms=[dict(r, age={"secs": 9, "nanos": 1}) for r in rooms])
+    assert len(calls) == 50  # a repeat: nothing hashed again
+    report(gw, SFU1, rooms=rooms[1:] + [room("ns", "new", "d", peers=3)])
+    assert calls[50:] == ["new"]
+    assert len(gw.grid.rooms) == 50 and og.room_hash("ns", "r0") not in gw.grid.rooms
+    assert gw.grid.usage == {"c": (98, 49), "d": (3, 1)}
+    assert result(gw, "Info")["servers"][0]["report"]["rooms"][-1] == room("ns", "new", "d", peers=3)
+
+
+@pytest.mark.parametrize("bad", [
+    "room", {"customer": "c", "age": {"secs": 1, "nanos": 0}, "peers": 1},
+    dict(room("a", "b", "c"), id=["a", "b", "c"]), dict(room("a", "b", "c"), id=["a", 1]),
+    dict(room("a", "b", "c"), id="a/b"), dict(room("a", "b", "c"), customer=None),
+    dict(room("a", "b", "c"), age={"secs": 1}), dict(room("a", "b", "c"), age={"secs": True, "nanos": 0}),
+    dict(room("a", "b", "c"), age={"secs": 1e999, "nanos": 0}), dict(room("a", "b", "c"), age=[1, 0]),
+    dict(room("a", "b", "c"), peers=True), dict(room("a", "b", "c"), peers=1.0),
+    dict(room("a", "b", "c"), peers=-1),
+])
+def test_the_fast_room_check_refuses_what_the_field_check_names(bad):
+    rooms = [room("a", "ok", "c"), bad]
+    assert og.room_columns(rooms) is None and og._want_rooms(rooms).startswith("[1]: ")
+    assert og.room_columns([room("a", "ok", "c"), dict(room("a", "b", "c"), extra=1)]) is not None
+
+
+def test_big_bodies_are_handled_with_the_collector_paused_and_it_resumes(monkeypatch):
+    import gc
+
+    gw = make_gateway()
+    seen = []
+
+    def handle_http(*args):
+        seen.append(gc.isenabled())
+        raise RuntimeError("a bug")
+    monkeypatch.setattr(gw, "handle_http", handle_http)
+    request = og.Request("POST", "/internal", (1, 1), {})
+    for size in (100, og.GC_PAUSE_BYTES + 1):
+        with pytest.raises(RuntimeError):
+            og.handle_request(gw, request, b" " * size, "127.0.0.1")
+        assert gc.isenabled()
+    assert seen == [True, False]
+
+
 def test_server_hostname_defaults_to_the_remote_address():
     gw = make_gateway()
     params = {"version": "1", "load": 0, "clients": 0, "rooms": []}
