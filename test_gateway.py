@@ -3115,6 +3115,8 @@ def test_benchmark_parts_run():
     assert bench.connect_cost(10, bench.make_tokens(5)) > 0
     first, again, size = bench.time_report(100)
     assert first > 0 and size > 1000
+    repeat, floor = bench.repeated_report_ms(100)
+    assert repeat > 0 and floor > 0
 
 
 def test_serve_is_the_default_command_and_can_be_named():

@@ -18,7 +18,11 @@ On one machine it:
    100,000 rooms, and Connect with 10 to 1,000,000 rooms mapped; measures
    memory per room;
 4. simulates placement: 100 new rooms between two reports on 10 servers,
-   equal and uneven loads, for both placement rules.
+   equal and uneven loads, for both placement rules;
+5. restarts and heavy load (issue 11): times a 10,000-room report that
+   repeats the previous one, and Connect's p99 and max over HTTP while 17
+   servers report 1,000 rooms and 3 report 10,000 every 5 s, and while ten
+   clients fetch every page of a 100,000-room Info; each with its target.
 """
 
 from __future__ import annotations
@@ -145,11 +149,12 @@ def run_own(port, connections, seconds, tokens):
             latencies[int(len(latencies) * 0.99)] * 1000, False)
 
 
-def start_gateway(tmp):
+def start_gateway(tmp, settings=""):
     config = os.path.join(tmp, "bench_config.py")
     with open(config, "w") as out:
+        # warmup = 0: the load starts at once, as on a gateway that has run for a while.
         out.write("host = '127.0.0.1'\nport = 0\nlog_level = 'WARNING'\nlog_format = 'json'\n"
-                  "customers = %r\n" % [CUSTOMER])
+                  "customers = %r\nwarmup = 0\n" % [CUSTOMER] + settings)
     code = ("import os, sys; os.sched_setaffinity(0, {%d}) if hasattr(os, 'sched_setaffinity') "
             "else None; sys.path.insert(0, %r); import odin_gateway; "
             "sys.exit(odin_gateway.main(['--config', %r]))" % (SERVER_CORE, os.path.dirname(HERE), config))
@@ -297,6 +302,163 @@ def placement(rule, loads, rooms=100, seeds=20):
     return ratios
 
 
+# -- restarts and heavy load (issue 11): big reports, Info pages --------------
+
+
+async def _http_exchange(reader, writer, path, body, token=None):
+    """One keep-alive POST; the answer's body."""
+    auth = b"Authorization: Bearer %s\r\n" % token.encode() if token else b""
+    writer.write(b"POST %s HTTP/1.1\r\nHost: x\r\n%sContent-Length: %d\r\n\r\n%s"
+                 % (path, auth, len(body), body))
+    head = await reader.readuntil(b"\r\n\r\n")
+    length = int(head.split(b"Content-Length: ")[1].split(b"\r\n")[0])
+    return await reader.readexactly(length)
+
+
+def report_body(hostname, rooms, prefix):
+    return json.dumps({"jsonrpc": "2.0", "method": "sfu.Report", "id": 1, "params": {
+        "public_endpoint": hostname, "version": "bench", "load": 0.1, "clients": rooms * 2,
+        "rooms": [{"id": ["bench", "%s-%d" % (prefix, i)], "customer": "bench",
+                   "age": {"secs": 60, "nanos": 0}, "peers": 2} for i in range(rooms)]}}).encode()
+
+
+async def _connect_while(port, seconds, tokens, background, connections=4, pause=0.01):
+    """Connect latencies (s) from a few keep-alive clients while background runs."""
+    latencies = []
+    stop_at = time.perf_counter() + seconds
+    body = b'{"jsonrpc":"2.0","method":"Connect","params":{},"id":1}'
+
+    async def client(index):
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        n = index
+        while time.perf_counter() < stop_at:
+            started = time.perf_counter()
+            await _http_exchange(reader, writer, b"/", body, tokens[n % len(tokens)])
+            latencies.append(time.perf_counter() - started)
+            n += connections
+            await asyncio.sleep(pause)
+        writer.close()
+
+    extra = asyncio.ensure_future(background(stop_at))
+    await asyncio.gather(*(client(i) for i in range(connections)))
+    done = await extra
+    latencies.sort()
+    return latencies, done
+
+
+def _quantiles(latencies):
+    return (latencies[int(len(latencies) * 0.99)] * 1000, latencies[-1] * 1000)
+
+
+def connect_under_big_reports(tmp, seconds, tokens, servers=((17, 1000), (3, 10000)), interval=5.0):
+    """Connect p99 and max over HTTP while servers report big rooms lists every interval."""
+    bodies = []
+    for count, rooms in servers:
+        for index in range(count):
+            hostname = "sfu-%d-%d:4433" % (rooms, index)
+            bodies.append(report_body(hostname, rooms, hostname))
+    process, port = start_gateway(tmp, "max_body_bytes = %d\n" % (4 * max(map(len, bodies))))
+
+    async def first_reports():  # the rooms are new once; what is timed is the steady state
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        for body in bodies:
+            await _http_exchange(reader, writer, b"/internal", body)
+        writer.close()
+    asyncio.run(first_reports())
+
+    async def reports(stop_at):
+        async def server(body):
+            reader, writer = await asyncio.open_connection("127.0.0.1", port)
+            await asyncio.sleep(random.random() * interval)  # servers report out of step
+            sent = 0
+            while time.perf_counter() < stop_at:
+                await _http_exchange(reader, writer, b"/internal", body)
+                sent += 1
+                await asyncio.sleep(interval)
+            writer.close()
+            return sent
+        return sum(await asyncio.gather(*(server(body) for body in bodies)))
+
+    try:
+        pin(CLIENT_CORE)
+        latencies, sent = asyncio.run(_connect_while(port, seconds, tokens, reports))
+    finally:
+        process.terminate()
+        process.wait()
+    return _quantiles(latencies) + (len(latencies), sent)
+
+
+def connect_while_paging_info(tmp, seconds, tokens, rooms=100000, readers=10, limit=1000):
+    """Connect max latency while readers fetch every page of Info over and over."""
+    process, port = start_gateway(tmp, "max_body_bytes = %d\n" % (64 * 1024 * 1024))
+    try:
+        og.RpcClient("http://127.0.0.1:%d/internal" % port).call("sfu.Report", json.loads(
+            report_body("sfu-big:4433", rooms, "r"))["params"])
+        pages = []
+
+        async def fetch(stop_at):
+            async def reader_task():
+                reader, writer = await asyncio.open_connection("127.0.0.1", port)
+                while time.perf_counter() < stop_at:
+                    after = ""
+                    while after is not None and time.perf_counter() < stop_at:
+                        body = json.dumps({"jsonrpc": "2.0", "method": "Info", "id": 1, "params": {
+                            "rooms": {"after": after, "limit": limit}}}).encode()
+                        answer = await _http_exchange(reader, writer, b"/internal", body)
+                        # Only the cursor: parsing whole pages would slow this
+                        # process, and the Connect latencies it measures.
+                        after = json.loads(re.search(rb'"next":(null|"[^"]*")', answer).group(1))
+                        pages.append(1)
+                writer.close()
+            await asyncio.gather(*(reader_task() for _ in range(readers)))
+            return len(pages)
+
+        pin(CLIENT_CORE)
+        latencies, fetched = asyncio.run(_connect_while(port, seconds, tokens, fetch))
+    finally:
+        process.terminate()
+        process.wait()
+    return _quantiles(latencies) + (len(latencies), fetched)
+
+
+def repeated_report_ms(rooms):
+    """In-process cost of a report repeating the previous one, as the server
+    handles it (collector paused for big bodies): median of 5, and the
+    json.loads floor of the same body."""
+    gw = og.Gateway(og.Config(customers=[CUSTOMER], max_body_bytes=64 * 1024 * 1024))
+    body = report_body("sfu:4433", rooms, "r")
+    request = og.Request("POST", "/internal", (1, 1), {})
+    og.handle_request(gw, request, body, "127.0.0.1")
+    times, floors = [], []
+    for _ in range(5):
+        started = time.perf_counter()
+        og.handle_request(gw, request, body, "127.0.0.1")
+        times.append(time.perf_counter() - started)
+        started = time.perf_counter()
+        json.loads(body)
+        floors.append(time.perf_counter() - started)
+    return statistics.median(times) * 1000, statistics.median(floors) * 1000
+
+
+def heavy_load(tmp, args, tokens):
+    print("\nRestarts and heavy load (issue 11; load average %.2f):" % os.getloadavg()[0])
+    pin(SERVER_CORE)
+    repeat, floor = repeated_report_ms(10000)
+    print("  sfu.Report of 10,000 rooms repeating the previous one: %.1f ms (target <= 10 ms; "
+          "json.loads of its body alone: %.1f ms)" % (repeat, floor))
+    seconds = 6 if args.quick else 30
+    p99, worst, count, sent = connect_under_big_reports(tmp, seconds, tokens)
+    print("  Connect while 17 servers report 1,000 rooms and 3 report 10,000 every 5 s (%d s, "
+          "%d Connects, %d reports):\n    p99 %.1f ms (target <= 10), max %.1f ms (target <= 40)"
+          % (seconds, count, sent, p99, worst))
+    seconds = 6 if args.quick else 20
+    p99, worst, count, fetched = connect_while_paging_info(tmp, seconds, tokens,
+                                                          rooms=20000 if args.quick else 100000)
+    print("  Connect while 10 clients fetch every page of a %s-room Info (%d pages of 1,000, "
+          "%d Connects):\n    max %.1f ms (target <= 50), p99 %.1f ms" % (
+              "20,000" if args.quick else "100,000", fetched, count, worst, p99))
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="a short smoke run of every part")
@@ -374,6 +536,8 @@ def main():
         print("    %-9s %s" % (rule, " ".join("%3d" % counts.get("sfu-%d:4433" % i, 0)
                                               for i in range(10))))
 
+    with tempfile.TemporaryDirectory() as tmp:
+        heavy_load(tmp, args, tokens)
 
 if __name__ == "__main__":
     main()
