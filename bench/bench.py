@@ -379,46 +379,49 @@ def connect_under_big_reports(tmp, seconds, tokens, servers=((17, 1000), (3, 100
             return sent
         return sum(await asyncio.gather(*(server(body) for body in bodies)))
 
+    return _connects_beside(process, port, seconds, tokens, reports)
+
+
+def _connects_beside(process, port, seconds, tokens, background):
+    """(Connect p99 ms, max ms, Connects, what background returned); stops the gateway."""
     try:
         pin(CLIENT_CORE)
-        latencies, sent = asyncio.run(_connect_while(port, seconds, tokens, reports))
+        latencies, done = asyncio.run(_connect_while(port, seconds, tokens, background))
     finally:
         process.terminate()
         process.wait()
-    return _quantiles(latencies) + (len(latencies), sent)
+    return _quantiles(latencies) + (len(latencies), done)
 
 
 def connect_while_paging_info(tmp, seconds, tokens, rooms=100000, readers=10, limit=1000):
     """Connect max latency while readers fetch every page of Info over and over."""
     process, port = start_gateway(tmp, "max_body_bytes = %d\n" % (64 * 1024 * 1024))
+    pages = []
+
+    async def fetch(stop_at):
+        async def reader_task():
+            reader, writer = await asyncio.open_connection("127.0.0.1", port)
+            while time.perf_counter() < stop_at:
+                after = ""
+                while after is not None and time.perf_counter() < stop_at:
+                    body = json.dumps({"jsonrpc": "2.0", "method": "Info", "id": 1, "params": {
+                        "rooms": {"after": after, "limit": limit}}}).encode()
+                    answer = await _http_exchange(reader, writer, b"/internal", body)
+                    # Only the cursor: parsing whole pages would slow this
+                    # process, and the Connect latencies it measures.
+                    after = json.loads(re.search(rb'"next":(null|"[^"]*")', answer).group(1))
+                    pages.append(1)
+            writer.close()
+        await asyncio.gather(*(reader_task() for _ in range(readers)))
+        return len(pages)
+
     try:
         og.RpcClient("http://127.0.0.1:%d/internal" % port).call("sfu.Report", json.loads(
             report_body("sfu-big:4433", rooms, "r"))["params"])
-        pages = []
-
-        async def fetch(stop_at):
-            async def reader_task():
-                reader, writer = await asyncio.open_connection("127.0.0.1", port)
-                while time.perf_counter() < stop_at:
-                    after = ""
-                    while after is not None and time.perf_counter() < stop_at:
-                        body = json.dumps({"jsonrpc": "2.0", "method": "Info", "id": 1, "params": {
-                            "rooms": {"after": after, "limit": limit}}}).encode()
-                        answer = await _http_exchange(reader, writer, b"/internal", body)
-                        # Only the cursor: parsing whole pages would slow this
-                        # process, and the Connect latencies it measures.
-                        after = json.loads(re.search(rb'"next":(null|"[^"]*")', answer).group(1))
-                        pages.append(1)
-                writer.close()
-            await asyncio.gather(*(reader_task() for _ in range(readers)))
-            return len(pages)
-
-        pin(CLIENT_CORE)
-        latencies, fetched = asyncio.run(_connect_while(port, seconds, tokens, fetch))
-    finally:
-        process.terminate()
-        process.wait()
-    return _quantiles(latencies) + (len(latencies), fetched)
+    except BaseException:
+        process.kill()
+        raise
+    return _connects_beside(process, port, seconds, tokens, fetch)
 
 
 def repeated_report_ms(rooms):
