@@ -65,6 +65,7 @@ import argparse
 import asyncio
 import base64
 import bisect
+import collections
 import contextlib
 import copy
 import datetime
@@ -3212,6 +3213,48 @@ class _Connections:
         self.closing: set = set()  # transports closed with answer bytes still unsent
         self.changed = Wakeup()  # fired by the gateway's on_change: Postponed requests retry
         self.state_flush = StateFlush()
+        self.internal_turns = Turns()  # /internal calls (reports, Info pages) take turns
+
+
+class Turns:
+    """Requests that take turns, one per loop iteration or two: a flood of
+    them (ten clients reading every page of Info, back to back) cannot hold
+    up the Connects that arrive meanwhile, since the loop reads its sockets
+    and serves them between two turns."""
+
+    def __init__(self) -> None:
+        self._busy = False
+        self._waiting: "collections.deque[asyncio.Future[None]]" = collections.deque()
+
+    async def take(self) -> None:
+        if not self._busy:
+            self._busy = True
+            return
+        future = asyncio.get_running_loop().create_future()
+        self._waiting.append(future)
+        try:
+            await future
+        except asyncio.CancelledError:
+            if future.done() and not future.cancelled():
+                self.release()  # the turn came as the task was cancelled: pass it on
+            else:
+                self._waiting.remove(future)
+            raise
+
+    def release(self) -> None:
+        if not self._waiting:
+            self._busy = False
+            return
+        loop = asyncio.get_running_loop()
+        loop.call_soon(loop.call_soon, self._hand_on)  # after one more round of socket reads
+
+    def _hand_on(self) -> None:
+        while self._waiting:
+            future = self._waiting.popleft()
+            if not future.done():
+                future.set_result(None)
+                return
+        self._busy = False
 
 
 class StateFlush:
@@ -3389,6 +3432,9 @@ async def serve_connection(gateway: Gateway, reader: asyncio.StreamReader,
                 return
             saved = gateway.saved
             acknowledged = saved.acknowledged if saved is not None else 0
+            internal = request.target.startswith("/internal")
+            if internal:
+                await connections.internal_turns.take()
             try:
                 response = handle_request(gateway, request, body, remote)
                 while isinstance(response, Postponed) and not gateway.stopping:
@@ -3400,6 +3446,9 @@ async def serve_connection(gateway: Gateway, reader: asyncio.StreamReader,
                 log.error("internal error serving %s %s:\n%s", printable(request.method),
                           printable(request.target), traceback.format_exc())
                 response = Response(500, _error_body(INTERNAL_ERROR, "Internal error"))
+            finally:
+                if internal:
+                    connections.internal_turns.release()
             if saved is not None and saved.pending:
                 written = connections.state_flush.soon(saved)
                 if saved.acknowledged != acknowledged:  # on disk before the answer says so

@@ -2001,6 +2001,31 @@ def test_identical_duplicate_content_length_is_accepted():
     assert status_of(data) == 200
 
 
+def test_internal_calls_take_turns_and_connects_run_between_them():
+    async def scenario():
+        turns, order = og.Turns(), []
+
+        async def internal(name):
+            await turns.take()
+            order.append(name)
+            turns.release()
+
+        async def connect():
+            order.append("connect")
+
+        await turns.take()  # a page is being answered
+        waiting = [asyncio.ensure_future(internal(name)) for name in ("page1", "page2", "gone")]
+        await asyncio.sleep(0)
+        waiting[2].cancel()  # a client that went away must not keep the turn
+        turns.release()
+        asyncio.get_running_loop().call_soon(lambda: asyncio.ensure_future(connect()))
+        await asyncio.gather(*waiting[:2])
+        await asyncio.wait_for(turns.take(), 1)  # free again
+        return order
+
+    assert asyncio.run(scenario()) == ["connect", "page1", "page2"]
+
+
 def test_a_slow_client_is_cut_off_while_others_are_served():
     with running(make_gateway(read_timeout=0.3)) as server, socket.create_connection(("127.0.0.1", server.port), timeout=5) as slow:
         slow.sendall(b"POST /internal HTTP/1.1\r\nX-Slow: ")
