@@ -1327,7 +1327,7 @@ class Server:
 
     __slots__ = ("hostname", "version", "disabled", "draining", "reported_draining", "report",
                  "reported_rooms", "first_seen", "last_seen", "tasks", "key", "room_hashes",
-                 "room_keys", "closing", "usage", "pending", "pending_peers")
+                 "room_keys", "closing", "usage", "pending", "pending_peers", "changes", "integrated")
 
     def __init__(self, hostname: str, key: SigningKey, now: float):
         self.hostname = hostname
@@ -1336,10 +1336,10 @@ class Server:
         self.draining = False  # set by an operator (Drain)
         self.reported_draining = False  # set by the server in its report
         self.report: dict = {"load": 0, "clients": 0}  # its last report, without the rooms
-        # The rooms of its last report as rows ((namespace, name), customer,
-        # (secs, nanos), peers): tuples of strings and numbers, which the
-        # garbage collector stops tracking (dicts and lists it would scan).
-        self.reported_rooms: tuple = ()
+        # The rooms of its last report as columns (RoomColumns): lists of
+        # strings, numbers and tuples of them, which the garbage collector
+        # stops tracking (the report's dicts and lists it would scan).
+        self.reported_rooms: RoomColumns = ([], [], [], [])
         self.first_seen = now
         self.last_seen = now
         self.tasks: List[dict] = []
@@ -1350,6 +1350,12 @@ class Server:
         self.usage: Dict[str, List[int]] = {}  # customer -> [peers, rooms] of its last report
         self.pending: Dict[str, List[int]] = {}  # customer -> [peers, rooms] sent since
         self.pending_peers = 0
+        # Counts changes to its rooms made by others (Connect moving one, a
+        # room expiring, another server taking one over); with integrated
+        # (its last report's ids, customers and rooms, when it owned them
+        # all), a report that repeats the previous one needs no lookups.
+        self.changes = 0
+        self.integrated: Optional[tuple] = None
 
     @property
     def load(self) -> float:
@@ -1358,7 +1364,7 @@ class Server:
     def report_json(self) -> dict:
         """Its last report as it came (the known fields), rooms included."""
         rooms = [{"id": list(key), "customer": customer, "age": {"secs": age[0], "nanos": age[1]},
-                  "peers": peers} for key, customer, age, peers in self.reported_rooms]
+                  "peers": peers} for key, customer, age, peers in zip(*self.reported_rooms)]
         return dict(self.report, rooms=rooms)
 
     @property
@@ -1428,9 +1434,11 @@ def room_columns(rooms: Any) -> Optional[RoomColumns]:
             return None
         times = list(map(_AGE_FIELDS, ages))
         secs, nanos = zip(*times)
-        if not (set(map(type, secs)) | set(map(type, nanos))) <= _NUMBER_TYPES:
+        number_types = set(map(type, secs)) | set(map(type, nanos))
+        if not number_types <= _NUMBER_TYPES:
             return None
-        if not all(map(math.isfinite, secs)) or not all(map(math.isfinite, nanos)):
+        if float in number_types and not (all(map(math.isfinite, secs))
+                                          and all(map(math.isfinite, nanos))):
             return None  # 1e999 parses as infinity
         if set(map(type, peers)) != {int} or min(peers) < 0:
             return None
@@ -1483,17 +1491,28 @@ class Grid:
         if self.journal is not None:
             self.journal(record, acknowledged)
 
+    def _touch(self, hostname: str) -> None:
+        """Note that a room of this server changed (see Server.changes)."""
+        server = self.servers.get(hostname)
+        if server is not None:
+            server.changes += 1
+
     def _map(self, digest: str, room: Room, acknowledged: bool = False) -> None:
-        """Map (or remap) a room; acknowledged: a Connect answers with it."""
-        if digest not in self.rooms and self._sorted is not None:
-            bisect.insort(self._sorted, digest)
+        """Map (or remap) a room; acknowledged: a Connect answers with it.
+        (A caller that moves a Room object to another server touches the old one.)"""
+        old = self.rooms.get(digest)
+        if old is None:
+            if self._sorted is not None:
+                bisect.insort(self._sorted, digest)
+        elif old is not room:
+            self._touch(old.server)
         self.rooms[digest] = room
         if self.journal is not None:
             self.journal(["room", digest, room.id[0], room.id[1], room.customer, room.server,
                           room.updated, room.reported], acknowledged)
 
     def _unmap(self, digest: str) -> None:
-        del self.rooms[digest]
+        self._touch(self.rooms.pop(digest).server)
         if self._sorted is not None:
             index = bisect.bisect_left(self._sorted, digest)
             if index < len(self._sorted) and self._sorted[index] == digest:
@@ -1555,7 +1574,7 @@ class Grid:
         unknown = self._integrate_rooms(server, keys, customers, now)
         self._account(server, -1)
         server.usage = _usage_by_customer(keys, customers, peers, unknown)
-        server.reported_rooms = tuple(zip(keys, customers, ages, peers))
+        server.reported_rooms = rooms
         server.pending = {}
         server.pending_peers = 0
         server.version = version
@@ -1598,6 +1617,12 @@ class Grid:
         is the one part that grows with the size of the report.
         """
         hostname = server.hostname
+        same = server.integrated
+        if (same is not None and same[3] == server.changes and same[0] == keys
+                and same[1] == customers):  # a repeat (compared in C): all still its own
+            for known in same[2]:
+                known.updated = now
+            return set()
         room_keys = server.room_keys
         unknown: set = set()
         if len(room_keys) != len(keys) or None in map(room_keys.get, keys):
@@ -1643,6 +1668,9 @@ class Grid:
                 if known is not None and known.server == hostname:
                     self._unmap(digest)
             server.room_hashes = set(reported)
+        owned = list(map(rooms_get, reported))
+        mine = not unknown and all(known is not None and known.server == hostname for known in owned)
+        server.integrated = (keys, customers, owned, server.changes) if mine else None
         return unknown
 
     def _collision(self, server: Server, owner: Room, room_id: Tuple[str, str], digest: str) -> None:
@@ -1696,6 +1724,7 @@ class Grid:
         else:
             room.updated = now
             if new_here:  # moved: the new server has not confirmed it yet
+                self._touch(room.server)
                 room.reported = False
                 room.server = server.hostname
                 self._map(digest, room, acknowledged=True)
@@ -1861,6 +1890,8 @@ def apply_record(grid: Grid, record: list, now: float) -> None:
         if server is None:
             return  # its server was forgotten: so is the room
         grid._sorted = None
+        if digest in grid.rooms:
+            grid._touch(grid.rooms[digest].server)
         grid.rooms[digest] = Room((namespace, name), customer, hostname,
                                   max(updated, now) if reported else updated, reported)
         if reported:
@@ -1870,6 +1901,7 @@ def apply_record(grid: Grid, record: list, now: float) -> None:
         room = grid.rooms.pop(record[1], None)
         if room is not None and room.server in grid.servers:
             grid.servers[room.server].room_hashes.discard(record[1])
+            grid._touch(room.server)
         grid._sorted = None
         return
     hostname = record[1]

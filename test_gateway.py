@@ -990,6 +990,22 @@ def test_a_report_costs_what_changed_rooms_are_hashed_once(monkeypatch):
     assert result(gw, "Info")["servers"][0]["report"]["rooms"][-1] == room("ns", "new", "d", peers=3)
 
 
+def test_a_repeated_report_still_sees_what_others_changed():
+    clock = Clock()
+    gw = make_gateway(clock)
+    lobby = room("custom-ns", "lobby", "odinref")
+    for _ in range(2):  # the second is a repeat
+        report(gw, SFU1, rooms=[lobby, room("custom-ns", "other", "odinref")])
+    clock.advance(8)
+    report(gw, SFU2)
+    gw.tick()  # SFU1 is disabled: Connect moves its room
+    assert result(gw, "Connect", {}, token=token())["address"] == SFU2
+    clock.advance(1)
+    report(gw, SFU1, rooms=[lobby, room("custom-ns", "other", "odinref")])  # it still has the room
+    assert gw.grid.rooms[og.room_hash("custom-ns", "lobby")].server == SFU1
+    assert gw.grid.rooms[og.room_hash("custom-ns", "other")].updated == clock.now
+
+
 @pytest.mark.parametrize("bad", [
     "room", {"customer": "c", "age": {"secs": 1, "nanos": 0}, "peers": 1},
     dict(room("a", "b", "c"), id=["a", "b", "c"]), dict(room("a", "b", "c"), id=["a", 1]),
