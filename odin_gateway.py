@@ -1509,7 +1509,7 @@ class Grid:
         self.rooms[digest] = room
         if self.journal is not None:
             self.journal(["room", digest, room.id[0], room.id[1], room.customer, room.server,
-                          room.updated, room.reported], acknowledged)
+                          int(room.updated), room.reported], acknowledged)
 
     def _unmap(self, digest: str) -> None:
         self._touch(self.rooms.pop(digest).server)
@@ -1829,6 +1829,7 @@ class Grid:
 #   ["server", hostname, version, disabled, draining]   added, or one of these changed
 #   ["forget", hostname]                                removed, with its rooms
 #   ["room", hash, namespace, name, customer, server, updated, reported]   (re)mapped
+#                                 (updated: whole seconds; a reported room is as new as the restore)
 #   ["unroom", hash]                                    unmapped
 #   ["task", hostname, task]                            queued for the server
 #   ["sent", hostname, count]                           its first count tasks were delivered
@@ -1838,6 +1839,9 @@ STATE_HEADER = ["odin-gateway-state", 1]
 #: A state file is compacted (rewritten as a snapshot) when the changes
 #: appended since the last snapshot exceed both this and the snapshot's size.
 STATE_COMPACT_BYTES = 4 * 1024 * 1024
+#: Records per line of the state file: the JSON encoder writes a line in one
+#: call, and a line cut short by a crash loses no more than its own records.
+STATE_LINE_RECORDS = 1000
 
 _RECORD_SHAPES: Dict[str, Tuple[type, ...]] = {
     "server": (str, str, bool, bool),
@@ -1872,7 +1876,7 @@ def grid_records(grid: Grid) -> Iterator[list]:
         for task in server.tasks:
             yield ["task", server.hostname, task]
     for digest, room in grid.rooms.items():
-        yield ["room", digest, room.id[0], room.id[1], room.customer, room.server, room.updated,
+        yield ["room", digest, room.id[0], room.id[1], room.customer, room.server, int(room.updated),
                room.reported]
 
 
@@ -1927,8 +1931,10 @@ def apply_record(grid: Grid, record: list, now: float) -> None:
 
 
 class StateFile:
-    """The state file: a header line, then one record per line (a snapshot,
-    then the changes). Writes are appended and made durable by sync()."""
+    """The state file: a header line, then lines that each hold a JSON array
+    of records (a snapshot in chunks, then one line per flush of changes).
+    Its methods do blocking file I/O: the serving loop calls them in a
+    worker thread, one at a time."""
 
     def __init__(self, path: str):
         self.path = path
@@ -1953,39 +1959,42 @@ class StateFile:
         if lines[-1]:
             log.warning("state_file %s: dropping a last line cut short (%d bytes), written while "
                         "the gateway was killed", self.path, len(lines[-1]))
-        lines = lines[:-1]
-        records = []
-        for number, line in enumerate(lines, 1):
+        records: List[list] = []
+        for number, line in enumerate(lines[:-1], 1):
             try:
-                record = load_json(line)
+                batch = load_json(line)
             except ValueError as err:
                 raise StateError("state_file %s: line %d is not JSON (%s)" % (self.path, number, err)) from err
             if number == 1:
-                if record != STATE_HEADER:
+                if batch != STATE_HEADER:
                     raise StateError("state_file %s is not an odin_gateway state file (its first "
                                      "line is not %s)" % (self.path, dump_json(STATE_HEADER).decode()))
                 continue
-            problem = record_problem(record)
-            if problem:
-                raise StateError("state_file %s: line %d: %s" % (self.path, number, problem))
-            records.append(record)
+            if not isinstance(batch, list):
+                raise StateError("state_file %s: line %d is not an array of records" % (self.path, number))
+            for record in batch:
+                problem = record_problem(record)
+                if problem:
+                    raise StateError("state_file %s: line %d: %s" % (self.path, number, problem))
+            records.extend(batch)
         return records
 
     def age(self, now: float) -> float:
         """Seconds since the file was last written."""
         return now - os.stat(self.path).st_mtime
 
-    def rewrite(self, records: Any) -> None:
-        """Replace the file by these records (a snapshot), atomically and durably."""
+    @staticmethod
+    def encode(records: List[list]) -> bytes:
+        """Records as lines of the file (one per STATE_LINE_RECORDS), JSON encoded in C."""
+        return b"".join(dump_json(records[start:start + STATE_LINE_RECORDS]) + b"\n"
+                        for start in range(0, len(records), STATE_LINE_RECORDS))
+
+    def rewrite(self, data: bytes) -> None:
+        """Replace the file by a snapshot (encoded records), atomically and durably."""
         self.close()
         temporary = self.path + ".new"
         with open(temporary, "wb") as out:
-            out.write(_compact_json(STATE_HEADER).encode() + b"\n")
-            size = 0
-            for record in records:
-                line = _compact_json(record).encode() + b"\n"
-                out.write(line)
-                size += len(line)
+            out.write(dump_json(STATE_HEADER) + b"\n" + data)
             out.flush()
             os.fsync(out.fileno())
         os.replace(temporary, self.path)
@@ -1995,18 +2004,14 @@ class StateFile:
         finally:
             os.close(directory)
         self._file = open(self.path, "ab")
-        self.snapshot_bytes, self.appended_bytes = size, 0
+        self.snapshot_bytes, self.appended_bytes = len(data), 0
 
-    def append(self, records: List[list]) -> None:
-        """Write records at the end and sync them to disk."""
-        data = b"".join(_compact_json(record).encode() + b"\n" for record in records)
+    def append(self, data: bytes) -> None:
+        """Write encoded records at the end and sync them to disk."""
         self._file.write(data)
         self._file.flush()
         os.fsync(self._file.fileno())
         self.appended_bytes += len(data)
-
-    def needs_compaction(self) -> bool:
-        return self.appended_bytes > max(STATE_COMPACT_BYTES, self.snapshot_bytes)
 
     def close(self) -> None:
         if self._file is not None:
@@ -2016,16 +2021,17 @@ class StateFile:
 
 class SavedState:
     """A gateway's state file: restores the grid at start, then journals its
-    changes. Records wait in memory until flush() (the I/O layer calls it
-    once per loop iteration and holds the answers to acknowledged calls
-    until it has run); acknowledged counts the records that must be on disk
-    before their answer is sent."""
+    changes. Records wait in memory until the next flush (the serving loop
+    runs one after every loop iteration that made changes, and holds the
+    answers to acknowledged calls until it is done); acknowledged counts the
+    records that must be on disk before their answer is sent."""
 
     def __init__(self, gateway: "Gateway", path: str):
         self.gateway = gateway
         self.file = StateFile(path)
         self.pending: List[list] = []
         self.acknowledged = 0
+        self.failed = False  # a write failed: the next one rewrites the whole state
 
     def note(self, record: list, acknowledged: bool) -> None:
         self.pending.append(record)
@@ -2068,20 +2074,39 @@ class SavedState:
     def resume(self) -> None:
         """Start journaling: a fresh snapshot of the grid, then its changes."""
         try:
-            self.file.rewrite(grid_records(self.gateway.grid))
+            self.file.rewrite(self.file.encode(list(grid_records(self.gateway.grid))))
         except OSError as err:
             raise StateError("state_file %s cannot be written: %s" % (
                 self.file.path, err.strerror or err)) from err
         self.pending = []
         self.gateway.grid.journal = self.note
 
-    def flush(self) -> None:
-        """Write the pending records to disk (one sync); compact when it has grown."""
-        if self.pending:
-            self.file.append(self.pending)
+    def take(self) -> Tuple[bytes, bool]:
+        """What the next write must do, taken now: (encoded records, True for a
+        snapshot that replaces the file). A snapshot when the changes have
+        outgrown the last one, or after a failed write."""
+        if self.failed or self.file.appended_bytes > max(STATE_COMPACT_BYTES, self.file.snapshot_bytes):
             self.pending = []
-        if self.file.needs_compaction():
-            self.file.rewrite(grid_records(self.gateway.grid))
+            self.failed = False
+            return self.file.encode(list(grid_records(self.gateway.grid))), True
+        records, self.pending = self.pending, []
+        return self.file.encode(records), False
+
+    def write(self, data: bytes, snapshot: bool) -> None:
+        """Do what take() said (blocking file I/O); on failure, the next take() is a snapshot."""
+        try:
+            if snapshot:
+                self.file.rewrite(data)
+            elif data:
+                self.file.append(data)
+        except OSError:
+            self.failed = True
+            raise
+
+    def flush(self) -> None:
+        """Write what is pending now, in the calling thread."""
+        if self.pending or self.failed:
+            self.write(*self.take())
 
     def close(self) -> None:
         """Stop journaling (flush first: what is pending is not written here)."""
@@ -3340,7 +3365,7 @@ class _Connections:
         self.all: set = set()  # writers of the connections being served
         self.closing: set = set()  # transports closed with answer bytes still unsent
         self.changed = Wakeup()  # fired by the gateway's on_change: Postponed requests retry
-        self.state_flush = StateFlush()
+        self.state_flush: Optional[StateFlush] = None  # when the gateway saves its state
         self.internal_turns = Turns()  # /internal calls (reports, Info pages) take turns
 
 
@@ -3386,35 +3411,59 @@ class Turns:
 
 
 class StateFlush:
-    """Writes a gateway's saved state once per loop iteration, for all the
-    requests of that iteration: one write and one fsync, however many."""
+    """Writes a gateway's saved state after each loop iteration that changed
+    it: one write and one fsync for all the requests of that iteration, in a
+    worker thread (a disk can take its time; the loop serves meanwhile), one
+    write at a time. Answers that must wait for the disk await soon()."""
 
-    def __init__(self) -> None:
-        self._future: Optional[asyncio.Future[None]] = None
+    def __init__(self, saved: SavedState) -> None:
+        self.saved = saved
+        self._next: Optional[asyncio.Future[None]] = None  # the write that takes what is pending
+        self._writing: Optional[asyncio.Future[None]] = None  # the write in progress
 
-    def soon(self, saved: SavedState) -> "asyncio.Future[None]":
-        """A future done once what is pending now is on disk."""
-        if self._future is None:
+    def soon(self) -> "asyncio.Future[None]":
+        """A future done once what is pending now is on disk (or failed to get there)."""
+        if self._next is None:
             loop = asyncio.get_running_loop()
-            self._future = loop.create_future()
-            loop.call_soon(self._flush, saved)
-        return self._future
+            self._next = loop.create_future()
+            if self._writing is None:
+                loop.call_soon(self._start)
+        return self._next
 
-    def _flush(self, saved: SavedState) -> None:
-        future, self._future = self._future, None
-        flush_state(saved)
-        future.set_result(None)  # type: ignore[union-attr]
+    def _start(self) -> None:
+        done, self._next = self._next, None
+        data, snapshot = self.saved.take()
+        self._writing = asyncio.get_running_loop().run_in_executor(
+            None, self.saved.write, data, snapshot)
+        self._writing.add_done_callback(functools.partial(self._written, done))
+
+    def _written(self, done: "asyncio.Future[None]", writing: "asyncio.Future[None]") -> None:
+        self._writing = None
+        if not writing.cancelled() and writing.exception() is not None:
+            _state_write_failed(self.saved, writing.exception())  # type: ignore[arg-type]
+        if not done.done():
+            done.set_result(None)
+        if self._next is not None:
+            self._start()
+
+    async def drain(self) -> None:
+        """Until the writes in progress and due are done (at a stop)."""
+        while self._next is not None or self._writing is not None:
+            await asyncio.wait([f for f in (self._next, self._writing) if f is not None])
+
+
+def _state_write_failed(saved: SavedState, err: BaseException) -> None:
+    log.error("state_file %s cannot be written: %s; the whole state is written again with the "
+              "next change", saved.file.path, getattr(err, "strerror", None) or err,
+              extra=fields("state_write_failed", path=saved.file.path, reason=str(err)))
 
 
 def flush_state(saved: SavedState) -> None:
-    """saved.flush(), logging (not raising) a failure: the state stays in memory
-    and the next flush tries again."""
+    """saved.flush() in this thread, logging (not raising) a failure."""
     try:
         saved.flush()
     except OSError as err:
-        log.error("state_file %s cannot be written: %s; what was not written is kept in "
-                  "memory and written with the next change", saved.file.path, err.strerror or err,
-                  extra=fields("state_write_failed", path=saved.file.path, reason=str(err)))
+        _state_write_failed(saved, err)
 
 
 class Wakeup:
@@ -3577,8 +3626,8 @@ async def serve_connection(gateway: Gateway, reader: asyncio.StreamReader,
             finally:
                 if internal:
                     connections.internal_turns.release()
-            if saved is not None and saved.pending:
-                written = connections.state_flush.soon(saved)
+            if saved is not None and saved.pending and connections.state_flush is not None:
+                written = connections.state_flush.soon()
                 if saved.acknowledged != acknowledged:  # on disk before the answer says so
                     await written
             keep_alive = request.keep_alive and not gateway.stopping
@@ -3653,10 +3702,12 @@ async def _serve(gateway: Gateway, host: str, port: int,
 
     config = gateway.config
     gateway.open_state()
+    if gateway.saved is not None:
+        connections.state_flush = StateFlush(gateway.saved)
     listener = await asyncio.start_server(on_connection, host, port, ssl=ssl, limit=max(
         config.max_request_line, config.max_head_bytes) + 4)
     server = RunningServer(gateway, listener, "https" if ssl else "http")
-    timers = [asyncio.ensure_future(_maintenance_timer(gateway)),
+    timers = [asyncio.ensure_future(_maintenance_timer(gateway, connections)),
               asyncio.ensure_future(_customer_timer(gateway))]
     gateway.stopping = False
     gateway.on_change = connections.changed.fire
@@ -3694,21 +3745,23 @@ async def _serve(gateway: Gateway, host: str, port: int,
             _abort(transport, connections)
         await listener.wait_closed()
         await asyncio.gather(*timers, *refusals, return_exceptions=True)
+        if connections.state_flush is not None:
+            await connections.state_flush.drain()
         if gateway.saved is not None:
             flush_state(gateway.saved)
             gateway.saved.close()
         log.info("stopped listening on %s", server.url, extra=fields("stopped", url=server.url))
 
 
-async def _maintenance_timer(gateway: Gateway) -> None:
+async def _maintenance_timer(gateway: Gateway, connections: _Connections) -> None:
     while True:
         await asyncio.sleep(gateway.config.update_interval)
         try:
             gateway.tick()
         except Exception:  # keep ticking: a bug here must not freeze the grid
             log.error("maintenance tick failed:\n%s", traceback.format_exc())
-        if gateway.saved is not None:
-            flush_state(gateway.saved)
+        if connections.state_flush is not None and gateway.saved.pending:  # type: ignore[union-attr]
+            connections.state_flush.soon()
 
 
 async def update_customers(gateway: Gateway) -> bool:

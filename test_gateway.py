@@ -1338,8 +1338,9 @@ def test_a_state_file_cut_short_by_a_crash_loses_only_its_last_line(tmp_path, ca
 @pytest.mark.parametrize("content, message", [
     (b"garbage\n", "line 1 is not JSON"),
     (b'["something-else",1]\n', "not an odin_gateway state file"),
-    (b'["odin-gateway-state",1]\n["room","h"]\n', "line 2: malformed room record"),
-    (b'["odin-gateway-state",1]\n["party"]\n', "line 2: not a record"),
+    (b'["odin-gateway-state",1]\n[["room","h"]]\n', "line 2: malformed room record"),
+    (b'["odin-gateway-state",1]\n[["party"]]\n', "line 2: not a record"),
+    (b'["odin-gateway-state",1]\n{"room":1}\n', "line 2 is not an array of records"),
 ])
 def test_a_corrupt_state_file_stops_the_start_unless_told_to_discard_it(tmp_path, content, message):
     path = tmp_path / "state.jsonl"
@@ -1362,6 +1363,22 @@ def test_a_state_file_older_than_remove_timeout_is_not_restored(tmp_path):
     os.utime(str(path), (NOW - 601, NOW - 601))
     again = saved_gateway(path, clock)
     assert not again.state_restored and again.grid.rooms == {}
+
+
+def test_a_failed_state_write_is_made_good_by_a_snapshot(tmp_path, monkeypatch, caplog):
+    path = tmp_path / "state.jsonl"
+    gw = saved_gateway(path)
+    report(gw, SFU1, rooms=[room("ns", "r", "c")])
+
+    def full_disk(data):
+        raise OSError(28, "No space left on device")
+    monkeypatch.setattr(gw.saved.file, "append", full_disk)
+    og.flush_state(gw.saved)
+    assert "No space left on device" in caplog.text and gw.saved.failed
+    monkeypatch.undo()
+    report(gw, SFU2)
+    og.flush_state(gw.saved)  # the whole state, not just the last change
+    assert list(og.grid_records(saved_gateway(path).grid)) == list(og.grid_records(gw.grid))
 
 
 def test_without_a_state_file_nothing_is_journaled():
