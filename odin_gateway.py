@@ -1554,7 +1554,8 @@ class Grid:
         """
         if rooms is None:
             rooms = room_columns(report.get("rooms", []))
-            assert rooms is not None, "invalid rooms"
+            if rooms is None:
+                raise ValueError("invalid rooms in report: %s" % _want_rooms(report.get("rooms")))
         report = {name: value for name, value in report.items() if name != "rooms"}
         server = self.servers.get(hostname)
         changed = server is None or server.disabled or server.version != version
@@ -1613,8 +1614,9 @@ class Grid:
         """Map the reported rooms (keys: their ids); the keys that cannot be
         identified (a name over 255 bytes; left out, with a warning).
 
-        Only the rooms new to this report are hashed; the loop over the rest
-        is the one part that grows with the size of the report.
+        A repeat of the previous report, with nothing changed by others since
+        (Server.changes), only refreshes the rooms' times. Otherwise only the
+        rooms new to this report are hashed, and each reported room is looked up.
         """
         hostname = server.hostname
         same = server.integrated
