@@ -1483,6 +1483,10 @@ class Grid:
         # (section "Saved state"); None: nobody saves the state.
         self.journal: Optional[Callable[[list, bool], None]] = None
         self._sorted: Optional[List[str]] = None  # room hashes in order, for Info's pages
+        # Hashes of the rooms placed by Connect and not yet reported: with the
+        # rooms of servers silent for a token's lifetime, the only ones that
+        # can expire (a reported room is refreshed by every report).
+        self.placed: set = set()
         self.frozen_rooms = 0  # rooms when the collector last froze the grid (handle_request)
 
     # -- changes: each room mapping goes through _map and _unmap ---------------
@@ -1507,12 +1511,17 @@ class Grid:
         elif old is not room:
             self._touch(old.server)
         self.rooms[digest] = room
+        if room.reported:
+            self.placed.discard(digest)
+        else:
+            self.placed.add(digest)
         if self.journal is not None:
             self.journal(["room", digest, room.id[0], room.id[1], room.customer, room.server,
                           int(room.updated), room.reported], acknowledged)
 
     def _unmap(self, digest: str) -> None:
         self._touch(self.rooms.pop(digest).server)
+        self.placed.discard(digest)
         if self._sorted is not None:
             index = bisect.bisect_left(self._sorted, digest)
             if index < len(self._sorted) and self._sorted[index] == digest:
@@ -1791,10 +1800,15 @@ class Grid:
                 log.warning("server %s disabled: no report for %.1f s; its rooms move on their "
                             "next Connect", printable(server.hostname), silent, extra=fields(
                                 "server_disabled", hostname=server.hostname, silent=silent))
-        expired = [digest for digest, room in self.rooms.items()
-                   if now - room.updated > config.login_token_lifetime]
-        for digest in expired:
-            self._unmap(digest)
+        lifetime = config.login_token_lifetime
+        candidates = set(self.placed)  # not every room: a tick must not cost more with more rooms
+        for server in self.servers.values():
+            if now - server.last_seen > lifetime:
+                candidates.update(server.room_hashes)
+        for digest in sorted(candidates):
+            room = self.rooms.get(digest)
+            if room is not None and now - room.updated > lifetime:
+                self._unmap(digest)
         self._recount()
 
     def _recount(self) -> None:
@@ -1902,9 +1916,13 @@ def apply_record(grid: Grid, record: list, now: float) -> None:
                                   max(updated, now) if reported else updated, reported)
         if reported:
             server.room_hashes.add(digest)
+            grid.placed.discard(digest)
+        else:
+            grid.placed.add(digest)
         return
     if kind == "unroom":
         room = grid.rooms.pop(record[1], None)
+        grid.placed.discard(record[1])
         if room is not None and room.server in grid.servers:
             grid.servers[room.server].room_hashes.discard(record[1])
             grid._touch(room.server)

@@ -1128,6 +1128,18 @@ def test_rooms_never_reported_expire_with_their_tokens():
     assert gw.grid.rooms == {}
 
 
+def test_rooms_of_a_server_silent_for_a_token_lifetime_expire():
+    clock = Clock()
+    gw = make_gateway(clock)
+    report(gw, SFU1, rooms=[room("ns", "r", "c")])
+    clock.advance(300)
+    gw.tick()
+    assert len(gw.grid.rooms) == 1 and gw.grid.servers[SFU1].disabled
+    clock.advance(1)
+    gw.tick()
+    assert gw.grid.rooms == {} and SFU1 in gw.grid.servers
+
+
 def test_reported_rooms_do_not_expire():
     clock = Clock()
     gw = make_gateway(clock)
