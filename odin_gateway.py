@@ -3415,11 +3415,10 @@ class Turns:
             raise
 
     def release(self) -> None:
-        if not self._waiting:
-            self._busy = False
-            return
+        """The turn passes on after one more round of socket reads (to a request
+        waiting for it, or to the first that asks), never within this round."""
         loop = asyncio.get_running_loop()
-        loop.call_soon(loop.call_soon, self._hand_on)  # after one more round of socket reads
+        loop.call_soon(loop.call_soon, self._hand_on)
 
     def _hand_on(self) -> None:
         while self._waiting:

@@ -2126,6 +2126,11 @@ def test_internal_calls_take_turns_and_connects_run_between_them():
         asyncio.get_running_loop().call_soon(lambda: asyncio.ensure_future(connect()))
         await asyncio.gather(*waiting[:2])
         await asyncio.wait_for(turns.take(), 1)  # free again
+        turns.release()
+        again = asyncio.ensure_future(turns.take())
+        await asyncio.sleep(0)
+        assert not again.done()  # not in the round it was released in, even with nobody waiting
+        await asyncio.wait_for(again, 1)
         return order
 
     assert asyncio.run(scenario()) == ["connect", "page1", "page2"]
