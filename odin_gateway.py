@@ -3556,7 +3556,7 @@ class _Connections:
         self.closing: set = set()  # transports closed with answer bytes still unsent
         self.changed = Wakeup()  # fired by the gateway's on_change: Postponed requests retry
         self.state_flush: Optional[StateFlush] = None  # when the gateway saves its state
-        self.internal_turns = Turns()  # /internal calls (reports, Info pages) take turns
+        self.listing_turns = Turns()  # Info calls take turns
 
 
 class Turns:
@@ -3718,6 +3718,13 @@ def tune_collector() -> None:
     gc.set_threshold(*GC_THRESHOLDS)
 
 
+def _lists_grid(target: str, body: bytes) -> bool:
+    """Whether a request calls Info, the one call whose answer grows with the
+    grid (a cheap look at the bytes: a report naming a room "Info" just waits
+    its turn too). Reports, the servers' heartbeat, never wait for a turn."""
+    return target.startswith("/internal") and len(body) < GC_PAUSE_BYTES and b'"Info"' in body
+
+
 def handle_request(gateway: Gateway, request: Request, body: bytes, remote: str) -> Response:
     """gateway.handle_http, with the garbage collector paused for a big body.
 
@@ -3798,9 +3805,9 @@ async def serve_connection(gateway: Gateway, reader: asyncio.StreamReader,
                 return
             saved = gateway.saved
             acknowledged = saved.acknowledged if saved is not None else 0
-            internal = request.target.startswith("/internal")
-            if internal:
-                await connections.internal_turns.take()
+            listing = _lists_grid(request.target, body)
+            if listing:
+                await connections.listing_turns.take()
             try:
                 response = handle_request(gateway, request, body, remote)
                 while isinstance(response, Postponed) and not gateway.stopping:
@@ -3813,8 +3820,8 @@ async def serve_connection(gateway: Gateway, reader: asyncio.StreamReader,
                           printable(request.target), traceback.format_exc())
                 response = Response(500, _error_body(INTERNAL_ERROR, "Internal error"))
             finally:
-                if internal:
-                    connections.internal_turns.release()
+                if listing:
+                    connections.listing_turns.release()
             if saved is not None and saved.pending and connections.state_flush is not None:
                 written = connections.state_flush.soon()
                 if saved.acknowledged != acknowledged:  # on disk before the answer says so

@@ -2251,7 +2251,7 @@ def test_identical_duplicate_content_length_is_accepted():
     assert status_of(data) == 200
 
 
-def test_internal_calls_take_turns_and_connects_run_between_them():
+def test_info_calls_take_turns_and_connects_run_between_them():
     async def scenario():
         turns, order = og.Turns(), []
 
@@ -2279,6 +2279,9 @@ def test_internal_calls_take_turns_and_connects_run_between_them():
         return order
 
     assert asyncio.run(scenario()) == ["connect", "page1", "page2"]
+    assert og._lists_grid("/internal", INFO_BODY)  # Info takes turns; reports, the heartbeat, never
+    assert not og._lists_grid("/internal", b'{"jsonrpc":"2.0","method":"sfu.Report","params":{}}')
+    assert not og._lists_grid("/", INFO_BODY)
 
 
 def test_a_slow_client_is_cut_off_while_others_are_served():
