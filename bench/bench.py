@@ -427,12 +427,15 @@ def connect_while_paging_info(tmp, seconds, tokens, rooms=100000, readers=10, li
         return len(pages)
 
     try:
-        og.RpcClient("http://127.0.0.1:%d/internal" % port).call("sfu.Report", json.loads(
-            report_body("sfu-big:4433", rooms, "r"))["params"])
+        internal = og.RpcClient("http://127.0.0.1:%d/internal" % port)
+        internal.call("sfu.Report", json.loads(report_body("sfu-big:4433", rooms, "r"))["params"])
+        started = time.perf_counter()  # the first page sorts the rooms once; timed apart
+        internal.call("Info", {"rooms": {"limit": limit}})
+        first_page = (time.perf_counter() - started) * 1000
     except BaseException:
         process.kill()
         raise
-    return _connects_beside(process, port, seconds, tokens, fetch)
+    return _connects_beside(process, port, seconds, tokens, fetch) + (first_page,)
 
 
 def repeated_report_ms(rooms):
@@ -466,11 +469,12 @@ def heavy_load(tmp, args, tokens):
           "%d Connects, %d reports):\n    p99 %.1f ms (target <= 10), max %.1f ms (target <= 40)"
           % (seconds, count, sent, p99, worst))
     seconds = 6 if args.quick else 20
-    p99, worst, count, fetched = connect_while_paging_info(tmp, seconds, tokens,
-                                                          rooms=20000 if args.quick else 100000)
+    p99, worst, count, fetched, first = connect_while_paging_info(
+        tmp, seconds, tokens, rooms=20000 if args.quick else 100000)
     print("  Connect while 10 clients fetch every page of a %s-room Info (%d pages of 1,000, "
-          "%d Connects):\n    max %.1f ms (target <= 50), p99 %.1f ms" % (
-              "20,000" if args.quick else "100,000", fetched, count, worst, p99))
+          "%d Connects):\n    max %.1f ms (target <= 50), p99 %.1f ms; the very first page, "
+          "which sorts the rooms once, before: %.0f ms" % (
+              "20,000" if args.quick else "100,000", fetched, count, worst, p99, first))
 
 
 def main():
