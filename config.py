@@ -87,6 +87,24 @@ internal_users = {}         # e.g. {"sfu": "a long random password"}
 # counting the peers sent to it since its last report; "random" picks at
 # random, weighted by free capacity, as the original gateway did.
 placement = "balanced"
+
+# -- Regions and pools (README: "Regions and pools") --------------------------
+# Labels for media servers, by hostname pattern (fnmatch-style, * and ?,
+# case-insensitive); the first rule that matches decides what it names
+# ("region", "pools" or both), and a server's own report the rest. A server
+# with pools takes rooms only of customers with one of those pools (customer
+# setting "pool"); a customer with a pool gets only that pool's servers.
+# server_labels = [
+#     {"match": "sfu-eu-*", "region": "eu-central"},
+#     {"match": "acme-*", "region": "eu-central", "pools": ["acme"]},
+# ]
+server_labels = []
+# Where a new room goes when its region (the token's internal.region, else the
+# customer's "region") has no server with capacity: these regions in order,
+# then any region.
+# region_fallback = {"eu-central": ["eu-west", "us-east"], "us-east": ["us-west"]}
+region_fallback = {}
+
 metrics_server = "0.0.0.0/0"  # network allowed to scrape the servers' metrics
 update_interval = 5           # s between server reports and maintenance ticks
 disable_timeout = 7.5         # s without a report before a server gets no new rooms

@@ -68,6 +68,7 @@ import contextlib
 import copy
 import datetime
 import email.utils
+import fnmatch
 import functools
 import hashlib
 import hmac
@@ -526,7 +527,8 @@ def create_token(
 
     room_id is a string or a list of strings; audience is e.g. "gateway";
     subject is a method name or a list of them; internal is e.g.
-    {"server": "host:4433"} to pin the room to one server. now defaults to
+    {"server": "host:4433"} to pin the room to one server, or {"region":
+    "eu-central"} for the region a new room prefers. now defaults to
     the current time.
     """
     if not (_is_integer(lifetime) or (isinstance(lifetime, float) and lifetime.is_integer())):
@@ -834,6 +836,10 @@ def _check_setting(name: str, value: Any) -> Optional[str]:
             return "expected a positive integer"
     elif name == "customers":
         return _check_customers(value)
+    elif name == "server_labels":
+        return _check_server_labels(value)
+    elif name == "region_fallback":
+        return _check_region_fallback(value)
     elif name == "customer_api":
         if value is not None:
             if not isinstance(value, dict) or not callable(value.get("update_function")):
@@ -851,6 +857,69 @@ def _check_setting(name: str, value: Any) -> Optional[str]:
                 isinstance(u, str) and u and ":" not in u and isinstance(p, str)
                 for u, p in value.items())):
             return 'expected {"user": "password"} with string names (no colon) and passwords'
+    return None
+
+
+#: A region or pool name: 1 to 64 characters without whitespace or control
+#: characters (names show in logs, Info and metric labels).
+LABEL_RE = re.compile(r"[^\s\x00-\x1f\x7f]{1,64}")
+#: Most pools one server may belong to.
+MAX_SERVER_POOLS = 16
+#: The keys of one server_labels rule.
+SERVER_LABEL_KEYS = ("match", "region", "pools")
+
+
+def _label_problem(value: Any) -> Optional[str]:
+    """Why value is not a region or pool name, or None."""
+    if isinstance(value, str) and LABEL_RE.fullmatch(value):
+        return None
+    return "must be a name of 1 to 64 characters without spaces"
+
+
+def _pools_problem(value: Any) -> Optional[str]:
+    """Why value is not a server's list of pools, or None."""
+    if (isinstance(value, (list, tuple)) and len(value) <= MAX_SERVER_POOLS
+            and not any(_label_problem(pool) for pool in value)):
+        return None
+    return "must be a list of at most %d pool names (1 to 64 characters without spaces)" % (
+        MAX_SERVER_POOLS)
+
+
+def _check_server_labels(rules: Any) -> Optional[str]:
+    """Why a server_labels list is malformed, or None."""
+    if not isinstance(rules, list):
+        return 'expected a list of {"match": "hostname pattern", "region": name, "pools": [names]}'
+    for index, rule in enumerate(rules):
+        where = "rule #%d" % (index + 1)
+        if not isinstance(rule, dict):
+            return '%s: expected {"match": "hostname pattern", "region": name, "pools": [names]}' % where
+        unknown = [key for key in rule if key not in SERVER_LABEL_KEYS]
+        if unknown:
+            return "%s: unknown key %s (known: %s)" % (
+                where, ", ".join(printable(repr(key), 40) for key in unknown), ", ".join(SERVER_LABEL_KEYS))
+        if not isinstance(rule.get("match"), str) or not rule["match"]:
+            return '%s: match must be a hostname pattern such as "sfu-eu-*:4433"' % where
+        where = "rule %s" % printable(repr(rule["match"]), 80)
+        if "region" not in rule and "pools" not in rule:
+            return "%s: expected a region, pools or both" % where
+        if rule.get("region") is not None and _label_problem(rule["region"]):
+            return "%s: region %s" % (where, _label_problem(rule["region"]))
+        if "pools" in rule and _pools_problem(rule["pools"]):
+            return "%s: pools %s" % (where, _pools_problem(rule["pools"]))
+    return None
+
+
+def _check_region_fallback(value: Any) -> Optional[str]:
+    """Why a region_fallback table is malformed, or None."""
+    if not isinstance(value, dict):
+        return 'expected {"region": ["next region", ...], ...}'
+    for region, order in value.items():
+        if _label_problem(region):
+            return "region %s: %s" % (printable(repr(region), 80), _label_problem(region))
+        if not isinstance(order, (list, tuple)) or any(_label_problem(other) for other in order):
+            return "%s: expected a list of region names" % region
+        if region in order or len(set(order)) != len(order):
+            return "%s: the fallback order must not repeat a region or name %s itself" % (region, region)
     return None
 
 
@@ -884,7 +953,16 @@ def _check_customers(customers: Any) -> Optional[str]:
                 return '%s: each access key must be {"public_key": {...jwk...}, "namespace": ...}' % where
             if _pick(key, "namespace") is not None and not isinstance(_pick(key, "namespace"), str):
                 return "%s: namespace must be a string or None" % where
+        for field in ("region", "pool"):  # see "Regions and pools" in README.md
+            if customer.get(field) is not None and _label_problem(customer[field]):
+                return "%s: %s %s (or None)" % (where, field, _label_problem(customer[field]))
     return None
+
+
+def customer_labels(customers: List[dict]) -> Dict[str, Tuple[Optional[str], Optional[str]]]:
+    """customer id -> (region, pool): where its new rooms prefer to go, and the
+    only servers it may use (None: no preference; no pool)."""
+    return {customer["id"]: (customer.get("region"), customer.get("pool")) for customer in customers}
 
 
 class Config:
@@ -914,6 +992,9 @@ class Config:
         "login_token_lifetime": 300,
         "access_log": False,
         "placement": "balanced",
+        # Regions and pools (see "Regions and pools" in README.md).
+        "server_labels": [],
+        "region_fallback": {},
         # Limits (see "Security and limits" in README.md).
         "max_request_line": MAX_REQUEST_LINE,
         "max_head_bytes": MAX_HEAD_BYTES,
@@ -1208,7 +1289,7 @@ class Server:
 
     __slots__ = ("hostname", "version", "disabled", "draining", "reported_draining", "report",
                  "first_seen", "last_seen", "tasks", "key", "room_hashes", "closing",
-                 "usage", "pending", "pending_peers")
+                 "usage", "pending", "pending_peers", "region", "pools")
 
     def __init__(self, hostname: str, key: SigningKey, now: float):
         self.hostname = hostname
@@ -1226,6 +1307,9 @@ class Server:
         self.usage: Dict[str, List[int]] = {}  # customer -> [peers, rooms] of its last report
         self.pending: Dict[str, List[int]] = {}  # customer -> [peers, rooms] sent since
         self.pending_peers = 0
+        # Labels for placement: from server_labels, else from its own report.
+        self.region: Optional[str] = None
+        self.pools: Tuple[str, ...] = ()
 
     @property
     def load(self) -> float:
@@ -1257,6 +1341,153 @@ class Room:
         self.customer = customer
         self.server = server
         self.updated = updated
+
+
+# The placement rule: which server gets a new room, and why. Pools are a hard
+# wall (dedicated servers stay dedicated), regions a preference with an
+# explicit fallback order, and the balanced pick decides within a tier.
+
+#: The tiers of the rule, as Explain, the logs and /metrics name them.
+PLACEMENT_TIERS = ("in_region", "fallback", "any")
+#: The refusal when no server can take a new room (sic, the original's text).
+NO_SERVER = "no server to assign room too"
+
+
+class Placement:
+    """A placement decision: the tiers the rule considered, each a (tier,
+    region, [(server, estimated load)]); the index of the tier used; the
+    pick (None: no server can take the room) and why, in words."""
+
+    __slots__ = ("region", "pool", "tiers", "used", "server", "reason", "walled")
+
+    def __init__(self, region: Optional[str], pool: Optional[str]):
+        self.region = region
+        self.pool = pool
+        self.tiers: List[Tuple[str, Optional[str], List[Tuple[Server, float]]]] = []
+        self.used: Optional[int] = None
+        self.server: Optional[Server] = None
+        self.reason = ""
+        self.walled = pool is not None  # a refusal names the pool that walled the room in or out
+
+    @property
+    def tier(self) -> Optional[str]:
+        return self.tiers[self.used][0] if self.used is not None else None
+
+    def refusal(self) -> RpcError:
+        """Connect's answer when no server can take the room (naming the pool, if
+        one is why; else the original's text)."""
+        return refused("%s: %s" % (NO_SERVER, self.reason) if self.walled else NO_SERVER)
+
+    def explain(self) -> dict:
+        """The decision as plain data (the Explain method's answer)."""
+        return {
+            "region": self.region, "pool": self.pool,
+            "tiers": [{"tier": tier, "region": region, "used": index == self.used, "candidates": [
+                {"hostname": server.hostname, "region": server.region, "pools": list(server.pools),
+                 "estimatedLoad": load, "full": load >= 1.0} for server, load in members]}
+                for index, (tier, region, members) in enumerate(self.tiers)],
+            "pick": self.server.hostname if self.server is not None else None,
+            "reason": self.reason,
+        }
+
+
+def place_room(servers: Dict[str, Server], *, pool: Optional[str], region: Optional[str],
+               pinned: Optional[str], region_fallback: Dict[str, List[str]], rule: str,
+               rng: random.Random) -> Placement:
+    """The placement rule for a new room (README: "Regions and pools").
+
+    1. Candidates: the servers that take rooms (enabled, not draining) and
+       that the customer's pool allows: a customer with a pool gets only the
+       servers of that pool, a customer without one only servers of no pool.
+       The token's internal.server narrows them to that one server.
+    2. Tiers: with a room region, the candidates in that region, then those of
+       each region of region_fallback[region] in order, then every candidate;
+       without a region, every candidate. The first tier with a server that
+       is not estimated full is used; when all are full, every candidate.
+    3. The pick within the tier: "balanced", the least estimated load (ties
+       at random); "random", the original's draw weighted by 1 - load.
+    """
+    placement = Placement(region, pool)
+    # 1. Candidates.
+    if pinned is not None:
+        server = servers.get(pinned)
+        found = [server] if server is not None and server.takes_rooms else []
+        if not found:
+            placement.reason = "pinned server %s is unknown or takes no rooms" % printable(pinned)
+            return placement
+        if not _pool_allows(server, pool):
+            placement.walled = True
+            placement.reason = ("pinned server %s is not in pool %s" % (printable(pinned), pool)
+                                if pool is not None else "pinned server %s is dedicated to pool %s"
+                                % (printable(pinned), ", ".join(server.pools)))
+            return placement
+    else:
+        found = [server for server in servers.values() if server.takes_rooms and _pool_allows(server, pool)]
+        if not found:
+            placement.reason = ("no server takes rooms" if pool is None
+                                else "no server of pool %s takes rooms" % pool)
+            return placement
+    candidates = [(server, server.estimated_load()) for server in found]
+    # 2. Tiers.
+    if region is not None:
+        placement.tiers.append(("in_region", region, [c for c in candidates if c[0].region == region]))
+        for other in region_fallback.get(region, ()):
+            placement.tiers.append(("fallback", other, [c for c in candidates if c[0].region == other]))
+    placement.tiers.append(("any", None, candidates))
+    skipped = []
+    for index, (tier, name, members) in enumerate(placement.tiers):
+        if any(load < 1.0 for _server, load in members):
+            placement.used = index
+            break
+        if tier != "any":
+            skipped.append("region %s: %s" % (name, "no candidate" if not members
+                                              else "all %d candidates estimated full" % len(members)))
+    if placement.used is None:
+        placement.used = len(placement.tiers) - 1
+        why_tier = "every candidate is estimated full, so the least loaded of all"
+    elif region is None:
+        why_tier = "the room has no region: every candidate"
+    elif placement.tier == "in_region":
+        why_tier = "in the room's region %s" % region
+    elif placement.tier == "fallback":
+        why_tier = "%s; next in region_fallback: %s" % ("; ".join(skipped), placement.tiers[placement.used][1])
+    else:
+        why_tier = "%s; so any region" % "; ".join(skipped)
+    # 3. The pick within the tier.
+    placement.server, why_pick = _pick_in_tier(placement.tiers[placement.used][2], rule, rng)
+    placement.reason = "%s; %s" % (why_tier, why_pick)
+    return placement
+
+
+def _pool_allows(server: Server, pool: Optional[str]) -> bool:
+    """Pools are a wall both ways: a pool's customers use only its servers,
+    and the others never use a server of any pool."""
+    return pool in server.pools if pool is not None else not server.pools
+
+
+def _pick_in_tier(members: List[Tuple[Server, float]], rule: str,
+                  rng: random.Random) -> Tuple[Server, str]:
+    """The server for a room among a tier's candidates, and why it."""
+    if len(members) == 1:
+        return members[0][0], "the only candidate"
+    if rule == "random":
+        weights = [1.0 - min(max(load, 0.0), 1.0) for _server, load in members]
+        why = "drawn at random, weighted by free capacity (1 - load), among %d" % len(members)
+        total = sum(weights)
+        if total <= 0:
+            return members[int(rng.random() * len(members))][0], why
+        point = rng.random() * total
+        for (server, _load), weight in zip(members, weights):
+            point -= weight
+            if point < 0:
+                return server, why
+        return members[-1][0], why
+    lowest = min(load for _server, load in members)
+    best = [server for server, load in members if load - lowest < 1e-9]
+    why = "least estimated load (%.3f) of %d" % (lowest, len(members))
+    if len(best) == 1:
+        return best[0], why
+    return best[int(rng.random() * len(best))], why + ", a tie of %d broken at random" % len(best)
 
 
 class Grid:
@@ -1316,6 +1547,7 @@ class Grid:
         server.version = version
         server.report = report
         server.reported_draining = bool(report.get("draining", False))
+        self._label(server)
         server.last_seen = now
         server.disabled = False
         self._account(server, +1)
@@ -1398,6 +1630,25 @@ class Grid:
         server.tasks.append({"task": "RoomClose", "id": list(room["id"]), "ban_time": ban})
         server.closing.add(digest)
 
+    def _label(self, server: Server) -> None:
+        """A server's region and pools: the first server_labels rule whose pattern
+        matches its hostname (case-insensitively) decides what the rule names;
+        the server's own report decides the rest."""
+        region, pools = server.report.get("region"), server.report.get("pools", ())
+        hostname = server.hostname.lower()
+        for rule in self.config.server_labels:
+            if fnmatch.fnmatchcase(hostname, rule["match"].lower()):
+                region = rule.get("region") if "region" in rule else region
+                pools = (rule.get("pools") or ()) if "pools" in rule else pools
+                break
+        server.region = region
+        server.pools = tuple(dict.fromkeys(pools))
+
+    def relabel(self) -> None:
+        """Label every server again (after a config reload changed server_labels)."""
+        for server in self.servers.values():
+            self._label(server)
+
     def take_tasks(self, server: Server) -> List[dict]:
         tasks, server.tasks = server.tasks, []
         server.closing.clear()
@@ -1413,16 +1664,18 @@ class Grid:
     # -- placement ----------------------------------------------------------
 
     def assign(self, digest: str, room_id: Tuple[str, str], customer: str,
-               pinned: Optional[str], now: float) -> Server:
+               pinned: Optional[str], now: float, *, region: Optional[str] = None,
+               pool: Optional[str] = None) -> Server:
         """The server for a room: where it lives, else a new pick; (re)maps it there.
 
-        The peer (and the room, if new there) count as pending usage of the
-        server and the customer until the server's next report.
+        A room that lives on an enabled server stays there, whatever region
+        later tokens name. The peer (and the room, if new there) count as
+        pending usage of the server and the customer until its next report.
         """
         room = self.rooms.get(digest)
         server = self.servers.get(room.server) if room is not None else None
         if server is None or server.disabled:
-            server = self._pick(pinned)
+            server = self._place(room_id, customer, pinned, region, pool)
         new_here = room is None or room.server != server.hostname
         if room is None:
             self.rooms[digest] = Room(room_id, customer, server.hostname, now)
@@ -1437,40 +1690,31 @@ class Grid:
         server.pending_peers += 1
         return server
 
-    def _pick(self, pinned: Optional[str]) -> Server:
-        """A server for a new room, among those taking rooms (enabled, not draining;
-        a server is a candidate from its first report on).
+    def place(self, *, pool: Optional[str], region: Optional[str], pinned: Optional[str],
+              rng: random.Random) -> Placement:
+        """The placement rule (place_room) over this grid's servers and settings."""
+        return place_room(self.servers, pool=pool, region=region, pinned=pinned,
+                          region_fallback=self.config.region_fallback, rule=self.config.placement,
+                          rng=rng)
 
-        placement "balanced": the least estimated load (reported load plus the
-        peers sent since), ties at random; a full server (1.0) gets a room only
-        when every server is full. placement "random", as the original: at
-        random, weighted by 1 - load.
-        """
-        if pinned is not None:
-            server = self.servers.get(pinned)
-            candidates = [server] if server is not None and server.takes_rooms else []
-        else:
-            candidates = [s for s in self.servers.values() if s.takes_rooms]
-        if not candidates:
-            raise refused("no server to assign room too")
-        rng = self._gateway.rng
-        if len(candidates) == 1:
-            return candidates[0]
-        if self.config.placement == "random":
-            weights = [1.0 - min(max(s.estimated_load(), 0.0), 1.0) for s in candidates]
-            total = sum(weights)
-            if total <= 0:
-                return candidates[int(rng.random() * len(candidates))]
-            point = rng.random() * total
-            for server, weight in zip(candidates, weights):
-                point -= weight
-                if point < 0:
-                    return server
-            return candidates[-1]
-        loads = [s.estimated_load() for s in candidates]
-        lowest = min(loads)
-        best = [s for s, load in zip(candidates, loads) if load - lowest < 1e-9]
-        return best[int(rng.random() * len(best))] if len(best) > 1 else best[0]
+    def _place(self, room_id: Tuple[str, str], customer: str, pinned: Optional[str],
+               region: Optional[str], pool: Optional[str]) -> Server:
+        """A server for a new room, counted by tier and logged at DEBUG; refused if none."""
+        placement = self.place(pool=pool, region=region, pinned=pinned, rng=self._gateway.rng)
+        if log.isEnabledFor(logging.DEBUG):
+            log.debug("room %s/%s of customer %s (region %s, pool %s): %s: %s",
+                      printable(room_id[0]), printable(room_id[1]), printable(customer),
+                      printable(region), printable(pool),
+                      placement.server.hostname if placement.server else "refused",
+                      placement.reason, extra=fields(
+                          "room_placed" if placement.server else "room_refused", room=list(room_id),
+                          customer=customer, region=region, pool=pool, tier=placement.tier,
+                          server=placement.server.hostname if placement.server else None,
+                          reason=placement.reason))
+        if placement.server is None:
+            raise placement.refusal()
+        self._gateway.metrics.placed[placement.tier] += 1
+        return placement.server
 
     # -- maintenance --------------------------------------------------------
 
@@ -1689,7 +1933,8 @@ class Gateway:
     """
 
     PUBLIC_METHODS = ("Connect", "RoomClose", "RoomUpdate", "RoomBanClient", "RoomSendMessage")
-    INTERNAL_METHODS = ("sfu.GridConfig", "sfu.Report", "GetConfig", "SubmitReport", "Info", "Drain")
+    INTERNAL_METHODS = ("sfu.GridConfig", "sfu.Report", "GetConfig", "SubmitReport", "Info", "Drain",
+                        "Explain")
 
     def __init__(self, config: Optional[Config] = None, *, clock: Callable[[], float] = time.time,
                  rng: Optional[random.Random] = None):
@@ -1702,6 +1947,9 @@ class Gateway:
         self.metrics = Metrics()
         self._dynamic_keys: Dict[str, CustomerKey] = {}
         self._static_keys = load_customer_keys(self.config.customers)
+        # customer id -> (region, pool), from config and the update function (which wins).
+        self._dynamic_labels: Dict[str, Tuple[Optional[str], Optional[str]]] = {}
+        self._static_labels = customer_labels(self.config.customers)
         self._rebuild_authorizer()
         self._handlers: Dict[str, Callable[[Call, dict], Any]] = {
             "Connect": self.rpc_connect,
@@ -1712,6 +1960,7 @@ class Gateway:
             "SubmitReport": functools.partial(self.rpc_report, sfu=False),
             "Info": self.rpc_info,
             "Drain": self.rpc_drain,
+            "Explain": self.rpc_explain,
         }
 
     # -- customers ----------------------------------------------------------
@@ -1745,7 +1994,9 @@ class Gateway:
             config = config.replace(**kept)
         self.config = config
         self._static_keys = load_customer_keys(config.customers)
+        self._static_labels = customer_labels(config.customers)
         self._rebuild_authorizer()
+        self.grid.relabel()
         log.info("config reloaded from %s: %d customer keys", config.source,
                  len(self.authorizer.customer_keys),
                  extra=fields("config_reloaded", source=config.source,
@@ -1770,10 +2021,16 @@ class Gateway:
                         extra=fields("customers_kept", reason="no usable key"))
             return False
         self._dynamic_keys = keys
+        self._dynamic_labels = customer_labels(customers)
         self._rebuild_authorizer()
         log.info("customer update: %d keys of %d customers loaded", len(keys), len(customers),
                  extra=fields("customers_loaded", keys=len(keys), customers=len(customers)))
         return True
+
+    def labels_of(self, customer_id: str) -> Tuple[Optional[str], Optional[str]]:
+        """(region, pool) of a customer; (None, None) for one not configured."""
+        labels = self._dynamic_labels.get(customer_id)
+        return labels if labels is not None else self._static_labels.get(customer_id, (None, None))
 
     # -- public methods (/) -------------------------------------------------
 
@@ -1788,12 +2045,15 @@ class Gateway:
         if not _is_string_or_strings(rid):
             problems["rid"] = "must be a string or an array of strings"
         internal = claims.get("internal")
-        pinned = None
+        pinned = claimed_region = None
         if internal is not None:
-            if not isinstance(internal, dict) or not isinstance(internal.get("server", ""), str):
-                problems["internal"] = "must be an object with an optional string server"
+            if (not isinstance(internal, dict) or not isinstance(internal.get("server", ""), str)
+                    or (internal.get("region") is not None and _label_problem(internal["region"]))):
+                problems["internal"] = ("must be an object with an optional string server and an "
+                                        "optional region name")
             else:
                 pinned = internal.get("server")
+                claimed_region = internal.get("region")
         if problems:
             raise invalid_fields(problems, "invalid claims in token")
 
@@ -1824,7 +2084,9 @@ class Gateway:
             raise refused(str(err)) from err
 
         now = self.clock()
-        server = self.grid.assign(digest, (namespace, room_name), licensee.customer_id, pinned, now)
+        region, pool = self.labels_of(licensee.customer_id)  # a token cannot choose a pool
+        server = self.grid.assign(digest, (namespace, room_name), licensee.customer_id, pinned, now,
+                                  region=claimed_region or region, pool=pool)
         nbf = int(now)
         token = encode_jwt({
             "uid": claims["uid"], "cid": licensee.customer_id, "rid": rid, "nsp": namespace,
@@ -1900,6 +2162,8 @@ class Gateway:
         clients = p.take("clients", _want_number)
         rooms = p.take("rooms", _want_rooms)
         draining = p.take("draining", _want_bool, False)
+        region = p.take("region", _label_problem, None)
+        pools = p.take("pools", _pools_problem, None)
         p.check()
         if kind != "grid":
             raise refused("api must be used for grid servers only" if sfu else "only grid is supported")
@@ -1909,6 +2173,10 @@ class Gateway:
              "peers": room["peers"]} for room in rooms]}
         if draining:
             report["draining"] = True
+        if region is not None:  # labels for placement; server_labels in the config win
+            report["region"] = region
+        if pools is not None:
+            report["pools"] = pools
         server = self.grid.report(endpoint or remote_hostname(call.remote), version, report, self.clock())
         if call.notification:
             # A notification gets no answer, so the tasks stay queued for the next report.
@@ -1932,6 +2200,21 @@ class Gateway:
                                   hostname=hostname))
         return {"hostname": hostname, "draining": server.draining or server.reported_draining}
 
+    def rpc_explain(self, call: Call, params: dict) -> dict:
+        """Where a new room of a customer would go now, and why; changes nothing."""
+        p = Params(params)
+        customer = p.take("customer", _want_string)
+        # Absent: the customer's region, as for a token without internal.region; null: none.
+        unset = object()
+        region = p.take("region", lambda value: value is not None and _label_problem(value), unset)
+        pinned = p.take("server", _want_string, None)
+        p.check()
+        customer_region, pool = self.labels_of(customer)
+        placement = self.grid.place(pool=pool, region=customer_region if region is unset else region,
+                                    pinned=pinned, rng=copy.deepcopy(self.rng))  # the real draws stay
+        return dict(customer=customer, configured=customer in self._static_labels
+                    or customer in self._dynamic_labels, **placement.explain())
+
     def rpc_info(self, call: Call, params: dict) -> dict:
         """Servers, rooms and call statistics, for operators."""
         servers = [{
@@ -1939,7 +2222,7 @@ class Gateway:
             "disabled": s.disabled, "draining": s.draining or s.reported_draining,
             "keyId": s.key.kid, "report": s.report,
             "firstSeen": iso_time(s.first_seen), "lastSeen": iso_time(s.last_seen),
-            "tasks": len(s.tasks),
+            "tasks": len(s.tasks), "region": s.region, "pools": list(s.pools),
         } for s in self.grid.servers.values()]
         rooms = [{
             "hash": digest, "id": list(room.id), "customer": room.customer,
@@ -2156,6 +2439,7 @@ class Metrics:
         self.connect_sum = 0.0
         self.connect_count = 0
         self.started = time.time()
+        self.placed = {tier: 0 for tier in PLACEMENT_TIERS}  # new rooms by placement tier
 
     def count_response(self, target: Optional[str], status: int) -> None:
         path = (target or "").split("?", 1)[0]
@@ -2194,6 +2478,26 @@ def process_start_time() -> Optional[float]:
         return boot + ticks / os.sysconf("SC_CLK_TCK")
     except (OSError, ValueError, IndexError, StopIteration):
         return None
+
+
+def _server_state(server: Server) -> str:
+    return "disabled" if server.disabled else "enabled" if server.takes_rooms else "draining"
+
+
+def _servers_by_state(servers: Any, groups_of: Callable[[Server], Any],
+                      always: Tuple[str, ...] = ("",)) -> List[Tuple[str, Dict[str, int]]]:
+    """(group, {state: servers}) for each group (region, pool) a server is in,
+    sorted; the groups always (zeros) when there is none."""
+    counts: Dict[str, Dict[str, int]] = {}
+    for server in servers:
+        for group in groups_of(server):
+            by_state = counts.setdefault(group, {})
+            state = _server_state(server)
+            by_state[state] = by_state.get(state, 0) + 1
+    if not counts:
+        counts = {group: {} for group in always}
+    return [(group, {state: counts[group].get(state, 0) for state in ("enabled", "draining", "disabled")})
+            for group in sorted(counts)]
 
 
 def render_metrics(gateway: Gateway) -> str:
@@ -2235,12 +2539,21 @@ def render_metrics(gateway: Gateway) -> str:
                  for labels, value in buckets)
     lines.append(_sample("odin_gateway_connect_duration_seconds_sum", {}, float(metrics.connect_sum)))
     lines.append(_sample("odin_gateway_connect_duration_seconds_count", {}, metrics.connect_count))
-    taking = sum(1 for s in enabled if s.takes_rooms)
     family("odin_gateway_servers", "gauge",
-           "Media servers by state: enabled (taking rooms), draining (serving its rooms, no "
-           "new ones), disabled (silent).",
-           [({"state": "enabled"}, taking), ({"state": "draining"}, len(enabled) - taking),
-            ({"state": "disabled"}, len(grid.servers) - len(enabled))])
+           "Media servers by state and region: enabled (taking rooms), draining (serving its "
+           "rooms, no new ones), disabled (silent); region \"\" for servers without one.",
+           [({"state": state, "region": region}, count)
+            for region, counts in _servers_by_state(grid.servers.values(), lambda s: [s.region or ""])
+            for state, count in counts.items()])
+    family("odin_gateway_pool_servers", "gauge",
+           "Media servers of each pool by state (a server may be in several pools).",
+           [({"pool": pool, "state": state}, count)
+            for pool, counts in _servers_by_state(grid.servers.values(), lambda s: s.pools, [])
+            for state, count in counts.items()])
+    family("odin_gateway_rooms_placed_total", "counter",
+           "New rooms placed, by the tier of the placement rule: in_region (the room's region), "
+           "fallback (a region of region_fallback), any (any region, or the room has none).",
+           [({"tier": tier}, count) for tier, count in gateway.metrics.placed.items()])
     family("odin_gateway_rooms", "gauge", "Rooms the gateway maps to a server.", [({}, len(grid.rooms))])
     family("odin_gateway_reported_peers", "gauge", "Peers in the enabled servers' last reports.",
            [({}, sum(peers for peers, _rooms in grid.reported.values()))])
@@ -3012,15 +3325,19 @@ class FakeServer:
     here are sent with every report(); the tasks the gateway answers are
     collected in .tasks, and a RoomClose task closes the room, as a real
     server would. start() reports in a background thread until stop().
+    region and pools, when given, label the server in its reports.
     """
 
     def __init__(self, internal_url: str, public_endpoint: str = "127.0.0.1:4433", *,
-                 load: float = 0.0, version: str = "fake",
+                 load: float = 0.0, version: str = "fake", region: Optional[str] = None,
+                 pools: Optional[List[str]] = None,
                  trace: Optional[Callable[[str, Any, Any], None]] = None):
         self.client = RpcClient(internal_url, trace=trace)
         self.public_endpoint = public_endpoint
         self.load = load
         self.version = version
+        self.region = region  # sent in reports when set (server_labels in the config win)
+        self.pools = pools
         self.rooms: Dict[Tuple[str, str], dict] = {}
         self.tasks: List[dict] = []
         self.report_interval = 5.0
@@ -3066,9 +3383,13 @@ class FakeServer:
                 rooms.append({"id": [namespace, name], "customer": info["customer"],
                               "age": {"secs": int(age), "nanos": int(age % 1 * 1e9)},
                               "peers": info["peers"]})
-        answer = self.client.call("sfu.Report", {
-            "public_endpoint": self.public_endpoint, "version": self.version, "load": self.load,
-            "clients": sum(room["peers"] for room in rooms), "rooms": rooms})
+        params = {"public_endpoint": self.public_endpoint, "version": self.version, "load": self.load,
+                  "clients": sum(room["peers"] for room in rooms), "rooms": rooms}
+        if self.region is not None:
+            params["region"] = self.region
+        if self.pools is not None:
+            params["pools"] = list(self.pools)
+        answer = self.client.call("sfu.Report", params)
         tasks = answer["tasks"]
         with self._lock:
             self.tasks.extend(tasks)
@@ -3324,6 +3645,7 @@ def build_parser(command: str = "serve") -> argparse.ArgumentParser:
         parser.add_argument("--lifetime", type=int, default=300, help="seconds until it expires")
         parser.add_argument("--customer", help="cid claim")
         parser.add_argument("--server", help="internal.server claim: pin the room to this server")
+        parser.add_argument("--region", help="internal.region claim: the region a new room prefers")
         return parser
     defaults = Config.DEFAULTS
     called = os.path.basename(sys.argv[0]) if sys.argv and sys.argv[0] else ""
@@ -3385,11 +3707,17 @@ def token_command(args: Any) -> int:
     try:
         print(create_token(args.access_key, room, args.user, audience=args.audience,
                            subject=subject, lifetime=args.lifetime, customer=args.customer,
-                           internal={"server": args.server} if args.server else None))
+                           internal=_internal_claim(args.server, args.region)))
     except ValueError as err:
         print("odin_gateway token: %s" % err, file=sys.stderr)
         return 2
     return 0
+
+
+def _internal_claim(server: Optional[str], region: Optional[str]) -> Optional[dict]:
+    """The token's internal claim: the pinned server and the room's region, if given."""
+    claim = {name: value for name, value in (("server", server), ("region", region)) if value}
+    return claim or None
 
 
 def load_config(args: Any, environ: Optional[Dict[str, str]] = None) -> Config:

@@ -490,6 +490,7 @@ def _reference_info(step, api_call_changes):
     body = _mask_times(json.loads(STEPS[step]["response"]["body_text"]))
     for server in body["result"]["servers"]:
         server["draining"] = False  # Info shows draining (a field the original did not have)
+        server["region"], server["pools"] = None, []  # and the labels for placement
     for entry in body["result"]["stats"]["apiCalls"]:
         entry.update(api_call_changes.get(entry["name"], {}))
 
@@ -1073,7 +1074,8 @@ def test_info_lists_servers_rooms_and_call_statistics():
         "hostname": SFU1, "address": SFU1, "version": "1.6.0", "disabled": False, "draining": False,
         "keyId": _server_jwk(SFU1)["kid"],
         "report": {"load": 0.5, "clients": 0, "rooms": [room("ns", "r", "c", peers=2)]},
-        "firstSeen": "2023-11-14T22:13:20.500Z", "lastSeen": "2023-11-14T22:13:20.500Z", "tasks": 0}]
+        "firstSeen": "2023-11-14T22:13:20.500Z", "lastSeen": "2023-11-14T22:13:20.500Z", "tasks": 0,
+        "region": None, "pools": []}]
     assert info["rooms"] == [{"hash": og.room_hash("ns", "r"), "id": ["ns", "r"], "customer": "c",
                               "server": SFU1, "updated": "2023-11-14T22:13:20.500Z"}]
     assert info["stats"]["apiCalls"] == [
