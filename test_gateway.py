@@ -2518,6 +2518,337 @@ def test_drain_errors():
 
 
 # ---------------------------------------------------------------------------
+# Placement with regions and pools
+# ---------------------------------------------------------------------------
+
+
+def fixed_access_key(fill):
+    """A valid access key from fixed bytes, so the tests need no randomness."""
+    body = bytes([fill]) * 31
+    return og.b64_encode(bytes([1]) + body + bytes([og.crc8(body)]))
+
+
+KEY_ACME = fixed_access_key(0xAC)  # customer acme: pool acme, region eu-central
+KEY_EU = fixed_access_key(0xE0)  # customer eurocorp: region eu-central, no pool
+KEY_ANY = fixed_access_key(0x0A)  # customer anywhere: no region, no pool
+EU1, EU2, EU3 = "sfu-eu-1:4433", "sfu-eu-2:4433", "sfu-eu-3:4433"
+WEST1, EAST1, EAST2 = "sfu-west-1:4433", "sfu-east-1:4433", "sfu-east-2:4433"
+ACME1, ACME2 = "acme-1:4433", "acme-2:4433"
+LABELS = [{"match": "sfu-eu-*", "region": "eu-central"},
+          {"match": "sfu-west-*", "region": "eu-west"},
+          {"match": "sfu-east-*", "region": "us-east"},
+          {"match": "acme-*", "region": "eu-central", "pools": ["acme"]}]
+FALLBACK = {"eu-central": ["us-east", "eu-west"]}  # not in alphabetical order
+
+
+def labelled_customers():
+    def customer(customer_id, key, **labels):
+        return dict({"id": customer_id, "max_peers": None, "max_rooms": None,
+                     "access_keys": [{"public_key": og.public_jwk(key)}]}, **labels)
+    return [customer("acme", KEY_ACME, region="eu-central", pool="acme"),
+            customer("eurocorp", KEY_EU, region="eu-central"),
+            customer("anywhere", KEY_ANY)]
+
+
+def labelled_gateway(servers=(EU1, EU2, WEST1, EAST1, ACME1), clock=None, seed=1, loads=None, **settings):
+    settings.setdefault("customers", labelled_customers())
+    settings.setdefault("server_labels", LABELS)
+    settings.setdefault("region_fallback", FALLBACK)
+    gw = make_gateway(clock, seed, **settings)
+    for hostname in servers:
+        report(gw, hostname, load=(loads or {}).get(hostname, 0.0))
+    return gw
+
+
+def place(gw, access_key=KEY_ANY, room_id="r", **internal):
+    """Connect a new room; the address it got."""
+    return result(gw, "Connect", {}, token=token(access_key, room_id, internal=internal or None))["address"]
+
+
+def test_a_room_goes_to_its_region_first():
+    gw = labelled_gateway(loads={EU1: 0.5, EU2: 0.6, WEST1: 0.0, EAST1: 0.0})
+    # The token's claim, else the customer's region; the emptier eu-central server.
+    assert place(gw, KEY_ANY, "a", region="eu-central") == EU1
+    assert place(gw, KEY_EU, "b") == EU1
+    assert place(gw, KEY_EU, "c", region="us-east") == EAST1  # the claim beats the customer's
+    assert place(gw, KEY_ANY, "d") in (WEST1, EAST1)  # no region: the least loaded of all
+    assert place(gw, KEY_ANY, "e", region="eu-west") == WEST1
+
+
+@pytest.mark.parametrize("cause", ["draining", "disabled", "full"])
+def test_fallback_follows_the_configured_order(cause):
+    clock = Clock()
+    gw = labelled_gateway(clock=clock, loads={EAST1: 0.7, WEST1: 0.0})  # order beats load
+    if cause == "draining":
+        for hostname in (EU1, EU2):
+            result(gw, "Drain", {"hostname": hostname})
+    elif cause == "disabled":
+        clock.advance(8)
+        for hostname in (WEST1, EAST1, ACME1):
+            report(gw, hostname, load=gw.grid.servers[hostname].load)
+        gw.tick()
+    else:
+        for hostname in (EU1, EU2):
+            report(gw, hostname, load=1.0)
+    assert place(gw, KEY_EU, "r") == EAST1
+    families = parse_metrics(og.render_metrics(gw))
+    assert sample_value(families, "odin_gateway_rooms_placed_total", tier="fallback") == 1
+    # us-east full too: the next fallback region.
+    report(gw, EAST1, load=1.0)
+    assert place(gw, KEY_EU, "s") == WEST1
+
+
+def test_any_region_is_the_last_resort():
+    gw = labelled_gateway(servers=(EU1, "sfu-ap-1:4433"), loads={EU1: 1.0})
+    # eu-central is full and its fallback regions have no server: any region.
+    assert place(gw, KEY_EU, "r") == "sfu-ap-1:4433"
+    # A region nobody serves (and no fallback for it): any region too.
+    assert place(gw, KEY_ANY, "s", region="mars") == "sfu-ap-1:4433"
+    families = parse_metrics(og.render_metrics(gw))
+    assert sample_value(families, "odin_gateway_rooms_placed_total", tier="any") == 2
+    # Every candidate full: still the least loaded of all, as without regions.
+    report(gw, "sfu-ap-1:4433", load=1.0)
+    assert place(gw, KEY_EU, "t") in (EU1, "sfu-ap-1:4433")
+
+
+def test_pools_are_a_wall_in_both_directions():
+    gw = labelled_gateway(servers=(EU1, ACME1, ACME2), loads={EU1: 0.0, ACME1: 0.9, ACME2: 0.95})
+    # acme's rooms go to acme's servers only, however busy.
+    assert {place(gw, KEY_ACME, "a%d" % i) for i in range(5)} == {ACME1}
+    # Nobody else gets acme's idle servers, however busy the shared ones are.
+    report(gw, ACME1, load=0.0)
+    report(gw, EU1, load=0.99)
+    assert {place(gw, key, "b%d" % i) for i in range(5) for key in (KEY_EU, KEY_ANY)} == {EU1}
+    # A token cannot choose a pool: pinning to a pool server is refused.
+    result(gw, "Drain", {"hostname": EU1})
+    assert error(gw, "Connect", {}, token=token(KEY_ANY, "c"))["message"] == "no server to assign room too"
+    # acme without a server taking rooms: refused, naming the pool.
+    for hostname in (ACME1, ACME2):
+        result(gw, "Drain", {"hostname": hostname})
+    assert error(gw, "Connect", {}, token=token(KEY_ACME, "d"))["message"] == (
+        "no server to assign room too: no server of pool acme takes rooms")
+
+
+def test_a_pinned_server_outside_the_customers_pool_is_refused():
+    gw = labelled_gateway()
+    assert place(gw, KEY_ACME, "a", server=ACME1) == ACME1
+    assert error(gw, "Connect", {}, token=token(KEY_ACME, "b", internal={"server": EU1}))["message"] == (
+        "no server to assign room too: pinned server %s is not in pool acme" % EU1)
+    assert error(gw, "Connect", {}, token=token(KEY_ANY, "c", internal={"server": ACME1}))["message"] == (
+        "no server to assign room too: pinned server %s is dedicated to pool acme" % ACME1)
+    # Pinning narrows within the customer's servers, whatever the region says.
+    assert place(gw, KEY_EU, "d", server=EAST1, region="eu-central") == EAST1
+
+
+def report_labels(gw, hostname, **labels):
+    params = dict({"public_endpoint": hostname, "version": "1", "load": 0, "clients": 0, "rooms": []},
+                  **labels)
+    return rpc(gw, "sfu.Report", params)[1]
+
+
+def test_labels_come_from_reports_and_the_config_wins():
+    gw = make_gateway(customers=[], server_labels=[
+        {"match": "SFU-EU-*", "region": "eu-central"},  # case-insensitive, as hostnames
+        {"match": "sfu-eu-9:*", "region": "never"},  # the first match wins
+        {"match": "dedicated-*", "pools": ["acme"]}])
+    report_labels(gw, "sfu-eu-9:4433", region="us-east", pools=["red"])
+    report_labels(gw, "dedicated-1:4433", region="us-east", pools=["red", "red"])
+    report_labels(gw, "plain:4433", region="ap-south", pools=["blue"])
+    report_labels(gw, "bare:4433")
+    servers = {s["hostname"]: (s["region"], s["pools"]) for s in result(gw, "Info")["servers"]}
+    assert servers == {
+        "sfu-eu-9:4433": ("eu-central", ["red"]),  # region from the config, pools from the report
+        "dedicated-1:4433": ("us-east", ["acme"]),  # pools from the config, region from the report
+        "plain:4433": ("ap-south", ["blue"]),  # no rule: the report's
+        "bare:4433": (None, [])}
+    # A reload relabels at once, before the next report.
+    gw.reload(gw.config.replace(server_labels=[{"match": "bare:*", "region": "eu-west", "pools": []}]))
+    assert gw.grid.servers["bare:4433"].region == "eu-west"
+    assert gw.grid.servers["sfu-eu-9:4433"].region == "us-east"
+
+
+@pytest.mark.parametrize("labels, field", [
+    ({"region": ""}, "region"),
+    ({"region": "eu central"}, "region"),
+    ({"region": 5}, "region"),
+    ({"pools": "acme"}, "pools"),
+    ({"pools": ["a", 1]}, "pools"),
+    ({"pools": ["p%d" % i for i in range(og.MAX_SERVER_POOLS + 1)]}, "pools"),
+])
+def test_report_labels_are_validated(labels, field):
+    gw = make_gateway()
+    answer = report_labels(gw, SFU1, **labels)
+    assert list(answer["error"]["data"]["fieldErrors"]) == [field]
+    assert SFU1 not in gw.grid.servers
+
+
+@pytest.mark.parametrize("settings, words", [
+    ({"server_labels": {"match": "x"}}, ["server_labels", "list"]),
+    ({"server_labels": ["x"]}, ["server_labels", "rule #1"]),
+    ({"server_labels": [{"region": "eu"}]}, ["server_labels", "rule #1", "match"]),
+    ({"server_labels": [{"match": "x", "zone": "eu"}]}, ["server_labels", "unknown key 'zone'"]),
+    ({"server_labels": [{"match": "x"}]}, ["server_labels", "'x'", "region, pools or both"]),
+    ({"server_labels": [{"match": "x", "region": "e u"}]}, ["server_labels", "'x'", "region"]),
+    ({"server_labels": [{"match": "x", "pools": "acme"}]}, ["server_labels", "'x'", "pools"]),
+    ({"region_fallback": ["eu"]}, ["region_fallback"]),
+    ({"region_fallback": {"eu": "us"}}, ["region_fallback", "eu", "list"]),
+    ({"region_fallback": {"eu": ["us", "eu"]}}, ["region_fallback", "eu", "itself"]),
+    ({"region_fallback": {"eu": ["us", "us"]}}, ["region_fallback", "repeat"]),
+    ({"customers": [{"id": "x", "pool": ""}]}, ["customers", "'x'", "pool"]),
+    ({"customers": [{"id": "x", "region": ["eu"]}]}, ["customers", "'x'", "region"]),
+])
+def test_label_settings_are_validated_with_clear_errors(settings, words):
+    with pytest.raises(og.ConfigError) as caught:
+        og.Config(**settings)
+    for word in words:
+        assert word in str(caught.value)
+
+
+def test_an_existing_room_never_moves_for_a_later_tokens_region():
+    gw = labelled_gateway()
+    assert place(gw, KEY_ANY, "lobby", region="eu-central") == EU1
+    assert place(gw, KEY_ANY, "lobby", region="us-east") == EU1
+    # A reported room too.
+    report(gw, EAST1, rooms=[room("anywhere", "other", "anywhere")])
+    assert place(gw, KEY_ANY, "other", region="eu-central") == EAST1
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_a_burst_in_one_region_stays_there_and_spreads_evenly(seed):
+    eu = ["sfu-eu-%d:4433" % i for i in range(5)]
+    us = ["sfu-east-%d:4433" % i for i in range(5)]
+    gw = labelled_gateway(servers=(), seed=seed)
+    for hostname in eu:
+        report(gw, hostname, load=0.3)
+    for hostname in us:
+        report(gw, hostname, load=0.0)  # idle, in another region
+    for index in range(100):  # no report in between
+        place(gw, KEY_ANY, "burst-%d" % index, region="eu-central")
+    counts = rooms_per_server(gw)
+    assert all(counts[hostname] == 0 for hostname in us), counts
+    assert max(counts[hostname] for hostname in eu) / (100 / 5) <= 1.2, counts
+
+
+def test_random_placement_draws_within_the_tier():
+    gw = labelled_gateway(seed=4, placement="random", loads={EAST1: 0.0, EU1: 0.5, EU2: 0.5})
+    picks = {place(gw, KEY_EU, "r%d" % i) for i in range(40)}
+    assert picks == {EU1, EU2}
+
+
+def test_without_labels_a_region_claim_changes_nothing():
+    picks = []
+    for claim in ({}, {"region": "eu-central"}):
+        gw = make_gateway(seed=9, customers=[])
+        for hostname in ("sfu-%d:4433" % i for i in range(6)):
+            report(gw, hostname, load=0.3)
+        picks.append([place(gw, KEY_UNKNOWN, "r%d" % i, **claim) for i in range(30)])
+    assert picks[0] == picks[1]
+
+
+def test_explain_tells_where_a_new_room_would_go_and_why_without_side_effects():
+    gw = labelled_gateway(servers=(EU1, EU2, WEST1, EAST1, EAST2, ACME1),
+                          loads={EU1: 1.0, EU2: 1.0, WEST1: 0.0, EAST1: 0.25, EAST2: 0.25})
+    state = gw.rng.getstate()
+    answer = result(gw, "Explain", {"customer": "eurocorp"})
+    assert (answer["customer"], answer["configured"], answer["region"], answer["pool"]) == (
+        "eurocorp", True, "eu-central", None)
+    assert [(t["tier"], t["region"], t["used"]) for t in answer["tiers"]] == [
+        ("in_region", "eu-central", False), ("fallback", "us-east", True),
+        ("fallback", "eu-west", False), ("any", None, False)]
+    assert answer["tiers"][0]["candidates"] == [
+        {"hostname": EU1, "region": "eu-central", "pools": [], "estimatedLoad": 1.0, "full": True},
+        {"hostname": EU2, "region": "eu-central", "pools": [], "estimatedLoad": 1.0, "full": True}]
+    assert ACME1 not in [c["hostname"] for t in answer["tiers"] for c in t["candidates"]]
+    assert answer["pick"] in (EAST1, EAST2)  # drawn with a copy of the random generator
+    assert answer["reason"] == ("region eu-central: all 2 candidates estimated full; next in "
+                                "region_fallback: us-east; least estimated load (0.250) of 2, "
+                                "a tie of 2 broken at random")
+    # Another region, a pool customer, no region, a pinned server.
+    assert result(gw, "Explain", {"customer": "eurocorp", "region": "eu-west"})["pick"] == WEST1
+    acme = result(gw, "Explain", {"customer": "acme"})
+    assert (acme["pool"], acme["pick"]) == ("acme", ACME1)
+    assert result(gw, "Explain", {"customer": "eurocorp", "region": None})["tiers"][0]["tier"] == "any"
+    assert result(gw, "Explain", {"customer": "nobody"})["configured"] is False
+    pinned = result(gw, "Explain", {"customer": "acme", "server": EU1})
+    assert (pinned["pick"], pinned["reason"]) == (None, "pinned server %s is not in pool acme" % EU1)
+    # Nothing changed: no room, no pending usage, no draw, no placement counted.
+    assert gw.grid.rooms == {} and gw.grid.pending == {}
+    assert all(s.pending_peers == 0 for s in gw.grid.servers.values())
+    assert gw.rng.getstate() == state and set(gw.metrics.placed.values()) == {0}
+    assert "region" in error(gw, "Explain", {"customer": "x", "region": "a b"})["data"]["fieldErrors"]
+    assert "customer" in error(gw, "Explain", {})["data"]["fieldErrors"]
+
+
+def test_placement_decisions_are_logged_at_debug(caplog):
+    gw = labelled_gateway()
+    with caplog.at_level(logging.DEBUG, logger="odin_gateway"):
+        place(gw, KEY_EU, "lobby")
+        error(gw, "Connect", {}, token=token(KEY_ANY, "x", internal={"server": ACME1}))
+    placed, refused = [r for r in caplog.records if getattr(r, "event", "").startswith("room_")]
+    assert placed.event == "room_placed" and placed.fields["tier"] == "in_region"
+    assert placed.fields["server"] == EU1 and "eu-central" in placed.getMessage()
+    assert refused.event == "room_refused" and "dedicated to pool acme" in refused.getMessage()
+
+
+def test_info_and_metrics_show_regions_and_pools():
+    gw = labelled_gateway(servers=(EU1, EU2, EAST1, ACME1))
+    result(gw, "Drain", {"hostname": EU2})
+    place(gw, KEY_EU, "a")
+    place(gw, KEY_ACME, "b")
+    place(gw, KEY_ANY, "c")
+    servers = {s["hostname"]: (s["region"], s["pools"]) for s in result(gw, "Info")["servers"]}
+    assert servers[ACME1] == ("eu-central", ["acme"]) and servers[EAST1] == ("us-east", [])
+    families = parse_metrics(og.render_metrics(gw))
+    assert sample_value(families, "odin_gateway_servers", state="enabled", region="eu-central") == 2
+    assert sample_value(families, "odin_gateway_servers", state="draining", region="eu-central") == 1
+    assert sample_value(families, "odin_gateway_servers", state="enabled", region="us-east") == 1
+    assert sample_value(families, "odin_gateway_pool_servers", pool="acme", state="enabled") == 1
+    assert [sample_value(families, "odin_gateway_rooms_placed_total", tier=tier)
+            for tier in og.PLACEMENT_TIERS] == [2, 0, 1]
+
+
+def test_customer_labels_come_from_the_update_function_too():
+    gw = labelled_gateway(customers=labelled_customers()[2:])  # anywhere only, no labels
+    assert place(gw, KEY_ANY, "a") in (EU1, EU2, WEST1, EAST1)
+    customers = labelled_customers()
+    customers[2]["pool"] = "acme"  # the update function's word wins
+    assert gw.set_customers(customers)
+    assert place(gw, KEY_ANY, "b") == ACME1
+
+
+def test_the_internal_region_claim_is_validated():
+    gw = labelled_gateway()
+    for claim in ({"region": 5}, {"region": ""}, {"region": "a b"}):
+        assert "internal" in error(gw, "Connect", {}, token=token(KEY_ANY, internal=claim))["data"]["fieldErrors"]
+
+
+def test_labelled_fake_servers_and_region_tokens_over_http():
+    config = og.Config(customers=labelled_customers(), region_fallback=FALLBACK,
+                       server_labels=[{"match": "acme-*", "pools": ["acme"]}])
+    with og.serve_in_thread(config) as server:
+        internal = server.url + "/internal"
+        fakes = [og.FakeServer(internal, EU1, region="eu-central", load=0.2),
+                 og.FakeServer(internal, EAST1, region="us-east"),
+                 og.FakeServer(internal, ACME1, region="eu-central", pools=["red"])]
+        for fake in fakes:
+            fake.report()
+        client = og.RpcClient(server.url, token=token(KEY_ANY, "r", internal={"region": "eu-central"},
+                                                      now=time.time()))
+        assert client.call("Connect")["address"] == EU1
+        client = og.RpcClient(server.url, token=token(KEY_ACME, "s", now=time.time()))
+        assert client.call("Connect")["address"] == ACME1
+        info = og.RpcClient(internal).call("Info")
+        assert {s["hostname"]: s["pools"] for s in info["servers"]}[ACME1] == ["acme"]
+
+
+def test_token_command_sets_the_region_claim():
+    printed = run_cli("token", "--access-key", KEY_ANY, "--room", "r", "--user", "u",
+                      "--region", "eu-central").stdout.strip()
+    assert claims_of(printed)["internal"] == {"region": "eu-central"}
+
+
+
+# ---------------------------------------------------------------------------
 # Regressions found by review
 # ---------------------------------------------------------------------------
 
