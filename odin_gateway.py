@@ -1428,14 +1428,15 @@ def place_room(servers: Dict[str, Server], *, pool: Optional[str], region: Optio
                                 else "no server of pool %s takes rooms" % pool)
             return placement
     candidates = [(server, server.estimated_load()) for server in found]
-    # 2. Tiers.
+    # 2. Tiers: the first with a server that is not estimated full is used.
+    tiers = placement.tiers
     if region is not None:
-        placement.tiers.append(("in_region", region, [c for c in candidates if c[0].region == region]))
+        tiers.append(("in_region", region, [c for c in candidates if c[0].region == region]))
         for other in region_fallback.get(region, ()):
-            placement.tiers.append(("fallback", other, [c for c in candidates if c[0].region == other]))
-    placement.tiers.append(("any", None, candidates))
+            tiers.append(("fallback", other, [c for c in candidates if c[0].region == other]))
+    tiers.append(("any", None, candidates))
     skipped = []
-    for index, (tier, name, members) in enumerate(placement.tiers):
+    for index, (tier, name, members) in enumerate(tiers):
         if any(load < 1.0 for _server, load in members):
             placement.used = index
             break
@@ -1443,18 +1444,18 @@ def place_room(servers: Dict[str, Server], *, pool: Optional[str], region: Optio
             skipped.append("region %s: %s" % (name, "no candidate" if not members
                                               else "all %d candidates estimated full" % len(members)))
     if placement.used is None:
-        placement.used = len(placement.tiers) - 1
+        placement.used = len(tiers) - 1
         why_tier = "every candidate is estimated full, so the least loaded of all"
     elif region is None:
         why_tier = "the room has no region: every candidate"
     elif placement.tier == "in_region":
         why_tier = "in the room's region %s" % region
     elif placement.tier == "fallback":
-        why_tier = "%s; next in region_fallback: %s" % ("; ".join(skipped), placement.tiers[placement.used][1])
+        why_tier = "%s; next in region_fallback: %s" % ("; ".join(skipped), tiers[placement.used][1])
     else:
         why_tier = "%s; so any region" % "; ".join(skipped)
     # 3. The pick within the tier.
-    placement.server, why_pick = _pick_in_tier(placement.tiers[placement.used][2], rule, rng)
+    placement.server, why_pick = _pick_in_tier(tiers[placement.used][2], rule, rng)
     placement.reason = "%s; %s" % (why_tier, why_pick)
     return placement
 
@@ -2548,7 +2549,7 @@ def render_metrics(gateway: Gateway) -> str:
     family("odin_gateway_pool_servers", "gauge",
            "Media servers of each pool by state (a server may be in several pools).",
            [({"pool": pool, "state": state}, count)
-            for pool, counts in _servers_by_state(grid.servers.values(), lambda s: s.pools, [])
+            for pool, counts in _servers_by_state(grid.servers.values(), lambda s: s.pools, ())
             for state, count in counts.items()])
     family("odin_gateway_rooms_placed_total", "counter",
            "New rooms placed, by the tier of the placement rule: in_region (the room's region), "

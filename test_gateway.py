@@ -2819,7 +2819,8 @@ def test_customer_labels_come_from_the_update_function_too():
 def test_the_internal_region_claim_is_validated():
     gw = labelled_gateway()
     for claim in ({"region": 5}, {"region": ""}, {"region": "a b"}):
-        assert "internal" in error(gw, "Connect", {}, token=token(KEY_ANY, internal=claim))["data"]["fieldErrors"]
+        answer = error(gw, "Connect", {}, token=token(KEY_ANY, internal=claim))
+        assert "internal" in answer["data"]["fieldErrors"]
 
 
 def test_labelled_fake_servers_and_region_tokens_over_http():
@@ -3046,6 +3047,7 @@ def test_benchmark_parts_run():
     finally:
         sys.path.remove(str(HERE / "bench"))
     assert bench.placement("balanced", [0.3] * 10, seeds=2)[0][0] == 1.0
+    assert bench.region_placement(rooms_per_region=10, seeds=1)[0] == 1.0
     assert bench.connect_cost(10, bench.make_tokens(5)) > 0
     first, again, size = bench.time_report(100)
     assert first > 0 and size > 1000
