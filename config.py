@@ -42,6 +42,8 @@ customers = [
         "id": "demo",
         "max_peers": 100,   # concurrent peers over all its rooms (None: unlimited)
         "max_rooms": 20,    # concurrent rooms (None: unlimited)
+        # "region": "eu-central",  # where its new rooms prefer to go (see server_labels below)
+        # "pool": "acme",          # only servers of this pool, which serve no one else
         "access_keys": [
             {
                 "public_key": {

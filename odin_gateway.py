@@ -1384,7 +1384,7 @@ class Placement:
             "region": self.region, "pool": self.pool,
             "tiers": [{"tier": tier, "region": region, "used": index == self.used, "candidates": [
                 {"hostname": server.hostname, "region": server.region, "pools": list(server.pools),
-                 "estimatedLoad": load, "full": load >= 1.0} for server, load in members]}
+                 "estimatedLoad": round(load, 6), "full": load >= 1.0} for server, load in members]}
                 for index, (tier, region, members) in enumerate(self.tiers)],
             "pick": self.server.hostname if self.server is not None else None,
             "reason": self.reason,
@@ -1442,7 +1442,7 @@ def place_room(servers: Dict[str, Server], *, pool: Optional[str], region: Optio
             break
         if tier != "any":
             skipped.append("region %s: %s" % (name, "no candidate" if not members
-                                              else "all %d candidates estimated full" % len(members)))
+                                              else "every candidate (%d) estimated full" % len(members)))
     if placement.used is None:
         placement.used = len(tiers) - 1
         why_tier = "every candidate is estimated full, so the least loaded of all"

@@ -2760,7 +2760,7 @@ def test_explain_tells_where_a_new_room_would_go_and_why_without_side_effects():
         {"hostname": EU2, "region": "eu-central", "pools": [], "estimatedLoad": 1.0, "full": True}]
     assert ACME1 not in [c["hostname"] for t in answer["tiers"] for c in t["candidates"]]
     assert answer["pick"] in (EAST1, EAST2)  # drawn with a copy of the random generator
-    assert answer["reason"] == ("region eu-central: all 2 candidates estimated full; next in "
+    assert answer["reason"] == ("region eu-central: every candidate (2) estimated full; next in "
                                 "region_fallback: us-east; least estimated load (0.250) of 2, "
                                 "a tie of 2 broken at random")
     # Another region, a pool customer, no region, a pinned server.
