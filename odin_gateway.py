@@ -1787,6 +1787,15 @@ def _want_bool(value: Any) -> Optional[str]:
     return None if isinstance(value, bool) else "must be true or false"
 
 
+def _want_label(value: Any) -> Optional[str]:
+    """A region (or pool) name, or null for none."""
+    return None if value is None else _label_problem(value)
+
+
+def _want_pools(value: Any) -> Optional[str]:
+    return None if value is None else _pools_problem(value)
+
+
 def _want_server_kind(value: Any) -> Optional[str]:
     return None if value in ("grid", "saga") else 'must be "grid" or "saga"'
 
@@ -2163,8 +2172,8 @@ class Gateway:
         clients = p.take("clients", _want_number)
         rooms = p.take("rooms", _want_rooms)
         draining = p.take("draining", _want_bool, False)
-        region = p.take("region", _label_problem, None)
-        pools = p.take("pools", _pools_problem, None)
+        region = p.take("region", _want_label, None)
+        pools = p.take("pools", _want_pools, None)
         p.check()
         if kind != "grid":
             raise refused("api must be used for grid servers only" if sfu else "only grid is supported")
@@ -2207,7 +2216,7 @@ class Gateway:
         customer = p.take("customer", _want_string)
         # Absent: the customer's region, as for a token without internal.region; null: none.
         unset = object()
-        region = p.take("region", lambda value: value is not None and _label_problem(value), unset)
+        region = p.take("region", _want_label, unset)
         pinned = p.take("server", _want_string, None)
         p.check()
         customer_region, pool = self.labels_of(customer)

@@ -2654,7 +2654,7 @@ def test_labels_come_from_reports_and_the_config_wins():
     report_labels(gw, "sfu-eu-9:4433", region="us-east", pools=["red"])
     report_labels(gw, "dedicated-1:4433", region="us-east", pools=["red", "red"])
     report_labels(gw, "plain:4433", region="ap-south", pools=["blue"])
-    report_labels(gw, "bare:4433")
+    report_labels(gw, "bare:4433", region=None, pools=None)  # null: none
     servers = {s["hostname"]: (s["region"], s["pools"]) for s in result(gw, "Info")["servers"]}
     assert servers == {
         "sfu-eu-9:4433": ("eu-central", ["red"]),  # region from the config, pools from the report
