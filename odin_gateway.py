@@ -1503,10 +1503,10 @@ def place_room(servers: Dict[str, Server], *, pool: Optional[str], region: Optio
     # 1. Candidates.
     if pinned is not None:
         server = servers.get(pinned)
-        found = [server] if server is not None and server.takes_rooms else []
-        if not found:
+        if server is None or not server.takes_rooms:
             placement.reason = "pinned server %s is unknown or takes no rooms" % printable(pinned)
             return placement
+        found = [server]
         if not _pool_allows(server, pool):
             placement.walled = True
             placement.reason = ("pinned server %s is not in pool %s" % (printable(pinned), pool)
@@ -1804,10 +1804,11 @@ class Grid:
                           customer=customer, region=region, pool=pool, tier=placement.tier,
                           server=placement.server.hostname if placement.server else None,
                           reason=placement.reason))
-        if placement.server is None:
+        server, tier = placement.server, placement.tier
+        if server is None or tier is None:
             raise placement.refusal()
-        self._gateway.metrics.placed[placement.tier] += 1
-        return placement.server
+        self._gateway.metrics.placed[tier] += 1
+        return server
 
     # -- maintenance --------------------------------------------------------
 
