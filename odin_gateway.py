@@ -1866,7 +1866,7 @@ class Grid:
                pool: Optional[str] = None) -> Server:
         """The server for a room: where it lives, else a new pick; (re)maps it there.
 
-        A room that lives on an enabled server stays there, whatever region
+        A room that lives on an answering server stays there, whatever region
         later tokens name. The peer (and the room, if new there) count as
         pending usage of the server and the customer until its next report.
         """
