@@ -3296,7 +3296,7 @@ class Gateway:
         if self.saved is None:
             self.saved = SavedState(self, self.config.state_file)
             self.state_restored = self.saved.restore(discard_unreadable)
-        else:
+        elif self.grid.journal is None:  # served again after a stop
             self.saved.resume()
 
     # -- warm-up: no blind placements after a start ----------------------------
