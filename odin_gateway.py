@@ -4891,9 +4891,13 @@ class GatewayServer:
         sockets = create_listeners(self.host, self.port, config.backlog, reuse_port=self.reuse_port)
         try:
             for sock in sockets:
+                # A TLS connection reaches its Connection only after the handshake:
+                # until then asyncio's deadline (60 s) held it outside max_connections,
+                # and from 3.12 on a stop waited for it.
                 self.listeners.append(await loop.create_server(
                     functools.partial(Connection, self), sock=sock, ssl=self.ssl,
-                    backlog=config.backlog))
+                    backlog=config.backlog,
+                    ssl_handshake_timeout=config.read_timeout if self.ssl else None))
         except BaseException:
             for sock in sockets:
                 sock.close()

@@ -2971,6 +2971,24 @@ def test_https(certificate):
             assert not plain.recv(100).startswith(b"HTTP/1.1 200")
 
 
+def test_a_silent_client_on_the_tls_port_is_closed_within_read_timeout(certificate):
+    # asyncio's handshake deadline is 60 s: each such client held a socket
+    # outside max_connections, and on Python 3.12+ a stop waited for it.
+    cert, key = certificate
+    config = og.Config(ssl=True, certificate=cert, private_key=key, read_timeout=0.2)
+    server = og.ThreadedServer(og.Gateway(config), ssl=og._ssl_context(config))
+    server.start()
+    try:
+        with socket.create_connection(("127.0.0.1", server.port), timeout=5) as silent:
+            assert silent.recv(10) == b""
+        silent = socket.create_connection(("127.0.0.1", server.port))
+        started = time.monotonic()
+    finally:
+        server.stop()
+    silent.close()
+    assert time.monotonic() - started < 5
+
+
 def test_tls_misconfiguration_stops_with_a_clear_message(certificate, tmp_path):
     cert, key = certificate
     missing = str(tmp_path / "nope.pem")
