@@ -5019,6 +5019,8 @@ class GatewayServer:
             if (framing is not None and framing.phase in ("idle", "first byte") and not framing.pending
                     and not connection.out and connection.pending is None):
                 connection.transport.abort()  # nothing in flight; abort skips TLS's goodbye
+            elif connection.deadline == "linger":
+                pass  # its last answer is out: it closes within linger_timeout, not later
             else:
                 connection.arm("stop", config.shutdown_timeout)
         for connection in list(self.refusing):

@@ -2842,6 +2842,21 @@ def test_failed_accepts_are_counted_not_logged_each_time(caplog):
     assert len(lines) == 1 and "could not accept connections 50 times" in lines[0]
 
 
+def test_a_stop_does_not_wait_shutdown_timeout_for_connections_already_answered():
+    # Closed after their last answer, clients that do not close their side
+    # are read from for linger_timeout; a stop made that shutdown_timeout.
+    server = og.ThreadedServer(make_gateway(linger_timeout=0.2, shutdown_timeout=10))
+    server.start()
+    with socket.create_connection(("127.0.0.1", server.port), timeout=5) as refused, \
+            socket.create_connection(("127.0.0.1", server.port), timeout=5) as answered:
+        refused.sendall(b"\x16\x03\x01 junk")
+        answered.sendall(b"GET /health HTTP/1.1\r\nConnection: close\r\n\r\n")
+        assert status_of(refused.recv(65536)) == 400 and status_of(answered.recv(65536)) == 200
+        started = time.monotonic()
+        server.stop()
+        assert time.monotonic() - started < 5
+
+
 def test_stopping_one_of_two_servers_leaves_the_other_serving():
     async def scenario():
         gw = make_gateway(warmup=0)
