@@ -4191,6 +4191,10 @@ class HttpFraming:
                         self.scanned = 0
                         body, self.chunks = bytes(self.chunks), bytearray()
                         return body
+                    # Dropped, but only if a field line: a front proxy that reads
+                    # it otherwise must not see a request hidden in the trailer.
+                    if not _HEADER_LINE_RE.fullmatch(line.decode("latin-1")):
+                        raise HttpError(400, "malformed trailer line")
                     continue
                 size_text = line.split(b";", 1)[0].strip()
                 if not _CHUNK_SIZE_RE.fullmatch(size_text):

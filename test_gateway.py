@@ -1881,6 +1881,17 @@ def test_framing_reads_chunked_bodies_in_any_pieces():
         assert [e.body for e in events] == [b"abcde", b""]
 
 
+@pytest.mark.parametrize("trailer", [b"T1", b": 1", b"T: 1\r", b"\rGET /health HTTP/1.1", b" folded",
+                                     b"T: a\x00b"])
+def test_a_trailer_line_must_be_a_field_line(trailer):
+    # As h11 (RFC 9112 section 7.1.2): it was dropped unread, whatever it held.
+    data = (b"POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n2\r\n{}\r\n0\r\n"
+            b"T: 1\r\n%s\r\nHost: x\r\n\r\n" % trailer)
+    for pieces in (1, len(data)):
+        (event,) = frame(data, pieces)
+        assert event.status == 400 and event.message.startswith("malformed")
+
+
 @pytest.mark.parametrize("data, settings, status", [
     (b"POST / HTTP/1.1\r\nContent-Length: 11\r\n\r\n", {"max_body_bytes": 10}, 413),
     (b"POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n8\r\n", {"max_body_bytes": 7}, 413),
