@@ -3804,8 +3804,10 @@ _VERSION_RE = re.compile(r"HTTP/(\d)\.(\d)")
 #: it (NUL, TAB, DEL) is a malformed request line, not a path to look up.
 _TARGET_RE = re.compile(r"[\x21-\x7e]+")
 _CONTENT_LENGTH_RE = re.compile(r"[0-9]+")
-#: As h11: more hex digits than 2**64 needs is not a size (larger ones get 413).
-_CHUNK_SIZE_RE = re.compile(rb"[0-9A-Fa-f]{1,20}")
+#: A chunk size line without its CRLF: the size (as h11: more hex digits than
+#: 2**64 needs is not a size; larger ones get 413), then extensions, unread.
+#: Nothing before the size, and no CR, LF or NUL anywhere in the line.
+_CHUNK_LINE_RE = re.compile(rb"([0-9A-Fa-f]{1,20})[ \t]*(?:;[^\r\n\x00]*)?")
 _REASONS = {200: "OK", 204: "No Content", 400: "Bad Request", 401: "Unauthorized",
             403: "Forbidden", 404: "Not Found", 405: "Method Not Allowed",
             408: "Request Timeout", 413: "Content Too Large", 414: "URI Too Long",
@@ -4196,10 +4198,10 @@ class HttpFraming:
                     if not _HEADER_LINE_RE.fullmatch(line.decode("latin-1")):
                         raise HttpError(400, "malformed trailer line")
                     continue
-                size_text = line.split(b";", 1)[0].strip()
-                if not _CHUNK_SIZE_RE.fullmatch(size_text):
+                match = _CHUNK_LINE_RE.fullmatch(line)
+                if match is None:
                     raise HttpError(400, "malformed chunk size")
-                size = int(size_text, 16)
+                size = int(match.group(1), 16)
                 if size == 0:
                     self.in_trailer = True
                 elif len(self.chunks) + size > limit:

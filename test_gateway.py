@@ -1881,6 +1881,14 @@ def test_framing_reads_chunked_bodies_in_any_pieces():
         assert [e.body for e in events] == [b"abcde", b""]
 
 
+@pytest.mark.parametrize("line", [b"\t2", b" 2", b"2\r;x", b"\x0b2", b"2\x0c", b"2;a\x00", b"0x2", b"2 x"])
+def test_a_chunk_size_line_is_a_size_then_extensions(line):
+    # As h11: it was stripped of any whitespace (a bare CR included) and read.
+    data = b"POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n%s\r\n{}\r\n0\r\n\r\n" % line
+    (event,) = frame(data)
+    assert (event.status, event.message) == (400, "malformed chunk size")
+
+
 @pytest.mark.parametrize("trailer", [b"T1", b": 1", b"T: 1\r", b"\rGET /health HTTP/1.1", b" folded",
                                      b"T: a\x00b"])
 def test_a_trailer_line_must_be_a_field_line(trailer):
