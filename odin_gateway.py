@@ -4518,7 +4518,7 @@ class Connection(asyncio.Protocol):
 
     __slots__ = ("server", "transport", "framing", "remote", "started", "deadline", "until",
                  "scheduled", "timer", "out", "pending", "writing_paused", "reading_paused",
-                 "closing", "lingering", "discarded", "refused", "waiting")
+                 "closing", "lingering", "discarded", "refused", "waiting", "out_bytes")
 
     def __init__(self, server: "GatewayServer"):
         self.server = server
@@ -4531,6 +4531,7 @@ class Connection(asyncio.Protocol):
         self.scheduled = 0.0
         self.timer: Optional[asyncio.TimerHandle] = None
         self.out: List[bytes] = []  # answers for this iteration's flush
+        self.out_bytes = 0  # their size
         self.pending: Optional[memoryview] = None  # the unsent rest of a large answer
         self.writing_paused = False
         self.reading_paused = False
@@ -4748,7 +4749,8 @@ class Connection(asyncio.Protocol):
         answer of an iteration goes out at once, which saves its latency.
         """
         server = self.server
-        if len(data) <= server.gateway.config.max_write_buffer:
+        max_write_buffer = server.gateway.config.max_write_buffer
+        if len(data) <= max_write_buffer:
             if not server.flush_scheduled:
                 server.flush_scheduled = True
                 server.loop.call_soon(server.flush)
@@ -4760,6 +4762,12 @@ class Connection(asyncio.Protocol):
             if not self.out:
                 server.to_flush.append(self)
             self.out.append(data)
+            self.out_bytes += len(data)
+            if self.out_bytes > max_write_buffer:
+                # Many pipelined requests in one read: written now, so that a
+                # client that does not read is paused at max_write_buffer
+                # (one 64 KiB read of them held 10 times that in answers).
+                self.flush()
             return
         self.flush()
         self.pending = memoryview(data)
@@ -4772,7 +4780,7 @@ class Connection(asyncio.Protocol):
         """Write the answers collected in this loop iteration (one send)."""
         out = self.out
         if out and self.transport is not None:
-            self.out = []
+            self.out, self.out_bytes = [], 0
             self.transport.write(out[0] if len(out) == 1 else b"".join(out))
 
     def _write_pending(self) -> None:

@@ -2626,6 +2626,24 @@ def test_malformed_or_oversized_requests_get_their_status_and_are_closed(request
         assert status_of(ok) == 200
 
 
+def test_a_client_that_pipelines_and_never_reads_holds_up_little_memory():
+    # One 64 KiB read of small pipelined requests made about 10 times that in
+    # answers, all held for the client: now they are written as they grow,
+    # and the client is paused at max_write_buffer like any other.
+    limit = 16 * 1024
+    with running(make_gateway(max_write_buffer=limit)) as server, socket.socket() as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        sock.connect(("127.0.0.1", server.port))
+        sock.settimeout(0.5)
+        with contextlib.suppress(socket.timeout):  # the server stops reading it
+            for _ in range(40):
+                sock.sendall(b"GET /health HTTP/1.1\r\n\r\n" * 10000)
+        (connection,) = server.server.connections
+        held = server.call(lambda: connection.transport.get_write_buffer_size()
+                           + sum(map(len, connection.out)))
+        assert connection.writing_paused and held <= 3 * limit
+
+
 def test_413_reaches_a_client_that_keeps_sending_its_body():
     with running() as server, socket.create_connection(("127.0.0.1", server.port), timeout=5) as sock:
         sock.sendall(b"POST / HTTP/1.1\r\nContent-Length: 3000000\r\n\r\n")
