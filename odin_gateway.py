@@ -5031,7 +5031,7 @@ class GatewayServer:
         for connection in list(self.connections):
             framing = connection.framing
             if (framing is not None and framing.phase in ("idle", "first byte") and not framing.pending
-                    and not connection.out and connection.pending is None):
+                    and not connection.out and connection.pending is None and not connection.waiting):
                 connection.transport.abort()  # nothing in flight; abort skips TLS's goodbye
             elif connection.deadline == "linger":
                 pass  # its last answer is out: it closes within linger_timeout, not later

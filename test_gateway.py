@@ -2792,6 +2792,37 @@ def test_an_answer_the_gateway_awaits_holds_up_no_other_connection():
     assert status_of(other) == 200
     assert both.index(b'{"late":true}') < both.index(b'{"status":"ok"}') and both.count(b"HTTP/1.1 200") == 2
 
+def test_a_stop_lets_an_answer_the_gateway_awaits_finish():
+    # An Info waiting for its turn, a report for the state file: requests in
+    # flight too, which the stop aborted (the client got no answer).
+    async def scenario():
+        gw = make_gateway()
+        real, release = gw.handle_http, asyncio.Event()
+
+        async def later():
+            await release.wait()
+            return og.Response(200, b'{"late":true}')
+
+        gw.handle_http = lambda m, t, h, b, r="127.0.0.1", **o: later() if t == "/wait" else real(m, t, h, b, r, **o)
+        server = og.GatewayServer(gw)
+        await server.start()
+        reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
+        writer.write(b"GET /wait HTTP/1.1\r\n\r\n")
+        while not any(connection.waiting for connection in server.connections):
+            await asyncio.sleep(0)
+        stopping = asyncio.ensure_future(server.stop())
+        for _ in range(50):  # the stop's first steps
+            await asyncio.sleep(0)
+        release.set()
+        answer = await reader.read()
+        await stopping
+        writer.close()
+        return answer
+
+    answer = asyncio.run(scenario())
+    assert status_of(answer) == 200 and b'{"late":true}' in answer and b"Connection: close" in answer
+
+
 def test_serve_in_thread_stops_cleanly():
     before = threading.active_count()
     with running() as server:
