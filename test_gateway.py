@@ -2764,18 +2764,25 @@ def test_an_internal_error_answers_500_and_the_server_keeps_serving(monkeypatch,
     assert "RuntimeError: bug" in caplog.text
 
 
+def gateway_answering_wait_later():
+    """A gateway whose answer to /wait is an awaitable, done once release is set
+    (call inside the event loop)."""
+    gw = make_gateway()
+    real, release = gw.handle_http, asyncio.Event()
+
+    async def later():
+        await release.wait()
+        return og.Response(200, b'{"late":true}')
+
+    gw.handle_http = lambda m, t, h, b, r="127.0.0.1", **o: later() if t == "/wait" else real(m, t, h, b, r, **o)
+    return gw, release
+
+
 def test_an_answer_the_gateway_awaits_holds_up_no_other_connection():
     # handle_http may answer with an awaitable (a Connect that waits for its
     # room's report, say): the connection waits, the others are served.
     async def scenario():
-        gw = make_gateway()
-        real, release = gw.handle_http, asyncio.Event()
-
-        async def later():
-            await release.wait()
-            return og.Response(200, b'{"late":true}')
-
-        gw.handle_http = lambda m, t, h, b, r="127.0.0.1", **o: later() if t == "/wait" else real(m, t, h, b, r, **o)
+        gw, release = gateway_answering_wait_later()
         async with gw.serve() as server:
             waiting_reader, waiting = await asyncio.open_connection("127.0.0.1", server.port)
             waiting.write(b"GET /wait HTTP/1.1\r\n\r\nGET /health HTTP/1.1\r\nConnection: close\r\n\r\n")
@@ -2792,18 +2799,12 @@ def test_an_answer_the_gateway_awaits_holds_up_no_other_connection():
     assert status_of(other) == 200
     assert both.index(b'{"late":true}') < both.index(b'{"status":"ok"}') and both.count(b"HTTP/1.1 200") == 2
 
+
 def test_a_stop_lets_an_answer_the_gateway_awaits_finish():
     # An Info waiting for its turn, a report for the state file: requests in
     # flight too, which the stop aborted (the client got no answer).
     async def scenario():
-        gw = make_gateway()
-        real, release = gw.handle_http, asyncio.Event()
-
-        async def later():
-            await release.wait()
-            return og.Response(200, b'{"late":true}')
-
-        gw.handle_http = lambda m, t, h, b, r="127.0.0.1", **o: later() if t == "/wait" else real(m, t, h, b, r, **o)
+        gw, release = gateway_answering_wait_later()
         server = og.GatewayServer(gw)
         await server.start()
         reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
