@@ -93,6 +93,12 @@ disable_timeout = 7.5         # s without a report before a server gets no new r
 remove_timeout = 600          # s without a report before a server is forgotten
 login_token_lifetime = 300    # s a room token (and a room never reported) lives
 
+# -- Event feed ---------------------------------------------------------------
+# The newest events (servers added, disabled, draining; rooms placed and gone;
+# limit refusals; tasks queued and delivered...) kept for the Events method on
+# /internal and the status page (/status). Older ones fall out.
+max_events = 1000
+
 # -- Limits -------------------------------------------------------------------
 # What one client may cost the gateway. A request over a limit gets the HTTP
 # status named here and its connection is closed; see README, "Security and

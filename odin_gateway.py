@@ -64,6 +64,7 @@ __all__ = [
 import argparse
 import asyncio
 import base64
+import collections
 import contextlib
 import copy
 import datetime
@@ -73,6 +74,7 @@ import hashlib
 import hmac
 import inspect
 import ipaddress
+import itertools
 import json
 import logging
 import math
@@ -128,6 +130,9 @@ MAX_BATCH = 100
 #: Most admin tasks queued for one server; admin calls beyond it are refused
 #: rather than silently dropping tasks already queued.
 MAX_QUEUED_TASKS = 10_000
+#: Events kept for the Events method and /status; older ones fall out (and
+#: Events tells a reader how many it missed).
+MAX_EVENTS = 1000
 #: Seconds a stop waits for requests in flight before closing their connections.
 SHUTDOWN_TIMEOUT = 10.0
 #: Seconds a customer update function may take before its result is ignored.
@@ -174,10 +179,12 @@ class RpcError(GatewayError):
 
 
 def fields(event: str, **values: Any) -> dict:
-    """Structured fields for a log record: log.info(..., extra=fields("server_added", ...)).
+    """Structured fields for a log record that is not a grid event (the access
+    log's request lines): log.info(..., extra=fields("request", ...)).
 
-    The json log format writes them as keys of the line's object; the pretty
-    format shows only the message, which says the same for people.
+    Grid events go through Gateway.event(), which also keeps them in the feed.
+    The json log format writes the fields as keys of the line's object; the
+    pretty format shows only the message, which says the same for people.
     """
     return {"event": event, "fields": values}
 
@@ -914,6 +921,7 @@ class Config:
         "login_token_lifetime": 300,
         "access_log": False,
         "placement": "balanced",
+        "max_events": MAX_EVENTS,
         # Limits (see "Security and limits" in README.md).
         "max_request_line": MAX_REQUEST_LINE,
         "max_head_bytes": MAX_HEAD_BYTES,
@@ -1190,6 +1198,95 @@ def merge_config(server: dict, recommended: dict) -> dict:
 
 
 # ---------------------------------------------------------------------------
+# Events: a bounded feed of what happened; the structured log is made from it
+# ---------------------------------------------------------------------------
+
+#: Events one Events call returns unless it asks for fewer or more.
+EVENTS_PAGE = 100
+#: Most customers whose limit refusals are counted (unknown_customers makes
+#: customer ids from tokens, so the count must be bounded).
+MAX_COUNTED_CUSTOMERS = 10_000
+
+#: Every kind of event: its log level and its log message for people ({name}
+#: is the field of that name, escaped). The json log format writes the fields
+#: as keys of the line's object; the Events method returns them as they are.
+EVENT_KINDS: Dict[str, Tuple[int, str]] = {
+    "server_added": (logging.INFO, "server {hostname} added (version {version}, key {kid})"),
+    "server_enabled": (logging.INFO, "server {hostname} re-enabled: it reported again"),
+    "server_disabled": (logging.WARNING, "server {hostname} disabled: no report for {silent:.1f} s; "
+                                         "its rooms move on their next Connect"),
+    "server_removed": (logging.INFO, "server {hostname} removed with its {rooms} rooms: "
+                                     "no report for {silent:.0f} s"),
+    "server_draining": (logging.INFO, "server {hostname} draining (set by the {by})"),
+    "server_undrained": (logging.INFO, "server {hostname} undrained (set by the {by})"),
+    "room_placed": (logging.DEBUG, "room {room} of {customer} placed on {server}: {reason}"),
+    "room_collision": (logging.WARNING, "room collision: {hostname} reports room {room}, which lives "
+                                        "on {owner}; closing it there"),
+    "room_gone": (logging.DEBUG, "room {room} of {customer} gone from {server}: {reason}"),
+    "limit_refused": (logging.INFO, "Connect refused: customer {customer} has {usage} of {max} {limit}"),
+    "task_queued": (logging.DEBUG, "{task} for room {room} queued for {server}"),
+    "task_delivered": (logging.DEBUG, "{task} for room {room} delivered to {server}"),
+    "customers_loaded": (logging.INFO, "customer update: {keys} keys of {customers} customers loaded"),
+    "customers_kept": (logging.WARNING, "customer update: keeping the previous keys: {reason}"),
+    "config_reloaded": (logging.INFO, "config reloaded from {source}: {keys} customer keys"),
+    "config_reload_refused": (logging.ERROR, "config reload refused, the running config stays: "
+                                             "{reason}"),
+    "listening": (logging.INFO, "listening on {url}"),
+    "stopping": (logging.INFO, "stopping: finishing requests in flight"),
+    "stopped": (logging.INFO, "stopped listening on {url}"),
+}
+
+
+def _shown(value: Any) -> Any:
+    """An event field as its log message shows it: text escaped, a room as namespace/name."""
+    if isinstance(value, str):
+        return printable(value)
+    if isinstance(value, (list, tuple)):
+        return "/".join(printable(part) for part in value)
+    return value
+
+
+class EventFeed:
+    """The newest events, oldest first: {"seq", "time", "kind", ...fields}.
+
+    seq counts from 1 and never repeats within a process, so a reader can
+    ask for what came after the last event it saw (after()).
+    """
+
+    __slots__ = ("events", "next_seq")
+
+    def __init__(self, size: int):
+        self.events: "collections.deque[dict]" = collections.deque(maxlen=size)
+        self.next_seq = 1
+
+    def add(self, kind: str, now: float, values: Dict[str, Any]) -> dict:
+        event = {"seq": self.next_seq, "time": now, "kind": kind}
+        event.update(values)
+        self.next_seq += 1
+        self.events.append(event)  # the deque drops the oldest when full
+        return event
+
+    def resize(self, size: int) -> None:
+        if size != self.events.maxlen:
+            self.events = collections.deque(self.events, maxlen=size)
+
+    def after(self, seq: int, limit: int) -> dict:
+        """Up to limit events after seq, the seq to ask after next, and how many
+        events after seq fell out of the feed before they could be read."""
+        if seq >= self.next_seq:  # a seq from before a restart: start again
+            seq = 0
+        oldest = self.events[0]["seq"] if self.events else self.next_seq
+        start = max(seq + 1, oldest)
+        events = list(itertools.islice(self.events, start - oldest, start - oldest + limit))
+        return {"events": events, "next": events[-1]["seq"] if events else start - 1,
+                "dropped": max(0, oldest - 1 - seq)}
+
+    def newest(self, count: int) -> List[dict]:
+        """The newest count events, newest first."""
+        return list(itertools.islice(reversed(self.events), count))
+
+
+# ---------------------------------------------------------------------------
 # Grid state: servers, rooms, customer usage
 # ---------------------------------------------------------------------------
 
@@ -1298,12 +1395,10 @@ class Grid:
             server = Server(hostname, derive_server_key(self.config.master_key_bytes, hostname), now)
             self.servers[hostname] = server
             self._by_kid[server.key.kid] = server
-            log.info("server %s added (version %s, key %s)", printable(hostname),
-                     printable(version), server.key.kid, extra=fields(
-                         "server_added", hostname=hostname, version=version, kid=server.key.kid))
+            self._gateway.event("server_added", now, hostname=hostname, version=version,
+                                kid=server.key.kid)
         elif server.disabled:
-            log.info("server %s re-enabled: it reported again", printable(hostname),
-                     extra=fields("server_enabled", hostname=hostname))
+            self._gateway.event("server_enabled", now, hostname=hostname)
         counted = self._integrate_rooms(server, report["rooms"], now)
         self._account(server, -1)
         server.usage = {}
@@ -1315,7 +1410,11 @@ class Grid:
         server.pending_peers = 0
         server.version = version
         server.report = report
-        server.reported_draining = bool(report.get("draining", False))
+        draining = bool(report.get("draining", False))
+        if draining != server.reported_draining:
+            server.reported_draining = draining
+            self._gateway.event("server_draining" if draining else "server_undrained", now,
+                                hostname=hostname, by="server")
         server.last_seen = now
         server.disabled = False
         self._account(server, +1)
@@ -1380,6 +1479,8 @@ class Grid:
             known = self.rooms.get(digest)
             if known is not None and known.server == hostname:
                 del self.rooms[digest]
+                self._gateway.event("room_gone", now, customer=known.customer, room=known.id,
+                                    server=hostname, reason="no longer reported")
         server.room_hashes = set(reported)
         return counted
 
@@ -1389,18 +1490,18 @@ class Grid:
             log.warning("room collision on %s: its task queue is full; not queueing RoomClose",
                         printable(server.hostname))
             return
-        log.warning("room collision: %s reports room %s/%s, which lives on %s; "
-                    "closing it there", printable(server.hostname), printable(room["id"][0]),
-                    printable(room["id"][1]), printable(owner.server), extra=fields(
-                        "room_collision", hostname=server.hostname, room=room["id"],
-                        owner=owner.server))
+        self._gateway.event("room_collision", hostname=server.hostname, room=tuple(room["id"]),
+                            owner=owner.server)
         ban = {"secs": int(math.ceil(self.config.update_interval)), "nanos": 0}
-        server.tasks.append({"task": "RoomClose", "id": list(room["id"]), "ban_time": ban})
+        self._append_task(server, {"task": "RoomClose", "id": list(room["id"]), "ban_time": ban})
         server.closing.add(digest)
 
     def take_tasks(self, server: Server) -> List[dict]:
         tasks, server.tasks = server.tasks, []
         server.closing.clear()
+        for task in tasks:
+            self._gateway.event("task_delivered", server=server.hostname, task=task["task"],
+                                room=tuple(task["id"]))
         return tasks
 
     def queue_task(self, server: Server, task: dict) -> None:
@@ -1408,7 +1509,12 @@ class Grid:
         if len(server.tasks) >= limit:
             raise refused("task queue of server %s is full (%d tasks); try again after its next report"
                           % (server.hostname, limit))
+        self._append_task(server, task)
+
+    def _append_task(self, server: Server, task: dict) -> None:
         server.tasks.append(task)
+        self._gateway.event("task_queued", server=server.hostname, task=task["task"],
+                            room=tuple(task["id"]))
 
     # -- placement ----------------------------------------------------------
 
@@ -1422,7 +1528,11 @@ class Grid:
         room = self.rooms.get(digest)
         server = self.servers.get(room.server) if room is not None else None
         if server is None or server.disabled:
+            moved_from = room.server if room is not None else None
             server = self._pick(pinned)
+            self._gateway.event("room_placed", now, customer=customer, room=room_id,
+                                server=server.hostname, new=room is None,
+                                reason=self._placement_reason(server, pinned, moved_from))
         new_here = room is None or room.server != server.hostname
         if room is None:
             self.rooms[digest] = Room(room_id, customer, server.hostname, now)
@@ -1436,6 +1546,19 @@ class Grid:
             counts[1] += new_room
         server.pending_peers += 1
         return server
+
+    def _placement_reason(self, server: Server, pinned: Optional[str],
+                          moved_from: Optional[str]) -> str:
+        """Why a room went to server, for the room_placed event."""
+        if pinned is not None:
+            reason = "pinned by the token's internal.server claim"
+        elif self.config.placement == "random":
+            reason = "random draw weighted by free capacity"
+        else:
+            reason = "least estimated load (%.2f)" % server.estimated_load()
+        if moved_from is not None:
+            reason += "; moved from %s, which is disabled or gone" % moved_from
+        return reason
 
     def _pick(self, pinned: Optional[str]) -> Server:
         """A server for a new room, among those taking rooms (enabled, not draining;
@@ -1480,19 +1603,19 @@ class Grid:
         for server in list(self.servers.values()):
             silent = now - server.last_seen
             if silent >= config.remove_timeout:
-                self._remove(server)
-                log.info("server %s removed: no report for %.0f s", printable(server.hostname), silent,
-                         extra=fields("server_removed", hostname=server.hostname, silent=silent))
+                rooms = self._remove(server)
+                self._gateway.event("server_removed", now, hostname=server.hostname, silent=silent,
+                                    rooms=rooms)
             elif silent >= config.disable_timeout and not server.disabled:
                 self._account(server, -1)
                 server.disabled = True
-                log.warning("server %s disabled: no report for %.1f s; its rooms move on their "
-                            "next Connect", printable(server.hostname), silent, extra=fields(
-                                "server_disabled", hostname=server.hostname, silent=silent))
+                self._gateway.event("server_disabled", now, hostname=server.hostname, silent=silent)
         expired = [digest for digest, room in self.rooms.items()
                    if now - room.updated > config.login_token_lifetime]
         for digest in expired:
-            del self.rooms[digest]
+            room = self.rooms.pop(digest)
+            self._gateway.event("room_gone", now, customer=room.customer, room=room.id,
+                                server=room.server, reason="not reported while its tokens lived")
         self._recount()
 
     def _recount(self) -> None:
@@ -1502,12 +1625,15 @@ class Grid:
         for server in self.servers.values():
             self._account(server, +1)
 
-    def _remove(self, server: Server) -> None:
+    def _remove(self, server: Server) -> int:
+        """Forget a server and its rooms; how many rooms went with it."""
         self._account(server, -1)
         del self.servers[server.hostname]
         self._by_kid.pop(server.key.kid, None)
-        for digest in [d for d, room in self.rooms.items() if room.server == server.hostname]:
+        gone = [d for d, room in self.rooms.items() if room.server == server.hostname]
+        for digest in gone:
             del self.rooms[digest]
+        return len(gone)
 
 
 # ---------------------------------------------------------------------------
@@ -1536,6 +1662,14 @@ def _want_bytes(value: Any) -> Optional[str]:
             _is_integer(b) and 0 <= b <= 255 for b in value):
         return None
     return "must be an array of integers from 0 to 255"
+
+
+def _want_count(value: Any) -> Optional[str]:
+    return None if _is_integer(value) and value >= 0 else "must be a non-negative integer"
+
+
+def _want_positive(value: Any) -> Optional[str]:
+    return None if _is_integer(value) and value > 0 else "must be a positive integer"
 
 
 def _want_bool(value: Any) -> Optional[str]:
@@ -1689,13 +1823,17 @@ class Gateway:
     """
 
     PUBLIC_METHODS = ("Connect", "RoomClose", "RoomUpdate", "RoomBanClient", "RoomSendMessage")
-    INTERNAL_METHODS = ("sfu.GridConfig", "sfu.Report", "GetConfig", "SubmitReport", "Info", "Drain")
+    INTERNAL_METHODS = ("sfu.GridConfig", "sfu.Report", "GetConfig", "SubmitReport", "Info", "Drain",
+                        "Events")
 
     def __init__(self, config: Optional[Config] = None, *, clock: Callable[[], float] = time.time,
                  rng: Optional[random.Random] = None):
         self.config = config if config is not None else Config()
         self.clock = clock
         self.rng = rng if rng is not None else random.Random()
+        self.started = clock()
+        self.events = EventFeed(self.config.max_events)
+        self.refusals: Dict[str, int] = {}  # customer -> Connects refused by a limit
         self.grid = Grid(self)
         self.stats: Dict[str, List[int]] = {}  # method -> [success, failure, rejected]
         self.stopping = False  # set while shutting down: connections are not kept alive
@@ -1712,7 +1850,21 @@ class Gateway:
             "SubmitReport": functools.partial(self.rpc_report, sfu=False),
             "Info": self.rpc_info,
             "Drain": self.rpc_drain,
+            "Events": self.rpc_events,
         }
+
+    def event(self, kind: str, now: Optional[float] = None, **values: Any) -> dict:
+        """Record an event (EVENT_KINDS) in the feed and log it: one record for both.
+
+        Cheap when its level is not logged: a dict appended to a deque.
+        """
+        record = self.events.add(kind, self.clock() if now is None else now, values)
+        level, message = EVENT_KINDS[kind]
+        if log.isEnabledFor(level):
+            shown = {name: _shown(value) for name, value in values.items()}
+            log.log(level, message.format(**shown),
+                    extra={"event": kind, "fields": dict(values, seq=record["seq"])})
+        return record
 
     # -- customers ----------------------------------------------------------
 
@@ -1744,12 +1896,10 @@ class Gateway:
         if kept:
             config = config.replace(**kept)
         self.config = config
+        self.events.resize(config.max_events)
         self._static_keys = load_customer_keys(config.customers)
         self._rebuild_authorizer()
-        log.info("config reloaded from %s: %d customer keys", config.source,
-                 len(self.authorizer.customer_keys),
-                 extra=fields("config_reloaded", source=config.source,
-                              keys=len(self.authorizer.customer_keys)))
+        self.event("config_reloaded", source=config.source, keys=len(self.authorizer.customer_keys))
 
     @property
     def everything_goes(self) -> bool:
@@ -1761,18 +1911,15 @@ class Gateway:
         """Replace the customers from the update function; False (old keys kept) if unusable."""
         problem = _check_customers(customers)
         if problem:
-            log.warning("customer update: keeping the previous keys: %s", problem,
-                        extra=fields("customers_kept", reason=problem))
+            self.event("customers_kept", reason=problem)
             return False
         keys = load_customer_keys(customers)
         if not keys:
-            log.warning("customer update: keeping the previous keys: the update has no usable key",
-                        extra=fields("customers_kept", reason="no usable key"))
+            self.event("customers_kept", reason="the update has no usable key")
             return False
         self._dynamic_keys = keys
         self._rebuild_authorizer()
-        log.info("customer update: %d keys of %d customers loaded", len(keys), len(customers),
-                 extra=fields("customers_loaded", keys=len(keys), customers=len(customers)))
+        self.event("customers_loaded", keys=len(keys), customers=len(customers))
         return True
 
     # -- public methods (/) -------------------------------------------------
@@ -1803,10 +1950,9 @@ class Gateway:
                 (licensee.peer_limit, peers, "peers", "peer limit exceeded"),
                 (licensee.room_limit, rooms, "rooms", "room limit exceeded")):
             if limit is not None and not limit > usage:
-                log.info("Connect refused: customer %s has %d of %d %s",
-                         printable(licensee.customer_id), usage, limit, what, extra=fields(
-                             "limit_refused", customer=licensee.customer_id, limit=what,
-                             usage=usage, max=limit))
+                self._count_refusal(licensee.customer_id)
+                self.event("limit_refused", customer=licensee.customer_id, limit=what,
+                           usage=usage, max=limit)
                 raise refused(message)
 
         namespace = auth.namespace if auth.namespace is not None else licensee.customer_id
@@ -1832,6 +1978,11 @@ class Gateway:
             "exp": nbf + self.config.login_token_lifetime, "nbf": nbf,
         }, server.key)
         return {"address": server.hostname, "token": token}
+
+    def _count_refusal(self, customer: str) -> None:
+        # Customer ids of unknown_customers come from tokens: the count is bounded.
+        if customer in self.refusals or len(self.refusals) < MAX_COUNTED_CUSTOMERS:
+            self.refusals[customer] = self.refusals.get(customer, 0) + 1
 
     def rpc_room_task(self, call: Call, params: dict, *, task: str) -> dict:
         """RoomClose, RoomUpdate, RoomBanClient, RoomSendMessage: queue the task
@@ -1926,10 +2077,8 @@ class Gateway:
             raise refused("no server %s: Info lists the servers" % printable(hostname))
         if server.draining != draining:
             server.draining = draining
-            log.info("server %s %s by an operator", printable(hostname),
-                     "draining" if draining else "undrained",
-                     extra=fields("server_draining" if draining else "server_undrained",
-                                  hostname=hostname))
+            self.event("server_draining" if draining else "server_undrained", hostname=hostname,
+                       by="operator")
         return {"hostname": hostname, "draining": server.draining or server.reported_draining}
 
     def rpc_info(self, call: Call, params: dict) -> dict:
@@ -1948,6 +2097,14 @@ class Gateway:
         calls = [{"name": name, "success": counts[0], "failure": counts[1], "rejected": counts[2]}
                  for name, counts in self.stats.items()]
         return {"servers": servers, "rooms": rooms, "stats": {"apiCalls": calls}}
+
+    def rpc_events(self, call: Call, params: dict) -> dict:
+        """The events after seq `after` (at most `limit`), for tools that tail the feed."""
+        p = Params(params)
+        after = p.take("after", _want_count, 0)
+        limit = p.take("limit", _want_positive, EVENTS_PAGE)
+        p.check()
+        return self.events.after(after, limit)
 
     # -- maintenance --------------------------------------------------------
 
@@ -2768,7 +2925,7 @@ async def _serve(gateway: Gateway, host: str, port: int,
     timers = [asyncio.ensure_future(_maintenance_timer(gateway)),
               asyncio.ensure_future(_customer_timer(gateway))]
     gateway.stopping = False
-    log.info("listening on %s", server.url, extra=fields("listening", url=server.url))
+    gateway.event("listening", url=server.url)
     try:
         yield server
     finally:
@@ -2799,7 +2956,7 @@ async def _serve(gateway: Gateway, host: str, port: int,
             _abort(transport, connections)
         await listener.wait_closed()
         await asyncio.gather(*timers, *refusals, return_exceptions=True)
-        log.info("stopped listening on %s", server.url, extra=fields("stopped", url=server.url))
+        gateway.event("stopped", url=server.url)
 
 
 async def _maintenance_timer(gateway: Gateway) -> None:
@@ -2823,13 +2980,11 @@ async def update_customers(gateway: Gateway) -> bool:
             if inspect.isawaitable(customers):
                 customers = await asyncio.wait_for(customers, timeout)
     except asyncio.TimeoutError:
-        log.warning("customer update: keeping the previous keys: no answer within %g s", timeout,
-                    extra=fields("customers_kept", reason="timeout"))
+        gateway.event("customers_kept", reason="no answer within %g s" % timeout)
         return False
     except Exception as err:
-        log.warning("customer update: keeping the previous keys: the function raised %s: %s",
-                    type(err).__name__, printable(err),
-                    extra=fields("customers_kept", reason="%s: %s" % (type(err).__name__, err)))
+        gateway.event("customers_kept", reason="the function raised %s: %s" % (
+            type(err).__name__, err))
         return False
     return gateway.set_customers(customers)
 
@@ -3444,8 +3599,7 @@ async def _run(gateway: Gateway, ssl_context: Optional[ssl_module.SSLContext],
         try:
             new_config = reload()  # type: ignore[misc]
         except ConfigError as err:
-            log.error("config reload refused, the running config stays: %s", err,
-                      extra=fields("config_reload_refused", reason=str(err)))
+            gateway.event("config_reload_refused", reason=str(err))
             return
         configure_logging(new_config.log_level, new_config.log_format)
         gateway.reload(new_config)
@@ -3461,7 +3615,7 @@ async def _run(gateway: Gateway, ssl_context: Optional[ssl_module.SSLContext],
             log.warning("second signal: exiting at once")
             os._exit(1)
         gateway.stopping = True  # from now on, answers close their connections
-        log.info("stopping: finishing requests in flight", extra=fields("stopping"))
+        gateway.event("stopping")
         stop.set()
 
     for signum in (signal.SIGINT, signal.SIGTERM):

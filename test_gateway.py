@@ -1807,6 +1807,8 @@ def test_the_gateway_runs_from_the_command_line_and_stops_on_sigterm(tmp_path):
         assert status_of(data) == 200
         process.send_signal(signal.SIGTERM)
         assert process.wait(timeout=15) == 0
+        events = [json.loads(line).get("event") for line in process.stderr]
+        assert events[-2:] == ["stopping", "stopped"]
     finally:
         if process.poll() is None:
             process.kill()
@@ -2352,6 +2354,9 @@ def test_sighup_reloads_the_config_file_and_refuses_a_broken_one(tmp_path):
         process.send_signal(signal.SIGHUP)
         wait_for("config_reload_refused")
         assert connect_status(KEY_A) == 200 and process.poll() is None
+        events = og.RpcClient("http://127.0.0.1:%d/internal" % port).call("Events")["events"]
+        assert [e["kind"] for e in events][-2:] == ["config_reloaded", "config_reload_refused"]
+        assert "port = 'x'" in events[-1]["reason"]
 
 
 def test_master_key_from_environment_or_file(tmp_path):
@@ -2409,6 +2414,169 @@ def test_the_customer_update_function_runs_when_serving():
             assert time.monotonic() < deadline, "the update function was not called"
             time.sleep(0.01)
     assert calls == [1]
+
+
+# ---------------------------------------------------------------------------
+# Event feed: the ring, every kind, the Events method
+# ---------------------------------------------------------------------------
+
+
+def kinds(gw, since=0):
+    return [event["kind"] for event in gw.events.events if event["seq"] > since]
+
+
+def last(gw, kind):
+    return [event for event in gw.events.events if event["kind"] == kind][-1]
+
+
+def test_the_feed_is_bounded_numbered_and_says_what_was_dropped():
+    feed = og.EventFeed(3)
+    assert feed.after(0, 10) == {"events": [], "next": 0, "dropped": 0}
+    for index in range(5):
+        feed.add("server_added", NOW + index, {"hostname": "h%d" % index})
+    assert [e["seq"] for e in feed.events] == [3, 4, 5]  # the two oldest fell out
+    assert feed.events[0] == {"seq": 3, "time": NOW + 2, "kind": "server_added", "hostname": "h2"}
+    page = feed.after(0, 2)
+    assert [e["seq"] for e in page["events"]] == [3, 4] and page["next"] == 4 and page["dropped"] == 2
+    page = feed.after(page["next"], 2)
+    assert [e["seq"] for e in page["events"]] == [5] and page["next"] == 5 and page["dropped"] == 0
+    assert feed.after(5, 2) == {"events": [], "next": 5, "dropped": 0}  # up to date
+    assert feed.after(1, 10)["dropped"] == 1  # seq 2 was missed
+    assert feed.after(99, 10)["events"][0]["seq"] == 3  # a seq from before a restart
+    assert [e["seq"] for e in feed.newest(2)] == [5, 4]
+    feed.resize(2)
+    assert [e["seq"] for e in feed.events] == [4, 5] and feed.next_seq == 6
+
+
+def test_events_carry_the_injected_clock_and_follow_max_events():
+    clock = Clock()
+    gw = make_gateway(clock, max_events=2)
+    report(gw, SFU1)
+    clock.advance(1.5)
+    report(gw, SFU2)
+    assert [(e["kind"], e["time"]) for e in gw.events.events] == [
+        ("server_added", NOW), ("server_added", NOW + 1.5)]
+    report(gw, "sfu-3:4433")
+    assert len(gw.events.events) == 2 and gw.events.events[-1]["seq"] == 3
+    gw.reload(gw.config.replace(max_events=10))
+    report(gw, "sfu-4:4433")
+    assert len(gw.events.events) == 4  # config_reloaded and server_added kept beside the two
+
+
+def test_every_event_kind_is_fired_by_the_action_that_causes_it():
+    clock = Clock()
+    gw = make_gateway(clock)
+    report(gw, SFU1, rooms=[room("custom-ns", "lobby", "odinref", peers=2)])
+    assert last(gw, "server_added")["hostname"] == SFU1
+    report(gw, SFU2)
+
+    seq = gw.events.next_seq - 1
+    result(gw, "Connect", {}, token=token(KEY_A, "lobby"))  # the room lives on SFU1: no event
+    assert kinds(gw, seq) == []
+    address = result(gw, "Connect", {}, token=token(KEY_A, "new-room"))["address"]
+    placed = last(gw, "room_placed")
+    assert placed["customer"] == "odinref" and placed["room"] == ("custom-ns", "new-room")
+    assert placed["server"] == address and placed["new"] is True
+    assert placed["reason"].startswith("least estimated load")
+    result(gw, "Connect", {}, token=token(KEY_A, "pinned", internal={"server": SFU2}))
+    assert "internal.server" in last(gw, "room_placed")["reason"]
+
+    result(gw, "RoomClose", {"room_id": "lobby"}, token=admin_token())
+    assert {k: last(gw, "task_queued")[k] for k in ("server", "task", "room")} == {
+        "server": SFU1, "task": "RoomClose", "room": ("custom-ns", "lobby")}
+    report(gw, SFU1)  # the task goes out; the server no longer has the room
+    assert {k: last(gw, "task_delivered")[k] for k in ("server", "task", "room")} == {
+        "server": SFU1, "task": "RoomClose", "room": ("custom-ns", "lobby")}
+    gone = last(gw, "room_gone")
+    assert gone["room"] == ("custom-ns", "lobby") and gone["server"] == SFU1
+    assert gone["customer"] == "odinref" and gone["reason"] == "no longer reported"
+
+    report(gw, SFU2, rooms=[room("x", "shared", "c")])
+    report(gw, SFU1, rooms=[room("x", "shared", "c"), room("custom-ns", "mine", "odinref")])
+    collision = last(gw, "room_collision")
+    assert collision["hostname"] == SFU1 and collision["owner"] == SFU2
+    assert collision["room"] == ("x", "shared")
+    assert last(gw, "task_queued")["server"] == SFU1  # the collision's RoomClose
+
+    result(gw, "Drain", {"hostname": SFU2})
+    assert last(gw, "server_draining")["by"] == "operator"
+    result(gw, "Drain", {"hostname": SFU2, "draining": False})
+    assert last(gw, "server_undrained")["hostname"] == SFU2
+    result(gw, "sfu.Report", {"public_endpoint": SFU2, "version": "1.6.0", "load": 0, "clients": 0,
+                              "rooms": [], "draining": True})
+    assert last(gw, "server_draining")["by"] == "server"
+    report(gw, SFU2)
+    assert last(gw, "server_undrained")["by"] == "server"
+
+    clock.advance(8)
+    report(gw, SFU2)
+    gw.tick()
+    assert last(gw, "server_disabled")["hostname"] == SFU1 and last(gw, "server_disabled")["silent"] == 8
+    moved = result(gw, "Connect", {}, token=token(KEY_A, "mine", now=clock.now))
+    assert moved["address"] == SFU2 and last(gw, "room_placed")["new"] is False
+    assert "moved from %s" % SFU1 in last(gw, "room_placed")["reason"]
+    report(gw, SFU1)
+    assert last(gw, "server_enabled")["hostname"] == SFU1
+
+    clock.advance(301)  # the never reported rooms of Connect expire with their tokens
+    report(gw, SFU1)
+    report(gw, SFU2)
+    gw.tick()
+    assert last(gw, "room_gone")["reason"] == "not reported while its tokens lived"
+    clock.advance(600)
+    report(gw, SFU2, rooms=[room("x", "shared", "c")])
+    gw.tick()
+    removed = last(gw, "server_removed")
+    assert removed["hostname"] == SFU1 and removed["silent"] == 600 and removed["rooms"] == 0
+
+    tiny = make_gateway(customers=[TINY_CUSTOMER])
+    report(tiny, SFU1, rooms=[room("tiny", "t1", "tiny"), room("tiny", "t2", "tiny")])
+    error(tiny, "Connect", {}, token=token(KEY_TINY, "t3"))
+    assert {k: last(tiny, "limit_refused")[k] for k in ("customer", "limit", "usage", "max")} == {
+        "customer": "tiny", "limit": "rooms", "usage": 2, "max": 2}
+    assert tiny.refusals == {"tiny": 1}
+    tiny.set_customers([TINY_CUSTOMER])
+    assert last(tiny, "customers_loaded")["keys"] == 1
+    tiny.set_customers("nonsense")
+    assert "expected a list" in last(tiny, "customers_kept")["reason"]
+    tiny.reload(tiny.config)
+    assert last(tiny, "config_reloaded")["keys"] == 1
+    with running(tiny) as server:
+        url = server.url
+    assert last(tiny, "listening")["url"] == url and last(tiny, "stopped")["url"] == url
+
+    fired = set(kinds(gw)) | set(kinds(tiny))
+    # config_reload_refused and stopping come from signals: see the SIGHUP and SIGTERM tests.
+    assert set(og.EVENT_KINDS) - fired == {"config_reload_refused", "stopping"}
+
+
+def test_log_lines_are_the_feed_records(caplog):
+    with caplog.at_level(logging.DEBUG, logger="odin_gateway"):
+        gw = make_gateway()
+        report(gw, SFU1)
+        result(gw, "Connect", {}, token=token(KEY_A, "<b>x</b>"))
+    lines = [line for line in json_log_lines(caplog) if "event" in line]
+    assert [line["event"] for line in lines] == kinds(gw)
+    assert [line["seq"] for line in lines] == [e["seq"] for e in gw.events.events]
+    assert lines[-1]["room"] == ["custom-ns", "<b>x</b>"]
+    assert "room custom-ns/<b>x</b> of odinref placed on %s" % SFU1 in lines[-1]["message"]
+
+
+def test_the_events_method_tails_the_feed():
+    gw = make_gateway(max_events=4)
+    for index in range(6):
+        report(gw, "sfu-%d:4433" % index)
+    page = result(gw, "Events", {"after": 0, "limit": 3})
+    assert [e["seq"] for e in page["events"]] == [3, 4, 5] and page["dropped"] == 2
+    assert page["events"][0] == {"seq": 3, "time": NOW, "kind": "server_added",
+                                 "hostname": "sfu-2:4433", "version": "1.6.0",
+                                 "kid": gw.grid.servers["sfu-2:4433"].key.kid}
+    page = result(gw, "Events", {"after": page["next"]})
+    assert [e["seq"] for e in page["events"]] == [6] and page["next"] == 6 and page["dropped"] == 0
+    assert result(gw, "Events")["next"] == 6  # after defaults to 0, limit to 100
+    for params, field in (({"after": -1}, "after"), ({"after": "1"}, "after"),
+                          ({"limit": 0}, "limit"), ({"limit": 1.5}, "limit")):
+        assert field in error(gw, "Events", params)["message"]
 
 
 # ---------------------------------------------------------------------------
