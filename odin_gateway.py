@@ -72,6 +72,7 @@ import email.utils
 import functools
 import hashlib
 import hmac
+import html
 import inspect
 import ipaddress
 import itertools
@@ -786,6 +787,8 @@ def check_basic(credentials: str, users: Dict[str, str]) -> Authorization:
 SECRET_SETTINGS = ("master_key", "internal_users")
 #: The well-known master key of the original's sample configuration.
 DEFAULT_MASTER_KEY = "VGhpcyBpcyBhIHN1cGVyIHNlY3JldCBtYXN0ZXIga2V5IQ=="
+#: The public key of the sample config's demo customer: README prints its access key.
+PUBLIC_DEMO_KEY = "IIy5Y30wG7_fGPlMjHfwMBHkoAF0K333UNl5xvymUMY"
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 
 
@@ -2206,7 +2209,7 @@ class Gateway:
                     remote: str = "127.0.0.1") -> Response:
         """The response to one HTTP request (headers keyed by lower-case name)."""
         path = target.split("?", 1)[0]
-        if path in ("/health", "/ready", "/metrics"):
+        if path in OPERATIONS_PATHS:
             return self._operations(method, path, headers)
         if path == "/":
             methods = self.PUBLIC_METHODS
@@ -2257,7 +2260,8 @@ class Gateway:
         return check_basic(credentials, self.config.internal_users)
 
     def _operations(self, method: str, path: str, headers: Dict[str, str]) -> Response:
-        """GET /health, /ready and /metrics: for load balancers and Prometheus."""
+        """GET /health, /ready and /metrics: for load balancers and Prometheus;
+        /status and /status.json: for people."""
         if method not in ("GET", "HEAD"):
             return Response(405, _error_body(INVALID_REQUEST, "method not allowed: use GET"),
                             [("Allow", "GET, HEAD")])
@@ -2270,14 +2274,24 @@ class Gateway:
             if not enabled:
                 return Response(503, dump_json({"status": "no enabled server"}))
             return Response(200, dump_json({"status": "ready", "servers": enabled}))
-        if self.config.internal_users:  # /metrics is protected like /internal
+        if self.config.internal_users:  # /metrics and /status are protected like /internal
             try:
                 self._basic_auth(headers.get("authorization", ""))
             except TokenError as err:
                 return Response(401, _error_body(INVALID_REQUEST, str(err)),
                                 [("WWW-Authenticate", 'Basic realm="odin-gateway"')])
+        if path == "/status":
+            # "replace": a lone surrogate in a reported name must not fail the page.
+            return Response(200, render_status_page(status_data(self)).encode("utf-8", "replace"),
+                            status_headers(), content_type="text/html; charset=utf-8")
+        if path == "/status.json":
+            return Response(200, dump_json(status_data(self)))
         return Response(200, render_metrics(self).encode("utf-8"),
                         content_type="text/plain; version=0.0.4; charset=utf-8")
+
+
+#: GET paths for operators (answered by Gateway._operations).
+OPERATIONS_PATHS = ("/health", "/ready", "/metrics", "/status", "/status.json")
 
 
 def _subject_filter(subjects: Any, methods: Tuple[str, ...]) -> Tuple[str, ...]:
@@ -2301,7 +2315,7 @@ def _toml_kind(value: Any) -> str:
 CONNECT_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1,
                    0.25, 0.5, 1.0)
 #: The path label of HTTP responses: a fixed set, never raw request paths.
-METRIC_PATHS = ("/", "/internal", "/metrics", "/health", "/ready")
+METRIC_PATHS = ("/", "/internal", "/metrics", "/health", "/ready", "/status", "/status.json")
 
 
 class Metrics:
@@ -2419,6 +2433,380 @@ def render_metrics(gateway: Gateway) -> str:
     family("odin_gateway_customer_keys", "gauge", "Customer access keys loaded.",
            [({}, len(gateway.authorizer.customer_keys))])
     return "\n".join(lines) + "\n"
+
+
+# ---------------------------------------------------------------------------
+# Status page: /status for people, /status.json for its live refresh
+# ---------------------------------------------------------------------------
+
+#: Most servers, customers and events /status shows, so that the page stays a
+#: few tens of KB (Info and Events have them all).
+STATUS_SERVERS = 60
+STATUS_CUSTOMERS = 40
+STATUS_EVENTS = 30
+#: Longest text shown in one place (a report may name a server with 100 KB).
+STATUS_TEXT = 64
+
+# The tables' columns: (heading, key in the row's entry, how it is shown). The
+# page's script draws the same columns from /status.json, so a new column is
+# one line here and one key in status_data(). Kinds: text, number; state
+# (taking rooms / draining / disabled); bar (a load, 0..1); age (seconds since
+# the last report: amber past update_interval, red past disable_timeout);
+# usage ([used, limit or None]).
+SERVER_COLUMNS = (
+    ("server", "hostname", "text"),
+    ("state", "state", "state"),
+    ("reported load", "load", "bar"),
+    ("estimated load", "estimated_load", "bar"),
+    ("clients", "clients", "number"),
+    ("rooms", "rooms", "number"),
+    ("peers", "peers", "number"),
+    ("last report", "age", "age"),
+    ("tasks queued", "tasks", "number"),
+    ("version", "version", "text"),
+)
+CUSTOMER_COLUMNS = (
+    ("customer", "id", "text"),
+    ("rooms", "rooms", "usage"),
+    ("peers", "peers", "usage"),
+    ("refused since start", "refused", "number"),
+)
+
+
+def exposure_warnings(gateway: Gateway) -> List[str]:
+    """What an operator must know is exposed, and how to fix it (logged at start,
+    shown on /status)."""
+    config = gateway.config
+    warnings = []
+    if config.master_key == DEFAULT_MASTER_KEY:
+        warnings.append("master_key is the well-known default: anyone can derive your servers' "
+                        "signing keys and forge room tokens; set a secret one "
+                        "(python odin_gateway.py keygen --master)")
+    if not config.internal_users:
+        warnings.append("/internal is open (internal_users is empty): anyone who reaches this port "
+                        "can register servers and read their signing keys, /metrics and /status; "
+                        "set internal_users or firewall the port")
+    if gateway.everything_goes:
+        warnings.append("no customers configured: every token is accepted as a demo customer "
+                        "without checking its signature; add customers to the config")
+    elif config.unknown_customers != "forbidden":
+        warnings.append("unknown_customers is not \"forbidden\": tokens with unknown key ids are "
+                        "accepted as demo customers without checking their signature")
+    public = b64url_decode(PUBLIC_DEMO_KEY)
+    for key in gateway.authorizer.customer_keys.values():
+        if key.verify_key.public == public:
+            warnings.append("customer %s has the sample demo key, whose access key README.md "
+                            "prints: anyone can sign its tokens; remove it from the config"
+                            % printable(key.licensee.customer_id))
+    return warnings
+
+
+def _duration(seconds: float) -> str:
+    """2 d 3 h, 3 h 5 min, 5 min 2 s or 42 s."""
+    seconds = int(max(seconds, 0))
+    for unit, size, smaller, small_size in (("d", 86400, "h", 3600), ("h", 3600, "min", 60),
+                                            ("min", 60, "s", 1)):
+        if seconds >= size:
+            return "%d %s %d %s" % (seconds // size, unit, seconds % size // small_size, smaller)
+    return "%d s" % seconds
+
+
+def _clip(value: Any) -> Any:
+    """Text (also inside a list) cut to STATUS_TEXT characters for the page."""
+    if isinstance(value, str) and len(value) > STATUS_TEXT:
+        return value[:STATUS_TEXT - 1] + "\u2026"
+    if isinstance(value, (list, tuple)):
+        return [_clip(part) for part in value]
+    return value
+
+
+def _server_state(server: Server) -> str:
+    if server.disabled:
+        return "disabled"
+    return "taking rooms" if server.takes_rooms else "draining"
+
+
+def status_data(gateway: Gateway) -> dict:
+    """What /status shows, as /status.json returns it."""
+    config, grid, now = gateway.config, gateway.grid, gateway.clock()
+    servers = [{
+        "hostname": _clip(s.hostname), "state": _server_state(s), "load": s.load,
+        "estimated_load": round(s.estimated_load(), 4), "clients": s.report["clients"],
+        "rooms": len(s.room_hashes), "peers": sum(peers for peers, _rooms in s.usage.values()),
+        "age": round(now - s.last_seen, 1), "tasks": len(s.tasks), "version": _clip(s.version),
+    } for s in sorted(grid.servers.values(), key=lambda s: s.hostname)]
+    licensees = {key.licensee.customer_id: key.licensee
+                 for key in gateway.authorizer.customer_keys.values()}
+    unknown = config.unknown_customers
+    default_limits = ((_pick(unknown, "max_rooms"), _pick(unknown, "max_peers"))
+                      if unknown != "forbidden" else (None, None))
+    customers = []
+    for customer in set(licensees) | set(grid.reported) | set(grid.pending) | set(gateway.refusals):
+        peers, rooms = grid.usage_of(customer)
+        licensee = licensees.get(customer)
+        room_limit, peer_limit = ((licensee.room_limit, licensee.peer_limit) if licensee is not None
+                                  else default_limits)
+        customers.append({"id": _clip(customer), "rooms": [rooms, room_limit], "peers": [peers, peer_limit],
+                          "refused": gateway.refusals.get(customer, 0)})
+    customers.sort(key=lambda c: (-c["peers"][0], -c["rooms"][0], c["id"]))
+    events = [dict({name: _clip(value) for name, value in event.items()},
+                   level=logging.getLevelName(EVENT_KINDS[event["kind"]][0]).lower())
+              for event in gateway.events.newest(STATUS_EVENTS)]
+    keys = len(gateway.authorizer.customer_keys)
+    return {
+        "gateway": {"version": __version__, "time": now, "started": gateway.started,
+                    "placement": config.placement, "customers": len(licensees), "keys": keys,
+                    "servers": len(grid.servers), "rooms": len(grid.rooms),
+                    "update_interval": config.update_interval,
+                    "disable_timeout": config.disable_timeout},
+        "facts": [["version", __version__], ["up", _duration(now - gateway.started)],
+                  ["placement", config.placement],
+                  ["customers", "%d (%d keys)" % (len(licensees), keys)],
+                  ["servers", str(len(grid.servers))], ["rooms", str(len(grid.rooms))]],
+        "warnings": exposure_warnings(gateway),
+        "columns": {"servers": SERVER_COLUMNS, "customers": CUSTOMER_COLUMNS},
+        "servers": servers[:STATUS_SERVERS], "more_servers": max(0, len(servers) - STATUS_SERVERS),
+        "customers": customers[:STATUS_CUSTOMERS],
+        "more_customers": max(0, len(customers) - STATUS_CUSTOMERS),
+        "events": events,
+    }
+
+
+# The page renders the same data twice: here as HTML, for the first view
+# (readable without JavaScript), and in _STATUS_SCRIPT from /status.json at
+# every refresh. Both put text only where text goes (escaped here, textContent
+# there): hostnames, room ids and customer ids come from requests.
+
+def _esc(value: Any) -> str:
+    return html.escape(str(value), quote=True)
+
+
+def _number(value: Any) -> str:
+    """As the script's fmt(): whole numbers plain, others with two decimals."""
+    if isinstance(value, float) and not value.is_integer():
+        return "%.2f" % value
+    return "%d" % value if isinstance(value, (int, float)) else _esc(value)
+
+
+def _bar(fraction: float, high: bool) -> str:
+    width = int(min(max(fraction, 0.0), 1.0) * 100 + 0.5)
+    return '<span class="bar%s"><span style="width:%d%%"></span></span>' % (" high" if high else "", width)
+
+
+def _cell(kind: str, value: Any, gateway: dict) -> str:
+    if kind == "number":
+        return '<td class="number">%s</td>' % _number(value)
+    if kind == "state":
+        return '<td class="state %s">%s</td>' % (_esc(value.split(" ")[0]), _esc(value))
+    if kind == "bar":
+        return "<td>%s%s</td>" % (_bar(value, value >= 0.9), _number(value))
+    if kind == "age":
+        late = (" silent" if value > gateway["disable_timeout"] else
+                " late" if value > gateway["update_interval"] else "")
+        return '<td class="number%s">%.1f s</td>' % (late, value)
+    if kind == "usage":
+        used, limit = value
+        if limit is None:
+            return "<td>%d / no limit</td>" % used
+        return "<td>%s%d / %d</td>" % (_bar(used / limit if limit else 1.0, used >= limit), used, limit)
+    return "<td>%s</td>" % _esc(value)
+
+
+def _rows(columns: Any, entries: List[dict], more: int, gateway: dict, empty: str) -> str:
+    rows = ["<tr>%s</tr>" % "".join(_cell(kind, entry[key], gateway) for _h, key, kind in columns)
+            for entry in entries]
+    if not entries or more:
+        rows.append('<tr><td class="more" colspan="%d">%s</td></tr>' % (
+            len(columns), "and %d more" % more if entries else _esc(empty)))
+    return "".join(rows)
+
+
+def _event_text(value: Any) -> str:
+    """An event field as the script's text(): a room as namespace/name."""
+    if isinstance(value, (list, tuple)):
+        return "/".join(str(part) for part in value)
+    if isinstance(value, bool) or value is None:
+        return json.dumps(value)
+    if isinstance(value, float) and not value.is_integer():
+        return "%.1f" % value
+    if isinstance(value, str) and " " in value:
+        return '"%s"' % value
+    return "%d" % value if isinstance(value, float) else str(value)
+
+
+def _event_item(event: dict) -> str:
+    details = " ".join("%s=%s" % (name, _event_text(value)) for name, value in event.items()
+                       if name not in ("seq", "time", "kind", "level"))
+    return '<li class="%s"><time>%s</time> <b>%s</b> %s</li>' % (
+        _esc(event["level"]), time.strftime("%H:%M:%S", time.gmtime(event["time"])),
+        _esc(event["kind"]), _esc(details))
+
+
+def _table(name: str, columns: Any, body: str) -> str:
+    head = "".join("<th>%s</th>" % _esc(heading) for heading, _key, _kind in columns)
+    return '<table id="%s"><thead><tr>%s</tr></thead><tbody>%s</tbody></table>' % (name, head, body)
+
+
+def render_status_page(data: dict) -> str:
+    """The whole /status page: inline CSS and script, no outside resources."""
+    gateway = data["gateway"]
+    facts = "".join("<span>%s <b>%s</b></span>" % (_esc(label), _esc(text))
+                    for label, text in data["facts"])
+    warnings = "".join('<p class="band warning">%s</p>' % _esc(text) for text in data["warnings"])
+    servers = _rows(SERVER_COLUMNS, data["servers"], data["more_servers"], gateway,
+                    "no server has reported yet")
+    customers = _rows(CUSTOMER_COLUMNS, data["customers"], data["more_customers"], gateway,
+                      "no customers")
+    events = "".join(_event_item(event) for event in data["events"])
+    return _STATUS_PAGE % {
+        "css": _STATUS_CSS, "script": _STATUS_SCRIPT, "refresh": _number(gateway["update_interval"]),
+        "facts": facts, "warnings": warnings,
+        "servers": _table("servers", SERVER_COLUMNS, servers),
+        "customers": _table("customers", CUSTOMER_COLUMNS, customers), "events": events}
+
+
+def status_headers() -> List[Tuple[str, str]]:
+    """A strict Content-Security-Policy: only the page's own script runs."""
+    digest = base64.b64encode(hashlib.sha256(_STATUS_SCRIPT.encode("utf-8")).digest()).decode()
+    return [("Content-Security-Policy", "default-src 'none'; style-src 'unsafe-inline'; "
+             "script-src 'sha256-%s'; connect-src 'self'; img-src data:; base-uri 'none'; "
+             "form-action 'none'; frame-ancestors 'none'" % digest),
+            ("X-Content-Type-Options", "nosniff"), ("Referrer-Policy", "no-referrer")]
+
+
+_STATUS_PAGE = """<!DOCTYPE html>
+<html lang="en"><head><meta charset="utf-8">
+<meta name="viewport" content="width=device-width, initial-scale=1">
+<link rel="icon" href="data:,"><title>ODIN gateway status</title>
+<style>%(css)s</style></head>
+<body data-refresh="%(refresh)s">
+<h1>ODIN gateway</h1>
+<p id="notice" class="band" hidden></p>
+<p id="facts" class="facts">%(facts)s</p>
+<div id="warnings">%(warnings)s</div>
+<h2>Servers</h2>
+%(servers)s
+<h2>Customers</h2>
+%(customers)s
+<h2>Newest events</h2>
+<ol id="events" class="events">%(events)s</ol>
+<noscript><p>Without JavaScript this page does not refresh itself: reload it.</p></noscript>
+<script>%(script)s</script>
+</body></html>
+"""
+
+_STATUS_CSS = """
+:root{color-scheme:light;--ok:#15803d;--warn:#b45309;--bad:#b91c1c;--bar:#2563eb;--line:#e5e7eb}
+body{font:14px/1.45 system-ui,sans-serif;margin:1.2em auto;max-width:76em;padding:0 1em;color:#111}
+h1{font-size:1.35em;margin:0 0 .2em}h2{font-size:1.05em;margin:1.4em 0 .4em}
+.facts span{margin-right:1.4em;color:#555}.facts b{color:#111}
+.band{padding:.45em .8em;border-radius:4px;margin:.4em 0}
+.warning.band{background:#fef3c7;color:#78350f}#notice{background:var(--bad);color:#fff;font-weight:600}
+table{border-collapse:collapse;width:100%}
+th{font-weight:600;color:#555;font-size:.9em}
+th,td{padding:.28em .55em;border-bottom:1px solid var(--line);text-align:left;white-space:nowrap}
+td.number{text-align:right;font-variant-numeric:tabular-nums}td.more{color:#666;font-style:italic}
+.state{font-weight:600}.taking{color:var(--ok)}.draining{color:var(--warn)}.disabled{color:var(--bad)}
+.bar{display:inline-block;width:5em;height:.65em;background:var(--line);border-radius:2px;
+vertical-align:middle;margin-right:.5em;overflow:hidden}
+.bar>span{display:block;height:100%;background:var(--bar)}.bar.high>span{background:var(--bad)}
+.late{color:var(--warn);font-weight:600}.silent{color:var(--bad);font-weight:600}
+.events{list-style:none;padding:0;margin:0;font:12.5px/1.5 ui-monospace,monospace}
+.events li{border-bottom:1px solid var(--line);white-space:pre-wrap;overflow-wrap:anywhere}
+.events time{color:#666}.events .warning b,.events .error b{color:var(--warn)}
+"""
+
+_STATUS_SCRIPT = """
+"use strict";
+(() => {
+  const every = 1000 * (Number(document.body.dataset.refresh) || 5);
+  const $ = (id) => document.getElementById(id);
+  const el = (tag, cls, text) => {
+    const node = document.createElement(tag);
+    if (cls) node.className = cls;
+    if (text !== undefined) node.textContent = text;
+    return node;
+  };
+  const fmt = (v) => typeof v === "number" && !Number.isInteger(v) ? v.toFixed(2) : String(v);
+  const text = (v) => Array.isArray(v) ? v.join("/") :
+    typeof v === "number" && !Number.isInteger(v) ? v.toFixed(1) :
+    typeof v === "string" && v.includes(" ") ? '"' + v + '"' : String(v);
+  const clock = (t) => new Date(t * 1000).toISOString().slice(11, 19);
+  function bar(fraction, high) {
+    const outer = el("span", high ? "bar high" : "bar"), inner = el("span");
+    inner.style.width = Math.round(Math.min(Math.max(fraction, 0), 1) * 100) + "%";
+    outer.append(inner);
+    return outer;
+  }
+  function cell(kind, v, g) {
+    const td = el("td");
+    if (kind === "number") { td.className = "number"; td.textContent = fmt(v); }
+    else if (kind === "state") { td.className = "state " + v.split(" ")[0]; td.textContent = v; }
+    else if (kind === "bar") td.append(bar(v, v >= 0.9), fmt(v));
+    else if (kind === "age") {
+      td.className = "number" + (v > g.disable_timeout ? " silent" : v > g.update_interval ? " late" : "");
+      td.textContent = v.toFixed(1) + " s";
+    } else if (kind === "usage") {
+      if (v[1] === null) td.textContent = v[0] + " / no limit";
+      else td.append(bar(v[1] ? v[0] / v[1] : 1, v[0] >= v[1]), v[0] + " / " + v[1]);
+    } else td.textContent = v;
+    return td;
+  }
+  function rows(id, columns, entries, more, g, empty) {
+    const out = entries.map((entry) => {
+      const tr = el("tr");
+      for (const [, key, kind] of columns) tr.append(cell(kind, entry[key], g));
+      return tr;
+    });
+    if (!entries.length || more) {
+      const tr = el("tr"), td = el("td", "more", entries.length ? "and " + more + " more" : empty);
+      td.colSpan = columns.length;
+      tr.append(td);
+      out.push(tr);
+    }
+    $(id).tBodies[0].replaceChildren(...out);
+  }
+  function render(d) {
+    $("facts").replaceChildren(...d.facts.map(([label, value]) => {
+      const span = el("span", "", label + " ");
+      span.append(el("b", "", value));
+      return span;
+    }));
+    $("warnings").replaceChildren(...d.warnings.map((w) => el("p", "band warning", w)));
+    rows("servers", d.columns.servers, d.servers, d.more_servers, d.gateway, "no server has reported yet");
+    rows("customers", d.columns.customers, d.customers, d.more_customers, d.gateway, "no customers");
+    $("events").replaceChildren(...d.events.map((e) => {
+      const li = el("li", e.level), details = [];
+      for (const [name, value] of Object.entries(e))
+        if (!["seq", "time", "kind", "level"].includes(name)) details.push(name + "=" + text(value));
+      li.append(el("time", "", clock(e.time)), " ", el("b", "", e.kind), " " + details.join(" "));
+      return li;
+    }));
+  }
+  let lastGood = new Date(), failing = false;
+  async function refresh() {
+    const abort = new AbortController(), timer = setTimeout(() => abort.abort(), every);
+    try {
+      const answer = await fetch("status.json", {cache: "no-store", signal: abort.signal});
+      if (!answer.ok) throw new Error("it answered HTTP " + answer.status);
+      render(await answer.json());
+      lastGood = new Date();
+      failing = false;
+      $("notice").hidden = true;
+    } catch (err) {
+      failing = true;
+      $("notice").textContent = "The gateway is not answering (" + (err.name === "AbortError" ?
+        "no answer in time" : err.message) + "). What you see is from " +
+        lastGood.toLocaleTimeString() + "; trying again every " + every / 1000 + " s.";
+      $("notice").hidden = false;
+    } finally {
+      clearTimeout(timer);
+      setTimeout(refresh, every);
+    }
+  }
+  setTimeout(refresh, every);
+})();
+"""
 
 
 # ---------------------------------------------------------------------------
@@ -3409,21 +3797,8 @@ def configure_logging(level: str, fmt: str, stream: Any = None) -> None:
 
 def warn_about_exposure(gateway: Gateway) -> None:
     """Say at start what an operator must know is exposed, and how to fix it."""
-    config = gateway.config
-    if config.master_key == DEFAULT_MASTER_KEY:
-        log.warning("master_key is the well-known default: anyone can derive your servers' "
-                    "signing keys and forge room tokens; set a secret one "
-                    "(python odin_gateway.py keygen --master)")
-    if not config.internal_users:
-        log.warning("/internal is open (internal_users is empty): anyone who reaches this port "
-                    "can register servers and read their signing keys; set internal_users or "
-                    "firewall the port")
-    if gateway.everything_goes:
-        log.warning("no customers configured: every token is accepted as a demo customer "
-                    "without checking its signature; add customers to the config")
-    elif config.unknown_customers != "forbidden":
-        log.warning("unknown_customers is not \"forbidden\": tokens with unknown key ids are "
-                    "accepted as demo customers without checking their signature")
+    for warning in exposure_warnings(gateway):
+        log.warning("%s", warning)
 
 
 def _ssl_context(config: Config) -> ssl_module.SSLContext:

@@ -2580,6 +2580,153 @@ def test_the_events_method_tails_the_feed():
 
 
 # ---------------------------------------------------------------------------
+# Status page: /status and /status.json
+# ---------------------------------------------------------------------------
+
+EVIL = '<script>alert("x")</script>\'"&'
+
+
+class PageParser(__import__("html.parser").parser.HTMLParser):
+    """Tags, attributes and text of a page, as a browser would split them."""
+
+    def __init__(self, page):
+        super().__init__()
+        self.tags, self.attributes, self.text, self.scripts = [], set(), [], []
+        self._in_script = False
+        self.feed(page)
+
+    def handle_starttag(self, tag, attrs):
+        self.tags.append(tag)
+        self.attributes.update(name for name, _value in attrs)
+        self._in_script = tag == "script"
+
+    def handle_endtag(self, tag):
+        self._in_script = False
+
+    def handle_data(self, data):
+        (self.scripts if self._in_script else self.text).append(data)
+
+
+def status_gateway(clock=None, **settings):
+    gw = make_gateway(clock or Clock(), **settings)
+    report(gw, SFU1, rooms=[room("custom-ns", "lobby", "odinref", peers=3)], load=0.25)
+    report(gw, SFU2, load=0.95)
+    result(gw, "Drain", {"hostname": SFU2})
+    result(gw, "Connect", {}, token=token(KEY_A, "new"))
+    return gw
+
+
+def test_the_status_page_shows_gateway_servers_customers_and_events():
+    clock = Clock()
+    gw = status_gateway(clock)
+    clock.advance(6)
+    report(gw, SFU2, load=0.95)
+    report(gw, "sfu-3:4433")
+    clock.advance(2)
+    gw.tick()  # SFU1 is silent for 8 s: disabled
+    data = og.status_data(gw)
+    servers = {s["hostname"]: s for s in data["servers"]}
+    assert servers[SFU1]["state"] == "disabled" and servers[SFU2]["state"] == "draining"
+    assert servers[SFU1]["rooms"] == 1 and servers[SFU1]["peers"] == 3 and servers[SFU1]["age"] == 8
+    assert servers[SFU2]["load"] == 0.95 and servers[SFU2]["age"] == 2
+    assert data["gateway"]["placement"] == "balanced" and data["gateway"]["started"] == NOW
+    assert ["up", "8 s"] in data["facts"] and ["customers", "4 (6 keys)"] in data["facts"]
+    customers = {c["id"]: c for c in data["customers"]}
+    assert customers["odinref"]["rooms"] == [0, 10] and customers["tiny"]["peers"] == [0, 3]
+    assert customers["foo"]["rooms"] == [0, None]
+    assert [e["kind"] for e in data["events"]][:2] == ["server_disabled", "server_added"]
+    assert data["events"][0]["level"] == "warning"
+    assert any("master_key is the well-known default" in w for w in data["warnings"])
+
+    response = get(gw, "/status")
+    assert response.status == 200 and response.content_type == "text/html; charset=utf-8"
+    policy = dict(response.headers)["Content-Security-Policy"]
+    assert "default-src 'none'" in policy and "script-src 'sha256-" in policy
+    page = response.body.decode()
+    assert "http://" not in page and "https://" not in page  # nothing from outside
+    parsed = PageParser(page)
+    assert parsed.tags.count("script") == 1 and parsed.tags.count("style") == 1
+    text = " ".join(parsed.text)
+    for seen in ("taking rooms", "draining", "disabled", SFU1, "8.0 s", "0.95", "0 / 10",
+                 "server_disabled", "master_key is the well-known default", "placement"):
+        assert seen in text, seen
+    assert '<td class="number silent">8.0 s</td>' in page  # past disable_timeout: red
+    assert '<span class="bar high"><span style="width:95%"></span></span>0.95' in page
+    assert get(gw, "/status.json").json() == json.loads(og.dump_json(og.status_data(gw)))
+    assert gw.handle_http("HEAD", "/status", {}, b"").status == 200
+    assert gw.handle_http("POST", "/status", {}, b"").status == 405
+
+
+def test_an_age_past_update_interval_is_amber():
+    clock = Clock()
+    gw = status_gateway(clock)
+    clock.advance(6)
+    page = get(gw, "/status").body.decode()
+    assert page.count('<td class="number late">6.0 s</td>') == 2
+
+
+def test_status_is_protected_like_metrics():
+    gw = status_gateway()
+    gw.reload(gw.config.replace(internal_users={"ops": "secret"}))
+    good = {"authorization": "Basic " + base64.b64encode(b"ops:secret").decode()}
+    for path in ("/status", "/status.json"):
+        refused_page = get(gw, path)
+        assert refused_page.status == 401 and b"master_key" not in refused_page.body
+        assert ("WWW-Authenticate", 'Basic realm="odin-gateway"') in refused_page.headers
+        assert get(gw, path, good).status == 200
+    assert not any("/internal is open" in w for w in og.status_data(gw)["warnings"])
+    assert any("/internal is open" in w for w in og.status_data(status_gateway())["warnings"])
+
+
+def test_the_status_page_escapes_everything_from_requests():
+    evil_customer = dict(TINY_CUSTOMER, id="tiny" + EVIL)
+    gw = make_gateway(customers=reference_customers() + [evil_customer])
+    evil_host = "sfu" + EVIL + ":4433"
+    report(gw, evil_host, rooms=[room("ns" + EVIL, "room" + EVIL, "reported" + EVIL),
+                                 room("ns", "\ud800lone", "c")], load=0.5)
+    result(gw, "sfu.Report", {"public_endpoint": SFU1, "version": EVIL, "load": 0, "clients": 0,
+                              "rooms": []})
+    result(gw, "Connect", {}, token=token(KEY_A, "lobby" + EVIL))
+    evil_id = evil_customer["id"]  # its key replaces tiny's: same kid
+    report(gw, evil_host, rooms=[room("tiny", "t1", evil_id), room("tiny", "t2", evil_id)])
+    assert error(gw, "Connect", {}, token=token(KEY_TINY, "t3"))["message"] == "room limit exceeded"
+    page = get(gw, "/status").body.decode()
+    parsed = PageParser(page)
+    assert parsed.tags.count("script") == 1  # ours, and nothing else
+    assert parsed.attributes <= {"lang", "charset", "name", "content", "rel", "href", "data-refresh",
+                                 "id", "class", "hidden", "style", "colspan"}
+    text = "".join(parsed.text)
+    for name in ("sfu" + EVIL, "room" + EVIL, "reported" + EVIL, "lobby" + EVIL, "tiny" + EVIL):
+        assert name in text, name
+    assert EVIL not in page  # only escaped
+    data = get(gw, "/status.json").json()
+    assert any(s["hostname"] == evil_host for s in data["servers"])
+
+
+def test_the_status_page_stays_small():
+    gw = make_gateway(unknown_customers={"max_peers": 5, "max_rooms": 5})
+    long = "x" * 5000
+    for index in range(300):
+        gw.grid.report("%s-%d:4433" % (long, index), long, {"load": 0.5, "clients": 0, "rooms": [
+            room("ns", "%s%d-%d" % (long[:200], index, n), "%s-%d" % (long, index * 4 + n))
+            for n in range(4)]}, NOW)
+    data = og.status_data(gw)
+    assert len(data["servers"]) == og.STATUS_SERVERS and data["more_servers"] == 300 - og.STATUS_SERVERS
+    assert len(data["customers"]) == og.STATUS_CUSTOMERS and data["more_customers"] == 1200 + 4 - og.STATUS_CUSTOMERS  # 4 configured
+    page = get(gw, "/status").body
+    assert len(page) < 64 * 1024 and "and 240 more" in page.decode()
+    assert len(get(gw, "/status.json").body) < 64 * 1024
+
+
+def test_the_public_demo_customer_is_warned_about(caplog):
+    config = og.Config.load(str(HERE / "config.py"))
+    with caplog.at_level(logging.WARNING, logger="odin_gateway"):
+        og.warn_about_exposure(og.Gateway(config))
+    assert "customer demo has the sample demo key" in caplog.text
+    assert not any("sample demo key" in w for w in og.exposure_warnings(make_gateway()))
+
+
+# ---------------------------------------------------------------------------
 # Placement by current and future usage; draining
 # ---------------------------------------------------------------------------
 
