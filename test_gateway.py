@@ -2726,6 +2726,103 @@ def test_the_public_demo_customer_is_warned_about(caplog):
     assert not any("sample demo key" in w for w in og.exposure_warnings(make_gateway()))
 
 
+BROWSER_INSTALL = ("Debian's chromium and chromium-driver (apt-get install chromium chromium-driver; "
+                   ".ci/run installs them) and selenium (pip install -r requirements-test.txt)")
+
+
+@pytest.fixture
+def browser(tmp_path):
+    """Headless Chromium driven by Selenium; skipped where it is absent (never under CI=true)."""
+    missing = [name for name in ("chromium", "chromedriver") if shutil.which(name) is None]
+    try:
+        from selenium import webdriver
+        from selenium.webdriver.chrome.service import Service
+    except ImportError:
+        missing.append("selenium")
+    if missing:
+        reason = "the browser test needs %s; missing: %s" % (BROWSER_INSTALL, ", ".join(missing))
+        if os.environ.get("CI") == "true":
+            pytest.fail(reason)
+        pytest.skip(reason)
+    options = webdriver.ChromeOptions()
+    options.binary_location = shutil.which("chromium")
+    for argument in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-quic",
+                     "--no-first-run", "--disable-background-networking", "--disable-sync",
+                     "--disable-component-update", "--window-size=1280,900",
+                     "--user-data-dir=%s" % (tmp_path / "chromium")):
+        options.add_argument(argument)
+    driver = webdriver.Chrome(options=options, service=Service(shutil.which("chromedriver")))
+    try:
+        yield driver
+    finally:
+        driver.quit()
+
+
+#: The server rows as a person sees them: name, state, its colour, the load bar's fill.
+SERVER_ROWS = """
+return Array.from(document.querySelectorAll("#servers tbody tr")).map((row) => {
+  const bar = row.querySelector(".bar");
+  return {name: row.cells[0].innerText, state: row.cells[1].innerText,
+          colour: getComputedStyle(row.cells[1]).color,
+          load: bar.firstChild.getBoundingClientRect().width / bar.getBoundingClientRect().width};
+});
+"""
+
+
+def test_the_status_page_in_a_real_browser(browser):
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    clock = Clock(time.time())
+    gw = make_gateway(clock, update_interval=0.3)
+    evil_host = '<img src=x onerror="window.injected=1">\'":4433'
+    evil_room = "<script>window.injected=2</script>"
+    with running(gw) as server:
+        internal = server.url + "/internal"
+        fakes = {name: og.FakeServer(internal, name, load=load) for name, load in (
+            ("sfu-a:4433", 0.2), ("sfu-b:4433", 0.6), ("sfu-c:4433", 0.0), (evil_host, 0.1))}
+        fakes["sfu-c:4433"].report()
+        server.call(lambda: clock.advance(8))
+        fakes[evil_host].add_room(evil_room, "odinref" + EVIL, namespace="ns" + EVIL)
+        for name in ("sfu-a:4433", "sfu-b:4433", evil_host):
+            fakes[name].report()
+        og.RpcClient(internal).call("Drain", {"hostname": "sfu-b:4433"})
+        server.tick()  # sfu-c has been silent for 8 s: disabled
+
+        browser.get(server.url + "/status")
+        wait = WebDriverWait(browser, 10, poll_frequency=0.05)
+
+        def rows():  # read at once: the page redraws its rows at every refresh
+            return {row["name"]: row for row in browser.execute_script(SERVER_ROWS)}
+
+        def text(element_id):
+            return browser.execute_script("return document.getElementById(arguments[0]).innerText",
+                                          element_id)
+
+        shown = rows()
+        assert [shown[name]["state"] for name in ("sfu-a:4433", "sfu-b:4433", "sfu-c:4433")] == [
+            "taking rooms", "draining", "disabled"]
+        assert len({shown[name]["colour"] for name in ("sfu-a:4433", "sfu-b:4433", "sfu-c:4433")}) == 3
+        assert abs(shown["sfu-a:4433"]["load"] - 0.2) < 0.02
+        assert evil_host in shown  # shown as text
+        browser.execute_script("window.sameDocument = true")
+
+        fakes["sfu-a:4433"].set_load(0.8)
+        fakes["sfu-a:4433"].report()
+        og.FakeServer(internal, "sfu-new:4433").report()
+        fakes[evil_host].remove_room(evil_room)
+        fakes[evil_host].report()  # a room_gone event full of markup
+        wait.until(lambda _: "server_added hostname=sfu-new:4433" in text("events"))
+        wait.until(lambda _: abs(rows()["sfu-a:4433"]["load"] - 0.8) < 0.02)
+        assert browser.execute_script("return window.sameDocument") is True  # no reload
+        assert evil_host in rows()  # redrawn from /status.json: still text
+        assert "%s/%s" % ("ns" + EVIL, evil_room) in text("events")  # as text, not markup
+        assert browser.execute_script("return window.injected") is None
+        assert text("notice") == ""
+    # The gateway has stopped: the page says so instead of freezing.
+    wait.until(lambda _: "not answering" in text("notice"))
+    assert browser.execute_script("return window.injected") is None
+
+
 # ---------------------------------------------------------------------------
 # Placement by current and future usage; draining
 # ---------------------------------------------------------------------------
