@@ -1560,7 +1560,7 @@ class Grid:
         else:
             reason = "least estimated load (%.2f)" % server.estimated_load()
         if moved_from is not None:
-            reason += "; moved from %s, which is disabled or gone" % moved_from
+            reason += "; moved from %s" % moved_from
         return reason
 
     def _pick(self, pinned: Optional[str]) -> Server:
@@ -2634,12 +2634,16 @@ def _event_text(value: Any) -> str:
     return "%d" % value if isinstance(value, float) else str(value)
 
 
+def _event_details(event: dict) -> str:
+    """An event's fields as name=value pairs, as the script's details."""
+    return " ".join("%s=%s" % (name, _event_text(value)) for name, value in event.items()
+                    if name not in ("seq", "time", "kind", "level"))
+
+
 def _event_item(event: dict) -> str:
-    details = " ".join("%s=%s" % (name, _event_text(value)) for name, value in event.items()
-                       if name not in ("seq", "time", "kind", "level"))
     return '<li class="%s"><time>%s</time> <b>%s</b> %s</li>' % (
         _esc(event["level"]), time.strftime("%H:%M:%S", time.gmtime(event["time"])),
-        _esc(event["kind"]), _esc(details))
+        _esc(event["kind"]), _esc(_event_details(event)))
 
 
 def _table(name: str, columns: Any, body: str) -> str:
@@ -3753,6 +3757,113 @@ def run_demo(out: Any = None) -> int:
     return 0
 
 
+#: The demo --serve timeline, in steps of DEMO_STEP seconds; it repeats.
+DEMO_STEP = 0.5
+DEMO_CYCLE = 120  # steps: one minute
+DEMO_TIMELINE = {20: "drain", 40: "silence", 70: "undrain", 80: "return"}
+
+
+def serve_demo(out: Any = None, *, port: int = 0, stop: Optional[threading.Event] = None,
+               seed: Optional[int] = None) -> int:
+    """Keep a demo grid going until Ctrl-C (or stop is set): the demo --serve command.
+
+    Three fake servers report every 2 s; clients of two customers join and
+    leave rooms, a backend closes some; a server drains and undrains, another
+    falls silent and comes back; globex keeps meeting its room limit. The
+    terminal shows the event feed; the status page shows the grid.
+    """
+    out = out or sys.stdout
+    stop = stop or threading.Event()
+    rng = random.Random(seed)
+    keys = {"acme": generate_access_key(), "globex": generate_access_key()}
+    rooms = {"acme": ["lobby", "arena-1", "arena-2", "arena-3", "quiz"],
+             "globex": ["standup", "retro", "planning", "all-hands"]}
+    config = Config(host="127.0.0.1", port=port, update_interval=2, disable_timeout=5,
+                    master_key=b64_encode(os.urandom(32)), customers=[
+                        {"id": "acme", "max_peers": 40, "max_rooms": 6,
+                         "access_keys": [{"public_key": public_jwk(keys["acme"])}]},
+                        {"id": "globex", "max_peers": 20, "max_rooms": 3,
+                         "access_keys": [{"public_key": public_jwk(keys["globex"])}]}])
+    with serve_in_thread(config, "127.0.0.1", port) as server:
+        internal = server.url + "/internal"
+        fakes = {}
+        for name in ("sfu-a", "sfu-b", "sfu-c"):
+            fake = FakeServer(internal, "%s.local:4433" % name, version="demo")
+            fake.grid_config()
+            fake.start()
+            fakes[fake.public_endpoint] = fake
+        peers: Dict[Tuple[str, str], int] = {}  # (customer, room) -> peers
+        hosts: Dict[Tuple[str, str], FakeServer] = {}
+        print("ODIN gateway demo, served: watch it at %s/status" % server.url, file=out)
+        print("The grid keeps moving until Ctrl-C; the gateway's events follow.\n", file=out, flush=True)
+
+        def join(customer: str, room: str) -> None:
+            token = create_token(keys[customer], room, "user-%d" % rng.randrange(1000))
+            try:
+                address = RpcClient(server.url + "/", token=token).call("Connect")["address"]
+            except RpcError:
+                return  # refused: the feed shows why
+            key = (customer, room)
+            if key in hosts and hosts[key].public_endpoint != address:
+                hosts[key].remove_room(room, customer)  # it moved off a silent server
+            hosts[key] = fakes[address]
+            peers[key] = peers.get(key, 0) + 1
+            fakes[address].add_room(room, customer, peers=peers[key])
+
+        def leave(key: Tuple[str, str]) -> None:
+            peers[key] -= 1
+            if peers[key]:
+                hosts[key].add_room(key[1], key[0], peers=peers[key])
+            else:
+                hosts.pop(key).remove_room(key[1], key[0])
+                del peers[key]
+
+        def close(key: Tuple[str, str]) -> None:
+            admin = create_token(keys[key[0]], key[1], "backend", subject="roomclose")
+            RpcClient(server.url + "/", token=admin).call("RoomClose", {"room_id": key[1]})
+            del peers[key], hosts[key]  # the server closes it when the task arrives
+
+        def script(step: str) -> None:
+            if step in ("drain", "undrain"):
+                RpcClient(internal).call("Drain", {"hostname": "sfu-b.local:4433",
+                                                   "draining": step == "drain"})
+            elif step == "silence":
+                fakes["sfu-c.local:4433"].stop()
+            else:
+                fakes["sfu-c.local:4433"].start()
+
+        seen = 0
+        try:
+            step = 0
+            while not stop.wait(DEMO_STEP):
+                step += 1
+                if step % DEMO_CYCLE in DEMO_TIMELINE:
+                    script(DEMO_TIMELINE[step % DEMO_CYCLE])
+                chance = rng.random()
+                if chance < 0.62 or not peers:
+                    customer = rng.choice(sorted(rooms))
+                    join(customer, rng.choice(rooms[customer]))
+                elif chance < 0.96:
+                    leave(rng.choice(sorted(peers)))
+                else:
+                    close(rng.choice(sorted(peers)))
+                for fake in fakes.values():
+                    load = sum(n for key, n in peers.items() if hosts[key] is fake) / 20
+                    fake.set_load(round(min(load, 1.0), 2))
+                page = server.call(lambda: server.gateway.events.after(seen, 100))
+                for event in page["events"]:
+                    print("%s %-16s %s" % (time.strftime("%H:%M:%S", time.gmtime(event["time"])),
+                                           event["kind"], _event_details(event)), file=out, flush=True)
+                seen = page["next"]
+        except KeyboardInterrupt:
+            pass
+        finally:
+            for fake in fakes.values():
+                fake.stop()
+    print("\nDemo stopped.", file=out)
+    return 0
+
+
 def _short(value: Any, limit: int = 100) -> str:
     text = js_json(value)
     return text if len(text) <= limit else text[:limit - 3] + "..."
@@ -3833,11 +3944,17 @@ def build_parser(command: str = "serve") -> argparse.ArgumentParser:
                             help="customer id for the printed config entry")
         return parser
     if command == "demo":
-        return argparse.ArgumentParser(
+        parser = argparse.ArgumentParser(
             prog="odin_gateway.py demo", formatter_class=formatter,
             description="Run the whole protocol on this machine in a few seconds and narrate "
                         "it: a gateway, two fake media servers, clients, an admin task, and a "
                         "server falling silent.")
+        parser.add_argument("--serve", action="store_true",
+                            help="instead, keep a demo grid going until Ctrl-C and print the "
+                                 "URL of its status page")
+        parser.add_argument("--port", type=int, default=0,
+                            help="port of the --serve gateway on 127.0.0.1 (0: a free one)")
+        return parser
     if command == "token":
         parser = argparse.ArgumentParser(
             prog="odin_gateway.py token", formatter_class=formatter,
@@ -4019,7 +4136,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         return token_command(args)
     if command == "demo":
         configure_logging("ERROR", "pretty")  # the narration says what happens
-        return run_demo()
+        return serve_demo(port=args.port) if args.serve else run_demo()
     configure_logging("INFO", "pretty")  # until the config says otherwise
     started_from = os.path.isfile(args.config)
     try:

@@ -26,6 +26,7 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.request
 
 import pytest
 
@@ -1911,6 +1912,33 @@ def test_demo_narrates_the_protocol():
 def test_demo_command_exits_zero():
     finished = run_cli("demo")
     assert finished.returncode == 0 and "Done:" in finished.stdout
+
+
+def test_demo_serve_keeps_a_grid_going_until_ctrl_c():
+    process = subprocess.Popen([sys.executable, str(HERE / "odin_gateway.py"), "demo", "--serve"],
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        first = process.stdout.readline()
+        url = first.split("watch it at ", 1)[1].strip()
+        assert url.startswith("http://127.0.0.1:") and url.endswith("/status")
+        with urllib.request.urlopen(url + ".json", timeout=10) as reply:
+            data = json.loads(reply.read())
+        assert sorted(s["hostname"] for s in data["servers"]) == [
+            "sfu-a.local:4433", "sfu-b.local:4433", "sfu-c.local:4433"]
+        assert {c["id"] for c in data["customers"]} == {"acme", "globex"}
+        lines = [process.stdout.readline() for _ in range(6)]  # the feed, as it comes
+        assert any(" server_added " in line for line in lines)
+        with urllib.request.urlopen(url, timeout=10) as reply:
+            assert b"sfu-a.local:4433" in reply.read()
+        process.send_signal(signal.SIGINT)
+        assert process.wait(timeout=15) == 0
+        assert "Demo stopped." in process.stdout.read()
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+        process.stdout.close()
+        process.stderr.close()
 
 
 def _readme_blocks(language, section=None):
