@@ -3156,6 +3156,7 @@ def test_benchmark_parts_run():
     assert bench.connect_cost(10, bench.make_tokens(5)) > 0
     first, again, size = bench.time_report(100)
     assert first > 0 and size > 1000
+    assert min(bench.connect_with_feed(5, 1)) > 0
 
 
 def test_serve_is_the_default_command_and_can_be_named():
