@@ -1950,10 +1950,43 @@ def _readme_blocks(language, section=None):
 
 
 def test_readme_python_example_runs():
-    blocks = _readme_blocks("python")
+    blocks = [block for block in _readme_blocks("python") if "while True:" not in block]
     assert blocks
     for block in blocks:
         exec(compile(block, "README.md", "exec"), {"__name__": "readme_example"})
+
+
+def test_readme_event_tail_loop_tails_the_feed(monkeypatch, capsys):
+    [block] = [block for block in _readme_blocks("python") if "while True:" in block]
+    assert len(block.strip().splitlines()) <= 12
+
+    class Enough(Exception):
+        pass
+
+    with running(make_gateway(max_events=3)) as server:
+        block = block.replace("http://127.0.0.1:7000", server.url)
+        fake = og.FakeServer(server.url + "/internal", SFU1)
+        fake.report()
+        naps = []
+
+        def sleep(seconds):  # between two polls: something happens, or the test ends
+            naps.append(seconds)
+            if len(naps) == 1:
+                og.FakeServer(server.url + "/internal", SFU2).report()
+            elif len(naps) == 2:
+                for index in range(4):  # more than the feed keeps
+                    og.FakeServer(server.url + "/internal", "sfu-%d:4433" % index).report()
+            else:
+                raise Enough
+
+        monkeypatch.setattr(time, "sleep", sleep)
+        with pytest.raises(Enough):
+            exec(compile(block, "README.md", "exec"), {"__name__": "readme_example"})
+    lines = capsys.readouterr().out.splitlines()
+    assert [line.split()[:3:2] for line in lines] == [
+        ["1", "listening"], ["2", "server_added"], ["3", "server_added"],
+        ["...", "events"], ["5", "server_added"], ["6", "server_added"], ["7", "server_added"]]
+    assert SFU2 in lines[2] and "1 events fell out" in lines[3]
 
 
 @pytest.mark.skipif(shutil.which("curl") is None, reason="the README's examples use curl")
