@@ -2791,7 +2791,10 @@ _STATUS_SCRIPT = """
   async function refresh() {
     const abort = new AbortController(), timer = setTimeout(() => abort.abort(), every);
     try {
-      const answer = await fetch("status.json", {cache: "no-store", signal: abort.signal});
+      // Not fetch("status.json"): on a page opened with user:password@ in its
+      // URL that resolves to a URL with credentials, which fetch refuses.
+      const url = new URL("status.json", location.origin + location.pathname);
+      const answer = await fetch(url, {cache: "no-store", signal: abort.signal});
       if (!answer.ok) throw new Error("it answered HTTP " + answer.status);
       render(await answer.json());
       lastGood = new Date();

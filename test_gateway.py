@@ -2884,6 +2884,19 @@ def test_the_status_page_in_a_real_browser(browser):
     assert browser.execute_script("return window.injected") is None
 
 
+def test_the_status_page_refreshes_behind_basic_authentication(browser):
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    with running(make_gateway(update_interval=0.3, internal_users={"ops": "secret"})) as server:
+        with_credentials = server.url.replace("://", "://ops:secret@")
+        og.FakeServer(with_credentials + "/internal", SFU1).report()
+        browser.get(with_credentials + "/status")  # as a person who typed them into the URL
+        og.FakeServer(with_credentials + "/internal", SFU2).report()
+        WebDriverWait(browser, 10, poll_frequency=0.05).until(lambda _: SFU2 in browser.execute_script(
+            "return document.getElementById('servers').innerText"))
+        assert browser.execute_script("return document.getElementById('notice').innerText") == ""
+
+
 # ---------------------------------------------------------------------------
 # Placement by current and future usage; draining
 # ---------------------------------------------------------------------------
