@@ -60,6 +60,7 @@ KEY_UNKNOWN = VERDICTS["keys"]["unknown"]["access_key"]  # configured nowhere
 SFU1 = "sfu-1.example.com:4433"
 SFU2 = "sfu-2.example.com:4433"
 NOW = 1_700_000_000.0
+DEFAULTS = og.Config()  # every setting at its default
 
 
 def reference_customers():
@@ -1166,10 +1167,10 @@ def test_empty_batch_and_notification_only_batch():
 def test_batches_are_bounded():
     gw = make_gateway()
     status, body = post(gw, [{"jsonrpc": "2.0", "method": "Info", "id": i}
-                             for i in range(og.MAX_BATCH + 1)])
+                             for i in range(DEFAULTS.max_batch + 1)])
     assert status == 200 and body["error"]["code"] == -32600 and "at most" in body["error"]["message"]
-    status, body = post(gw, [{"jsonrpc": "2.0", "method": "Info", "id": i} for i in range(og.MAX_BATCH)])
-    assert len(body) == og.MAX_BATCH
+    status, body = post(gw, [{"jsonrpc": "2.0", "method": "Info", "id": i} for i in range(DEFAULTS.max_batch)])
+    assert len(body) == DEFAULTS.max_batch
 
 
 @pytest.mark.parametrize("params, message", [
@@ -1442,6 +1443,71 @@ def test_a_missing_explicit_config_file_is_an_error(tmp_path):
         og.load_config(args)
 
 
+def settings_table():
+    """README's settings table as the declarations in Config make it."""
+    rows = ["| setting | default | on reload | meaning |", "| --- | --- | --- | --- |"]
+    for name, declared in og.SETTINGS.items():
+        default = declared.shown or "`%s`" % (
+            json.dumps(declared.default) if isinstance(declared.default, str) else repr(declared.default))
+        meaning = declared.meaning + (" (also `%s`)" % declared.flag if declared.flag else "")
+        rows.append("| `%s` | %s | %s | %s |" % (
+            name, default, "applied" if declared.reload else "restart", meaning))
+    return "\n".join(rows) + "\n"
+
+
+def test_readme_settings_table_follows_the_declarations():
+    expected = settings_table()
+    assert expected in (HERE / "README.md").read_text(), (
+        "README.md's settings table (section Configuration) must be:\n" + expected)
+
+
+def test_every_setting_is_a_typed_attribute_of_config():
+    annotations = og.Config.__annotations__
+    config = og.Config()
+    for name, declared in og.SETTINGS.items():
+        assert name in annotations and declared.name == name
+        assert getattr(config, name) == declared.default
+        assert declared.check(declared.default) is None, name
+        assert declared.meaning and "\n" not in declared.meaning, name
+
+
+def test_every_flag_overrides_its_setting_and_says_so_in_help():
+    parser = og.build_parser()
+    help_text = " ".join(parser.format_help().split())
+    for name, declared in og.SETTINGS.items():
+        if declared.flag is None:
+            continue
+        assert "%s" % declared.flag in help_text and "config: %s;" % name in help_text
+        if isinstance(declared.default, bool):
+            argv = [declared.flag]
+            expected = True
+        else:
+            expected = declared.default + 1 if isinstance(declared.default, int) else "other"
+            argv = [declared.flag, str(expected)]
+        config = og.load_config(parser.parse_args(["--config", "config.py"] + argv), environ={})
+        assert getattr(config, name) == expected, declared.flag
+
+
+def test_secret_settings_stay_out_of_repr_and_messages():
+    config = og.Config(master_key="c2VjcmV0IHZhbHVlIQ==", internal_users={"sfu": "pw-123"})
+    assert "c2VjcmV0" not in repr(config) and "pw-123" not in repr(config)
+    with pytest.raises(og.ConfigError) as caught:
+        og.Config(internal_users={"a:b": "pw-456"})
+    assert "pw-456" not in str(caught.value) and "<hidden>" in str(caught.value)
+
+
+def test_reload_keeps_the_settings_only_a_restart_applies(caplog):
+    gw = make_gateway()
+    restart_only = {name for name, declared in og.SETTINGS.items() if not declared.reload}
+    assert {"host", "port", "master_key", "max_head_bytes"} <= restart_only
+    changed = gw.config.replace(port=7001, max_batch=7, master_key="c2VjcmV0IHZhbHVlIQ==")
+    with caplog.at_level(logging.WARNING, logger="odin_gateway"):
+        gw.reload(changed)
+    assert gw.config.port == 7000 and gw.config.master_key == og.DEFAULT_MASTER_KEY
+    assert gw.config.max_batch == 7
+    assert "port changed" in caplog.text and "master_key changed" in caplog.text
+
+
 def test_two_gateways_share_nothing():
     first, second = make_gateway(), make_gateway(customers=[])
     report(first, SFU1, rooms=[room("ns", "r", "c")])
@@ -1554,10 +1620,10 @@ def test_notification_answers_204_without_content_type():
 
 @pytest.mark.parametrize("request_bytes, status", [
     (b"POST /internal HTTP/1.1\r\nContent-Length: 2000000\r\n\r\n", 413),
-    (b"POST /" + b"a" * (og.MAX_REQUEST_LINE + 10) + b" HTTP/1.1\r\n\r\n", 414),
-    (b"POST /internal HTTP/1.1\r\n" + b"".join(b"X-%d: y\r\n" % i for i in range(og.MAX_HEADERS + 1))
+    (b"POST /" + b"a" * (DEFAULTS.max_request_line + 10) + b" HTTP/1.1\r\n\r\n", 414),
+    (b"POST /internal HTTP/1.1\r\n" + b"".join(b"X-%d: y\r\n" % i for i in range(DEFAULTS.max_headers + 1))
      + b"\r\n", 431),
-    (b"POST /internal HTTP/1.1\r\nX-Big: " + b"y" * og.MAX_HEAD_BYTES + b"\r\n\r\n", 431),
+    (b"POST /internal HTTP/1.1\r\nX-Big: " + b"y" * DEFAULTS.max_head_bytes + b"\r\n\r\n", 431),
     (b"POST /internal HTTP/1.1\r\nContent-Length: +5\r\n\r\n", 400),
     (b"POST /internal HTTP/1.1\r\nContent-Length: -1\r\n\r\n", 400),
     (b"POST /internal HTTP/1.1\r\nContent-Length: 5\r\nContent-Length: 6\r\n\r\n", 400),
@@ -1628,7 +1694,7 @@ def test_connections_beyond_the_cap_get_503_and_the_others_are_served():
 
 def test_limits_are_settings_of_each_gateway():
     small = make_gateway(max_body_bytes=10, max_batch=1)
-    assert small.config.max_body_bytes == 10 and og.Config().max_body_bytes == og.MAX_BODY_BYTES
+    assert small.config.max_body_bytes == 10 and og.Config().max_body_bytes == DEFAULTS.max_body_bytes
     status, body = post(small, [{"jsonrpc": "2.0", "method": "Info", "id": 1}] * 2)
     assert "at most 1 requests" in body["error"]["message"]
     with running(small) as server:
@@ -2018,10 +2084,10 @@ def test_sample_config_shows_every_setting_with_its_default():
     import runpy
 
     sample = runpy.run_path(str(HERE / "config.py"))
-    for name, default in og.Config.DEFAULTS.items():
+    for name, declared in og.SETTINGS.items():
         assert name in sample, "config.py does not show %s" % name
         if name != "customers":  # the sample ships the demo customer
-            assert sample[name] == default, name
+            assert sample[name] == declared.default, name
 
 
 # ---------------------------------------------------------------------------
@@ -2124,7 +2190,7 @@ _FUZZ_LOOP = asyncio.new_event_loop()
 
 def _parse_head(data):
     async def parse():
-        reader = asyncio.StreamReader(limit=og.MAX_HEAD_BYTES + 2)
+        reader = asyncio.StreamReader(limit=DEFAULTS.max_head_bytes + 2)
         reader.feed_data(data)
         reader.feed_eof()
         return await og.read_request_head(reader, og.Config())
@@ -2381,7 +2447,7 @@ def test_reload_applies_customers_and_limits_and_keeps_state(caplog):
         gw.reload(gw.config.replace(customers=reference_customers(), max_batch=7,
                                     master_key=base64.b64encode(b"k" * 32).decode(), port=1234,
                                     max_head_bytes=99999))
-    assert gw.config.max_head_bytes == og.MAX_HEAD_BYTES
+    assert gw.config.max_head_bytes == DEFAULTS.max_head_bytes
     assert result(gw, "Connect", {}, token=token(KEY_A))["address"] == SFU1
     assert gw.config.max_batch == 7
     assert SFU1 in gw.grid.servers and len(gw.grid.rooms) == 2  # state kept
