@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
+import html.parser
 import json
 import logging
 import math
@@ -2713,7 +2714,7 @@ def test_the_events_method_tails_the_feed():
 EVIL = '<script>alert("x")</script>\'"&'
 
 
-class PageParser(__import__("html.parser").parser.HTMLParser):
+class PageParser(html.parser.HTMLParser):
     """Tags, attributes and text of a page, as a browser would split them."""
 
     def __init__(self, page):
