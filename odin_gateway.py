@@ -31,6 +31,10 @@ master key, so change ``master_key`` before going to production; ``/internal``
 hands out signing keys, so protect it with ``internal_users`` or a firewall.
 The gateway warns at start about each of these.
 
+Watching it: GET /status is a live page of the grid for people (servers,
+customers, the newest events); the Events method on /internal lets tools tail
+the same event feed the log is written from.
+
 The protocol logic (tokens, grid state, RPC methods, JSON-RPC dispatch) is
 plain synchronous code over plain data; only the HTTP layer and the timers
 touch asyncio. Time and randomness are injectable, and all state lives on a

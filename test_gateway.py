@@ -2897,6 +2897,17 @@ return Array.from(document.querySelectorAll("#servers tbody tr")).map((row) => {
 """
 
 
+def test_under_ci_a_missing_browser_fails_the_browser_test(tmp_path):
+    # Elsewhere it is skipped with the same reason; CI must run it.
+    finished = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(HERE / "test_gateway.py"),
+         "-k", "test_the_status_page_in_a_real_browser"],
+        env=dict(os.environ, PATH=str(tmp_path), CI="true"),  # no chromium on this PATH
+        capture_output=True, text=True, timeout=120, cwd=str(tmp_path))
+    assert finished.returncode == 1 and "1 error" in finished.stdout
+    assert "apt-get install chromium chromium-driver" in finished.stdout
+
+
 def test_the_status_page_in_a_real_browser(browser):
     from selenium.webdriver.support.ui import WebDriverWait
 
