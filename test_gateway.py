@@ -19,6 +19,7 @@ import math
 import os
 import pathlib
 import random
+import re
 import shutil
 import signal
 import socket
@@ -2688,6 +2689,17 @@ def test_log_lines_are_the_feed_records(caplog):
     assert [line["seq"] for line in lines] == [e["seq"] for e in gw.events.events]
     assert lines[-1]["room"] == ["custom-ns", "<b>x</b>"]
     assert "room custom-ns/<b>x</b> of odinref placed on %s" % SFU1 in lines[-1]["message"]
+
+
+def test_readme_lists_every_event_kind_with_its_log_level():
+    table = (HERE / "README.md").read_text().split("### Event kinds", 1)[1].split("\n\n", 2)[1]
+    documented = {}
+    for row in table.splitlines()[2:]:
+        cells = [cell.strip() for cell in row.strip("|").split("|")]
+        for kind in re.findall(r"`(\w+)`", cells[0]):
+            documented[kind] = cells[-1]
+    assert documented == {kind: logging.getLevelName(level).lower()
+                          for kind, (level, _message) in og.EVENT_KINDS.items()}
 
 
 def test_the_events_method_tails_the_feed():
