@@ -2781,8 +2781,8 @@ def _clip(value: Any) -> Any:
     return value
 
 
-def _server_state(server: Server) -> str:
-    if server.disabled:
+def _server_state(grid: Grid, server: Server, now: float) -> str:
+    if not grid.answering(server, now):  # silent for disable_timeout: disabled from then on
         return "disabled"
     return "taking rooms" if server.takes_rooms else "draining"
 
@@ -2791,7 +2791,7 @@ def status_data(gateway: Gateway) -> dict:
     """What /status shows, as /status.json returns it."""
     config, grid, now = gateway.config, gateway.grid, gateway.clock()
     servers = [{
-        "hostname": _clip(s.hostname), "state": _server_state(s), "load": s.load,
+        "hostname": _clip(s.hostname), "state": _server_state(grid, s, now), "load": s.load,
         "estimated_load": round(s.estimated_load(), 4), "clients": s.report["clients"],
         "rooms": len(s.room_hashes), "peers": sum(peers for peers, _rooms in s.usage.values()),
         "age": round(now - s.last_seen, 1), "tasks": len(s.tasks), "version": _clip(s.version),

@@ -3069,12 +3069,14 @@ def test_the_status_page_shows_gateway_servers_customers_and_events():
     assert gw.handle_http("POST", "/status", {}, b"").status == 405
 
 
-def test_an_age_past_update_interval_is_amber():
+def test_an_age_past_update_interval_is_amber_and_past_disable_timeout_disabled():
     clock = Clock()
     gw = status_gateway(clock)
     clock.advance(6)
     page = get(gw, "/status").body.decode()
     assert page.count('<td class="number late">6.0 s</td>') == 2
+    clock.advance(2)  # silent for 8 s: no new rooms from now on, before the tick says so
+    assert [s["state"] for s in og.status_data(gw)["servers"]] == ["disabled", "disabled"]
 
 
 def test_status_is_protected_like_metrics():
