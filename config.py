@@ -4,9 +4,9 @@
 # name is optional; each is shown here with its default unless said otherwise.
 # None means "unlimited" wherever a limit is expected. Command-line flags
 # (--host, --port, --ssl, --certificate, --privatekey) override this file.
-# Settings are lower case; any other name is reported as unknown at start,
-# except names that start with "_": use those for constants of your own
-# (_REGION = "eu", not REGION = "eu").
+# Settings are lower case: a name close to one (PORT, customer) stops the start,
+# any other is reported as unknown, except names that start with "_": use those
+# for constants of your own (_REGION = "eu", not REGION = "eu").
 #
 #   python odin_gateway.py                     # uses ./config.py
 #   python odin_gateway.py --config /etc/odin-gateway/config.py
@@ -92,6 +92,8 @@ internal_users = {}         # e.g. {"sfu": "a long random password"}
 placement = "balanced"
 metrics_server = "0.0.0.0/0"  # network allowed to scrape the servers' metrics
 update_interval = 5           # s between server reports and maintenance ticks
+# disable_timeout and login_token_lifetime must exceed update_interval, and
+# remove_timeout disable_timeout: else servers or rooms go between two reports.
 disable_timeout = 7.5         # s without a report before a server gets no new rooms
 remove_timeout = 600          # s without a report before a server is forgotten
 login_token_lifetime = 300    # s a room token (and a room never reported) lives

@@ -96,6 +96,7 @@ import runpy
 import shlex
 import socket
 import ssl as ssl_module
+import stat
 import sys
 import threading
 import time
@@ -105,6 +106,10 @@ import urllib.error
 import urllib.parse
 import urllib.request
 from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple, Union
+
+if sys.version_info < (3, 9):  # else a TypeError from deep inside, on Ubuntu 20.04's 3.8
+    raise SystemExit("odin_gateway needs Python 3.9 or newer; this is Python %d.%d"
+                     % sys.version_info[:2])
 
 try:  # the only third-party dependency; a clear message in main() if missing
     import nacl.bindings
@@ -827,19 +832,36 @@ def _is_limit(value: Any) -> bool:
     return value is None or (_is_integer(value) and value >= 0)
 
 
+def _did_you_mean(value: Any, choices: Tuple[str, ...]) -> str:
+    """' (did you mean "random"?)' for a string close to one of choices (any case), or ''."""
+    if not isinstance(value, str):
+        return ""
+    lowered = {choice.lower(): choice for choice in choices}
+    close = difflib.get_close_matches(value.lower(), list(lowered), n=1)
+    return ' (did you mean "%s"?)' % lowered[close[0]] if close else ""
+
+
 def _one_of(*choices: str) -> Check:
     expected = "expected " + " or ".join('"%s"' % choice for choice in choices)
-    return lambda value: None if value in choices else expected
+    return lambda value: None if value in choices else expected + _did_you_mean(value, choices)
 
 
 def _log_level(value: Any) -> Optional[str]:
     if isinstance(value, str) and value.upper() in LOG_LEVELS:
         return None
-    return "expected one of %s" % ", ".join(LOG_LEVELS)
+    return "expected one of %s%s" % (", ".join(LOG_LEVELS), _did_you_mean(value, LOG_LEVELS))
 
 
 def _non_empty_string(value: Any) -> Optional[str]:
     return None if isinstance(value, str) and value else "expected a non-empty string"
+
+
+def _host(value: Any) -> Optional[str]:
+    if _non_empty_string(value):
+        return _non_empty_string(value)
+    if value.count(":") == 1 or "/" in value:  # localhost:7000, http://0.0.0.0 (IPv6 has more)
+        return "expected an address or host name alone (the port is the port setting, --port)"
+    return None
 
 
 def _network(value: Any) -> Optional[str]:
@@ -902,13 +924,20 @@ CUSTOMER_API_KEYS = ("update_function", "update_interval")
 
 def _unknown_key(mapping: dict, known: Tuple[str, ...], camel: bool = True) -> Optional[str]:
     """'unknown key ...' naming the first key of mapping that is not known, and the
-    nearest known one: a misspelled limit must not silently mean no limit."""
+    nearest known one: a misspelled limit must not silently mean no limit. A key
+    given in both spellings (max_peers and maxPeers) is refused too: one would be
+    silently ignored."""
     names = known + tuple(_camel(name) for name in known) if camel else known
     for key in mapping:
         if key not in names:
-            close = difflib.get_close_matches(str(key), names, n=1)
+            loose = str(key).lower().replace("_", "")  # ID, publickey, Max_Peers
+            same_but_case = [name for name in names if name.lower().replace("_", "") == loose]
+            close = same_but_case or difflib.get_close_matches(str(key), names, n=1, cutoff=0.5)
             hint = "did you mean %r?" % close[0] if close else "known: %s" % ", ".join(known)
             return "unknown key %s (%s)" % (printable(repr(key), 40), hint)
+    for name in known:
+        if camel and name != _camel(name) and name in mapping and _camel(name) in mapping:
+            return "both %r and %r are given; keep one" % (name, _camel(name))
     return None
 
 
@@ -918,12 +947,13 @@ def _customer_problem(index: int, customer: Any) -> Optional[str]:
     where = "customer #%d" % (index + 1)
     if not isinstance(customer, dict):
         return "%s: expected a dict" % where
-    if not isinstance(customer.get("id"), str) or not customer["id"]:
-        return "%s: id must be a non-empty string" % where
-    where = "customer %s" % printable(repr(customer["id"]), 60)
-    unknown = _unknown_key(customer, CUSTOMER_KEYS)
+    if isinstance(customer.get("id"), str) and customer["id"]:
+        where = "customer %s" % printable(repr(customer["id"]), 60)
+    unknown = _unknown_key(customer, CUSTOMER_KEYS)  # first: "ID" is a typo of "id"
     if unknown:
         return "%s: %s" % (where, unknown)
+    if not isinstance(customer.get("id"), str) or not customer["id"]:
+        return "%s: id must be a non-empty string" % where
     for field in LIMIT_KEYS:
         if not _is_limit(_pick(customer, field)):
             return "%s: %s must be a non-negative integer or None" % (where, field)
@@ -935,22 +965,38 @@ def _customer_problem(index: int, customer: Any) -> Optional[str]:
             return ("%s, access key #%d: a string where the public JWK belongs; the gateway needs "
                     "only the public key (python odin_gateway.py keygen prints the entry), never "
                     "the access key itself" % (where, number))
-        if not isinstance(key, dict) or not isinstance(_pick(key, "public_key"), dict):
-            return '%s: each access key must be {"public_key": {...jwk...}, "namespace": ...}' % where
+        if not isinstance(key, dict):
+            return '%s, access key #%d: expected {"public_key": {...jwk...}, "namespace": ...}' % (
+                where, number)
         unknown = _unknown_key(key, ACCESS_KEY_KEYS)
         if unknown:
             return "%s, access key #%d: %s" % (where, number, unknown)
+        if not isinstance(_pick(key, "public_key"), dict):
+            return "%s, access key #%d: public_key must be the public JWK, a dict" % (where, number)
         if _pick(key, "namespace") is not None and not isinstance(_pick(key, "namespace"), str):
-            return "%s: namespace must be a string or None" % where
+            return "%s, access key #%d: namespace must be a string or None" % (where, number)
     return None
+
+
+def _duplicate_customer(customer: dict, index: int, seen: Dict[str, int]) -> Optional[str]:
+    """'customer 'a' (#2): id already used by customer #1' when an earlier entry (ids in
+    seen, with their index) has the same id: two entries of one customer would count
+    one usage against two sets of limits."""
+    earlier = seen.setdefault(customer["id"], index)
+    if earlier == index:
+        return None
+    return "customer %s (#%d): id already used by customer #%d; give each customer one entry " \
+           "and list all its keys in access_keys" % (
+               printable(repr(customer["id"]), 60), index + 1, earlier + 1)
 
 
 def _check_customers(customers: Any) -> Optional[str]:
     """Why a customer list is malformed, or None."""
     if not isinstance(customers, list):
-        return "expected a list of customers"
+        return "expected a list of customers, not %s" % type(customers).__name__
+    seen: Dict[str, int] = {}
     for index, customer in enumerate(customers):
-        problem = _customer_problem(index, customer)
+        problem = _customer_problem(index, customer) or _duplicate_customer(customer, index, seen)
         if problem:
             return problem
     return None
@@ -959,11 +1005,14 @@ def _check_customers(customers: Any) -> Optional[str]:
 def _check_customer_api(value: Any) -> Optional[str]:
     if value is None:
         return None
-    if not isinstance(value, dict) or not callable(value.get("update_function")):
-        return 'expected None or {"update_function": fn, "update_interval": seconds}'
+    if not isinstance(value, dict):
+        return 'expected None or {"update_function": fn, "update_interval": seconds}, not %s' % (
+            type(value).__name__)
     unknown = _unknown_key(value, CUSTOMER_API_KEYS, camel=False)
     if unknown:
         return unknown
+    if not callable(value.get("update_function")):
+        return "update_function: expected a function that returns a list of customers"
     if _positive_seconds(value.get("update_interval", 300)):
         return "update_interval: expected a positive number of seconds"
     return None
@@ -972,19 +1021,41 @@ def _check_customer_api(value: Any) -> Optional[str]:
 def _check_unknown_customers(value: Any) -> Optional[str]:
     if value == "forbidden":
         return None
-    if isinstance(value, dict):
-        unknown = _unknown_key(value, LIMIT_KEYS)
-        if unknown or all(_is_limit(_pick(value, field)) for field in LIMIT_KEYS):
-            return unknown
-    return 'expected "forbidden" or {"max_peers": n, "max_rooms": n} (None: unlimited)'
+    if not isinstance(value, dict):
+        return 'expected "forbidden" or {"max_peers": n, "max_rooms": n} (None: unlimited)'
+    unknown = _unknown_key(value, LIMIT_KEYS)
+    if unknown:
+        return unknown
+    for field in LIMIT_KEYS:
+        if not _is_limit(_pick(value, field)):
+            return "%s must be a non-negative integer or None" % field
+    return None
 
 
 def _check_internal_users(value: Any) -> Optional[str]:
-    if isinstance(value, dict) and all(isinstance(user, str) and user and ":" not in user
-                                       and isinstance(password, str)
-                                       for user, password in value.items()):
-        return None
-    return 'expected {"user": "password"} with string names (no colon) and passwords'
+    if not isinstance(value, dict):
+        return 'expected {"user": "password"}'
+    for user, password in value.items():
+        if not isinstance(user, str) or not user or ":" in user:
+            return "user names must be non-empty strings without a colon (RFC 7617)"
+        # An empty password would let anyone who knows the name in.
+        if not isinstance(password, str) or not password:
+            return "user %s: the password must be a non-empty string" % printable(repr(user), 40)
+    return None
+
+
+#: Malformed entries of one customer update named in the log; the rest are counted.
+MAX_SKIPPED_LOGGED = 10
+
+#: (a timeout, the one it must exceed, what would happen otherwise).
+ORDERED_TIMEOUTS = (
+    ("disable_timeout", "update_interval", "servers report every update_interval, so each would "
+                                           "count as silent between two reports"),
+    ("remove_timeout", "disable_timeout", "a silent server would be forgotten, with its rooms, "
+                                          "before it is disabled"),
+    ("login_token_lifetime", "update_interval", "a room not reported within it is dropped, so "
+                                                "every room would be dropped between two reports"),
+)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -1002,10 +1073,15 @@ class Setting:
     shown: Optional[str]     # how README and --help show the default, when not its value
 
     def problem(self, value: Any) -> Optional[str]:
-        """'name = value: why it is wrong' for a bad value (a secret is not shown), or None."""
+        """'name = value: why it is wrong' for a bad value (a secret is not shown), or None.
+        The value of a structured setting is not repeated: the reason names the entry,
+        and what the user put there may hold a secret (an access key pasted where its
+        public JWK belongs, an API's URL with its token)."""
         why = self.check(value)
         if why is None:
             return None
+        if (isinstance(value, (list, tuple, dict)) or "dict" in self.type.lower()) and not self.secret:
+            return "%s: %s" % (self.name, why)
         return "%s = %s: %s" % (self.name, self.show(value), why)
 
     def show(self, value: Any) -> str:
@@ -1037,7 +1113,7 @@ class Config:
     log_format: str = setting("pretty", _one_of("pretty", "json"),
                               '`"pretty"` lines for people or `"json"`, one object per line (stderr)')
     # -- listening
-    host: str = setting("0.0.0.0", _non_empty_string, "address to listen on", reload=False,
+    host: str = setting("0.0.0.0", _host, "address to listen on", reload=False,
                         flag="--host")
     port: int = setting(7000, _port, "TCP port to listen on", reload=False, flag="--port")
     ssl: bool = setting(False, _boolean, "serve HTTPS with the certificate and private key",
@@ -1080,9 +1156,11 @@ class Config:
         7.5, _positive_seconds,
         "seconds without a report before a server gets no new rooms (more than `update_interval`)")
     remove_timeout: float = setting(
-        600, _positive_seconds, "seconds without a report before a server is forgotten")
+        600, _positive_seconds,
+        "seconds without a report before a server is forgotten (more than `disable_timeout`)")
     login_token_lifetime: int = setting(
-        300, _token_lifetime, "seconds a room token lives, and an unreported room is kept")
+        300, _token_lifetime,
+        "seconds a room token lives, and an unreported room is kept (more than `update_interval`)")
     access_log: bool = setting(False, _boolean, "log one line per HTTP request", flag="--access-log")
     placement: str = setting(
         "balanced", _one_of("balanced", "random"),
@@ -1156,7 +1234,9 @@ class Config:
         30.0, _positive_seconds,
         "seconds the customer update function may take before its result is ignored")
 
-    def __init__(self, source: str = "Config()", **settings: Any):
+    # source is keyword-only: Config({"port": 1}) must not quietly become a config
+    # named after a dict, with every setting at its default.
+    def __init__(self, *, source: str = "Config()", **settings: Any):
         unknown = sorted(set(settings) - set(SETTINGS))
         if unknown:
             raise ConfigError("%s: unknown setting %s%s (known: %s)" % (
@@ -1165,17 +1245,11 @@ class Config:
         for name, declared in SETTINGS.items():
             # A copy: a default list or dict must not be shared between configs.
             value = settings[name] if name in settings else copy.deepcopy(declared.default)
-            problem = declared.problem(value)
-            if problem:
-                raise ConfigError("%s: %s" % (source, problem))
-            setattr(self, name, value)
-        if self.disable_timeout <= self.update_interval:
-            raise ConfigError(
-                "%s: disable_timeout = %r: expected more than update_interval (%r): servers "
-                "report every update_interval, so each would count as silent between two reports"
-                % (source, self.disable_timeout, self.update_interval))
-        self.log_level = self.log_level.upper()
-        self.master_key_bytes = b64_decode(self.master_key)
+            setattr(self, name, value)  # checked there
+        for longer, shorter, why in ORDERED_TIMEOUTS:
+            if getattr(self, longer) <= getattr(self, shorter):
+                raise ConfigError("%s: %s = %r: expected more than %s (%r): %s" % (
+                    source, longer, getattr(self, longer), shorter, getattr(self, shorter), why))
 
     @classmethod
     def load(cls, path: str) -> "Config":
@@ -1184,19 +1258,51 @@ class Config:
             raise ConfigError("%s: is a directory, not a config file" % path)
         if not os.path.isfile(path):
             raise ConfigError("%s: no such file" % path)
+        # A JSON or TOML file may even run as Python, and then set nothing.
+        if os.path.splitext(path)[1].lower() in (".json", ".toml", ".yaml", ".yml", ".ini"):
+            raise ConfigError("%s: the config file is Python, like the sample config.py "
+                              "(port = 7000, customers = [...])" % path)
         try:
             namespace = runpy.run_path(path, run_name="odin_gateway_config")
-        except Exception as err:  # any error in the user's file stops the start
-            raise ConfigError("%s: cannot load: %s: %s" % (path, type(err).__name__, err)) from err
+        # Any error in the user's file stops the start, and exit() there must not end
+        # a running gateway at a reload.
+        except (Exception, SystemExit) as err:
+            # JSON pasted into the file (keygen's JWK, an API's answer): null, true, false.
+            undefined = re.match(r"name '(\w+)' is not defined", str(err))  # NameError.name: 3.10+
+            hint = {"null": "None", "true": "True", "false": "False"}.get(
+                undefined.group(1) if undefined else "")
+            raise ConfigError("%s: cannot load: %s: %s%s" % (
+                path, type(err).__name__, err,
+                " (the config file is Python: write %s)" % hint if hint else "")) from err
         settings = {name: namespace[name] for name in SETTINGS if name in namespace}
         for name, value in namespace.items():
             # PORT = 17322 is as much a mistake as prot = 17322; names of the
             # user's own start with "_".
             if (name not in SETTINGS and not name.startswith("_")
                     and not callable(value) and not inspect.ismodule(value)):
-                log.warning("%s: ignoring unknown setting %r%s (names of your own start with _)",
-                            path, name, _nearest_setting(name))
+                nearest = _nearest_setting(name)
+                if nearest:  # Customers = [...] ignored would open the gateway to any token
+                    raise ConfigError("%s: unknown setting %r%s; settings are lower case, names "
+                                      "of your own start with _" % (path, name, nearest))
+                log.warning("%s: ignoring unknown setting %r (names of your own start with _)",
+                            path, name)
         return cls(source=path, **settings)
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        """config.port = "x" is checked like Config(port="x"); config.prot = 1 is refused."""
+        if name in SETTINGS:
+            problem = SETTINGS[name].problem(value)
+            if problem:
+                raise ConfigError("%s: %s" % (self.source, problem))
+            if name == "log_level":
+                value = value.upper()
+        elif name != "source" and not name.startswith("_"):
+            raise AttributeError("Config has no setting %r%s" % (name, _nearest_setting(name)))
+        super().__setattr__(name, value)
+
+    @property
+    def master_key_bytes(self) -> bytes:
+        return b64_decode(self.master_key)
 
     def replace(self, **changes: Any) -> "Config":
         """A copy with some settings changed (validated again)."""
@@ -1221,6 +1327,11 @@ def customer_verify_key(jwk: Any) -> VerifyKey:
     """The key of a customer's public JWK; ValueError saying what is wrong with it."""
     if not isinstance(jwk, dict):
         raise ValueError("expected a JWK object")
+    for member in jwk:  # other members (use, alg) are allowed by RFC 7517
+        lower = str(member).lower()
+        if member != lower and lower in ("kid", "kty", "crv", "x") and lower not in jwk:
+            raise ValueError("%s: JWK member names are lower case (%r)"
+                             % (printable(repr(member), 20), lower))
     if jwk.get("kty", "OKP") != "OKP":
         raise ValueError('kty is %s: only Ed25519 keys (kty "OKP") are supported'
                          % printable(repr(jwk["kty"]), 40))
@@ -1502,7 +1613,7 @@ EVENT_KINDS: Dict[str, Tuple[int, str]] = {
     "limit_refused": (logging.INFO, "Connect refused: customer {customer} has {usage} of {max} {limit}"),
     "task_queued": (logging.DEBUG, "{task} for room {room} queued for {server}"),
     "task_delivered": (logging.DEBUG, "{task} for room {room} delivered to {server}"),
-    "customers_loaded": (logging.INFO, "customer update: {keys} keys of {customers} customers loaded"),
+    "customers_loaded": (logging.INFO, "customer update: {counts} loaded"),
     "customers_kept": (logging.WARNING, "customer update: keeping the previous keys: {reason}"),
     "customer_skipped": (logging.WARNING, "customer update: skipping {reason}"),
     "config_reloaded": (logging.INFO, "config reloaded from {source}: {counts}"),
@@ -2119,8 +2230,15 @@ class Gateway:
 
     def __init__(self, config: Optional[Config] = None, *, clock: Callable[[], float] = time.time,
                  rng: Optional[random.Random] = None):
+        if config is not None and not isinstance(config, Config):
+            raise TypeError("Gateway(config): expected a Config (Config(**settings) or "
+                            "Config.load(path)), not %s" % type(config).__name__)
         self.config = config if config is not None else Config()
         self.clock = clock
+        if clock() < 1e9:  # before 2001: time.monotonic or a fake clock started at 0
+            log.warning("Gateway(clock=...) returned %r: expected seconds since the epoch, as "
+                        "time.time gives; tokens carry such times, so each would be refused",
+                        clock())
         self.rng = rng if rng is not None else random.Random()
         self.started = clock()
         self.events = EventFeed(self.config.max_events)
@@ -2128,6 +2246,8 @@ class Gateway:
         self.grid = Grid(self)
         self.stats: Dict[str, List[int]] = {}  # method -> [success, failure, rejected]
         self.metrics = Metrics()
+        # The thread of a sync customer update function, while it runs (see update_customers).
+        self.customer_update_thread: Optional[threading.Thread] = None
         self._dynamic_keys: Dict[str, CustomerKey] = {}
         self._load_static_keys()
         self._handlers: Dict[str, Callable[[Call, dict], Any]] = {
@@ -2215,24 +2335,42 @@ class Gateway:
     def set_customers(self, customers: Any) -> bool:
         """Replace the customers from the update function; False (old keys kept) if unusable."""
         if not isinstance(customers, list):
-            self.event("customers_kept", reason="expected a list of customers, not %s"
-                       % type(customers).__name__)
+            problem = "expected a list of customers, not %s" % type(customers).__name__
+            lists = [key for key, value in customers.items() if isinstance(value, list)] \
+                if isinstance(customers, dict) else []
+            if lists:  # an API's whole answer, {"customers": [...]}
+                problem += " (return the list itself, e.g. its %s)" % printable(repr(lists[0]), 40)
+            self.event("customers_kept", reason=problem)
             return False
-        usable = []
+        usable: List[dict] = []
+        seen: Dict[str, int] = {}
         for index, customer in enumerate(customers):
-            problem = _customer_problem(index, customer)
-            if problem:  # one bad entry must not cost every other customer its keys
-                self.event("customer_skipped", reason=problem)
-            else:
+            problem = _customer_problem(index, customer) or _duplicate_customer(customer, index, seen)
+            if not problem:
                 usable.append(customer)
+            # One bad entry must not cost every other customer its keys; a list of bad
+            # ones must not flood the log (or the feed) at every update.
+            elif index - len(usable) < MAX_SKIPPED_LOGGED:
+                self.event("customer_skipped", reason=problem)
+        skipped = len(customers) - len(usable)
+        if skipped > MAX_SKIPPED_LOGGED:
+            log.warning("customer update: skipping %d more malformed entries",
+                        skipped - MAX_SKIPPED_LOGGED)
         customers = usable
+        configured = {customer["id"] for customer in self.config.customers}
+        for customer_id in sorted(configured & {customer["id"] for customer in customers}):
+            log.warning("customer update: customer %s is also in the config's customers, with "
+                        "limits of its own; give each customer one place",
+                        printable(repr(customer_id), 60))
         keys = load_customer_keys(customers)
         if not keys:
             self.event("customers_kept", reason="the update has no usable key")
             return False
         self._dynamic_keys = keys
         self._rebuild_authorizer()
-        self.event("customers_loaded", keys=len(keys), customers=len(customers))
+        self.event("customers_loaded", counts="%s of %s" % (
+            _counted(len(keys), "key"), _counted(len(customers), "customer")),
+                   keys=len(keys), customers=len(customers))
         return True
 
     # -- public methods (/) -------------------------------------------------
@@ -2845,6 +2983,10 @@ def exposure_warnings(gateway: Gateway) -> List[str]:
             warnings.append("customer %r has the access key published in README.md (key id %s): "
                             "anyone can sign tokens for it; remove it before the gateway faces a "
                             "network" % (key.licensee.customer_id, PUBLISHED_DEMO_KID))
+    if not config.ssl and (config.certificate != SETTINGS["certificate"].default
+                           or config.private_key != SETTINGS["private_key"].default):
+        warnings.append("certificate and private_key are set but ssl is False: serving plain HTTP "
+                        "(set ssl = True, or --ssl, for HTTPS)")
     if not config.internal_users:
         warnings.append("/internal is open (internal_users is empty): anyone who reaches this port "
                         "can register servers and read their signing keys, /metrics and /status; "
@@ -4336,22 +4478,30 @@ async def update_customers(gateway: Gateway) -> bool:
         if inspect.iscoroutinefunction(function):
             customers = await asyncio.wait_for(function(), timeout)
         else:
-            customers = await asyncio.wait_for(_in_daemon_thread(function), timeout)
+            # One thread per call at most: a function that hangs for good must not leave
+            # a new hung thread behind at every update_interval.
+            running = gateway.customer_update_thread
+            if running is not None and running.is_alive():
+                gateway.event("customers_kept", reason="the last call has not returned yet")
+                return False
+            future, gateway.customer_update_thread = _in_daemon_thread(function)
+            customers = await asyncio.wait_for(future, timeout)
             if inspect.isawaitable(customers):
                 customers = await asyncio.wait_for(customers, timeout)
     except asyncio.TimeoutError:
         gateway.event("customers_kept", reason="no answer within %g s" % timeout)
         return False
-    except Exception as err:
+    except (Exception, SystemExit) as err:
         gateway.event("customers_kept", reason="the function raised %s: %s" % (
             type(err).__name__, err))
         return False
     return gateway.set_customers(customers)
 
 
-def _in_daemon_thread(function: Callable[[], Any]) -> "asyncio.Future[Any]":
+def _in_daemon_thread(function: Callable[[], Any]
+                      ) -> Tuple["asyncio.Future[Any]", threading.Thread]:
     """function() in a thread of its own: one that hangs cannot hold up a stop
-    (the loop's executor is joined when asyncio.run ends)."""
+    (the loop's executor is joined when asyncio.run ends). Its outcome, and the thread."""
     loop = asyncio.get_running_loop()
     future = loop.create_future()
 
@@ -4366,13 +4516,14 @@ def _in_daemon_thread(function: Callable[[], Any]) -> "asyncio.Future[Any]":
     def run() -> None:
         try:
             outcome, failed = function(), False
-        except Exception as err:  # handed to the awaiting coroutine
+        except BaseException as err:  # handed to the awaiting coroutine (SystemExit too)
             outcome, failed = err, True
         with contextlib.suppress(RuntimeError):  # the loop may be closed by now
             loop.call_soon_threadsafe(settle, outcome, failed)
 
-    threading.Thread(target=run, name="customer-update", daemon=True).start()
-    return future
+    thread = threading.Thread(target=run, name="customer-update", daemon=True)
+    thread.start()
+    return future, thread
 
 
 async def _customer_timer(gateway: Gateway) -> None:
@@ -4546,6 +4697,10 @@ class FakeServer:
     def __init__(self, internal_url: str, public_endpoint: str = "127.0.0.1:4433", *,
                  load: float = 0.0, version: str = "fake",
                  trace: Optional[Callable[[str, Any, Any], None]] = None):
+        # The gateway's own URL would answer every report "invalid or missing authorization".
+        if not urllib.parse.urlsplit(internal_url).path.rstrip("/").endswith("/internal"):
+            raise ValueError("FakeServer(internal_url): expected the gateway's /internal URL, "
+                             "e.g. %s/internal" % internal_url.rstrip("/"))
         self.client = RpcClient(internal_url, trace=trace)
         self.public_endpoint = public_endpoint
         self.load = load
@@ -4913,11 +5068,25 @@ def _ssl_context(config: Config) -> ssl_module.SSLContext:
         if not os.path.isfile(path):
             raise ConfigError("TLS: %s %s: %s" % (name, path, "is a directory" if os.path.isdir(path)
                                                     else "no such file"))
+    asked = []
+
+    def no_passphrase() -> bytes:
+        # Else OpenSSL asks for the passphrase on the terminal, and a start under
+        # systemd waits for nobody (or fails with "Invalid argument").
+        asked.append(True)
+        return b""
+
     try:
-        context.load_cert_chain(config.certificate, config.private_key)
+        context.load_cert_chain(config.certificate, config.private_key, password=no_passphrase)
     except (ssl_module.SSLError, OSError) as err:
-        raise ConfigError("TLS: cannot use certificate %s with key %s: %s"
-                          % (config.certificate, config.private_key, err)) from err
+        if asked:
+            raise ConfigError("TLS: private_key %s is encrypted with a passphrase; the gateway "
+                              "needs it unencrypted (openssl pkey -in KEY -out KEY.plain, kept "
+                              "readable only by the gateway's user)" % config.private_key) from None
+        hint = " (are they PEM files, the certificate chain first and then the key?)" \
+            if "PEM lib" in str(err) else ""
+        raise ConfigError("TLS: cannot use certificate %s with key %s: %s%s"
+                          % (config.certificate, config.private_key, err, hint)) from err
     return context
 
 
@@ -4952,6 +5121,9 @@ class CommandParser(argparse.ArgumentParser):
         for secret in self.secrets:
             if len(secret) >= 4:  # shorter is no secret, and would blank out words
                 message = message.replace(secret, "<hidden>")
+        # A key given where no flag takes it ("unrecognized arguments: <the key>").
+        message = " ".join("<hidden>" if _looks_like_a_key(word) else word
+                           for word in message.split(" "))
         super().error(message)
 
 
@@ -4997,7 +5169,10 @@ def build_parser(command: str = "serve") -> CommandParser:
             prog="odin_gateway.py token", formatter_class=formatter,
             description="Print a client token signed with an access key, as the ODIN token "
                         "library makes them (for testing Connect and the admin methods).")
-        parser.add_argument("--access-key", required=True, help="the access key to sign with")
+        parser.add_argument("--access-key", required=True,
+                            help="the access key to sign with; '-' reads it from standard input "
+                                 "(a key on the command line can be read by anyone who lists "
+                                 "processes)")
         parser.add_argument("--room", required=True, action="append",
                             help="room id (repeat for a list of rooms with the same base)")
         parser.add_argument("--user", required=True, help="user id")
@@ -5070,6 +5245,12 @@ def _token_problem(args: Any) -> Optional[str]:
     if args.lifetime <= 0:
         return "--lifetime %d: expected a positive number of seconds (the token would expire " \
                "before it is made)" % args.lifetime
+    if not _is_safe_integer(int(time.time()) + args.lifetime):
+        return "--lifetime %d: the gateway would answer 'invalid exp in token' (exp must be at " \
+               "most %d)" % (args.lifetime, MAX_SAFE_INTEGER)
+    if args.audience is not None and args.audience != "gateway":
+        return ("--audience %s: the gateway would answer 'token audience does not match' (it "
+                "accepts only \"gateway\", or no --audience)" % shlex.quote(args.audience))
     methods = [method.lower() for method in Gateway.PUBLIC_METHODS]
     for subject in args.subject or ():
         if subject.lower() not in methods:
@@ -5090,8 +5271,9 @@ def token_command(args: Any) -> int:
     if problem:
         print("odin_gateway token: %s" % problem, file=sys.stderr)
         return 2
+    access_key = sys.stdin.readline().strip() if args.access_key == "-" else args.access_key
     try:
-        print(create_token(args.access_key, room, args.user, audience=args.audience,
+        print(create_token(access_key, room, args.user, audience=args.audience,
                            subject=subject, lifetime=args.lifetime, customer=args.customer,
                            internal={"server": args.server} if args.server else None))
     except ValueError as err:
@@ -5127,21 +5309,57 @@ def load_config(args: Any, environ: Optional[Dict[str, str]] = None) -> Config:
             with open(args.master_key_file, encoding="utf-8") as key_file:
                 overrides["master_key"] = (written, key_file.read().strip())
         except (OSError, UnicodeDecodeError) as err:
+            if not os.path.exists(args.master_key_file) and _looks_like_a_key(args.master_key_file):
+                raise ConfigError(
+                    "--master-key-file: no such file, and the value looks like a key itself (not "
+                    "shown): the flag takes the path of a file that holds the key; a key on the "
+                    "command line can be read by anyone who lists processes") from None
             raise ConfigError("%s: %s" % (written, getattr(err, "strerror", None) or err)) from err
         config.source += " + " + args.master_key_file
+        mode = os.stat(args.master_key_file).st_mode
+        if os.name == "posix" and mode & (stat.S_IRGRP | stat.S_IROTH):
+            log.warning("%s: other users can read the master key (mode %s); make it readable "
+                        "only by the gateway's user: chmod 600 %s", written,
+                        oct(stat.S_IMODE(mode)), shlex.quote(args.master_key_file))
     for name, (written, value) in overrides.items():
         problem = SETTINGS[name].check(value)
         if problem:
             raise ConfigError("%s: %s" % (written, problem))
-    return config.replace(**{name: value for name, (_, value) in overrides.items()})
+    config = config.replace(**{name: value for name, (_, value) in overrides.items()})
+    for name in ("certificate", "private_key"):
+        if name in overrides and not config.ssl:
+            raise ConfigError("%s without --ssl (or ssl = True in the config): the gateway would "
+                              "serve plain HTTP" % overrides[name][0])
+    return config
 
 
-def reload_config(args: Any, started_from_file: bool) -> Config:
+def _looks_like_a_key(text: str) -> bool:
+    """Whether a value given for a file's path is rather a key (16 bytes or more in base64)."""
+    try:
+        return len(b64_decode(text)) >= 16
+    except ValueError:
+        return False
+
+
+def reload_config(args: Any, started_from_file: bool, running: Optional[Config] = None) -> Config:
     """The config for a reload: the file the gateway started with must still be there
-    (a file missing for a moment must not turn into the built-in defaults)."""
-    if started_from_file and not os.path.isfile(args.config):
+    (a file missing for a moment must not turn into the built-in defaults), and a
+    reload does not open what the running config keeps closed (a restart can, with
+    its warnings)."""
+    if started_from_file and not os.path.exists(args.config):
         raise ConfigError("%s: no such file (it was there at start)" % args.config)
-    return load_config(args)
+    config = load_config(args)
+    if running is None:
+        return config
+    if ((running.customers or running.customer_api is not None)
+            and not config.customers and config.customer_api is None):
+        raise ConfigError("%s: no customers and no customer_api: every token would be admitted "
+                          "without a signature check; a reload does not do that (a restart "
+                          "does, with a warning)" % config.source)
+    if running.internal_users and not config.internal_users:
+        raise ConfigError("%s: no internal_users: /internal would be open to anyone; a reload "
+                          "does not do that (a restart does, with a warning)" % config.source)
+    return config
 
 
 async def _run(gateway: Gateway, ssl_context: Optional[ssl_module.SSLContext],
@@ -5177,6 +5395,16 @@ def _printing(command: Callable[[Any], int], args: Any) -> int:
 def main(argv: Optional[List[str]] = None) -> int:
     """Run the gateway (or another command) from the command line; the exit status."""
     argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and not argv[0].startswith("-") and argv[0] not in COMMANDS:
+        close = difflib.get_close_matches(argv[0].lower(), COMMANDS, n=1)
+        if close and not _looks_like_a_key(argv[0]):
+            print("odin_gateway: unknown command %s (did you mean %s?)" % (
+                printable(repr(argv[0]), 40), close[0]), file=sys.stderr)
+            return 2
+        if argv[0].endswith(".py") or os.path.isfile(argv[0]):
+            print("odin_gateway: %s: a config file is given with --config %s" % (
+                printable(argv[0], 80), shlex.quote(argv[0])), file=sys.stderr)
+            return 2
     command = argv.pop(0) if argv and argv[0] in COMMANDS else "serve"
     args = build_parser(command).parse_args(argv)
     if nacl is None:
@@ -5203,7 +5431,8 @@ def main(argv: Optional[List[str]] = None) -> int:
              gateway.customer_counts())
     warn_about_exposure(gateway)
     try:
-        asyncio.run(_run(gateway, ssl_context, reload=lambda: reload_config(args, started_from)))
+        asyncio.run(_run(gateway, ssl_context, reload=lambda: reload_config(
+            args, started_from, gateway.config)))
     except OSError as err:
         log.error("cannot listen on %s:%s: %s", config.host, config.port, err.strerror or err)
         return 1

@@ -13,6 +13,7 @@ import asyncio
 import base64
 import contextlib
 import html.parser
+import io
 import json
 import logging
 import math
@@ -1520,6 +1521,7 @@ TINY_X = TINY_CUSTOMER["accessKeys"][0]["publicKey"]["x"]  # its kid is AatVMEY/
     ({"kid": "AatVMEY/ThH2", "kty": "OKP", "crv": "X25519", "x": TINY_X}, ["crv is 'X25519'"]),
     ({"kid": "AatVMEY/ThH2", "kty": "OKP", "crv": "Ed25519"}, ["no x"]),
     ({"kid": "AatVMEY/ThH2", "x": "c2hvcnQ"}, ["x is 5 bytes long"]),
+    ({"kid": "AatVMEY/ThH2", "X": TINY_X}, ["'X': JWK member names are lower case ('x')"]),
 ])
 def test_an_unusable_jwk_is_named_with_what_is_wrong(jwk, words, caplog):
     with caplog.at_level(logging.WARNING, logger="odin_gateway"):
@@ -1560,7 +1562,9 @@ def test_set_customers_replaces_keys_and_keeps_them_on_bad_input(caplog):
         assert not gw.set_customers([])
         assert not gw.set_customers("garbage")
         assert not gw.set_customers([{"id": "x", "access_keys": [{"public_key": {"kid": "k", "x": ""}}]}])
-    assert caplog.text.count("keeping the previous keys") == 3
+        assert not gw.set_customers({"customers": [TINY_CUSTOMER]})
+    assert caplog.text.count("keeping the previous keys") == 4
+    assert "not dict (return the list itself, e.g. its 'customers')" in caplog.text
     assert "AatVMEY/ThH2" in gw.authorizer.customer_keys
 
 
@@ -1571,6 +1575,28 @@ def test_a_bad_entry_from_the_update_function_is_skipped_by_name_and_the_rest_lo
         assert gw.set_customers([typo, TINY_CUSTOMER])
     assert "skipping customer 'typo'" in caplog.text and "did you mean 'max_peers'" in caplog.text
     assert "AatVMEY/ThH2" in gw.authorizer.customer_keys
+
+
+def test_a_list_of_bad_entries_from_the_update_function_does_not_flood_the_log(caplog):
+    gw = make_gateway(customers=[], customer_api={"update_function": lambda: []})
+    with caplog.at_level(logging.WARNING, logger="odin_gateway"):
+        assert gw.set_customers([{"id": "c%d" % n, "max_peer": 1} for n in range(1000)] + [TINY_CUSTOMER])
+    assert caplog.text.count("customer update: skipping customer") == og.MAX_SKIPPED_LOGGED
+    assert "skipping 990 more malformed entries" in caplog.text
+
+
+def test_the_update_function_cannot_give_one_customer_two_sets_of_limits(caplog):
+    gw = make_gateway(customers=[], customer_api={"update_function": lambda: []})
+    unlimited_twin = dict(TINY_CUSTOMER, maxPeers=None, maxRooms=None, accessKeys=[])
+    with caplog.at_level(logging.INFO, logger="odin_gateway"):
+        assert gw.set_customers([TINY_CUSTOMER, unlimited_twin])
+    assert "skipping customer %r (#2): id already used by customer #1" % TINY_CUSTOMER["id"] in caplog.text
+    assert "customer update: 1 key of 1 customer loaded" in caplog.text
+    # Nor a customer of the config a second set of limits.
+    gw = make_gateway(customers=[TINY_CUSTOMER], customer_api={"update_function": lambda: []})
+    with caplog.at_level(logging.WARNING, logger="odin_gateway"):
+        assert gw.set_customers([dict(TINY_CUSTOMER, maxPeers=None)])
+    assert "customer %r is also in the config's customers" % TINY_CUSTOMER["id"] in caplog.text
 
 
 def test_update_customers_from_sync_and_async_functions():
@@ -1601,6 +1627,38 @@ def test_a_failing_or_hanging_update_function_keeps_the_keys(caplog):
     assert "AatVMEY/ThH2" in gw.authorizer.customer_keys
 
 
+def test_a_hanging_sync_update_function_is_not_called_again_until_it_returns(caplog):
+    release, calls = threading.Event(), []
+
+    def hanging():
+        calls.append(1)
+        release.wait(10)
+        return [TINY_CUSTOMER]
+
+    gw = make_gateway(customers=[], customer_api={"update_function": hanging},
+                      customer_update_timeout=0.05)
+    try:
+        with caplog.at_level(logging.WARNING, logger="odin_gateway"):
+            assert asyncio.run(og.update_customers(gw)) is False
+            assert asyncio.run(og.update_customers(gw)) is False
+        assert len(calls) == 1 and "the last call has not returned yet" in caplog.text
+    finally:
+        release.set()
+    gw.customer_update_thread.join(10)
+    assert asyncio.run(og.update_customers(gw)) is True and len(calls) == 2
+
+
+def test_an_update_function_that_exits_is_reported_not_waited_for(caplog):
+    def exiting():
+        sys.exit("no database configured")
+
+    gw = make_gateway(customers=[], customer_api={"update_function": exiting},
+                      customer_update_timeout=30)
+    with caplog.at_level(logging.WARNING, logger="odin_gateway"):
+        assert asyncio.run(asyncio.wait_for(og.update_customers(gw), 10)) is False
+    assert "the function raised SystemExit: no database configured" in caplog.text
+
+
 # ---------------------------------------------------------------------------
 # Configuration
 # ---------------------------------------------------------------------------
@@ -1620,6 +1678,9 @@ def test_config_defaults():
     ({"ssl": "yes"}, ["ssl"]),
     ({"log_level": "LOUD"}, ["log_level"]),
     ({"log_format": "xml"}, ["log_format"]),
+    ({"log_level": "warn"}, ['expected one of DEBUG, INFO, WARNING, ERROR, CRITICAL (did you mean "WARNING"?)']),
+    ({"placement": "Balanced"}, ['placement = \'Balanced\': expected "balanced" or "random" '
+                                 '(did you mean "balanced"?)']),
     ({"master_key": "not base64!"}, ["master_key", "base64"]),
     ({"update_interval": 0}, ["update_interval", "positive"]),
     ({"customers": {"id": "x"}}, ["customers", "list"]),
@@ -1628,6 +1689,9 @@ def test_config_defaults():
     ({"unknown_customers": "allowed"}, ["unknown_customers"]),
     ({"internal_users": {"a:b": "c"}}, ["internal_users"]),
     ({"customer_api": {"update_function": 5}}, ["customer_api"]),
+    # Not repeated: a URL where the function belongs may carry the API's token.
+    ({"customer_api": "https://ops:t0ken@api.example.com/keys"},
+     ['customer_api: expected None or {"update_function": fn, "update_interval": seconds}, not str']),
     ({"metrics_server": "everyone"}, ["metrics_server", "CIDR"]),
     ({"prot": 1}, ["unknown setting", "prot"]),
     # A misspelled key must not mean "no limit", "no keys" or "no namespace".
@@ -1645,8 +1709,24 @@ def test_config_defaults():
      ["customer 'demo', access key #1", "public", "keygen"]),
     ({"customers": [{"id": "demo", "access_keys": [{"public_key": "ARjlCj4VESC3"}]}]},
      ["customer 'demo', access key #1", "public", "keygen"]),
+    # Typos the first checks hid, and entries that would make a limit ambiguous.
+    ({"customers": [{"ID": "demo"}]}, ["customer #1: unknown key 'ID' (did you mean 'id'?)"]),
+    ({"customers": [{"id": "demo", "access_keys": [{"publickey": {}}]}]},
+     ["customer 'demo', access key #1: unknown key 'publickey' (did you mean 'public_key'?)"]),
+    ({"customer_api": {"update_functon": list}},
+     ["customer_api: unknown key 'update_functon' (did you mean 'update_function'?)"]),
+    ({"customers": [{"id": "a", "max_peers": 1, "maxPeers": None}]},
+     ["customer 'a': both 'max_peers' and 'maxPeers' are given"]),
+    ({"customers": [{"id": "a"}, {"id": "a", "max_peers": 0}]},
+     ["customer 'a' (#2): id already used by customer #1"]),
+    ({"unknown_customers": {"max_peers": -1}}, ["unknown_customers: max_peers must be a non-negative"]),
+    ({"internal_users": {"sfu": ""}}, ["user 'sfu': the password must be a non-empty string"]),
+    ({"customers": ({"id": "a"},)}, ["customers: expected a list of customers, not tuple"]),
     # Servers would count as silent between two reports.
     ({"update_interval": 10}, ["disable_timeout = 7.5", "update_interval (10)"]),
+    # Rooms would be forgotten between two reports.
+    ({"remove_timeout": 5}, ["remove_timeout = 5: expected more than disable_timeout (7.5)"]),
+    ({"login_token_lifetime": 4}, ["login_token_lifetime = 4: expected more than update_interval (5)"]),
 ])
 def test_config_errors_name_the_setting(settings, words):
     with pytest.raises(og.ConfigError) as caught:
@@ -1657,27 +1737,39 @@ def test_config_errors_name_the_setting(settings, words):
 
 def test_config_load_reads_a_python_file(tmp_path, caplog):
     path = tmp_path / "gateway.py"
-    path.write_text("import os\nport = 7100\nupdate_interval = 2\nprot = 1\n"
+    path.write_text("import os\nport = 7100\nupdate_interval = 2\nregion = 'eu'\n"
                     "def helper():\n    return []\n")
     with caplog.at_level(logging.WARNING, logger="odin_gateway"):
         config = og.Config.load(str(path))
     assert config.port == 7100 and config.update_interval == 2 and config.source == str(path)
-    assert "prot" in caplog.text and "helper" not in caplog.text and "'os'" not in caplog.text
+    assert "ignoring unknown setting 'region'" in caplog.text
+    assert "helper" not in caplog.text and "'os'" not in caplog.text
 
 
-def test_upper_case_names_in_the_config_file_are_warned_about(tmp_path, caplog):
+@pytest.mark.parametrize("text, words", [
+    ("PORT = 17322\n", ["'PORT' (did you mean 'port'?)", "lower case"]),
+    # Ignored, these would open the gateway, or weaken a limit, with only a warning.
+    ("Customers = []\n", ["'Customers' (did you mean 'customers'?)"]),
+    ("customer = []\n", ["'customer' (did you mean 'customers'?)"]),
+    ("internal_user = {'sfu': 'pw'}\n", ["did you mean 'internal_users'?"]),
+    ("max_conections = 10\n", ["did you mean 'max_connections'?"]),
+])
+def test_a_near_miss_of_a_setting_in_the_config_file_stops_the_start(text, words, tmp_path, caplog):
     path = tmp_path / "gateway.py"
-    path.write_text("PORT = 17322\n_MY_REGION = 'eu'\n")
-    with caplog.at_level(logging.WARNING, logger="odin_gateway"):
-        config = og.Config.load(str(path))
-    assert config.port == 7000
-    assert "'PORT' (did you mean 'port'?)" in caplog.text and "_MY_REGION" not in caplog.text
+    path.write_text(text + "_MY_REGION = 'eu'\n")
+    with pytest.raises(og.ConfigError) as caught:
+        og.Config.load(str(path))
+    for word in words:
+        assert word in str(caught.value)
+    assert "_MY_REGION" not in str(caught.value) and "pw" not in str(caught.value)
 
 
 @pytest.mark.parametrize("text, words", [
     ("port = (", ["gateway.py", "SyntaxError"]),
     ("raise ValueError('boom')", ["gateway.py", "boom"]),
     ("port = 'x'", ["gateway.py", "port", "integer"]),
+    ('customers = [{"id": "a", "max_peers": null}]', ["name 'null' is not defined (the config file "
+                                                      "is Python: write None)"]),
 ])
 def test_config_load_errors_name_file_setting_and_problem(tmp_path, text, words):
     path = tmp_path / "gateway.py"
@@ -1686,6 +1778,14 @@ def test_config_load_errors_name_file_setting_and_problem(tmp_path, text, words)
         og.Config.load(str(path))
     for word in words:
         assert word in str(caught.value)
+
+
+@pytest.mark.parametrize("name, text", [("config.json", '{"port": 7100}'), ("config.toml", "port = 7100\n")])
+def test_a_json_or_toml_config_file_is_refused_not_run(tmp_path, name, text):
+    path = tmp_path / name
+    path.write_text(text)
+    with pytest.raises(og.ConfigError, match="the config file is Python, like the sample config.py"):
+        og.Config.load(str(path))
 
 
 def test_the_sample_config_loads_and_its_demo_key_works():
@@ -1711,6 +1811,8 @@ def test_flags_override_the_config_file(tmp_path):
 @pytest.mark.parametrize("argv, environ, expected", [
     (["--port", "70000"], {}, "--port 70000: expected an integer from 0 to 65535"),
     (["--host", ""], {}, "--host '': expected a non-empty string"),
+    (["--host", "localhost:7000"], {}, "--host localhost:7000: expected an address or host name alone"),
+    (["--host", "http://0.0.0.0"], {}, "--host http://0.0.0.0: expected an address or host name alone"),
     ([], {"ODIN_GATEWAY_MASTER_KEY": "not base64!"}, "$ODIN_GATEWAY_MASTER_KEY: expected a non-empty base64"),
 ])
 def test_flag_errors_name_what_the_user_wrote(argv, environ, expected):
@@ -1718,6 +1820,19 @@ def test_flag_errors_name_what_the_user_wrote(argv, environ, expected):
     with pytest.raises(og.ConfigError) as caught:
         og.load_config(args, environ=environ)
     assert str(caught.value).startswith(expected)
+
+
+def test_a_master_key_file_others_can_read_is_warned_about(tmp_path, caplog):
+    key_file = tmp_path / "mk.txt"
+    key_file.write_text("c2VjcmV0IHZhbHVlIQ==\n")
+    args = og.build_parser().parse_args(["--master-key-file", str(key_file)])
+    for mode, warned in ((0o644, True), (0o600, False)):
+        key_file.chmod(mode)
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="odin_gateway"):
+            assert og.load_config(args, environ={}).master_key_bytes == b"secret value!"
+        assert ("other users can read the master key (mode 0o644)" in caplog.text) is warned
+        assert "c2VjcmV0" not in caplog.text
 
 
 def test_master_key_file_and_config_directory_errors_name_them(tmp_path):
@@ -1778,7 +1893,8 @@ def test_every_flag_overrides_its_setting_and_says_so_in_help():
             expected = True
         else:
             expected = declared.default + 1 if isinstance(declared.default, int) else "other"
-            argv = [declared.flag, str(expected)]
+            argv = [declared.flag, str(expected)] + (["--ssl"] if name in ("certificate", "private_key")
+                                                     else [])
         config = og.load_config(parser.parse_args(["--config", "config.py"] + argv), environ={})
         assert getattr(config, name) == expected, declared.flag
 
@@ -1789,6 +1905,26 @@ def test_secret_settings_stay_out_of_repr_and_messages():
     with pytest.raises(og.ConfigError) as caught:
         og.Config(internal_users={"a:b": "pw-456"})
     assert "pw-456" not in str(caught.value) and "<hidden>" in str(caught.value)
+
+
+DEMO_ACCESS_KEY = "Aa6xMG5KsCRp0BevxLhsLzSdBAEpJK9sxcvscAsK5+8j"  # printed in README and config.py
+
+
+@pytest.mark.parametrize("customers", [
+    [{"id": "demo", "access_keys": [DEMO_ACCESS_KEY]}],
+    [{"id": "demo", "access_keys": [{"public_key": DEMO_ACCESS_KEY}]}],
+    [{"id": "demo", "max_peers": "x", "access_keys": [{"public_key": {"d": DEMO_ACCESS_KEY}}]}],
+])
+def test_a_config_error_never_repeats_an_access_key_pasted_into_customers(customers, tmp_path, caplog):
+    with pytest.raises(og.ConfigError) as caught:
+        og.Config(customers=customers)
+    assert DEMO_ACCESS_KEY[:12] not in str(caught.value) and "customer 'demo'" in str(caught.value)
+    # Nor the log line of a refused reload.
+    path = tmp_path / "c.py"
+    path.write_text("customers = %r\n" % customers)
+    with caplog.at_level(logging.ERROR, logger="odin_gateway"), pytest.raises(og.ConfigError) as caught:
+        og.reload_config(og.build_parser().parse_args(["--config", str(path)]), True)
+    assert DEMO_ACCESS_KEY[:12] not in str(caught.value)
 
 
 def test_reload_keeps_the_settings_only_a_restart_applies(caplog):
@@ -1809,6 +1945,24 @@ def test_start_and_reload_lines_count_customers_and_keys(caplog):
     with caplog.at_level(logging.INFO, logger="odin_gateway"):
         gw.reload(gw.config.replace(customers=[TINY_CUSTOMER]))
     assert "config reloaded from Config(): 1 customer with 1 usable access key" in caplog.text
+
+
+def test_config_mistakes_of_code_that_embeds_the_gateway_are_loud(caplog):
+    with pytest.raises(TypeError):  # not a config named "{'port': 7100}" with port 7000
+        og.Config({"port": 7100})
+    with pytest.raises(TypeError, match="expected a Config"):
+        og.Gateway({"port": 7100})
+    config = og.Config(log_level="debug")
+    assert config.log_level == "DEBUG"
+    with pytest.raises(og.ConfigError, match="max_connections = 0: expected a positive integer"):
+        config.max_connections = 0
+    with pytest.raises(AttributeError, match="did you mean 'max_connections'"):
+        config.max_conections = 10
+    with caplog.at_level(logging.WARNING, logger="odin_gateway"):
+        og.Gateway(og.Config(), clock=time.monotonic)
+    assert "expected seconds since the epoch, as time.time gives" in caplog.text
+    config.master_key = "c2VjcmV0IHZhbHVlIQ=="
+    assert config.master_key_bytes == b"secret value!" and config.max_connections == 1024
 
 
 def test_two_gateways_share_nothing():
@@ -2295,6 +2449,30 @@ def test_tls_misconfiguration_stops_with_a_clear_message(certificate, tmp_path):
     subprocess.run(["openssl", "genrsa", "-out", str(other_key), "2048"], check=True, capture_output=True)
     with pytest.raises(og.ConfigError, match="cannot use certificate"):
         og._ssl_context(og.Config(ssl=True, certificate=cert, private_key=str(other_key)))
+    with pytest.raises(og.ConfigError, match="are they PEM files, the certificate chain first"):
+        og._ssl_context(og.Config(ssl=True, certificate=key, private_key=cert))
+
+
+def test_tls_files_without_ssl_are_not_quietly_served_over_plain_http(tmp_path, caplog):
+    args = og.build_parser().parse_args(["--certificate", "fullchain.pem", "--privatekey", "k.pem"])
+    with pytest.raises(og.ConfigError) as caught:
+        og.load_config(args, environ={})
+    assert str(caught.value).startswith("--certificate fullchain.pem without --ssl (or ssl = True")
+    with caplog.at_level(logging.WARNING, logger="odin_gateway"):
+        og.warn_about_exposure(og.Gateway(og.Config(certificate="/etc/tls/chain.pem")))
+    assert "certificate and private_key are set but ssl is False: serving plain HTTP" in caplog.text
+
+
+def test_an_encrypted_private_key_is_named_without_asking_for_a_passphrase(certificate, tmp_path):
+    cert, key = certificate
+    encrypted = tmp_path / "encrypted.pem"
+    subprocess.run(["openssl", "pkey", "-in", key, "-aes256", "-passout", "pass:secret",
+                    "-out", str(encrypted)], check=True, capture_output=True)
+    with pytest.raises(og.ConfigError) as caught:
+        og._ssl_context(og.Config(ssl=True, certificate=cert, private_key=str(encrypted)))
+    assert str(caught.value).startswith(
+        "TLS: private_key %s is encrypted with a passphrase; the gateway needs it unencrypted"
+        % encrypted)
 
 
 # ---------------------------------------------------------------------------
@@ -2329,8 +2507,10 @@ def test_help_shows_each_default_once_and_none_for_required_flags():
     (["--room", "a{1}x", "--room", "b{2}y"], ["--room 'a{1}x' --room 'b{2}y'",
                                                "all values in rid must have the same base"]),
     (["--room", "a", "--lifetime", "-5"], ["--lifetime -5", "positive"]),
+    (["--room", "a", "--lifetime", str(2 ** 53)], ["--lifetime %d" % 2 ** 53, "invalid exp in token"]),
     (["--room", "a", "--subject", "bogus"], ["--subject bogus", "access denied by token restrictions"]),
     (["--room", "a", "--subject", "roomclos"], ["did you mean roomclose?"]),
+    (["--room", "a", "--audience", "gatway"], ["--audience gatway", "token audience does not match"]),
 ])
 def test_token_refuses_what_the_gateway_would_refuse(argv, words, capsys):
     assert og.main(["token", "--access-key", KEY_A, "--user", "u"] + argv) == 2
@@ -2338,7 +2518,49 @@ def test_token_refuses_what_the_gateway_would_refuse(argv, words, capsys):
     for word in words:
         assert word in err
     assert og.main(["token", "--access-key", KEY_A, "--user", "u", "--room", "a{1}x", "--room", "b{1}y",
-                    "--subject", "RoomClose", "--subject", "connect"]) == 0
+                    "--subject", "RoomClose", "--subject", "connect", "--audience", "gateway"]) == 0
+
+
+@pytest.mark.parametrize("argv, words", [
+    (["dmeo"], ["unknown command 'dmeo' (did you mean demo?)"]),
+    (["Keygen"], ["unknown command 'Keygen' (did you mean keygen?)"]),
+    (["my-config.py"], ["my-config.py: a config file is given with --config my-config.py"]),
+    (["--port", "7000", "VGhpcyBpcyBhIHN1cGVyIHNlY3JldCBtYXN0ZXIga2V5IQ=="], ["unrecognized arguments: <hidden>"]),
+    (["token", "--access-key", KEY_A, "--room", "r", "--user", "u",
+      "VGhpcyBpcyBhIHN1cGVyIHNlY3JldCBtYXN0ZXIga2V5IQ=="], ["unrecognized arguments: <hidden>"]),
+])
+def test_a_mistyped_command_is_named_and_a_stray_key_is_not_echoed(argv, words, capsys):
+    with contextlib.suppress(SystemExit):
+        assert og.main(argv) == 2
+    err = capsys.readouterr().err
+    for word in words:
+        assert word in err
+    assert "VGhpcyBp" not in err and KEY_A[:10] not in err
+
+
+def test_token_reads_the_access_key_from_standard_input(monkeypatch, capsys):
+    monkeypatch.setattr(sys, "stdin", io.StringIO(KEY_A + "\n"))
+    assert og.main(["token", "--access-key", "-", "--room", "lobby", "--user", "alice"]) == 0
+    jwt = capsys.readouterr().out.strip()
+    assert claims_of(jwt)["rid"] == "lobby" and KEY_A not in jwt
+    assert og.create_token(KEY_A, "lobby", "alice", now=claims_of(jwt)["nbf"]) == jwt
+
+
+def test_a_key_given_to_master_key_file_is_not_echoed(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    key = "VGhpcyBpcyBhIHN1cGVyIHNlY3JldCBtYXN0ZXIga2V5IQ=="  # "$(keygen --master)" by mistake
+    with pytest.raises(og.ConfigError) as caught:
+        og.load_config(og.build_parser().parse_args(["--master-key-file", key]), environ={})
+    assert key[:8] not in str(caught.value)
+    assert "looks like a key itself" in str(caught.value) and "path of a file" in str(caught.value)
+
+
+def test_an_old_python_is_told_which_python_is_needed():
+    fake_old = "import runpy, sys; sys.version_info = (3, 8, 18, 'final', 0); runpy.run_path(%r)" % (
+        str(HERE / "odin_gateway.py"))
+    ran = subprocess.run([sys.executable, "-c", fake_old], capture_output=True, text=True, timeout=30)
+    assert ran.returncode == 1 and "Traceback" not in ran.stderr
+    assert ran.stderr.strip() == "odin_gateway needs Python 3.9 or newer; this is Python 3.8"
 
 
 def test_keygen_refuses_a_customer_for_a_master_key(capsys):
@@ -2463,6 +2685,12 @@ def test_ci_runs_exactly_the_readme_test_command():
 # ---------------------------------------------------------------------------
 # Embedding: the fake server, the JSON-RPC client, the demo, README examples
 # ---------------------------------------------------------------------------
+
+
+def test_a_fake_server_pointed_at_the_gateway_instead_of_internal_says_so():
+    with pytest.raises(ValueError, match="expected the gateway's /internal URL, e.g. http://127.0.0.1:7000/internal"):
+        og.FakeServer("http://127.0.0.1:7000/")
+    og.FakeServer("http://sfu:pw@127.0.0.1:7000/grid/internal")  # behind a proxy's prefix
 
 
 def test_fake_server_speaks_the_server_side_over_http():
@@ -3082,6 +3310,24 @@ def test_reload_applies_customers_and_limits_and_keeps_state(caplog):
 
 
 @needs_proc
+def test_a_reload_does_not_open_what_the_running_config_keeps_closed(tmp_path):
+    path = tmp_path / "c.py"
+    path.write_text("# emptied by mistake\n")
+    args = og.build_parser().parse_args(["--config", str(path)])
+    with pytest.raises(og.ConfigError, match="no customers and no customer_api: every token would"):
+        og.reload_config(args, True, og.Config(customers=[TINY_CUSTOMER]))
+    assert og.reload_config(args, True, og.Config()).customers == []  # already everything goes
+    with pytest.raises(og.ConfigError, match="no internal_users: /internal would be open"):
+        og.reload_config(args, True, og.Config(internal_users={"sfu": "pw"}))
+
+
+def test_a_config_file_that_exits_is_refused_and_the_gateway_keeps_running(tmp_path):
+    path = tmp_path / "c.py"
+    path.write_text("import sys\nsys.exit(3)\n")
+    with pytest.raises(og.ConfigError, match="SystemExit: 3"):
+        og.reload_config(og.build_parser().parse_args(["--config", str(path)]), True)
+
+
 def test_sighup_reloads_the_config_file_and_refuses_a_broken_one(tmp_path):
     with gateway_process(tmp_path, "customers = %r\n" % [TINY_CUSTOMER]) as (process, port):
         def connect_status(access_key):
@@ -4066,6 +4312,9 @@ def test_reload_refuses_when_the_started_config_file_is_gone(tmp_path):
     assert og.reload_config(args, True).port == 7100
     path.unlink()
     with pytest.raises(og.ConfigError, match="no such file"):
+        og.reload_config(args, True)
+    path.mkdir()
+    with pytest.raises(og.ConfigError, match="is a directory"):
         og.reload_config(args, True)
 
 
