@@ -45,6 +45,8 @@ customers = [
         "id": "demo",
         "max_peers": 100,   # concurrent peers over all its rooms (None: unlimited)
         "max_rooms": 20,    # concurrent rooms (None: unlimited)
+        # "region": "eu-central",  # where its new rooms prefer to go (see server_labels below)
+        # "pool": "acme",          # only servers of this pool, which serve no one else
         "access_keys": [
             {
                 "public_key": {
@@ -90,6 +92,24 @@ internal_users = {}         # e.g. {"sfu": "a long random password"}
 # counting the peers sent to it since its last report; "random" picks at
 # random, weighted by free capacity, as the original gateway did.
 placement = "balanced"
+
+# -- Regions and pools (README: "Regions and pools") --------------------------
+# Labels for media servers, by hostname pattern (fnmatch-style, * and ?,
+# case-insensitive); the first rule that matches decides what it names
+# ("region", "pools" or both), and a server's own report the rest. A server
+# with pools takes rooms only of customers with one of those pools (customer
+# setting "pool"); a customer with a pool gets only that pool's servers.
+# server_labels = [
+#     {"match": "sfu-eu-*", "region": "eu-central"},
+#     {"match": "acme-*", "region": "eu-central", "pools": ["acme"]},
+# ]
+server_labels = []
+# Where a new room goes when its region (the token's internal.region, else the
+# customer's "region") has no server with capacity: these regions in order,
+# then any region.
+# region_fallback = {"eu-central": ["eu-west", "us-east"], "us-east": ["us-west"]}
+region_fallback = {}
+
 metrics_server = "0.0.0.0/0"  # network allowed to scrape the servers' metrics
 update_interval = 5           # s between server reports and maintenance ticks
 # disable_timeout and login_token_lifetime must exceed update_interval, and
@@ -97,6 +117,15 @@ update_interval = 5           # s between server reports and maintenance ticks
 disable_timeout = 7.5         # s without a report before a server gets no new rooms
 remove_timeout = 600          # s without a report before a server is forgotten
 login_token_lifetime = 300    # s a room token (and a room never reported) lives
+# After a start without saved state, a Connect for a room no server has
+# reported waits this long (None: update_interval + 2 s; 0: not at all), so
+# that a room living on a server yet to report is not placed elsewhere.
+warmup = None
+# A file where the gateway keeps what a restart or a crash must not lose:
+# admin tasks it answered but has not delivered yet, and where every room
+# lives. Read at start if younger than remove_timeout (then no warm-up);
+# None: nothing is saved.
+state_file = None             # e.g. "/var/lib/odin-gateway/state.jsonl"
 
 # -- Event feed ---------------------------------------------------------------
 # The newest events (servers added, disabled, draining; rooms placed and gone;
