@@ -3944,8 +3944,10 @@ def render_metrics(gateway: Gateway) -> str:
 STATUS_SERVERS = 60
 STATUS_CUSTOMERS = 40
 STATUS_EVENTS = 30
-#: Longest text shown in one place (a report may name a server with 100 KB).
+#: Longest text shown in one place (a report may name a server with 100 KB);
+#: an event's, which says why, may be longer.
 STATUS_TEXT = 64
+STATUS_EVENT_TEXT = 160
 
 # The tables' columns: (heading, key in the row's entry, how it is shown). The
 # page's script draws the same columns from /status.json, so a new column is
@@ -3958,13 +3960,13 @@ SERVER_COLUMNS = (
     ("region", "region", "text"),
     ("pools", "pools", "text"),
     ("state", "state", "state"),
-    ("reported load", "load", "bar"),
+    ("load", "load", "bar"),
     ("estimated load", "estimated_load", "bar"),
     ("clients", "clients", "number"),
     ("rooms", "rooms", "number"),
     ("peers", "peers", "number"),
     ("last report", "age", "age"),
-    ("tasks queued", "tasks", "number"),
+    ("tasks", "tasks", "number"),
     ("version", "version", "text"),
 )
 CUSTOMER_COLUMNS = (
@@ -4022,12 +4024,12 @@ def _duration(seconds: float) -> str:
     return "%d s" % seconds
 
 
-def _clip(value: Any) -> Any:
-    """Text (also inside a list) cut to STATUS_TEXT characters for the page."""
-    if isinstance(value, str) and len(value) > STATUS_TEXT:
-        return value[:STATUS_TEXT - 1] + "\u2026"
+def _clip(value: Any, limit: int = STATUS_TEXT) -> Any:
+    """Text (also inside a list) cut to limit characters for the page."""
+    if isinstance(value, str) and len(value) > limit:
+        return value[:limit - 1] + "\u2026"
     if isinstance(value, (list, tuple)):
-        return [_clip(part) for part in value]
+        return [_clip(part, limit) for part in value]
     return value
 
 
@@ -4061,7 +4063,7 @@ def status_data(gateway: Gateway) -> dict:
         customers.append({"id": _clip(customer), "rooms": [rooms, room_limit], "peers": [peers, peer_limit],
                           "refused": gateway.refusals.get(customer, 0)})
     customers.sort(key=lambda c: (-c["peers"][0], -c["rooms"][0], c["id"]))
-    events = [dict({name: _clip(value) for name, value in event.items()},
+    events = [dict({name: _clip(value, STATUS_EVENT_TEXT) for name, value in event.items()},
                    level=logging.getLevelName(EVENT_KINDS[event["kind"]][0]).lower())
               for event in gateway.events.newest(STATUS_EVENTS)]
     keys = len(gateway.authorizer.customer_keys)
@@ -4151,7 +4153,7 @@ def _event_text(value: Any) -> str:
 def _event_details(event: dict) -> str:
     """An event's fields as name=value pairs, as the script's details."""
     return " ".join("%s=%s" % (name, _event_text(value)) for name, value in event.items()
-                    if name not in ("seq", "time", "kind", "level"))
+                    if name not in ("seq", "time", "kind", "level") and value is not None)
 
 
 def _event_item(event: dict) -> str:
@@ -4297,7 +4299,8 @@ _STATUS_SCRIPT = """
     $("events").replaceChildren(...d.events.map((e) => {
       const li = el("li", e.level), details = [];
       for (const [name, value] of Object.entries(e))
-        if (!["seq", "time", "kind", "level"].includes(name)) details.push(name + "=" + text(value));
+        if (!["seq", "time", "kind", "level"].includes(name) && value !== null)
+          details.push(name + "=" + text(value));
       li.append(el("time", "", clock(e.time)), " ", el("b", "", e.kind), " " + details.join(" "));
       return li;
     }));
@@ -6189,7 +6192,9 @@ def serve_demo(out: Any = None, *, port: int = 0, stop: Optional[threading.Event
     rooms = {"acme": ["lobby", "arena-1", "arena-2", "arena-3", "quiz"],
              "globex": ["standup", "retro", "planning", "all-hands"]}
     config = Config(host="127.0.0.1", port=port, update_interval=2, disable_timeout=5,
-                    master_key=b64_encode(os.urandom(32)), customers=[
+                    master_key=b64_encode(os.urandom(32)), server_labels=[
+                        {"match": "sfu-[ab].*", "region": "eu-central"},
+                        {"match": "sfu-c.*", "region": "us-east"}], customers=[
                         {"id": "acme", "max_peers": 40, "max_rooms": 6,
                          "access_keys": [{"public_key": public_jwk(keys["acme"])}]},
                         {"id": "globex", "max_peers": 20, "max_rooms": 3,
