@@ -857,6 +857,14 @@ def _positive_seconds(value: Any) -> Optional[str]:
     return None if _is_number(value) and value > 0 else "expected a positive number of seconds"
 
 
+def _seconds_or_none(value: Any) -> Optional[str]:
+    if value is None:
+        return None
+    if _is_number(value) and value > 0:
+        return None
+    return "expected a positive number of seconds, or None"
+
+
 def _token_lifetime(value: Any) -> Optional[str]:
     if _is_integer(value) and value > 0:
         return None
@@ -1110,11 +1118,24 @@ class Config:
     # Admin calls beyond it are refused rather than dropping tasks already queued.
     max_queued_tasks: int = setting(10_000, _positive_integer,
                                     "admin tasks waiting for one server; more are refused")
-    # The deadlines of a connection, each named for what it bounds. A silent
-    # connection must not hold its slot for keep_alive_timeout.
+    # The deadlines of a connection, each named for what it bounds (Config.deadlines
+    # maps them). A silent connection must not hold its slot for keep_alive_timeout.
+    # read_timeout stays the default of the three reading ones (earlier configs
+    # set only it): each of them that is None takes its value.
     read_timeout: float = setting(
         10.0, _positive_seconds,
-        "seconds for a new connection's first byte, then for a request's head, then its body (408)")
+        "seconds for each of `first_byte_timeout`, `head_timeout` and `body_timeout` left `None`")
+    first_byte_timeout: Optional[float] = setting(
+        None, _seconds_or_none,
+        "seconds a new connection may take to send its first byte; then it is closed",
+        shown="`None`: `read_timeout`")
+    head_timeout: Optional[float] = setting(
+        None, _seconds_or_none,
+        "seconds from a request's first byte to the end of its head (408)", shown="`None`: `read_timeout`")
+    body_timeout: Optional[float] = setting(
+        None, _seconds_or_none,
+        "seconds from the end of a request's head to the end of its body (408)",
+        shown="`None`: `read_timeout`")
     keep_alive_timeout: float = setting(75.0, _positive_seconds,
                                         "seconds an idle connection is kept open between requests")
     # A client that never reads must not hold a connection and its answer.
@@ -1164,6 +1185,19 @@ class Config:
                 % (source, self.disable_timeout, self.update_interval))
         self.log_level = self.log_level.upper()
         self.master_key_bytes = b64_decode(self.master_key)
+        # What each deadline of a connection bounds -> its seconds (Connection.arm).
+        self.deadlines = types.MappingProxyType({
+            "first byte": self._reading(self.first_byte_timeout),
+            "head": self._reading(self.head_timeout),
+            "body": self._reading(self.body_timeout),
+            "idle": self.keep_alive_timeout,  # between requests
+            "write": self.write_timeout,  # the client reads no more of an answer
+            "linger": self.linger_timeout,  # after the last answer, input is discarded
+            "stop": self.shutdown_timeout,  # requests in flight when the server stops
+        })
+
+    def _reading(self, seconds: Optional[float]) -> float:
+        return self.read_timeout if seconds is None else seconds
 
     @classmethod
     def load(cls, path: str) -> "Config":
@@ -3175,12 +3209,13 @@ class Connection(asyncio.Protocol):
 
     # -- the one deadline ---------------------------------------------------
 
-    def arm(self, deadline: str, seconds: float) -> None:
+    def arm(self, deadline: str) -> None:
         """Set the connection's deadline: "first byte", "idle", "head", "body",
-        "write" (the client reads no more of an answer), "linger" or "stop".
-        The timer only moves when it must fire earlier than it is set to."""
+        "write" (the client reads no more of an answer), "linger" or "stop",
+        each as long as its setting says (Config.deadlines). The timer only
+        moves when it must fire earlier than it is set to."""
         self.deadline = deadline
-        self.until = until = self.server.loop.time() + seconds
+        self.until = until = self.server.loop.time() + self.server.gateway.config.deadlines[deadline]
         if self.timer is None or until < self.scheduled:
             if self.timer is not None:
                 self.timer.cancel()
@@ -3214,12 +3249,9 @@ class Connection(asyncio.Protocol):
             self.transport.abort()
 
     def _arm_for_phase(self) -> None:
-        config = self.server.gateway.config
         phase = self.framing.phase  # type: ignore[union-attr]
-        if phase == "idle":
-            self.arm("idle", config.keep_alive_timeout)
-        elif phase != self.deadline:  # head, body: from the first byte on
-            self.arm(phase, config.read_timeout)
+        if phase == "idle" or phase != self.deadline:  # head, body: from their first byte on
+            self.arm(phase)
 
     # -- asyncio.Protocol ---------------------------------------------------
 
@@ -3242,7 +3274,7 @@ class Connection(asyncio.Protocol):
             transport.max_size = config.receive_size
         transport.set_write_buffer_limits(high=config.max_write_buffer)
         self.framing = HttpFraming(config, date=server.date, request_lines=server.request_lines)
-        self.arm("first byte", config.read_timeout)
+        self.arm("first byte")
 
     def data_received(self, data: bytes) -> None:
         if self.lingering:
@@ -3268,7 +3300,7 @@ class Connection(asyncio.Protocol):
             self.process()
         if not (self.closing or self.pending is not None) and self.transport is not None:
             self.flush()
-            self.arm("linger", self.server.gateway.config.linger_timeout)
+            self.arm("linger")
             self.transport.close()
         return True  # closed by us, once the answers are out
 
@@ -3290,12 +3322,12 @@ class Connection(asyncio.Protocol):
     def pause_writing(self) -> None:
         self.writing_paused = True
         self._pause_reading()
-        self.arm("write", self.server.gateway.config.write_timeout)
+        self.arm("write")
 
     def resume_writing(self) -> None:
         self.writing_paused = False
         if self.pending is not None:
-            self.arm("write", self.server.gateway.config.write_timeout)  # it reads: progress
+            self.arm("write")  # it reads: progress
             self._write_pending()
         elif not self.closing:
             self._unblock()
@@ -3318,7 +3350,7 @@ class Connection(asyncio.Protocol):
                 self.send(CONTINUE_ANSWER)
             elif event is CLOSED:
                 self.flush()
-                self.arm("linger", server.gateway.config.linger_timeout)
+                self.arm("linger")
                 self.transport.close()
                 return
             else:
@@ -3399,7 +3431,7 @@ class Connection(asyncio.Protocol):
         self.pending = memoryview(data)
         self.server.unsent += len(data)
         self._pause_reading()
-        self.arm("write", self.server.gateway.config.write_timeout)
+        self.arm("write")
         self._write_pending()
 
     def flush(self) -> None:
@@ -3440,12 +3472,12 @@ class Connection(asyncio.Protocol):
         until the client closes, for linger_timeout at most."""
         transport = self.transport
         if self.framing is not None and self.framing.eof or not transport.can_write_eof():
-            self.arm("linger", self.server.gateway.config.linger_timeout)
+            self.arm("linger")
             transport.close()
             return
         transport.write_eof()
         self.lingering = True
-        self.arm("linger", self.server.gateway.config.linger_timeout)
+        self.arm("linger")
         if self.reading_paused:
             self.reading_paused = False
             transport.resume_reading()
@@ -3645,7 +3677,7 @@ class GatewayServer:
                     and not connection.out and connection.pending is None):
                 connection.transport.abort()  # nothing in flight; abort skips TLS's goodbye
             else:
-                connection.arm("stop", config.shutdown_timeout)
+                connection.arm("stop")
         for connection in list(self.refusing):
             connection.transport.abort()
         if not await self._all_closed(config.shutdown_timeout + 1):
