@@ -615,6 +615,8 @@ def _token_json(segment: str) -> dict:
 
 
 def _is_safe_integer(value: Any) -> bool:
+    if type(value) is int:  # the usual exp and nbf, checked on every Connect
+        return -MAX_SAFE_INTEGER <= value <= MAX_SAFE_INTEGER
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         return False
     if isinstance(value, float) and not value.is_integer():
@@ -677,10 +679,11 @@ class Authorizer:
                 self._headers.clear()
             self._headers[segments[0]] = header
         kid = header.get("kid")
-        if isinstance(kid, (int, float)) and not isinstance(kid, bool) and math.isfinite(kid):
+        if type(kid) is not str:
+            if not (isinstance(kid, (int, float)) and not isinstance(kid, bool)
+                    and math.isfinite(kid)):
+                raise TokenError("invalid or missing kid in token")
             kid = js_number(kid)
-        elif not isinstance(kid, str):
-            raise TokenError("invalid or missing kid in token")
 
         kind, key = self._lookup(kid)
         alg = header.get("alg")
