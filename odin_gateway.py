@@ -1342,7 +1342,8 @@ class Config:
         shown="`None`: `read_timeout`")
     head_timeout: Optional[float] = setting(
         None, _seconds_or_none,
-        "seconds from a request's first byte to the end of its head (408)", shown="`None`: `read_timeout`")
+        "seconds from a request's first byte to the end of its head (408)",
+        shown="`None`: `read_timeout`")
     body_timeout: Optional[float] = setting(
         None, _seconds_or_none,
         "seconds from the end of a request's head to the end of its body (408)",
