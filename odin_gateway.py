@@ -897,9 +897,7 @@ def _positive_seconds(value: Any) -> Optional[str]:
 
 
 def _seconds_or_none(value: Any) -> Optional[str]:
-    if value is None:
-        return None
-    if _is_number(value) and value > 0:
+    if value is None or (_is_number(value) and value > 0):
         return None
     return "expected a positive number of seconds, or None"
 
@@ -4595,7 +4593,7 @@ class Connection(asyncio.Protocol):
 
     def _arm_for_phase(self) -> None:
         phase = self.framing.phase  # type: ignore[union-attr]
-        if phase == "idle" or phase != self.deadline:  # head, body: from their first byte on
+        if phase == "idle" or phase != self.deadline:  # head, body: once, as they begin
             self.arm(phase)
 
     # -- asyncio.Protocol ---------------------------------------------------
