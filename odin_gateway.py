@@ -642,6 +642,8 @@ def _token_json(segment: str) -> dict:
 
 
 def _is_safe_integer(value: Any) -> bool:
+    if type(value) is int:  # the usual exp and nbf, checked on every Connect
+        return -MAX_SAFE_INTEGER <= value <= MAX_SAFE_INTEGER
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         return False
     if isinstance(value, float) and not value.is_integer():
@@ -704,10 +706,11 @@ class Authorizer:
                 self._headers.clear()
             self._headers[segments[0]] = header
         kid = header.get("kid")
-        if isinstance(kid, (int, float)) and not isinstance(kid, bool) and math.isfinite(kid):
+        if type(kid) is not str:
+            if not (isinstance(kid, (int, float)) and not isinstance(kid, bool)
+                    and math.isfinite(kid)):
+                raise TokenError("invalid or missing kid in token")
             kid = js_number(kid)
-        elif not isinstance(kid, str):
-            raise TokenError("invalid or missing kid in token")
 
         kind, key = self._lookup(kid)
         alg = header.get("alg")
@@ -899,6 +902,12 @@ def _positive_integer(value: Any) -> Optional[str]:
 
 def _positive_seconds(value: Any) -> Optional[str]:
     return None if _is_number(value) and value > 0 else "expected a positive number of seconds"
+
+
+def _seconds_or_none(value: Any) -> Optional[str]:
+    if value is None or (_is_number(value) and value > 0):
+        return None
+    return "expected a positive number of seconds, or None"
 
 
 def _token_lifetime(value: Any) -> Optional[str]:
@@ -1145,6 +1154,18 @@ def _check_internal_users(value: Any) -> Optional[str]:
 #: Malformed entries of one customer update named in the log; the rest are counted.
 MAX_SKIPPED_LOGGED = 10
 
+#: A connection's deadlines, named for what they bound -> the setting that says how
+#: long (None there: read_timeout's, the default of the three reading ones).
+DEADLINE_SETTINGS = types.MappingProxyType({
+    "first byte": "first_byte_timeout",
+    "head": "head_timeout",
+    "body": "body_timeout",
+    "idle": "keep_alive_timeout",  # between requests
+    "write": "write_timeout",  # the client reads no more of an answer
+    "linger": "linger_timeout",  # after a last answer, input is read and dropped
+    "stop": "shutdown_timeout",  # requests in flight when the server stops
+})
+
 #: (a timeout, the one it must exceed, what would happen otherwise).
 ORDERED_TIMEOUTS = (
     ("disable_timeout", "update_interval", "servers report every update_interval, so each would "
@@ -1317,11 +1338,25 @@ class Config:
     # Admin calls beyond it are refused rather than dropping tasks already queued.
     max_queued_tasks: int = setting(10_000, _positive_integer,
                                     "admin tasks waiting for one server; more are refused")
-    # The deadlines of a connection, each named for what it bounds. A silent
-    # connection must not hold its slot for keep_alive_timeout.
+    # The deadlines of a connection, each named for what it bounds (DEADLINE_SETTINGS
+    # names them). A silent connection must not hold its slot for keep_alive_timeout.
+    # read_timeout stays the default of the three reading ones (earlier configs
+    # set only it): each of them that is None takes its value.
     read_timeout: float = setting(
         10.0, _positive_seconds,
-        "seconds for a new connection's first byte, then for a request's head, then its body (408)")
+        "seconds for each of `first_byte_timeout`, `head_timeout` and `body_timeout` left `None`")
+    first_byte_timeout: Optional[float] = setting(
+        None, _seconds_or_none,
+        "seconds a new connection may take to send its first byte; then it is closed",
+        shown="`None`: `read_timeout`")
+    head_timeout: Optional[float] = setting(
+        None, _seconds_or_none,
+        "seconds from a request's first byte to the end of its head (408)",
+        shown="`None`: `read_timeout`")
+    body_timeout: Optional[float] = setting(
+        None, _seconds_or_none,
+        "seconds from the end of a request's head to the end of its body (408)",
+        shown="`None`: `read_timeout`")
     keep_alive_timeout: float = setting(75.0, _positive_seconds,
                                         "seconds an idle connection is kept open between requests")
     # A client that never reads must not hold a connection and its answer.
@@ -1420,6 +1455,11 @@ class Config:
     @property
     def master_key_bytes(self) -> bytes:
         return b64_decode(self.master_key)
+
+    def deadline(self, name: str) -> float:
+        """Seconds of the connection deadline named for what it bounds (Connection.arm)."""
+        seconds = getattr(self, DEADLINE_SETTINGS[name])
+        return self.read_timeout if seconds is None else seconds
 
     def replace(self, **changes: Any) -> "Config":
         """A copy with some settings changed (validated again)."""
@@ -5071,12 +5111,13 @@ class Connection(asyncio.Protocol):
 
     # -- the one deadline ---------------------------------------------------
 
-    def arm(self, deadline: str, seconds: float) -> None:
+    def arm(self, deadline: str) -> None:
         """Set the connection's deadline: "first byte", "idle", "head", "body",
-        "write" (the client reads no more of an answer), "linger" or "stop".
-        The timer only moves when it must fire earlier than it is set to."""
+        "write" (the client reads no more of an answer), "linger" or "stop",
+        each as long as its setting says (Config.deadline). The timer only
+        moves when it must fire earlier than it is set to."""
         self.deadline = deadline
-        self.until = until = self.server.loop.time() + seconds
+        self.until = until = self.server.loop.time() + self.server.gateway.config.deadline(deadline)
         if self.timer is None or until < self.scheduled:
             if self.timer is not None:
                 self.timer.cancel()
@@ -5110,12 +5151,9 @@ class Connection(asyncio.Protocol):
             self.transport.abort()
 
     def _arm_for_phase(self) -> None:
-        config = self.server.gateway.config
         phase = self.framing.phase  # type: ignore[union-attr]
-        if phase == "idle":
-            self.arm("idle", config.keep_alive_timeout)
-        elif phase != self.deadline:  # head, body: from the first byte on
-            self.arm(phase, config.read_timeout)
+        if phase == "idle" or phase != self.deadline:  # head, body: once, as they begin
+            self.arm(phase)
 
     # -- asyncio.Protocol ---------------------------------------------------
 
@@ -5138,7 +5176,7 @@ class Connection(asyncio.Protocol):
             transport.max_size = config.receive_size
         transport.set_write_buffer_limits(high=config.max_write_buffer)
         self.framing = HttpFraming(config, date=server.date, request_lines=server.request_lines)
-        self.arm("first byte", config.read_timeout)
+        self.arm("first byte")
 
     def data_received(self, data: bytes) -> None:
         if self.lingering:
@@ -5164,7 +5202,7 @@ class Connection(asyncio.Protocol):
             self.process()
         if not (self.closing or self.pending is not None) and self.transport is not None:
             self.flush()
-            self.arm("linger", self.server.gateway.config.linger_timeout)
+            self.arm("linger")
             self.transport.close()
         return True  # closed by us, once the answers are out
 
@@ -5186,12 +5224,12 @@ class Connection(asyncio.Protocol):
     def pause_writing(self) -> None:
         self.writing_paused = True
         self._pause_reading()
-        self.arm("write", self.server.gateway.config.write_timeout)
+        self.arm("write")
 
     def resume_writing(self) -> None:
         self.writing_paused = False
         if self.pending is not None:
-            self.arm("write", self.server.gateway.config.write_timeout)  # it reads: progress
+            self.arm("write")  # it reads: progress
             self._write_pending()
         elif not self.closing:
             self._unblock()
@@ -5214,7 +5252,7 @@ class Connection(asyncio.Protocol):
                 self.send(CONTINUE_ANSWER)
             elif event is CLOSED:
                 self.flush()
-                self.arm("linger", server.gateway.config.linger_timeout)
+                self.arm("linger")
                 self.transport.close()
                 return
             else:
@@ -5294,7 +5332,7 @@ class Connection(asyncio.Protocol):
         self.pending = memoryview(data)
         self.server.unsent += len(data)
         self._pause_reading()
-        self.arm("write", self.server.gateway.config.write_timeout)
+        self.arm("write")
         self._write_pending()
 
     def flush(self) -> None:
@@ -5335,12 +5373,12 @@ class Connection(asyncio.Protocol):
         until the client closes, for linger_timeout at most."""
         transport = self.transport
         if self.framing is not None and self.framing.eof or not transport.can_write_eof():
-            self.arm("linger", self.server.gateway.config.linger_timeout)
+            self.arm("linger")
             transport.close()
             return
         transport.write_eof()
         self.lingering = True
-        self.arm("linger", self.server.gateway.config.linger_timeout)
+        self.arm("linger")
         if self.reading_paused:
             self.reading_paused = False
             transport.resume_reading()
@@ -5551,7 +5589,7 @@ class GatewayServer:
                     and not connection.out and connection.pending is None):
                 connection.transport.abort()  # nothing in flight; abort skips TLS's goodbye
             else:
-                connection.arm("stop", config.shutdown_timeout)
+                connection.arm("stop")
         for connection in list(self.refusing):
             connection.transport.abort()
         if not await self._all_closed(config.shutdown_timeout + 1):

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
+import functools
 import html.parser
 import io
 import json
@@ -29,6 +30,7 @@ import subprocess
 import sys
 import threading
 import time
+import types
 import urllib.request
 
 import pytest
@@ -1933,6 +1935,161 @@ def test_the_date_header_is_formatted_once_a_second_per_server():
     one, other = og.HttpDate(), og.HttpDate()
     assert one() is one() and one() == other()
     assert one is not other  # each server its own: no module-level cache
+
+
+# ---------------------------------------------------------------------------
+# Connection deadlines: each bounded by its own setting (time moved by hand)
+# ---------------------------------------------------------------------------
+
+
+class ManualLoop:
+    """The loop calls a Connection makes, with time moved by hand: nothing sleeps."""
+
+    def __init__(self):
+        self.now = 1000.0
+        self.timers = []  # [when, callback, cancelled]
+
+    def time(self):
+        return self.now
+
+    def call_at(self, when, callback, *args):
+        timer = [when, functools.partial(callback, *args), False]
+        self.timers.append(timer)
+        return types.SimpleNamespace(cancel=lambda: timer.__setitem__(2, True))
+
+    def call_soon(self, callback, *args):
+        return self.call_at(self.now, callback, *args)
+
+    def advance(self, seconds):
+        self.now += seconds
+        while True:
+            due = [t for t in self.timers if t[0] <= self.now and not t[2]]
+            if not due:
+                return
+            timer = min(due, key=lambda t: t[0])
+            self.timers.remove(timer)
+            timer[1]()
+
+
+class RecordingTransport:
+    """A transport that keeps what is written and how it was ended."""
+
+    def __init__(self):
+        self.written = b""
+        self.ended = None  # "closed" or "aborted"
+
+    def get_extra_info(self, name):
+        return ("127.0.0.1", 50000) if name == "peername" else None
+
+    def set_write_buffer_limits(self, high):
+        pass
+
+    def write(self, data):
+        self.written += data
+
+    def close(self):
+        self.ended = self.ended or "closed"
+
+    def abort(self):
+        self.ended = "aborted"
+
+    def is_closing(self):
+        return self.ended is not None
+
+    def get_write_buffer_size(self):
+        return 0
+
+    def can_write_eof(self):
+        return True
+
+    def write_eof(self):
+        pass
+
+    def pause_reading(self):
+        pass
+
+    def resume_reading(self):
+        pass
+
+
+#: Each deadline a different length, none of them read_timeout's.
+DEADLINES = dict(read_timeout=50, first_byte_timeout=1, head_timeout=2, body_timeout=3,
+                 keep_alive_timeout=4, write_timeout=5, shutdown_timeout=6, linger_timeout=7)
+
+
+def connection_by_hand(**settings):
+    server = og.GatewayServer(make_gateway(**dict(DEADLINES, **settings)))
+    server.loop = ManualLoop()
+    connection, transport = og.Connection(server), RecordingTransport()
+    connection.connection_made(transport)
+    return server.loop, connection, transport
+
+
+def passes_at(loop, transport, seconds):
+    """True if the connection's deadline passes at seconds from now: nothing happens
+    just before, and the connection is answered 408 or ended just after."""
+    before = (transport.written, transport.ended)
+    loop.advance(seconds - 0.01)
+    if (transport.written, transport.ended) != before:
+        return False
+    loop.advance(0.02)
+    return (transport.written, transport.ended) != before
+
+
+def test_the_first_byte_deadline_is_first_byte_timeout():
+    loop, connection, transport = connection_by_hand()
+    assert connection.deadline == "first byte" and passes_at(loop, transport, 1)
+    assert transport.written == b""  # nothing was asked, so nothing is answered
+
+
+@pytest.mark.parametrize("first, then, deadline, seconds", [
+    # head_timeout counts from the first byte of a request ...
+    (b"POST /internal HTTP/1.1\r\n", b"X-Slow: ", "head", 2),
+    # ... body_timeout from the end of its head.
+    (b"POST /internal HTTP/1.1\r\n", b"Content-Length: 5\r\n\r\n{", "body", 3),
+])
+def test_the_head_and_body_deadlines_are_their_settings(first, then, deadline, seconds):
+    loop, connection, transport = connection_by_hand()
+    connection.data_received(first)
+    loop.advance(1.5)
+    connection.data_received(then)
+    assert connection.deadline == deadline
+    assert passes_at(loop, transport, seconds if deadline == "body" else seconds - 1.5)
+    assert status_of(transport.written) == 408
+
+
+def test_the_idle_deadline_is_keep_alive_timeout_after_each_answer():
+    loop, connection, transport = connection_by_hand()
+    connection.data_received(b"OPTIONS / HTTP/1.1\r\n\r\n")
+    loop.advance(0)  # this iteration's answers go out
+    answered = transport.written
+    assert status_of(answered) == 200 and connection.deadline == "idle"
+    assert passes_at(loop, transport, 4) and transport.written == answered
+
+
+def test_the_write_and_stop_deadlines_are_write_and_shutdown_timeout():
+    loop, connection, transport = connection_by_hand()
+    connection.pause_writing()  # the client reads no more of what it was sent
+    assert connection.deadline == "write" and passes_at(loop, transport, 5)
+    assert transport.ended == "aborted"
+    loop, connection, transport = connection_by_hand()
+    connection.data_received(b"POST /internal HTTP/1.1\r\n")
+    connection.arm("stop")  # what GatewayServer.stop does with a request in flight
+    assert passes_at(loop, transport, 6) and transport.ended == "aborted"
+
+
+def test_read_timeout_is_the_default_of_the_three_reading_deadlines():
+    # Configurations from before the three settings keep their meaning.
+    config = og.Config(read_timeout=7)
+    assert [config.deadline(name) for name in ("first byte", "head", "body")] == [7, 7, 7]
+    config = og.Config(read_timeout=7, head_timeout=2)
+    assert [config.deadline(name) for name in ("first byte", "head", "body")] == [7, 2, 7]
+    assert og.Config().deadline("head") == DEFAULTS.read_timeout
+    loop, connection, transport = connection_by_hand(first_byte_timeout=None, read_timeout=3)
+    assert passes_at(loop, transport, 3)
+    with pytest.raises(og.ConfigError, match="body_timeout = 0: expected a positive number of "
+                                             "seconds, or None"):
+        og.Config(body_timeout=0)
 
 
 # ---------------------------------------------------------------------------
