@@ -1347,7 +1347,8 @@ class Config:
         "seconds for each of `first_byte_timeout`, `head_timeout` and `body_timeout` left `None`")
     first_byte_timeout: Optional[float] = setting(
         None, _seconds_or_none,
-        "seconds a new connection may take to send its first byte; then it is closed",
+        "seconds a new connection may take to send its first byte (on TLS: to end its "
+        "handshake); then it is closed",
         shown="`None`: `read_timeout`")
     head_timeout: Optional[float] = setting(
         None, _seconds_or_none,
@@ -5502,13 +5503,13 @@ class GatewayServer:
         sockets = create_listeners(self.host, self.port, config.backlog, reuse_port=self.reuse_port)
         try:
             for sock in sockets:
-                # A TLS connection reaches its Connection only after the handshake:
-                # until then asyncio's deadline (60 s) held it outside max_connections,
-                # and from 3.12 on a stop waited for it.
+                # A TLS connection reaches its Connection only after the handshake
+                # (its first bytes): until then asyncio's deadline (60 s) held it
+                # outside max_connections, and from 3.12 on a stop waited for it.
                 self.listeners.append(await loop.create_server(
                     functools.partial(Connection, self), sock=sock, ssl=self.ssl,
                     backlog=config.backlog,
-                    ssl_handshake_timeout=config.read_timeout if self.ssl else None))
+                    ssl_handshake_timeout=config.deadline("first byte") if self.ssl else None))
         except BaseException:
             for sock in sockets:
                 sock.close()

@@ -3214,11 +3214,11 @@ def test_https(certificate):
             assert not plain.recv(100).startswith(b"HTTP/1.1 200")
 
 
-def test_a_silent_client_on_the_tls_port_is_closed_within_read_timeout(certificate):
+def test_a_silent_client_on_the_tls_port_is_closed_within_first_byte_timeout(certificate):
     # asyncio's handshake deadline is 60 s: each such client held a socket
     # outside max_connections, and on Python 3.12+ a stop waited for it.
     cert, key = certificate
-    config = og.Config(ssl=True, certificate=cert, private_key=key, read_timeout=0.2)
+    config = og.Config(ssl=True, certificate=cert, private_key=key, first_byte_timeout=0.2)
     server = og.ThreadedServer(og.Gateway(config), ssl=og._ssl_context(config))
     server.start()
     try:
