@@ -6331,6 +6331,10 @@ def serve_demo(out: Any = None, *, port: int = 0, stop: Optional[threading.Event
                 fakes["sfu-c.local:4433"].start()
 
         seen = 0
+        # SIGTERM (a service manager, `kill`) stops it as cleanly as Ctrl-C does.
+        import signal
+        in_main = threading.current_thread() is threading.main_thread()
+        previous_term = signal.signal(signal.SIGTERM, lambda *_: stop.set()) if in_main else None
         try:
             step = 0
             while not stop.wait(DEMO_STEP):
@@ -6356,6 +6360,8 @@ def serve_demo(out: Any = None, *, port: int = 0, stop: Optional[threading.Event
         except KeyboardInterrupt:
             pass
         finally:
+            if in_main:
+                signal.signal(signal.SIGTERM, previous_term)
             for fake in fakes.values():
                 fake.stop()
     print("\nDemo stopped.", file=out)

@@ -3589,7 +3589,8 @@ def test_demo_command_exits_zero():
     assert finished.returncode == 0 and "Done:" in finished.stdout
 
 
-def test_demo_serve_keeps_a_grid_going_until_ctrl_c():
+@pytest.mark.parametrize("stop_signal", ["SIGINT", "SIGTERM"])  # Ctrl-C, or a service manager
+def test_demo_serve_keeps_a_grid_going_until_ctrl_c(stop_signal):
     process = subprocess.Popen([sys.executable, str(HERE / "odin_gateway.py"), "demo", "--serve"],
                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
@@ -3605,7 +3606,7 @@ def test_demo_serve_keeps_a_grid_going_until_ctrl_c():
         assert any(" server_added " in line for line in lines)
         with urllib.request.urlopen(url, timeout=10) as reply:
             assert b"sfu-a.local:4433" in reply.read()
-        process.send_signal(signal.SIGINT)
+        process.send_signal(getattr(signal, stop_signal))
         assert process.wait(timeout=15) == 0
         assert "Demo stopped." in process.stdout.read()
     finally:
