@@ -93,6 +93,16 @@ disable_timeout = 7.5         # s without a report before a server gets no new r
 remove_timeout = 600          # s without a report before a server is forgotten
 login_token_lifetime = 300    # s a room token (and a room never reported) lives
 
+# -- Several gateways ---------------------------------------------------------
+# A Redis URL (redis://[:password@]host:port/db, rediss:// for TLS, unix://)
+# shares servers, rooms, usage and admin tasks between gateways; needs
+# pip install "odin-gateway[cluster]" (redis-py). None: one process alone.
+# See README, "Running several gateways".
+cluster = None                # e.g. "redis://:secret@redis.internal:6379/0"
+cluster_timeout = 0.25        # s any Redis call may take; then the gateway serves alone
+cluster_heartbeat = 1.0       # s between heartbeats; 3 missed: the member is dropped
+workers = 1                   # processes on this box sharing the port (needs cluster)
+
 # -- Limits -------------------------------------------------------------------
 # What one client may cost the gateway. A request over a limit gets the HTTP
 # status named here and its connection is closed; see README, "Security and

@@ -81,6 +81,7 @@ import pprint
 import random
 import re
 import runpy
+import socket
 import ssl as ssl_module
 import sys
 import threading
@@ -136,6 +137,12 @@ CUSTOMER_UPDATE_TIMEOUT = 30.0
 TOKEN_LEEWAY = 300
 #: Largest integer JavaScript represents exactly; exp and nbf must be within.
 MAX_SAFE_INTEGER = 2**53 - 1
+#: Seconds every Redis call of the cluster link may take (setting
+#: cluster_timeout); beyond it the gateway serves from its replica.
+CLUSTER_TIMEOUT = 0.25
+#: Seconds between a cluster member's heartbeats (setting cluster_heartbeat);
+#: a member silent for three of them is dropped.
+CLUSTER_HEARTBEAT = 1.0
 
 # JSON-RPC 2.0 error codes.
 PARSE_ERROR = -32700
@@ -776,7 +783,7 @@ def check_basic(credentials: str, users: Dict[str, str]) -> Authorization:
 # ---------------------------------------------------------------------------
 
 #: Settings whose values never appear in messages.
-SECRET_SETTINGS = ("master_key", "internal_users")
+SECRET_SETTINGS = ("master_key", "internal_users", "cluster")  # a Redis URL may hold a password
 #: The well-known master key of the original's sample configuration.
 DEFAULT_MASTER_KEY = "VGhpcyBpcyBhIHN1cGVyIHNlY3JldCBtYXN0ZXIga2V5IQ=="
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
@@ -834,6 +841,16 @@ def _check_setting(name: str, value: Any) -> Optional[str]:
             return "expected a positive integer"
     elif name == "customers":
         return _check_customers(value)
+    elif name == "cluster":
+        if value is not None and not (isinstance(value, str)
+                                      and value.startswith(("redis://", "rediss://", "unix://"))):
+            return "expected None or a Redis URL (redis://[:password@]host:port/db, rediss://, unix://)"
+    elif name in ("cluster_timeout", "cluster_heartbeat"):
+        if not (_is_number(value) and value > 0):
+            return "expected a positive number of seconds"
+    elif name == "workers":
+        if not (_is_integer(value) and value >= 1):
+            return "expected a positive integer (gateway processes on this box)"
     elif name == "customer_api":
         if value is not None:
             if not isinstance(value, dict) or not callable(value.get("update_function")):
@@ -914,6 +931,11 @@ class Config:
         "login_token_lifetime": 300,
         "access_log": False,
         "placement": "balanced",
+        # Cluster (see "Running several gateways" in README.md).
+        "cluster": None,
+        "cluster_timeout": CLUSTER_TIMEOUT,
+        "cluster_heartbeat": CLUSTER_HEARTBEAT,
+        "workers": 1,
         # Limits (see "Security and limits" in README.md).
         "max_request_line": MAX_REQUEST_LINE,
         "max_head_bytes": MAX_HEAD_BYTES,
@@ -942,6 +964,10 @@ class Config:
                 shown = "<hidden>" if name in SECRET_SETTINGS else printable(repr(value), 80)
                 raise ConfigError("%s: %s = %s: %s" % (source, name, shown, problem))
             setattr(self, name, value)
+        if self.workers > 1 and self.cluster is None:
+            raise ConfigError("%s: workers = %d needs cluster: worker processes share servers, "
+                              "rooms and tasks through Redis (set cluster to a Redis URL)"
+                              % (source, self.workers))
         self.log_level = self.log_level.upper()
         self.master_key_bytes = b64_decode(self.master_key)
 
@@ -1276,6 +1302,9 @@ class Grid:
         self.reported: Dict[str, List[int]] = {}
         self.pending: Dict[str, List[int]] = {}
         self._by_kid: Dict[str, Server] = {}
+        # Cluster hook: called with (hostname, customer, new_room) for every
+        # peer Connect places, so the cluster link can share future usage.
+        self.on_placed: Optional[Callable[[str, str, int], None]] = None
 
     @property
     def config(self) -> Config:
@@ -1291,8 +1320,14 @@ class Grid:
 
     # -- reports ------------------------------------------------------------
 
-    def report(self, hostname: str, version: str, report: dict, now: float) -> Server:
-        """Store a server's report: find or create it, integrate its rooms, re-enable it."""
+    def report(self, hostname: str, version: str, report: dict, now: float, *,
+               replica: bool = False) -> Server:
+        """Store a server's report: find or create it, integrate its rooms, re-enable it.
+
+        replica: the report was taken by another gateway of the cluster; it is
+        applied alike, but a collision queues no RoomClose here (the gateway
+        that took the report answered it).
+        """
         server = self.servers.get(hostname)
         if server is None:
             server = Server(hostname, derive_server_key(self.config.master_key_bytes, hostname), now)
@@ -1304,7 +1339,7 @@ class Grid:
         elif server.disabled:
             log.info("server %s re-enabled: it reported again", printable(hostname),
                      extra=fields("server_enabled", hostname=hostname))
-        counted = self._integrate_rooms(server, report["rooms"], now)
+        counted = self._integrate_rooms(server, report["rooms"], now, replica)
         self._account(server, -1)
         server.usage = {}
         for room in counted:
@@ -1344,7 +1379,8 @@ class Grid:
         """(peers, rooms) per customer, as usage_of() counts them."""
         return {customer: self.usage_of(customer) for customer in set(self.reported) | set(self.pending)}
 
-    def _integrate_rooms(self, server: Server, reported_rooms: List[dict], now: float) -> List[dict]:
+    def _integrate_rooms(self, server: Server, reported_rooms: List[dict], now: float,
+                         replica: bool = False) -> List[dict]:
         """Map the reported rooms; the rooms that could be identified, each entry
         counted (rooms sharing a base name each have their peers; a name over
         255 bytes cannot be identified: it is left out, with a warning)."""
@@ -1374,7 +1410,7 @@ class Grid:
             known = self.rooms.get(digest)
             if known is None or known.server not in self.servers:
                 self.rooms[digest] = Room(tuple(room["id"]), room["customer"], hostname, now)
-            elif digest not in server.closing:  # at most one RoomClose queued per room
+            elif digest not in server.closing and not replica:  # at most one RoomClose per room
                 self._collision(server, known, room, digest)
         for digest in server.room_hashes.difference(reported):
             known = self.rooms.get(digest)
@@ -1435,7 +1471,45 @@ class Grid:
             counts[0] += 1
             counts[1] += new_room
         server.pending_peers += 1
+        if self.on_placed is not None:
+            self.on_placed(server.hostname, customer, new_room)
         return server
+
+    # -- cluster replica (see ClusterLink) -------------------------------------
+
+    def mapped(self, digest: str) -> bool:
+        """The room is mapped to a known, enabled server (Connect needs no new pick)."""
+        room = self.rooms.get(digest)
+        server = self.servers.get(room.server) if room is not None else None
+        return server is not None and not server.disabled
+
+    def adopt_room(self, digest: str, record: dict, now: float, *, force: bool = False) -> None:
+        """Map a room as another gateway (or Redis) says; force: even over a live local mapping."""
+        if force or not self.mapped(digest):
+            self.rooms[digest] = Room(tuple(record["id"]), record["customer"], record["server"],
+                                      min(now, record["updated"]))
+
+    def set_pending(self, hostname: str, usage: Dict[str, List[int]]) -> None:
+        """A server's usage placed since its last report, as the cluster counted it."""
+        server = self.servers.get(hostname)
+        if server is None:
+            return
+        self._account(server, -1)
+        server.pending = usage
+        server.pending_peers = sum(peers for peers, _rooms in usage.values())
+        self._account(server, +1)
+
+    def add_pending(self, hostname: str, customer: str, peers: int, rooms: int) -> None:
+        """Usage another gateway placed on a server since its last report."""
+        server = self.servers.get(hostname)
+        if server is None:
+            return
+        self._account(server, -1)
+        counts = server.pending.setdefault(customer, [0, 0])
+        counts[0] += peers
+        counts[1] += rooms
+        server.pending_peers += peers
+        self._account(server, +1)
 
     def _pick(self, pinned: Optional[str]) -> Server:
         """A server for a new room, among those taking rooms (enabled, not draining;
@@ -1654,10 +1728,11 @@ def remote_hostname(address: str) -> str:
 class Response:
     """An HTTP response as plain data: status, extra headers, body and its type."""
 
-    __slots__ = ("status", "headers", "body", "content_type")
+    __slots__ = ("status", "headers", "body", "content_type", "pending")
 
     def __init__(self, status: int, body: bytes = b"", headers: Optional[List[Tuple[str, str]]] = None,
                  content_type: str = "application/json"):
+        self.pending: Optional[PendingAnswers] = None  # cluster steps to do before it is sent
         self.status = status
         self.body = body
         self.headers = headers or []
@@ -1677,6 +1752,34 @@ def _is_request_id(value: Any) -> bool:
     if isinstance(value, bool):
         return False
     return isinstance(value, int) or (isinstance(value, float) and value.is_integer())
+
+
+class ClusterStep:
+    """A method's need for one Redis round trip (cluster mode only), as plain data.
+
+    A handler that must not answer before Redis has seen something (a new
+    room's claim, an admin task, a report and its tasks) returns a step
+    instead of its result: ``operation`` and ``args`` say what the cluster
+    link must do, and ``finish(outcome)`` (synchronous; outcome None when
+    Redis could not be reached in time) gives the result or raises RpcError.
+    """
+
+    __slots__ = ("operation", "args", "finish")
+
+    def __init__(self, operation: str, args: tuple, finish: Callable[[Any], Any]):
+        self.operation = operation
+        self.args = args
+        self.finish = finish
+
+
+class PendingAnswers:
+    """JSON-RPC answers of which some are ClusterSteps still to be completed."""
+
+    __slots__ = ("answers", "batch")
+
+    def __init__(self, answers: List[dict], batch: bool):
+        self.answers = answers  # response objects; "notification": True ones are not sent
+        self.batch = batch
 
 
 class Gateway:
@@ -1700,6 +1803,9 @@ class Gateway:
         self.stats: Dict[str, List[int]] = {}  # method -> [success, failure, rejected]
         self.stopping = False  # set while shutting down: connections are not kept alive
         self.metrics = Metrics()
+        # The cluster link (cluster mode, while serving): the handlers ask it
+        # whether Redis is up, and hand it ClusterSteps through the HTTP layer.
+        self.cluster: Optional[ClusterLink] = None
         self._dynamic_keys: Dict[str, CustomerKey] = {}
         self._static_keys = load_customer_keys(self.config.customers)
         self._rebuild_authorizer()
@@ -1824,6 +1930,21 @@ class Gateway:
             raise refused(str(err)) from err
 
         now = self.clock()
+        link = self.cluster
+        if link is not None and link.up and not self.grid.mapped(digest):
+            # A new room: claim it in Redis first, so that every gateway sends it to one server.
+            record = {"id": [namespace, room_name], "customer": licensee.customer_id,
+                      "server": self.grid._pick(pinned).hostname, "updated": now}
+            return ClusterStep("claim", (digest, record), lambda _claimed: self._connect_to(
+                auth, digest, namespace, room_name, pinned))
+        return self._connect_to(auth, digest, namespace, room_name, pinned)
+
+    def _connect_to(self, auth: Authorization, digest: str, namespace: str, room_name: str,
+                    pinned: Optional[str]) -> dict:
+        """Connect's answer: the room's server (mapped, or picked now) and a room token for it."""
+        claims, licensee = auth.claims, auth.licensee
+        rid = claims["rid"]
+        now = self.clock()
         server = self.grid.assign(digest, (namespace, room_name), licensee.customer_id, pinned, now)
         nbf = int(now)
         token = encode_jwt({
@@ -1860,7 +1981,24 @@ class Gateway:
         task = {"task": fields.pop("task"), "id": [namespace, room_id]}
         for name, value in fields.items():
             task[name] = _task_duration(value) if name == "ban_time" else value
+        if self.cluster is not None and self.cluster.up:
+            # Answered {} only once the task is in Redis: any gateway can deliver it.
+            return ClusterStep("task", (server.hostname, task), functools.partial(
+                self._task_stored, server.hostname, task))
         self.grid.queue_task(server, task)
+        return {}
+
+    def _task_stored(self, hostname: str, task: dict, outcome: Optional[str]) -> dict:
+        """The answer to an admin call once Redis stored its task (outcome "queued"), found
+        the queue full ("full"), or could not be reached (None: held here, sent later)."""
+        if outcome == "full":
+            raise refused("task queue of server %s is full (%d tasks); try again after its "
+                          "next report" % (hostname, self.config.max_queued_tasks))
+        if outcome is None:
+            server = self.grid.servers.get(hostname)
+            if server is None:
+                raise refused("no server for room found")
+            self.grid.queue_task(server, task)
         return {}
 
     # -- internal methods (/internal) ---------------------------------------
@@ -1909,7 +2047,16 @@ class Gateway:
              "peers": room["peers"]} for room in rooms]}
         if draining:
             report["draining"] = True
-        server = self.grid.report(endpoint or remote_hostname(call.remote), version, report, self.clock())
+        hostname = endpoint or remote_hostname(call.remote)
+        before = self.grid.servers.get(hostname)
+        gone = set(before.room_hashes) if before is not None else set()
+        server = self.grid.report(hostname, version, report, self.clock())
+        if self.cluster is not None:
+            # Shared with every gateway; the tasks queued in Redis come back with it.
+            gone.difference_update(server.room_hashes)
+            step = self.cluster.report_step(server, gone, not call.notification)
+            if step is not None:
+                return step
         if call.notification:
             # A notification gets no answer, so the tasks stay queued for the next report.
             return {"tasks": []}
@@ -1924,6 +2071,8 @@ class Gateway:
         server = self.grid.servers.get(hostname)
         if server is None:
             raise refused("no server %s: Info lists the servers" % printable(hostname))
+        if self.cluster is not None:
+            self.cluster.drained(hostname, draining)
         if server.draining != draining:
             server.draining = draining
             log.info("server %s %s by an operator", printable(hostname),
@@ -1947,7 +2096,11 @@ class Gateway:
         } for digest, room in self.grid.rooms.items()]
         calls = [{"name": name, "success": counts[0], "failure": counts[1], "rejected": counts[2]}
                  for name, counts in self.stats.items()]
-        return {"servers": servers, "rooms": rooms, "stats": {"apiCalls": calls}}
+        info = {"servers": servers, "rooms": rooms, "stats": {"apiCalls": calls}}
+        if self.cluster is not None:
+            info["cluster"] = {"member": self.cluster.member, "members": list(self.cluster.members),
+                               "redis": "up" if self.cluster.up else "down"}
+        return info
 
     # -- maintenance --------------------------------------------------------
 
@@ -1981,9 +2134,39 @@ class Gateway:
                 return 200, _error_body(INVALID_REQUEST, "Invalid Request: a batch may hold at most "
                                         "%d requests" % self.config.max_batch)
             answers = [a for a in (self._call(methods, r, auth, remote) for r in request) if a]
+            if self.cluster is not None and _has_steps(answers):
+                return 200, PendingAnswers(answers, batch=True)  # type: ignore[return-value]
             return (200, dump_json(answers)) if answers else (204, None)
         answer = self._call(methods, request, auth, remote)
+        if answer is not None and isinstance(answer.get("result"), ClusterStep):
+            return 200, PendingAnswers([answer], batch=False)  # type: ignore[return-value]
         return (200, dump_json(answer)) if answer else (204, None)
+
+    def finish_steps(self, pending: PendingAnswers, outcomes: List[Any]) -> Response:
+        """The response once the cluster link has done the steps (outcomes in order)."""
+        outcomes_left = iter(outcomes)
+        sent = []
+        for answer in pending.answers:
+            step = answer.get("result")
+            if isinstance(step, ClusterStep):
+                method = answer.pop("method")
+                try:
+                    answer["result"] = step.finish(next(outcomes_left))
+                    self._count(method, 0)
+                except RpcError as err:
+                    self._count(method, 2)
+                    answer.pop("result")
+                    answer["error"] = err.to_json()
+                except Exception:
+                    self._count(method, 1)
+                    log.error("internal error in %s:\n%s", method, traceback.format_exc())
+                    answer.pop("result")
+                    answer["error"] = RpcError(INTERNAL_ERROR, "Internal error").to_json()
+            if not answer.pop("notification", False):
+                sent.append(answer)
+        if not sent:
+            return Response(204)
+        return Response(200, dump_json(sent if pending.batch else sent[0]))
 
     def _call(self, methods: Tuple[str, ...], request: Any, auth: Optional[Authorization],
               remote: str) -> Optional[dict]:
@@ -2015,6 +2198,9 @@ class Gateway:
             if notification:
                 return None
             return {"jsonrpc": "2.0", "error": err.to_json(), "id": request_id}
+        if isinstance(result, ClusterStep):  # finished (and counted) by finish_steps
+            return {"jsonrpc": "2.0", "result": result, "id": request_id, "method": method,
+                    "notification": notification}
         if notification:
             return None
         return {"jsonrpc": "2.0", "result": result, "id": request_id}
@@ -2031,6 +2217,8 @@ class Gateway:
             self._count(method, 1)
             log.error("internal error in %s:\n%s", method, traceback.format_exc())
             raise RpcError(INTERNAL_ERROR, "Internal error") from None
+        if isinstance(result, ClusterStep):
+            return result  # counted when finished
         self._count(method, 0)
         if method == "Connect":
             self.metrics.observe_connect(time.perf_counter() - started)
@@ -2090,6 +2278,11 @@ class Gateway:
             if not methods:
                 return Response(403, _error_body(PARSE_ERROR, "access denied by token restrictions"))
         status, response_body = self.dispatch(methods, body, auth, remote)
+        if isinstance(response_body, PendingAnswers):
+            # Cluster mode: the HTTP layer has the link do the steps, then finish_steps().
+            response = Response(status)
+            response.pending = response_body
+            return response
         return Response(status, response_body or b"")
 
     def _basic_auth(self, header: str) -> Authorization:
@@ -2110,6 +2303,8 @@ class Gateway:
             enabled = sum(1 for server in self.grid.servers.values() if server.takes_rooms)
             if self.stopping:
                 return Response(503, dump_json({"status": "stopping"}))
+            if self.cluster is not None and not self.cluster.loaded:
+                return Response(503, dump_json({"status": "loading the cluster state from Redis"}))
             if not enabled:
                 return Response(503, dump_json({"status": "no enabled server"}))
             return Response(200, dump_json({"status": "ready", "servers": enabled}))
@@ -2121,6 +2316,10 @@ class Gateway:
                                 [("WWW-Authenticate", 'Basic realm="odin-gateway"')])
         return Response(200, render_metrics(self).encode("utf-8"),
                         content_type="text/plain; version=0.0.4; charset=utf-8")
+
+
+def _has_steps(answers: List[dict]) -> bool:
+    return any(isinstance(answer.get("result"), ClusterStep) for answer in answers)
 
 
 def _subject_filter(subjects: Any, methods: Tuple[str, ...]) -> Tuple[str, ...]:
@@ -2261,6 +2460,10 @@ def render_metrics(gateway: Gateway) -> str:
            [({}, sum(len(s.tasks) for s in grid.servers.values()))])
     family("odin_gateway_customer_keys", "gauge", "Customer access keys loaded.",
            [({}, len(gateway.authorizer.customer_keys))])
+    if gateway.cluster is not None:
+        family("odin_gateway_cluster_up", "gauge",
+               "1 while Redis answers and the shared state is loaded, else 0 (serving alone).",
+               [({}, 1 if gateway.cluster.up else 0)])
     return "\n".join(lines) + "\n"
 
 
@@ -2687,6 +2890,8 @@ async def serve_connection(gateway: Gateway, reader: asyncio.StreamReader,
             try:
                 response = gateway.handle_http(request.method, request.target, request.headers,
                                                body, remote)
+                if response.pending is not None:  # cluster mode: Redis round trips first
+                    response = await gateway.cluster.complete(response.pending)  # type: ignore[union-attr]
             except Exception:  # a bug: answer, log once, keep the process serving
                 log.error("internal error serving %s %s:\n%s", printable(request.method),
                           printable(request.target), traceback.format_exc())
@@ -2721,6 +2926,489 @@ async def serve_connection(gateway: Gateway, reader: asyncio.StreamReader,
         connections.all.discard(writer)
         connections.idle.discard(writer)
         release(writer, connections, gateway.config.read_timeout)
+
+
+# ---------------------------------------------------------------------------
+# Cluster: sharing the grid through Redis
+# ---------------------------------------------------------------------------
+#
+# With the setting cluster (a Redis URL), each gateway's grid stays its own
+# local replica, and the ClusterLink below shares through Redis what must be
+# shared. Requests never wait for Redis except for what must be in Redis
+# before the answer (a new room's claim, an admin task, a report's tasks),
+# each under the deadline cluster_timeout; a Connect to a mapped room makes
+# no round trip. The Redis data model (all keys under "odin:"):
+#
+#   odin:servers          hash    hostname -> JSON server record {hostname, version,
+#                                 report (with its rooms), first_seen, last_seen};
+#                                 written by the gateway that takes the report. A
+#                                 record silent for remove_timeout is deleted by
+#                                 the next gateway that loads the state.
+#   odin:seen             hash    hostname -> last_seen (what the claim script reads).
+#   odin:room:<hash>      string  JSON claim {id, customer, server, updated}; set once
+#                                 (atomically, by the claim script) by the gateway
+#                                 that places a new room, refreshed by the gateway
+#                                 taking its server's report, deleted when the room
+#                                 leaves the report; EX login_token_lifetime.
+#   odin:placed:<host>    hash    "p:<customer>"/"r:<customer>" -> peers/rooms Connect
+#                                 sent to the server since its report (future usage);
+#                                 HINCRBY by every gateway, deleted by the report.
+#   odin:tasks:<host>     list    JSON admin tasks; RPUSH (bounded by max_queued_tasks)
+#                                 by the gateway that accepted the call, before it
+#                                 answers; taken whole, atomically, by the gateway that
+#                                 takes the server's next report; EX remove_timeout.
+#   odin:drained          hash    hostname -> "1": servers drained by an operator.
+#   odin:members          zset    member id -> Redis time of its last heartbeat;
+#                                 every heartbeat drops members silent for 3 heartbeats.
+#   odin:events           pub/sub JSON {"from": member, "type": "report" | "claim" |
+#                                 "placed" | "drain", ...}: what the others apply to
+#                                 their replicas as it happens.
+#
+# When Redis cannot be reached, each gateway serves from its replica (mapped
+# rooms as mapped, new rooms placed locally, admin tasks and reports held),
+# says so once in the log, in Info and in odin_gateway_cluster_up; when
+# Redis answers again it flushes what it held, then reloads the whole state.
+
+CLUSTER_PREFIX = "odin:"
+#: Rooms loaded per round trip when the state is loaded.
+CLUSTER_LOAD_BATCH = 1000
+
+# Claim a new room unless a live server owns it already: one atomic step.
+# KEYS: odin:room:<hash>, odin:seen, odin:events; ARGV: the claim, the oldest
+# last_seen of a live server, its TTL, the event to publish if it is taken.
+_CLAIM_SCRIPT = """
+local current = redis.call('GET', KEYS[1])
+if current then
+  local seen = redis.call('HGET', KEYS[2], cjson.decode(current)['server'])
+  if seen and tonumber(seen) >= tonumber(ARGV[2]) then return current end
+end
+redis.call('SET', KEYS[1], ARGV[1], 'EX', ARGV[3])
+redis.call('PUBLISH', KEYS[3], ARGV[4])
+return ARGV[1]
+"""
+# Queue an admin task unless the server's queue is full. KEYS: odin:tasks:<host>;
+# ARGV: the task, the bound, the TTL. 1: queued, 0: full.
+_TASK_SCRIPT = """
+if redis.call('LLEN', KEYS[1]) >= tonumber(ARGV[2]) then return 0 end
+redis.call('RPUSH', KEYS[1], ARGV[1])
+redis.call('EXPIRE', KEYS[1], ARGV[3])
+return 1
+"""
+# A heartbeat: this member is alive (Redis time), silent ones are dropped;
+# the members. KEYS: odin:members; ARGV: member id, seconds of silence allowed.
+_HEARTBEAT_SCRIPT = """
+local now = redis.call('TIME')
+local t = tonumber(now[1]) + tonumber(now[2]) / 1000000
+redis.call('ZADD', KEYS[1], t, ARGV[1])
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', t - tonumber(ARGV[2]))
+return redis.call('ZRANGE', KEYS[1], 0, -1)
+"""
+
+
+def import_redis() -> Any:
+    """redis-py's asyncio client, imported only in cluster mode; ConfigError if missing."""
+    try:
+        import redis.asyncio as redis_asyncio
+    except ImportError as err:
+        raise ConfigError('cluster needs redis-py; install it with: pip install "redis>=4.2" '
+                          '(or pip install "odin-gateway[cluster]")') from err
+    return redis_asyncio
+
+
+def _aclose(client: Any) -> Any:
+    """close() of a redis-py client or pubsub (aclose() from redis-py 5.0.1 on)."""
+    return client.aclose() if hasattr(client, "aclose") else client.close()
+
+
+def _claim_record(room: Room) -> dict:
+    return {"id": list(room.id), "customer": room.customer, "server": room.server,
+            "updated": room.updated}
+
+
+class _Unreachable(Exception):
+    """Redis did not answer within cluster_timeout (or refused the connection)."""
+
+
+class ClusterLink:
+    """A gateway's link to the cluster: its replica in, its changes out, through Redis.
+
+    up: Redis answers and the shared state is loaded, so the handlers hand
+    it ClusterSteps; loaded: the state was loaded once (then /ready may say
+    ready). Every call has the deadline cluster_timeout; a failure makes the
+    link down until the heartbeat reaches Redis again and resyncs.
+    """
+
+    def __init__(self, gateway: Gateway, redis_asyncio: Any = None):
+        self.gateway = gateway
+        redis_asyncio = redis_asyncio or import_redis()
+        import redis.exceptions as redis_errors
+
+        config = gateway.config
+        self.member = "%s-%d-%s" % (socket.gethostname(), os.getpid(), os.urandom(3).hex())
+        self.redis = redis_asyncio.Redis.from_url(
+            config.cluster, socket_timeout=config.cluster_timeout,
+            socket_connect_timeout=config.cluster_timeout, retry_on_timeout=False)
+        # Events wait on their connection as long as it takes: no read timeout
+        # (the heartbeat notices a Redis that stopped answering).
+        self._events_redis = redis_asyncio.Redis.from_url(
+            config.cluster, socket_connect_timeout=config.cluster_timeout)
+        self._errors = (redis_errors.RedisError, OSError, asyncio.TimeoutError)
+        self._claim = self.redis.register_script(_CLAIM_SCRIPT)
+        self._queue = self.redis.register_script(_TASK_SCRIPT)
+        self._heartbeat = self.redis.register_script(_HEARTBEAT_SCRIPT)
+        self.up = False
+        self.loaded = False
+        self.members: List[str] = []
+        self.changed = asyncio.Event()  # set whenever up, loaded or members change (tests await it)
+        self._placed: List[Tuple[str, str, int]] = []  # (hostname, customer, new room) to share
+        self._drains: List[Tuple[str, bool]] = []  # (hostname, draining) to share
+        self._wake = asyncio.Event()
+        self._pubsub: Any = None
+        self._reader: Optional[asyncio.Task] = None
+        self._loops: List[asyncio.Task] = []
+        self._stopping = False
+        gateway.grid.on_placed = self._on_placed
+
+    def key(self, *parts: str) -> str:
+        return CLUSTER_PREFIX + ":".join(parts)
+
+    # -- lifecycle ----------------------------------------------------------
+
+    async def start(self) -> None:
+        self._loops = [asyncio.ensure_future(self._heartbeat_loop()),
+                       asyncio.ensure_future(self._publisher_loop())]
+
+    async def stop(self) -> None:
+        # redis-py may turn a cancellation into a connection error, which the
+        # loops survive; the flag ends them for good.
+        self._stopping = True
+        self._wake.set()
+        tasks = self._loops + ([self._reader] if self._reader else [])
+        for task in tasks:
+            task.cancel()
+        await asyncio.wait(tasks, timeout=2 * self.gateway.config.cluster_timeout)
+        if self.up:
+            with contextlib.suppress(_Unreachable):
+                await self._call(self.redis.zrem(self.key("members"), self.member))
+        await self._close_pubsub()
+        for client in (self.redis, self._events_redis):
+            with contextlib.suppress(*self._errors):
+                await asyncio.wait_for(_aclose(client), self.gateway.config.cluster_timeout)
+        self.gateway.grid.on_placed = None
+
+    async def _call(self, awaitable: Any) -> Any:
+        """Await one Redis call under the deadline; _Unreachable (and the link down) if it fails."""
+        try:
+            return await asyncio.wait_for(awaitable, self.gateway.config.cluster_timeout)
+        except self._errors as err:
+            self._down(err)
+            raise _Unreachable(str(err)) from err
+
+    def _down(self, err: BaseException) -> None:
+        if self.up:
+            self.up = False
+            log.error("cluster: Redis unreachable (%s: %s); serving from this gateway's replica "
+                      "until it answers again", type(err).__name__, printable(err),
+                      extra=fields("cluster_down", reason="%s: %s" % (type(err).__name__, err)))
+            self.changed.set()
+            if self._reader is not None:
+                self._reader.cancel()
+                self._reader = None
+
+    # -- the heartbeat: membership, and Redis coming back ---------------------
+
+    async def _heartbeat_loop(self) -> None:
+        config = self.gateway.config
+        while not self._stopping:
+            try:
+                members = await self._call(self._heartbeat(
+                    keys=[self.key("members")],
+                    args=[self.member, 3 * config.cluster_heartbeat]))
+                members = sorted(m.decode() if isinstance(m, bytes) else m for m in members)
+                if members != self.members:
+                    self.members = members
+                    self.changed.set()
+                if not self.up:
+                    await self._resync()
+            except _Unreachable:
+                pass
+            except Exception:  # keep beating: a bug here must not cut the gateway off
+                log.error("cluster heartbeat failed:\n%s", traceback.format_exc())
+            await asyncio.sleep(config.cluster_heartbeat)
+
+    async def _resync(self) -> None:
+        """Subscribe, flush what was held while Redis was down, load the shared state."""
+        await self._close_pubsub()
+        self._pubsub = self._events_redis.pubsub(ignore_subscribe_messages=True)
+        await self._call(self._pubsub.subscribe(self.key("events")))
+        await self._flush_held()
+        await self._load()
+        self._reader = asyncio.ensure_future(self._read_events(self._pubsub))
+        first = not self.loaded
+        self.up = self.loaded = True
+        self.changed.set()
+        grid = self.gateway.grid
+        log.info("cluster: %s with Redis: %d servers, %d rooms, %d members",
+                 "joined" if first else "resynced", len(grid.servers), len(grid.rooms),
+                 len(self.members), extra=fields(
+                     "cluster_up", servers=len(grid.servers), rooms=len(grid.rooms),
+                     members=len(self.members)))
+
+    async def _close_pubsub(self) -> None:
+        pubsub, self._pubsub = self._pubsub, None
+        if pubsub is not None:
+            with contextlib.suppress(*self._errors):
+                await asyncio.wait_for(_aclose(pubsub), self.gateway.config.cluster_timeout)
+
+    async def _flush_held(self) -> None:
+        """Send to Redis what this replica knows and Redis does not (Redis restarted
+        empty, or this gateway served alone meanwhile): newer server records, room
+        claims nobody else made, and the admin tasks held here."""
+        grid, config = self.gateway.grid, self.gateway.config
+        stored = await self._call(self.redis.hgetall(self.key("servers")))
+        pipe = self.redis.pipeline(transaction=False)
+        for hostname, server in grid.servers.items():
+            raw = stored.get(hostname.encode())
+            if raw is None or load_json(raw)["last_seen"] < server.last_seen:
+                record = self._server_record(server)
+                pipe.hset(self.key("servers"), hostname, _compact_json(record))
+                pipe.hset(self.key("seen"), hostname, repr(server.last_seen))
+                pipe.publish(self.key("events"), self._event("report", record=record))
+        ttl = int(config.login_token_lifetime)
+        for digest, room in grid.rooms.items():
+            if room.server in grid.servers:
+                pipe.set(self.key("room", digest), _compact_json(_claim_record(room)), nx=True, ex=ttl)
+        await self._call(pipe.execute())
+        for server in list(grid.servers.values()):
+            while server.tasks:
+                outcome = await self._call(self._queue(
+                    keys=[self.key("tasks", server.hostname)],
+                    args=[_compact_json(server.tasks[0]), config.max_queued_tasks,
+                          int(config.remove_timeout)]))
+                if not outcome:
+                    log.warning("cluster: task queue of %s is full in Redis; %d held tasks stay "
+                                "here", printable(server.hostname), len(server.tasks))
+                    break
+                server.tasks.pop(0)
+
+    async def _load(self) -> None:
+        """Apply the shared state to the replica: servers, drains, future usage, rooms."""
+        gateway, grid, config = self.gateway, self.gateway.grid, self.gateway.config
+        now = gateway.clock()
+        records = await self._call(self.redis.hgetall(self.key("servers")))
+        drained = await self._call(self.redis.hgetall(self.key("drained")))
+        for raw in records.values():
+            record = load_json(raw)
+            hostname = record["hostname"]
+            if now - record["last_seen"] >= config.remove_timeout:
+                await self._call(self.redis.hdel(self.key("servers"), hostname))
+                continue
+            self._apply_report(record)
+        for hostname, flag in drained.items():
+            server = grid.servers.get(hostname.decode())
+            if server is not None:
+                server.draining = flag == b"1"
+        for hostname in list(grid.servers):
+            placed = await self._call(self.redis.hgetall(self.key("placed", hostname)))
+            usage: Dict[str, List[int]] = {}
+            for field, count in placed.items():
+                kind, customer = field.decode().split(":", 1)
+                usage.setdefault(customer, [0, 0])[0 if kind == "p" else 1] = int(count)
+            grid.set_pending(hostname, usage)
+        cursor = 0
+        while True:
+            cursor, keys = await self._call(self.redis.scan(
+                cursor, match=self.key("room", "*"), count=CLUSTER_LOAD_BATCH))
+            if keys:
+                values = await self._call(self.redis.mget(keys))
+                for key, raw in zip(keys, values):
+                    if raw is not None:
+                        grid.adopt_room(key.decode()[len(self.key("room", "")):], load_json(raw), now)
+            if not cursor:
+                break
+
+    def _apply_report(self, record: dict) -> None:
+        """A server record taken by another gateway (or loaded), applied to the replica."""
+        grid = self.gateway.grid
+        known = grid.servers.get(record["hostname"])
+        if known is not None and known.last_seen > record["last_seen"]:
+            return  # this replica has a newer report already
+        server = grid.report(record["hostname"], record["version"], record["report"],
+                             record["last_seen"], replica=True)
+        if known is None:
+            server.first_seen = record["first_seen"]
+
+    # -- events from the other gateways ---------------------------------------
+
+    async def _read_events(self, pubsub: Any) -> None:
+        try:
+            async for message in pubsub.listen():
+                if message.get("type") != "message":
+                    continue
+                try:
+                    self._apply_event(load_json(message["data"]))
+                except Exception:  # one bad event must not stop the others
+                    log.error("cluster: cannot apply an event:\n%s", traceback.format_exc())
+        except self._errors as err:
+            self._down(err)
+
+    def _apply_event(self, event: dict) -> None:
+        if event.get("from") == self.member:
+            return
+        grid, kind = self.gateway.grid, event.get("type")
+        if kind == "report":
+            self._apply_report(event["record"])
+        elif kind == "claim":
+            grid.adopt_room(event["hash"], event["room"], self.gateway.clock())
+        elif kind == "placed":
+            for hostname, customer, peers, rooms in event["items"]:
+                grid.add_pending(hostname, customer, peers, rooms)
+        elif kind == "drain":
+            server = grid.servers.get(event["hostname"])
+            if server is not None:
+                server.draining = event["draining"]
+
+    def _event(self, kind: str, **values: Any) -> str:
+        return _compact_json(dict({"from": self.member, "type": kind}, **values))
+
+    # -- future usage: placements since the last report, shared in batches ----
+
+    def _on_placed(self, hostname: str, customer: str, new_room: int) -> None:
+        if self.up:
+            self._placed.append((hostname, customer, new_room))
+            self._wake.set()
+
+    async def _publisher_loop(self) -> None:
+        ttl = int(self.gateway.config.login_token_lifetime)
+        while not self._stopping:
+            await self._wake.wait()
+            self._wake.clear()
+            if self._stopping:
+                break
+            placed, self._placed = self._placed, []
+            drains, self._drains = self._drains, []
+            totals: Dict[Tuple[str, str], List[int]] = {}
+            for hostname, customer, new_room in placed:
+                counts = totals.setdefault((hostname, customer), [0, 0])
+                counts[0] += 1
+                counts[1] += new_room
+            pipe = self.redis.pipeline(transaction=False)
+            for (hostname, customer), (peers, rooms) in totals.items():
+                key = self.key("placed", hostname)
+                pipe.hincrby(key, "p:" + customer, peers)
+                if rooms:
+                    pipe.hincrby(key, "r:" + customer, rooms)
+                pipe.expire(key, ttl)
+            if totals:
+                pipe.publish(self.key("events"), self._event("placed", items=[
+                    [hostname, customer, peers, rooms]
+                    for (hostname, customer), (peers, rooms) in totals.items()]))
+            for hostname, draining in drains:
+                if draining:
+                    pipe.hset(self.key("drained"), hostname, "1")
+                else:
+                    pipe.hdel(self.key("drained"), hostname)
+                pipe.publish(self.key("events"), self._event(
+                    "drain", hostname=hostname, draining=draining))
+            with contextlib.suppress(_Unreachable):  # estimates only: the next report corrects them
+                await self._call(pipe.execute())
+
+    # -- steps: what must be in Redis before an answer ------------------------
+
+    def report_step(self, server: Server, gone: set, answered: bool) -> Optional[ClusterStep]:
+        """The step that shares a report just applied here (and takes its server's tasks
+        from Redis when the report gets an answer); None while Redis is down (held)."""
+        if not self.up:
+            return None  # held: written when Redis is back (_flush_held)
+        grid = self.gateway.grid
+
+        def finish(tasks: Optional[List[dict]]) -> dict:
+            if not answered:
+                return {"tasks": []}
+            return {"tasks": grid.take_tasks(server) + (tasks or [])}
+
+        return ClusterStep("report", (server, gone, answered), finish)
+
+    @staticmethod
+    def _server_record(server: Server) -> dict:
+        return {"hostname": server.hostname, "version": server.version, "report": server.report,
+                "first_seen": server.first_seen, "last_seen": server.last_seen}
+
+    def _store_report(self, server: Server, gone: set, take_tasks: bool) -> Any:
+        """A transaction that stores a server's report, refreshes its rooms' claims,
+        clears its future usage and (take_tasks) takes its queued tasks."""
+        grid, config = self.gateway.grid, self.gateway.config
+        hostname = server.hostname
+        record = self._server_record(server)
+        pipe = self.redis.pipeline(transaction=True)
+        pipe.hset(self.key("servers"), hostname, _compact_json(record))
+        pipe.hset(self.key("seen"), hostname, repr(server.last_seen))
+        pipe.delete(self.key("placed", hostname))
+        ttl = int(config.login_token_lifetime)
+        for digest in server.room_hashes:
+            room = grid.rooms.get(digest)
+            if room is not None and room.server == hostname:
+                pipe.set(self.key("room", digest), _compact_json(_claim_record(room)), ex=ttl)
+        for digest in gone:
+            pipe.delete(self.key("room", digest))
+        pipe.publish(self.key("events"), self._event("report", record=record))
+        if take_tasks:
+            pipe.lrange(self.key("tasks", hostname), 0, -1)
+            pipe.delete(self.key("tasks", hostname))
+        return pipe
+
+    async def complete(self, pending: PendingAnswers) -> Response:
+        """Do the answers' steps (together, each under the deadline) and finish them."""
+        steps = [answer["result"] for answer in pending.answers
+                 if isinstance(answer.get("result"), ClusterStep)]
+        outcomes = await asyncio.gather(*(self._perform(step) for step in steps))
+        return self.gateway.finish_steps(pending, list(outcomes))
+
+    async def _perform(self, step: ClusterStep) -> Any:
+        """A step's outcome; None if Redis could not be reached in time (then held here)."""
+        try:
+            return await getattr(self, "_perform_" + step.operation)(*step.args)
+        except _Unreachable:
+            return None
+
+    async def _perform_claim(self, digest: str, record: dict) -> Optional[dict]:
+        gateway, config = self.gateway, self.gateway.config
+        if not self.up:
+            raise _Unreachable("down")
+        now = gateway.clock()
+        raw = await self._call(self._claim(  # if it fails: placed here, claimed when Redis is back
+            keys=[self.key("room", digest), self.key("seen"), self.key("events")],
+            args=[_compact_json(record), repr(now - config.disable_timeout),
+                  int(config.login_token_lifetime), self._event("claim", hash=digest, room=record)]))
+        claimed = load_json(raw)
+        grid = gateway.grid
+        if claimed["server"] not in grid.servers:  # its report has not reached us yet
+            found = await self._call(self.redis.hget(self.key("servers"), claimed["server"]))
+            if found is not None:
+                self._apply_report(load_json(found))
+        grid.adopt_room(digest, claimed, gateway.clock(), force=True)
+        return claimed
+
+    async def _perform_task(self, hostname: str, task: dict) -> Optional[str]:
+        config = self.gateway.config
+        if not self.up:
+            raise _Unreachable("down")
+        queued = await self._call(self._queue(
+            keys=[self.key("tasks", hostname)],
+            args=[_compact_json(task), config.max_queued_tasks, int(config.remove_timeout)]))
+        return "queued" if queued else "full"
+
+    async def _perform_report(self, server: Server, gone: set, answered: bool) -> Optional[List[dict]]:
+        if not self.up:
+            raise _Unreachable("down")
+        results = await self._call(self._store_report(server, gone, answered).execute())
+        return [load_json(raw) for raw in results[-2]] if answered else []
+
+    def drained(self, hostname: str, draining: bool) -> None:
+        """An operator drained (or undrained) a server here: tell the others."""
+        if self.up:
+            self._drains.append((hostname, draining))
+            self._wake.set()
 
 
 # ---------------------------------------------------------------------------
@@ -2762,11 +3450,15 @@ async def _serve(gateway: Gateway, host: str, port: int,
         task.add_done_callback(handlers.discard)
 
     config = gateway.config
+    if config.cluster is not None:
+        gateway.cluster = ClusterLink(gateway)  # ConfigError if redis-py is missing
     listener = await asyncio.start_server(on_connection, host, port, ssl=ssl, limit=max(
         config.max_request_line, config.max_head_bytes) + 4)
     server = RunningServer(gateway, listener, "https" if ssl else "http")
     timers = [asyncio.ensure_future(_maintenance_timer(gateway)),
               asyncio.ensure_future(_customer_timer(gateway))]
+    if gateway.cluster is not None:
+        await gateway.cluster.start()
     gateway.stopping = False
     log.info("listening on %s", server.url, extra=fields("listening", url=server.url))
     try:
@@ -2799,6 +3491,9 @@ async def _serve(gateway: Gateway, host: str, port: int,
             _abort(transport, connections)
         await listener.wait_closed()
         await asyncio.gather(*timers, *refusals, return_exceptions=True)
+        if gateway.cluster is not None:
+            await gateway.cluster.stop()
+            gateway.cluster = None
         log.info("stopped listening on %s", server.url, extra=fields("stopped", url=server.url))
 
 
@@ -3496,6 +4191,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     try:
         config = load_config(args)
         configure_logging(config.log_level, config.log_format)
+        if config.cluster is not None:
+            import_redis()
         ssl_context = _ssl_context(config) if config.ssl else None
         gateway = Gateway(config)
     except ConfigError as err:

@@ -24,6 +24,7 @@ import socket
 import ssl
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 
@@ -2513,6 +2514,322 @@ def test_drain_errors():
     params = {"public_endpoint": SFU1, "version": "1", "load": 0, "clients": 0, "rooms": [],
               "draining": 1}
     assert "draining" in error(gw, "sfu.Report", params)["data"]["fieldErrors"]
+
+
+# ---------------------------------------------------------------------------
+# Cluster: several gateways on one real redis-server
+# ---------------------------------------------------------------------------
+
+try:
+    import redis as redis_py
+except ImportError:  # the cluster tests skip (and fail under CI=true)
+    redis_py = None
+REDIS_SERVER = shutil.which("redis-server")
+
+
+def _cluster_missing():
+    if REDIS_SERVER is None:
+        return "redis-server is not installed (Debian: apt-get install redis-server)"
+    if redis_py is None:
+        return "redis-py is not installed (pip install -r requirements-test.txt)"
+    return None
+
+
+class RedisServer:
+    """A real redis-server on a Unix socket in a temporary directory; no
+    persistence unless asked. Tests kill it, restart it, pause and resume it."""
+
+    def __init__(self, directory, persist=False):
+        self.directory = directory
+        self.socket = os.path.join(directory, "redis.sock")
+        self.url = "unix://" + self.socket
+        self.persist = persist
+        self.process = None
+
+    def start(self):
+        self.process = subprocess.Popen(
+            [REDIS_SERVER, "--port", "0", "--unixsocket", self.socket, "--dir", self.directory,
+             "--save", "", "--appendonly", "yes" if self.persist else "no",
+             "--daemonize", "no", "--loglevel", "warning"],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:  # until it answers PING on its socket
+            with contextlib.suppress(OSError):
+                with socket.socket(socket.AF_UNIX) as sock:
+                    sock.connect(self.socket)
+                    sock.sendall(b"PING\r\n")
+                    if sock.recv(16).startswith(b"+PONG"):
+                        return
+            assert self.process.poll() is None, "redis-server exited at start"
+            time.sleep(0.01)
+        raise AssertionError("redis-server did not start")
+
+    def kill(self):
+        self.process.kill()
+        self.process.wait()
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self.socket)
+
+    def pause(self):
+        self.process.send_signal(signal.SIGSTOP)
+
+    def resume(self):
+        self.process.send_signal(signal.SIGCONT)
+
+    def client(self):
+        return redis_py.Redis(unix_socket_path=self.socket, decode_responses=True)
+
+
+@pytest.fixture
+def redis_server():
+    missing = _cluster_missing()
+    if missing:
+        if os.environ.get("CI") == "true":
+            pytest.fail("cluster tests cannot run under CI: " + missing)
+        pytest.skip(missing)
+    directory = tempfile.mkdtemp(prefix="redis-")  # short: a socket path has at most 107 bytes
+    server = RedisServer(directory)
+    server.start()
+    yield server
+    server.resume()
+    server.kill()
+    shutil.rmtree(directory, ignore_errors=True)
+
+
+def eventually(server, predicate, timeout=5.0):
+    """Wait until predicate() (run in the gateway's thread) holds; the seconds it took."""
+    started = time.monotonic()
+    while not server.call(predicate):
+        assert time.monotonic() - started < timeout, "not within %s s" % timeout
+        time.sleep(0.002)
+    return time.monotonic() - started
+
+
+@contextlib.contextmanager
+def cluster_gateway(redis_server, wait=True, **settings):
+    settings.setdefault("customers", reference_customers())
+    settings.setdefault("cluster_heartbeat", 0.1)
+    gw = og.Gateway(og.Config(cluster=redis_server.url, **settings))
+    with og.serve_in_thread(gateway=gw) as server:
+        if wait:
+            eventually(server, lambda: gw.cluster.loaded)
+        yield server
+
+
+def http_report(server, hostname=SFU1, rooms=(), load=0.0, notify=False):
+    return og.RpcClient(server.url + "/internal").call("sfu.Report", {
+        "public_endpoint": hostname, "version": "1.6.0", "load": load, "clients": 0,
+        "rooms": list(rooms)}, notify=notify)
+
+
+def connect(server, room_id="lobby", user="alice", access_key=KEY_A):
+    client = og.RpcClient(server.url + "/", token=og.create_token(access_key, room_id, user))
+    return client.call("Connect")["address"]
+
+
+def admin(server, method, params, room_id="lobby"):
+    client = og.RpcClient(server.url + "/", token=og.create_token(KEY_A, room_id, "admin",
+                                                                   subject=method))
+    return client.call(method, params)
+
+
+def knows_server(server, hostname=SFU1):
+    return lambda: hostname in server.gateway.grid.servers
+
+
+def test_a_report_to_one_gateway_makes_the_server_known_on_every_gateway(redis_server):
+    with cluster_gateway(redis_server) as a, cluster_gateway(redis_server) as b:
+        http_report(a, SFU1, rooms=[room("custom-ns", "r1", "odinref")])
+        eventually(b, knows_server(b), timeout=1.0)
+        info = og.RpcClient(b.url + "/internal").call("Info")
+        assert [s["hostname"] for s in info["servers"]] == [SFU1]
+        assert [r["id"] for r in info["rooms"]] == [["custom-ns", "r1"]]
+        assert connect(b, "r1") == SFU1  # a candidate on b at once
+        assert info["cluster"]["redis"] == "up" and len(info["cluster"]["members"]) == 2
+
+
+def test_concurrent_connects_for_a_new_room_through_two_gateways_get_one_server(redis_server):
+    with cluster_gateway(redis_server) as a, cluster_gateway(redis_server) as b:
+        for hostname in (SFU1, SFU2, "sfu-3:4433"):
+            http_report(a, hostname)
+        eventually(b, lambda: len(b.gateway.grid.servers) == 3)
+        answers = {}
+
+        def connect_through(gateway, room_id, user):
+            answers.setdefault(room_id, []).append(connect(gateway, room_id, user))
+
+        threads = [threading.Thread(target=connect_through, args=(gateway, "room-%d" % i, user))
+                   for i in range(20) for gateway, user in ((a, "x"), (b, "y"), (a, "z"))]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        assert all(len(set(addresses)) == 1 for addresses in answers.values()), answers
+        assert len({addresses[0] for addresses in answers.values()}) == 3  # spread, not piled
+        # A room mapped by one gateway is mapped on all.
+        digest = og.room_hash("custom-ns", "room-0")
+        eventually(b, lambda: b.gateway.grid.rooms[digest].server == answers["room-0"][0])
+        eventually(a, lambda: a.gateway.grid.rooms[digest].server == answers["room-0"][0])
+
+
+def test_a_reported_room_keeps_its_claim_and_a_collision_closes_the_copy(redis_server):
+    with cluster_gateway(redis_server) as a, cluster_gateway(redis_server) as b:
+        http_report(a, SFU1, rooms=[room("custom-ns", "r1", "odinref")])
+        http_report(a, SFU2)
+        eventually(b, lambda: len(b.gateway.grid.servers) == 2)
+        claim = redis_server.client().get("odin:room:" + og.room_hash("custom-ns", "r1"))
+        assert json.loads(claim)["server"] == SFU1
+        assert connect(b, "r1") == SFU1
+        # SFU2 reports the same room through b: the first owner keeps it.
+        tasks = http_report(b, SFU2, rooms=[room("custom-ns", "r1", "odinref")])["tasks"]
+        assert [t["task"] for t in tasks] == ["RoomClose"]
+        assert connect(a, "r1") == SFU1 and connect(b, "r1") == SFU1
+
+
+def test_an_admin_task_is_in_redis_before_the_answer_and_delivered_once(redis_server):
+    with cluster_gateway(redis_server) as a, cluster_gateway(redis_server) as b:
+        http_report(a, SFU1, rooms=[room("custom-ns", "lobby", "odinref")])
+        eventually(b, knows_server(b))
+        assert admin(b, "RoomClose", {"room_id": "lobby", "ban_time": 5}) == {}
+        assert redis_server.client().llen("odin:tasks:" + SFU1) == 1  # before any report
+        tasks = http_report(a, SFU1, rooms=[room("custom-ns", "lobby", "odinref")])["tasks"]
+        assert tasks == [{"task": "RoomClose", "id": ["custom-ns", "lobby"],
+                          "ban_time": {"secs": 5, "nanos": 0}}]
+        assert http_report(b, SFU1)["tasks"] == [] and http_report(a, SFU1)["tasks"] == []
+
+
+def test_a_notification_report_leaves_the_tasks_in_redis(redis_server):
+    with cluster_gateway(redis_server) as a:
+        http_report(a, SFU1, rooms=[room("custom-ns", "lobby", "odinref")])
+        admin(a, "RoomUpdate", {"room_id": "lobby", "user_data": [1]})
+        http_report(a, SFU1, rooms=[room("custom-ns", "lobby", "odinref")], notify=True)
+        assert [t["task"] for t in http_report(a, SFU1)["tasks"]] == ["RoomUpdate"]
+
+
+def test_the_task_queue_bound_holds_across_gateways(redis_server):
+    with cluster_gateway(redis_server, max_queued_tasks=2) as a, \
+            cluster_gateway(redis_server, max_queued_tasks=2) as b:
+        http_report(a, SFU1, rooms=[room("custom-ns", "lobby", "odinref")])
+        eventually(b, knows_server(b))
+        admin(a, "RoomUpdate", {"room_id": "lobby", "user_data": [1]})
+        admin(b, "RoomUpdate", {"room_id": "lobby", "user_data": [2]})
+        with pytest.raises(og.RpcError, match="task queue of server .* is full"):
+            admin(a, "RoomUpdate", {"room_id": "lobby", "user_data": [3]})
+        tasks = http_report(b, SFU1)["tasks"]
+        assert [t["user_data"] for t in tasks] == [[1], [2]]
+
+
+def test_a_mapped_room_makes_no_redis_round_trip(redis_server):
+    # A heartbeat far away: the link still thinks Redis is up while it is paused.
+    with cluster_gateway(redis_server, cluster_heartbeat=60) as a:
+        http_report(a, SFU1, rooms=[room("custom-ns", "lobby", "odinref")])
+        redis_server.pause()
+        started = time.monotonic()
+        for user in ("u1", "u2", "u3"):
+            assert connect(a, "lobby", user) == SFU1
+        assert time.monotonic() - started < a.gateway.config.cluster_timeout
+        assert a.call(lambda: a.gateway.cluster.up)
+        redis_server.resume()
+
+
+def test_while_redis_is_paused_no_request_waits_past_the_deadline(redis_server):
+    with cluster_gateway(redis_server, cluster_heartbeat=60, cluster_timeout=0.2) as a:
+        http_report(a, SFU1, rooms=[room("custom-ns", "lobby", "odinref")])
+        redis_server.pause()
+        answers = []
+        for call in (lambda: connect(a, "new-room"),
+                     lambda: admin(a, "RoomUpdate", {"room_id": "lobby", "user_data": [1]}),
+                     lambda: http_report(a, SFU1, rooms=[room("custom-ns", "lobby", "odinref")])):
+            started = time.monotonic()
+            answers.append(call())
+            assert time.monotonic() - started < 0.2 + 0.15
+        assert not a.call(lambda: a.gateway.cluster.up)
+        # The new room was placed here; the task was held here and the report delivered it.
+        assert answers[0] == SFU1 and answers[1] == {}
+        assert [t["task"] for t in answers[2]["tasks"]] == ["RoomUpdate"]
+        redis_server.resume()
+
+
+def test_redis_killed_and_restarted_empty_the_gateways_serve_then_resync(redis_server, caplog):
+    with cluster_gateway(redis_server) as a, cluster_gateway(redis_server) as b:
+        http_report(a, SFU1, rooms=[room("custom-ns", "lobby", "odinref")])
+        eventually(b, knows_server(b))
+        redis_server.kill()
+        eventually(a, lambda: not a.gateway.cluster.up)
+        # Serving alone: mapped rooms as mapped, new rooms placed here, tasks held.
+        assert connect(b, "lobby") == SFU1 and connect(a, "brand-new") == SFU1
+        assert admin(a, "RoomClose", {"room_id": "lobby"}) == {}
+        info = og.RpcClient(a.url + "/internal").call("Info")
+        assert info["cluster"]["redis"] == "down"
+        metrics = a.call(lambda: a.gateway.handle_http("GET", "/metrics", {}, b"").body.decode())
+        assert sample_value(parse_metrics(metrics), "odin_gateway_cluster_up") == 0
+        down_logs = [r for r in caplog.records if "Redis unreachable" in r.getMessage()]
+        redis_server.start()  # empty: no persistence
+        eventually(a, lambda: a.gateway.cluster.up)
+        eventually(b, lambda: b.gateway.cluster.up)
+        # What a held while Redis was gone is in Redis now, and delivered from b.
+        client = redis_server.client()
+        assert client.llen("odin:tasks:" + SFU1) == 1 and client.hexists("odin:servers", SFU1)
+        assert [t["task"] for t in http_report(b, SFU1)["tasks"]] == ["RoomClose"]
+        assert len(down_logs) <= 2  # once per gateway, not once per call
+
+
+def test_members_are_listed_and_a_stopped_member_is_dropped(redis_server):
+    with cluster_gateway(redis_server) as a:
+        with cluster_gateway(redis_server) as b:
+            member_b = b.gateway.cluster.member
+            eventually(a, lambda: member_b in a.gateway.cluster.members)
+        eventually(a, lambda: a.gateway.cluster.members == [a.gateway.cluster.member])
+
+
+def test_a_gateway_that_joins_is_not_ready_before_the_state_is_loaded(redis_server):
+    with cluster_gateway(redis_server) as a:
+        for index in range(2):
+            http_report(a, "sfu-%d:4433" % index,
+                        rooms=[room("custom-ns", "r%d-%d" % (index, i), "someone") for i in range(50)])
+        connect(a, "placed-room")
+        redis_server.pause()
+        with cluster_gateway(redis_server, wait=False) as b:
+            ready = b.call(lambda: b.gateway.handle_http("GET", "/ready", {}, b""))
+            assert ready.status == 503 and b"loading" in ready.body
+            redis_server.resume()
+            eventually(b, lambda: b.gateway.cluster.loaded)
+            assert len(b.gateway.grid.servers) == 2 and len(b.gateway.grid.rooms) == 101
+            assert b.call(lambda: b.gateway.handle_http("GET", "/ready", {}, b"")).status == 200
+
+
+def cluster_process(tmp_path, redis_server, name):
+    """A cluster gateway as a process (for kill -9); yields (process, url)."""
+    directory = tmp_path / name
+    directory.mkdir()
+    settings = "cluster = %r\ncluster_heartbeat = 0.1\ncustomers = %r\n" % (
+        redis_server.url, reference_customers())
+    return gateway_process(directory, settings)
+
+
+def test_sigkill_of_the_gateway_that_accepted_a_task_loses_nothing(tmp_path, redis_server):
+    with cluster_gateway(redis_server) as b:
+        with cluster_process(tmp_path, redis_server, "a") as (process, port):
+            a_url = "http://127.0.0.1:%d" % port
+            http_report(types_simple(a_url), SFU1, rooms=[room("custom-ns", "lobby", "odinref")])
+            eventually(b, knows_server(b))
+            eventually(b, lambda: len(b.gateway.cluster.members) == 2)
+            client = og.RpcClient(a_url + "/", token=og.create_token(KEY_A, "lobby", "admin",
+                                                                      subject="RoomClose"))
+            assert client.call("RoomClose", {"room_id": "lobby"}) == {}
+            process.kill()
+            process.wait()
+            # b drops the dead member and takes the server's next report, with the task.
+            eventually(b, lambda: len(b.gateway.cluster.members) == 1)
+            assert [t["task"] for t in http_report(b, SFU1)["tasks"]] == ["RoomClose"]
+            assert connect(b, "lobby") == SFU1
+
+
+class types_simple:
+    """Just a url, for http_report against a gateway process."""
+
+    def __init__(self, url):
+        self.url = url
 
 
 # ---------------------------------------------------------------------------
