@@ -66,6 +66,7 @@ import asyncio
 import base64
 import contextlib
 import copy
+import dataclasses
 import datetime
 import email.utils
 import functools
@@ -87,10 +88,11 @@ import sys
 import threading
 import time
 import traceback
+import types
 import urllib.error
 import urllib.parse
 import urllib.request
-from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple
+from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple, Union
 
 try:  # the only third-party dependency; a clear message in main() if missing
     import nacl.bindings
@@ -106,43 +108,13 @@ log = logging.getLogger("odin_gateway")
 # Limits and errors
 # ---------------------------------------------------------------------------
 
-# Defaults of the limits; each is a setting of the same name in lower case
-# (config.py, Config), so every gateway can have its own.
+# The limits on what one client may cost (request sizes, connections,
+# timeouts) are settings: see Config below, which declares each with its reason.
 
-#: Longest request line; http.server allows 64 KiB, but no legitimate ODIN
-#: call needs more than a path, so a long line is an attack or a mistake (414).
-MAX_REQUEST_LINE = 8 * 1024
-#: Largest request head (request line plus headers), as h11 (431).
-MAX_HEAD_BYTES = 16 * 1024
-#: Most header fields in one request, as CPython's http.client (431).
-MAX_HEADERS = 100
-#: Largest request body; a report of 10,000 rooms is about 1 MiB (413).
-MAX_BODY_BYTES = 1024 * 1024
-#: Seconds to receive a whole request head or body before answering 408.
-READ_TIMEOUT = 10.0
-#: Seconds an idle keep-alive connection is kept open.
-KEEP_ALIVE_TIMEOUT = 75.0
-#: Most open connections; more are answered 503 and closed at once.
-MAX_CONNECTIONS = 1024
-#: Most requests in one JSON-RPC batch.
-MAX_BATCH = 100
-#: Most admin tasks queued for one server; admin calls beyond it are refused
-#: rather than silently dropping tasks already queued.
-MAX_QUEUED_TASKS = 10_000
-#: Seconds a stop waits for requests in flight before closing their connections.
-SHUTDOWN_TIMEOUT = 10.0
-#: Seconds a customer update function may take before its result is ignored.
-CUSTOMER_UPDATE_TIMEOUT = 30.0
 #: Seconds of leeway for exp and nbf, as the original.
 TOKEN_LEEWAY = 300
 #: Largest integer JavaScript represents exactly; exp and nbf must be within.
 MAX_SAFE_INTEGER = 2**53 - 1
-#: Seconds every Redis call of the cluster link may take (setting
-#: cluster_timeout); beyond it the gateway serves from its replica.
-CLUSTER_TIMEOUT = 0.25
-#: Seconds between a cluster member's heartbeats (setting cluster_heartbeat);
-#: a member silent for three of them is dropped.
-CLUSTER_HEARTBEAT = 1.0
 
 # JSON-RPC 2.0 error codes.
 PARSE_ERROR = -32700
@@ -779,14 +751,15 @@ def check_basic(credentials: str, users: Dict[str, str]) -> Authorization:
 
 
 # ---------------------------------------------------------------------------
-# Configuration: config.py, its defaults and their validation
+# Configuration: every setting declared once, with its default and check
 # ---------------------------------------------------------------------------
 
-#: Settings whose values never appear in messages.
-SECRET_SETTINGS = ("master_key", "internal_users", "cluster")  # a Redis URL may hold a password
 #: The well-known master key of the original's sample configuration.
 DEFAULT_MASTER_KEY = "VGhpcyBpcyBhIHN1cGVyIHNlY3JldCBtYXN0ZXIga2V5IQ=="
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+
+#: Why a value is wrong for a setting, or None when it is fine.
+Check = Callable[[Any], Optional[str]]
 
 
 def _is_number(value: Any) -> bool:
@@ -797,78 +770,64 @@ def _is_limit(value: Any) -> bool:
     return value is None or (_is_integer(value) and value >= 0)
 
 
-def _check_setting(name: str, value: Any) -> Optional[str]:
-    """Why value is wrong for setting name, or None when it is fine."""
-    if name == "log_level":
-        if not (isinstance(value, str) and value.upper() in LOG_LEVELS):
-            return "expected one of %s" % ", ".join(LOG_LEVELS)
-    elif name == "log_format":
-        if value not in ("pretty", "json"):
-            return 'expected "pretty" or "json"'
-    elif name == "placement":
-        if value not in ("balanced", "random"):
-            return 'expected "balanced" or "random"'
-    elif name in ("host", "certificate", "private_key", "metrics_server"):
-        if not isinstance(value, str) or not value:
-            return "expected a non-empty string"
-        if name == "metrics_server":
-            try:
-                ipaddress.ip_network(value, strict=False)
-            except ValueError:
-                return "expected a CIDR network such as 0.0.0.0/0 or 10.0.0.0/8"
-    elif name == "port":
-        if not (_is_integer(value) and 0 <= value <= 65535):
-            return "expected an integer from 0 to 65535"
-    elif name in ("ssl", "access_log"):
-        if not isinstance(value, bool):
-            return "expected True or False"
-    elif name == "master_key":
-        try:
-            if not isinstance(value, str) or not b64_decode(value):
-                raise ValueError
-        except ValueError:
-            return "expected a non-empty base64 string (make one with: python odin_gateway.py keygen --master)"
-    elif name == "login_token_lifetime":
-        if not (_is_integer(value) and value > 0):
-            return "expected a positive whole number of seconds (it becomes the tokens' exp)"
-    elif name in ("update_interval", "disable_timeout", "remove_timeout",
-                  "read_timeout", "keep_alive_timeout", "shutdown_timeout",
-                  "customer_update_timeout"):
-        if not (_is_number(value) and value > 0):
-            return "expected a positive number of seconds"
-    elif name.startswith("max_"):
-        if not (_is_integer(value) and value > 0):
-            return "expected a positive integer"
-    elif name == "customers":
-        return _check_customers(value)
-    elif name == "cluster":
-        if value is not None and not (isinstance(value, str)
-                                      and value.startswith(("redis://", "rediss://", "unix://"))):
-            return "expected None or a Redis URL (redis://[:password@]host:port/db, rediss://, unix://)"
-    elif name in ("cluster_timeout", "cluster_heartbeat"):
-        if not (_is_number(value) and value > 0):
-            return "expected a positive number of seconds"
-    elif name == "workers":
-        if not (_is_integer(value) and value >= 1):
-            return "expected a positive integer (gateway processes on this box)"
-    elif name == "customer_api":
-        if value is not None:
-            if not isinstance(value, dict) or not callable(value.get("update_function")):
-                return 'expected None or {"update_function": fn, "update_interval": seconds}'
-            interval = value.get("update_interval", 300)
-            if not (_is_number(interval) and interval > 0):
-                return "update_interval: expected a positive number of seconds"
-    elif name == "unknown_customers":
-        if value != "forbidden":
-            if not (isinstance(value, dict) and _is_limit(_pick(value, "max_peers"))
-                    and _is_limit(_pick(value, "max_rooms"))):
-                return 'expected "forbidden" or {"max_peers": n, "max_rooms": n} (None: unlimited)'
-    elif name == "internal_users":
-        if not (isinstance(value, dict) and all(
-                isinstance(u, str) and u and ":" not in u and isinstance(p, str)
-                for u, p in value.items())):
-            return 'expected {"user": "password"} with string names (no colon) and passwords'
-    return None
+def _one_of(*choices: str) -> Check:
+    expected = "expected " + " or ".join('"%s"' % choice for choice in choices)
+    return lambda value: None if value in choices else expected
+
+
+def _log_level(value: Any) -> Optional[str]:
+    if isinstance(value, str) and value.upper() in LOG_LEVELS:
+        return None
+    return "expected one of %s" % ", ".join(LOG_LEVELS)
+
+
+def _non_empty_string(value: Any) -> Optional[str]:
+    return None if isinstance(value, str) and value else "expected a non-empty string"
+
+
+def _network(value: Any) -> Optional[str]:
+    try:
+        ipaddress.ip_network(value, strict=False)
+    except (TypeError, ValueError):
+        return "expected a CIDR network such as 0.0.0.0/0 or 10.0.0.0/8"
+    return _non_empty_string(value)
+
+
+def _port(value: Any) -> Optional[str]:
+    return None if _is_integer(value) and 0 <= value <= 65535 else "expected an integer from 0 to 65535"
+
+
+def _boolean(value: Any) -> Optional[str]:
+    return None if isinstance(value, bool) else "expected True or False"
+
+
+def _positive_integer(value: Any) -> Optional[str]:
+    return None if _is_integer(value) and value > 0 else "expected a positive integer"
+
+
+def _positive_seconds(value: Any) -> Optional[str]:
+    return None if _is_number(value) and value > 0 else "expected a positive number of seconds"
+
+
+def _token_lifetime(value: Any) -> Optional[str]:
+    if _is_integer(value) and value > 0:
+        return None
+    return "expected a positive whole number of seconds (it becomes the tokens' exp)"
+
+
+def _master_key(value: Any) -> Optional[str]:
+    try:
+        if isinstance(value, str) and b64_decode(value):
+            return None
+    except ValueError:
+        pass
+    return "expected a non-empty base64 string (make one with: python odin_gateway.py keygen --master)"
+
+
+def _redis_url(value: Any) -> Optional[str]:
+    if value is None or (isinstance(value, str) and value.startswith(("redis://", "rediss://", "unix://"))):
+        return None
+    return "expected None or a Redis URL (redis://[:password@]host:port/db, rediss://, unix://)"
 
 
 def _pick(mapping: dict, snake: str, default: Any = None) -> Any:
@@ -904,65 +863,190 @@ def _check_customers(customers: Any) -> Optional[str]:
     return None
 
 
-class Config:
-    """Every setting of config.py with its default; Config(**settings) validates them.
+def _check_customer_api(value: Any) -> Optional[str]:
+    if value is None:
+        return None
+    if not isinstance(value, dict) or not callable(value.get("update_function")):
+        return 'expected None or {"update_function": fn, "update_interval": seconds}'
+    if _positive_seconds(value.get("update_interval", 300)):
+        return "update_interval: expected a positive number of seconds"
+    return None
 
-    Names and defaults are those of the sample config.py. None means
-    unlimited where a limit is expected.
+
+def _check_unknown_customers(value: Any) -> Optional[str]:
+    if value == "forbidden" or (isinstance(value, dict) and _is_limit(_pick(value, "max_peers"))
+                                and _is_limit(_pick(value, "max_rooms"))):
+        return None
+    return 'expected "forbidden" or {"max_peers": n, "max_rooms": n} (None: unlimited)'
+
+
+def _check_internal_users(value: Any) -> Optional[str]:
+    if isinstance(value, dict) and all(isinstance(user, str) and user and ":" not in user
+                                       and isinstance(password, str)
+                                       for user, password in value.items()):
+        return None
+    return 'expected {"user": "password"} with string names (no colon) and passwords'
+
+
+@dataclasses.dataclass(frozen=True)
+class Setting:
+    """What the gateway knows about one setting, declared once as a field of Config."""
+
+    name: str
+    type: str                # as annotated on Config's field, e.g. "int", "Optional[str]"
+    default: Any
+    check: Check
+    meaning: str             # one line: README's settings table, --help
+    reload: bool             # whether a reload (SIGHUP) applies it; False: only a restart
+    flag: Optional[str]      # the command-line flag that overrides it, if any
+    secret: bool             # never shown in messages, repr() or README
+    shown: Optional[str]     # how README and --help show the default, when not its value
+
+    def problem(self, value: Any) -> Optional[str]:
+        """'name = value: why it is wrong' for a bad value (a secret is not shown), or None."""
+        why = self.check(value)
+        if why is None:
+            return None
+        return "%s = %s: %s" % (self.name, self.show(value), why)
+
+    def show(self, value: Any) -> str:
+        return "<hidden>" if self.secret else printable(repr(value), 80)
+
+
+def setting(default: Any, check: Check, meaning: str, *, reload: bool = True,
+            flag: Optional[str] = None, secret: bool = False, shown: Optional[str] = None) -> Any:
+    """Declare one setting: a field of Config that carries its Setting (the field gives
+    its name and type)."""
+    return dataclasses.field(repr=not secret, metadata={"setting": Setting(
+        "", "", default, check, meaning, reload, flag, secret, shown)})
+
+
+@dataclasses.dataclass(init=False)
+class Config:
+    """Every setting of config.py; Config(**settings) checks them and fills in the defaults.
+
+    Each setting is one field below: its type, then setting(default, check,
+    meaning, reload=..., flag=...). Config's validation, the reload rule, the
+    command-line flags and README's settings table all follow from it
+    (SETTINGS lists them), so adding a setting is adding a field. Names and
+    defaults are those of the sample config.py. None means unlimited where a
+    limit is expected.
     """
 
-    DEFAULTS: Dict[str, Any] = {
-        "log_level": "INFO",
-        "log_format": "pretty",
-        "host": "0.0.0.0",
-        "port": 7000,
-        "ssl": False,
-        "certificate": "fullchain.pem",
-        "private_key": "privkey.pem",
-        "master_key": DEFAULT_MASTER_KEY,
-        "customers": [],
-        "customer_api": None,
-        "unknown_customers": "forbidden",
-        "internal_users": {},
-        "metrics_server": "0.0.0.0/0",
-        "update_interval": 5,
-        "disable_timeout": 7.5,
-        "remove_timeout": 600,
-        "login_token_lifetime": 300,
-        "access_log": False,
-        "placement": "balanced",
-        # Cluster (see "Running several gateways" in README.md).
-        "cluster": None,
-        "cluster_timeout": CLUSTER_TIMEOUT,
-        "cluster_heartbeat": CLUSTER_HEARTBEAT,
-        "workers": 1,
-        # Limits (see "Security and limits" in README.md).
-        "max_request_line": MAX_REQUEST_LINE,
-        "max_head_bytes": MAX_HEAD_BYTES,
-        "max_headers": MAX_HEADERS,
-        "max_body_bytes": MAX_BODY_BYTES,
-        "max_connections": MAX_CONNECTIONS,
-        "max_batch": MAX_BATCH,
-        "max_queued_tasks": MAX_QUEUED_TASKS,
-        "read_timeout": READ_TIMEOUT,
-        "keep_alive_timeout": KEEP_ALIVE_TIMEOUT,
-        "shutdown_timeout": SHUTDOWN_TIMEOUT,
-        "customer_update_timeout": CUSTOMER_UPDATE_TIMEOUT,
-    }
+    # -- logging
+    log_level: str = setting("INFO", _log_level, "`DEBUG`, `INFO`, `WARNING`, `ERROR` or `CRITICAL`")
+    log_format: str = setting("pretty", _one_of("pretty", "json"),
+                              '`"pretty"` lines for people or `"json"`, one object per line (stderr)')
+    # -- listening
+    host: str = setting("0.0.0.0", _non_empty_string, "address to listen on", reload=False,
+                        flag="--host")
+    port: int = setting(7000, _port, "TCP port to listen on", reload=False, flag="--port")
+    ssl: bool = setting(False, _boolean, "serve HTTPS with the certificate and private key",
+                        reload=False, flag="--ssl")
+    certificate: str = setting("fullchain.pem", _non_empty_string, "PEM certificate chain for HTTPS",
+                               reload=False, flag="--certificate")
+    private_key: str = setting("privkey.pem", _non_empty_string, "PEM private key for HTTPS",
+                               reload=False, flag="--privatekey")
+    # -- keys and customers
+    master_key: str = setting(
+        DEFAULT_MASTER_KEY, _master_key,
+        "base64; every server key is derived from it. **Change it** (`keygen --master`); "
+        "the gateway warns while it is the default", reload=False, secret=True,
+        shown="the original's public sample key")
+    customers: List[dict] = setting(
+        [], _check_customers,
+        'list of `{"id", "max_peers", "max_rooms", "access_keys": [{"public_key": jwk, '
+        '"namespace": None}]}`; camelCase names (`maxPeers`, `accessKeys`, `publicKey`) work too. '
+        "A JWK that cannot be used is skipped with a warning (the sample config ships the "
+        "`demo` customer)")
+    customer_api: Optional[dict] = setting(
+        None, _check_customer_api, '`{"update_function": fn, "update_interval": 300}`, see below')
+    unknown_customers: Union[str, Dict[str, Any]] = setting(
+        "forbidden", _check_unknown_customers,
+        'or `{"max_peers": n, "max_rooms": n}`: tokens with unknown key ids are admitted '
+        "**without a signature check** as customer `demo_<kid>` with these limits")
+    internal_users: Dict[str, str] = setting(
+        {}, _check_internal_users,
+        '`{"user": "password"}`: require HTTP Basic on `/internal`. Empty: `/internal` is open '
+        "(the gateway warns)", secret=True)
+    # -- media servers
+    metrics_server: str = setting(
+        "0.0.0.0/0", _network,
+        "CIDR allowed to scrape the servers' metrics (sent in `sfu.GridConfig`)")
+    update_interval: float = setting(
+        5, _positive_seconds,
+        "seconds between server reports (sent to servers) and maintenance ticks")
+    disable_timeout: float = setting(
+        7.5, _positive_seconds, "seconds without a report before a server gets no new rooms")
+    remove_timeout: float = setting(
+        600, _positive_seconds, "seconds without a report before a server is forgotten")
+    login_token_lifetime: int = setting(
+        300, _token_lifetime, "seconds a room token lives, and an unreported room is kept")
+    access_log: bool = setting(False, _boolean, "log one line per HTTP request", flag="--access-log")
+    placement: str = setting(
+        "balanced", _one_of("balanced", "random"),
+        'how a new room finds its server: `"balanced"` (least estimated load) or `"random"` '
+        "(the original's weighted draw)")
+    # -- several gateways (see "Running several gateways" in README.md)
+    cluster: Optional[str] = setting(
+        None, _redis_url,
+        "Redis URL (`redis://[:password@]host:port/db`, `rediss://`, `unix://`) shared by "
+        "several gateways; needs redis-py (`pip install \"odin-gateway[cluster]\"`). None: one "
+        "gateway alone", reload=False, flag="--cluster", secret=True)
+    # Well under a second: a request that needs Redis waits at most this long.
+    cluster_timeout: float = setting(
+        0.25, _positive_seconds,
+        "seconds any Redis call may take; beyond it the gateway serves from its own replica",
+        reload=False)
+    cluster_heartbeat: float = setting(
+        1.0, _positive_seconds,
+        "seconds between a gateway's heartbeats; a member silent for three is dropped",
+        reload=False)
+    workers: int = setting(
+        1, _positive_integer,
+        "gateway processes on this box sharing the port (SO_REUSEPORT); more than 1 needs "
+        "`cluster`", reload=False, flag="--workers")
+    # -- limits (see "Security and limits" in README.md): what one client may cost.
+    # http.server allows 64 KiB, but no ODIN call needs more than a path: a long
+    # line is an attack or a mistake. The head limits size the stream readers
+    # when the listener starts, so only a restart applies them.
+    max_request_line: int = setting(8 * 1024, _positive_integer, "bytes in the request line (414)",
+                                    reload=False)
+    # As h11.
+    max_head_bytes: int = setting(16 * 1024, _positive_integer,
+                                  "bytes in the request line and headers (431)", reload=False)
+    # As CPython's http.client.
+    max_headers: int = setting(100, _positive_integer, "header fields in one request (431)")
+    # A report of 10,000 rooms is about 1 MiB.
+    max_body_bytes: int = setting(1024 * 1024, _positive_integer,
+                                  "bytes in a body, checked before reading it (413)")
+    max_connections: int = setting(1024, _positive_integer, "open connections; more get 503")
+    max_batch: int = setting(100, _positive_integer, "requests in one JSON-RPC batch")
+    # Admin calls beyond it are refused rather than dropping tasks already queued.
+    max_queued_tasks: int = setting(10_000, _positive_integer,
+                                    "admin tasks waiting for one server; more are refused")
+    read_timeout: float = setting(10.0, _positive_seconds,
+                                  "seconds to receive a request's head, and then its body (408)")
+    keep_alive_timeout: float = setting(75.0, _positive_seconds,
+                                        "seconds an idle connection is kept open")
+    shutdown_timeout: float = setting(10.0, _positive_seconds,
+                                      "seconds a stop waits for requests in flight")
+    customer_update_timeout: float = setting(
+        30.0, _positive_seconds,
+        "seconds the customer update function may take before its result is ignored")
 
     def __init__(self, source: str = "Config()", **settings: Any):
-        unknown = sorted(set(settings) - set(self.DEFAULTS))
+        unknown = sorted(set(settings) - set(SETTINGS))
         if unknown:
             raise ConfigError("%s: unknown setting %s (known: %s)" % (
-                source, ", ".join(unknown), ", ".join(self.DEFAULTS)))
+                source, ", ".join(unknown), ", ".join(SETTINGS)))
         self.source = source
-        for name, default in self.DEFAULTS.items():
+        for name, declared in SETTINGS.items():
             # A copy: a default list or dict must not be shared between configs.
-            value = settings[name] if name in settings else copy.deepcopy(default)
-            problem = _check_setting(name, value)
+            value = settings[name] if name in settings else copy.deepcopy(declared.default)
+            problem = declared.problem(value)
             if problem:
-                shown = "<hidden>" if name in SECRET_SETTINGS else printable(repr(value), 80)
-                raise ConfigError("%s: %s = %s: %s" % (source, name, shown, problem))
+                raise ConfigError("%s: %s" % (source, problem))
             setattr(self, name, value)
         if self.workers > 1 and self.cluster is None:
             raise ConfigError("%s: workers = %d needs cluster: worker processes share servers, "
@@ -980,18 +1064,24 @@ class Config:
             namespace = runpy.run_path(path, run_name="odin_gateway_config")
         except Exception as err:  # any error in the user's file stops the start
             raise ConfigError("%s: cannot load: %s: %s" % (path, type(err).__name__, err)) from err
-        settings = {name: namespace[name] for name in cls.DEFAULTS if name in namespace}
+        settings = {name: namespace[name] for name in SETTINGS if name in namespace}
         for name, value in namespace.items():
-            if (name not in cls.DEFAULTS and not name.startswith("_") and name.islower()
+            if (name not in SETTINGS and not name.startswith("_") and name.islower()
                     and not callable(value) and not inspect.ismodule(value)):
                 log.warning("%s: ignoring unknown setting %r", path, name)
         return cls(source=path, **settings)
 
     def replace(self, **changes: Any) -> "Config":
         """A copy with some settings changed (validated again)."""
-        settings = {name: getattr(self, name) for name in self.DEFAULTS}
+        settings = {name: getattr(self, name) for name in SETTINGS}
         settings.update(changes)
         return Config(source=self.source, **settings)
+
+
+#: name -> Setting, in the order of Config's fields (read-only).
+SETTINGS: "types.MappingProxyType[str, Setting]" = types.MappingProxyType({
+    field.name: dataclasses.replace(field.metadata["setting"], name=field.name, type=str(field.type))
+    for field in dataclasses.fields(Config)})
 
 
 def load_customer_keys(customers: List[dict]) -> Dict[str, CustomerKey]:
@@ -1826,7 +1916,7 @@ class Gateway:
         keys = dict(self._static_keys)
         keys.update(self._dynamic_keys)
         unknown = self.config.unknown_customers
-        if unknown != "forbidden":
+        if isinstance(unknown, dict):  # else "forbidden"
             limits: Optional[tuple] = (_pick(unknown, "max_peers"), _pick(unknown, "max_rooms"))
         elif self.everything_goes:
             limits = (None, None)
@@ -1837,14 +1927,13 @@ class Gateway:
     def reload(self, config: Config) -> None:
         """Apply a new config without dropping state: customers, limits, timeouts.
 
-        What only a restart can apply (listening address, TLS, master key, the
-        head size limits) is kept as it is, with a warning.
+        A setting that only a restart can apply (declared with reload=False:
+        listening address, TLS, master key, the head size limits) keeps its
+        running value, with a warning.
         """
         kept = {}
-        # The head limits size the stream readers when the listener starts.
-        for name in ("host", "port", "ssl", "certificate", "private_key", "master_key",
-                     "max_request_line", "max_head_bytes"):
-            if getattr(config, name) != getattr(self.config, name):
+        for name, declared in SETTINGS.items():
+            if not declared.reload and getattr(config, name) != getattr(self.config, name):
                 log.warning("config reload: %s changed; it takes effect after a restart", name)
                 kept[name] = getattr(self.config, name)
         if kept:
@@ -4020,7 +4109,6 @@ def build_parser(command: str = "serve") -> argparse.ArgumentParser:
         parser.add_argument("--customer", help="cid claim")
         parser.add_argument("--server", help="internal.server claim: pin the room to this server")
         return parser
-    defaults = Config.DEFAULTS
     called = os.path.basename(sys.argv[0]) if sys.argv and sys.argv[0] else ""
     parser = argparse.ArgumentParser(
         prog=called if called.startswith("odin") else "odin_gateway.py",
@@ -4035,24 +4123,20 @@ def build_parser(command: str = "serve") -> argparse.ArgumentParser:
     parser.add_argument("--config", metavar="PATH", default="config.py",
                         help="config file (default: config.py; if that default is missing, "
                              "the built-in defaults apply)")
-    parser.add_argument("--host", help="address to listen on (config: host; default %s)"
-                        % defaults["host"])
-    parser.add_argument("--port", type=int, help="TCP port to listen on (config: port; default %d)"
-                        % defaults["port"])
-    parser.add_argument("--ssl", action="store_true", default=None,
-                        help="serve HTTPS (config: ssl; default off)")
-    parser.add_argument("--certificate", metavar="FILE",
-                        help="PEM certificate chain for --ssl (config: certificate; default %s)"
-                        % defaults["certificate"])
-    parser.add_argument("--privatekey", metavar="FILE",
-                        help="PEM private key for --ssl (config: private_key; default %s)"
-                        % defaults["private_key"])
+    for name, declared in SETTINGS.items():
+        if declared.flag is None:
+            continue
+        kind: Dict[str, Any] = {"type": {"int": int, "float": float}.get(declared.type, str)}
+        shown = declared.shown or str(declared.default)
+        if declared.type == "bool":  # a switch: on when given, else the config's
+            kind, shown = {"action": "store_true", "default": None}, "on" if declared.default else "off"
+        parser.add_argument(declared.flag, dest=name, **kind,
+                            help="%s (config: %s; default: %s)" % (
+                                declared.meaning.replace("%", "%%"), name, shown))
     parser.add_argument("--master-key-file", metavar="FILE",
                         help="read master_key from this file; it takes precedence over the "
                              "environment variable %s, which takes precedence over the config "
                              "(default: neither)" % MASTER_KEY_ENV)
-    parser.add_argument("--access-log", action="store_true", default=None,
-                        help="log every HTTP request (config: access_log; default off)")
     return parser
 
 
@@ -4100,10 +4184,8 @@ def load_config(args: Any, environ: Optional[Dict[str, str]] = None) -> Config:
         raise ConfigError("%s: no such file" % args.config)
     else:
         config = Config()
-    overrides = {name: value for name, value in (
-        ("host", args.host), ("port", args.port), ("ssl", args.ssl),
-        ("certificate", args.certificate), ("private_key", args.privatekey),
-        ("access_log", getattr(args, "access_log", None))) if value is not None}
+    overrides = {name: getattr(args, name) for name, declared in SETTINGS.items()
+                 if declared.flag and getattr(args, name, None) is not None}
     if environ.get(MASTER_KEY_ENV):
         overrides["master_key"] = environ[MASTER_KEY_ENV].strip()
         config.source += " + $" + MASTER_KEY_ENV

@@ -60,6 +60,7 @@ KEY_UNKNOWN = VERDICTS["keys"]["unknown"]["access_key"]  # configured nowhere
 SFU1 = "sfu-1.example.com:4433"
 SFU2 = "sfu-2.example.com:4433"
 NOW = 1_700_000_000.0
+DEFAULTS = og.Config()  # every setting at its default
 
 
 def reference_customers():
@@ -1166,10 +1167,10 @@ def test_empty_batch_and_notification_only_batch():
 def test_batches_are_bounded():
     gw = make_gateway()
     status, body = post(gw, [{"jsonrpc": "2.0", "method": "Info", "id": i}
-                             for i in range(og.MAX_BATCH + 1)])
+                             for i in range(DEFAULTS.max_batch + 1)])
     assert status == 200 and body["error"]["code"] == -32600 and "at most" in body["error"]["message"]
-    status, body = post(gw, [{"jsonrpc": "2.0", "method": "Info", "id": i} for i in range(og.MAX_BATCH)])
-    assert len(body) == og.MAX_BATCH
+    status, body = post(gw, [{"jsonrpc": "2.0", "method": "Info", "id": i} for i in range(DEFAULTS.max_batch)])
+    assert len(body) == DEFAULTS.max_batch
 
 
 @pytest.mark.parametrize("params, message", [
@@ -1442,6 +1443,74 @@ def test_a_missing_explicit_config_file_is_an_error(tmp_path):
         og.load_config(args)
 
 
+def settings_table():
+    """README's settings table as the declarations in Config make it."""
+    rows = ["| setting | default | on reload | meaning |", "| --- | --- | --- | --- |"]
+    for name, declared in og.SETTINGS.items():
+        default = declared.shown or "`%s`" % (
+            json.dumps(declared.default) if isinstance(declared.default, str) else repr(declared.default))
+        meaning = declared.meaning + (" (also `%s`)" % declared.flag if declared.flag else "")
+        rows.append("| `%s` | %s | %s | %s |" % (
+            name, default, "applied" if declared.reload else "restart", meaning))
+    return "\n".join(rows) + "\n"
+
+
+def test_readme_settings_table_follows_the_declarations():
+    expected = settings_table()
+    assert expected in (HERE / "README.md").read_text(), (
+        "README.md's settings table (section Configuration) must be:\n" + expected)
+
+
+def test_every_setting_is_a_typed_attribute_of_config():
+    annotations = og.Config.__annotations__
+    config = og.Config()
+    for name, declared in og.SETTINGS.items():
+        assert name in annotations and declared.name == name
+        assert getattr(config, name) == declared.default
+        assert declared.check(declared.default) is None, name
+        assert declared.meaning and "\n" not in declared.meaning, name
+
+
+def test_every_flag_overrides_its_setting_and_says_so_in_help():
+    parser = og.build_parser()
+    help_text = " ".join(parser.format_help().split())
+    for name, declared in og.SETTINGS.items():
+        if declared.flag is None:
+            continue
+        assert "%s" % declared.flag in help_text and "config: %s;" % name in help_text
+        if isinstance(declared.default, bool):
+            argv = [declared.flag]
+            expected = True
+        else:
+            expected = declared.default + 1 if isinstance(declared.default, int) else "other"
+            expected = {"cluster": "redis://127.0.0.1:6379/0"}.get(name, expected)
+            argv = [declared.flag, str(expected)]
+            if name == "workers":  # several workers need a cluster
+                argv += ["--cluster", "redis://127.0.0.1:6379/0"]
+        config = og.load_config(parser.parse_args(["--config", "config.py"] + argv), environ={})
+        assert getattr(config, name) == expected, declared.flag
+
+
+def test_secret_settings_stay_out_of_repr_and_messages():
+    config = og.Config(master_key="c2VjcmV0IHZhbHVlIQ==", internal_users={"sfu": "pw-123"})
+    assert "c2VjcmV0" not in repr(config) and "pw-123" not in repr(config)
+    with pytest.raises(og.ConfigError) as caught:
+        og.Config(internal_users={"a:b": "pw-456"})
+    assert "pw-456" not in str(caught.value) and "<hidden>" in str(caught.value)
+
+
+def test_reload_keeps_the_settings_only_a_restart_applies(caplog):
+    gw = make_gateway()
+    restart_only = {name for name, declared in og.SETTINGS.items() if not declared.reload}
+    assert {"host", "port", "master_key", "max_head_bytes"} <= restart_only
+    changed = gw.config.replace(port=7001, max_batch=7, master_key="c2VjcmV0IHZhbHVlIQ==")
+    with caplog.at_level(logging.WARNING, logger="odin_gateway"):
+        gw.reload(changed)
+    assert gw.config.port == 7000 and gw.config.master_key == og.DEFAULT_MASTER_KEY
+    assert gw.config.max_batch == 7
+    assert "port changed" in caplog.text and "master_key changed" in caplog.text
+
+
 def test_two_gateways_share_nothing():
     first, second = make_gateway(), make_gateway(customers=[])
     report(first, SFU1, rooms=[room("ns", "r", "c")])
@@ -1554,10 +1623,10 @@ def test_notification_answers_204_without_content_type():
 
 @pytest.mark.parametrize("request_bytes, status", [
     (b"POST /internal HTTP/1.1\r\nContent-Length: 2000000\r\n\r\n", 413),
-    (b"POST /" + b"a" * (og.MAX_REQUEST_LINE + 10) + b" HTTP/1.1\r\n\r\n", 414),
-    (b"POST /internal HTTP/1.1\r\n" + b"".join(b"X-%d: y\r\n" % i for i in range(og.MAX_HEADERS + 1))
+    (b"POST /" + b"a" * (DEFAULTS.max_request_line + 10) + b" HTTP/1.1\r\n\r\n", 414),
+    (b"POST /internal HTTP/1.1\r\n" + b"".join(b"X-%d: y\r\n" % i for i in range(DEFAULTS.max_headers + 1))
      + b"\r\n", 431),
-    (b"POST /internal HTTP/1.1\r\nX-Big: " + b"y" * og.MAX_HEAD_BYTES + b"\r\n\r\n", 431),
+    (b"POST /internal HTTP/1.1\r\nX-Big: " + b"y" * DEFAULTS.max_head_bytes + b"\r\n\r\n", 431),
     (b"POST /internal HTTP/1.1\r\nContent-Length: +5\r\n\r\n", 400),
     (b"POST /internal HTTP/1.1\r\nContent-Length: -1\r\n\r\n", 400),
     (b"POST /internal HTTP/1.1\r\nContent-Length: 5\r\nContent-Length: 6\r\n\r\n", 400),
@@ -1628,7 +1697,7 @@ def test_connections_beyond_the_cap_get_503_and_the_others_are_served():
 
 def test_limits_are_settings_of_each_gateway():
     small = make_gateway(max_body_bytes=10, max_batch=1)
-    assert small.config.max_body_bytes == 10 and og.Config().max_body_bytes == og.MAX_BODY_BYTES
+    assert small.config.max_body_bytes == 10 and og.Config().max_body_bytes == DEFAULTS.max_body_bytes
     status, body = post(small, [{"jsonrpc": "2.0", "method": "Info", "id": 1}] * 2)
     assert "at most 1 requests" in body["error"]["message"]
     with running(small) as server:
@@ -1956,10 +2025,10 @@ def test_sample_config_shows_every_setting_with_its_default():
     import runpy
 
     sample = runpy.run_path(str(HERE / "config.py"))
-    for name, default in og.Config.DEFAULTS.items():
+    for name, declared in og.SETTINGS.items():
         assert name in sample, "config.py does not show %s" % name
         if name != "customers":  # the sample ships the demo customer
-            assert sample[name] == default, name
+            assert sample[name] == declared.default, name
 
 
 # ---------------------------------------------------------------------------
@@ -2062,7 +2131,7 @@ _FUZZ_LOOP = asyncio.new_event_loop()
 
 def _parse_head(data):
     async def parse():
-        reader = asyncio.StreamReader(limit=og.MAX_HEAD_BYTES + 2)
+        reader = asyncio.StreamReader(limit=DEFAULTS.max_head_bytes + 2)
         reader.feed_data(data)
         reader.feed_eof()
         return await og.read_request_head(reader, og.Config())
@@ -2319,7 +2388,7 @@ def test_reload_applies_customers_and_limits_and_keeps_state(caplog):
         gw.reload(gw.config.replace(customers=reference_customers(), max_batch=7,
                                     master_key=base64.b64encode(b"k" * 32).decode(), port=1234,
                                     max_head_bytes=99999))
-    assert gw.config.max_head_bytes == og.MAX_HEAD_BYTES
+    assert gw.config.max_head_bytes == DEFAULTS.max_head_bytes
     assert result(gw, "Connect", {}, token=token(KEY_A))["address"] == SFU1
     assert gw.config.max_batch == 7
     assert SFU1 in gw.grid.servers and len(gw.grid.rooms) == 2  # state kept
@@ -2525,6 +2594,13 @@ try:
 except ImportError:  # the cluster tests skip (and fail under CI=true)
     redis_py = None
 REDIS_SERVER = shutil.which("redis-server")
+OPEN_KEY = og.generate_access_key()  # customer "open": no limits, its own namespace
+NS = "open"
+
+
+def cluster_customers():
+    return reference_customers() + [{"id": NS, "max_peers": None, "max_rooms": None,
+                                     "access_keys": [{"public_key": og.public_jwk(OPEN_KEY)}]}]
 
 
 def _cluster_missing():
@@ -2607,7 +2683,7 @@ def eventually(server, predicate, timeout=5.0):
 
 @contextlib.contextmanager
 def cluster_gateway(redis_server, wait=True, **settings):
-    settings.setdefault("customers", reference_customers())
+    settings.setdefault("customers", cluster_customers())
     settings.setdefault("cluster_heartbeat", 0.1)
     gw = og.Gateway(og.Config(cluster=redis_server.url, **settings))
     with og.serve_in_thread(gateway=gw) as server:
@@ -2622,13 +2698,13 @@ def http_report(server, hostname=SFU1, rooms=(), load=0.0, notify=False):
         "rooms": list(rooms)}, notify=notify)
 
 
-def connect(server, room_id="lobby", user="alice", access_key=KEY_A):
+def connect(server, room_id="lobby", user="alice", access_key=OPEN_KEY):
     client = og.RpcClient(server.url + "/", token=og.create_token(access_key, room_id, user))
     return client.call("Connect")["address"]
 
 
 def admin(server, method, params, room_id="lobby"):
-    client = og.RpcClient(server.url + "/", token=og.create_token(KEY_A, room_id, "admin",
+    client = og.RpcClient(server.url + "/", token=og.create_token(OPEN_KEY, room_id, "admin",
                                                                    subject=method))
     return client.call(method, params)
 
@@ -2639,11 +2715,11 @@ def knows_server(server, hostname=SFU1):
 
 def test_a_report_to_one_gateway_makes_the_server_known_on_every_gateway(redis_server):
     with cluster_gateway(redis_server) as a, cluster_gateway(redis_server) as b:
-        http_report(a, SFU1, rooms=[room("custom-ns", "r1", "odinref")])
+        http_report(a, SFU1, rooms=[room(NS, "r1", NS)])
         eventually(b, knows_server(b), timeout=1.0)
         info = og.RpcClient(b.url + "/internal").call("Info")
         assert [s["hostname"] for s in info["servers"]] == [SFU1]
-        assert [r["id"] for r in info["rooms"]] == [["custom-ns", "r1"]]
+        assert [r["id"] for r in info["rooms"]] == [[NS, "r1"]]
         assert connect(b, "r1") == SFU1  # a candidate on b at once
         assert info["cluster"]["redis"] == "up" and len(info["cluster"]["members"]) == 2
 
@@ -2667,49 +2743,49 @@ def test_concurrent_connects_for_a_new_room_through_two_gateways_get_one_server(
         assert all(len(set(addresses)) == 1 for addresses in answers.values()), answers
         assert len({addresses[0] for addresses in answers.values()}) == 3  # spread, not piled
         # A room mapped by one gateway is mapped on all.
-        digest = og.room_hash("custom-ns", "room-0")
+        digest = og.room_hash(NS, "room-0")
         eventually(b, lambda: b.gateway.grid.rooms[digest].server == answers["room-0"][0])
         eventually(a, lambda: a.gateway.grid.rooms[digest].server == answers["room-0"][0])
 
 
 def test_a_reported_room_keeps_its_claim_and_a_collision_closes_the_copy(redis_server):
     with cluster_gateway(redis_server) as a, cluster_gateway(redis_server) as b:
-        http_report(a, SFU1, rooms=[room("custom-ns", "r1", "odinref")])
+        http_report(a, SFU1, rooms=[room(NS, "r1", NS)])
         http_report(a, SFU2)
         eventually(b, lambda: len(b.gateway.grid.servers) == 2)
-        claim = redis_server.client().get("odin:room:" + og.room_hash("custom-ns", "r1"))
+        claim = redis_server.client().get("odin:room:" + og.room_hash(NS, "r1"))
         assert json.loads(claim)["server"] == SFU1
         assert connect(b, "r1") == SFU1
         # SFU2 reports the same room through b: the first owner keeps it.
-        tasks = http_report(b, SFU2, rooms=[room("custom-ns", "r1", "odinref")])["tasks"]
+        tasks = http_report(b, SFU2, rooms=[room(NS, "r1", NS)])["tasks"]
         assert [t["task"] for t in tasks] == ["RoomClose"]
         assert connect(a, "r1") == SFU1 and connect(b, "r1") == SFU1
 
 
 def test_an_admin_task_is_in_redis_before_the_answer_and_delivered_once(redis_server):
     with cluster_gateway(redis_server) as a, cluster_gateway(redis_server) as b:
-        http_report(a, SFU1, rooms=[room("custom-ns", "lobby", "odinref")])
+        http_report(a, SFU1, rooms=[room(NS, "lobby", NS)])
         eventually(b, knows_server(b))
         assert admin(b, "RoomClose", {"room_id": "lobby", "ban_time": 5}) == {}
         assert redis_server.client().llen("odin:tasks:" + SFU1) == 1  # before any report
-        tasks = http_report(a, SFU1, rooms=[room("custom-ns", "lobby", "odinref")])["tasks"]
-        assert tasks == [{"task": "RoomClose", "id": ["custom-ns", "lobby"],
+        tasks = http_report(a, SFU1, rooms=[room(NS, "lobby", NS)])["tasks"]
+        assert tasks == [{"task": "RoomClose", "id": [NS, "lobby"],
                           "ban_time": {"secs": 5, "nanos": 0}}]
         assert http_report(b, SFU1)["tasks"] == [] and http_report(a, SFU1)["tasks"] == []
 
 
 def test_a_notification_report_leaves_the_tasks_in_redis(redis_server):
     with cluster_gateway(redis_server) as a:
-        http_report(a, SFU1, rooms=[room("custom-ns", "lobby", "odinref")])
+        http_report(a, SFU1, rooms=[room(NS, "lobby", NS)])
         admin(a, "RoomUpdate", {"room_id": "lobby", "user_data": [1]})
-        http_report(a, SFU1, rooms=[room("custom-ns", "lobby", "odinref")], notify=True)
+        http_report(a, SFU1, rooms=[room(NS, "lobby", NS)], notify=True)
         assert [t["task"] for t in http_report(a, SFU1)["tasks"]] == ["RoomUpdate"]
 
 
 def test_the_task_queue_bound_holds_across_gateways(redis_server):
     with cluster_gateway(redis_server, max_queued_tasks=2) as a, \
             cluster_gateway(redis_server, max_queued_tasks=2) as b:
-        http_report(a, SFU1, rooms=[room("custom-ns", "lobby", "odinref")])
+        http_report(a, SFU1, rooms=[room(NS, "lobby", NS)])
         eventually(b, knows_server(b))
         admin(a, "RoomUpdate", {"room_id": "lobby", "user_data": [1]})
         admin(b, "RoomUpdate", {"room_id": "lobby", "user_data": [2]})
@@ -2722,7 +2798,7 @@ def test_the_task_queue_bound_holds_across_gateways(redis_server):
 def test_a_mapped_room_makes_no_redis_round_trip(redis_server):
     # A heartbeat far away: the link still thinks Redis is up while it is paused.
     with cluster_gateway(redis_server, cluster_heartbeat=60) as a:
-        http_report(a, SFU1, rooms=[room("custom-ns", "lobby", "odinref")])
+        http_report(a, SFU1, rooms=[room(NS, "lobby", NS)])
         redis_server.pause()
         started = time.monotonic()
         for user in ("u1", "u2", "u3"):
@@ -2734,12 +2810,12 @@ def test_a_mapped_room_makes_no_redis_round_trip(redis_server):
 
 def test_while_redis_is_paused_no_request_waits_past_the_deadline(redis_server):
     with cluster_gateway(redis_server, cluster_heartbeat=60, cluster_timeout=0.2) as a:
-        http_report(a, SFU1, rooms=[room("custom-ns", "lobby", "odinref")])
+        http_report(a, SFU1, rooms=[room(NS, "lobby", NS)])
         redis_server.pause()
         answers = []
         for call in (lambda: connect(a, "new-room"),
                      lambda: admin(a, "RoomUpdate", {"room_id": "lobby", "user_data": [1]}),
-                     lambda: http_report(a, SFU1, rooms=[room("custom-ns", "lobby", "odinref")])):
+                     lambda: http_report(a, SFU1, rooms=[room(NS, "lobby", NS)])):
             started = time.monotonic()
             answers.append(call())
             assert time.monotonic() - started < 0.2 + 0.15
@@ -2752,7 +2828,7 @@ def test_while_redis_is_paused_no_request_waits_past_the_deadline(redis_server):
 
 def test_redis_killed_and_restarted_empty_the_gateways_serve_then_resync(redis_server, caplog):
     with cluster_gateway(redis_server) as a, cluster_gateway(redis_server) as b:
-        http_report(a, SFU1, rooms=[room("custom-ns", "lobby", "odinref")])
+        http_report(a, SFU1, rooms=[room(NS, "lobby", NS)])
         eventually(b, knows_server(b))
         redis_server.kill()
         eventually(a, lambda: not a.gateway.cluster.up)
@@ -2786,7 +2862,7 @@ def test_a_gateway_that_joins_is_not_ready_before_the_state_is_loaded(redis_serv
     with cluster_gateway(redis_server) as a:
         for index in range(2):
             http_report(a, "sfu-%d:4433" % index,
-                        rooms=[room("custom-ns", "r%d-%d" % (index, i), "someone") for i in range(50)])
+                        rooms=[room(NS, "r%d-%d" % (index, i), "someone") for i in range(50)])
         connect(a, "placed-room")
         redis_server.pause()
         with cluster_gateway(redis_server, wait=False) as b:
@@ -2803,7 +2879,7 @@ def cluster_process(tmp_path, redis_server, name):
     directory = tmp_path / name
     directory.mkdir()
     settings = "cluster = %r\ncluster_heartbeat = 0.1\ncustomers = %r\n" % (
-        redis_server.url, reference_customers())
+        redis_server.url, cluster_customers())
     return gateway_process(directory, settings)
 
 
@@ -2811,10 +2887,10 @@ def test_sigkill_of_the_gateway_that_accepted_a_task_loses_nothing(tmp_path, red
     with cluster_gateway(redis_server) as b:
         with cluster_process(tmp_path, redis_server, "a") as (process, port):
             a_url = "http://127.0.0.1:%d" % port
-            http_report(types_simple(a_url), SFU1, rooms=[room("custom-ns", "lobby", "odinref")])
+            http_report(types_simple(a_url), SFU1, rooms=[room(NS, "lobby", NS)])
             eventually(b, knows_server(b))
             eventually(b, lambda: len(b.gateway.cluster.members) == 2)
-            client = og.RpcClient(a_url + "/", token=og.create_token(KEY_A, "lobby", "admin",
+            client = og.RpcClient(a_url + "/", token=og.create_token(OPEN_KEY, "lobby", "admin",
                                                                       subject="RoomClose"))
             assert client.call("RoomClose", {"room_id": "lobby"}) == {}
             process.kill()
