@@ -2024,8 +2024,17 @@ class Gateway:
             # A new room: claim it in Redis first, so that every gateway sends it to one server.
             record = {"id": [namespace, room_name], "customer": licensee.customer_id,
                       "server": self.grid._pick(pinned).hostname, "updated": now}
-            return ClusterStep("claim", (digest, record), lambda _claimed: self._connect_to(
-                auth, digest, namespace, room_name, pinned))
+            return ClusterStep("claim", (digest, record), functools.partial(
+                self._connect_claimed, auth, digest, namespace, room_name, pinned))
+        return self._connect_to(auth, digest, namespace, room_name, pinned)
+
+    def _connect_claimed(self, auth: Authorization, digest: str, namespace: str, room_name: str,
+                         pinned: Optional[str], claimed: Optional[dict]) -> dict:
+        """Connect's answer once Redis said who has the new room. Claimed by this gateway:
+        placed here on the claimed server (and counted as a new room here); by another: the
+        link mapped it there. None: Redis was unreachable, the room is placed here alone."""
+        if claimed is not None and claimed["won"]:
+            pinned = claimed["server"]
         return self._connect_to(auth, digest, namespace, room_name, pinned)
 
     def _connect_to(self, auth: Authorization, digest: str, namespace: str, room_name: str,
@@ -3460,7 +3469,7 @@ class ClusterLink:
         except _Unreachable:
             return None
 
-    async def _perform_claim(self, digest: str, record: dict) -> Optional[dict]:
+    async def _perform_claim(self, digest: str, record: dict) -> dict:
         gateway, config = self.gateway, self.gateway.config
         if not self.up:
             raise _Unreachable("down")
@@ -3470,13 +3479,15 @@ class ClusterLink:
             args=[_compact_json(record), repr(now - config.disable_timeout),
                   int(config.login_token_lifetime), self._event("claim", hash=digest, room=record)]))
         claimed = load_json(raw)
+        if claimed == record:  # ours: Connect maps it, and counts it as a new room
+            return {"won": True, "server": record["server"]}
         grid = gateway.grid
         if claimed["server"] not in grid.servers:  # its report has not reached us yet
             found = await self._call(self.redis.hget(self.key("servers"), claimed["server"]))
             if found is not None:
                 self._apply_report(load_json(found))
         grid.adopt_room(digest, claimed, gateway.clock(), force=True)
-        return claimed
+        return {"won": False, "server": claimed["server"]}
 
     async def _perform_task(self, hostname: str, task: dict) -> Optional[str]:
         config = self.gateway.config

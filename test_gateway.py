@@ -2874,6 +2874,44 @@ def test_a_gateway_that_joins_is_not_ready_before_the_state_is_loaded(redis_serv
             assert b.call(lambda: b.gateway.handle_http("GET", "/ready", {}, b"")).status == 200
 
 
+def test_rooms_and_peers_placed_by_any_gateway_count_on_every_gateway(redis_server):
+    limited = og.generate_access_key()
+    customers = cluster_customers() + [{"id": "small", "max_peers": 3, "max_rooms": 2,
+                                        "access_keys": [{"public_key": og.public_jwk(limited)}]}]
+    with cluster_gateway(redis_server, customers=customers) as a, \
+            cluster_gateway(redis_server, customers=customers) as b:
+        http_report(a, SFU1)
+        eventually(b, knows_server(b))
+        connect(a, "r1", "u1", access_key=limited)
+        eventually(b, lambda: b.gateway.grid.usage_of("small") == (1, 1))
+        connect(b, "r2", "u2", access_key=limited)
+        eventually(a, lambda: a.gateway.grid.usage_of("small") == (2, 2))
+        with pytest.raises(og.RpcError, match="room limit exceeded"):
+            connect(a, "r3", "u3", access_key=limited)
+        # The server's next report replaces the estimate on every gateway.
+        http_report(b, SFU1, rooms=[room("small", "r1", "small", peers=2)])
+        eventually(a, lambda: a.gateway.grid.usage_of("small") == (2, 1))
+        connect(a, "r2", "u6", access_key=limited)  # mapped already: only the peer is new
+        eventually(b, lambda: b.gateway.grid.usage_of("small") == (3, 1))
+        with pytest.raises(og.RpcError, match="peer limit exceeded"):
+            connect(b, "r1", "u5", access_key=limited)
+        # A gateway that joins loads the placements since the last report too.
+        with cluster_gateway(redis_server, customers=customers) as c:
+            assert c.call(lambda: c.gateway.grid.usage_of("small")) == (3, 1)
+
+
+def test_new_rooms_through_two_gateways_spread_evenly(redis_server):
+    with cluster_gateway(redis_server) as a, cluster_gateway(redis_server) as b:
+        hostnames = ["sfu-%d:4433" % index for index in range(10)]
+        for hostname in hostnames:
+            http_report(a, hostname, load=0.1)
+        eventually(b, lambda: len(b.gateway.grid.servers) == 10)
+        placed = {hostname: 0 for hostname in hostnames}
+        for index in range(100):
+            placed[connect((a, b)[index % 2], "room-%d" % index, "u%d" % index)] += 1
+        assert max(placed.values()) / (sum(placed.values()) / 10) <= 1.2, placed
+
+
 def cluster_process(tmp_path, redis_server, name):
     """A cluster gateway as a process (for kill -9); yields (process, url)."""
     directory = tmp_path / name
