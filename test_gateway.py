@@ -27,6 +27,8 @@ import sys
 import tempfile
 import threading
 import time
+import urllib.error
+import urllib.request
 
 import pytest
 
@@ -2928,6 +2930,7 @@ def test_sigkill_of_the_gateway_that_accepted_a_task_loses_nothing(tmp_path, red
             http_report(types_simple(a_url), SFU1, rooms=[room(NS, "lobby", NS)])
             eventually(b, knows_server(b))
             eventually(b, lambda: len(b.gateway.cluster.members) == 2)
+            wait_until_ready(a_url)  # as a load balancer does before sending it calls
             client = og.RpcClient(a_url + "/", token=og.create_token(OPEN_KEY, "lobby", "admin",
                                                                       subject="RoomClose"))
             assert client.call("RoomClose", {"room_id": "lobby"}) == {}
@@ -2937,6 +2940,20 @@ def test_sigkill_of_the_gateway_that_accepted_a_task_loses_nothing(tmp_path, red
             eventually(b, lambda: len(b.gateway.cluster.members) == 1)
             assert [t["task"] for t in http_report(b, SFU1)["tasks"]] == ["RoomClose"]
             assert connect(b, "lobby") == SFU1
+
+
+def wait_until_ready(url, timeout=10.0):
+    started = time.monotonic()
+    while True:
+        try:
+            opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+            with opener.open(url + "/ready", timeout=timeout) as answer:
+                if answer.status == 200:
+                    return
+        except urllib.error.HTTPError:
+            pass
+        assert time.monotonic() - started < timeout, "%s not ready within %s s" % (url, timeout)
+        time.sleep(0.005)
 
 
 class types_simple:
