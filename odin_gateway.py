@@ -84,6 +84,7 @@ import re
 import runpy
 import socket
 import ssl as ssl_module
+import subprocess
 import sys
 import threading
 import time
@@ -2207,14 +2208,15 @@ class Gateway:
         self.grid.tick(self.clock())
 
     def serve(self, host: str = "127.0.0.1", port: int = 0,
-              ssl: Optional[ssl_module.SSLContext] = None) -> "contextlib.AbstractAsyncContextManager":
+              ssl: Optional[ssl_module.SSLContext] = None, *,
+              reuse_port: bool = False) -> "contextlib.AbstractAsyncContextManager":
         """Serve HTTP(S) while inside ``async with gateway.serve() as server``.
 
         port 0 binds a free port; server.url has the real one (no trailing
         slash). Timers for the maintenance tick and the customer update run
         meanwhile; leaving the block stops everything cleanly.
         """
-        return _serve(self, host, port, ssl)
+        return _serve(self, host, port, ssl, reuse_port)
 
     # -- JSON-RPC dispatch --------------------------------------------------
 
@@ -3529,7 +3531,7 @@ class RunningServer:
 
 @contextlib.asynccontextmanager
 async def _serve(gateway: Gateway, host: str, port: int,
-                 ssl: Optional[ssl_module.SSLContext]) -> Any:
+                 ssl: Optional[ssl_module.SSLContext], reuse_port: bool = False) -> Any:
     connections = _Connections()
     handlers: set = set()
     refusals: set = set()  # connections over max_connections, being answered 503
@@ -3553,7 +3555,7 @@ async def _serve(gateway: Gateway, host: str, port: int,
     if config.cluster is not None:
         gateway.cluster = ClusterLink(gateway)  # ConfigError if redis-py is missing
     listener = await asyncio.start_server(on_connection, host, port, ssl=ssl, limit=max(
-        config.max_request_line, config.max_head_bytes) + 4)
+        config.max_request_line, config.max_head_bytes) + 4, reuse_port=reuse_port or None)
     server = RunningServer(gateway, listener, "https" if ssl else "http")
     timers = [asyncio.ensure_future(_maintenance_timer(gateway)),
               asyncio.ensure_future(_customer_timer(gateway))]
@@ -4220,7 +4222,7 @@ def reload_config(args: Any, started_from_file: bool) -> Config:
 
 
 async def _run(gateway: Gateway, ssl_context: Optional[ssl_module.SSLContext],
-               reload: Optional[Callable[[], Config]] = None) -> None:
+               reload: Optional[Callable[[], Config]] = None, reuse_port: bool = False) -> None:
     import signal
 
     config = gateway.config
@@ -4256,7 +4258,7 @@ async def _run(gateway: Gateway, ssl_context: Optional[ssl_module.SSLContext],
         with contextlib.suppress(NotImplementedError, RuntimeError):
             loop.add_signal_handler(signum, on_signal)
     try:
-        async with gateway.serve(config.host, config.port, ssl_context):
+        async with gateway.serve(config.host, config.port, ssl_context, reuse_port=reuse_port):
             await stop.wait()
     finally:
         for signum in signals:
@@ -4264,9 +4266,98 @@ async def _run(gateway: Gateway, ssl_context: Optional[ssl_module.SSLContext],
                 loop.remove_signal_handler(signum)
 
 
+# ---------------------------------------------------------------------------
+# Workers: several gateway processes on one box, sharing the port
+# ---------------------------------------------------------------------------
+#
+# With workers = N (which needs cluster), main() becomes a small supervisor:
+# it starts N copies of this command, each a whole gateway listening on the
+# same port with SO_REUSEPORT (the kernel spreads connections over them) and
+# sharing the grid through Redis like gateways on different boxes. It passes
+# SIGTERM, SIGINT and SIGHUP on to every worker, and restarts a worker that
+# dies.
+
+#: Set in a worker's environment: its number (the supervisor does not set it for itself).
+WORKER_ENV = "ODIN_GATEWAY_WORKER"
+#: Seconds a worker must live for an immediate restart; one that dies sooner waits this long.
+WORKER_RESTART_DELAY = 1.0
+
+
+def _reserve_port(host: str) -> socket.socket:
+    """A socket bound (SO_REUSEPORT, not listening) to a free port, held so that the
+    workers can share that port."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+    sock.bind((host, 0))
+    return sock
+
+
+def run_workers(config: Config, argv: List[str]) -> int:
+    """Supervise config.workers gateway processes sharing config.port; the exit status."""
+    import signal
+
+    if not hasattr(socket, "SO_REUSEPORT"):
+        log.error("workers: this system has no SO_REUSEPORT; run one process per port instead")
+        return 2
+    port, held = config.port, None
+    if port == 0:
+        held = _reserve_port(config.host)
+        port = held.getsockname()[1]
+    command = [sys.executable, os.path.abspath(__file__)] + argv + ["--port", str(port)]
+    workers: Dict[int, "subprocess.Popen[bytes]"] = {}
+    started: Dict[int, float] = {}
+    stopping: List[int] = []
+
+    def start(number: int) -> None:
+        env = dict(os.environ, **{WORKER_ENV: str(number)})
+        # A session of its own: a terminal's Ctrl-C reaches the supervisor only, which passes it on.
+        workers[number] = subprocess.Popen(command, env=env, start_new_session=True)
+        started[number] = time.monotonic()
+        log.info("worker %d started (pid %d)", number, workers[number].pid,
+                 extra=fields("worker_started", worker=number, pid=workers[number].pid))
+
+    def pass_on(signum: int, _frame: Any) -> None:
+        if signum != getattr(signal, "SIGHUP", None):
+            stopping.append(signum)
+        for process in workers.values():
+            with contextlib.suppress(ProcessLookupError):
+                process.send_signal(signal.SIGTERM if signum == signal.SIGINT else signum)
+
+    handled = [signal.SIGTERM, signal.SIGINT] + ([signal.SIGHUP] if hasattr(signal, "SIGHUP") else [])
+    previous = {signum: signal.signal(signum, pass_on) for signum in handled}
+    try:
+        for number in range(1, config.workers + 1):
+            start(number)
+        while workers:
+            pid, status = os.wait()  # returns after a signal handler, too (PEP 475)
+            number = next((n for n, p in workers.items() if p.pid == pid), None)
+            if number is None:
+                continue
+            workers.pop(number).returncode = status  # reaped here, not by Popen
+            if stopping:
+                continue
+            lived = time.monotonic() - started[number]
+            log.error("worker %d (pid %d) died (status %s) after %.1f s; restarting it", number,
+                      pid, status, lived, extra=fields("worker_died", worker=number, pid=pid,
+                                                       status=status))
+            if lived < WORKER_RESTART_DELAY:
+                time.sleep(WORKER_RESTART_DELAY)  # a worker that cannot start must not spin
+            if not stopping:
+                start(number)
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+        if held is not None:
+            held.close()
+    log.info("all workers stopped", extra=fields("workers_stopped"))
+    return 0
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     """Run the gateway (or another command) from the command line; the exit status."""
     argv = list(sys.argv[1:] if argv is None else argv)
+    given = list(argv)
     command = argv.pop(0) if argv and argv[0] in COMMANDS else "serve"
     args = build_parser(command).parse_args(argv)
     if nacl is None:
@@ -4291,11 +4382,17 @@ def main(argv: Optional[List[str]] = None) -> int:
     except ConfigError as err:
         print("odin_gateway: %s" % err, file=sys.stderr)
         return 2
-    log.info("odin_gateway %s (config: %s)", __version__,
-             config.source if config.source != "Config()" else "built-in defaults")
+    worker = os.environ.get(WORKER_ENV)
+    if config.workers > 1 and worker is None:
+        log.info("odin_gateway %s: starting %d workers", __version__, config.workers)
+        return run_workers(config, given)
+    log.info("odin_gateway %s (config: %s)%s", __version__,
+             config.source if config.source != "Config()" else "built-in defaults",
+             " worker %s" % worker if worker else "")
     warn_about_exposure(gateway)
     try:
-        asyncio.run(_run(gateway, ssl_context, reload=lambda: reload_config(args, started_from)))
+        asyncio.run(_run(gateway, ssl_context, reload=lambda: reload_config(args, started_from),
+                         reuse_port=worker is not None))
     except OSError as err:
         log.error("cannot listen on %s:%s: %s", config.host, config.port, err.strerror or err)
         return 1

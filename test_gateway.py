@@ -2942,6 +2942,70 @@ def test_sigkill_of_the_gateway_that_accepted_a_task_loses_nothing(tmp_path, red
             assert connect(b, "lobby") == SFU1
 
 
+def test_workers_share_the_port_get_every_signal_and_are_restarted(tmp_path, redis_server):
+    path = tmp_path / "gateway_config.py"
+    path.write_text("host = '127.0.0.1'\nport = 0\nlog_format = 'json'\nworkers = 2\n"
+                    "cluster = %r\ncluster_heartbeat = 0.1\n" % redis_server.url)
+    supervisor = subprocess.Popen([sys.executable, str(HERE / "odin_gateway.py"), "--config",
+                                   str(path)], stderr=subprocess.PIPE, text=True, cwd=str(tmp_path))
+    lines = iter(supervisor.stderr)
+
+    def wait_for(event, count=1):
+        found = []
+        for line in lines:
+            record = json.loads(line)
+            if record.get("event") == event or record["message"].startswith(event):
+                found.append(record)
+                if len(found) == count:
+                    return found
+        raise AssertionError("no %s in the log" % event)
+
+    try:
+        pids = [record["pid"] for record in wait_for("worker_started", 2)]
+        ports = {int(r["message"].rsplit(":", 1)[1]) for r in wait_for("listening on ", 2)}
+        assert len(ports) == 1  # one port, two processes
+        url = "http://127.0.0.1:%d" % ports.pop()
+        os.kill(pids[0], signal.SIGKILL)
+        assert wait_for("worker_died")[0]["pid"] == pids[0]
+        restarted = wait_for("worker_started")[0]["pid"]
+        wait_for("listening on ")
+        wait_until_ready_or_no_server(url)
+        supervisor.send_signal(signal.SIGHUP)  # reaches both workers
+        assert len(wait_for("config_reloaded", 2)) == 2
+        supervisor.send_signal(signal.SIGTERM)
+        assert supervisor.wait(timeout=30) == 0
+        for pid in (pids[1], restarted):
+            with pytest.raises(ProcessLookupError):
+                os.kill(pid, 0)
+    finally:
+        if supervisor.poll() is None:
+            supervisor.kill()
+            supervisor.wait()
+        supervisor.stderr.close()
+
+
+def test_workers_need_a_cluster():
+    with pytest.raises(og.ConfigError, match="workers = 2 needs cluster"):
+        og.Config(workers=2)
+
+
+def wait_until_ready_or_no_server(url):
+    """The gateway answers /ready: 200, or 503 for want of a server (not for loading)."""
+    started = time.monotonic()
+    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+    while True:
+        try:
+            with opener.open(url + "/ready", timeout=10) as answer:
+                return
+        except urllib.error.HTTPError as err:
+            if b"no enabled server" in err.read():
+                return
+        except OSError:
+            pass
+        assert time.monotonic() - started < 10, "%s not ready" % url
+        time.sleep(0.005)
+
+
 def wait_until_ready(url, timeout=10.0):
     started = time.monotonic()
     while True:
