@@ -18,7 +18,16 @@ On one machine it:
    100,000 rooms, and Connect with 10 to 1,000,000 rooms mapped; measures
    memory per room;
 4. simulates placement: 100 new rooms between two reports on 10 servers,
-   equal and uneven loads, for both placement rules.
+   equal and uneven loads, for both placement rules;
+5. with redis-server installed (and redis-py), the cluster: Connect/s at 64
+   connections of one process alone against one process in cluster mode
+   (gateway on core 0, load generator and redis-server on core 1), of
+   --workers 2 against --workers 1 (both unpinned, the load generator and
+   redis-server on the same two cores), the time a report takes to reach
+   another gateway (p50/p99), and the time a gateway that starts needs to
+   be ready with 10,000 rooms in the cluster.
+
+    python bench/bench.py --cluster-only   # just part 5
 """
 
 from __future__ import annotations
@@ -145,14 +154,22 @@ def run_own(port, connections, seconds, tokens):
             latencies[int(len(latencies) * 0.99)] * 1000, False)
 
 
-def start_gateway(tmp):
+def free_port():
+    import socket
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def start_gateway(tmp, settings="", pinned=True, port=None):
     config = os.path.join(tmp, "bench_config.py")
     with open(config, "w") as out:
-        out.write("host = '127.0.0.1'\nport = 0\nlog_level = 'WARNING'\nlog_format = 'json'\n"
-                  "customers = %r\n" % [CUSTOMER])
-    code = ("import os, sys; os.sched_setaffinity(0, {%d}) if hasattr(os, 'sched_setaffinity') "
+        out.write("host = '127.0.0.1'\nport = %d\nlog_level = 'WARNING'\nlog_format = 'json'\n"
+                  "customers = %r\n%s" % (port or 0, [CUSTOMER], settings))
+    code = ("import os, sys; os.sched_setaffinity(0, {%d}) if %r and hasattr(os, 'sched_setaffinity') "
             "else None; sys.path.insert(0, %r); import odin_gateway; "
-            "sys.exit(odin_gateway.main(['--config', %r]))" % (SERVER_CORE, os.path.dirname(HERE), config))
+            "sys.exit(odin_gateway.main(['--config', %r]))" % (
+                SERVER_CORE, pinned, os.path.dirname(HERE), config))
     process = subprocess.Popen([sys.executable, "-c", code], stderr=subprocess.PIPE, text=True,
                                env=dict(os.environ, PYTHONDONTWRITEBYTECODE="1"))
     # The gateway logs warnings only; ask the OS which port it bound.
@@ -160,16 +177,33 @@ def start_gateway(tmp):
     while time.monotonic() < deadline:
         out = subprocess.run(["ss", "-ltnpH"], capture_output=True, text=True).stdout
         for line in out.splitlines():
-            if "pid=%d," % process.pid in line:
+            if "pid=%d," % process.pid in line or (port and ":%d " % port in line):
                 port = int(line.split()[3].rsplit(":", 1)[1])
                 report = {"jsonrpc": "2.0", "method": "sfu.Report", "id": 1, "params": {
                     "public_endpoint": "sfu:4433", "version": "bench", "load": 0.1,
                     "clients": 0, "rooms": []}}
                 og.RpcClient("http://127.0.0.1:%d/internal" % port).call("sfu.Report", report["params"])
+                wait_ready(port)
                 return process, port
         time.sleep(0.05)
     process.kill()
     raise RuntimeError("the gateway did not start")
+
+
+def wait_ready(port):
+    """Until /ready answers 200 (in cluster mode: the state is loaded), as a load balancer waits."""
+    import urllib.error
+    import urllib.request
+
+    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:
+        try:
+            with opener.open("http://127.0.0.1:%d/ready" % port, timeout=5):
+                return
+        except (urllib.error.URLError, OSError):
+            time.sleep(0.05)
+    raise RuntimeError("the gateway did not get ready")
 
 
 def keep_reporting(port, stop):
@@ -297,9 +331,146 @@ def placement(rule, loads, rooms=100, seeds=20):
     return ratios
 
 
+# -- the cluster ------------------------------------------------------------
+
+
+def start_redis(tmp, core):
+    """A redis-server on a free TCP port, no persistence, pinned to core; (process, url)."""
+    port = free_port()
+    command = ["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "",
+               "--appendonly", "no", "--dir", tmp]
+    if shutil.which("taskset"):
+        command = ["taskset", "-c", str(core)] + command
+    process = subprocess.Popen(command, stdout=subprocess.DEVNULL)
+    import redis
+
+    client = redis.Redis(port=port)
+    deadline = time.monotonic() + 10
+    while True:
+        try:
+            client.ping()
+            break
+        except redis.exceptions.ConnectionError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.02)
+    return process, "redis://127.0.0.1:%d/0" % port
+
+
+def connect_rate(tmp, generate_for, settings="", pinned=True, connections=64, seconds=5):
+    port = free_port() if "workers" in settings else None
+    process, port = start_gateway(tmp, settings, pinned=pinned, port=port)
+    import threading
+    stop = threading.Event()
+    reporter = threading.Thread(target=keep_reporting, args=(port, stop), daemon=True)
+    reporter.start()
+    try:
+        return generate_for(port)(connections, seconds)
+    finally:
+        stop.set()
+        process.terminate()
+        process.wait()
+
+
+async def _propagation(url, reports):
+    """Seconds from sending a report to gateway A until gateway B has applied it."""
+    a = og.Gateway(og.Config(customers=[CUSTOMER], cluster=url))
+    b = og.Gateway(og.Config(customers=[CUSTOMER], cluster=url))
+    arrived = {}
+    original = b.grid.report
+
+    def report(hostname, version, body, now, replica=False):
+        server = original(hostname, version, body, now, replica=replica)
+        if version in arrived and not arrived[version].done():
+            arrived[version].set_result(time.perf_counter())
+        return server
+
+    b.grid.report = report
+    times = []
+    async with a.serve() as server_a, b.serve():
+        while not (a.cluster.loaded and b.cluster.loaded):
+            await asyncio.sleep(0.01)
+        reader, writer = await asyncio.open_connection("127.0.0.1", server_a.port)
+        for index in range(reports):
+            version = "v%d" % index
+            arrived[version] = asyncio.get_running_loop().create_future()
+            body = json.dumps({"jsonrpc": "2.0", "method": "sfu.Report", "id": 1, "params": {
+                "public_endpoint": "sfu:4433", "version": version, "load": 0.1, "clients": 0,
+                "rooms": rooms_report(10)}}).encode()
+            started = time.perf_counter()
+            writer.write(b"POST /internal HTTP/1.1\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body))
+            head = await reader.readuntil(b"\r\n\r\n")
+            await reader.readexactly(int(head.split(b"Content-Length: ")[1].split(b"\r\n")[0]))
+            times.append(await asyncio.wait_for(arrived[version], 5) - started)
+        writer.close()
+    times.sort()
+    return times[len(times) // 2], times[int(len(times) * 0.99)]
+
+
+async def _time_to_ready(url, rooms, servers=10):
+    """Fill the cluster with rooms through gateway A; seconds gateway B needs to be ready."""
+    a = og.Gateway(og.Config(customers=[CUSTOMER], cluster=url))
+    async with a.serve() as server_a:
+        while not a.cluster.loaded:
+            await asyncio.sleep(0.01)
+        for s in range(servers):
+            params = {"public_endpoint": "sfu-%d:4433" % s, "version": "b", "load": 0.1, "clients": 0,
+                      "rooms": [{"id": ["bench", "s%d-r%d" % (s, i)], "customer": "bench",
+                                 "age": {"secs": 1, "nanos": 0}, "peers": 2}
+                                for i in range(rooms // servers)]}
+            await asyncio.get_running_loop().run_in_executor(None, lambda: og.RpcClient(
+                server_a.url + "/internal").call("sfu.Report", params))
+        b = og.Gateway(og.Config(customers=[CUSTOMER], cluster=url))
+        started = time.perf_counter()
+        async with b.serve():
+            while not b.cluster.loaded:
+                await asyncio.sleep(0.001)
+            elapsed = time.perf_counter() - started
+            assert len(b.grid.rooms) >= rooms, len(b.grid.rooms)
+    return elapsed
+
+
+def cluster_part(tmp, seconds, tokens, script, use_wrk):
+    try:
+        import redis  # noqa: F401
+    except ImportError:
+        print("\nCluster: skipped (pip install redis)")
+        return
+    if shutil.which("redis-server") is None:
+        print("\nCluster: skipped (apt-get install redis-server)")
+        return
+    redis_process, url = start_redis(tmp, CLIENT_CORE)
+    try:
+        def pinned_load(port):
+            return (lambda c, s: run_wrk(port, c, s, script)) if use_wrk else (
+                lambda c, s: run_own(port, c, s, tokens))
+
+        print("\nCluster (redis-server and the load generator on core %d):" % CLIENT_CORE)
+        alone = connect_rate(tmp, pinned_load, seconds=seconds)
+        clustered = connect_rate(tmp, pinned_load, "cluster = %r\n" % url, seconds=seconds)
+        print("  Connect/s at 64 connections, gateway on core %d: alone %.0f, cluster %.0f "
+              "(ratio %.2f)" % (SERVER_CORE, alone[0], clustered[0], clustered[0] / alone[0]))
+        one = connect_rate(tmp, pinned_load, "cluster = %r\nworkers = 1\n" % url, pinned=False,
+                           seconds=seconds)
+        two = connect_rate(tmp, pinned_load, "cluster = %r\nworkers = 2\n" % url, pinned=False,
+                           seconds=seconds)
+        print("  Connect/s at 64 connections, gateway unpinned: --workers 1 %.0f, --workers 2 %.0f "
+              "(ratio %.2f; the load generator and redis-server share the 2 cores)"
+              % (one[0], two[0], two[0] / one[0]))
+        p50, p99 = asyncio.run(_propagation(url, 50 if seconds < 5 else 500))
+        print("  a report reaches another gateway: p50 %.2f ms, p99 %.2f ms" % (p50 * 1000, p99 * 1000))
+        rooms = 1000 if seconds < 5 else 10000
+        print("  a gateway that starts is ready with %d rooms in the cluster after %.0f ms"
+              % (rooms, asyncio.run(_time_to_ready(url, rooms)) * 1000))
+    finally:
+        redis_process.terminate()
+        redis_process.wait()
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="a short smoke run of every part")
+    parser.add_argument("--cluster-only", action="store_true", help="only the cluster figures")
     args = parser.parse_args()
     seconds = 1 if args.quick else 5
     use_wrk = shutil.which("wrk") is not None and shutil.which("taskset") is not None
@@ -314,11 +485,17 @@ def main():
     except (OSError, StopIteration):
         pass
 
+    tokens = make_tokens(100 if args.quick else 1000)
+    if args.cluster_only:
+        with tempfile.TemporaryDirectory() as tmp:
+            script = os.path.join(tmp, "connect.lua")
+            wrk_script(script, tokens)
+            cluster_part(tmp, seconds, tokens, script, use_wrk)
+        return
     pin(SERVER_CORE)
     ceiling = crypto_ceiling(1 if args.quick else 3)
     pin(CLIENT_CORE)
     print("\nEd25519 verify+sign ceiling of one core: %.0f/s (%.0f us each)" % (ceiling, 1e6 / ceiling))
-    tokens = make_tokens(100 if args.quick else 1000)
     with tempfile.TemporaryDirectory() as tmp:
         script = os.path.join(tmp, "connect.lua")
         wrk_script(script, tokens)
@@ -349,6 +526,7 @@ def main():
             stop.set()
             process.terminate()
             process.wait()
+        cluster_part(tmp, seconds, tokens, script, use_wrk)
 
     print("\nsfu.Report (in-process, whole request):")
     for rooms in (1000, 10000):
