@@ -4,6 +4,9 @@
 # name is optional; each is shown here with its default unless said otherwise.
 # None means "unlimited" wherever a limit is expected. Command-line flags
 # (--host, --port, --ssl, --certificate, --privatekey) override this file.
+# Settings are lower case; any other name is reported as unknown at start,
+# except names that start with "_": use those for constants of your own
+# (_REGION = "eu", not REGION = "eu").
 #
 #   python odin_gateway.py                     # uses ./config.py
 #   python odin_gateway.py --config /etc/odin-gateway/config.py

@@ -9,7 +9,7 @@ plus a fresh Ed25519-signed token for that server.
 
 Run it::
 
-    pip install pynacl
+    pip install pynacl "tomli; python_version < '3.11'"
     python odin_gateway.py                 # reads ./config.py if present
     python odin_gateway.py --help
 
@@ -68,6 +68,7 @@ import contextlib
 import copy
 import dataclasses
 import datetime
+import difflib
 import email.utils
 import functools
 import hashlib
@@ -82,6 +83,7 @@ import pprint
 import random
 import re
 import runpy
+import shlex
 import socket
 import ssl as ssl_module
 import subprocess
@@ -458,7 +460,7 @@ class VerifyKey:
 
     def __init__(self, kid: str, public: bytes):
         if len(public) != 32:
-            raise ValueError("an Ed25519 public key has 32 bytes, not %d" % len(public))
+            raise ValueError("x is %d bytes long; an Ed25519 public key has 32" % len(public))
         nacl.signing.VerifyKey(public)  # refuses what libsodium cannot use, now rather than later
         self.kid = kid
         self.public = bytes(public)
@@ -757,6 +759,10 @@ def check_basic(credentials: str, users: Dict[str, str]) -> Authorization:
 
 #: The well-known master key of the original's sample configuration.
 DEFAULT_MASTER_KEY = "VGhpcyBpcyBhIHN1cGVyIHNlY3JldCBtYXN0ZXIga2V5IQ=="
+#: Shorter master keys are guessable; keygen --master makes 32 random bytes.
+MIN_MASTER_KEY_BYTES = 32
+#: Key id of the sample config's demo customer, whose access key README.md prints.
+PUBLISHED_DEMO_KID = "ARjlCj4VESC3"
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 
 #: Why a value is wrong for a setting, or None when it is fine.
@@ -831,36 +837,78 @@ def _redis_url(value: Any) -> Optional[str]:
     return "expected None or a Redis URL (redis://[:password@]host:port/db, rediss://, unix://)"
 
 
+def _camel(snake: str) -> str:
+    return re.sub(r"_(\w)", lambda m: m.group(1).upper(), snake)
+
+
 def _pick(mapping: dict, snake: str, default: Any = None) -> Any:
     """mapping[snake], also accepting the original's camelCase spelling."""
     if snake in mapping:
         return mapping[snake]
-    camel = re.sub(r"_(\w)", lambda m: m.group(1).upper(), snake)
-    return mapping.get(camel, default)
+    return mapping.get(_camel(snake), default)
+
+
+#: The keys of a customer, of one of its access keys, of unknown_customers and
+#: of customer_api (camelCase spellings of the first three are accepted too).
+CUSTOMER_KEYS = ("id", "max_peers", "max_rooms", "access_keys")
+ACCESS_KEY_KEYS = ("public_key", "namespace")
+LIMIT_KEYS = ("max_peers", "max_rooms")
+CUSTOMER_API_KEYS = ("update_function", "update_interval")
+
+
+def _unknown_key(mapping: dict, known: Tuple[str, ...], camel: bool = True) -> Optional[str]:
+    """'unknown key ...' naming the first key of mapping that is not known, and the
+    nearest known one: a misspelled limit must not silently mean no limit."""
+    names = known + tuple(_camel(name) for name in known) if camel else known
+    for key in mapping:
+        if key not in names:
+            close = difflib.get_close_matches(str(key), names, n=1)
+            hint = "did you mean %r?" % close[0] if close else "known: %s" % ", ".join(known)
+            return "unknown key %s (%s)" % (printable(repr(key), 40), hint)
+    return None
+
+
+def _customer_problem(index: int, customer: Any) -> Optional[str]:
+    """Why one entry of a customer list is malformed, naming it, or None.
+    (JWKs are checked when loaded.)"""
+    where = "customer #%d" % (index + 1)
+    if not isinstance(customer, dict):
+        return "%s: expected a dict" % where
+    if not isinstance(customer.get("id"), str) or not customer["id"]:
+        return "%s: id must be a non-empty string" % where
+    where = "customer %s" % printable(repr(customer["id"]), 60)
+    unknown = _unknown_key(customer, CUSTOMER_KEYS)
+    if unknown:
+        return "%s: %s" % (where, unknown)
+    for field in LIMIT_KEYS:
+        if not _is_limit(_pick(customer, field)):
+            return "%s: %s must be a non-negative integer or None" % (where, field)
+    keys = _pick(customer, "access_keys", [])
+    if not isinstance(keys, list):
+        return "%s: access_keys must be a list" % where
+    for number, key in enumerate(keys, 1):
+        if isinstance(key, str) or (isinstance(key, dict) and isinstance(_pick(key, "public_key"), str)):
+            return ("%s, access key #%d: a string where the public JWK belongs; the gateway needs "
+                    "only the public key (python odin_gateway.py keygen prints the entry), never "
+                    "the access key itself" % (where, number))
+        if not isinstance(key, dict) or not isinstance(_pick(key, "public_key"), dict):
+            return '%s: each access key must be {"public_key": {...jwk...}, "namespace": ...}' % where
+        unknown = _unknown_key(key, ACCESS_KEY_KEYS)
+        if unknown:
+            return "%s, access key #%d: %s" % (where, number, unknown)
+        if _pick(key, "namespace") is not None and not isinstance(_pick(key, "namespace"), str):
+            return "%s: namespace must be a string or None" % where
+    return None
 
 
 def _check_customers(customers: Any) -> Optional[str]:
-    """Why a customer list is malformed, or None. (JWKs are checked when loaded.)"""
+    """Why a customer list is malformed, or None."""
     if not isinstance(customers, list):
         return "expected a list of customers"
     for index, customer in enumerate(customers):
-        where = "customer #%d" % (index + 1)
-        if not isinstance(customer, dict):
-            return "%s: expected a dict" % where
-        if not isinstance(customer.get("id"), str) or not customer["id"]:
-            return "%s: id must be a non-empty string" % where
-        where = "customer %r" % customer["id"]
-        for field in ("max_peers", "max_rooms"):
-            if not _is_limit(_pick(customer, field)):
-                return "%s: %s must be a non-negative integer or None" % (where, field)
-        keys = _pick(customer, "access_keys", [])
-        if not isinstance(keys, list):
-            return "%s: access_keys must be a list" % where
-        for key in keys:
-            if not isinstance(key, dict) or not isinstance(_pick(key, "public_key"), dict):
-                return '%s: each access key must be {"public_key": {...jwk...}, "namespace": ...}' % where
-            if _pick(key, "namespace") is not None and not isinstance(_pick(key, "namespace"), str):
-                return "%s: namespace must be a string or None" % where
+        problem = _customer_problem(index, customer)
+        if problem:
+            return problem
     return None
 
 
@@ -869,15 +917,21 @@ def _check_customer_api(value: Any) -> Optional[str]:
         return None
     if not isinstance(value, dict) or not callable(value.get("update_function")):
         return 'expected None or {"update_function": fn, "update_interval": seconds}'
+    unknown = _unknown_key(value, CUSTOMER_API_KEYS, camel=False)
+    if unknown:
+        return unknown
     if _positive_seconds(value.get("update_interval", 300)):
         return "update_interval: expected a positive number of seconds"
     return None
 
 
 def _check_unknown_customers(value: Any) -> Optional[str]:
-    if value == "forbidden" or (isinstance(value, dict) and _is_limit(_pick(value, "max_peers"))
-                                and _is_limit(_pick(value, "max_rooms"))):
+    if value == "forbidden":
         return None
+    if isinstance(value, dict):
+        unknown = _unknown_key(value, LIMIT_KEYS)
+        if unknown or all(_is_limit(_pick(value, field)) for field in LIMIT_KEYS):
+            return unknown
     return 'expected "forbidden" or {"max_peers": n, "max_rooms": n} (None: unlimited)'
 
 
@@ -929,9 +983,9 @@ class Config:
     Each setting is one field below: its type, then setting(default, check,
     meaning, reload=..., flag=...). Config's validation, the reload rule, the
     command-line flags and README's settings table all follow from it
-    (SETTINGS lists them), so adding a setting is adding a field. Names and
-    defaults are those of the sample config.py. None means unlimited where a
-    limit is expected.
+    (SETTINGS lists them), so adding a setting is adding a field; the tests
+    then ask for its line in the sample config.py and print the README table
+    with its row. None means unlimited where a limit is expected.
     """
 
     # -- logging
@@ -957,9 +1011,10 @@ class Config:
     customers: List[dict] = setting(
         [], _check_customers,
         'list of `{"id", "max_peers", "max_rooms", "access_keys": [{"public_key": jwk, '
-        '"namespace": None}]}`; camelCase names (`maxPeers`, `accessKeys`, `publicKey`) work too. '
-        "A JWK that cannot be used is skipped with a warning (the sample config ships the "
-        "`demo` customer)")
+        '"namespace": None}]}`. An omitted `max_peers` or `max_rooms` (or `None`) means unlimited; '
+        "an unknown key stops the start; camelCase names (`maxPeers`, `accessKeys`, `publicKey`) "
+        "work too. A JWK that cannot be used is skipped with a warning (the sample config ships "
+        "the `demo` customer)")
     customer_api: Optional[dict] = setting(
         None, _check_customer_api, '`{"update_function": fn, "update_interval": 300}`, see below')
     unknown_customers: Union[str, Dict[str, Any]] = setting(
@@ -978,7 +1033,8 @@ class Config:
         5, _positive_seconds,
         "seconds between server reports (sent to servers) and maintenance ticks")
     disable_timeout: float = setting(
-        7.5, _positive_seconds, "seconds without a report before a server gets no new rooms")
+        7.5, _positive_seconds,
+        "seconds without a report before a server gets no new rooms (more than `update_interval`)")
     remove_timeout: float = setting(
         600, _positive_seconds, "seconds without a report before a server is forgotten")
     login_token_lifetime: int = setting(
@@ -1039,8 +1095,8 @@ class Config:
     def __init__(self, source: str = "Config()", **settings: Any):
         unknown = sorted(set(settings) - set(SETTINGS))
         if unknown:
-            raise ConfigError("%s: unknown setting %s (known: %s)" % (
-                source, ", ".join(unknown), ", ".join(SETTINGS)))
+            raise ConfigError("%s: unknown setting %s%s (known: %s)" % (
+                source, ", ".join(unknown), _nearest_setting(unknown[0]), ", ".join(SETTINGS)))
         self.source = source
         for name, declared in SETTINGS.items():
             # A copy: a default list or dict must not be shared between configs.
@@ -1053,12 +1109,19 @@ class Config:
             raise ConfigError("%s: workers = %d needs cluster: worker processes share servers, "
                               "rooms and tasks through Redis (set cluster to a Redis URL)"
                               % (source, self.workers))
+        if self.disable_timeout <= self.update_interval:
+            raise ConfigError(
+                "%s: disable_timeout = %r: expected more than update_interval (%r): servers "
+                "report every update_interval, so each would count as silent between two reports"
+                % (source, self.disable_timeout, self.update_interval))
         self.log_level = self.log_level.upper()
         self.master_key_bytes = b64_decode(self.master_key)
 
     @classmethod
     def load(cls, path: str) -> "Config":
         """Run the Python file at path and take the settings it defines."""
+        if os.path.isdir(path):
+            raise ConfigError("%s: is a directory, not a config file" % path)
         if not os.path.isfile(path):
             raise ConfigError("%s: no such file" % path)
         try:
@@ -1067,9 +1130,12 @@ class Config:
             raise ConfigError("%s: cannot load: %s: %s" % (path, type(err).__name__, err)) from err
         settings = {name: namespace[name] for name in SETTINGS if name in namespace}
         for name, value in namespace.items():
-            if (name not in SETTINGS and not name.startswith("_") and name.islower()
+            # PORT = 17322 is as much a mistake as prot = 17322; names of the
+            # user's own start with "_".
+            if (name not in SETTINGS and not name.startswith("_")
                     and not callable(value) and not inspect.ismodule(value)):
-                log.warning("%s: ignoring unknown setting %r", path, name)
+                log.warning("%s: ignoring unknown setting %r%s (names of your own start with _)",
+                            path, name, _nearest_setting(name))
         return cls(source=path, **settings)
 
     def replace(self, **changes: Any) -> "Config":
@@ -1079,34 +1145,73 @@ class Config:
         return Config(source=self.source, **settings)
 
 
+def _nearest_setting(name: str) -> str:
+    """' (did you mean 'port'?)' for a name that is not a setting, or ''."""
+    close = difflib.get_close_matches(name.lower(), SETTINGS, n=1)
+    return " (did you mean %r?)" % close[0] if close else ""
+
+
 #: name -> Setting, in the order of Config's fields (read-only).
 SETTINGS: "types.MappingProxyType[str, Setting]" = types.MappingProxyType({
     field.name: dataclasses.replace(field.metadata["setting"], name=field.name, type=str(field.type))
     for field in dataclasses.fields(Config)})
 
 
+def customer_verify_key(jwk: Any) -> VerifyKey:
+    """The key of a customer's public JWK; ValueError saying what is wrong with it."""
+    if not isinstance(jwk, dict):
+        raise ValueError("expected a JWK object")
+    if jwk.get("kty", "OKP") != "OKP":
+        raise ValueError('kty is %s: only Ed25519 keys (kty "OKP") are supported'
+                         % printable(repr(jwk["kty"]), 40))
+    if jwk.get("crv", "Ed25519") != "Ed25519":
+        raise ValueError("crv is %s: only Ed25519 keys are supported" % printable(repr(jwk["crv"]), 40))
+    if not isinstance(jwk.get("x"), str) or not jwk["x"]:
+        raise ValueError("the JWK has no x (the public key)")
+    try:
+        public = b64url_decode(jwk["x"])
+    except ValueError:
+        raise ValueError("x is not base64url") from None
+    key = VerifyKey(key_id(CUSTOMER_KID_PREFIX, public), public)
+    # Tokens carry the kid derived from the key, so any other kid matches no token.
+    if "kid" not in jwk:
+        raise ValueError("the JWK has no kid (for this x it is %s)" % key.kid)
+    if jwk["kid"] != key.kid:
+        raise ValueError("kid %s does not match the public key x, whose kid is %s"
+                         % (printable(repr(jwk["kid"]), 40), key.kid))
+    return key
+
+
 def load_customer_keys(customers: List[dict]) -> Dict[str, CustomerKey]:
-    """kid -> CustomerKey for a customer list; a JWK that cannot be used is skipped."""
+    """kid -> CustomerKey for a customer list; a JWK that cannot be used is skipped,
+    with a warning naming the customer and the key."""
     keys: Dict[str, CustomerKey] = {}
     for customer in customers:
         customer_id = customer["id"]
         licensee = Licensee(customer_id, _pick(customer, "max_peers"), _pick(customer, "max_rooms"))
-        for access_key in _pick(customer, "access_keys", []):
+        access_keys = _pick(customer, "access_keys", [])
+        usable = 0
+        for number, access_key in enumerate(access_keys, 1):
             jwk = _pick(access_key, "public_key")
             try:
-                if not isinstance(jwk.get("kid"), str):
-                    raise ValueError("kid must be a string")
-                public = b64url_decode(jwk.get("x") or "")
-                verify_key = VerifyKey(jwk["kid"], public)
-            except (ValueError, TypeError, AttributeError) as err:
-                log.warning("customer %r: skipping access key %r: %s",
-                            customer_id, printable(jwk.get("kid") if isinstance(jwk, dict) else jwk), err)
+                verify_key = customer_verify_key(jwk)
+            except ValueError as err:
+                named = isinstance(jwk, dict) and "kid" in jwk
+                kid = " (kid %s)" % printable(repr(jwk["kid"]), 40) if named else ""
+                log.warning("customer %r: skipping access key #%d%s: %s", customer_id, number, kid, err)
                 continue
+            usable += 1
+            if "d" in jwk:
+                log.warning("customer %r: access key #%d is a private JWK (it has d): the gateway "
+                            "needs only the public key; remove d from the config", customer_id, number)
             namespace = _pick(access_key, "namespace") or customer_id
             if verify_key.kid in keys:
                 log.warning("customer %r: key id %s is already used by customer %r; the later wins",
                             customer_id, verify_key.kid, keys[verify_key.kid].licensee.customer_id)
             keys[verify_key.kid] = CustomerKey(verify_key, licensee, namespace)
+        if not usable:
+            log.warning("customer %r has no usable access key (%d configured): all its tokens "
+                        "will be refused", customer_id, len(access_keys))
     return keys
 
 
@@ -1171,6 +1276,8 @@ except ImportError:  # Python < 3.11
         import tomli as _toml_reader  # type: ignore[no-redef]
     except ImportError:
         _toml_reader = None  # type: ignore[assignment]
+NO_TOML_READER = ("sfu.GridConfig needs a TOML parser: Python 3.11+ has one; on Python %d.%d "
+                  "run: pip install tomli" % sys.version_info[:2])
 
 _BARE_KEY_RE = re.compile(r"[A-Za-z0-9_-]+")
 _TOML_ESCAPES = {'"': '\\"', "\\": "\\\\", "\b": "\\b", "\t": "\\t", "\n": "\\n",
@@ -1259,7 +1366,7 @@ MAX_SERVER_CONFIG = 64 * 1024
 def parse_toml(text: str) -> dict:
     """Parse TOML; RpcError naming the line and column when it is invalid."""
     if _toml_reader is None:
-        raise RpcError(INTERNAL_ERROR, "sfu.GridConfig needs Python 3.11+ or the tomli package")
+        raise RpcError(INTERNAL_ERROR, NO_TOML_READER)
     if len(text) > MAX_SERVER_CONFIG:
         raise refused("config is %d characters; at most %d are accepted" % (len(text), MAX_SERVER_CONFIG))
     try:
@@ -1546,9 +1653,9 @@ class Grid:
         The peer (and the room, if new there) count as pending usage of the
         server and the customer until the server's next report.
         """
+        server = self.server_of(digest, now)
         room = self.rooms.get(digest)
-        server = self.servers.get(room.server) if room is not None else None
-        if server is None or server.disabled:
+        if server is None:
             server = self._pick(pinned)
         new_here = room is None or room.server != server.hostname
         if room is None:
@@ -1566,17 +1673,27 @@ class Grid:
             self.on_placed(server.hostname, customer, new_room)
         return server
 
-    # -- cluster replica (see ClusterLink) -------------------------------------
+    def answering(self, server: Server, now: float) -> bool:
+        """Not disabled, and not silent for disable_timeout: a silent server is out
+        from that moment, whatever the phase of the maintenance tick (which only
+        makes it official)."""
+        return not server.disabled and now - server.last_seen < self.config.disable_timeout
 
-    def mapped(self, digest: str) -> bool:
-        """The room is mapped to a known, enabled server (Connect needs no new pick)."""
+    def candidates(self, now: float) -> List[Server]:
+        """The servers that take new rooms now: answering and not draining."""
+        return [s for s in self.servers.values() if s.takes_rooms and self.answering(s, now)]
+
+    def server_of(self, digest: str, now: float) -> Optional[Server]:
+        """The answering server a room is mapped to, or None: then a Connect opens it anew."""
         room = self.rooms.get(digest)
         server = self.servers.get(room.server) if room is not None else None
-        return server is not None and not server.disabled
+        return server if server is not None and self.answering(server, now) else None
+
+    # -- cluster replica (see ClusterLink) -------------------------------------
 
     def adopt_room(self, digest: str, record: dict, now: float, *, force: bool = False) -> None:
         """Map a room as another gateway (or Redis) says; force: even over a live local mapping."""
-        if force or not self.mapped(digest):
+        if force or self.server_of(digest, now) is None:
             self.rooms[digest] = Room(tuple(record["id"]), record["customer"], record["server"],
                                       min(now, record["updated"]))
 
@@ -1603,7 +1720,7 @@ class Grid:
         self._account(server, +1)
 
     def _pick(self, pinned: Optional[str]) -> Server:
-        """A server for a new room, among those taking rooms (enabled, not draining;
+        """A server for a new room, among those taking rooms (answering, not draining;
         a server is a candidate from its first report on).
 
         placement "balanced": the least estimated load (reported load plus the
@@ -1611,11 +1728,9 @@ class Grid:
         when every server is full. placement "random", as the original: at
         random, weighted by 1 - load.
         """
+        candidates = self.candidates(self._gateway.clock())
         if pinned is not None:
-            server = self.servers.get(pinned)
-            candidates = [server] if server is not None and server.takes_rooms else []
-        else:
-            candidates = [s for s in self.servers.values() if s.takes_rooms]
+            candidates = [server for server in candidates if server.hostname == pinned]
         if not candidates:
             raise refused("no server to assign room too")
         rng = self._gateway.rng
@@ -1898,8 +2013,7 @@ class Gateway:
         # whether Redis is up, and hand it ClusterSteps through the HTTP layer.
         self.cluster: Optional[ClusterLink] = None
         self._dynamic_keys: Dict[str, CustomerKey] = {}
-        self._static_keys = load_customer_keys(self.config.customers)
-        self._rebuild_authorizer()
+        self._load_static_keys()
         self._handlers: Dict[str, Callable[[Call, dict], Any]] = {
             "Connect": self.rpc_connect,
             **{task: functools.partial(self.rpc_room_task, task=task) for task in ROOM_TASKS},
@@ -1912,6 +2026,14 @@ class Gateway:
         }
 
     # -- customers ----------------------------------------------------------
+
+    def _load_static_keys(self) -> None:
+        customers = self.config.customers
+        self._static_keys = load_customer_keys(customers)
+        if customers and not self._static_keys:
+            log.warning("no usable access key in customers (%d configured): every token of "
+                        "those customers will be refused", len(customers))
+        self._rebuild_authorizer()
 
     def _rebuild_authorizer(self) -> None:
         keys = dict(self._static_keys)
@@ -1940,12 +2062,19 @@ class Gateway:
         if kept:
             config = config.replace(**kept)
         self.config = config
-        self._static_keys = load_customer_keys(config.customers)
-        self._rebuild_authorizer()
-        log.info("config reloaded from %s: %d customer keys", config.source,
-                 len(self.authorizer.customer_keys),
+        self._load_static_keys()
+        log.info("config reloaded from %s: %s", config.source, self.customer_counts(),
                  extra=fields("config_reloaded", source=config.source,
-                              keys=len(self.authorizer.customer_keys)))
+                              customers=len(config.customers), keys=len(self._static_keys)))
+
+    def customer_counts(self) -> str:
+        """'2 customers with 3 usable access keys' of the config, for the start and reload lines."""
+        config = self.config
+        text = "%s with %s" % (_counted(len(config.customers), "customer"),
+                               _counted(len(self._static_keys), "usable access key"))
+        if config.customer_api is not None:
+            text += ", and those of customer_api"
+        return text
 
     @property
     def everything_goes(self) -> bool:
@@ -1955,11 +2084,20 @@ class Gateway:
 
     def set_customers(self, customers: Any) -> bool:
         """Replace the customers from the update function; False (old keys kept) if unusable."""
-        problem = _check_customers(customers)
-        if problem:
+        if not isinstance(customers, list):
+            problem = "expected a list of customers, not %s" % type(customers).__name__
             log.warning("customer update: keeping the previous keys: %s", problem,
                         extra=fields("customers_kept", reason=problem))
             return False
+        usable = []
+        for index, customer in enumerate(customers):
+            problem = _customer_problem(index, customer)
+            if problem:  # one bad entry must not cost every other customer its keys
+                log.warning("customer update: skipping %s", problem,
+                            extra=fields("customer_skipped", reason=problem))
+            else:
+                usable.append(customer)
+        customers = usable
         keys = load_customer_keys(customers)
         if not keys:
             log.warning("customer update: keeping the previous keys: the update has no usable key",
@@ -1995,15 +2133,7 @@ class Gateway:
 
         licensee = auth.licensee
         peers, rooms = self.grid.usage_of(licensee.customer_id)
-        for limit, usage, what, message in (
-                (licensee.peer_limit, peers, "peers", "peer limit exceeded"),
-                (licensee.room_limit, rooms, "rooms", "room limit exceeded")):
-            if limit is not None and not limit > usage:
-                log.info("Connect refused: customer %s has %d of %d %s",
-                         printable(licensee.customer_id), usage, limit, what, extra=fields(
-                             "limit_refused", customer=licensee.customer_id, limit=what,
-                             usage=usage, max=limit))
-                raise refused(message)
+        _check_limit(licensee, licensee.peer_limit, peers, "peers")  # every Connect
 
         namespace = auth.namespace if auth.namespace is not None else licensee.customer_id
         if isinstance(rid, list):
@@ -2021,8 +2151,9 @@ class Gateway:
 
         now = self.clock()
         link = self.cluster
-        if link is not None and link.up and not self.grid.mapped(digest):
+        if link is not None and link.up and self.grid.server_of(digest, now) is None:
             # A new room: claim it in Redis first, so that every gateway sends it to one server.
+            _check_limit(licensee, licensee.room_limit, rooms, "rooms")
             record = {"id": [namespace, room_name], "customer": licensee.customer_id,
                       "server": self.grid._pick(pinned).hostname, "updated": now}
             return ClusterStep("claim", (digest, record), functools.partial(
@@ -2044,6 +2175,11 @@ class Gateway:
         claims, licensee = auth.claims, auth.licensee
         rid = claims["rid"]
         now = self.clock()
+        # The room limit limits rooms (PROTOCOL.md 5.3): a Connect to a room that
+        # lives on an answering server opens none, so only a new room is refused.
+        if self.grid.server_of(digest, now) is None:
+            _check_limit(licensee, licensee.room_limit, self.grid.usage_of(licensee.customer_id)[1],
+                         "rooms")
         server = self.grid.assign(digest, (namespace, room_name), licensee.customer_id, pinned, now)
         nbf = int(now)
         token = encode_jwt({
@@ -2360,14 +2496,13 @@ class Gateway:
         try:
             if path == "/":
                 if not header:
-                    return Response(401, _error_body(PARSE_ERROR, "invalid or missing authorization"))
+                    return _missing_credentials(basic=False)
                 # Whole seconds, as the original: a token exactly 300 s late still passes.
                 auth = self.authorizer.authorize(header, int(self.clock()),
                                                  required_claims=("rid", "uid"))
             elif self.config.internal_users:
                 if not header:
-                    return Response(401, _error_body(PARSE_ERROR, "invalid or missing authorization"),
-                                    [("WWW-Authenticate", 'Basic realm="odin-gateway"')])
+                    return _missing_credentials(basic=True)
                 auth = self._basic_auth(header)
         except TokenError as err:
             log.debug("%s refused: %s", path, err)
@@ -2400,17 +2535,24 @@ class Gateway:
         if path == "/health":
             return Response(200, dump_json({"status": "ok"}))
         if path == "/ready":
-            enabled = sum(1 for server in self.grid.servers.values() if server.takes_rooms)
+            now = self.clock()
+            enabled = len(self.grid.candidates(now))
             if self.stopping:
                 return Response(503, dump_json({"status": "stopping"}))
             if self.cluster is not None and not self.cluster.loaded:
                 return Response(503, dump_json({"status": "loading the cluster state from Redis"}))
             if not enabled:
-                return Response(503, dump_json({"status": "no enabled server"}))
+                answering = sum(1 for s in self.grid.servers.values() if self.grid.answering(s, now))
+                why = ", ".join("%d %s" % (count, state) for count, state in (
+                    (answering, "draining"), (len(self.grid.servers) - answering, "silent"))
+                    if count) or "none has reported"
+                return Response(503, dump_json({"status": "no server takes rooms: " + why}))
             return Response(200, dump_json({"status": "ready", "servers": enabled}))
         if self.config.internal_users:  # /metrics is protected like /internal
+            if not headers.get("authorization"):
+                return _missing_credentials(basic=True)
             try:
-                self._basic_auth(headers.get("authorization", ""))
+                self._basic_auth(headers["authorization"])
             except TokenError as err:
                 return Response(401, _error_body(INVALID_REQUEST, str(err)),
                                 [("WWW-Authenticate", 'Basic realm="odin-gateway"')])
@@ -2420,6 +2562,31 @@ class Gateway:
 
 def _has_steps(answers: List[dict]) -> bool:
     return any(isinstance(answer.get("result"), ClusterStep) for answer in answers)
+
+
+def _missing_credentials(basic: bool) -> Response:
+    """The 401 for a request without an Authorization header, on every protected path.
+
+    Its code is -32700 (Parse error) although nothing failed to parse: the
+    original answers its HTTP-level refusals (this 401, 403, 404) with
+    -32700, and clients may match on it, so it stays. Credentials that are
+    present but refused get -32600 and the reason.
+    """
+    return Response(401, _error_body(PARSE_ERROR, "invalid or missing authorization"),
+                    [("WWW-Authenticate", 'Basic realm="odin-gateway"')] if basic else None)
+
+
+def _counted(count: int, noun: str) -> str:
+    return "%d %s%s" % (count, noun, "" if count == 1 else "s")
+
+
+def _check_limit(licensee: Licensee, limit: Optional[int], usage: int, what: str) -> None:
+    """Refuse a Connect when the customer's usage has reached a limit of its licence."""
+    if limit is not None and not limit > usage:
+        log.info("Connect refused: customer %s has %d of %d %s", printable(licensee.customer_id),
+                 usage, limit, what, extra=fields("limit_refused", customer=licensee.customer_id,
+                                                  limit=what, usage=usage, max=limit))
+        raise refused("%s limit exceeded" % what[:-1])
 
 
 def _subject_filter(subjects: Any, methods: Tuple[str, ...]) -> Tuple[str, ...]:
@@ -3909,6 +4076,10 @@ class FakeServer:
 def run_demo(out: Any = None) -> int:
     """Run the whole protocol on this machine and narrate it (the demo command)."""
     out = out or sys.stdout
+    if _toml_reader is None:
+        print("The demo starts media servers, whose first call is sfu.GridConfig.\n" + NO_TOML_READER,
+              file=out)
+        return 2
     offset = [0.0]
 
     def clock() -> float:  # real time, plus the time the demo pretends has passed
@@ -3931,7 +4102,7 @@ def run_demo(out: Any = None) -> int:
     gateway = Gateway(config, clock=clock, rng=random.Random(4))
     with serve_in_thread(gateway=gateway) as server:
         internal = server.url.replace("://", "://sfu:demo-password@") + "/internal"
-        say("ODIN gateway demo: the whole protocol, on this machine, in a few seconds.")
+        say("ODIN gateway demo: the whole protocol, on this machine, in under a second.")
         say("Arrows show each JSON-RPC call and its answer, shortened.")
         say()
         say("1. A gateway listens on %s with one customer, acme (max 10 peers," % server.url)
@@ -4032,13 +4203,20 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(entry, ensure_ascii=False, default=str)
 
 
+class PrettyFormatter(logging.Formatter):
+    """A line for people: UTC time with its Z (as the JSON lines), level, message."""
+
+    def __init__(self) -> None:
+        super().__init__("%(asctime)s %(levelname)-7s %(message)s")
+
+    def formatTime(self, record: logging.LogRecord, datefmt: Optional[str] = None) -> str:
+        return iso_time(record.created)
+
+
 def configure_logging(level: str, fmt: str, stream: Any = None) -> None:
     """Send odin_gateway's log to stderr in the chosen format (main() only)."""
     handler = logging.StreamHandler(stream or sys.stderr)
-    if fmt == "json":
-        handler.setFormatter(JsonFormatter())
-    else:
-        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)-7s %(message)s"))
+    handler.setFormatter(JsonFormatter() if fmt == "json" else PrettyFormatter())
     log.handlers[:] = [handler]
     log.setLevel(level)
     log.propagate = False
@@ -4052,10 +4230,21 @@ def configure_logging(level: str, fmt: str, stream: Any = None) -> None:
 def warn_about_exposure(gateway: Gateway) -> None:
     """Say at start what an operator must know is exposed, and how to fix it."""
     config = gateway.config
+    if _toml_reader is None:
+        log.warning("%s (until then every server's sfu.GridConfig fails)", NO_TOML_READER)
     if config.master_key == DEFAULT_MASTER_KEY:
         log.warning("master_key is the well-known default: anyone can derive your servers' "
                     "signing keys and forge room tokens; set a secret one "
                     "(python odin_gateway.py keygen --master)")
+    elif len(config.master_key_bytes) < MIN_MASTER_KEY_BYTES:
+        log.warning("master_key is only %d bytes long: use at least %d random bytes "
+                    "(python odin_gateway.py keygen --master makes one)",
+                    len(config.master_key_bytes), MIN_MASTER_KEY_BYTES)
+    for key in gateway.authorizer.customer_keys.values():
+        if key.verify_key.kid == PUBLISHED_DEMO_KID:
+            log.warning("customer %r has the access key published in README.md (key id %s): "
+                        "anyone can sign tokens for it; remove it before the gateway faces a "
+                        "network", key.licensee.customer_id, PUBLISHED_DEMO_KID)
     if not config.internal_users:
         log.warning("/internal is open (internal_users is empty): anyone who reaches this port "
                     "can register servers and read their signing keys; set internal_users or "
@@ -4070,10 +4259,14 @@ def warn_about_exposure(gateway: Gateway) -> None:
 
 def _ssl_context(config: Config) -> ssl_module.SSLContext:
     context = ssl_module.SSLContext(ssl_module.PROTOCOL_TLS_SERVER)
+    # load_cert_chain's FileNotFoundError names no file (3.9-3.13): look first.
+    for name in ("certificate", "private_key"):
+        path = getattr(config, name)
+        if not os.path.isfile(path):
+            raise ConfigError("TLS: %s %s: %s" % (name, path, "is a directory" if os.path.isdir(path)
+                                                    else "no such file"))
     try:
         context.load_cert_chain(config.certificate, config.private_key)
-    except FileNotFoundError as err:
-        raise ConfigError("TLS: cannot read %s: no such file" % err.filename) from err
     except (ssl_module.SSLError, OSError) as err:
         raise ConfigError("TLS: cannot use certificate %s with key %s: %s"
                           % (config.certificate, config.private_key, err)) from err
@@ -4085,28 +4278,68 @@ COMMANDS = ("serve", "keygen", "token", "demo")
 MASTER_KEY_ENV = "ODIN_GATEWAY_MASTER_KEY"
 
 
-def build_parser(command: str = "serve") -> argparse.ArgumentParser:
+#: A flag whose name says it carries a secret (--access-key, --master-key...); a
+#: flag that names a file holding one (--master-key-file) is not secret.
+_SECRET_FLAG_RE = re.compile(r"--[\w-]*(key|secret|password)")
+
+
+class CommandParser(argparse.ArgumentParser):
+    """argparse without abbreviations (--master-key must not pass for
+    --master-key-file), whose error messages never repeat a secret flag's value."""
+
+    def __init__(self, **options: Any):
+        super().__init__(allow_abbrev=False, **options)
+        self.secrets: List[str] = []
+
+    def parse_known_args(self, args: Any = None, namespace: Any = None) -> Any:
+        argv = list(sys.argv[1:] if args is None else args)
+        self.secrets = []
+        for index, arg in enumerate(argv):
+            name, equals, value = arg.partition("=")
+            if _SECRET_FLAG_RE.fullmatch(name):
+                self.secrets.append(value if equals else argv[index + 1] if index + 1 < len(argv) else "")
+        return super().parse_known_args(args, namespace)
+
+    def error(self, message: str) -> Any:
+        for secret in self.secrets:
+            if len(secret) >= 4:  # shorter is no secret, and would blank out words
+                message = message.replace(secret, "<hidden>")
+        super().error(message)
+
+
+class _DefaultsFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows a default once: not for required flags or switches, nor for None, nor when the
+    help says it."""
+
+    def _get_help_string(self, action: argparse.Action) -> Optional[str]:
+        if (action.required or action.default is None or action.default is False
+                or "default" in (action.help or "")):
+            return action.help
+        return super()._get_help_string(action)
+
+
+def build_parser(command: str = "serve") -> CommandParser:
     """The argument parser of one command (serve is the default command)."""
-    formatter = argparse.ArgumentDefaultsHelpFormatter
+    formatter = _DefaultsFormatter
     if command == "keygen":
-        parser = argparse.ArgumentParser(
+        parser = CommandParser(
             prog="odin_gateway.py keygen", formatter_class=formatter,
             description="Make a new ODIN access key and print it with its public JWK, its key "
                         "id and the customers entry to paste into config.py. Keep the access "
                         "key secret: the gateway needs only the public key.")
         parser.add_argument("--master", action="store_true",
                             help="print a new random master_key instead")
-        parser.add_argument("--customer", default="my-customer",
-                            help="customer id for the printed config entry")
+        parser.add_argument("--customer",
+                            help="customer id for the printed config entry (default: my-customer)")
         return parser
     if command == "demo":
-        return argparse.ArgumentParser(
+        return CommandParser(
             prog="odin_gateway.py demo", formatter_class=formatter,
-            description="Run the whole protocol on this machine in a few seconds and narrate "
+            description="Run the whole protocol on this machine in under a second and narrate "
                         "it: a gateway, two fake media servers, clients, an admin task, and a "
                         "server falling silent.")
     if command == "token":
-        parser = argparse.ArgumentParser(
+        parser = CommandParser(
             prog="odin_gateway.py token", formatter_class=formatter,
             description="Print a client token signed with an access key, as the ODIN token "
                         "library makes them (for testing Connect and the admin methods).")
@@ -4123,7 +4356,7 @@ def build_parser(command: str = "serve") -> argparse.ArgumentParser:
         parser.add_argument("--server", help="internal.server claim: pin the room to this server")
         return parser
     called = os.path.basename(sys.argv[0]) if sys.argv and sys.argv[0] else ""
-    parser = argparse.ArgumentParser(
+    parser = CommandParser(
         prog=called if called.startswith("odin") else "odin_gateway.py",
         description="An ODIN gateway: spreads ODIN clients over ODIN media servers and checks "
                     "customer licences. Settings come from a config file (see config.py); "
@@ -4132,7 +4365,9 @@ def build_parser(command: str = "serve") -> argparse.ArgumentParser:
                "'odin_gateway.py keygen --help'; 'odin_gateway.py token --help'. "
                "Signals: SIGTERM/SIGINT stop gracefully (twice: at once); SIGHUP reloads the "
                "config file.")
-    parser.add_argument("--version", action="version", version="%(prog)s " + __version__)
+    # The name as installed (odin-gateway) or the module's, never "odin_gateway.py".
+    parser.add_argument("--version", action="version", version="%s %s" % (
+        "odin-gateway" if called == "odin-gateway" else "odin_gateway", __version__))
     parser.add_argument("--config", metavar="PATH", default="config.py",
                         help="config file (default: config.py; if that default is missing, "
                              "the built-in defaults apply)")
@@ -4155,11 +4390,15 @@ def build_parser(command: str = "serve") -> argparse.ArgumentParser:
 
 def keygen_command(args: Any) -> int:
     if args.master:
-        print(b64_encode(os.urandom(32)))
+        if args.customer is not None:
+            print("odin_gateway keygen: --customer names the customer of an access key; "
+                  "a master key (--master) has none", file=sys.stderr)
+            return 2
+        print(b64_encode(os.urandom(MIN_MASTER_KEY_BYTES)))
         return 0
     access_key = generate_access_key()
     jwk = public_jwk(access_key)
-    entry = {"id": args.customer, "max_peers": None, "max_rooms": None,
+    entry = {"id": args.customer or "my-customer", "max_peers": None, "max_rooms": None,
              "access_keys": [{"public_key": jwk, "namespace": None}]}
     print("access key (secret, for your token backend): %s" % access_key)
     print("key id: %s" % jwk["kid"])
@@ -4169,11 +4408,34 @@ def keygen_command(args: Any) -> int:
     return 0
 
 
+def _token_problem(args: Any) -> Optional[str]:
+    """Why the gateway would refuse the token these flags describe, in its words, or None."""
+    if len({room_base_name(room) for room in args.room}) > 1:
+        return "--room %s: all values in rid must have the same base" % " --room ".join(
+            shlex.quote(room) for room in args.room)
+    if args.lifetime <= 0:
+        return "--lifetime %d: expected a positive number of seconds (the token would expire " \
+               "before it is made)" % args.lifetime
+    methods = [method.lower() for method in Gateway.PUBLIC_METHODS]
+    for subject in args.subject or ():
+        if subject.lower() not in methods:
+            close = difflib.get_close_matches(subject.lower(), methods, n=1)
+            return ("--subject %s: no method has this name, so the gateway would answer "
+                    "'access denied by token restrictions' (%s)" % (
+                        shlex.quote(subject), "did you mean %s?" % close[0] if close
+                        else "methods: " + ", ".join(methods)))
+    return None
+
+
 def token_command(args: Any) -> int:
     room = args.room[0] if len(args.room) == 1 else args.room
     subject: Any = "connect"
     if args.subject:
         subject = args.subject[0] if len(args.subject) == 1 else args.subject
+    problem = _token_problem(args)
+    if problem:
+        print("odin_gateway token: %s" % problem, file=sys.stderr)
+        return 2
     try:
         print(create_token(args.access_key, room, args.user, audience=args.audience,
                            subject=subject, lifetime=args.lifetime, customer=args.customer,
@@ -4191,26 +4453,33 @@ def load_config(args: Any, environ: Optional[Dict[str, str]] = None) -> Config:
     variable ODIN_GATEWAY_MASTER_KEY, else the config file.
     """
     environ = os.environ if environ is None else environ
-    if os.path.isfile(args.config):
+    if os.path.exists(args.config) or args.config != "config.py":
         config = Config.load(args.config)
-    elif args.config != "config.py":
-        raise ConfigError("%s: no such file" % args.config)
     else:
         config = Config()
-    overrides = {name: getattr(args, name) for name, declared in SETTINGS.items()
-                 if declared.flag and getattr(args, name, None) is not None}
+    # setting -> (what the user wrote, its value): an error names the flag, not the setting.
+    overrides: Dict[str, Tuple[str, Any]] = {}
+    for name, declared in SETTINGS.items():
+        value = getattr(args, name, None)
+        if declared.flag and value is not None:
+            overrides[name] = (declared.flag if value is True
+                               else "%s %s" % (declared.flag, shlex.quote(str(value))), value)
     if environ.get(MASTER_KEY_ENV):
-        overrides["master_key"] = environ[MASTER_KEY_ENV].strip()
+        overrides["master_key"] = ("$" + MASTER_KEY_ENV, environ[MASTER_KEY_ENV].strip())
         config.source += " + $" + MASTER_KEY_ENV
     if getattr(args, "master_key_file", None):
+        written = "--master-key-file %s" % args.master_key_file
         try:
             with open(args.master_key_file, encoding="utf-8") as key_file:
-                overrides["master_key"] = key_file.read().strip()
-        except OSError as err:
-            raise ConfigError("--master-key-file %s: %s" % (args.master_key_file,
-                                                            err.strerror or err)) from err
+                overrides["master_key"] = (written, key_file.read().strip())
+        except (OSError, UnicodeDecodeError) as err:
+            raise ConfigError("%s: %s" % (written, getattr(err, "strerror", None) or err)) from err
         config.source += " + " + args.master_key_file
-    return config.replace(**overrides) if overrides else config
+    for name, (written, value) in overrides.items():
+        problem = SETTINGS[name].check(value)
+        if problem:
+            raise ConfigError("%s: %s" % (written, problem))
+    return config.replace(**{name: value for name, (_, value) in overrides.items()})
 
 
 def reload_config(args: Any, started_from_file: bool) -> Config:
@@ -4264,6 +4533,19 @@ async def _run(gateway: Gateway, ssl_context: Optional[ssl_module.SSLContext],
         for signum in signals:
             with contextlib.suppress(NotImplementedError, RuntimeError):
                 loop.remove_signal_handler(signum)
+
+
+def _printing(command: Callable[[Any], int], args: Any) -> int:
+    """Run a command that prints; a reader that goes away (keygen | head -1) ends it
+    quietly, as it ends other Unix tools."""
+    try:
+        status = command(args)
+        sys.stdout.flush()
+        return status
+    except BrokenPipeError:
+        # Python would complain again when it flushes stdout at exit.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1
 
 
 # ---------------------------------------------------------------------------
@@ -4363,13 +4645,11 @@ def main(argv: Optional[List[str]] = None) -> int:
     if nacl is None:
         print("odin_gateway: PyNaCl is missing; install it with: pip install pynacl", file=sys.stderr)
         return 2
-    if command == "keygen":
-        return keygen_command(args)
-    if command == "token":
-        return token_command(args)
     if command == "demo":
         configure_logging("ERROR", "pretty")  # the narration says what happens
-        return run_demo()
+    if command != "serve":
+        return _printing({"keygen": keygen_command, "token": token_command,
+                          "demo": lambda _args: run_demo()}[command], args)
     configure_logging("INFO", "pretty")  # until the config says otherwise
     started_from = os.path.isfile(args.config)
     try:
@@ -4386,9 +4666,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     if config.workers > 1 and worker is None:
         log.info("odin_gateway %s: starting %d workers", __version__, config.workers)
         return run_workers(config, given)
-    log.info("odin_gateway %s (config: %s)%s", __version__,
+    log.info("odin_gateway %s (config: %s)%s: %s", __version__,
              config.source if config.source != "Config()" else "built-in defaults",
-             " worker %s" % worker if worker else "")
+             " worker %s" % worker if worker else "", gateway.customer_counts())
     warn_about_exposure(gateway)
     try:
         asyncio.run(_run(gateway, ssl_context, reload=lambda: reload_config(args, started_from),

@@ -18,6 +18,7 @@ import math
 import os
 import pathlib
 import random
+import re
 import shutil
 import signal
 import socket
@@ -796,7 +797,29 @@ def test_a_burst_of_connects_cannot_overrun_the_limits():
     report(gw, SFU1, rooms=[room("tiny", "a", "tiny")])
     assert gw.grid.usage_of("tiny") == (1, 1)
     assert result(gw, "Connect", {}, token=token(KEY_TINY, "c", user="u3"))
-    # At the room limit even an existing room is refused (PROTOCOL 5.3, as the original).
+    assert error(gw, "Connect", {}, token=token(KEY_TINY, "d", user="u4"))["message"] == \
+        "room limit exceeded"
+
+
+def test_the_room_limit_refuses_only_new_rooms():
+    # PROTOCOL.md 5.3: at its room limit a customer can still let peers into its rooms.
+    clock = Clock()
+    gw = make_gateway(clock)
+    empty_rooms = [room("tiny", "a", "tiny", peers=0), room("tiny", "b", "tiny", peers=0)]
+    report(gw, SFU1, rooms=empty_rooms)  # 2 of 2 rooms, 0 of 3 peers
+    assert result(gw, "Connect", {}, token=token(KEY_TINY, "a", user="u1"))["address"] == SFU1
+    assert error(gw, "Connect", {}, token=token(KEY_TINY, "c", user="u2"))["message"] == \
+        "room limit exceeded"
+    # The peer limit still applies to every Connect: 3 reported, of 3.
+    report(gw, SFU1, rooms=[room("tiny", "a", "tiny", peers=2), room("tiny", "b", "tiny")])
+    assert error(gw, "Connect", {}, token=token(KEY_TINY, "b", user="u3"))["message"] == \
+        "peer limit exceeded"
+    # A room whose server fell silent is opened anew, so the room limit applies to it.
+    report(gw, SFU2)
+    report(gw, SFU1, rooms=empty_rooms)
+    clock.advance(8)
+    report(gw, SFU2)
+    assert gw.grid.usage_of("tiny") == (0, 2)  # until the tick, the silent server's usage counts
     assert error(gw, "Connect", {}, token=token(KEY_TINY, "a", user="u4"))["message"] == \
         "room limit exceeded"
 
@@ -993,6 +1016,28 @@ def test_saga_servers_are_refused():
 # ---------------------------------------------------------------------------
 # Maintenance: timeouts and expiry
 # ---------------------------------------------------------------------------
+
+
+def test_a_silent_server_takes_no_new_rooms_from_the_moment_it_is_silent():
+    # Whatever the phase of the maintenance tick: no tick runs in this test.
+    clock = Clock()
+    gw = make_gateway(clock)
+    report(gw, SFU1)
+    report(gw, SFU2, load=0.9)  # the busier one: balanced placement avoids it while it can
+    clock.advance(7.4)
+    assert result(gw, "Connect", {}, token=token(room_id="early", now=clock.now))["address"] == SFU1
+    report(gw, SFU2, load=0.9)
+    clock.advance(0.2)  # SFU1 silent for 7.6 s > disable_timeout
+    for index in range(5):
+        assert result(gw, "Connect", {}, token=token(room_id="r%d" % index, now=clock.now))["address"] \
+            == SFU2
+    # Its rooms move on their next Connect, as a disabled server's do.
+    assert result(gw, "Connect", {}, token=token(room_id="early", now=clock.now))["address"] == SFU2
+    clock.advance(7.5)
+    assert get(gw, "/ready").json() == {"status": "no server takes rooms: 2 silent"}
+    assert error(gw, "Connect", {}, token=token(room_id="late", now=clock.now))["message"] == \
+        "no server to assign room too"
+
 
 
 def test_silent_server_is_disabled_its_rooms_move_and_it_comes_back():
@@ -1308,6 +1353,39 @@ def test_an_unusable_jwk_is_skipped_with_a_warning_and_the_others_load(caplog):
     assert set(gw.authorizer.customer_keys) == {"AatVMEY/ThH2"}
 
 
+TINY_X = TINY_CUSTOMER["accessKeys"][0]["publicKey"]["x"]  # its kid is AatVMEY/ThH2
+
+
+@pytest.mark.parametrize("jwk, words", [
+    ({"kid": "ARjlCj4VESC3", "kty": "OKP", "crv": "Ed25519", "x": TINY_X},
+     ["(kid 'ARjlCj4VESC3')", "kid 'ARjlCj4VESC3' does not match the public key x, whose kid is AatVMEY/ThH2"]),
+    ({"kty": "OKP", "crv": "Ed25519", "x": TINY_X}, ["the JWK has no kid (for this x it is AatVMEY/ThH2)"]),
+    ({"kid": "AatVMEY/ThH2", "kty": "EC", "crv": "P-256", "x": TINY_X}, ["kty is 'EC'", "Ed25519"]),
+    ({"kid": "AatVMEY/ThH2", "kty": "OKP", "crv": "X25519", "x": TINY_X}, ["crv is 'X25519'"]),
+    ({"kid": "AatVMEY/ThH2", "kty": "OKP", "crv": "Ed25519"}, ["no x"]),
+    ({"kid": "AatVMEY/ThH2", "x": "c2hvcnQ"}, ["x is 5 bytes long"]),
+])
+def test_an_unusable_jwk_is_named_with_what_is_wrong(jwk, words, caplog):
+    with caplog.at_level(logging.WARNING, logger="odin_gateway"):
+        gw = make_gateway(customers=[{"id": "acme", "access_keys": [{"public_key": jwk}]}])
+    assert "customer 'acme': skipping access key #1" in caplog.text
+    for word in words:
+        assert word in caplog.text
+    assert "None" not in caplog.text
+    assert "customer 'acme' has no usable access key (1 configured): all its tokens will be refused" \
+        in caplog.text
+    assert "no usable access key in customers (1 configured)" in caplog.text
+    assert not gw.authorizer.customer_keys
+
+
+def test_a_private_jwk_loads_with_a_warning_to_remove_d(caplog):
+    jwk = dict(og.public_jwk(KEY_TINY), d="c2VjcmV0")
+    with caplog.at_level(logging.WARNING, logger="odin_gateway"):
+        gw = make_gateway(customers=[{"id": "acme", "access_keys": [{"public_key": jwk}]}])
+    assert "customer 'acme': access key #1 is a private JWK (it has d)" in caplog.text
+    assert jwk["kid"] in gw.authorizer.customer_keys
+
+
 def test_configured_but_unusable_keys_do_not_open_the_gateway():
     broken = {"id": "broken", "access_keys": [
         {"public_key": {"kid": "AAAA", "kty": "OKP", "crv": "Ed25519", "x": "!!"}}]}
@@ -1327,6 +1405,15 @@ def test_set_customers_replaces_keys_and_keeps_them_on_bad_input(caplog):
         assert not gw.set_customers("garbage")
         assert not gw.set_customers([{"id": "x", "access_keys": [{"public_key": {"kid": "k", "x": ""}}]}])
     assert caplog.text.count("keeping the previous keys") == 3
+    assert "AatVMEY/ThH2" in gw.authorizer.customer_keys
+
+
+def test_a_bad_entry_from_the_update_function_is_skipped_by_name_and_the_rest_loads(caplog):
+    gw = make_gateway(customers=[], customer_api={"update_function": lambda: []})
+    typo = {"id": "typo", "max_peer": 1, "access_keys": []}
+    with caplog.at_level(logging.WARNING, logger="odin_gateway"):
+        assert gw.set_customers([typo, TINY_CUSTOMER])
+    assert "skipping customer 'typo'" in caplog.text and "did you mean 'max_peers'" in caplog.text
     assert "AatVMEY/ThH2" in gw.authorizer.customer_keys
 
 
@@ -1387,6 +1474,23 @@ def test_config_defaults():
     ({"customer_api": {"update_function": 5}}, ["customer_api"]),
     ({"metrics_server": "everyone"}, ["metrics_server", "CIDR"]),
     ({"prot": 1}, ["unknown setting", "prot"]),
+    # A misspelled key must not mean "no limit", "no keys" or "no namespace".
+    ({"customers": [{"id": "demo", "max_peer": 1, "max_room": 1, "access_keys": []}]},
+     ["customer 'demo'", "'max_peer'", "did you mean 'max_peers'"]),
+    ({"customers": [{"id": "demo", "acess_keys": []}]}, ["'acess_keys'", "did you mean 'access_keys'"]),
+    ({"customers": [{"id": "demo", "access_keys": [{"public_key": {}, "namspace": "n"}]}]},
+     ["customer 'demo', access key #1", "'namspace'", "did you mean 'namespace'"]),
+    ({"customers": [{"id": "demo", "maxPeer": 1}]}, ["'maxPeer'", "did you mean 'maxPeers'"]),
+    ({"unknown_customers": {"max_peer": 1}}, ["unknown_customers", "did you mean 'max_peers'"]),
+    ({"customer_api": {"update_function": list, "update_intervall": 60}},
+     ["customer_api", "'update_intervall'", "did you mean 'update_interval'"]),
+    # The access key itself where its public JWK belongs.
+    ({"customers": [{"id": "demo", "access_keys": ["Aa6xMG5KsCRp0BevxLhsLzSdBAEpJK9sxcvscAsK5+8j"]}]},
+     ["customer 'demo', access key #1", "public", "keygen"]),
+    ({"customers": [{"id": "demo", "access_keys": [{"public_key": "ARjlCj4VESC3"}]}]},
+     ["customer 'demo', access key #1", "public", "keygen"]),
+    # Servers would count as silent between two reports.
+    ({"update_interval": 10}, ["disable_timeout = 7.5", "update_interval (10)"]),
 ])
 def test_config_errors_name_the_setting(settings, words):
     with pytest.raises(og.ConfigError) as caught:
@@ -1403,6 +1507,15 @@ def test_config_load_reads_a_python_file(tmp_path, caplog):
         config = og.Config.load(str(path))
     assert config.port == 7100 and config.update_interval == 2 and config.source == str(path)
     assert "prot" in caplog.text and "helper" not in caplog.text and "'os'" not in caplog.text
+
+
+def test_upper_case_names_in_the_config_file_are_warned_about(tmp_path, caplog):
+    path = tmp_path / "gateway.py"
+    path.write_text("PORT = 17322\n_MY_REGION = 'eu'\n")
+    with caplog.at_level(logging.WARNING, logger="odin_gateway"):
+        config = og.Config.load(str(path))
+    assert config.port == 7000
+    assert "'PORT' (did you mean 'port'?)" in caplog.text and "_MY_REGION" not in caplog.text
 
 
 @pytest.mark.parametrize("text, words", [
@@ -1437,6 +1550,30 @@ def test_flags_override_the_config_file(tmp_path):
     config = og.load_config(args)
     assert (config.host, config.port, config.ssl, config.certificate, config.private_key) == (
         "127.0.0.1", 7200, True, "c.pem", "k.pem")
+
+
+@pytest.mark.parametrize("argv, environ, expected", [
+    (["--port", "70000"], {}, "--port 70000: expected an integer from 0 to 65535"),
+    (["--host", ""], {}, "--host '': expected a non-empty string"),
+    ([], {"ODIN_GATEWAY_MASTER_KEY": "not base64!"}, "$ODIN_GATEWAY_MASTER_KEY: expected a non-empty base64"),
+])
+def test_flag_errors_name_what_the_user_wrote(argv, environ, expected):
+    args = og.build_parser().parse_args(argv)
+    with pytest.raises(og.ConfigError) as caught:
+        og.load_config(args, environ=environ)
+    assert str(caught.value).startswith(expected)
+
+
+def test_master_key_file_and_config_directory_errors_name_them(tmp_path):
+    key_file = tmp_path / "mk.txt"
+    key_file.write_text("not base64!\n")
+    with pytest.raises(og.ConfigError) as caught:
+        og.load_config(og.build_parser().parse_args(["--master-key-file", str(key_file)]), environ={})
+    assert str(caught.value).startswith("--master-key-file %s: expected a non-empty base64" % key_file)
+    assert "not base64!" not in str(caught.value)
+    with pytest.raises(og.ConfigError) as caught:
+        og.load_config(og.build_parser().parse_args(["--config", str(tmp_path)]), environ={})
+    assert str(caught.value) == "%s: is a directory, not a config file" % tmp_path
 
 
 def test_a_missing_explicit_config_file_is_an_error(tmp_path):
@@ -1511,6 +1648,14 @@ def test_reload_keeps_the_settings_only_a_restart_applies(caplog):
     assert gw.config.port == 7000 and gw.config.master_key == og.DEFAULT_MASTER_KEY
     assert gw.config.max_batch == 7
     assert "port changed" in caplog.text and "master_key changed" in caplog.text
+
+
+def test_start_and_reload_lines_count_customers_and_keys(caplog):
+    gw = make_gateway()
+    assert gw.customer_counts() == "4 customers with 6 usable access keys"
+    with caplog.at_level(logging.INFO, logger="odin_gateway"):
+        gw.reload(gw.config.replace(customers=[TINY_CUSTOMER]))
+    assert "config reloaded from Config(): 1 customer with 1 usable access key" in caplog.text
 
 
 def test_two_gateways_share_nothing():
@@ -1801,8 +1946,13 @@ def test_https(certificate):
 
 def test_tls_misconfiguration_stops_with_a_clear_message(certificate, tmp_path):
     cert, key = certificate
-    with pytest.raises(og.ConfigError, match="no such file"):
-        og._ssl_context(og.Config(ssl=True, certificate=str(tmp_path / "nope.pem"), private_key=key))
+    missing = str(tmp_path / "nope.pem")
+    with pytest.raises(og.ConfigError, match="no such file") as caught:
+        og._ssl_context(og.Config(ssl=True, certificate=missing, private_key=key))
+    assert str(caught.value) == "TLS: certificate %s: no such file" % missing
+    with pytest.raises(og.ConfigError) as caught:
+        og._ssl_context(og.Config(ssl=True, certificate=cert, private_key=missing))
+    assert str(caught.value) == "TLS: private_key %s: no such file" % missing
     other_key = tmp_path / "other.pem"
     subprocess.run(["openssl", "genrsa", "-out", str(other_key), "2048"], check=True, capture_output=True)
     with pytest.raises(og.ConfigError, match="cannot use certificate"):
@@ -1824,7 +1974,48 @@ def test_help_and_version():
     assert help_text.returncode == 0
     for flag in ("--config", "--host", "--port", "--ssl", "--certificate", "--privatekey", "keygen"):
         assert flag in help_text.stdout
-    assert run_cli("--version").stdout.strip() == "odin_gateway.py " + og.__version__
+    assert run_cli("--version").stdout.strip() == "odin_gateway " + og.__version__
+
+
+def test_help_shows_each_default_once_and_none_for_required_flags():
+    for command in og.COMMANDS:
+        help_text = og.build_parser(command).format_help()
+        assert "(default: None)" not in help_text and "(default: False)" not in help_text, command
+        for line in " ".join(help_text.split()).split("--"):
+            assert line.count("default:") <= 1, (command, line)
+    token_help = " ".join(og.build_parser("token").format_help().split())
+    assert "default: connect" in token_help and "(default: 300)" in token_help
+
+
+@pytest.mark.parametrize("argv, words", [
+    (["--room", "a{1}x", "--room", "b{2}y"], ["--room 'a{1}x' --room 'b{2}y'",
+                                               "all values in rid must have the same base"]),
+    (["--room", "a", "--lifetime", "-5"], ["--lifetime -5", "positive"]),
+    (["--room", "a", "--subject", "bogus"], ["--subject bogus", "access denied by token restrictions"]),
+    (["--room", "a", "--subject", "roomclos"], ["did you mean roomclose?"]),
+])
+def test_token_refuses_what_the_gateway_would_refuse(argv, words, capsys):
+    assert og.main(["token", "--access-key", KEY_A, "--user", "u"] + argv) == 2
+    err = capsys.readouterr().err
+    for word in words:
+        assert word in err
+    assert og.main(["token", "--access-key", KEY_A, "--user", "u", "--room", "a{1}x", "--room", "b{1}y",
+                    "--subject", "RoomClose", "--subject", "connect"]) == 0
+
+
+def test_keygen_refuses_a_customer_for_a_master_key(capsys):
+    assert og.main(["keygen", "--master", "--customer", "acme"]) == 2
+    assert "--customer" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("argv", [["keygen"], ["keygen", "--master"]])
+def test_a_reader_that_goes_away_ends_a_command_quietly(argv):
+    process = subprocess.Popen([sys.executable, str(HERE / "odin_gateway.py"), *argv],
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=str(HERE))
+    process.stdout.close()  # as `| head -0` does
+    err = process.stderr.read().decode()
+    process.stderr.close()
+    assert process.wait(timeout=30) == 1 and err == ""
 
 
 def test_keygen_prints_a_working_key_and_config_entry():
@@ -1851,6 +2042,35 @@ def test_token_command_prints_a_token_the_gateway_accepts():
     assert bad.returncode == 2 and "invalid access key" in bad.stderr
 
 
+def test_start_up_warns_about_the_published_demo_key_and_a_short_master_key(caplog):
+    sample = og.Config.load(str(HERE / "config.py"))
+    with caplog.at_level(logging.WARNING, logger="odin_gateway"):
+        og.warn_about_exposure(og.Gateway(sample.replace(master_key=og.b64_encode(b"short"))))
+    assert "customer 'demo' has the access key published in README.md" in caplog.text
+    assert "master_key is only 5 bytes long" in caplog.text and "keygen --master" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="odin_gateway"):
+        og.warn_about_exposure(og.Gateway(og.Config(
+            customers=reference_customers(), master_key=og.b64_encode(os.urandom(32)))))
+    assert "published" not in caplog.text and "master_key" not in caplog.text
+
+
+@pytest.mark.parametrize("argv", [
+    ["--master-key", "c2VjcmV0IHZhbHVlIQ=="],  # not an abbreviation of --master-key-file
+    ["--master-key=c2VjcmV0IHZhbHVlIQ=="],
+    ["keygen", "--access-key", "c2VjcmV0IHZhbHVlIQ=="],
+])
+def test_flags_are_never_abbreviated_and_secret_values_never_echoed(argv, capsys):
+    with pytest.raises(SystemExit) as stopped:
+        og.main(argv)
+    err = capsys.readouterr().err
+    assert stopped.value.code == 2 and "unrecognized arguments" in err
+    assert "c2VjcmV0" not in err and "<hidden>" in err
+    with pytest.raises(SystemExit):
+        og.main(["--master-key-fil", "mk.txt"])  # abbreviations are refused, not guessed
+    assert "unrecognized arguments: --master-key-fil" in capsys.readouterr().err
+
+
 def test_a_bad_config_stops_the_start_with_a_message(tmp_path):
     path = tmp_path / "bad.py"
     path.write_text("port = 'seven'\n")
@@ -1870,6 +2090,7 @@ def test_the_gateway_runs_from_the_command_line_and_stops_on_sigterm(tmp_path):
             lines.append(json.loads(line))
             if lines[-1]["message"].startswith("listening on "):
                 break
+        assert lines[0]["message"].endswith("0 customers with 0 usable access keys")
         for warning in ("master_key is the well-known default", "/internal is open",
                         "no customers configured"):
             assert any(warning in entry["message"] and entry["level"] == "WARNING" for entry in lines)
@@ -1886,13 +2107,17 @@ def test_the_gateway_runs_from_the_command_line_and_stops_on_sigterm(tmp_path):
         process.stderr.close()
 
 
+START_COMMAND = """pip install pynacl "tomli; python_version < '3.11'" && python odin_gateway.py"""
+
+
 def test_ci_runs_exactly_the_readme_test_command():
     readme = (HERE / "README.md").read_text()
     ci = (HERE / ".ci" / "run").read_text()
     command = "pip install -r requirements-test.txt && python -m pytest -q"
     assert "```\n%s\n```" % command in readme.replace("```sh\n", "```\n").replace("```bash\n", "```\n")
     assert ci.rstrip().endswith(command)
-    assert "pip install pynacl && python odin_gateway.py" in readme
+    # Right on 3.9 to 3.13: tomli where the standard library has no TOML parser.
+    assert "```\n%s\n```" % START_COMMAND in readme.replace("```sh\n", "```\n")
 
 
 # ---------------------------------------------------------------------------
@@ -1978,6 +2203,23 @@ def test_demo_narrates_the_protocol():
     assert len(both) == 1 and " and " not in both[0]  # alice and bob share their room's server
 
 
+def test_without_a_toml_parser_the_start_warns_and_the_demo_explains(monkeypatch, caplog):
+    import io
+
+    monkeypatch.setattr(og, "_toml_reader", None)
+    with caplog.at_level(logging.WARNING, logger="odin_gateway"):
+        og.warn_about_exposure(make_gateway())
+    assert "sfu.GridConfig needs a TOML parser" in caplog.text and "pip install tomli" in caplog.text
+    out = io.StringIO()
+    assert og.run_demo(out) == 2
+    assert "pip install tomli" in out.getvalue()
+
+
+def test_the_demo_takes_as_long_as_readme_says():
+    assert "in under a second" in og.build_parser("demo").description
+    assert "in under a second" in (HERE / "README.md").read_text().split("## How it works")[0]
+
+
 def test_demo_command_exits_zero():
     finished = run_cli("demo")
     assert finished.returncode == 0 and "Done:" in finished.stdout
@@ -2005,22 +2247,20 @@ def test_readme_curl_examples_work(tmp_path):
     wrapper = bin_dir / "python"  # not a symlink: a venv's python must keep its own path
     wrapper.write_text('#!/bin/sh\nexec "%s" "$@"\n' % sys.executable)
     wrapper.chmod(0o755)
-    blocks = [block for block in _readme_blocks("sh", "API") if "curl" in block]
-    assert len(blocks) >= 5
+    # Each curl block of the API section, and the json block after it: what curl prints.
+    api = (HERE / "README.md").read_text().split("\n## API", 1)[1].split("\n## ", 1)[0]
+    examples = re.findall(r"```sh\n((?:(?!```).)*)```\s*```json\n(.*?)```", api, re.DOTALL)
+    assert len(examples) >= 7 and all("curl" in block for block, _ in examples)
     config = og.Config.load(str(HERE / "config.py"))
-    with og.serve_in_thread(config) as server:
-        og.FakeServer(server.url + "/internal", "sfu1.example.com:4433").report()
+    with og.serve_in_thread(config) as server:  # fresh: the section's first call is a report
         env = dict(os.environ, GW=server.url, PATH=str(bin_dir) + os.pathsep + os.environ["PATH"],
                    KEY="Aa6xMG5KsCRp0BevxLhsLzSdBAEpJK9sxcvscAsK5+8j")
-        for block in blocks:
+        for block, printed in examples:
             finished = subprocess.run(["bash", "-euo", "pipefail", "-c", block], cwd=str(HERE),
                                       env=env, capture_output=True, text=True, timeout=60)
             assert finished.returncode == 0, (block, finished.stderr)
-            answers = [json.loads(line) for line in finished.stdout.replace("}{", "}\n{").splitlines()
-                       if line.strip()]
-            assert answers, block
-            for answer in answers:
-                assert "result" in answer, (block, answer)
+            shown = re.escape(printed.strip()).replace(re.escape("..."), ".*")
+            assert re.fullmatch(shown, finished.stdout.strip()), (block, finished.stdout)
 
 
 def test_sample_config_shows_every_setting_with_its_default():
@@ -2251,9 +2491,13 @@ def get(gw, path, headers=None):
 def test_health_and_readiness():
     gw = make_gateway()
     assert (get(gw, "/health").status, get(gw, "/health").json()) == (200, {"status": "ok"})
-    assert get(gw, "/ready").status == 503
+    assert get(gw, "/ready").json() == {"status": "no server takes rooms: none has reported"}
     report(gw, SFU1)
     assert get(gw, "/ready").json() == {"status": "ready", "servers": 1}
+    result(gw, "Drain", {"hostname": SFU1})
+    response = get(gw, "/ready")
+    assert (response.status, response.json()) == (503, {"status": "no server takes rooms: 1 draining"})
+    result(gw, "Drain", {"hostname": SFU1, "draining": False})
     gw.stopping = True
     assert get(gw, "/ready").status == 503
     response = gw.handle_http("POST", "/health", {}, b"")
@@ -2326,6 +2570,18 @@ def test_http_responses_are_counted_by_path_and_class():
     assert count(path="invalid", status="4xx") == 1
 
 
+def test_missing_credentials_get_one_answer_on_every_protected_path():
+    # The original's answer on / and /internal (the transcript vectors); /metrics agrees.
+    gw = make_gateway(internal_users={"ops": "secret"})
+    answers = [gw.handle_http("POST", "/", {}, b"{}"), gw.handle_http("POST", "/internal", {}, b"{}"),
+               get(gw, "/metrics")]
+    for response in answers:
+        assert response.status == 401
+        assert response.json() == {"jsonrpc": "2.0", "error": {
+            "code": -32700, "message": "invalid or missing authorization"}, "id": None}
+    assert all(("WWW-Authenticate", 'Basic realm="odin-gateway"') in r.headers for r in answers[1:])
+
+
 def test_metrics_are_protected_like_internal():
     gw = make_gateway(internal_users={"ops": "secret"})
     assert get(gw, "/metrics").status == 401
@@ -2337,6 +2593,13 @@ def test_metrics_are_protected_like_internal():
 def json_log_lines(caplog):
     formatter = og.JsonFormatter()
     return [json.loads(formatter.format(record)) for record in caplog.records]
+
+
+def test_pretty_and_json_logs_both_write_utc_with_a_z():
+    record = logging.LogRecord("odin_gateway", logging.INFO, __file__, 1, "hello", None, None)
+    record.created = 1_700_000_000.25  # 2023-11-14T22:13:20.250Z
+    assert og.PrettyFormatter().format(record) == "2023-11-14T22:13:20.250Z INFO    hello"
+    assert json.loads(og.JsonFormatter().format(record))["time"] == "2023-11-14T22:13:20.250Z"
 
 
 def test_json_logs_carry_event_fields(caplog):
@@ -2441,7 +2704,7 @@ def test_master_key_from_environment_or_file(tmp_path):
     assert og.load_config(args, environ).master_key == from_file
     with pytest.raises(og.ConfigError, match="master-key-file"):
         og.load_config(parse(["--master-key-file", str(tmp_path / "missing")]), {})
-    with pytest.raises(og.ConfigError, match="master_key"):
+    with pytest.raises(og.ConfigError, match="ODIN_GATEWAY_MASTER_KEY: expected a non-empty base64"):
         og.load_config(parse([]), {og.MASTER_KEY_ENV: "not base64!"})
 
 
@@ -2454,17 +2717,26 @@ def test_python_dash_m_runs_the_gateway():
 def test_the_wheel_has_the_module_and_console_script_but_not_config(tmp_path):
     import zipfile
 
+    # Built from a copy, so that build/ and *.egg-info never land in the checkout.
+    source = tmp_path / "source"
+    shutil.copytree(str(HERE), str(source), ignore=shutil.ignore_patterns(
+        ".git", "build", "*.egg-info", "__pycache__", ".pytest_cache", ".hypothesis"))
+    before = sorted(path.name for path in HERE.iterdir())
     finished = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "-q", "-w",
-                               str(tmp_path), str(HERE)], capture_output=True, text=True, timeout=240)
+                               str(tmp_path), str(source)], capture_output=True, text=True, timeout=240)
     if finished.returncode != 0 and "setuptools" in finished.stderr + finished.stdout:
         pytest.skip("cannot build a wheel here: %s" % finished.stderr[-200:])
     assert finished.returncode == 0, finished.stderr
-    wheel = next(tmp_path.glob("odin_gateway-%s-*.whl" % og.__version__))
-    names = zipfile.ZipFile(wheel).namelist()
+    assert sorted(path.name for path in HERE.iterdir()) == before
+    wheel = zipfile.ZipFile(next(tmp_path.glob("odin_gateway-%s-*.whl" % og.__version__)))
+    names = wheel.namelist()
     assert "odin_gateway.py" in names
     assert not any(name.endswith("config.py") or name.startswith("test_") for name in names)
-    entry_points = zipfile.ZipFile(wheel).read(next(n for n in names if n.endswith("entry_points.txt")))
+    entry_points = wheel.read(next(n for n in names if n.endswith("entry_points.txt")))
     assert b"odin-gateway = odin_gateway:main" in entry_points
+    # pip install . gives Python 3.9 and 3.10 their TOML parser.
+    metadata = wheel.read(next(n for n in names if n.endswith("METADATA"))).decode()
+    assert re.search(r"Requires-Dist: tomli>=1\.1; python_version < \"3\.11\"", metadata), metadata
 
 
 def test_the_customer_update_function_runs_when_serving():
@@ -2998,7 +3270,7 @@ def wait_until_ready_or_no_server(url):
             with opener.open(url + "/ready", timeout=10) as answer:
                 return
         except urllib.error.HTTPError as err:
-            if b"no enabled server" in err.read():
+            if b"loading" not in err.read():  # 503 for want of a server, not while loading
                 return
         except OSError:
             pass
@@ -3185,12 +3457,12 @@ def test_loads_below_zero_count_as_zero():
 
 def test_a_removed_servers_fresh_rooms_go_with_it():
     clock = Clock()
-    gw = make_gateway(clock)
+    gw = make_gateway(clock, disable_timeout=50, remove_timeout=60)
     report(gw, SFU1)
-    clock.advance(500)
+    clock.advance(40)
     report(gw, SFU2, load=1.0)
     result(gw, "Connect", {}, token=token(room_id="fresh", now=clock.now, internal={"server": SFU1}))
-    clock.advance(100)  # SFU1 silent for 600 s; the room is only 100 s old
+    clock.advance(20)  # SFU1 silent for 60 s; the room is only 20 s old
     report(gw, SFU2, load=1.0)
     gw.tick()
     assert SFU1 not in gw.grid.servers
