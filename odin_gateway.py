@@ -1967,15 +1967,19 @@ class ClusterStep:
     room's claim, an admin task, a report and its tasks) returns a step
     instead of its result: ``operation`` and ``args`` say what the cluster
     link must do, and ``finish(outcome)`` (synchronous; outcome None when
-    Redis could not be reached in time) gives the result or raises RpcError.
+    Redis could not be reached in time) gives the result, raises RpcError,
+    or returns the next step. Steps with the same ``serial`` (a customer
+    with limits) run one at a time on a gateway.
     """
 
-    __slots__ = ("operation", "args", "finish")
+    __slots__ = ("operation", "args", "finish", "serial")
 
-    def __init__(self, operation: str, args: tuple, finish: Callable[[Any], Any]):
+    def __init__(self, operation: str, args: tuple, finish: Callable[[Any], Any],
+                 serial: Optional[str] = None):
         self.operation = operation
         self.args = args
         self.finish = finish
+        self.serial = serial
 
 
 class PendingAnswers:
@@ -2149,6 +2153,23 @@ class Gateway:
         except ValueError as err:
             raise refused(str(err)) from err
 
+        link = self.cluster
+        if link is not None and link.up and (licensee.peer_limit is not None
+                                             or licensee.room_limit is not None):
+            # Limits across gateways: first apply every placement published before
+            # now (a barrier), then check and place, one Connect of the customer at a
+            # time here; the placement is published before the answer.
+            return ClusterStep("barrier", (), functools.partial(
+                self._connect_checked, auth, digest, namespace, room_name, pinned),
+                serial=licensee.customer_id)
+        return self._connect_checked(auth, digest, namespace, room_name, pinned)
+
+    def _connect_checked(self, auth: Authorization, digest: str, namespace: str, room_name: str,
+                         pinned: Optional[str], _barrier: Any = None) -> Any:
+        """Connect past its claims: the limits, then the room's server or a claim for it."""
+        licensee = auth.licensee
+        peers, rooms = self.grid.usage_of(licensee.customer_id)
+        _check_limit(licensee, licensee.peer_limit, peers, "peers")
         now = self.clock()
         link = self.cluster
         if link is not None and link.up and self.grid.server_of(digest, now) is None:
@@ -2378,26 +2399,26 @@ class Gateway:
             return 200, PendingAnswers([answer], batch=False)  # type: ignore[return-value]
         return (200, dump_json(answer)) if answer else (204, None)
 
-    def finish_steps(self, pending: PendingAnswers, outcomes: List[Any]) -> Response:
-        """The response once the cluster link has done the steps (outcomes in order)."""
-        outcomes_left = iter(outcomes)
+    def finish_steps(self, pending: PendingAnswers, results: List[Any]) -> Response:
+        """The response once the cluster link has done the steps and finished them
+        (results in order: each a result, an RpcError, or another exception: a bug)."""
+        results_left = iter(results)
         sent = []
         for answer in pending.answers:
-            step = answer.get("result")
-            if isinstance(step, ClusterStep):
+            if isinstance(answer.get("result"), ClusterStep):
                 method = answer.pop("method")
-                try:
-                    answer["result"] = step.finish(next(outcomes_left))
+                result = next(results_left)
+                if not isinstance(result, BaseException):
+                    answer["result"] = result
                     self._count(method, 0)
-                except RpcError as err:
-                    self._count(method, 2)
+                else:
+                    self._count(method, 2 if isinstance(result, RpcError) else 1)
+                    if not isinstance(result, RpcError):
+                        log.error("internal error in %s:\n%s", method, "".join(
+                            traceback.format_exception(type(result), result, result.__traceback__)))
+                        result = RpcError(INTERNAL_ERROR, "Internal error")
                     answer.pop("result")
-                    answer["error"] = err.to_json()
-                except Exception:
-                    self._count(method, 1)
-                    log.error("internal error in %s:\n%s", method, traceback.format_exc())
-                    answer.pop("result")
-                    answer["error"] = RpcError(INTERNAL_ERROR, "Internal error").to_json()
+                    answer["error"] = result.to_json()
             if not answer.pop("notification", False):
                 sent.append(answer)
         if not sent:
@@ -3329,6 +3350,9 @@ class ClusterLink:
         self.changed = asyncio.Event()  # set whenever up, loaded or members change (tests await it)
         self._placed: List[Tuple[str, str, int]] = []  # (hostname, customer, new room) to share
         self._drains: List[Tuple[str, bool]] = []  # (hostname, draining) to share
+        self._serials: Dict[str, asyncio.Lock] = {}  # customer -> its Connects' turn here
+        self._sending = asyncio.Lock()  # one batch of placements at a time
+        self._pongs: Dict[str, "asyncio.Future[None]"] = {}  # barrier token -> its arrival
         self._wake = asyncio.Event()
         self._pubsub: Any = None
         self._reader: Optional[asyncio.Task] = None
@@ -3510,6 +3534,12 @@ class ClusterLink:
     async def _read_events(self, pubsub: Any) -> None:
         try:
             async for message in pubsub.listen():
+                if message.get("type") == "pong":  # a barrier (see _perform_barrier)
+                    data = message.get("data")
+                    arrived = self._pongs.get(data.decode() if isinstance(data, bytes) else data)
+                    if arrived is not None and not arrived.done():
+                        arrived.set_result(None)
+                    continue
                 if message.get("type") != "message":
                     continue
                 try:
@@ -3546,39 +3576,49 @@ class ClusterLink:
             self._wake.set()
 
     async def _publisher_loop(self) -> None:
-        ttl = int(self.gateway.config.login_token_lifetime)
         while not self._stopping:
             await self._wake.wait()
             self._wake.clear()
             if self._stopping:
                 break
-            placed, self._placed = self._placed, []
-            drains, self._drains = self._drains, []
-            totals: Dict[Tuple[str, str], List[int]] = {}
-            for hostname, customer, new_room in placed:
-                counts = totals.setdefault((hostname, customer), [0, 0])
-                counts[0] += 1
-                counts[1] += new_room
-            pipe = self.redis.pipeline(transaction=False)
-            for (hostname, customer), (peers, rooms) in totals.items():
-                key = self.key("placed", hostname)
-                pipe.hincrby(key, "p:" + customer, peers)
-                if rooms:
-                    pipe.hincrby(key, "r:" + customer, rooms)
-                pipe.expire(key, ttl)
-            if totals:
-                pipe.publish(self.key("events"), self._event("placed", items=[
-                    [hostname, customer, peers, rooms]
-                    for (hostname, customer), (peers, rooms) in totals.items()]))
-            for hostname, draining in drains:
-                if draining:
-                    pipe.hset(self.key("drained"), hostname, "1")
-                else:
-                    pipe.hdel(self.key("drained"), hostname)
-                pipe.publish(self.key("events"), self._event(
-                    "drain", hostname=hostname, draining=draining))
             with contextlib.suppress(_Unreachable):  # estimates only: the next report corrects them
-                await self._call(pipe.execute())
+                await self._send_placed()
+
+    async def _send_placed(self) -> None:
+        """Share the placements and drains made here since the last batch (after the batch
+        being sent, if any: a caller knows its placements are in Redis when this returns)."""
+        async with self._sending:
+            if self._placed or self._drains:
+                await self._send_batch()
+
+    async def _send_batch(self) -> None:
+        ttl = int(self.gateway.config.login_token_lifetime)
+        placed, self._placed = self._placed, []
+        drains, self._drains = self._drains, []
+        totals: Dict[Tuple[str, str], List[int]] = {}
+        for hostname, customer, new_room in placed:
+            counts = totals.setdefault((hostname, customer), [0, 0])
+            counts[0] += 1
+            counts[1] += new_room
+        pipe = self.redis.pipeline(transaction=False)
+        for (hostname, customer), (peers, rooms) in totals.items():
+            key = self.key("placed", hostname)
+            pipe.hincrby(key, "p:" + customer, peers)
+            if rooms:
+                pipe.hincrby(key, "r:" + customer, rooms)
+            pipe.expire(key, ttl)
+        if totals:
+            pipe.publish(self.key("events"), self._event("placed", items=[
+                [hostname, customer, peers, rooms]
+                for (hostname, customer), (peers, rooms) in totals.items()]))
+        for hostname, draining in drains:
+            if draining:
+                pipe.hset(self.key("drained"), hostname, "1")
+            else:
+                pipe.hdel(self.key("drained"), hostname)
+            pipe.publish(self.key("events"), self._event(
+                "drain", hostname=hostname, draining=draining))
+        await self._call(pipe.execute())
 
     # -- steps: what must be in Redis before an answer ------------------------
 
@@ -3628,8 +3668,44 @@ class ClusterLink:
         """Do the answers' steps (together, each under the deadline) and finish them."""
         steps = [answer["result"] for answer in pending.answers
                  if isinstance(answer.get("result"), ClusterStep)]
-        outcomes = await asyncio.gather(*(self._perform(step) for step in steps))
-        return self.gateway.finish_steps(pending, list(outcomes))
+        results = await asyncio.gather(*(self._settle(step) for step in steps),
+                                       return_exceptions=True)
+        return self.gateway.finish_steps(pending, list(results))
+
+    async def _settle(self, step: ClusterStep) -> Any:
+        """Perform a step and finish it, and the steps its finish returns; a serial
+        step holds its lock until its placements are published."""
+        lock = None
+        if step.serial is not None:
+            lock = self._serials.setdefault(step.serial, asyncio.Lock())
+            await lock.acquire()
+        try:
+            result: Any = step
+            while isinstance(result, ClusterStep):
+                result = result.finish(await self._perform(result))
+            if lock is not None:
+                with contextlib.suppress(_Unreachable):  # then the others learn it at the next report
+                    await self._send_placed()
+            return result
+        finally:
+            if lock is not None:
+                lock.release()
+                if not lock.locked() and self._serials.get(step.serial) is lock:
+                    del self._serials[step.serial]  # type: ignore[arg-type]
+
+    async def _perform_barrier(self) -> None:
+        """Return once every event published before this call has been applied here: a
+        PING on the events connection comes back after them."""
+        if not self.up or self._pubsub is None:
+            raise _Unreachable("down")
+        token = os.urandom(8).hex()
+        arrived = asyncio.get_running_loop().create_future()
+        self._pongs[token] = arrived
+        try:
+            await self._call(self._pubsub.ping(token))
+            await self._call(asyncio.shield(arrived))
+        finally:
+            self._pongs.pop(token, None)
 
     async def _perform(self, step: ClusterStep) -> Any:
         """A step's outcome; None if Redis could not be reached in time (then held here)."""

@@ -3174,6 +3174,50 @@ def test_rooms_and_peers_placed_by_any_gateway_count_on_every_gateway(redis_serv
             assert c.call(lambda: c.gateway.grid.usage_of("small")) == (3, 1)
 
 
+def limited_customer(peers, rooms):
+    key = og.generate_access_key()
+    return key, cluster_customers() + [{"id": "small", "max_peers": peers, "max_rooms": rooms,
+                                        "access_keys": [{"public_key": og.public_jwk(key)}]}]
+
+
+def admitted(gateway, room_id, user, key):
+    try:
+        connect(gateway, room_id, user, access_key=key)
+        return True
+    except og.RpcError as err:
+        assert "limit exceeded" in err.message
+        return False
+
+
+def test_sequential_connects_through_different_gateways_never_overrun_a_limit(redis_server):
+    key, customers = limited_customer(peers=7, rooms=4)
+    with cluster_gateway(redis_server, customers=customers) as a, \
+            cluster_gateway(redis_server, customers=customers) as b:
+        http_report(a, SFU1)
+        eventually(b, knows_server(b))
+        # No waiting in between: each Connect sees every one answered before it.
+        rooms = [admitted((a, b)[i % 2], "r%d" % i, "u%d" % i, key) for i in range(8)]
+        assert rooms == [True] * 4 + [False] * 4
+        peers = [admitted((b, a)[i % 2], "r0", "p%d" % i, key) for i in range(6)]
+        assert peers == [True] * 3 + [False] * 3
+
+
+def test_a_concurrent_burst_overruns_a_limit_by_at_most_one_per_other_gateway(redis_server):
+    key, customers = limited_customer(peers=None, rooms=5)
+    with cluster_gateway(redis_server, customers=customers) as a, \
+            cluster_gateway(redis_server, customers=customers) as b:
+        http_report(a, SFU1)
+        eventually(b, knows_server(b))
+        results = []
+        threads = [threading.Thread(target=lambda i=i: results.append(
+            admitted((a, b)[i % 2], "burst-%d" % i, "u%d" % i, key))) for i in range(30)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        assert 5 <= results.count(True) <= 5 + 1  # two gateways: at most one over
+
+
 def test_new_rooms_through_two_gateways_spread_evenly(redis_server):
     with cluster_gateway(redis_server) as a, cluster_gateway(redis_server) as b:
         hostnames = ["sfu-%d:4433" % index for index in range(10)]
