@@ -3241,7 +3241,7 @@ async def serve_connection(gateway: Gateway, reader: asyncio.StreamReader,
 #   odin:placed:<host>    hash    "p:<customer>"/"r:<customer>" -> peers/rooms Connect
 #                                 sent to the server since its report (future usage);
 #                                 HINCRBY by every gateway, deleted by the report.
-#   odin:tasks:<host>     list    JSON admin tasks; RPUSH (bounded by max_queued_tasks)
+#   odin:tasks:<host>     list    JSON {id, task}; RPUSH (bounded by max_queued_tasks)
 #                                 by the gateway that accepted the call, before it
 #                                 answers; taken whole, atomically, by the gateway that
 #                                 takes the server's next report; EX remove_timeout.
@@ -3249,8 +3249,8 @@ async def serve_connection(gateway: Gateway, reader: asyncio.StreamReader,
 #   odin:members          zset    member id -> Redis time of its last heartbeat;
 #                                 every heartbeat drops members silent for 3 heartbeats.
 #   odin:events           pub/sub JSON {"from": member, "type": "report" | "claim" |
-#                                 "placed" | "drain", ...}: what the others apply to
-#                                 their replicas as it happens.
+#                                 "placed" | "drain" | "delivered", ...}: what the
+#                                 others apply to their replicas as it happens.
 #
 # When Redis cannot be reached, each gateway serves from its replica (mapped
 # rooms as mapped, new rooms placed locally, admin tasks and reports held),
@@ -3352,6 +3352,11 @@ class ClusterLink:
         self._drains: List[Tuple[str, bool]] = []  # (hostname, draining) to share
         self._serials: Dict[str, asyncio.Lock] = {}  # customer -> its Connects' turn here
         self._sending = asyncio.Lock()  # one batch of placements at a time
+        self._task_count = 0
+        # Tasks this gateway queued in Redis, until delivered: id -> (hostname, task, since).
+        self._undelivered: Dict[str, Tuple[str, dict, float]] = {}
+        self._delivered: List[str] = []  # ids of tasks delivered here, to tell the others
+        self._redis_run: Optional[str] = None  # Redis's run_id: it changes when Redis restarts
         self._pongs: Dict[str, "asyncio.Future[None]"] = {}  # barrier token -> its arrival
         self._wake = asyncio.Event()
         self._pubsub: Any = None
@@ -3470,13 +3475,15 @@ class ClusterLink:
             if room.server in grid.servers:
                 pipe.set(self.key("room", digest), _compact_json(_claim_record(room)), nx=True, ex=ttl)
         await self._call(pipe.execute())
+        run = (await self._call(self.redis.info("server")))["run_id"]
+        if self._redis_run is not None and run != self._redis_run:
+            await self._requeue_lost_tasks()
+        self._redis_run = run
         for server in list(grid.servers.values()):
             while server.tasks:
-                outcome = await self._call(self._queue(
-                    keys=[self.key("tasks", server.hostname)],
-                    args=[_compact_json(server.tasks[0]), config.max_queued_tasks,
-                          int(config.remove_timeout)]))
-                if not outcome:
+                outcome = await self._push_task(server.hostname, self._new_task_id(),
+                                                server.tasks[0])
+                if outcome == "full":
                     log.warning("cluster: task queue of %s is full in Redis; %d held tasks stay "
                                 "here", printable(server.hostname), len(server.tasks))
                     break
@@ -3564,6 +3571,9 @@ class ClusterLink:
             server = grid.servers.get(event["hostname"])
             if server is not None:
                 server.draining = event["draining"]
+        elif kind == "delivered":
+            for task_id in event["ids"]:
+                self._undelivered.pop(task_id, None)
 
     def _event(self, kind: str, **values: Any) -> str:
         return _compact_json(dict({"from": self.member, "type": kind}, **values))
@@ -3588,13 +3598,14 @@ class ClusterLink:
         """Share the placements and drains made here since the last batch (after the batch
         being sent, if any: a caller knows its placements are in Redis when this returns)."""
         async with self._sending:
-            if self._placed or self._drains:
+            if self._placed or self._drains or self._delivered:
                 await self._send_batch()
 
     async def _send_batch(self) -> None:
         ttl = int(self.gateway.config.login_token_lifetime)
         placed, self._placed = self._placed, []
         drains, self._drains = self._drains, []
+        delivered, self._delivered = self._delivered, []
         totals: Dict[Tuple[str, str], List[int]] = {}
         for hostname, customer, new_room in placed:
             counts = totals.setdefault((hostname, customer), [0, 0])
@@ -3618,6 +3629,8 @@ class ClusterLink:
                 pipe.hdel(self.key("drained"), hostname)
             pipe.publish(self.key("events"), self._event(
                 "drain", hostname=hostname, draining=draining))
+        if delivered:
+            pipe.publish(self.key("events"), self._event("delivered", ids=delivered))
         await self._call(pipe.execute())
 
     # -- steps: what must be in Redis before an answer ------------------------
@@ -3735,19 +3748,53 @@ class ClusterLink:
         return {"won": False, "server": claimed["server"]}
 
     async def _perform_task(self, hostname: str, task: dict) -> Optional[str]:
-        config = self.gateway.config
         if not self.up:
             raise _Unreachable("down")
+        return await self._push_task(hostname, self._new_task_id(), task)
+
+    def _new_task_id(self) -> str:
+        self._task_count += 1
+        return "%s:%d" % (self.member, self._task_count)
+
+    async def _push_task(self, hostname: str, task_id: str, task: dict) -> str:
+        """Queue a task in Redis ("queued", or "full"); kept here too until a gateway
+        says it delivered it, so a Redis that restarts empty gets it again."""
+        config = self.gateway.config
+        entry = _compact_json({"id": task_id, "task": task})
         queued = await self._call(self._queue(
             keys=[self.key("tasks", hostname)],
-            args=[_compact_json(task), config.max_queued_tasks, int(config.remove_timeout)]))
-        return "queued" if queued else "full"
+            args=[entry, config.max_queued_tasks, int(config.remove_timeout)]))
+        if not queued:
+            return "full"
+        self._undelivered[task_id] = (hostname, task, self.gateway.clock())
+        return "queued"
+
+    async def _requeue_lost_tasks(self) -> None:
+        """After Redis restarted: queue again the tasks accepted here that it lost."""
+        config, now = self.gateway.config, self.gateway.clock()
+        for task_id, (_host, _task, since) in list(self._undelivered.items()):
+            if now - since >= config.remove_timeout:  # its server is forgotten by now
+                del self._undelivered[task_id]
+        for hostname in sorted({host for host, _task, _since in self._undelivered.values()}):
+            present = {load_json(raw)["id"] for raw in await self._call(
+                self.redis.lrange(self.key("tasks", hostname), 0, -1))}
+            for task_id, (host, task, _since) in list(self._undelivered.items()):
+                if host == hostname and task_id not in present:
+                    await self._push_task(hostname, task_id, task)
 
     async def _perform_report(self, server: Server, gone: set, answered: bool) -> Optional[List[dict]]:
         if not self.up:
             raise _Unreachable("down")
         results = await self._call(self._store_report(server, gone, answered).execute())
-        return [load_json(raw) for raw in results[-2]] if answered else []
+        if not answered:
+            return []
+        entries = [load_json(raw) for raw in results[-2]]
+        if entries:  # delivered: the gateways that accepted them may forget them
+            for entry in entries:
+                self._undelivered.pop(entry["id"], None)
+            self._delivered.extend(entry["id"] for entry in entries)
+            self._wake.set()
+        return [entry["task"] for entry in entries]
 
     def drained(self, hostname: str, draining: bool) -> None:
         """An operator drained (or undrained) a server here: tell the others."""

@@ -2899,7 +2899,7 @@ class RedisServer:
     def start(self):
         self.process = subprocess.Popen(
             [REDIS_SERVER, "--port", "0", "--unixsocket", self.socket, "--dir", self.directory,
-             "--save", "", "--appendonly", "yes" if self.persist else "no",
+             "--save", "", "--appendonly", "yes" if self.persist else "no", "--appendfsync", "always",
              "--daemonize", "no", "--loglevel", "warning"],
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         deadline = time.monotonic() + 10
@@ -3122,6 +3122,26 @@ def test_redis_killed_and_restarted_empty_the_gateways_serve_then_resync(redis_s
         assert client.llen("odin:tasks:" + SFU1) == 1 and client.hexists("odin:servers", SFU1)
         assert [t["task"] for t in http_report(b, SFU1)["tasks"]] == ["RoomClose"]
         assert len(down_logs) <= 2  # once per gateway, not once per call
+
+
+@pytest.mark.parametrize("persist", [False, True], ids=["restarted-empty", "restarted-with-aof"])
+def test_a_task_acknowledged_before_redis_restarts_is_delivered_once(redis_server, persist):
+    redis_server.kill()
+    redis_server.persist = persist
+    redis_server.start()
+    with cluster_gateway(redis_server) as a, cluster_gateway(redis_server) as b:
+        http_report(a, SFU1, rooms=[room(NS, "lobby", NS)])
+        eventually(b, knows_server(b))
+        assert admin(a, "RoomClose", {"room_id": "lobby"}) == {}
+        redis_server.kill()  # with the task in it
+        eventually(a, lambda: not a.gateway.cluster.up)
+        redis_server.start()
+        eventually(a, lambda: a.gateway.cluster.up)
+        eventually(b, lambda: b.gateway.cluster.up)
+        assert [t["task"] for t in http_report(b, SFU1)["tasks"]] == ["RoomClose"]
+        assert http_report(a, SFU1)["tasks"] == [] and http_report(b, SFU1)["tasks"] == []
+        # Delivered: a forgets it, so a later Redis restart brings nothing back.
+        eventually(a, lambda: not a.gateway.cluster._undelivered)
 
 
 def test_members_are_listed_and_a_stopped_member_is_dropped(redis_server):
