@@ -48,6 +48,8 @@ __all__ = [
     "FakeServer",
     "Gateway",
     "GatewayError",
+    "GatewayServer",
+    "HttpFraming",
     "Licensee",
     "RpcClient",
     "RpcError",
@@ -63,7 +65,8 @@ __all__ = [
 
 import argparse
 import asyncio
-import base64
+import binascii
+import bisect
 import contextlib
 import copy
 import dataclasses
@@ -177,35 +180,42 @@ _B64URL_RE = re.compile(r"[A-Za-z0-9_-]*={0,2}")
 _B64_RE = re.compile(r"[A-Za-z0-9+/]*={0,2}")
 
 
+# binascii directly: base64's wrappers cost more than the conversion (per Connect, three).
+_TO_URL_ALPHABET = bytes.maketrans(b"+/", b"-_")
+_FROM_URL_ALPHABET = bytes.maketrans(b"-_", b"+/")
+
+
 def b64url_encode(data: bytes) -> str:
     """URL-safe base64 without padding, as JWTs and JWKs use."""
-    return base64.urlsafe_b64encode(data).rstrip(b"=").decode("ascii")
+    return binascii.b2a_base64(data, newline=False).translate(_TO_URL_ALPHABET).rstrip(
+        b"=").decode("ascii")
 
 
-def _strict_b64(text: str, alphabet: "re.Pattern[str]", decode: Callable[[str], bytes],
+def _strict_b64(text: str, alphabet: "re.Pattern[str]", table: Optional[bytes],
                 what: str) -> bytes:
-    # The standard library silently skips characters outside the alphabet, so
-    # the alphabet and the length are checked first.
+    # binascii silently skips characters outside the alphabet, so the
+    # alphabet and the length are checked first.
     if not alphabet.fullmatch(text):
         raise ValueError("not " + what)
     stripped = text.rstrip("=")
     if len(stripped) % 4 == 1:
         raise ValueError("not %s: impossible length" % what)
-    return decode(stripped + "=" * (-len(stripped) % 4))
+    data = (stripped + "=" * (-len(stripped) % 4)).encode("ascii")
+    return binascii.a2b_base64(data.translate(table) if table else data)
 
 
 def b64url_decode(text: str) -> bytes:
     """Strict URL-safe base64, padding optional; ValueError on anything else."""
-    return _strict_b64(text, _B64URL_RE, base64.urlsafe_b64decode, "base64url")
+    return _strict_b64(text, _B64URL_RE, _FROM_URL_ALPHABET, "base64url")
 
 
 def b64_decode(text: str) -> bytes:
     """Strict standard base64, padding optional; ValueError on anything else."""
-    return _strict_b64(text, _B64_RE, base64.b64decode, "base64")
+    return _strict_b64(text, _B64_RE, None, "base64")
 
 
 def b64_encode(data: bytes) -> str:
-    return base64.b64encode(data).decode("ascii")
+    return binascii.b2a_base64(data, newline=False).decode("ascii")
 
 
 _SURROGATE_RE = re.compile("[\ud800-\udfff]")
@@ -222,6 +232,12 @@ def _refuse_constant(name: str) -> Any:
 # Immutable, so shareable; json.loads/dumps with options would build one per call.
 _JSON_DECODER = json.JSONDecoder(parse_constant=_refuse_constant)
 _JSON_ENCODER = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"), allow_nan=False)
+# The C scanner and encoder behind them, called directly: JSONEncoder.encode
+# builds a new C encoder on every call. (None where the C accelerator is missing.)
+_JSON_SCAN = _JSON_DECODER.scan_once
+_C_ENCODE = json.encoder.c_make_encoder and json.encoder.c_make_encoder(  # type: ignore[attr-defined]
+    None, _JSON_ENCODER.default, json.encoder.encode_basestring,  # type: ignore[attr-defined]
+    None, ":", ",", False, False, False)
 
 
 def _utf8(text: str) -> bytes:
@@ -317,8 +333,10 @@ def js_json(value: Any) -> str:
 
 def _compact_json(value: Any) -> str:
     """Compact JSON by the (C-accelerated) standard library, lone surrogates escaped."""
-    text = _JSON_ENCODER.encode(value)
-    return _SURROGATE_RE.sub(_escape_surrogate, text) if _SURROGATE_RE.search(text) else text
+    text = "".join(_C_ENCODE(value, 0)) if _C_ENCODE else _JSON_ENCODER.encode(value)
+    if text.isascii() or not _SURROGATE_RE.search(text):
+        return text
+    return _SURROGATE_RE.sub(_escape_surrogate, text)
 
 
 def dump_json(value: Any) -> bytes:
@@ -328,8 +346,18 @@ def dump_json(value: Any) -> bytes:
 
 def load_json(data: bytes) -> Any:
     """Strict JSON from UTF-8 bytes; ValueError for anything JSON.parse refuses."""
+    return _parse_json(data.decode("utf-8"))
+
+
+def _parse_json(text: str) -> Any:
     try:
-        return _JSON_DECODER.decode(data.decode("utf-8"))
+        try:  # the scanner alone, for text without surrounding whitespace
+            value, end = _JSON_SCAN(text, 0)
+            if end == len(text):
+                return value
+        except StopIteration:
+            pass
+        return _JSON_DECODER.decode(text)  # whitespace, or the error's message
     except RecursionError as err:
         raise ValueError("JSON nested too deeply") from err
 
@@ -579,8 +607,8 @@ def _token_json(segment: str) -> dict:
         data = b64url_decode(segment)
         # Invalid UTF-8 becomes U+FFFD as in the original; the signature
         # covers the raw bytes, so this changes no verdict.
-        value = _JSON_DECODER.decode(data.decode("utf-8", "replace"))
-    except (ValueError, RecursionError) as err:
+        value = _parse_json(data.decode("utf-8", "replace"))
+    except ValueError as err:
         raise TokenError("invalid json in token") from err
     if not isinstance(value, dict):
         raise TokenError("json, in token, must be a object")
@@ -600,6 +628,10 @@ def _is_string_or_strings(value: Any) -> bool:
         isinstance(value, list) and all(isinstance(item, str) for item in value))
 
 
+#: Most distinct token header segments an Authorizer keeps decoded.
+TOKEN_HEADER_CACHE = 256
+
+
 class Authorizer:
     """Checks Authorization headers against a key set; no I/O, time is passed in.
 
@@ -615,6 +647,9 @@ class Authorizer:
         self.customer_keys = customer_keys
         self.server_keys = server_keys
         self.unknown_limits = unknown_limits
+        # Decoded header segments: a customer's tokens share theirs. (The
+        # signature is checked on every token all the same.)
+        self._headers: Dict[str, dict] = {}
 
     def authorize(self, header: Optional[str], now: float, *,
                   required_claims: Tuple[str, ...] = (),
@@ -636,7 +671,12 @@ class Authorizer:
         segments = token.split(".")
         if len(segments) != 3:
             raise TokenError("token must have three segments")
-        header = _token_json(segments[0])
+        header = self._headers.get(segments[0])
+        if header is None:
+            header = _token_json(segments[0])
+            if len(self._headers) >= TOKEN_HEADER_CACHE:
+                self._headers.clear()
+            self._headers[segments[0]] = header
         kid = header.get("kid")
         if isinstance(kid, (int, float)) and not isinstance(kid, bool) and math.isfinite(kid):
             kid = js_number(kid)
@@ -724,7 +764,9 @@ def split_authorization(header: Optional[str]) -> Tuple[str, str]:
     scheme, credentials = parts[0], parts[1] if len(parts) > 1 else ""
     if not scheme or not credentials:
         raise TokenError("missing authorization")
-    if len(parts) > 2 or _WHITESPACE_RE.search(credentials):
+    # Printable text without a space has no whitespace: the scan is skipped.
+    if len(parts) > 2 or not (credentials.isprintable() and " " not in credentials) and \
+            _WHITESPACE_RE.search(credentials):
         raise TokenError("invalid authorization")
     return scheme, credentials
 
@@ -1065,29 +1107,65 @@ class Config:
         "`cluster`", reload=False, flag="--workers")
     # -- limits (see "Security and limits" in README.md): what one client may cost.
     # http.server allows 64 KiB, but no ODIN call needs more than a path: a long
-    # line is an attack or a mistake. The head limits size the stream readers
-    # when the listener starts, so only a restart applies them.
-    max_request_line: int = setting(8 * 1024, _positive_integer, "bytes in the request line (414)",
-                                    reload=False)
+    # line is an attack or a mistake.
+    max_request_line: int = setting(8 * 1024, _positive_integer, "bytes in the request line (414)")
     # As h11.
     max_head_bytes: int = setting(16 * 1024, _positive_integer,
-                                  "bytes in the request line and headers (431)", reload=False)
+                                  "bytes in the request line and headers (431)")
     # As CPython's http.client.
     max_headers: int = setting(100, _positive_integer, "header fields in one request (431)")
-    # A report of 10,000 rooms is about 1 MiB.
+    # A client's body is one JSON-RPC call.
     max_body_bytes: int = setting(1024 * 1024, _positive_integer,
                                   "bytes in a body, checked before reading it (413)")
+    # Servers report their rooms to /internal: 10,000 rooms with UUID names are
+    # about 1.1 MiB, so this leaves room for about 280,000.
+    max_internal_body_bytes: int = setting(
+        32 * 1024 * 1024, _positive_integer,
+        "bytes in a body to `/internal` (servers' reports); a refused one is logged (413)")
+    # A hex size and short extensions.
+    max_chunk_line: int = setting(1024, _positive_integer,
+                                  "bytes in a chunk size line of a chunked body (400)")
+    # Clamped at start to what the open-file limit allows (with a warning).
     max_connections: int = setting(1024, _positive_integer, "open connections; more get 503")
+    # asyncio's default of 100 overflowed under bursts of connects, and a
+    # dropped SYN costs the client a second; the kernel caps it at somaxconn.
+    backlog: int = setting(1024, _positive_integer,
+                           "connections the kernel queues before they are accepted (listen backlog)",
+                           reload=False)
     max_batch: int = setting(100, _positive_integer, "requests in one JSON-RPC batch")
     # Admin calls beyond it are refused rather than dropping tasks already queued.
     max_queued_tasks: int = setting(10_000, _positive_integer,
                                     "admin tasks waiting for one server; more are refused")
-    read_timeout: float = setting(10.0, _positive_seconds,
-                                  "seconds to receive a request's head, and then its body (408)")
+    # The deadlines of a connection, each named for what it bounds. A silent
+    # connection must not hold its slot for keep_alive_timeout.
+    read_timeout: float = setting(
+        10.0, _positive_seconds,
+        "seconds for a new connection's first byte, then for a request's head, then its body (408)")
     keep_alive_timeout: float = setting(75.0, _positive_seconds,
-                                        "seconds an idle connection is kept open")
+                                        "seconds an idle connection is kept open between requests")
+    # A client that never reads must not hold a connection and its answer.
+    write_timeout: float = setting(10.0, _positive_seconds,
+                                   "seconds a client may take to read more of an answer")
+    # Closing a socket with unread input sends a reset, which can destroy the
+    # last answer before the client reads it: half-close, read on for a moment.
+    linger_timeout: float = setting(
+        1.0, _positive_seconds, "seconds a connection closed after its last answer is still read from")
+    max_linger_bytes: int = setting(4 * 1024 * 1024, _positive_integer,
+                                    "bytes read (and dropped) while lingering")
     shutdown_timeout: float = setting(10.0, _positive_seconds,
                                       "seconds a stop waits for requests in flight")
+    # asyncio reads 256 KiB at once, above glibc's mmap threshold (128 KiB):
+    # every read would map and unmap memory until glibc adapts.
+    receive_size: int = setting(64 * 1024, _positive_integer, "bytes read from a connection at once")
+    # asyncio's own high-water mark. Larger answers are written in pieces of
+    # this size as the client takes them.
+    max_write_buffer: int = setting(
+        64 * 1024, _positive_integer,
+        "unsent bytes of a connection before it waits for its client to read")
+    # Clients that ask and never read must not grow memory without bound.
+    max_unsent_bytes: int = setting(
+        64 * 1024 * 1024, _positive_integer,
+        "bytes of large answers waiting for their clients, in all; a larger answer beyond gets 503")
     customer_update_timeout: float = setting(
         30.0, _positive_seconds,
         "seconds the customer update function may take before its result is ignored")
@@ -1245,7 +1323,7 @@ def room_hash(namespace: str, name: str) -> str:
     base = _utf8(room_base_name(name))
     if len(ns) > 255 or len(base) > 255:
         raise ValueError("room namespace and base name must be at most 255 bytes of UTF-8")
-    return b64_encode(hashlib.sha256(bytes([len(ns)]) + ns + bytes([len(base)]) + base).digest())
+    return b64_encode(hashlib.sha256(b"%c%s%c%s" % (len(ns), ns, len(base), base)).digest())
 
 
 # The original orders reported rooms by hash with JavaScript's localeCompare
@@ -1934,11 +2012,10 @@ def remote_hostname(address: str) -> str:
 class Response:
     """An HTTP response as plain data: status, extra headers, body and its type."""
 
-    __slots__ = ("status", "headers", "body", "content_type", "pending")
+    __slots__ = ("status", "headers", "body", "content_type")
 
     def __init__(self, status: int, body: bytes = b"", headers: Optional[List[Tuple[str, str]]] = None,
                  content_type: str = "application/json"):
-        self.pending: Optional[PendingAnswers] = None  # cluster steps to do before it is sent
         self.status = status
         self.body = body
         self.headers = headers or []
@@ -2011,7 +2088,6 @@ class Gateway:
         self.rng = rng if rng is not None else random.Random()
         self.grid = Grid(self)
         self.stats: Dict[str, List[int]] = {}  # method -> [success, failure, rejected]
-        self.stopping = False  # set while shutting down: connections are not kept alive
         self.metrics = Metrics()
         # The cluster link (cluster mode, while serving): the handlers ask it
         # whether Redis is up, and hand it ClusterSteps through the HTTP layer.
@@ -2055,7 +2131,7 @@ class Gateway:
         """Apply a new config without dropping state: customers, limits, timeouts.
 
         A setting that only a restart can apply (declared with reload=False:
-        listening address, TLS, master key, the head size limits) keeps its
+        listening address, TLS, master key, the listen backlog) keeps its
         running value, with a warning.
         """
         kept = {}
@@ -2364,16 +2440,22 @@ class Gateway:
         """The maintenance step (every update_interval): timeouts, expiry, usage."""
         self.grid.tick(self.clock())
 
-    def serve(self, host: str = "127.0.0.1", port: int = 0,
-              ssl: Optional[ssl_module.SSLContext] = None, *,
-              reuse_port: bool = False) -> "contextlib.AbstractAsyncContextManager":
+    @contextlib.asynccontextmanager
+    async def serve(self, host: str = "127.0.0.1", port: int = 0,
+                    ssl: Optional[ssl_module.SSLContext] = None) -> Any:
         """Serve HTTP(S) while inside ``async with gateway.serve() as server``.
 
         port 0 binds a free port; server.url has the real one (no trailing
         slash). Timers for the maintenance tick and the customer update run
-        meanwhile; leaving the block stops everything cleanly.
+        meanwhile; leaving the block stops everything cleanly. (A thin
+        wrapper over GatewayServer, below.)
         """
-        return _serve(self, host, port, ssl, reuse_port)
+        server = GatewayServer(self, host, port, ssl)
+        await server.start()
+        try:
+            yield server
+        finally:
+            await server.stop()
 
     # -- JSON-RPC dispatch --------------------------------------------------
 
@@ -2491,11 +2573,14 @@ class Gateway:
     # -- HTTP requests ------------------------------------------------------
 
     def handle_http(self, method: str, target: str, headers: Dict[str, str], body: bytes,
-                    remote: str = "127.0.0.1") -> Response:
-        """The response to one HTTP request (headers keyed by lower-case name)."""
+                    remote: str = "127.0.0.1", *, stopping: bool = False) -> Response:
+        """The response to one HTTP request (headers keyed by lower-case name).
+
+        stopping: the server that received it is stopping (/ready says so).
+        """
         path = target.split("?", 1)[0]
         if path in ("/health", "/ready", "/metrics"):
-            return self._operations(method, path, headers)
+            return self._operations(method, path, headers, stopping)
         if path == "/":
             methods = self.PUBLIC_METHODS
         elif path == "/internal":
@@ -2535,10 +2620,8 @@ class Gateway:
                 return Response(403, _error_body(PARSE_ERROR, "access denied by token restrictions"))
         status, response_body = self.dispatch(methods, body, auth, remote)
         if isinstance(response_body, PendingAnswers):
-            # Cluster mode: the HTTP layer has the link do the steps, then finish_steps().
-            response = Response(status)
-            response.pending = response_body
-            return response
+            # Cluster mode: an awaitable answer (the server awaits it, serving others meanwhile).
+            return self.cluster.complete(response_body)  # type: ignore[union-attr,return-value]
         return Response(status, response_body or b"")
 
     def _basic_auth(self, header: str) -> Authorization:
@@ -2548,7 +2631,8 @@ class Gateway:
             raise TokenError("invalid authorization")
         return check_basic(credentials, self.config.internal_users)
 
-    def _operations(self, method: str, path: str, headers: Dict[str, str]) -> Response:
+    def _operations(self, method: str, path: str, headers: Dict[str, str],
+                    stopping: bool) -> Response:
         """GET /health, /ready and /metrics: for load balancers and Prometheus."""
         if method not in ("GET", "HEAD"):
             return Response(405, _error_body(INVALID_REQUEST, "method not allowed: use GET"),
@@ -2558,7 +2642,7 @@ class Gateway:
         if path == "/ready":
             now = self.clock()
             enabled = len(self.grid.candidates(now))
-            if self.stopping:
+            if stopping:
                 return Response(503, dump_json({"status": "stopping"}))
             if self.cluster is not None and not self.cluster.loaded:
                 return Response(503, dump_json({"status": "loading the cluster state from Redis"}))
@@ -2612,8 +2696,16 @@ def _check_limit(licensee: Licensee, limit: Optional[int], usage: int, what: str
 
 def _subject_filter(subjects: Any, methods: Tuple[str, ...]) -> Tuple[str, ...]:
     """The methods a token with sub may call: those it names, case-insensitively."""
-    named = {subjects.lower()} if isinstance(subjects, str) else {s.lower() for s in subjects}
+    if isinstance(subjects, str):  # the common case, one method: no sets
+        method = _METHOD_NAMES.get(subjects.lower())
+        return (method,) if method in methods else ()
+    named = {s.lower() for s in subjects}
     return tuple(method for method in methods if method.lower() in named)
+
+
+#: Method names by their lower-case spelling (read-only).
+_METHOD_NAMES = types.MappingProxyType(
+    {method.lower(): method for method in Gateway.PUBLIC_METHODS + Gateway.INTERNAL_METHODS})
 
 
 def _toml_kind(value: Any) -> str:
@@ -2651,10 +2743,9 @@ class Metrics:
         self.responses[key] = self.responses.get(key, 0) + 1
 
     def observe_connect(self, seconds: float) -> None:
-        for index, bound in enumerate(CONNECT_BUCKETS):
-            if seconds <= bound:
-                self.connect_buckets[index] += 1
-                break
+        index = bisect.bisect_left(CONNECT_BUCKETS, seconds)
+        if index < len(CONNECT_BUCKETS):
+            self.connect_buckets[index] += 1
         self.connect_sum += seconds
         self.connect_count += 1
 
@@ -2756,18 +2847,37 @@ def render_metrics(gateway: Gateway) -> str:
 
 
 # ---------------------------------------------------------------------------
-# HTTP/1.1: parsing a request head strictly, writing responses
+# HTTP/1.1 framing: bytes in; a request, an exact error answer or "need more" out
 # ---------------------------------------------------------------------------
+# No sockets here (the h11 lesson): HttpFraming takes the bytes a connection
+# received and says what they make. The server below only reads, feeds, calls
+# Gateway.handle_http, writes and keeps one deadline; the fuzz tests drive
+# this section without an event loop.
 
 _TOKEN_RE = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
+#: The start of a request line: method characters up to the first space. A
+#: byte that cannot belong to a method (a TLS ClientHello begins with 0x16)
+#: is answered 400 at once instead of waiting for a line that never comes.
+_METHOD_PREFIX_RE = re.compile(rb"[!#$%&'*+.^_`|~0-9A-Za-z-]*")
+#: A well-formed header line; and the same at every line start of a block of
+#: them (one call per request instead of one per line): when it matches as
+#: many lines as the block has, each line is well-formed; when not, the block
+#: takes the slow path, for its message. (Greedy: a lazy value is 5x slower.)
+_HEADER_LINE_RE = re.compile(r"([!#$%&'*+.^_`|~0-9A-Za-z-]+):[ \t]*([^\r\n\x00]*?)[ \t]*")
+_HEADER_FIELD_RE = re.compile(r"^([!#$%&'*+.^_`|~0-9A-Za-z-]+):[ \t]*([^\r\n\x00]*)\r\n",
+                              re.MULTILINE)
 _VERSION_RE = re.compile(r"HTTP/(\d)\.(\d)")
 _CONTENT_LENGTH_RE = re.compile(r"[0-9]{1,15}")
+_CHUNK_SIZE_RE = re.compile(rb"[0-9A-Fa-f]{1,8}")
 _REASONS = {200: "OK", 204: "No Content", 400: "Bad Request", 401: "Unauthorized",
             403: "Forbidden", 404: "Not Found", 405: "Method Not Allowed",
             408: "Request Timeout", 413: "Content Too Large", 414: "URI Too Long",
             431: "Request Header Fields Too Large", 500: "Internal Server Error",
             501: "Not Implemented", 503: "Service Unavailable",
             505: "HTTP Version Not Supported"}
+#: Status lines, rendered once (immutable after import).
+_STATUS_LINES = {status: b"HTTP/1.1 %d %s\r\n" % (status, reason.encode("ascii"))
+                 for status, reason in _REASONS.items()}
 _COMMON_HEADERS = (
     b"Access-Control-Allow-Origin: *\r\n"
     b"Access-Control-Allow-Headers: Authorization,Content-Type\r\n"
@@ -2775,34 +2885,38 @@ _COMMON_HEADERS = (
     b"Access-Control-Request-Method: POST\r\n"
     b"Cache-Control: no-store\r\n"
 )
+#: Most distinct request lines a server remembers parsed (clients repeat theirs).
+REQUEST_LINE_CACHE = 256
 
 
 class HttpError(GatewayError):
     """A request the HTTP layer refuses; the connection is closed after the answer."""
 
-    def __init__(self, status: int, message: str):
+    def __init__(self, status: int, message: str, target: Optional[str] = None):
         super().__init__(message)
         self.status = status
         self.message = message
+        self.target = target  # the request's target, when the head was read
 
 
 class Request:
-    """A parsed request head."""
+    """A complete request: head, body and whether the client wants to keep the connection."""
 
-    __slots__ = ("method", "target", "version", "headers")
+    __slots__ = ("method", "target", "version", "headers", "body", "keep_alive")
 
-    def __init__(self, method: str, target: str, version: Tuple[int, int], headers: Dict[str, str]):
+    def __init__(self, method: str, target: str, version: Tuple[int, int], headers: Dict[str, str],
+                 body: bytes = b""):
         self.method = method
         self.target = target
         self.version = version
         self.headers = headers
-
-    @property
-    def keep_alive(self) -> bool:
-        connection = self.headers.get("connection", "").lower()
-        if self.version >= (1, 1):
-            return "close" not in connection
-        return "keep-alive" in connection
+        self.body = body
+        connection = headers.get("connection")
+        if connection is None:
+            self.keep_alive = version >= (1, 1)
+        else:
+            connection = connection.lower()
+            self.keep_alive = "close" not in connection if version >= (1, 1) else "keep-alive" in connection
 
 
 def parse_request_line(line: bytes) -> Tuple[str, str, Tuple[int, int]]:
@@ -2819,17 +2933,19 @@ def parse_request_line(line: bytes) -> Tuple[str, str, Tuple[int, int]]:
     return method, target, (1, int(match.group(2)))
 
 
-def parse_header_line(line: bytes, headers: Dict[str, str]) -> None:
-    """Add one 'Name: value' line (without CRLF) to headers, keyed by lower-case name."""
-    text = line.decode("latin-1")
-    name, colon, value = text.partition(":")
-    if not colon or not _TOKEN_RE.fullmatch(name):
-        # Also refuses obsolete line folding and whitespace before the colon.
-        raise HttpError(400, "malformed header line")
-    value = value.strip(" \t")
-    if any(ch in value for ch in "\r\n\0"):
+def parse_header_line(line: str, headers: Dict[str, str]) -> None:
+    """Add one 'Name: value' line (latin-1 text without CRLF) to headers, keyed by lower-case name."""
+    match = _HEADER_LINE_RE.fullmatch(line)
+    if match is None:
+        name, colon, _value = line.partition(":")
+        if not colon or not _TOKEN_RE.fullmatch(name):
+            # Also refuses obsolete line folding and whitespace before the colon.
+            raise HttpError(400, "malformed header line")
         raise HttpError(400, "malformed header value")
-    name = name.lower()
+    _add_header(headers, match.group(1).lower(), match.group(2))
+
+
+def _add_header(headers: Dict[str, str], name: str, value: str) -> None:
     if name in headers:
         if name == "content-length":
             if headers[name] != value:
@@ -2841,6 +2957,29 @@ def parse_header_line(line: bytes, headers: Dict[str, str]) -> None:
     headers[name] = value
 
 
+def parse_headers(block: str, max_headers: int) -> Dict[str, str]:
+    """The header fields of a head (latin-1 text after the request line, each
+    line ending in CRLF), keyed by lower-case name; HttpError if malformed."""
+    headers: Dict[str, str] = {}
+    fields = _HEADER_FIELD_RE.findall(block)
+    if len(fields) == block.count("\n"):
+        if len(fields) > max_headers:
+            raise HttpError(431, "too many header fields (limit %d)" % max_headers)
+        for name, value in fields:
+            name, value = name.lower(), value.rstrip(" \t")
+            if name in headers:
+                _add_header(headers, name, value)
+            else:
+                headers[name] = value
+        return headers
+    lines = block[:-2].split("\r\n")
+    if len(lines) > max_headers:
+        raise HttpError(431, "too many header fields (limit %d)" % max_headers)
+    for line in lines:
+        parse_header_line(line, headers)
+    return headers
+
+
 def body_length(headers: Dict[str, str]) -> Optional[int]:
     """Content-Length as an int, None for a chunked body; HttpError otherwise."""
     encoding = headers.get("transfer-encoding")
@@ -2850,37 +2989,52 @@ def body_length(headers: Dict[str, str]) -> Optional[int]:
                             "unsupported Transfer-Encoding: %s" % printable(encoding, 40))
         return None
     text = headers.get("content-length", "0")
+    if text.isdigit() and text.isascii() and len(text) <= 15:  # [0-9]{1,15}, quickly
+        return int(text)
     if not _CONTENT_LENGTH_RE.fullmatch(text):
         raise HttpError(400, "Content-Length must be plain digits")
     return int(text)
 
 
-_date_cache: List[Any] = [0, b""]
+class HttpDate:
+    """The Date header's value, formatted once a second (formatting costs more than
+    a request). One per server, so gateways in one process share nothing."""
+
+    __slots__ = ("second", "value")
+
+    def __init__(self) -> None:
+        self.second = -1
+        self.value = b""
+
+    def __call__(self) -> bytes:
+        now = int(time.time())
+        if now != self.second:
+            self.second, self.value = now, email.utils.formatdate(now, usegmt=True).encode("ascii")
+        return self.value
 
 
-def _date_header() -> bytes:
-    now = int(time.time())
-    if _date_cache[0] != now:  # formatting a date costs more than a request
-        _date_cache[:] = [now, email.utils.formatdate(now, usegmt=True).encode("ascii")]
-    return _date_cache[1]
-
-
-def render_response(response: Response, *, keep_alive: bool, head_only: bool = False) -> bytes:
+def render_response(response: Response, *, keep_alive: bool, head_only: bool = False,
+                    date: bytes = b"") -> bytes:
     """The bytes of an HTTP/1.1 response with the CORS headers every answer carries."""
-    parts = [b"HTTP/1.1 %d %s\r\n" % (response.status, _REASONS.get(response.status, "").encode()),
-             _COMMON_HEADERS, b"Date: ", _date_header(), b"\r\n"]
-    if response.body:
-        parts.append(b"Content-Type: %s\r\n" % response.content_type.encode("ascii"))
+    status = response.status
+    body = response.body
+    if body and keep_alive and not head_only and not response.headers and status in _STATUS_LINES:
+        # The usual answer, in one formatting step.
+        return b"%s%sDate: %s\r\nContent-Type: %s\r\nContent-Length: %d\r\n\r\n%s" % (
+            _STATUS_LINES[status], _COMMON_HEADERS, date or HttpDate()(),
+            response.content_type.encode("ascii"), len(body), body)
+    head = [_STATUS_LINES.get(status) or b"HTTP/1.1 %d \r\n" % status, _COMMON_HEADERS,
+            b"Date: ", date or HttpDate()(), b"\r\n"]
+    if body:
+        head.append(b"Content-Type: %s\r\n" % response.content_type.encode("ascii"))
     for name, value in response.headers:
-        parts.append(("%s: %s\r\n" % (name, value)).encode("latin-1"))
-    if response.status != 204:
-        parts.append(b"Content-Length: %d\r\n" % len(response.body))
-    if not keep_alive:
-        parts.append(b"Connection: close\r\n")
-    parts.append(b"\r\n")
+        head.append(("%s: %s\r\n" % (name, value)).encode("latin-1"))
+    if status != 204:
+        head.append(b"Content-Length: %d\r\n" % len(body))
+    head.append(b"\r\n" if keep_alive else b"Connection: close\r\n\r\n")
     if not head_only:
-        parts.append(response.body)
-    return b"".join(parts)
+        head.append(body)
+    return b"".join(head)
 
 
 def _http_error_response(err: HttpError) -> Response:
@@ -2888,332 +3042,244 @@ def _http_error_response(err: HttpError) -> Response:
     return Response(err.status, _error_body(code, err.message))
 
 
-# ---------------------------------------------------------------------------
-# Connections: the asyncio loop around Gateway.handle_http
-# ---------------------------------------------------------------------------
+#: HttpFraming.next_event() results besides a Request and an HttpError.
+NEED_DATA = "need data"  # feed more bytes (phase says what is awaited)
+CONTINUE = "100 continue"  # the client waits for "100 Continue" before sending its body
+CLOSED = "closed"  # the client closed between requests, or the connection is done
+CONTINUE_ANSWER = b"HTTP/1.1 100 Continue\r\n\r\n"
 
 
-if sys.version_info >= (3, 11):
-    deadline = asyncio.timeout
-else:
-    class deadline:  # noqa: N801 - named like asyncio.timeout, which it stands in for
-        """asyncio.timeout for Python < 3.11: cancel the task when time is up."""
+class HttpFraming:
+    """The HTTP/1.1 state of one connection, without I/O.
 
-        def __init__(self, seconds: float):
-            self.seconds = seconds
-            self.expired = False
-
-        async def __aenter__(self) -> "deadline":
-            task = asyncio.current_task()
-            self.handle = asyncio.get_running_loop().call_later(self.seconds, self._expire, task)
-            return self
-
-        def _expire(self, task: "asyncio.Task[Any]") -> None:
-            self.expired = True
-            task.cancel()
-
-        async def __aexit__(self, exc_type: Any, exc: Any, tb: Any) -> bool:
-            self.handle.cancel()
-            if self.expired and exc_type is asyncio.CancelledError:
-                raise asyncio.TimeoutError from None
-            return False
-
-
-async def _read_line(reader: asyncio.StreamReader, limit: int, status: int, what: str) -> bytes:
-    """A CRLF-terminated line (of a chunked body) without its CRLF."""
-    try:
-        line = await reader.readuntil(b"\r\n")
-    except asyncio.LimitOverrunError:
-        raise HttpError(status, "%s too long" % what) from None
-    except asyncio.IncompleteReadError:
-        raise HttpError(400, "connection closed inside the request") from None
-    if len(line) > limit:
-        raise HttpError(status, "%s too long (limit %d bytes)" % (what, limit))
-    return line[:-2]
-
-
-async def read_request_head(reader: asyncio.StreamReader, limits: Config,
-                            first: bytes = b"") -> Request:
-    """Read and parse a request head, enforcing the head limits.
-
-    first: bytes of the request already read (waiting for a request's first
-    byte is timed apart from reading the rest of it). The reader's limit must
-    be above max_head_bytes and max_request_line.
-    """
-    try:
-        head = first + await reader.readuntil(b"\r\n\r\n")
-    except asyncio.LimitOverrunError:
-        start = first + await reader.read(limits.max_request_line + 2)
-        if b"\r\n" not in start[:limits.max_request_line + 2]:
-            raise HttpError(414, "request line too long (limit %d bytes)"
-                            % limits.max_request_line) from None
-        raise HttpError(431, "header block too large (limit %d bytes)"
-                        % limits.max_head_bytes) from None
-    except asyncio.IncompleteReadError as err:
-        if not err.partial and not first:  # closed between requests: nothing to answer
-            raise ConnectionResetError from None
-        raise HttpError(400, "connection closed inside the request") from None
-    lines = head[:-4].split(b"\r\n")
-    if len(lines[0]) > limits.max_request_line:
-        raise HttpError(414, "request line too long (limit %d bytes)" % limits.max_request_line)
-    method, target, version = parse_request_line(lines[0])
-    if len(head) - 4 > limits.max_head_bytes:
-        raise HttpError(431, "header block too large (limit %d bytes)" % limits.max_head_bytes)
-    if len(lines) - 1 > limits.max_headers:
-        raise HttpError(431, "too many header fields (limit %d)" % limits.max_headers)
-    headers: Dict[str, str] = {}
-    for line in lines[1:]:
-        parse_header_line(line, headers)
-    return Request(method, target, version, headers)
-
-
-async def read_chunked_body(reader: asyncio.StreamReader, limits: Config) -> bytes:
-    """A chunked request body (RFC 9112 section 7.1), at most max_body_bytes."""
-    body = bytearray()
-    while True:
-        size_line = await _read_line(reader, 1024, 400, "chunk size line")
-        size_text = size_line.split(b";", 1)[0].strip()
-        if not re.fullmatch(rb"[0-9A-Fa-f]{1,8}", size_text):
-            raise HttpError(400, "malformed chunk size")
-        size = int(size_text, 16)
-        if size == 0:
-            while await _read_line(reader, limits.max_head_bytes, 431, "trailer"):
-                pass
-            return bytes(body)
-        if len(body) + size > limits.max_body_bytes:
-            raise HttpError(413, "request body too large (limit %d bytes)" % limits.max_body_bytes)
-        body += await reader.readexactly(size)
-        if await reader.readexactly(2) != b"\r\n":
-            raise HttpError(400, "malformed chunk")
-
-
-#: Bytes asyncio receives at once on a connection (its default is 256 KiB).
-RECEIVE_SIZE = 64 * 1024
-#: Unsent bytes above which a response waits for the client to read (asyncio's
-#: own high-water mark; below it, drain() returns at once anyway).
-WRITE_BUFFER_HIGH = 64 * 1024
-#: Seconds (and bytes) a connection closed after an error answer is still read
-#: from, so that the client receives the answer rather than a reset.
-LINGER_SECONDS = 1.0
-LINGER_BYTES = 4 * 1024 * 1024
-
-
-async def close_after_answer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
-                             answer: bytes = b"") -> None:
-    """Send a final answer (or finish the one written) and close without losing it.
-
-    Closing a socket with unread input makes the kernel send a reset, which
-    can destroy the answer before the client reads it (a 413 while the body
-    is still arriving, or the answer to a Connection: close request with
-    more requests behind it); so half-close, then discard input for a moment.
-    """
-    try:
-        if answer:
-            writer.write(answer)
-        async with deadline(LINGER_SECONDS):
-            await writer.drain()
-        if writer.can_write_eof():
-            writer.write_eof()
-        discarded = 0
-        async with deadline(LINGER_SECONDS):
-            while discarded < LINGER_BYTES:
-                chunk = await reader.read(65536)
-                if not chunk:
-                    break
-                discarded += len(chunk)
-    except (asyncio.TimeoutError, ConnectionError, OSError, ssl_module.SSLError):
-        pass
-    finally:
-        writer.close()
-
-
-def _answered(gateway: Gateway, remote: str, target: Optional[str], status: int, started: float,
-              method: str = "-", size: int = 0) -> None:
-    """Count an answer in the metrics and, if asked for, write its access log line."""
-    gateway.metrics.count_response(target, status)
-    if gateway.config.access_log:
-        seconds = time.perf_counter() - started
-        log.info('%s "%s %s" %d %d %.2fms', remote, printable(method), printable(target or "-"),
-                 status, size, seconds * 1000, extra=fields(
-                     "request", remote=remote, method=method, target=target, status=status,
-                     bytes=size, duration_ms=round(seconds * 1000, 3)))
-
-
-class Watchdog:
-    """One lazy timer per connection: arm() sets a deadline; when it passes, the
-    connection's task is cancelled.
-
-    Arming only moves the deadline; the timer is rescheduled when it fires
-    early, or for a deadline before the one it waits for. asyncio.timeout
-    would schedule and cancel a timer for every read of every request.
+    feed() the bytes received (feed_eof() at their end), then call
+    next_event() until it says NEED_DATA: a Request (complete, with its
+    body, Content-Length or chunked), an HttpError (answer it with error()
+    and close), CONTINUE (send CONTINUE_ANSWER) or CLOSED. answer() renders
+    a response and decides keep-alive, HEAD and close. phase names what is
+    awaited, which decides the deadline: "first byte" (of a new
+    connection), "idle" (between requests), "head", "body", or "closed".
+    limits is a Config; it may be replaced between requests (a reload).
     """
 
-    __slots__ = ("loop", "task", "until", "handle", "scheduled", "expired")
+    __slots__ = ("limits", "date", "lines", "buffer", "start", "eof", "phase", "scanned",
+                 "request", "length", "continue_sent", "chunk_pos", "chunk_left", "chunks",
+                 "in_trailer")
 
-    def __init__(self, task: "asyncio.Task[Any]"):
-        self.loop = asyncio.get_running_loop()
-        self.task = task
-        self.until = 0.0
-        self.handle: Optional[asyncio.TimerHandle] = None
-        self.scheduled = 0.0
-        self.expired = False
+    def __init__(self, limits: Config, *, date: Optional[Callable[[], bytes]] = None,
+                 request_lines: Optional[Dict[bytes, Tuple[str, str, Tuple[int, int]]]] = None):
+        self.limits = limits
+        self.date = date or HttpDate()
+        self.lines = request_lines if request_lines is not None else {}
+        # Bytes received and not yet consumed: buffer[start:]. A request that
+        # arrives whole is parsed from the bytes as received (no copy); a
+        # request in pieces is gathered in a bytearray.
+        self.buffer: Any = b""
+        self.start = 0
+        self.eof = False
+        self.phase = "first byte"
+        self.scanned = 0  # how far the buffer is known to hold no end of head
+        self.request: Optional[Request] = None  # a head whose body is awaited
+        self.length: Optional[int] = None  # its Content-Length (None: chunked)
+        self.continue_sent = False
+        self.chunk_pos = 0
+        self.chunk_left: Optional[int] = None
+        self.chunks = bytearray()
+        self.in_trailer = False
 
-    def arm(self, seconds: float) -> None:
-        self.until = self.loop.time() + seconds
-        if self.handle is None or self.until < self.scheduled:
-            self._schedule()
+    def feed(self, data: bytes) -> None:
+        if self.start >= len(self.buffer):
+            self.buffer, self.start = data, 0
+            self.scanned = 0
+            return
+        if self.start or type(self.buffer) is bytes:
+            self.buffer = bytearray(self.buffer[self.start:])
+            self.scanned = max(0, self.scanned - self.start)
+            self.start = 0
+        self.buffer += data
 
-    def _schedule(self) -> None:
-        if self.handle is not None:
-            self.handle.cancel()
-        self.scheduled = self.until
-        self.handle = self.loop.call_at(self.until, self._fire)
+    @property
+    def pending(self) -> int:
+        """Bytes received and not yet consumed."""
+        return len(self.buffer) - self.start
 
-    def _fire(self) -> None:
-        self.handle = None
-        if self.loop.time() >= self.until:
-            self.expired = True
-            self.task.cancel()
-        else:
-            self._schedule()
+    def feed_eof(self) -> None:
+        self.eof = True
 
-    def take_expiry(self) -> bool:
-        """True (once) if a CancelledError just caught came from this watchdog."""
-        if not self.expired:
-            return False
-        self.expired = False
-        if hasattr(self.task, "uncancel"):  # Python 3.11+: the cancel is handled here
-            self.task.uncancel()
-        return True
+    def next_event(self) -> Any:
+        """A Request, an HttpError, NEED_DATA, CONTINUE or CLOSED (see the class)."""
+        if self.phase == "closed":
+            return CLOSED
+        if self.start >= len(self.buffer) and self.request is None and not self.eof:
+            return NEED_DATA  # between requests, nothing received
+        try:
+            if self.request is None:
+                event = self._head()
+                if event is not None:
+                    return event
+            request = self.request
+            if self.length is None:
+                body = self._chunked_body()
+            elif len(self.buffer) - self.start >= self.length:
+                end = self.start + self.length
+                body = bytes(self.buffer[self.start:end])
+                self.start = end
+            else:
+                body = None
+            if body is None:
+                if self.eof:
+                    raise HttpError(400, "connection closed inside the request")
+                if (not self.continue_sent and request.headers.get("expect", "").lower()
+                        == "100-continue"):
+                    self.continue_sent = True
+                    return CONTINUE
+                return NEED_DATA
+        except HttpError as err:
+            if err.target is None and self.request is not None:
+                err.target = self.request.target
+            self.phase = "closed"
+            return err
+        request.body = body
+        self.request = None
+        self.phase = "idle"
+        return request
 
-    def close(self) -> None:
-        if self.handle is not None:
-            self.handle.cancel()
-            self.handle = None
-
-
-class _Connections:
-    """The open connections of a listener, so that stop() can close them."""
-
-    def __init__(self) -> None:
-        self.idle: set = set()  # writers waiting for a request
-        self.all: set = set()  # writers of the connections being served
-        self.closing: set = set()  # transports closed with answer bytes still unsent
-
-
-def _abort(transport: asyncio.BaseTransport, connections: "_Connections") -> None:
-    connections.closing.discard(transport)
-    transport.abort()  # type: ignore[attr-defined]
-
-
-def release(writer: asyncio.StreamWriter, connections: "_Connections", grace: float) -> None:
-    """Close a connection; if answer bytes are still unsent, abort it after grace seconds.
-
-    A plain close waits for the client to read what is buffered, for ever
-    if it never reads (and on Python 3.12+ a stopping server waits with it).
-    """
-    transport = writer.transport
-    if not transport.is_closing() and transport.get_write_buffer_size():
-        connections.closing.add(transport)
-        asyncio.get_running_loop().call_later(grace, _abort, transport, connections)
-    writer.close()
-
-
-# What a connection is doing when its watchdog fires: that decides the answer.
-IDLE, READING, WRITING = "idle", "reading", "writing"
-
-
-async def serve_connection(gateway: Gateway, reader: asyncio.StreamReader,
-                           writer: asyncio.StreamWriter, connections: _Connections) -> None:
-    """Serve requests on one connection until it closes, errs or idles out."""
-    peer = writer.get_extra_info("peername")
-    remote = peer[0] if isinstance(peer, tuple) else "127.0.0.1"
-    limits = gateway.config
-    target: Optional[str] = None
-    # asyncio receives into 256 KiB buffers, above glibc's default mmap
-    # threshold (128 KiB): every read would map and unmap memory until glibc
-    # adapts. Requests are small; 64 KiB reads come from the heap.
-    if hasattr(writer.transport, "max_size"):
-        writer.transport.max_size = RECEIVE_SIZE
-    watchdog = Watchdog(asyncio.current_task())  # type: ignore[arg-type]
-    connections.all.add(writer)
-    phase = IDLE
-    try:
-        while not gateway.stopping:  # a connection accepted as stop() began closes at once
-            limits = gateway.config  # a reload applies to open connections too
-            phase = IDLE
-            target = None
-            connections.idle.add(writer)
-            watchdog.arm(limits.keep_alive_timeout)
+    def _head(self) -> Any:
+        """Parse a request head if the buffer holds one (None: it did; the body follows)."""
+        buffer, start = self.buffer, self.start
+        limits = self.limits
+        end = buffer.find(b"\r\n\r\n", max(start, self.scanned))
+        if end < 0:
+            if start >= len(buffer):
+                if self.eof:
+                    self.phase = "closed"
+                    return CLOSED
+                return NEED_DATA
+            self.phase = "head"
+            self._refuse_early(limits)
+            if self.eof:
+                raise HttpError(400, "connection closed inside the request")
+            self.scanned = max(start, len(buffer) - 3)
+            return NEED_DATA
+        line_end = buffer.find(b"\r\n", start, end + 2)
+        line = bytes(buffer[start:line_end])
+        if len(line) > limits.max_request_line:
+            raise HttpError(414, "request line too long (limit %d bytes)" % limits.max_request_line)
+        parsed = self.lines.get(line)
+        if parsed is None:
+            parsed = parse_request_line(line)
+            if len(self.lines) >= REQUEST_LINE_CACHE:
+                self.lines.clear()
+            self.lines[line] = parsed
+        method, target, version = parsed
+        if end - start > limits.max_head_bytes:
+            raise HttpError(431, "header block too large (limit %d bytes)" % limits.max_head_bytes,
+                            target)
+        headers: Dict[str, str] = {}
+        if line_end < end:
             try:
-                first = await reader.read(1)
-            finally:
-                connections.idle.discard(writer)
-            if not first:
-                return
-            phase = READING
-            watchdog.arm(limits.read_timeout)
-            started = time.perf_counter()
-            try:
-                request = await read_request_head(reader, limits, first)
-                target = request.target
-                length = body_length(request.headers)
-                if length is not None and length > limits.max_body_bytes:
-                    raise HttpError(413, "request body too large (limit %d bytes)"
-                                    % limits.max_body_bytes)
-                if request.headers.get("expect", "").lower() == "100-continue" and length != 0:
-                    writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
-                watchdog.arm(limits.read_timeout)
-                if length is None:
-                    body = await read_chunked_body(reader, limits)
-                else:
-                    body = await reader.readexactly(length)
+                headers = parse_headers(buffer[line_end + 2:end + 2].decode("latin-1"),
+                                        limits.max_headers)
             except HttpError as err:
-                log.debug("%s: HTTP %d: %s", remote, err.status, err.message)
-                _answered(gateway, remote, target, err.status, started)
-                watchdog.close()
-                await close_after_answer(reader, writer, render_response(
-                    _http_error_response(err), keep_alive=False))
-                return
-            try:
-                response = gateway.handle_http(request.method, request.target, request.headers,
-                                               body, remote)
-                if response.pending is not None:  # cluster mode: Redis round trips first
-                    response = await gateway.cluster.complete(response.pending)  # type: ignore[union-attr]
-            except Exception:  # a bug: answer, log once, keep the process serving
-                log.error("internal error serving %s %s:\n%s", printable(request.method),
-                          printable(request.target), traceback.format_exc())
-                response = Response(500, _error_body(INTERNAL_ERROR, "Internal error"))
-            keep_alive = request.keep_alive and not gateway.stopping
-            writer.write(render_response(response, keep_alive=keep_alive,
-                                         head_only=request.method == "HEAD"))
-            _answered(gateway, remote, request.target, response.status, started,
-                      request.method, len(response.body))
-            # A client that does not read its answers must not hold a slot forever.
-            if writer.transport.get_write_buffer_size() > WRITE_BUFFER_HIGH:
-                phase = WRITING
-                watchdog.arm(limits.read_timeout)
-                await writer.drain()
-            if not keep_alive:
-                watchdog.close()
-                await close_after_answer(reader, writer)
-                return
-    except asyncio.CancelledError:
-        if not watchdog.take_expiry():
-            raise  # a stop, not a timeout
-        if phase == READING:
-            _answered(gateway, remote, target, 408, time.perf_counter())
-            await close_after_answer(reader, writer, render_response(_http_error_response(
-                HttpError(408, "request not received in time")), keep_alive=False))
-        elif phase == WRITING:
-            writer.transport.abort()
-    except (ConnectionError, asyncio.IncompleteReadError, ssl_module.SSLError, OSError):
-        pass
-    finally:
-        watchdog.close()
-        connections.all.discard(writer)
-        connections.idle.discard(writer)
-        release(writer, connections, gateway.config.read_timeout)
+                err.target = target
+                raise
+        self.start = self.scanned = end + 4
+        self.phase = "body"
+        self.request = Request(method, target, version, headers)
+        self.continue_sent = False
+        self.length = length = body_length(headers)
+        limit = self.body_limit(target)
+        if length is not None and length > limit:
+            raise HttpError(413, "request body too large (limit %d bytes)" % limit, target)
+        if length is None:
+            self.chunk_pos, self.chunk_left, self.in_trailer = 0, None, False
+            self.chunks = bytearray()
+        return None
+
+    def body_limit(self, target: str) -> int:
+        """Largest body for target: servers' reports to /internal may be far larger
+        than anything a client sends."""
+        if target.startswith("/internal") and target.split("?", 1)[0] == "/internal":
+            return self.limits.max_internal_body_bytes
+        return self.limits.max_body_bytes
+
+    def _refuse_early(self, limits: Config) -> None:
+        """HttpError at once for a head that can no longer become a valid one."""
+        buffer, start = self.buffer, self.start
+        method_end = _METHOD_PREFIX_RE.match(buffer, start).end()  # type: ignore[union-attr]
+        if method_end < len(buffer) and (method_end == start or buffer[method_end] != 0x20):
+            raise HttpError(400, "malformed request line")
+        line_end = buffer.find(b"\r\n", start)
+        if line_end - start > limits.max_request_line or (
+                line_end < 0 and len(buffer) - start > limits.max_request_line + 1):
+            raise HttpError(414, "request line too long (limit %d bytes)" % limits.max_request_line)
+        if len(buffer) - start > limits.max_head_bytes + 3:
+            raise HttpError(431, "header block too large (limit %d bytes)" % limits.max_head_bytes)
+
+    def _chunked_body(self) -> Optional[bytes]:
+        """The chunked body (RFC 9112 section 7.1) once complete, else None."""
+        if self.start or type(self.buffer) is bytes:  # gathered from here on
+            self.buffer, self.start = bytearray(self.buffer[self.start:]), 0
+        buffer, limits = self.buffer, self.limits
+        limit = self.body_limit(self.request.target)  # type: ignore[union-attr]
+        while True:
+            pos = self.chunk_pos
+            if self.chunk_left is None:  # at a chunk size line, or a trailer line
+                eol = buffer.find(b"\r\n", pos)
+                line_limit = limits.max_head_bytes if self.in_trailer else limits.max_chunk_line
+                if eol < 0:
+                    if len(buffer) - pos > line_limit + 1:
+                        eol = len(buffer)  # too long either way
+                    else:
+                        break
+                line = bytes(buffer[pos:eol])
+                if len(line) > line_limit:
+                    if self.in_trailer:
+                        raise HttpError(431, "trailer too long (limit %d bytes)" % line_limit)
+                    raise HttpError(400, "chunk size line too long (limit %d bytes)" % line_limit)
+                self.chunk_pos = eol + 2
+                if self.in_trailer:
+                    if not line:
+                        del buffer[:self.chunk_pos]
+                        self.scanned = 0
+                        body, self.chunks = bytes(self.chunks), bytearray()
+                        return body
+                    continue
+                size_text = line.split(b";", 1)[0].strip()
+                if not _CHUNK_SIZE_RE.fullmatch(size_text):
+                    raise HttpError(400, "malformed chunk size")
+                size = int(size_text, 16)
+                if size == 0:
+                    self.in_trailer = True
+                elif len(self.chunks) + size > limit:
+                    raise HttpError(413, "request body too large (limit %d bytes)" % limit)
+                else:
+                    self.chunk_left = size
+            else:
+                end = pos + self.chunk_left
+                if len(buffer) < end + 2:
+                    break
+                if buffer[end:end + 2] != b"\r\n":
+                    raise HttpError(400, "malformed chunk")
+                self.chunks += buffer[pos:end]
+                self.chunk_pos, self.chunk_left = end + 2, None
+        del buffer[:self.chunk_pos]  # what was consumed; the rest waits for more bytes
+        self.chunk_pos = 0
+        return None
+
+    def answer(self, request: Request, response: Response, *, stopping: bool = False) -> bytes:
+        """The bytes answering request; after them the connection closes unless
+        the client and the server both keep it (phase tells)."""
+        keep_alive = request.keep_alive and not stopping
+        if not keep_alive:
+            self.phase = "closed"
+        return render_response(response, keep_alive=keep_alive, head_only=request.method == "HEAD",
+                               date=self.date())
+
+    def error(self, err: HttpError) -> bytes:
+        """The bytes answering a refused request; the connection closes after them."""
+        self.phase = "closed"
+        return render_response(_http_error_response(err), keep_alive=False, date=self.date())
 
 
 # ---------------------------------------------------------------------------
@@ -3804,89 +3870,719 @@ class ClusterLink:
 
 
 # ---------------------------------------------------------------------------
-# Lifecycle: listening, timers, stopping; a gateway in a thread
+# The server: listeners, connections and their deadlines, refusals, the stop
 # ---------------------------------------------------------------------------
+# GatewayServer owns the whole asyncio side, in the shape uvicorn uses:
+# start() binds and starts the timers, serve() runs until asked to stop,
+# stop() is the stop sequence. Each Connection is an asyncio protocol around
+# one HttpFraming, with one deadline at a time, named for what it bounds.
+# Gateway.serve(), serve_in_thread() and the command line are thin wrappers.
 
-class RunningServer:
-    """A gateway listening on a socket: its url, host, port and gateway."""
+#: Seconds between summary log lines of refused connections and accept errors
+#: (one line per refusal filled the log during floods).
+SUMMARY_INTERVAL = 10.0
+#: File descriptors kept free beside max_connections: listeners, the log,
+#: config reloads, update functions, and refusals being answered.
+SPARE_FILES = 64
+#: Connections answered 503 at the same time; beyond, they are closed at once
+#: (each holds a file while its answer lingers).
+MAX_LINGERING_REFUSALS = 32
 
-    def __init__(self, gateway: Gateway, listener: asyncio.AbstractServer, scheme: str):
+
+def raise_open_file_limit(wanted: int) -> Tuple[int, int]:
+    """Raise the soft RLIMIT_NOFILE towards wanted (the hard limit at most);
+    (soft, hard) afterwards. (A common default of 1,024 is below max_connections.)"""
+    try:
+        import resource
+    except ImportError:  # pragma: no cover - not on Windows
+        return wanted, wanted
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != resource.RLIM_INFINITY and soft < wanted:
+        new = wanted if hard == resource.RLIM_INFINITY else min(wanted, hard)
+        with contextlib.suppress(ValueError, OSError):
+            resource.setrlimit(resource.RLIMIT_NOFILE, (new, hard))
+            soft = new
+    return soft, hard
+
+
+def _open_files() -> int:
+    """Files this process has open (Linux /proc), or a guess elsewhere."""
+    try:
+        return len(os.listdir("/proc/self/fd"))
+    except OSError:
+        return 32
+
+
+def kernel_somaxconn() -> Optional[int]:
+    """The kernel's cap on listen backlogs (Linux), or None where unknown."""
+    try:
+        with open("/proc/sys/net/core/somaxconn") as value:
+            return int(value.read())
+    except (OSError, ValueError):
+        return None
+
+
+def create_listeners(host: str, port: int, backlog: int, *, reuse_port: bool = False) -> List[Any]:
+    """Bound, listening TCP sockets for every address host resolves to (as
+    asyncio.start_server binds). reuse_port sets SO_REUSEPORT, so that several
+    processes can share one port."""
+    infos = socket.getaddrinfo(host or None, port, socket.AF_UNSPEC, socket.SOCK_STREAM,
+                               0, socket.AI_PASSIVE)
+    sockets: List[socket.socket] = []
+    seen = set()
+    try:
+        for family, kind, proto, _name, address in infos:
+            if (family, address) in seen:
+                continue
+            seen.add((family, address))
+            if port:  # port 0: the other addresses take the port the first one got
+                address = (address[0], port) + tuple(address[2:])
+            sock = socket.socket(family, kind, proto)
+            sockets.append(sock)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if reuse_port:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+            if family == socket.AF_INET6:
+                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+            sock.bind(address)
+            sock.listen(backlog)
+            sock.setblocking(False)
+            port = sock.getsockname()[1]
+    except OSError:
+        for sock in sockets:
+            sock.close()
+        raise
+    return sockets
+
+
+class Connection(asyncio.Protocol):
+    """One client connection: its HttpFraming, its answers, its one deadline.
+
+    Requests are answered as they complete; keep-alive answers go out once
+    per loop iteration (GatewayServer.flush). Large answers are written in
+    pieces as the client reads them, and while an answer waits for the client
+    no further request of this connection is read. Gateway.handle_http may
+    answer with an awaitable instead of a Response: the connection then waits
+    for it (in order, without a deadline of its own) while others are served.
+    """
+
+    __slots__ = ("server", "transport", "framing", "remote", "started", "deadline", "until",
+                 "scheduled", "timer", "out", "pending", "writing_paused", "reading_paused",
+                 "closing", "lingering", "discarded", "refused", "waiting")
+
+    def __init__(self, server: "GatewayServer"):
+        self.server = server
+        self.transport: Any = None
+        self.framing: Optional[HttpFraming] = None
+        self.remote = "127.0.0.1"
+        self.started = 0.0  # perf_counter at the first byte of the current request
+        self.deadline = ""  # what the deadline bounds (see arm)
+        self.until = 0.0  # loop time it passes
+        self.scheduled = 0.0
+        self.timer: Optional[asyncio.TimerHandle] = None
+        self.out: List[bytes] = []  # answers for this iteration's flush
+        self.pending: Optional[memoryview] = None  # the unsent rest of a large answer
+        self.writing_paused = False
+        self.reading_paused = False
+        self.closing = False  # the last answer is being sent; then close
+        self.lingering = False  # that answer is out; input is discarded until EOF
+        self.discarded = 0
+        self.refused = False
+        self.waiting = False  # for an answer handle_http gave as an awaitable
+
+    # -- the one deadline ---------------------------------------------------
+
+    def arm(self, deadline: str, seconds: float) -> None:
+        """Set the connection's deadline: "first byte", "idle", "head", "body",
+        "write" (the client reads no more of an answer), "linger" or "stop".
+        The timer only moves when it must fire earlier than it is set to."""
+        self.deadline = deadline
+        self.until = until = self.server.loop.time() + seconds
+        if self.timer is None or until < self.scheduled:
+            if self.timer is not None:
+                self.timer.cancel()
+            self.scheduled = until
+            self.timer = self.server.loop.call_at(until, self._check_deadline)
+
+    def _check_deadline(self) -> None:
+        self.timer = None
+        transport = self.transport
+        if transport is None or self.waiting:  # the gateway's own wait has no deadline here
+            return
+        if self.server.loop.time() < self.until:  # moved on meanwhile
+            self.scheduled = self.until
+            self.timer = self.server.loop.call_at(self.until, self._check_deadline)
+            return
+        deadline = self.deadline
+        if transport.is_closing():  # closed, but the client does not take its last bytes
+            transport.abort()
+            return
+        if deadline in ("head", "body"):
+            request = self.framing.request  # type: ignore[union-attr]  # its head, if read
+            self.server.answered(self.remote, request and request.target, 408, self.started,
+                                 request.method if request else "-")
+            self._finish(self.framing.error(HttpError(  # type: ignore[union-attr]
+                408, "request not received in time")))
+        elif deadline in ("first byte", "idle"):
+            self.transport.close()  # nothing was asked, so nothing is answered
+        elif deadline == "linger" and not self.transport.get_write_buffer_size():
+            self.transport.close()
+        else:  # write, stop, or a linger with an answer nobody reads
+            self.transport.abort()
+
+    def _arm_for_phase(self) -> None:
+        config = self.server.gateway.config
+        phase = self.framing.phase  # type: ignore[union-attr]
+        if phase == "idle":
+            self.arm("idle", config.keep_alive_timeout)
+        elif phase != self.deadline:  # head, body: from the first byte on
+            self.arm(phase, config.read_timeout)
+
+    # -- asyncio.Protocol ---------------------------------------------------
+
+    def connection_made(self, transport: Any) -> None:
+        server = self.server
+        self.transport = transport
+        peer = transport.get_extra_info("peername")
+        self.remote = peer[0] if isinstance(peer, tuple) else "127.0.0.1"
+        self.started = time.perf_counter()
+        config = server.gateway.config
+        if server.stopping:  # accepted as the stop began; stop() waits for it to go
+            server.connections.add(self)
+            transport.abort()
+            return
+        if len(server.connections) >= server.connection_limit():
+            server.refuse(self)
+            return
+        server.connections.add(self)
+        if hasattr(transport, "max_size"):  # selector transports: bytes read at once
+            transport.max_size = config.receive_size
+        transport.set_write_buffer_limits(high=config.max_write_buffer)
+        self.framing = HttpFraming(config, date=server.date, request_lines=server.request_lines)
+        self.arm("first byte", config.read_timeout)
+
+    def data_received(self, data: bytes) -> None:
+        if self.lingering:
+            self.discarded += len(data)
+            if self.discarded > self.server.gateway.config.max_linger_bytes:
+                self.transport.close()
+            return
+        framing = self.framing
+        if framing is None or self.closing:
+            return
+        if framing.phase in ("idle", "first byte"):
+            self.started = time.perf_counter()
+        framing.limits = self.server.gateway.config  # a reload applies to open connections
+        framing.feed(data)
+        self.process()
+
+    def eof_received(self) -> bool:
+        if self.lingering or self.framing is None:
+            self.transport.close()
+            return True
+        self.framing.feed_eof()
+        if not self.closing:
+            self.process()
+        if not (self.closing or self.pending is not None) and self.transport is not None:
+            self.flush()
+            self.arm("linger", self.server.gateway.config.linger_timeout)
+            self.transport.close()
+        return True  # closed by us, once the answers are out
+
+    def connection_lost(self, exc: Optional[BaseException]) -> None:
+        server = self.server
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
+        if self.pending is not None:
+            server.unsent -= len(self.pending)
+            self.pending = None
+        self.out = []
+        server.connections.discard(self)
+        server.refusing.discard(self)
+        self.transport = None
+        if server.stopping:
+            server.all_closed.set()  # type: ignore[union-attr]
+
+    def pause_writing(self) -> None:
+        self.writing_paused = True
+        self._pause_reading()
+        self.arm("write", self.server.gateway.config.write_timeout)
+
+    def resume_writing(self) -> None:
+        self.writing_paused = False
+        if self.pending is not None:
+            self.arm("write", self.server.gateway.config.write_timeout)  # it reads: progress
+            self._write_pending()
+        elif not self.closing:
+            self._unblock()
+
+    # -- requests and answers -----------------------------------------------
+
+    def process(self) -> None:
+        """Answer the complete requests received; then wait (for data, or for the
+        client to read what it was sent)."""
+        framing = self.framing
+        server = self.server
+        while not (self.closing or self.writing_paused or self.pending is not None or self.waiting):
+            event = framing.next_event()  # type: ignore[union-attr]
+            if event.__class__ is Request:
+                self._respond(event)
+            elif event is NEED_DATA:
+                self._arm_for_phase()
+                return
+            elif event is CONTINUE:
+                self.send(CONTINUE_ANSWER)
+            elif event is CLOSED:
+                self.flush()
+                self.arm("linger", server.gateway.config.linger_timeout)
+                self.transport.close()
+                return
+            else:
+                server.refused_request(self.remote, event, self.started)
+                self._finish(framing.error(event))  # type: ignore[union-attr]
+                return
+
+    def _respond(self, request: Request) -> None:
+        server = self.server
+        try:
+            response = server.gateway.handle_http(request.method, request.target, request.headers,
+                                                  request.body, self.remote, stopping=server.stopping)
+        except Exception:  # a bug: answer, log once, keep the process serving
+            response = _internal_error(request)
+        if response.__class__ is not Response:  # an awaitable: the answer comes later
+            self.waiting = True
+            self._pause_reading()
+            asyncio.ensure_future(response).add_done_callback(
+                functools.partial(self._respond_later, request))
+            return
+        self._answer(request, response)
+
+    def _respond_later(self, request: Request, future: "asyncio.Future[Response]") -> None:
+        """An answer that was awaited (other connections were served meanwhile)."""
+        self.waiting = False
+        if self.transport is None:
+            return
+        try:
+            response = future.result()
+        except Exception:  # a bug: answer, log once, keep the process serving
+            response = _internal_error(request)
+        self._answer(request, response)
+        if not (self.closing or self.writing_paused or self.pending is not None):
+            self._unblock()
+
+    def _answer(self, request: Request, response: Response) -> None:
+        server = self.server
+        config = server.gateway.config
+        size = len(response.body)
+        if size > config.max_write_buffer and server.unsent + size > config.max_unsent_bytes:
+            log.warning("answering %s %s with 503: %d bytes of answers wait for their clients "
+                        "(max_unsent_bytes %d)", printable(request.method), printable(request.target),
+                        server.unsent, config.max_unsent_bytes)
+            response = Response(503, _error_body(
+                INVALID_REQUEST, "too many answers wait to be read; try again later"))
+        data = self.framing.answer(request, response,  # type: ignore[union-attr]
+                                   stopping=server.stopping)
+        server.answered(self.remote, request.target, response.status, self.started,
+                        request.method, len(response.body))
+        if self.framing.phase == "closed":  # type: ignore[union-attr]
+            self._finish(data)
+        else:
+            self.send(data)
+
+    def send(self, data: bytes) -> None:
+        """Write an answer: small ones with this iteration's flush, large ones in pieces.
+
+        Under load, the answers of one loop iteration are written together
+        at its end (GatewayServer.flush), which saves a fifth of a Connect's
+        CPU; when the last iteration answered one request at most, the first
+        answer of an iteration goes out at once, which saves its latency.
+        """
+        server = self.server
+        if len(data) <= server.gateway.config.max_write_buffer:
+            if not server.flush_scheduled:
+                server.flush_scheduled = True
+                server.loop.call_soon(server.flush)
+                if server.last_batch <= 1 and not self.out:
+                    server.batch = 1
+                    self.transport.write(data)
+                    return
+            server.batch += 1
+            if not self.out:
+                server.to_flush.append(self)
+            self.out.append(data)
+            return
+        self.flush()
+        self.pending = memoryview(data)
+        self.server.unsent += len(data)
+        self._pause_reading()
+        self.arm("write", self.server.gateway.config.write_timeout)
+        self._write_pending()
+
+    def flush(self) -> None:
+        """Write the answers collected in this loop iteration (one send)."""
+        out = self.out
+        if out and self.transport is not None:
+            self.out = []
+            self.transport.write(out[0] if len(out) == 1 else b"".join(out))
+
+    def _write_pending(self) -> None:
+        piece = self.server.gateway.config.max_write_buffer
+        while self.pending is not None and not self.writing_paused and self.transport is not None:
+            chunk, rest = self.pending[:piece], self.pending[piece:]
+            self.server.unsent -= len(chunk)
+            self.pending = rest if len(rest) else None
+            self.transport.write(chunk)  # may call pause_writing at once
+        if self.pending is None and not self.writing_paused and self.transport is not None:
+            if self.closing:
+                self._close_after_answer()
+            else:  # the next request waits a loop iteration: others run first
+                self.server.loop.call_soon(self._unblock)
+
+    def _finish(self, data: bytes) -> None:
+        """Send a last answer, then close the connection without losing it."""
+        self.closing = True
+        self.flush()
+        if len(data) > self.server.gateway.config.max_write_buffer:
+            self.send(data)  # in pieces; _write_pending closes after the last
+            return
+        self.transport.write(data)
+        self._close_after_answer()
+
+    def _close_after_answer(self) -> None:
+        """Close without losing the answer: closing a socket with unread input
+        makes the kernel send a reset, which can destroy the answer before the
+        client reads it (a 413 while the body still arrives, or Connection:
+        close with more requests behind it). So half-close, then discard input
+        until the client closes, for linger_timeout at most."""
+        transport = self.transport
+        if self.framing is not None and self.framing.eof or not transport.can_write_eof():
+            self.arm("linger", self.server.gateway.config.linger_timeout)
+            transport.close()
+            return
+        transport.write_eof()
+        self.lingering = True
+        self.arm("linger", self.server.gateway.config.linger_timeout)
+        if self.reading_paused:
+            self.reading_paused = False
+            transport.resume_reading()
+
+    def _pause_reading(self) -> None:
+        if not self.reading_paused and self.transport is not None:
+            self.reading_paused = True
+            self.transport.pause_reading()
+
+    def _unblock(self) -> None:
+        """The client has read what it was sent: read and answer its next requests."""
+        if self.transport is None or self.waiting:
+            return
+        if self.reading_paused:
+            self.reading_paused = False
+            self.transport.resume_reading()
+        self.deadline = ""
+        self.process()
+
+
+def _internal_error(request: Request) -> Response:
+    log.error("internal error serving %s %s:\n%s", printable(request.method),
+              printable(request.target), traceback.format_exc())
+    return Response(500, _error_body(INTERNAL_ERROR, "Internal error"))
+
+
+class GatewayServer:
+    """A gateway on its listening sockets: start(), serve() until asked to stop, stop().
+
+    url, host and port are known once started (port 0 binds a free port).
+    stopping is what the gateway's answers are told: from the first moment
+    of a stop on, they close their connections and /ready answers 503.
+    """
+
+    def __init__(self, gateway: Gateway, host: str = "127.0.0.1", port: int = 0,
+                 ssl: Optional[ssl_module.SSLContext] = None, *, reuse_port: bool = False):
         self.gateway = gateway
-        self.listener = listener
-        sockname = listener.sockets[0].getsockname()
+        self.ssl = ssl
+        self.host, self.port = host, port
+        self.reuse_port = reuse_port  # several processes serving one port (SO_REUSEPORT)
+        self.url = ""
+        self.stopping = False
+        self.loop: Any = None
+        self.listeners: List[asyncio.AbstractServer] = []
+        self.connections: set = set()  # Connections being served
+        self.refusing: set = set()  # Connections being answered 503
+        self.all_closed: Optional[asyncio.Event] = None
+        self.stop_asked: Optional[asyncio.Event] = None
+        self.unsent = 0  # bytes of large answers not yet handed to their transports
+        self.to_flush: List[Connection] = []  # connections with answers for flush()
+        self.flush_scheduled = False
+        self.batch = self.last_batch = 0  # answers of this and of the last loop iteration
+        self.date = HttpDate()
+        self.request_lines: Dict[bytes, Tuple[str, str, Tuple[int, int]]] = {}
+        self.file_budget = gateway.config.max_connections
+        self.refused_count = 0
+        self.accept_errors = 0
+        self._summary: Optional[asyncio.TimerHandle] = None
+        self._timers: List[asyncio.Future] = []
+        self._signals: Dict[int, Any] = {}
+        self._previous_exception_handler: Any = None
+        self.force_exit: Callable[[int], Any] = os._exit
+
+    # -- start --------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Bind the listener(s), start the timers; return once clients can connect."""
+        self.loop = loop = asyncio.get_running_loop()
+        self.all_closed, self.stop_asked = asyncio.Event(), asyncio.Event()
+        config = self.gateway.config
+        if config.cluster is not None:
+            self.gateway.cluster = ClusterLink(self.gateway)  # ConfigError if redis-py is missing
+        self.file_budget = self._check_open_files(config.max_connections)
+        somaxconn = kernel_somaxconn()
+        if somaxconn is not None and somaxconn < config.backlog:
+            log.warning("backlog %d is above the kernel's net.core.somaxconn (%d), which caps it; "
+                        "raise it with: sysctl -w net.core.somaxconn=%d", config.backlog, somaxconn,
+                        config.backlog)
+        sockets = create_listeners(self.host, self.port, config.backlog, reuse_port=self.reuse_port)
+        try:
+            for sock in sockets:
+                self.listeners.append(await loop.create_server(
+                    functools.partial(Connection, self), sock=sock, ssl=self.ssl,
+                    backlog=config.backlog))
+        except BaseException:
+            for sock in sockets:
+                sock.close()
+            raise
+        sockname = sockets[0].getsockname()
         self.host, self.port = sockname[0], sockname[1]
         host = "[%s]" % self.host if ":" in self.host else self.host
-        self.url = "%s://%s:%d" % (scheme, host, self.port)
+        self.url = "%s://%s:%d" % ("https" if self.ssl else "http", host, self.port)
+        self._previous_exception_handler = loop.get_exception_handler()
+        loop.set_exception_handler(self._loop_exception)
+        self._timers = [asyncio.ensure_future(_maintenance_timer(self.gateway)),
+                        asyncio.ensure_future(_customer_timer(self.gateway))]
+        if self.gateway.cluster is not None:
+            await self.gateway.cluster.start()
+        log.info("listening on %s", self.url, extra=fields("listening", url=self.url))
 
+    def _check_open_files(self, wanted: int) -> int:
+        """Connections this process can hold open: raise the open-file limit for
+        max_connections, else say what it allows and use that."""
+        needed = wanted + SPARE_FILES + _open_files()
+        soft, hard = raise_open_file_limit(needed)
+        if soft >= needed:
+            return wanted
+        budget = max(1, soft - SPARE_FILES - _open_files())
+        log.warning("max_connections %d is more than this process can open: the open-file limit "
+                    "is %d (hard limit %d), %d files are open and %d kept spare; serving at most "
+                    "%d connections (raise the limit with ulimit -n or LimitNOFILE)",
+                    wanted, soft, hard, _open_files(), SPARE_FILES, budget,
+                    extra=fields("max_connections_clamped", max_connections=wanted,
+                                 open_file_limit=soft, hard_limit=hard, serving=budget))
+        return budget
 
-@contextlib.asynccontextmanager
-async def _serve(gateway: Gateway, host: str, port: int,
-                 ssl: Optional[ssl_module.SSLContext], reuse_port: bool = False) -> Any:
-    connections = _Connections()
-    handlers: set = set()
-    refusals: set = set()  # connections over max_connections, being answered 503
+    def connection_limit(self) -> int:
+        return min(self.gateway.config.max_connections, self.file_budget)
 
-    def on_connection(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        if len(handlers) >= gateway.config.max_connections:
-            log.warning("refusing a connection: %d connections are open (max_connections)",
-                        len(handlers))
-            answer = render_response(Response(503, _error_body(
-                INVALID_REQUEST, "too many connections; try again later")), keep_alive=False)
-            _answered(gateway, "-", None, 503, time.perf_counter())
-            task = asyncio.ensure_future(close_after_answer(reader, writer, answer))
-            refusals.add(task)
-            task.add_done_callback(refusals.discard)
+    # -- serve --------------------------------------------------------------
+
+    async def serve(self, *, install_signal_handlers: bool = False,
+                    reload: Optional[Callable[[], None]] = None) -> None:
+        """Start, serve until request_stop() (or SIGINT/SIGTERM), then stop.
+        SIGHUP calls reload, if given."""
+        await self.start()
+        try:
+            if install_signal_handlers:
+                self._install_signal_handlers(reload)
+            await self.stop_asked.wait()  # type: ignore[union-attr]
+        finally:
+            try:
+                await self.stop()
+            finally:
+                self._restore_signal_handlers()
+
+    def request_stop(self) -> None:
+        """Ask serve() to stop (from the server's loop)."""
+        if self.stop_asked is not None:
+            self.stop_asked.set()
+
+    def _install_signal_handlers(self, reload: Optional[Callable[[], None]]) -> None:
+        import signal
+
+        if threading.current_thread() is not threading.main_thread():
+            return  # only the main thread may set signal handlers
+        handlers = {signal.SIGINT: self._on_stop_signal, signal.SIGTERM: self._on_stop_signal}
+        if reload is not None and hasattr(signal, "SIGHUP"):
+            handlers[signal.SIGHUP] = reload
+        for signum, handler in handlers.items():
+            previous = signal.getsignal(signum)
+            try:
+                self.loop.add_signal_handler(signum, handler)
+            except (NotImplementedError, RuntimeError):  # pragma: no cover - Windows
+                continue
+            self._signals[signum] = previous
+
+    def _restore_signal_handlers(self) -> None:
+        import signal
+
+        for signum, previous in self._signals.items():
+            with contextlib.suppress(NotImplementedError, RuntimeError):
+                self.loop.remove_signal_handler(signum)
+            if previous is not None:  # None: set outside Python, cannot be put back
+                signal.signal(signum, previous)
+        self._signals = {}
+
+    def _on_stop_signal(self) -> None:
+        if self.stop_asked.is_set():  # type: ignore[union-attr]
+            log.warning("second signal: exiting at once", extra=fields("forced_exit"))
+            for handler in log.handlers + logging.getLogger().handlers:
+                handler.flush()  # os._exit skips the flush at exit
+            self.force_exit(1)
             return
-        task = asyncio.ensure_future(serve_connection(gateway, reader, writer, connections))
-        handlers.add(task)
-        task.add_done_callback(handlers.discard)
+        self.stopping = True  # from now on, answers close their connections
+        log.info("stopping: finishing requests in flight", extra=fields("stopping"))
+        self.request_stop()
 
-    config = gateway.config
-    if config.cluster is not None:
-        gateway.cluster = ClusterLink(gateway)  # ConfigError if redis-py is missing
-    listener = await asyncio.start_server(on_connection, host, port, ssl=ssl, limit=max(
-        config.max_request_line, config.max_head_bytes) + 4, reuse_port=reuse_port or None)
-    server = RunningServer(gateway, listener, "https" if ssl else "http")
-    timers = [asyncio.ensure_future(_maintenance_timer(gateway)),
-              asyncio.ensure_future(_customer_timer(gateway))]
-    if gateway.cluster is not None:
-        await gateway.cluster.start()
-    gateway.stopping = False
-    log.info("listening on %s", server.url, extra=fields("listening", url=server.url))
-    try:
-        yield server
-    finally:
-        gateway.stopping = True
-        for timer in timers:
+    # -- stop ---------------------------------------------------------------
+
+    async def stop(self) -> None:
+        """Stop accepting, let requests in flight finish (shutdown_timeout at
+        most; their answers close their connections), close the rest."""
+        self.stopping = True
+        for timer in self._timers:
             timer.cancel()
-        # A connection the loop has just accepted reaches its handler a few
-        # iterations later (transport, protocol, task); after close() asyncio
-        # would drop it half-made and leak its socket. Let it arrive first:
-        # with stopping set, its handler closes it at once.
+        # A connection the loop has just accepted reaches its protocol a few
+        # iterations later, and one in the listen queue is accepted soon:
+        # closing the listener now would leave them half-made (their sockets
+        # leak). Let them arrive first: with stopping set, they close at once.
         for _ in range(5):
             await asyncio.sleep(0)
-        listener.close()
-        for writer in list(connections.idle):
-            writer.transport.abort()  # nothing in flight; abort skips TLS's closing handshake
-        if handlers:
-            _done, pending = await asyncio.wait(set(handlers),
-                                                timeout=gateway.config.shutdown_timeout)
-            for writer in list(connections.all):
-                writer.transport.abort()
-            for task in pending:
-                task.cancel()
-            if pending:
-                await asyncio.wait(pending, timeout=1)
-        for task in list(refusals):
-            task.cancel()
-        for transport in list(connections.closing):  # answers nobody reads
-            _abort(transport, connections)
-        await listener.wait_closed()
-        await asyncio.gather(*timers, *refusals, return_exceptions=True)
-        if gateway.cluster is not None:
-            await gateway.cluster.stop()
-            gateway.cluster = None
-        log.info("stopped listening on %s", server.url, extra=fields("stopped", url=server.url))
+        for listener in self.listeners:
+            listener.close()
+        for _ in range(5):
+            await asyncio.sleep(0)
+        config = self.gateway.config
+        for connection in list(self.connections):
+            framing = connection.framing
+            if (framing is not None and framing.phase in ("idle", "first byte") and not framing.pending
+                    and not connection.out and connection.pending is None):
+                connection.transport.abort()  # nothing in flight; abort skips TLS's goodbye
+            else:
+                connection.arm("stop", config.shutdown_timeout)
+        for connection in list(self.refusing):
+            connection.transport.abort()
+        if not await self._all_closed(config.shutdown_timeout + 1):
+            for connection in self.connections | self.refusing:
+                if connection.transport is not None:
+                    connection.transport.abort()
+            await self._all_closed(1)  # connection_lost closes their sockets
+        for listener in self.listeners:
+            await listener.wait_closed()
+        await asyncio.gather(*self._timers, return_exceptions=True)
+        if self.gateway.cluster is not None:
+            await self.gateway.cluster.stop()
+            self.gateway.cluster = None
+        if self._summary is not None:
+            self._summary.cancel()
+            self._log_summary()
+        if self.loop.get_exception_handler() == self._loop_exception:
+            self.loop.set_exception_handler(self._previous_exception_handler)
+        log.info("stopped listening on %s", self.url, extra=fields("stopped", url=self.url))
+
+    async def _all_closed(self, timeout: float) -> bool:
+        """Wait until every connection is gone; False if timeout seconds pass first."""
+        give_up = self.loop.time() + timeout
+        while self.connections or self.refusing:
+            self.all_closed.clear()  # type: ignore[union-attr]
+            try:
+                await asyncio.wait_for(self.all_closed.wait(),  # type: ignore[union-attr]
+                                       max(0.0, give_up - self.loop.time()))
+            except asyncio.TimeoutError:
+                return False
+        return True
+
+    # -- writing, refusing, counting ------------------------------------------
+
+    def flush(self) -> None:
+        """Write the keep-alive answers of this loop iteration, one send per connection."""
+        connections, self.to_flush = self.to_flush, []
+        self.flush_scheduled = False
+        self.last_batch, self.batch = self.batch, 0
+        for connection in connections:
+            connection.flush()
+
+    def refuse(self, connection: Connection) -> None:
+        """Answer 503 to a connection over max_connections, and count it for the summary."""
+        self.refused_count += 1
+        self._schedule_summary()
+        self.answered(connection.remote, None, 503, connection.started)
+        if len(self.refusing) >= MAX_LINGERING_REFUSALS:
+            connection.transport.abort()
+            return
+        self.refusing.add(connection)
+        connection.refused = True
+        connection.closing = True
+        connection.transport.write(render_response(Response(503, _error_body(
+            INVALID_REQUEST, "too many connections; try again later")), keep_alive=False,
+            date=self.date()))
+        connection._close_after_answer()
+
+    def refused_request(self, remote: str, err: HttpError, started: float) -> None:
+        """Count and log a request the framing refused."""
+        log.debug("%s: HTTP %d: %s", remote, err.status, err.message)
+        self.answered(remote, err.target, err.status, started)
+        if err.status == 413 and err.target is not None and err.target.split("?", 1)[0] == "/internal":
+            servers = [hostname for hostname in self.gateway.grid.servers  # at that address
+                       if hostname.rsplit(":", 1)[0].strip("[]") == remote]
+            log.warning("refused a request to /internal from %s%s: %s (max_internal_body_bytes); "
+                        "a server's report over the limit is lost and its rooms move",
+                        remote, " (server %s)" % ", ".join(servers) if servers else "",
+                        err.message, extra=fields("report_refused", remote=remote, servers=servers,
+                                                  limit=self.gateway.config.max_internal_body_bytes))
+
+    def answered(self, remote: str, target: Optional[str], status: int, started: float,
+                 method: str = "-", size: int = 0) -> None:
+        """Count an answer in the metrics and, if asked for, write its access log line."""
+        gateway = self.gateway
+        gateway.metrics.count_response(target, status)
+        if gateway.config.access_log:
+            seconds = time.perf_counter() - started
+            log.info('%s "%s %s" %d %d %.2fms', remote, printable(method), printable(target or "-"),
+                     status, size, seconds * 1000, extra=fields(
+                         "request", remote=remote, method=method, target=target, status=status,
+                         bytes=size, duration_ms=round(seconds * 1000, 3)))
+
+    def _loop_exception(self, loop: Any, context: dict) -> None:
+        """asyncio's report of an accept that failed for lack of files (it pauses
+        accepting for a second by itself): counted for the summary, not logged
+        each time with a traceback."""
+        if context.get("message") == "socket.accept() out of system resource":
+            self.accept_errors += 1
+            self._schedule_summary()
+            return
+        if self._previous_exception_handler is not None:
+            self._previous_exception_handler(loop, context)
+        else:
+            loop.default_exception_handler(context)
+
+    def _schedule_summary(self) -> None:
+        if self._summary is None:
+            self._summary = self.loop.call_later(SUMMARY_INTERVAL, self._log_summary)
+
+    def _log_summary(self) -> None:
+        """One line per SUMMARY_INTERVAL for refused connections and failed accepts."""
+        self._summary = None
+        if self.refused_count:
+            log.warning("refused %d connections in the last %g s: %d connections open "
+                        "(max_connections %d)", self.refused_count, SUMMARY_INTERVAL,
+                        len(self.connections), self.connection_limit(),
+                        extra=fields("connections_refused", count=self.refused_count,
+                                     open=len(self.connections), limit=self.connection_limit()))
+        if self.accept_errors:
+            log.warning("could not accept connections %d times in the last %g s: out of files "
+                        "(open-file limit %s); accepting pauses for a second each time",
+                        self.accept_errors, SUMMARY_INTERVAL, raise_open_file_limit(0)[0],
+                        extra=fields("accept_failed", count=self.accept_errors))
+        self.refused_count = self.accept_errors = 0
+
 
 
 async def _maintenance_timer(gateway: Gateway) -> None:
@@ -3958,17 +4654,55 @@ async def _customer_timer(gateway: Gateway) -> None:
                             gateway.config.update_interval)
 
 
-class ThreadedServer:
-    """A gateway served by an event loop in a background thread (see serve_in_thread)."""
 
-    def __init__(self, gateway: Gateway):
+class ThreadedServer:
+    """A GatewayServer on an event loop in a background thread (see serve_in_thread)."""
+
+    def __init__(self, gateway: Gateway, host: str = "127.0.0.1", port: int = 0,
+                 ssl: Optional[ssl_module.SSLContext] = None):
         self.gateway = gateway
+        self.server = GatewayServer(gateway, host, port, ssl)
         self.url = ""
         self.port = 0
-        self._loop: Optional[asyncio.AbstractEventLoop] = None
-        self._stop: Optional[asyncio.Event] = None
+        self.loop: Optional[asyncio.AbstractEventLoop] = None
         self._thread: Optional[threading.Thread] = None
+        self._started = threading.Event()
         self._error: Optional[BaseException] = None
+
+    def start(self) -> None:
+        """Start the thread; return once the socket listens (or raise why it cannot)."""
+        self._thread = threading.Thread(target=asyncio.run, args=(self._main(),),
+                                        name="odin-gateway", daemon=True)
+        self._thread.start()
+        self._started.wait()
+        if self._error is not None:
+            self._thread.join()
+            raise self._error
+        self.url, self.port = self.server.url, self.server.port
+
+    async def _main(self) -> None:
+        self.loop = asyncio.get_running_loop()
+        try:
+            await self.server.start()
+        except BaseException as err:  # reported to the caller's thread
+            self._error = err
+            return
+        finally:
+            self._started.set()
+        try:
+            await self.server.stop_asked.wait()  # type: ignore[union-attr]
+        finally:
+            try:
+                await self.server.stop()
+            except BaseException as err:  # the stop itself failed
+                self._error = err
+
+    def stop(self) -> None:
+        """Stop the server cleanly (no leaked thread, socket or task)."""
+        self.loop.call_soon_threadsafe(self.server.request_stop)  # type: ignore[union-attr]
+        self._thread.join()  # type: ignore[union-attr]
+        if self._error is not None:
+            raise self._error
 
     def call(self, function: Callable[[], Any]) -> Any:
         """Run function() in the server's thread and return its result.
@@ -3979,7 +4713,7 @@ class ThreadedServer:
         async def run() -> Any:
             return function()
 
-        return asyncio.run_coroutine_threadsafe(run(), self._loop).result()  # type: ignore[arg-type]
+        return asyncio.run_coroutine_threadsafe(run(), self.loop).result()  # type: ignore[arg-type]
 
     def tick(self) -> None:
         """Run the maintenance step now (in the server's thread)."""
@@ -3999,36 +4733,12 @@ def serve_in_thread(config: Optional[Config] = None, host: str = "127.0.0.1", po
     to keep a handle on it. Returns once the socket listens; stops cleanly
     (no leaked thread, socket or task) when the block exits.
     """
-    runner = ThreadedServer(gateway if gateway is not None else Gateway(config))
-    ready = threading.Event()
-
-    async def run() -> None:
-        runner._loop = asyncio.get_running_loop()
-        runner._stop = asyncio.Event()
-        try:
-            async with runner.gateway.serve(host, port, ssl) as server:
-                runner.url, runner.port = server.url, server.port
-                ready.set()
-                await runner._stop.wait()
-        except BaseException as err:  # reported to the caller's thread
-            runner._error = err
-        finally:
-            ready.set()
-
-    runner._thread = threading.Thread(target=asyncio.run, args=(run(),),
-                                      name="odin-gateway", daemon=True)
-    runner._thread.start()
-    ready.wait()
-    if runner._error is not None:
-        runner._thread.join()
-        raise runner._error
+    runner = ThreadedServer(gateway if gateway is not None else Gateway(config), host, port, ssl)
+    runner.start()
     try:
         yield runner
     finally:
-        runner._loop.call_soon_threadsafe(runner._stop.set)  # type: ignore[union-attr]
-        runner._thread.join()
-    if runner._error is not None:  # the stop itself failed
-        raise runner._error
+        runner.stop()
 
 
 # ---------------------------------------------------------------------------
@@ -4615,13 +5325,7 @@ def reload_config(args: Any, started_from_file: bool) -> Config:
 
 async def _run(gateway: Gateway, ssl_context: Optional[ssl_module.SSLContext],
                reload: Optional[Callable[[], Config]] = None, reuse_port: bool = False) -> None:
-    import signal
-
-    config = gateway.config
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    signals = (signal.SIGINT, signal.SIGTERM)
-
+    """Serve until SIGINT/SIGTERM (twice: at once); SIGHUP reloads the config."""
     def on_hangup() -> None:
         try:
             new_config = reload()  # type: ignore[misc]
@@ -4633,29 +5337,9 @@ async def _run(gateway: Gateway, ssl_context: Optional[ssl_module.SSLContext],
         gateway.reload(new_config)
         warn_about_exposure(gateway)
 
-    if reload is not None and hasattr(signal, "SIGHUP"):
-        with contextlib.suppress(NotImplementedError, RuntimeError):
-            loop.add_signal_handler(signal.SIGHUP, on_hangup)
-            signals += (signal.SIGHUP,)
-
-    def on_signal() -> None:
-        if stop.is_set():
-            log.warning("second signal: exiting at once")
-            os._exit(1)
-        gateway.stopping = True  # from now on, answers close their connections
-        log.info("stopping: finishing requests in flight", extra=fields("stopping"))
-        stop.set()
-
-    for signum in (signal.SIGINT, signal.SIGTERM):
-        with contextlib.suppress(NotImplementedError, RuntimeError):
-            loop.add_signal_handler(signum, on_signal)
-    try:
-        async with gateway.serve(config.host, config.port, ssl_context, reuse_port=reuse_port):
-            await stop.wait()
-    finally:
-        for signum in signals:
-            with contextlib.suppress(NotImplementedError, RuntimeError):
-                loop.remove_signal_handler(signum)
+    server = GatewayServer(gateway, gateway.config.host, gateway.config.port, ssl_context,
+                           reuse_port=reuse_port)
+    await server.serve(install_signal_handlers=True, reload=on_hangup if reload else None)
 
 
 def _printing(command: Callable[[Any], int], args: Any) -> int:

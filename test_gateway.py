@@ -1336,6 +1336,163 @@ def test_internal_users_require_basic_credentials():
 
 
 # ---------------------------------------------------------------------------
+# HTTP framing (sans IO): bytes in, requests or exact answers out
+# ---------------------------------------------------------------------------
+
+def framing(**settings):
+    return og.HttpFraming(og.Config(**settings))
+
+
+def frame(data, pieces=1, **settings):
+    """Feed data to a fresh HttpFraming in pieces, then EOF; the events it gives."""
+    framing = og.HttpFraming(og.Config(**settings))
+    size = max(1, -(-len(data) // pieces))
+    events = []
+    for start in range(0, max(len(data), 1), size):
+        framing.feed(data[start:start + size])
+        while True:
+            event = framing.next_event()
+            if event in (og.NEED_DATA, og.CLOSED):
+                break
+            events.append(event)
+            if isinstance(event, og.HttpError):
+                return events
+    framing.feed_eof()
+    event = framing.next_event()
+    while event not in (og.NEED_DATA, og.CLOSED):
+        events.append(event)
+        if isinstance(event, og.HttpError):
+            break
+        event = framing.next_event()
+    return events
+
+
+def feed(framing_state, data):
+    framing_state.feed(data)
+    return framing_state.next_event()
+
+
+def test_framing_reads_pipelined_requests_with_and_without_bodies():
+    state = framing()
+    state.feed(b"POST /internal HTTP/1.1\r\nContent-Length: 2\r\n\r\n{}"
+               b"GET /health HTTP/1.1\r\nHost: x\r\n\r\nPOST / HT")
+    first, second = state.next_event(), state.next_event()
+    assert (first.method, first.target, first.body, first.keep_alive) == ("POST", "/internal", b"{}", True)
+    assert (second.method, second.headers, second.body) == ("GET", {"host": "x"}, b"")
+    assert state.next_event() is og.NEED_DATA and state.phase == "head"
+
+
+@pytest.mark.parametrize("head, keep_alive", [
+    (b"GET / HTTP/1.1\r\n", True),
+    (b"GET / HTTP/1.1\r\nConnection: close\r\n", False),
+    (b"GET / HTTP/1.0\r\n", False),
+    (b"GET / HTTP/1.0\r\nConnection: keep-alive\r\n", True),
+])
+def test_framing_decides_keep_alive(head, keep_alive):
+    state = framing()
+    request = feed(state, head + b"\r\n")
+    data = state.answer(request, og.Response(200, b"{}"))
+    assert (b"Connection: close\r\n" not in data) == keep_alive
+    assert state.phase == ("idle" if keep_alive else "closed")
+    stopping = framing()
+    data = stopping.answer(feed(stopping, head + b"\r\n"), og.Response(200), stopping=True)
+    assert b"Connection: close\r\n" in data and stopping.phase == "closed"
+
+
+def test_framing_answers_head_without_the_body():
+    state = framing()
+    data = state.answer(feed(state, b"HEAD /health HTTP/1.1\r\n\r\n"), og.Response(200, b'{"a":1}'))
+    head, _, body = data.partition(b"\r\n\r\n")
+    assert b"Content-Length: 7" in head and body == b""
+
+
+def test_framing_asks_for_the_body_with_100_continue_once():
+    state = framing()
+    assert feed(state, b"POST /internal HTTP/1.1\r\nExpect: 100-continue\r\n"
+                       b"Content-Length: 2\r\n\r\n") is og.CONTINUE
+    assert state.next_event() is og.NEED_DATA and state.phase == "body"
+    assert feed(state, b"{}").body == b"{}"
+    whole = framing()  # the body came with the head: nothing to ask for
+    assert feed(whole, b"POST / HTTP/1.1\r\nExpect: 100-continue\r\nContent-Length: 2\r\n\r\n{}").body == b"{}"
+
+
+def test_framing_reads_chunked_bodies_in_any_pieces():
+    data = (b"POST /internal HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n"
+            b"3\r\nabc\r\n2;ext=1\r\nde\r\n0\r\nTrailer: x\r\n\r\nGET / HTTP/1.1\r\n\r\n")
+    for pieces in (1, 7, len(data)):
+        events = frame(data, pieces)
+        assert [e.body for e in events] == [b"abcde", b""]
+
+
+@pytest.mark.parametrize("data, settings, status", [
+    (b"POST / HTTP/1.1\r\nContent-Length: 11\r\n\r\n", {"max_body_bytes": 10}, 413),
+    (b"POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n8\r\n", {"max_body_bytes": 7}, 413),
+    (b"POST /internal HTTP/1.1\r\nContent-Length: 11\r\n\r\n", {"max_internal_body_bytes": 10}, 413),
+    (b"POST / HTTP/1.1\r\nX: " + b"y" * 100 + b"\r\n\r\n", {"max_head_bytes": 64}, 431),
+    (b"POST / HTTP/1.1\r\nX: " + b"y" * 100, {"max_head_bytes": 64}, 431),
+    (b"POST / HTTP/1.1\r\nA: 1\r\nB: 2\r\n\r\n", {"max_headers": 1}, 431),
+    (b"POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n1;" + b"x" * 20 + b"\r\n",
+     {"max_chunk_line": 10}, 400),
+    (b"POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n0\r\nT: " + b"y" * 100,
+     {"max_head_bytes": 64}, 431),
+])
+def test_framing_limits_get_their_status(data, settings, status):
+    (event,) = frame(data, **settings)
+    assert event.status == status
+
+
+def test_a_report_may_be_larger_than_a_client_body():
+    body = b"x" * 2000
+    state = framing(max_body_bytes=1000)
+    assert feed(state, b"POST /internal HTTP/1.1\r\nContent-Length: 2000\r\n\r\n" + body).body == body
+
+
+@pytest.mark.parametrize("data", [
+    b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03",  # a TLS ClientHello
+    b"\x00",
+    b" GET / HTTP/1.1",
+    b"GE\x7fT",
+    b"\r\n",
+])
+def test_bytes_that_cannot_start_a_request_are_refused_at_once(data):
+    # Not after read_timeout with a 408: no more bytes could make them a request.
+    state = framing()
+    event = feed(state, data)
+    assert isinstance(event, og.HttpError) and event.status == 400 and state.phase == "closed"
+
+
+def test_a_request_line_too_long_is_refused_before_its_end():
+    state = framing()
+    assert feed(state, b"GET /" + b"a" * (DEFAULTS.max_request_line - 5)) is og.NEED_DATA
+    assert feed(state, b"aa").status == 414
+    assert framing().next_event() is og.NEED_DATA  # an empty buffer waits
+
+
+def test_eof_between_requests_closes_and_inside_one_is_400():
+    state = framing()
+    state.feed_eof()
+    assert state.next_event() is og.CLOSED
+    state = framing()
+    state.feed(b"POST / HTTP/1.1\r\nContent-Length: 5\r\n\r\n{")
+    assert state.next_event() is og.NEED_DATA
+    state.feed_eof()
+    assert state.next_event().status == 400
+
+
+def test_a_reload_changes_the_limits_of_the_next_request():
+    state = framing()
+    assert feed(state, b"POST / HTTP/1.1\r\nContent-Length: 20\r\n\r\n" + b"x" * 20).body
+    state.limits = og.Config(max_body_bytes=10)
+    assert feed(state, b"POST / HTTP/1.1\r\nContent-Length: 20\r\n\r\n").status == 413
+
+
+def test_the_date_header_is_formatted_once_a_second_per_server():
+    one, other = og.HttpDate(), og.HttpDate()
+    assert one() is one() and one() == other()
+    assert one is not other  # each server its own: no module-level cache
+
+
+# ---------------------------------------------------------------------------
 # Customers: static keys, the update function
 # ---------------------------------------------------------------------------
 
@@ -1641,7 +1798,7 @@ def test_secret_settings_stay_out_of_repr_and_messages():
 def test_reload_keeps_the_settings_only_a_restart_applies(caplog):
     gw = make_gateway()
     restart_only = {name for name, declared in og.SETTINGS.items() if not declared.reload}
-    assert {"host", "port", "master_key", "max_head_bytes"} <= restart_only
+    assert {"host", "port", "master_key", "backlog"} <= restart_only
     changed = gw.config.replace(port=7001, max_batch=7, master_key="c2VjcmV0IHZhbHVlIQ==")
     with caplog.at_level(logging.WARNING, logger="odin_gateway"):
         gw.reload(changed)
@@ -1769,7 +1926,7 @@ def test_notification_answers_204_without_content_type():
 
 
 @pytest.mark.parametrize("request_bytes, status", [
-    (b"POST /internal HTTP/1.1\r\nContent-Length: 2000000\r\n\r\n", 413),
+    (b"POST / HTTP/1.1\r\nContent-Length: 2000000\r\n\r\n", 413),
     (b"POST /" + b"a" * (DEFAULTS.max_request_line + 10) + b" HTTP/1.1\r\n\r\n", 414),
     (b"POST /internal HTTP/1.1\r\n" + b"".join(b"X-%d: y\r\n" % i for i in range(DEFAULTS.max_headers + 1))
      + b"\r\n", 431),
@@ -1800,7 +1957,7 @@ def test_malformed_or_oversized_requests_get_their_status_and_are_closed(request
 
 def test_413_reaches_a_client_that_keeps_sending_its_body():
     with running() as server, socket.create_connection(("127.0.0.1", server.port), timeout=5) as sock:
-        sock.sendall(b"POST /internal HTTP/1.1\r\nContent-Length: 3000000\r\n\r\n")
+        sock.sendall(b"POST / HTTP/1.1\r\nContent-Length: 3000000\r\n\r\n")
         with contextlib.suppress(OSError):
             for _ in range(48):
                 sock.sendall(b"x" * 65536)  # the body the gateway refuses to read
@@ -1848,23 +2005,34 @@ def test_limits_are_settings_of_each_gateway():
     status, body = post(small, [{"jsonrpc": "2.0", "method": "Info", "id": 1}] * 2)
     assert "at most 1 requests" in body["error"]["message"]
     with running(small) as server:
-        data = exchange(server.port, b"POST /internal HTTP/1.1\r\nContent-Length: 11\r\n\r\n")
+        data = exchange(server.port, b"POST / HTTP/1.1\r\nContent-Length: 11\r\n\r\n")
         assert status_of(data) == 413
 
 
 def test_idle_keep_alive_connections_are_closed():
     with running(make_gateway(keep_alive_timeout=0.2)) as server, socket.create_connection(("127.0.0.1", server.port), timeout=5) as idle:
+        idle.sendall(b"OPTIONS / HTTP/1.1\r\n\r\n")
+        assert status_of(idle.recv(65536)) == 200
         assert idle.recv(10) == b""  # closed by the server without a response
+
+
+def test_a_silent_connection_must_start_its_request_within_read_timeout():
+    # Not keep_alive_timeout: silent connections held every slot for 75 s.
+    gw = make_gateway(read_timeout=0.2, keep_alive_timeout=60)
+    with running(gw) as server, socket.create_connection(("127.0.0.1", server.port), timeout=5) as silent:
+        started = time.monotonic()
+        assert silent.recv(10) == b""  # closed without an answer: nothing was asked
+        assert time.monotonic() - started < 5
 
 
 def test_an_internal_error_answers_500_and_the_server_keeps_serving(monkeypatch, caplog):
     gw = make_gateway()
     real = gw.handle_http
 
-    def flaky(method, target, headers, body, remote):
+    def flaky(method, target, headers, body, remote, **options):
         if target == "/crash":
             raise RuntimeError("bug")
-        return real(method, target, headers, body, remote)
+        return real(method, target, headers, body, remote, **options)
 
     monkeypatch.setattr(gw, "handle_http", flaky)
     with running(gw) as server, caplog.at_level(logging.ERROR, logger="odin_gateway"):
@@ -1873,6 +2041,34 @@ def test_an_internal_error_answers_500_and_the_server_keeps_serving(monkeypatch,
         assert status_of(exchange(server.port, b"OPTIONS / HTTP/1.1\r\nConnection: close\r\n\r\n")) == 200
     assert "RuntimeError: bug" in caplog.text
 
+
+def test_an_answer_the_gateway_awaits_holds_up_no_other_connection():
+    # handle_http may answer with an awaitable (a Connect that waits for its
+    # room's report, say): the connection waits, the others are served.
+    async def scenario():
+        gw = make_gateway()
+        real, release = gw.handle_http, asyncio.Event()
+
+        async def later():
+            await release.wait()
+            return og.Response(200, b'{"late":true}')
+
+        gw.handle_http = lambda m, t, h, b, r="127.0.0.1", **o: later() if t == "/wait" else real(m, t, h, b, r, **o)
+        async with gw.serve() as server:
+            waiting_reader, waiting = await asyncio.open_connection("127.0.0.1", server.port)
+            waiting.write(b"GET /wait HTTP/1.1\r\n\r\nGET /health HTTP/1.1\r\nConnection: close\r\n\r\n")
+            reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
+            writer.write(b"GET /health HTTP/1.1\r\nConnection: close\r\n\r\n")
+            other = await reader.read()
+            release.set()
+            both = await waiting_reader.read()  # the awaited answer first, then the next one
+            writer.close()
+            waiting.close()
+            return other, both
+
+    other, both = asyncio.run(scenario())
+    assert status_of(other) == 200
+    assert both.index(b'{"late":true}') < both.index(b'{"status":"ok"}') and both.count(b"HTTP/1.1 200") == 2
 
 def test_serve_in_thread_stops_cleanly():
     before = threading.active_count()
@@ -1906,6 +2102,152 @@ def test_async_serve_binds_port_zero_and_reports_the_url():
 
     url, data = asyncio.run(scenario())
     assert url.startswith("http://127.0.0.1:") and status_of(data) == 200
+
+
+def test_tls_and_garbage_bytes_get_400_at_once():
+    # They used to wait read_timeout for a line end and get 408 (curl https:// hung 10 s).
+    with running(make_gateway(read_timeout=60)) as server:
+        for garbage in (b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03" + os.urandom(64), b"\x00\x01"):
+            started = time.monotonic()
+            data = exchange(server.port, garbage, timeout=10)
+            assert status_of(data) == 400 and time.monotonic() - started < 5
+
+
+def test_a_long_request_line_gets_414_before_its_end():
+    with running(make_gateway(read_timeout=60)) as server:
+        started = time.monotonic()
+        data = exchange(server.port, b"GET /" + b"a" * (DEFAULTS.max_request_line + 100), timeout=10)
+        assert status_of(data) == 414 and time.monotonic() - started < 5
+
+
+def test_a_408_is_logged_with_the_time_the_request_took(caplog):
+    with caplog.at_level(logging.INFO, logger="odin_gateway"):
+        with running(make_gateway(read_timeout=0.3, access_log=True)) as server:
+            data = exchange(server.port, b"POST /internal HTTP/1.1\r\nContent-Length: 5\r\n\r\n{")
+    assert status_of(data) == 408
+    (line,) = [line for line in json_log_lines(caplog) if line.get("status") == 408]
+    assert line["duration_ms"] >= 250 and line["target"] == "/internal"
+
+
+def test_refused_connections_are_logged_as_one_summary(caplog):
+    with caplog.at_level(logging.WARNING, logger="odin_gateway"):
+        with running(make_gateway(max_connections=1)) as server, \
+                socket.create_connection(("127.0.0.1", server.port), timeout=5) as held:
+            held.sendall(b"OPTIONS / HTTP/1.1\r\n\r\n")
+            assert status_of(held.recv(65536)) == 200
+            for _ in range(3):
+                assert status_of(exchange(server.port, b"OPTIONS / HTTP/1.1\r\n\r\n")) == 503
+            server.call(server.server._log_summary)  # the interval's end, without waiting for it
+    lines = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert lines == ["refused 3 connections in the last 10 s: 1 connections open (max_connections 1)"]
+
+
+def test_failed_accepts_are_counted_not_logged_each_time(caplog):
+    async def scenario():
+        async with make_gateway().serve() as server:
+            loop = asyncio.get_running_loop()
+            for _ in range(50):  # what asyncio reports when accept() finds no free file
+                loop.call_exception_handler({"message": "socket.accept() out of system resource",
+                                             "exception": OSError(24, "Too many open files")})
+            server._log_summary()
+
+    with caplog.at_level(logging.WARNING):
+        asyncio.run(scenario())
+    lines = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+    assert len(lines) == 1 and "could not accept connections 50 times" in lines[0]
+
+
+def test_stopping_one_of_two_servers_leaves_the_other_serving():
+    async def scenario():
+        gw = make_gateway()
+        report(gw, SFU1)
+        async with gw.serve() as first:
+            async with gw.serve():
+                pass  # the second server stops
+            reader, writer = await asyncio.open_connection("127.0.0.1", first.port)
+            writer.write(b"GET /ready HTTP/1.1\r\nConnection: close\r\n\r\n")
+            data = await reader.read()
+            writer.close()
+            return data
+
+    data = asyncio.run(scenario())
+    assert status_of(data) == 200 and b'"ready"' in data
+
+
+def test_every_address_of_a_host_listens_on_the_same_port():
+    sockets = og.create_listeners("", 0, 8)  # all IPv4 and all IPv6 addresses, where both exist
+    try:
+        assert len({sock.getsockname()[1] for sock in sockets}) == 1
+    finally:
+        for sock in sockets:
+            sock.close()
+
+needs_ss = pytest.mark.skipif(shutil.which("ss") is None, reason="needs ss (apt install iproute2)")
+
+
+@needs_ss
+def test_the_listen_backlog_is_a_setting():
+    with running(make_gateway(backlog=77)) as server:
+        out = subprocess.run(["ss", "-ltnH", "sport = :%d" % server.port], capture_output=True,
+                             text=True, check=True).stdout
+    assert out.split()[2] == "77"  # a listening socket's Send-Q is its backlog
+
+
+def test_a_backlog_above_somaxconn_is_warned_about(monkeypatch, caplog):
+    monkeypatch.setattr(og, "kernel_somaxconn", lambda: 128)
+    with caplog.at_level(logging.WARNING, logger="odin_gateway"):
+        with running(make_gateway(backlog=1024)):
+            pass
+    assert "backlog 1024 is above the kernel's net.core.somaxconn (128)" in caplog.text
+
+
+def test_signal_handlers_are_restored_after_serving():
+    def mine(signum, frame):
+        pass
+
+    previous = signal.signal(signal.SIGTERM, mine)
+    try:
+        async def scenario():
+            server = og.GatewayServer(make_gateway())
+            serving = asyncio.ensure_future(server.serve(install_signal_handlers=True))
+            while not server._signals:
+                await asyncio.sleep(0)
+            assert signal.getsignal(signal.SIGTERM) is not mine
+            server.request_stop()
+            await serving
+
+        asyncio.run(scenario())
+        assert signal.getsignal(signal.SIGTERM) is mine  # not the default
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def test_a_second_stop_signal_flushes_the_log_before_exiting():
+    flushed, exits = [], []
+
+    class Buffered(logging.Handler):
+        def emit(self, record):
+            pass
+
+        def flush(self):
+            flushed.append(len(exits))
+
+    async def scenario():
+        server = og.GatewayServer(make_gateway())
+        await server.start()
+        server.force_exit = exits.append
+        server._on_stop_signal()
+        assert server.stopping and not exits
+        server._on_stop_signal()
+        await server.stop()
+
+    handler = Buffered()
+    og.log.addHandler(handler)
+    try:
+        asyncio.run(scenario())
+    finally:
+        og.log.removeHandler(handler)
+    assert exits == [1] and 0 in flushed  # flushed before the exit
 
 
 # ---------------------------------------------------------------------------
@@ -2368,50 +2710,50 @@ def test_fuzz_signed_tokens_with_arbitrary_header_and_claims(header, claims, sig
         assert isinstance(auth.claims, dict) and "rid" in auth.claims and "uid" in auth.claims
 
 
-_FUZZ_LOOP = asyncio.new_event_loop()
-
-
-def _parse_head(data):
-    async def parse():
-        reader = asyncio.StreamReader(limit=DEFAULTS.max_head_bytes + 2)
-        reader.feed_data(data)
-        reader.feed_eof()
-        return await og.read_request_head(reader, og.Config())
-    return _FUZZ_LOOP.run_until_complete(parse())
+def _outcome(events):
+    return [(e.method, e.target, e.version, e.headers, e.body) if isinstance(e, og.Request)
+            else e for e in events if e is not og.CONTINUE]
 
 
 @FUZZ
 @given(st.binary(max_size=300) | st.builds(
     lambda method, target, headers: b"%s %s HTTP/1.1\r\n%s\r\n" % (method, target, headers),
     st.sampled_from([b"POST", b"GET", b"P\x00ST", b""]), st.binary(max_size=30),
-    st.binary(max_size=200)))
-def test_fuzz_request_head_parser(data):
-    try:
-        request = _parse_head(data)
-    except og.HttpError as err:
-        assert err.status in (400, 414, 431, 505) and err.message
-    except ConnectionResetError:
-        assert data == b""  # only a connection that sent nothing closes without an answer
-    else:
-        assert request.method and request.target and request.version in ((1, 0), (1, 1))
-        try:
-            length = og.body_length(request.headers)
-        except og.HttpError as err:
-            assert err.status in (400, 501)
-        else:
-            assert length is None or length >= 0
+    st.binary(max_size=200)), st.integers(1, 50))
+def test_fuzz_request_framing(data, pieces):
+    # Without an event loop: whole or in pieces, only documented answers.
+    for events in (frame(data), frame(data, pieces)):
+        for index, event in enumerate(events):
+            if isinstance(event, og.HttpError):
+                assert event.status in (400, 413, 414, 431, 501, 505) and event.message
+                assert index == len(events) - 1  # nothing after a refusal
+            elif event is not og.CONTINUE:
+                assert event.method and event.target and event.version in ((1, 0), (1, 1))
+    # The requests read agree however the bytes arrive (a refusal may come sooner).
+    whole, split = ([e for e in _outcome(frame(data, n)) if isinstance(e, tuple)] for n in (1, pieces))
+    assert whole[:len(split)] == split[:len(whole)]
 
 
 @contextlib.contextmanager
-def gateway_process(tmp_path, settings=""):
-    """The gateway as a process (host 127.0.0.1, a free port); yields (process, port)."""
+def gateway_process(tmp_path, settings="", open_files=None):
+    """The gateway as a process (host 127.0.0.1, a free port); yields (process, port).
+    process.start_log holds the log lines up to "listening"; open_files sets
+    its RLIMIT_NOFILE (soft and hard)."""
     path = tmp_path / "gateway_config.py"
     path.write_text("host = '127.0.0.1'\nport = 0\nlog_format = 'json'\n" + settings)
+
+    def limit_files():
+        import resource
+        resource.setrlimit(resource.RLIMIT_NOFILE, (open_files, open_files))
+
     process = subprocess.Popen([sys.executable, str(HERE / "odin_gateway.py"), "--config", str(path)],
-                               stderr=subprocess.PIPE, text=True, cwd=str(tmp_path))
+                               stderr=subprocess.PIPE, text=True, cwd=str(tmp_path),
+                               preexec_fn=limit_files if open_files else None)
+    process.start_log = []
     try:
         for line in process.stderr:
-            message = json.loads(line)["message"]
+            process.start_log.append(json.loads(line))
+            message = process.start_log[-1]["message"]
             if message.startswith("listening on "):
                 break
         yield process, int(message.rsplit(":", 1)[1])
@@ -2479,6 +2821,27 @@ def test_a_second_signal_exits_at_once(tmp_path):
             assert time.monotonic() - started < 5
 
 
+@needs_proc
+def test_max_connections_is_clamped_to_the_open_file_limit(tmp_path):
+    # With max_connections above the open-file limit, clients hung and asyncio
+    # logged an accept traceback in a loop.
+    with gateway_process(tmp_path, open_files=128) as (process, port):
+        clamped = [line for line in process.start_log if line.get("event") == "max_connections_clamped"]
+        assert clamped and clamped[0]["open_file_limit"] == 128
+        serving = clamped[0]["serving"]
+        held, statuses = [], []
+        for _ in range(100):
+            sock = socket.create_connection(("127.0.0.1", port), timeout=10)
+            sock.sendall(b"OPTIONS / HTTP/1.1\r\n\r\n")
+            statuses.append(status_of(sock.recv(65536)))
+            held.append(sock) if statuses[-1] == 200 else sock.close()
+        assert statuses.count(200) == serving and statuses.count(503) == 100 - serving
+        for sock in held:
+            sock.close()
+        ok = exchange(port, b"OPTIONS / HTTP/1.1\r\nConnection: close\r\n\r\n", timeout=10)
+        assert status_of(ok) == 200
+
+
 # ---------------------------------------------------------------------------
 # Operating: health, readiness, metrics, logs, reload, secrets, packaging
 # ---------------------------------------------------------------------------
@@ -2498,8 +2861,7 @@ def test_health_and_readiness():
     response = get(gw, "/ready")
     assert (response.status, response.json()) == (503, {"status": "no server takes rooms: 1 draining"})
     result(gw, "Drain", {"hostname": SFU1, "draining": False})
-    gw.stopping = True
-    assert get(gw, "/ready").status == 503
+    assert gw.handle_http("GET", "/ready", {}, b"", stopping=True).json() == {"status": "stopping"}
     response = gw.handle_http("POST", "/health", {}, b"")
     assert response.status == 405 and ("Allow", "GET, HEAD") in response.headers
 
@@ -2652,8 +3014,8 @@ def test_reload_applies_customers_and_limits_and_keeps_state(caplog):
     with caplog.at_level(logging.WARNING, logger="odin_gateway"):
         gw.reload(gw.config.replace(customers=reference_customers(), max_batch=7,
                                     master_key=base64.b64encode(b"k" * 32).decode(), port=1234,
-                                    max_head_bytes=99999))
-    assert gw.config.max_head_bytes == DEFAULTS.max_head_bytes
+                                    backlog=5))
+    assert gw.config.backlog == DEFAULTS.backlog
     assert result(gw, "Connect", {}, token=token(KEY_A))["address"] == SFU1
     assert gw.config.max_batch == 7
     assert SFU1 in gw.grid.servers and len(gw.grid.rooms) == 2  # state kept
@@ -3378,7 +3740,7 @@ def test_leeway_is_counted_in_whole_seconds_with_a_real_clock():
 
 
 def test_a_client_that_never_reads_loses_its_connection():
-    gw = make_gateway(read_timeout=0.3, max_connections=2)
+    gw = make_gateway(write_timeout=0.3, max_connections=2)
     with running(gw) as server, socket.create_connection(("127.0.0.1", server.port), timeout=5) as greedy:
         greedy.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
         request = b"POST /internal HTTP/1.1\r\nContent-Length: %d\r\n\r\n%s" % (len(INFO_BODY), INFO_BODY)
@@ -3588,13 +3950,13 @@ def big_answer_gateway(**settings):
     gw = make_gateway(**settings)
     real = gw.handle_http
     big = og.Response(200, b"x" * 6_000_000)
-    gw.handle_http = lambda m, t, h, b, r="127.0.0.1": big if t == "/big" else real(m, t, h, b, r)
+    gw.handle_http = lambda m, t, h, b, r="127.0.0.1", **o: big if t == "/big" else real(m, t, h, b, r, **o)
     return gw
 
 
 @needs_proc
 def test_an_unread_answer_does_not_keep_its_connection_or_the_stop():
-    gw = big_answer_gateway(read_timeout=0.3, shutdown_timeout=0.3)
+    gw = big_answer_gateway(write_timeout=0.3, shutdown_timeout=0.3)
     with og.serve_in_thread(gateway=gw) as server:
         sock = socket.create_connection(("127.0.0.1", server.port), timeout=5)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
@@ -3613,6 +3975,51 @@ def test_an_unread_answer_does_not_keep_its_connection_or_the_stop():
     sock.close()
     second.close()
 
+
+def report_request(rooms, hostname="127.0.0.1:4433"):
+    body = json.dumps({"jsonrpc": "2.0", "method": "sfu.Report", "id": 1, "params": {
+        "public_endpoint": hostname, "version": "1", "load": 0, "clients": 0,
+        "rooms": [room("ns", "room-%06d-%s" % (i, "u" * 36), "c") for i in range(rooms)]}}).encode()
+    return b"POST /internal HTTP/1.1\r\nConnection: close\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body)
+
+
+def test_reports_have_their_own_body_limit_and_a_refused_one_is_logged(caplog):
+    big = report_request(12_000)  # about 2 MiB: over max_body_bytes, as 10,000 UUID rooms are
+    assert len(big) > DEFAULTS.max_body_bytes
+    with running() as server:
+        assert status_of(exchange(server.port, big)) == 200
+    with caplog.at_level(logging.WARNING, logger="odin_gateway"):
+        with running(make_gateway(max_internal_body_bytes=100_000)) as server:
+            assert status_of(exchange(server.port, report_request(1))) == 200
+            assert status_of(exchange(server.port, big)) == 413
+    (line,) = [line for line in json_log_lines(caplog) if line.get("event") == "report_refused"]
+    assert line["servers"] == ["127.0.0.1:4433"] and line["limit"] == 100_000
+    assert "127.0.0.1" in line["message"] and "max_internal_body_bytes" in line["message"]
+
+
+def test_clients_that_never_read_cannot_stall_others_or_grow_memory():
+    # A 20 MB answer per client (the kernel takes a few MB of each); 30 MB may
+    # wait for their clients in all.
+    gw = make_gateway(max_unsent_bytes=30_000_000, write_timeout=30)
+    real, big = gw.handle_http, og.Response(200, b"x" * 20_000_000)
+    gw.handle_http = lambda m, t, h, b, r="127.0.0.1", **o: big if t == "/big" else real(m, t, h, b, r, **o)
+    with running(gw) as server:
+        greedy = []
+        for _ in range(4):
+            sock = socket.create_connection(("127.0.0.1", server.port), timeout=5)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+            sock.sendall(b"GET /big HTTP/1.1\r\n\r\n")  # and never read
+            wait_until_server_read(sock, server.port)
+            greedy.append(sock)
+            assert server.call(lambda: server.server.unsent) <= 30_000_000
+        # The others are answered meanwhile; the answers beyond the budget are 503.
+        ok = exchange(server.port, b"POST /internal HTTP/1.1\r\nConnection: close\r\n"
+                                   b"Content-Length: %d\r\n\r\n%s" % (len(INFO_BODY), INFO_BODY))
+        assert status_of(ok) == 200
+        statuses = [status_of(sock.recv(100)) for sock in greedy]
+        assert statuses[0] == 200 and 503 in statuses
+        for sock in greedy:
+            sock.close()
 
 def test_a_connection_close_answer_survives_more_input_behind_it():
     gw = big_answer_gateway()
