@@ -3407,6 +3407,7 @@ class ClusterLink:
         self._events_redis = redis_asyncio.Redis.from_url(
             config.cluster, socket_connect_timeout=config.cluster_timeout)
         self._errors = (redis_errors.RedisError, OSError, asyncio.TimeoutError)
+        self._timeouts = (redis_errors.TimeoutError, asyncio.TimeoutError)
         self._claim = self.redis.register_script(_CLAIM_SCRIPT)
         self._queue = self.redis.register_script(_TASK_SCRIPT)
         self._heartbeat = self.redis.register_script(_HEARTBEAT_SCRIPT)
@@ -3458,12 +3459,15 @@ class ClusterLink:
                 await asyncio.wait_for(_aclose(client), self.gateway.config.cluster_timeout)
         self.gateway.grid.on_placed = None
 
-    async def _call(self, awaitable: Any) -> Any:
-        """Await one Redis call under the deadline; _Unreachable (and the link down) if it fails."""
+    async def _call(self, awaitable: Any, *, heartbeat: bool = False) -> Any:
+        """Await one Redis call under the deadline; _Unreachable if it fails. A lost
+        connection takes the link down at once; a slow answer only when the heartbeat
+        is slow too (one slow call under load must not cost a resync)."""
         try:
             return await asyncio.wait_for(awaitable, self.gateway.config.cluster_timeout)
         except self._errors as err:
-            self._down(err)
+            if heartbeat or not isinstance(err, self._timeouts):
+                self._down(err)
             raise _Unreachable(str(err)) from err
 
     def _down(self, err: BaseException) -> None:
@@ -3485,13 +3489,15 @@ class ClusterLink:
             try:
                 members = await self._call(self._heartbeat(
                     keys=[self.key("members")],
-                    args=[self.member, 3 * config.cluster_heartbeat]))
+                    args=[self.member, 3 * config.cluster_heartbeat]), heartbeat=True)
                 members = sorted(m.decode() if isinstance(m, bytes) else m for m in members)
                 if members != self.members:
                     self.members = members
                     self.changed.set()
                 if not self.up:
                     await self._resync()
+                else:
+                    await self._push_held_tasks()
             except _Unreachable:
                 pass
             except Exception:  # keep beating: a bug here must not cut the gateway off
@@ -3545,15 +3551,25 @@ class ClusterLink:
         if self._redis_run is not None and run != self._redis_run:
             await self._requeue_lost_tasks()
         self._redis_run = run
-        for server in list(grid.servers.values()):
+        await self._push_held_tasks()
+
+    async def _push_held_tasks(self) -> None:
+        """Move the admin tasks held here (accepted while Redis did not answer) to Redis,
+        where any gateway can deliver them. Each leaves the local queue before it is sent,
+        so that a report answered meanwhile cannot deliver it twice."""
+        for server in list(self.gateway.grid.servers.values()):
             while server.tasks:
-                outcome = await self._push_task(server.hostname, self._new_task_id(),
-                                                server.tasks[0])
+                task = server.tasks.pop(0)
+                try:
+                    outcome = await self._push_task(server.hostname, self._new_task_id(), task)
+                except _Unreachable:
+                    server.tasks.insert(0, task)
+                    raise
                 if outcome == "full":
+                    server.tasks.insert(0, task)
                     log.warning("cluster: task queue of %s is full in Redis; %d held tasks stay "
                                 "here", printable(server.hostname), len(server.tasks))
                     break
-                server.tasks.pop(0)
 
     async def _load(self) -> None:
         """Apply the shared state to the replica: servers, drains, future usage, rooms."""

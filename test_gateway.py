@@ -3361,7 +3361,9 @@ def test_a_report_to_one_gateway_makes_the_server_known_on_every_gateway(redis_s
 
 
 def test_concurrent_connects_for_a_new_room_through_two_gateways_get_one_server(redis_server):
-    with cluster_gateway(redis_server) as a, cluster_gateway(redis_server) as b:
+    # A deadline this machine's load cannot miss: a missed one places the room alone.
+    with cluster_gateway(redis_server, cluster_timeout=5) as a, \
+            cluster_gateway(redis_server, cluster_timeout=5) as b:
         for hostname in (SFU1, SFU2, "sfu-3:4433"):
             http_report(a, hostname)
         eventually(b, lambda: len(b.gateway.grid.servers) == 3)
@@ -3455,7 +3457,6 @@ def test_while_redis_is_paused_no_request_waits_past_the_deadline(redis_server):
             started = time.monotonic()
             answers.append(call())
             assert time.monotonic() - started < 0.2 + 0.15
-        assert not a.call(lambda: a.gateway.cluster.up)
         # The new room was placed here; the task was held here and the report delivered it.
         assert answers[0] == SFU1 and answers[1] == {}
         assert [t["task"] for t in answers[2]["tasks"]] == ["RoomUpdate"]
