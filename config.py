@@ -4,9 +4,9 @@
 # name is optional; each is shown here with its default unless said otherwise.
 # None means "unlimited" wherever a limit is expected. Command-line flags
 # (--host, --port, --ssl, --certificate, --privatekey) override this file.
-# Settings are lower case; any other name is reported as unknown at start,
-# except names that start with "_": use those for constants of your own
-# (_REGION = "eu", not REGION = "eu").
+# Settings are lower case: a name close to one (PORT, customer) stops the start,
+# any other is reported as unknown, except names that start with "_": use those
+# for constants of your own (_REGION = "eu", not REGION = "eu").
 #
 #   python odin_gateway.py                     # uses ./config.py
 #   python odin_gateway.py --config /etc/odin-gateway/config.py
@@ -45,6 +45,8 @@ customers = [
         "id": "demo",
         "max_peers": 100,   # concurrent peers over all its rooms (None: unlimited)
         "max_rooms": 20,    # concurrent rooms (None: unlimited)
+        # "region": "eu-central",  # where its new rooms prefer to go (see server_labels below)
+        # "pool": "acme",          # only servers of this pool, which serve no one else
         "access_keys": [
             {
                 "public_key": {
@@ -90,8 +92,28 @@ internal_users = {}         # e.g. {"sfu": "a long random password"}
 # counting the peers sent to it since its last report; "random" picks at
 # random, weighted by free capacity, as the original gateway did.
 placement = "balanced"
+
+# -- Regions and pools (README: "Regions and pools") --------------------------
+# Labels for media servers, by hostname pattern (fnmatch-style, * and ?,
+# case-insensitive); the first rule that matches decides what it names
+# ("region", "pools" or both), and a server's own report the rest. A server
+# with pools takes rooms only of customers with one of those pools (customer
+# setting "pool"); a customer with a pool gets only that pool's servers.
+# server_labels = [
+#     {"match": "sfu-eu-*", "region": "eu-central"},
+#     {"match": "acme-*", "region": "eu-central", "pools": ["acme"]},
+# ]
+server_labels = []
+# Where a new room goes when its region (the token's internal.region, else the
+# customer's "region") has no server with capacity: these regions in order,
+# then any region.
+# region_fallback = {"eu-central": ["eu-west", "us-east"], "us-east": ["us-west"]}
+region_fallback = {}
+
 metrics_server = "0.0.0.0/0"  # network allowed to scrape the servers' metrics
 update_interval = 5           # s between server reports and maintenance ticks
+# disable_timeout and login_token_lifetime must exceed update_interval, and
+# remove_timeout disable_timeout: else servers or rooms go between two reports.
 disable_timeout = 7.5         # s without a report before a server gets no new rooms
 remove_timeout = 600          # s without a report before a server is forgotten
 login_token_lifetime = 300    # s a room token (and a room never reported) lives

@@ -73,6 +73,7 @@ import dataclasses
 import datetime
 import difflib
 import email.utils
+import fnmatch
 import functools
 import hashlib
 import hmac
@@ -90,6 +91,7 @@ import shlex
 import socket
 import ssl as ssl_module
 import subprocess
+import stat
 import sys
 import threading
 import time
@@ -99,6 +101,10 @@ import urllib.error
 import urllib.parse
 import urllib.request
 from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple, Union
+
+if sys.version_info < (3, 9):  # else a TypeError from deep inside, on Ubuntu 20.04's 3.8
+    raise SystemExit("odin_gateway needs Python 3.9 or newer; this is Python %d.%d"
+                     % sys.version_info[:2])
 
 try:  # the only third-party dependency; a clear message in main() if missing
     import nacl.bindings
@@ -536,7 +542,8 @@ def create_token(
 
     room_id is a string or a list of strings; audience is e.g. "gateway";
     subject is a method name or a list of them; internal is e.g.
-    {"server": "host:4433"} to pin the room to one server. now defaults to
+    {"server": "host:4433"} to pin the room to one server, or {"region":
+    "eu-central"} for the region a new room prefers. now defaults to
     the current time.
     """
     if not (_is_integer(lifetime) or (isinstance(lifetime, float) and lifetime.is_integer())):
@@ -819,19 +826,36 @@ def _is_limit(value: Any) -> bool:
     return value is None or (_is_integer(value) and value >= 0)
 
 
+def _did_you_mean(value: Any, choices: Tuple[str, ...]) -> str:
+    """' (did you mean "random"?)' for a string close to one of choices (any case), or ''."""
+    if not isinstance(value, str):
+        return ""
+    lowered = {choice.lower(): choice for choice in choices}
+    close = difflib.get_close_matches(value.lower(), list(lowered), n=1)
+    return ' (did you mean "%s"?)' % lowered[close[0]] if close else ""
+
+
 def _one_of(*choices: str) -> Check:
     expected = "expected " + " or ".join('"%s"' % choice for choice in choices)
-    return lambda value: None if value in choices else expected
+    return lambda value: None if value in choices else expected + _did_you_mean(value, choices)
 
 
 def _log_level(value: Any) -> Optional[str]:
     if isinstance(value, str) and value.upper() in LOG_LEVELS:
         return None
-    return "expected one of %s" % ", ".join(LOG_LEVELS)
+    return "expected one of %s%s" % (", ".join(LOG_LEVELS), _did_you_mean(value, LOG_LEVELS))
 
 
 def _non_empty_string(value: Any) -> Optional[str]:
     return None if isinstance(value, str) and value else "expected a non-empty string"
+
+
+def _host(value: Any) -> Optional[str]:
+    if _non_empty_string(value):
+        return _non_empty_string(value)
+    if value.count(":") == 1 or "/" in value:  # localhost:7000, http://0.0.0.0 (IPv6 has more)
+        return "expected an address or host name alone (the port is the port setting, --port)"
+    return None
 
 
 def _network(value: Any) -> Optional[str]:
@@ -879,6 +903,69 @@ def _redis_url(value: Any) -> Optional[str]:
     return "expected None or a Redis URL (redis://[:password@]host:port/db, rediss://, unix://)"
 
 
+#: A region or pool name: 1 to 64 characters without whitespace or control
+#: characters (names show in logs, Info and metric labels).
+LABEL_RE = re.compile(r"[^\s\x00-\x1f\x7f]{1,64}")
+#: Most pools one server may belong to.
+MAX_SERVER_POOLS = 16
+#: The keys of one server_labels rule.
+SERVER_LABEL_KEYS = ("match", "region", "pools")
+
+
+def _label_problem(value: Any) -> Optional[str]:
+    """Why value is not a region or pool name, or None."""
+    if isinstance(value, str) and LABEL_RE.fullmatch(value):
+        return None
+    return "must be a name of 1 to 64 characters without spaces"
+
+
+def _pools_problem(value: Any) -> Optional[str]:
+    """Why value is not a server's list of pools, or None."""
+    if (isinstance(value, (list, tuple)) and len(value) <= MAX_SERVER_POOLS
+            and not any(_label_problem(pool) for pool in value)):
+        return None
+    return "must be a list of at most %d pool names (1 to 64 characters without spaces)" % (
+        MAX_SERVER_POOLS)
+
+
+def _check_server_labels(rules: Any) -> Optional[str]:
+    """Why a server_labels list is malformed, or None."""
+    if not isinstance(rules, list):
+        return 'expected a list of {"match": "hostname pattern", "region": name, "pools": [names]}'
+    for index, rule in enumerate(rules):
+        where = "rule #%d" % (index + 1)
+        if not isinstance(rule, dict):
+            return '%s: expected {"match": "hostname pattern", "region": name, "pools": [names]}' % where
+        unknown = [key for key in rule if key not in SERVER_LABEL_KEYS]
+        if unknown:
+            return "%s: unknown key %s (known: %s)" % (
+                where, ", ".join(printable(repr(key), 40) for key in unknown), ", ".join(SERVER_LABEL_KEYS))
+        if not isinstance(rule.get("match"), str) or not rule["match"]:
+            return '%s: match must be a hostname pattern such as "sfu-eu-*:4433"' % where
+        where = "rule %s" % printable(repr(rule["match"]), 80)
+        if "region" not in rule and "pools" not in rule:
+            return "%s: expected a region, pools or both" % where
+        if rule.get("region") is not None and _label_problem(rule["region"]):
+            return "%s: region %s" % (where, _label_problem(rule["region"]))
+        if "pools" in rule and _pools_problem(rule["pools"]):
+            return "%s: pools %s" % (where, _pools_problem(rule["pools"]))
+    return None
+
+
+def _check_region_fallback(value: Any) -> Optional[str]:
+    """Why a region_fallback table is malformed, or None."""
+    if not isinstance(value, dict):
+        return 'expected {"region": ["next region", ...], ...}'
+    for region, order in value.items():
+        if _label_problem(region):
+            return "region %s: %s" % (printable(repr(region), 80), _label_problem(region))
+        if not isinstance(order, (list, tuple)) or any(_label_problem(other) for other in order):
+            return "%s: expected a list of region names" % region
+        if region in order or len(set(order)) != len(order):
+            return "%s: the fallback order must not repeat a region or name %s itself" % (region, region)
+    return None
+
+
 def _camel(snake: str) -> str:
     return re.sub(r"_(\w)", lambda m: m.group(1).upper(), snake)
 
@@ -892,7 +979,7 @@ def _pick(mapping: dict, snake: str, default: Any = None) -> Any:
 
 #: The keys of a customer, of one of its access keys, of unknown_customers and
 #: of customer_api (camelCase spellings of the first three are accepted too).
-CUSTOMER_KEYS = ("id", "max_peers", "max_rooms", "access_keys")
+CUSTOMER_KEYS = ("id", "max_peers", "max_rooms", "access_keys", "region", "pool")
 ACCESS_KEY_KEYS = ("public_key", "namespace")
 LIMIT_KEYS = ("max_peers", "max_rooms")
 CUSTOMER_API_KEYS = ("update_function", "update_interval")
@@ -900,13 +987,20 @@ CUSTOMER_API_KEYS = ("update_function", "update_interval")
 
 def _unknown_key(mapping: dict, known: Tuple[str, ...], camel: bool = True) -> Optional[str]:
     """'unknown key ...' naming the first key of mapping that is not known, and the
-    nearest known one: a misspelled limit must not silently mean no limit."""
+    nearest known one: a misspelled limit must not silently mean no limit. A key
+    given in both spellings (max_peers and maxPeers) is refused too: one would be
+    silently ignored."""
     names = known + tuple(_camel(name) for name in known) if camel else known
     for key in mapping:
         if key not in names:
-            close = difflib.get_close_matches(str(key), names, n=1)
+            loose = str(key).lower().replace("_", "")  # ID, publickey, Max_Peers
+            same_but_case = [name for name in names if name.lower().replace("_", "") == loose]
+            close = same_but_case or difflib.get_close_matches(str(key), names, n=1, cutoff=0.5)
             hint = "did you mean %r?" % close[0] if close else "known: %s" % ", ".join(known)
             return "unknown key %s (%s)" % (printable(repr(key), 40), hint)
+    for name in known:
+        if camel and name != _camel(name) and name in mapping and _camel(name) in mapping:
+            return "both %r and %r are given; keep one" % (name, _camel(name))
     return None
 
 
@@ -916,12 +1010,13 @@ def _customer_problem(index: int, customer: Any) -> Optional[str]:
     where = "customer #%d" % (index + 1)
     if not isinstance(customer, dict):
         return "%s: expected a dict" % where
-    if not isinstance(customer.get("id"), str) or not customer["id"]:
-        return "%s: id must be a non-empty string" % where
-    where = "customer %s" % printable(repr(customer["id"]), 60)
-    unknown = _unknown_key(customer, CUSTOMER_KEYS)
+    if isinstance(customer.get("id"), str) and customer["id"]:
+        where = "customer %s" % printable(repr(customer["id"]), 60)
+    unknown = _unknown_key(customer, CUSTOMER_KEYS)  # first: "ID" is a typo of "id"
     if unknown:
         return "%s: %s" % (where, unknown)
+    if not isinstance(customer.get("id"), str) or not customer["id"]:
+        return "%s: id must be a non-empty string" % where
     for field in LIMIT_KEYS:
         if not _is_limit(_pick(customer, field)):
             return "%s: %s must be a non-negative integer or None" % (where, field)
@@ -933,35 +1028,64 @@ def _customer_problem(index: int, customer: Any) -> Optional[str]:
             return ("%s, access key #%d: a string where the public JWK belongs; the gateway needs "
                     "only the public key (python odin_gateway.py keygen prints the entry), never "
                     "the access key itself" % (where, number))
-        if not isinstance(key, dict) or not isinstance(_pick(key, "public_key"), dict):
-            return '%s: each access key must be {"public_key": {...jwk...}, "namespace": ...}' % where
+        if not isinstance(key, dict):
+            return '%s, access key #%d: expected {"public_key": {...jwk...}, "namespace": ...}' % (
+                where, number)
         unknown = _unknown_key(key, ACCESS_KEY_KEYS)
         if unknown:
             return "%s, access key #%d: %s" % (where, number, unknown)
+        if not isinstance(_pick(key, "public_key"), dict):
+            return "%s, access key #%d: public_key must be the public JWK, a dict" % (where, number)
         if _pick(key, "namespace") is not None and not isinstance(_pick(key, "namespace"), str):
-            return "%s: namespace must be a string or None" % where
+            return "%s, access key #%d: namespace must be a string or None" % (where, number)
+    for field in ("region", "pool"):  # see "Regions and pools" in README.md
+        if customer.get(field) is not None and _label_problem(customer[field]):
+            return "%s: %s %s (or None)" % (where, field, _label_problem(customer[field]))
     return None
+
+
+def _duplicate_customer(customer: dict, index: int, seen: Dict[str, int]) -> Optional[str]:
+    """'customer 'a' (#2): id already used by customer #1' when an earlier entry (ids in
+    seen, with their index) has the same id: two entries of one customer would count
+    one usage against two sets of limits."""
+    earlier = seen.setdefault(customer["id"], index)
+    if earlier == index:
+        return None
+    return "customer %s (#%d): id already used by customer #%d; give each customer one entry " \
+           "and list all its keys in access_keys" % (
+               printable(repr(customer["id"]), 60), index + 1, earlier + 1)
 
 
 def _check_customers(customers: Any) -> Optional[str]:
     """Why a customer list is malformed, or None."""
     if not isinstance(customers, list):
-        return "expected a list of customers"
+        return "expected a list of customers, not %s" % type(customers).__name__
+    seen: Dict[str, int] = {}
     for index, customer in enumerate(customers):
-        problem = _customer_problem(index, customer)
+        problem = _customer_problem(index, customer) or _duplicate_customer(customer, index, seen)
         if problem:
             return problem
     return None
 
 
+def customer_labels(customers: List[dict]) -> Dict[str, Tuple[Optional[str], Optional[str]]]:
+    """customer id -> (region, pool): where its new rooms prefer to go, and the
+    only servers it may use (None: no preference; no pool)."""
+    return {customer["id"]: (customer.get("region"), customer.get("pool")) for customer in customers}
+
+
+
 def _check_customer_api(value: Any) -> Optional[str]:
     if value is None:
         return None
-    if not isinstance(value, dict) or not callable(value.get("update_function")):
-        return 'expected None or {"update_function": fn, "update_interval": seconds}'
+    if not isinstance(value, dict):
+        return 'expected None or {"update_function": fn, "update_interval": seconds}, not %s' % (
+            type(value).__name__)
     unknown = _unknown_key(value, CUSTOMER_API_KEYS, camel=False)
     if unknown:
         return unknown
+    if not callable(value.get("update_function")):
+        return "update_function: expected a function that returns a list of customers"
     if _positive_seconds(value.get("update_interval", 300)):
         return "update_interval: expected a positive number of seconds"
     return None
@@ -970,19 +1094,41 @@ def _check_customer_api(value: Any) -> Optional[str]:
 def _check_unknown_customers(value: Any) -> Optional[str]:
     if value == "forbidden":
         return None
-    if isinstance(value, dict):
-        unknown = _unknown_key(value, LIMIT_KEYS)
-        if unknown or all(_is_limit(_pick(value, field)) for field in LIMIT_KEYS):
-            return unknown
-    return 'expected "forbidden" or {"max_peers": n, "max_rooms": n} (None: unlimited)'
+    if not isinstance(value, dict):
+        return 'expected "forbidden" or {"max_peers": n, "max_rooms": n} (None: unlimited)'
+    unknown = _unknown_key(value, LIMIT_KEYS)
+    if unknown:
+        return unknown
+    for field in LIMIT_KEYS:
+        if not _is_limit(_pick(value, field)):
+            return "%s must be a non-negative integer or None" % field
+    return None
 
 
 def _check_internal_users(value: Any) -> Optional[str]:
-    if isinstance(value, dict) and all(isinstance(user, str) and user and ":" not in user
-                                       and isinstance(password, str)
-                                       for user, password in value.items()):
-        return None
-    return 'expected {"user": "password"} with string names (no colon) and passwords'
+    if not isinstance(value, dict):
+        return 'expected {"user": "password"}'
+    for user, password in value.items():
+        if not isinstance(user, str) or not user or ":" in user:
+            return "user names must be non-empty strings without a colon (RFC 7617)"
+        # An empty password would let anyone who knows the name in.
+        if not isinstance(password, str) or not password:
+            return "user %s: the password must be a non-empty string" % printable(repr(user), 40)
+    return None
+
+
+#: Malformed entries of one customer update named in the log; the rest are counted.
+MAX_SKIPPED_LOGGED = 10
+
+#: (a timeout, the one it must exceed, what would happen otherwise).
+ORDERED_TIMEOUTS = (
+    ("disable_timeout", "update_interval", "servers report every update_interval, so each would "
+                                           "count as silent between two reports"),
+    ("remove_timeout", "disable_timeout", "a silent server would be forgotten, with its rooms, "
+                                          "before it is disabled"),
+    ("login_token_lifetime", "update_interval", "a room not reported within it is dropped, so "
+                                                "every room would be dropped between two reports"),
+)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -1000,10 +1146,15 @@ class Setting:
     shown: Optional[str]     # how README and --help show the default, when not its value
 
     def problem(self, value: Any) -> Optional[str]:
-        """'name = value: why it is wrong' for a bad value (a secret is not shown), or None."""
+        """'name = value: why it is wrong' for a bad value (a secret is not shown), or None.
+        The value of a structured setting is not repeated: the reason names the entry,
+        and what the user put there may hold a secret (an access key pasted where its
+        public JWK belongs, an API's URL with its token)."""
         why = self.check(value)
         if why is None:
             return None
+        if (isinstance(value, (list, tuple, dict)) or "dict" in self.type.lower()) and not self.secret:
+            return "%s: %s" % (self.name, why)
         return "%s = %s: %s" % (self.name, self.show(value), why)
 
     def show(self, value: Any) -> str:
@@ -1035,7 +1186,7 @@ class Config:
     log_format: str = setting("pretty", _one_of("pretty", "json"),
                               '`"pretty"` lines for people or `"json"`, one object per line (stderr)')
     # -- listening
-    host: str = setting("0.0.0.0", _non_empty_string, "address to listen on", reload=False,
+    host: str = setting("0.0.0.0", _host, "address to listen on", reload=False,
                         flag="--host")
     port: int = setting(7000, _port, "TCP port to listen on", reload=False, flag="--port")
     ssl: bool = setting(False, _boolean, "serve HTTPS with the certificate and private key",
@@ -1053,10 +1204,11 @@ class Config:
     customers: List[dict] = setting(
         [], _check_customers,
         'list of `{"id", "max_peers", "max_rooms", "access_keys": [{"public_key": jwk, '
-        '"namespace": None}]}`. An omitted `max_peers` or `max_rooms` (or `None`) means unlimited; '
-        "an unknown key stops the start; camelCase names (`maxPeers`, `accessKeys`, `publicKey`) "
-        "work too. A JWK that cannot be used is skipped with a warning (the sample config ships "
-        "the `demo` customer)")
+        '"namespace": None}]}`, optionally with `"region"` and `"pool"` (see '
+        '[Regions and pools](#regions-and-pools)). An omitted `max_peers` or `max_rooms` (or '
+        "`None`) means unlimited; an unknown key stops the start; camelCase names (`maxPeers`, "
+        "`accessKeys`, `publicKey`) work too. A JWK that cannot be used is skipped with a warning "
+        "(the sample config ships the `demo` customer)")
     customer_api: Optional[dict] = setting(
         None, _check_customer_api, '`{"update_function": fn, "update_interval": 300}`, see below')
     unknown_customers: Union[str, Dict[str, Any]] = setting(
@@ -1078,14 +1230,26 @@ class Config:
         7.5, _positive_seconds,
         "seconds without a report before a server gets no new rooms (more than `update_interval`)")
     remove_timeout: float = setting(
-        600, _positive_seconds, "seconds without a report before a server is forgotten")
+        600, _positive_seconds,
+        "seconds without a report before a server is forgotten (more than `disable_timeout`)")
     login_token_lifetime: int = setting(
-        300, _token_lifetime, "seconds a room token lives, and an unreported room is kept")
+        300, _token_lifetime,
+        "seconds a room token lives, and an unreported room is kept (more than `update_interval`)")
     access_log: bool = setting(False, _boolean, "log one line per HTTP request", flag="--access-log")
     placement: str = setting(
         "balanced", _one_of("balanced", "random"),
         'how a new room finds its server: `"balanced"` (least estimated load) or `"random"` '
         "(the original's weighted draw)")
+    # -- regions and pools (see "Regions and pools" in README.md)
+    server_labels: List[dict] = setting(
+        [], _check_server_labels,
+        '`[{"match": "sfu-eu-*", "region": "eu-central", "pools": ["acme"]}, ...]`: region and '
+        "pools of the servers whose hostname matches (first match wins), see "
+        "[Regions and pools](#regions-and-pools)")
+    region_fallback: Dict[str, List[str]] = setting(
+        {}, _check_region_fallback,
+        '`{"eu-central": ["eu-west", "us-east"], ...}`: where a new room goes, in order, when its '
+        "region has no server with capacity (then any region)")
     # -- several gateways (see "Running several gateways" in README.md)
     cluster: Optional[str] = setting(
         None, _redis_url,
@@ -1170,7 +1334,9 @@ class Config:
         30.0, _positive_seconds,
         "seconds the customer update function may take before its result is ignored")
 
-    def __init__(self, source: str = "Config()", **settings: Any):
+    # source is keyword-only: Config({"port": 1}) must not quietly become a config
+    # named after a dict, with every setting at its default.
+    def __init__(self, *, source: str = "Config()", **settings: Any):
         unknown = sorted(set(settings) - set(SETTINGS))
         if unknown:
             raise ConfigError("%s: unknown setting %s%s (known: %s)" % (
@@ -1179,21 +1345,15 @@ class Config:
         for name, declared in SETTINGS.items():
             # A copy: a default list or dict must not be shared between configs.
             value = settings[name] if name in settings else copy.deepcopy(declared.default)
-            problem = declared.problem(value)
-            if problem:
-                raise ConfigError("%s: %s" % (source, problem))
-            setattr(self, name, value)
+            setattr(self, name, value)  # checked there
+        for longer, shorter, why in ORDERED_TIMEOUTS:
+            if getattr(self, longer) <= getattr(self, shorter):
+                raise ConfigError("%s: %s = %r: expected more than %s (%r): %s" % (
+                    source, longer, getattr(self, longer), shorter, getattr(self, shorter), why))
         if self.workers > 1 and self.cluster is None:
             raise ConfigError("%s: workers = %d needs cluster: worker processes share servers, "
                               "rooms and tasks through Redis (set cluster to a Redis URL)"
                               % (source, self.workers))
-        if self.disable_timeout <= self.update_interval:
-            raise ConfigError(
-                "%s: disable_timeout = %r: expected more than update_interval (%r): servers "
-                "report every update_interval, so each would count as silent between two reports"
-                % (source, self.disable_timeout, self.update_interval))
-        self.log_level = self.log_level.upper()
-        self.master_key_bytes = b64_decode(self.master_key)
 
     @classmethod
     def load(cls, path: str) -> "Config":
@@ -1202,19 +1362,51 @@ class Config:
             raise ConfigError("%s: is a directory, not a config file" % path)
         if not os.path.isfile(path):
             raise ConfigError("%s: no such file" % path)
+        # A JSON or TOML file may even run as Python, and then set nothing.
+        if os.path.splitext(path)[1].lower() in (".json", ".toml", ".yaml", ".yml", ".ini"):
+            raise ConfigError("%s: the config file is Python, like the sample config.py "
+                              "(port = 7000, customers = [...])" % path)
         try:
             namespace = runpy.run_path(path, run_name="odin_gateway_config")
-        except Exception as err:  # any error in the user's file stops the start
-            raise ConfigError("%s: cannot load: %s: %s" % (path, type(err).__name__, err)) from err
+        # Any error in the user's file stops the start, and exit() there must not end
+        # a running gateway at a reload.
+        except (Exception, SystemExit) as err:
+            # JSON pasted into the file (keygen's JWK, an API's answer): null, true, false.
+            undefined = re.match(r"name '(\w+)' is not defined", str(err))  # NameError.name: 3.10+
+            hint = {"null": "None", "true": "True", "false": "False"}.get(
+                undefined.group(1) if undefined else "")
+            raise ConfigError("%s: cannot load: %s: %s%s" % (
+                path, type(err).__name__, err,
+                " (the config file is Python: write %s)" % hint if hint else "")) from err
         settings = {name: namespace[name] for name in SETTINGS if name in namespace}
         for name, value in namespace.items():
             # PORT = 17322 is as much a mistake as prot = 17322; names of the
             # user's own start with "_".
             if (name not in SETTINGS and not name.startswith("_")
                     and not callable(value) and not inspect.ismodule(value)):
-                log.warning("%s: ignoring unknown setting %r%s (names of your own start with _)",
-                            path, name, _nearest_setting(name))
+                nearest = _nearest_setting(name)
+                if nearest:  # Customers = [...] ignored would open the gateway to any token
+                    raise ConfigError("%s: unknown setting %r%s; settings are lower case, names "
+                                      "of your own start with _" % (path, name, nearest))
+                log.warning("%s: ignoring unknown setting %r (names of your own start with _)",
+                            path, name)
         return cls(source=path, **settings)
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        """config.port = "x" is checked like Config(port="x"); config.prot = 1 is refused."""
+        if name in SETTINGS:
+            problem = SETTINGS[name].problem(value)
+            if problem:
+                raise ConfigError("%s: %s" % (self.source, problem))
+            if name == "log_level":
+                value = value.upper()
+        elif name != "source" and not name.startswith("_"):
+            raise AttributeError("Config has no setting %r%s" % (name, _nearest_setting(name)))
+        super().__setattr__(name, value)
+
+    @property
+    def master_key_bytes(self) -> bytes:
+        return b64_decode(self.master_key)
 
     def replace(self, **changes: Any) -> "Config":
         """A copy with some settings changed (validated again)."""
@@ -1239,6 +1431,11 @@ def customer_verify_key(jwk: Any) -> VerifyKey:
     """The key of a customer's public JWK; ValueError saying what is wrong with it."""
     if not isinstance(jwk, dict):
         raise ValueError("expected a JWK object")
+    for member in jwk:  # other members (use, alg) are allowed by RFC 7517
+        lower = str(member).lower()
+        if member != lower and lower in ("kid", "kty", "crv", "x") and lower not in jwk:
+            raise ValueError("%s: JWK member names are lower case (%r)"
+                             % (printable(repr(member), 20), lower))
     if jwk.get("kty", "OKP") != "OKP":
         raise ValueError('kty is %s: only Ed25519 keys (kty "OKP") are supported'
                          % printable(repr(jwk["kty"]), 40))
@@ -1510,7 +1707,7 @@ class Server:
 
     __slots__ = ("hostname", "version", "disabled", "draining", "reported_draining", "report",
                  "first_seen", "last_seen", "tasks", "key", "room_hashes", "closing",
-                 "usage", "pending", "pending_peers")
+                 "usage", "pending", "pending_peers", "region", "pools")
 
     def __init__(self, hostname: str, key: SigningKey, now: float):
         self.hostname = hostname
@@ -1528,6 +1725,9 @@ class Server:
         self.usage: Dict[str, List[int]] = {}  # customer -> [peers, rooms] of its last report
         self.pending: Dict[str, List[int]] = {}  # customer -> [peers, rooms] sent since
         self.pending_peers = 0
+        # Labels for placement: from server_labels, else from its own report.
+        self.region: Optional[str] = None
+        self.pools: Tuple[str, ...] = ()
 
     @property
     def load(self) -> float:
@@ -1559,6 +1759,153 @@ class Room:
         self.customer = customer
         self.server = server
         self.updated = updated
+
+
+# The placement rule: which server gets a new room, and why. Pools are a hard
+# wall (dedicated servers stay dedicated), regions a preference with an
+# explicit fallback order, and the balanced pick decides within a tier.
+
+#: The tiers of the rule, as Explain, the logs and /metrics name them.
+PLACEMENT_TIERS = ("in_region", "fallback", "any")
+#: The refusal when no server can take a new room (sic, the original's text).
+NO_SERVER = "no server to assign room too"
+
+
+class Placement:
+    """A placement decision: the tiers the rule considered, each a (tier,
+    region, [(server, estimated load)]); the index of the tier used; the
+    pick (None: no server can take the room) and why, in words."""
+
+    __slots__ = ("region", "pool", "tiers", "used", "server", "reason", "walled")
+
+    def __init__(self, region: Optional[str], pool: Optional[str]):
+        self.region = region
+        self.pool = pool
+        self.tiers: List[Tuple[str, Optional[str], List[Tuple[Server, float]]]] = []
+        self.used: Optional[int] = None
+        self.server: Optional[Server] = None
+        self.reason = ""
+        self.walled = pool is not None  # a refusal names the pool that walled the room in or out
+
+    @property
+    def tier(self) -> Optional[str]:
+        return self.tiers[self.used][0] if self.used is not None else None
+
+    def refusal(self) -> RpcError:
+        """Connect's answer when no server can take the room (naming the pool, if
+        one is why; else the original's text)."""
+        return refused("%s: %s" % (NO_SERVER, self.reason) if self.walled else NO_SERVER)
+
+    def explain(self) -> dict:
+        """The decision as plain data (the Explain method's answer)."""
+        return {
+            "region": self.region, "pool": self.pool,
+            "tiers": [{"tier": tier, "region": region, "used": index == self.used, "candidates": [
+                {"hostname": server.hostname, "region": server.region, "pools": list(server.pools),
+                 "estimatedLoad": round(load, 6), "full": load >= 1.0} for server, load in members]}
+                for index, (tier, region, members) in enumerate(self.tiers)],
+            "pick": self.server.hostname if self.server is not None else None,
+            "reason": self.reason,
+        }
+
+
+def place_room(taking: List[Server], *, pool: Optional[str], region: Optional[str],
+               pinned: Optional[str], region_fallback: Dict[str, List[str]], rule: str,
+               rng: random.Random) -> Placement:
+    """The placement rule for a new room (README: "Regions and pools"), among
+    the servers taking rooms now (answering, not draining).
+
+    1. Candidates: those the customer's pool allows: a customer with a pool
+       gets only the servers of that pool, a customer without one only servers
+       of no pool. The token's internal.server narrows them to that one server.
+    2. Tiers: with a room region, the candidates in that region, then those of
+       each region of region_fallback[region] in order, then every candidate;
+       without a region, every candidate. The first tier with a server that
+       is not estimated full is used; when all are full, every candidate.
+    3. The pick within the tier: "balanced", the least estimated load (ties
+       at random); "random", the original's draw weighted by 1 - load.
+    """
+    placement = Placement(region, pool)
+    # 1. Candidates.
+    if pinned is not None:
+        found = [server for server in taking if server.hostname == pinned]
+        if not found:
+            placement.reason = "pinned server %s is unknown or takes no rooms" % printable(pinned)
+            return placement
+        if not _pool_allows(found[0], pool):
+            placement.walled = True
+            placement.reason = ("pinned server %s is not in pool %s" % (printable(pinned), pool)
+                                if pool is not None else "pinned server %s is dedicated to pool %s"
+                                % (printable(pinned), ", ".join(found[0].pools)))
+            return placement
+    else:
+        found = [server for server in taking if _pool_allows(server, pool)]
+        if not found:
+            placement.reason = ("no server takes rooms" if pool is None
+                                else "no server of pool %s takes rooms" % pool)
+            return placement
+    candidates = [(server, server.estimated_load()) for server in found]
+    # 2. Tiers: the first with a server that is not estimated full is used.
+    tiers = placement.tiers
+    if region is not None:
+        tiers.append(("in_region", region, [c for c in candidates if c[0].region == region]))
+        for other in region_fallback.get(region, ()):
+            tiers.append(("fallback", other, [c for c in candidates if c[0].region == other]))
+    tiers.append(("any", None, candidates))
+    skipped = []
+    for index, (tier, name, members) in enumerate(tiers):
+        if any(load < 1.0 for _server, load in members):
+            placement.used = index
+            break
+        if tier != "any":
+            skipped.append("region %s: %s" % (name, "no candidate" if not members
+                                              else "every candidate (%d) estimated full" % len(members)))
+    if placement.used is None:
+        placement.used = len(tiers) - 1
+        why_tier = "every candidate is estimated full, so the least loaded of all"
+    elif region is None:
+        why_tier = "the room has no region: every candidate"
+    elif placement.tier == "in_region":
+        why_tier = "in the room's region %s" % region
+    elif placement.tier == "fallback":
+        why_tier = "%s; next in region_fallback: %s" % ("; ".join(skipped), tiers[placement.used][1])
+    else:
+        why_tier = "%s; so any region" % "; ".join(skipped)
+    # 3. The pick within the tier.
+    placement.server, why_pick = _pick_in_tier(tiers[placement.used][2], rule, rng)
+    placement.reason = "%s; %s" % (why_tier, why_pick)
+    return placement
+
+
+def _pool_allows(server: Server, pool: Optional[str]) -> bool:
+    """Pools are a wall both ways: a pool's customers use only its servers,
+    and the others never use a server of any pool."""
+    return pool in server.pools if pool is not None else not server.pools
+
+
+def _pick_in_tier(members: List[Tuple[Server, float]], rule: str,
+                  rng: random.Random) -> Tuple[Server, str]:
+    """The server for a room among a tier's candidates, and why it."""
+    if len(members) == 1:
+        return members[0][0], "the only candidate"
+    if rule == "random":
+        weights = [1.0 - min(max(load, 0.0), 1.0) for _server, load in members]
+        why = "drawn at random, weighted by free capacity (1 - load), among %d" % len(members)
+        total = sum(weights)
+        if total <= 0:
+            return members[int(rng.random() * len(members))][0], why
+        point = rng.random() * total
+        for (server, _load), weight in zip(members, weights):
+            point -= weight
+            if point < 0:
+                return server, why
+        return members[-1][0], why
+    lowest = min(load for _server, load in members)
+    best = [server for server, load in members if load - lowest < 1e-9]
+    why = "least estimated load (%.3f) of %d" % (lowest, len(members))
+    if len(best) == 1:
+        return best[0], why
+    return best[int(rng.random() * len(best))], why + ", a tie of %d broken at random" % len(best)
 
 
 class Grid:
@@ -1627,6 +1974,7 @@ class Grid:
         server.version = version
         server.report = report
         server.reported_draining = bool(report.get("draining", False))
+        self._label(server)
         server.last_seen = now
         server.disabled = False
         self._account(server, +1)
@@ -1710,6 +2058,25 @@ class Grid:
         server.tasks.append({"task": "RoomClose", "id": list(room["id"]), "ban_time": ban})
         server.closing.add(digest)
 
+    def _label(self, server: Server) -> None:
+        """A server's region and pools: the first server_labels rule whose pattern
+        matches its hostname (case-insensitively) decides what the rule names;
+        the server's own report decides the rest."""
+        region, pools = server.report.get("region"), server.report.get("pools", ())
+        hostname = server.hostname.lower()
+        for rule in self.config.server_labels:
+            if fnmatch.fnmatchcase(hostname, rule["match"].lower()):
+                region = rule.get("region") if "region" in rule else region
+                pools = (rule.get("pools") or ()) if "pools" in rule else pools
+                break
+        server.region = region
+        server.pools = tuple(dict.fromkeys(pools))
+
+    def relabel(self) -> None:
+        """Label every server again (after a config reload changed server_labels)."""
+        for server in self.servers.values():
+            self._label(server)
+
     def take_tasks(self, server: Server) -> List[dict]:
         tasks, server.tasks = server.tasks, []
         server.closing.clear()
@@ -1725,16 +2092,18 @@ class Grid:
     # -- placement ----------------------------------------------------------
 
     def assign(self, digest: str, room_id: Tuple[str, str], customer: str,
-               pinned: Optional[str], now: float) -> Server:
+               pinned: Optional[str], now: float, *, region: Optional[str] = None,
+               pool: Optional[str] = None) -> Server:
         """The server for a room: where it lives, else a new pick; (re)maps it there.
 
-        The peer (and the room, if new there) count as pending usage of the
-        server and the customer until the server's next report.
+        A room that lives on an answering server stays there, whatever region
+        later tokens name. The peer (and the room, if new there) count as
+        pending usage of the server and the customer until its next report.
         """
         server = self.server_of(digest, now)
         room = self.rooms.get(digest)
         if server is None:
-            server = self._pick(pinned)
+            server = self._place(room_id, customer, pinned, region, pool, now)
         new_here = room is None or room.server != server.hostname
         if room is None:
             self.rooms[digest] = Room(room_id, customer, server.hostname, now)
@@ -1767,6 +2136,13 @@ class Grid:
         server = self.servers.get(room.server) if room is not None else None
         return server if server is not None and self.answering(server, now) else None
 
+    def place(self, *, pool: Optional[str], region: Optional[str], pinned: Optional[str],
+              now: float, rng: random.Random) -> Placement:
+        """The placement rule (place_room) over this grid's servers and settings."""
+        return place_room(self.candidates(now), pool=pool, region=region, pinned=pinned,
+                          region_fallback=self.config.region_fallback, rule=self.config.placement,
+                          rng=rng)
+
     # -- cluster replica (see ClusterLink) -------------------------------------
 
     def adopt_room(self, digest: str, record: dict, now: float, *, force: bool = False) -> None:
@@ -1797,38 +2173,25 @@ class Grid:
         server.pending_peers += peers
         self._account(server, +1)
 
-    def _pick(self, pinned: Optional[str]) -> Server:
-        """A server for a new room, among those taking rooms (answering, not draining;
-        a server is a candidate from its first report on).
-
-        placement "balanced": the least estimated load (reported load plus the
-        peers sent since), ties at random; a full server (1.0) gets a room only
-        when every server is full. placement "random", as the original: at
-        random, weighted by 1 - load.
-        """
-        candidates = self.candidates(self._gateway.clock())
-        if pinned is not None:
-            candidates = [server for server in candidates if server.hostname == pinned]
-        if not candidates:
-            raise refused("no server to assign room too")
-        rng = self._gateway.rng
-        if len(candidates) == 1:
-            return candidates[0]
-        if self.config.placement == "random":
-            weights = [1.0 - min(max(s.estimated_load(), 0.0), 1.0) for s in candidates]
-            total = sum(weights)
-            if total <= 0:
-                return candidates[int(rng.random() * len(candidates))]
-            point = rng.random() * total
-            for server, weight in zip(candidates, weights):
-                point -= weight
-                if point < 0:
-                    return server
-            return candidates[-1]
-        loads = [s.estimated_load() for s in candidates]
-        lowest = min(loads)
-        best = [s for s, load in zip(candidates, loads) if load - lowest < 1e-9]
-        return best[int(rng.random() * len(best))] if len(best) > 1 else best[0]
+    def _place(self, room_id: Tuple[str, str], customer: str, pinned: Optional[str],
+               region: Optional[str], pool: Optional[str], now: float) -> Server:
+        """A server for a new room, counted by tier and logged at DEBUG; refused if none."""
+        placement = self.place(pool=pool, region=region, pinned=pinned, now=now, rng=self._gateway.rng)
+        if log.isEnabledFor(logging.DEBUG):
+            log.debug("room %s/%s of customer %s (region %s, pool %s): %s: %s",
+                      printable(room_id[0]), printable(room_id[1]), printable(customer),
+                      printable(region), printable(pool),
+                      placement.server.hostname if placement.server else "refused",
+                      placement.reason, extra=fields(
+                          "room_placed" if placement.server else "room_refused", room=list(room_id),
+                          customer=customer, region=region, pool=pool, tier=placement.tier,
+                          server=placement.server.hostname if placement.server else None,
+                          reason=placement.reason))
+        server, tier = placement.server, placement.tier
+        if server is None or tier is None:
+            raise placement.refusal()
+        self._gateway.metrics.placed[tier] += 1
+        return server
 
     # -- maintenance --------------------------------------------------------
 
@@ -1898,6 +2261,15 @@ def _want_bytes(value: Any) -> Optional[str]:
 
 def _want_bool(value: Any) -> Optional[str]:
     return None if isinstance(value, bool) else "must be true or false"
+
+
+def _want_label(value: Any) -> Optional[str]:
+    """A region (or pool) name, or null for none."""
+    return None if value is None else _label_problem(value)
+
+
+def _want_pools(value: Any) -> Optional[str]:
+    return None if value is None else _pools_problem(value)
 
 
 def _want_server_kind(value: Any) -> Optional[str]:
@@ -2079,12 +2451,20 @@ class Gateway:
     """
 
     PUBLIC_METHODS = ("Connect", "RoomClose", "RoomUpdate", "RoomBanClient", "RoomSendMessage")
-    INTERNAL_METHODS = ("sfu.GridConfig", "sfu.Report", "GetConfig", "SubmitReport", "Info", "Drain")
+    INTERNAL_METHODS = ("sfu.GridConfig", "sfu.Report", "GetConfig", "SubmitReport", "Info", "Drain",
+                        "Explain")
 
     def __init__(self, config: Optional[Config] = None, *, clock: Callable[[], float] = time.time,
                  rng: Optional[random.Random] = None):
+        if config is not None and not isinstance(config, Config):
+            raise TypeError("Gateway(config): expected a Config (Config(**settings) or "
+                            "Config.load(path)), not %s" % type(config).__name__)
         self.config = config if config is not None else Config()
         self.clock = clock
+        if clock() < 1e9:  # before 2001: time.monotonic or a fake clock started at 0
+            log.warning("Gateway(clock=...) returned %r: expected seconds since the epoch, as "
+                        "time.time gives; tokens carry such times, so each would be refused",
+                        clock())
         self.rng = rng if rng is not None else random.Random()
         self.grid = Grid(self)
         self.stats: Dict[str, List[int]] = {}  # method -> [success, failure, rejected]
@@ -2092,7 +2472,11 @@ class Gateway:
         # The cluster link (cluster mode, while serving): the handlers ask it
         # whether Redis is up, and hand it ClusterSteps through the HTTP layer.
         self.cluster: Optional[ClusterLink] = None
+        # The thread of a sync customer update function, while it runs (see update_customers).
+        self.customer_update_thread: Optional[threading.Thread] = None
         self._dynamic_keys: Dict[str, CustomerKey] = {}
+        # customer id -> (region, pool), from config and the update function (which wins).
+        self._dynamic_labels: Dict[str, Tuple[Optional[str], Optional[str]]] = {}
         self._load_static_keys()
         self._handlers: Dict[str, Callable[[Call, dict], Any]] = {
             "Connect": self.rpc_connect,
@@ -2103,6 +2487,7 @@ class Gateway:
             "SubmitReport": functools.partial(self.rpc_report, sfu=False),
             "Info": self.rpc_info,
             "Drain": self.rpc_drain,
+            "Explain": self.rpc_explain,
         }
 
     # -- customers ----------------------------------------------------------
@@ -2110,6 +2495,7 @@ class Gateway:
     def _load_static_keys(self) -> None:
         customers = self.config.customers
         self._static_keys = load_customer_keys(customers)
+        self._static_labels = customer_labels(customers)
         if customers and not self._static_keys:
             log.warning("no usable access key in customers (%d configured): every token of "
                         "those customers will be refused", len(customers))
@@ -2143,6 +2529,7 @@ class Gateway:
             config = config.replace(**kept)
         self.config = config
         self._load_static_keys()
+        self.grid.relabel()
         log.info("config reloaded from %s: %s", config.source, self.customer_counts(),
                  extra=fields("config_reloaded", source=config.source,
                               customers=len(config.customers), keys=len(self._static_keys)))
@@ -2166,28 +2553,51 @@ class Gateway:
         """Replace the customers from the update function; False (old keys kept) if unusable."""
         if not isinstance(customers, list):
             problem = "expected a list of customers, not %s" % type(customers).__name__
+            lists = [key for key, value in customers.items() if isinstance(value, list)] \
+                if isinstance(customers, dict) else []
+            if lists:  # an API's whole answer, {"customers": [...]}
+                problem += " (return the list itself, e.g. its %s)" % printable(repr(lists[0]), 40)
             log.warning("customer update: keeping the previous keys: %s", problem,
                         extra=fields("customers_kept", reason=problem))
             return False
-        usable = []
+        usable: List[dict] = []
+        seen: Dict[str, int] = {}
         for index, customer in enumerate(customers):
-            problem = _customer_problem(index, customer)
-            if problem:  # one bad entry must not cost every other customer its keys
+            problem = _customer_problem(index, customer) or _duplicate_customer(customer, index, seen)
+            if not problem:
+                usable.append(customer)
+            # One bad entry must not cost every other customer its keys; a list of bad
+            # ones must not flood the log at every update.
+            elif index - len(usable) < MAX_SKIPPED_LOGGED:
                 log.warning("customer update: skipping %s", problem,
                             extra=fields("customer_skipped", reason=problem))
-            else:
-                usable.append(customer)
+        skipped = len(customers) - len(usable)
+        if skipped > MAX_SKIPPED_LOGGED:
+            log.warning("customer update: skipping %d more malformed entries",
+                        skipped - MAX_SKIPPED_LOGGED)
         customers = usable
+        configured = {customer["id"] for customer in self.config.customers}
+        for customer_id in sorted(configured & {customer["id"] for customer in customers}):
+            log.warning("customer update: customer %s is also in the config's customers, with "
+                        "limits of its own; give each customer one place",
+                        printable(repr(customer_id), 60))
         keys = load_customer_keys(customers)
         if not keys:
             log.warning("customer update: keeping the previous keys: the update has no usable key",
                         extra=fields("customers_kept", reason="no usable key"))
             return False
         self._dynamic_keys = keys
+        self._dynamic_labels = customer_labels(customers)
         self._rebuild_authorizer()
-        log.info("customer update: %d keys of %d customers loaded", len(keys), len(customers),
+        log.info("customer update: %s of %s loaded", _counted(len(keys), "key"),
+                 _counted(len(customers), "customer"),
                  extra=fields("customers_loaded", keys=len(keys), customers=len(customers)))
         return True
+
+    def labels_of(self, customer_id: str) -> Tuple[Optional[str], Optional[str]]:
+        """(region, pool) of a customer; (None, None) for one not configured."""
+        labels = self._dynamic_labels.get(customer_id)
+        return labels if labels is not None else self._static_labels.get(customer_id, (None, None))
 
     # -- public methods (/) -------------------------------------------------
 
@@ -2202,12 +2612,15 @@ class Gateway:
         if not _is_string_or_strings(rid):
             problems["rid"] = "must be a string or an array of strings"
         internal = claims.get("internal")
-        pinned = None
+        pinned = claimed_region = None
         if internal is not None:
-            if not isinstance(internal, dict) or not isinstance(internal.get("server", ""), str):
-                problems["internal"] = "must be an object with an optional string server"
+            if (not isinstance(internal, dict) or not isinstance(internal.get("server", ""), str)
+                    or (internal.get("region") is not None and _label_problem(internal["region"]))):
+                problems["internal"] = ("must be an object with an optional string server and an "
+                                        "optional region name")
             else:
                 pinned = internal.get("server")
+                claimed_region = internal.get("region")
         if problems:
             raise invalid_fields(problems, "invalid claims in token")
 
@@ -2236,12 +2649,13 @@ class Gateway:
             # now (a barrier), then check and place, one Connect of the customer at a
             # time here; the placement is published before the answer.
             return ClusterStep("barrier", (), functools.partial(
-                self._connect_checked, auth, digest, namespace, room_name, pinned),
+                self._connect_checked, auth, digest, namespace, room_name, pinned, claimed_region),
                 serial=licensee.customer_id)
-        return self._connect_checked(auth, digest, namespace, room_name, pinned)
+        return self._connect_checked(auth, digest, namespace, room_name, pinned, claimed_region)
 
     def _connect_checked(self, auth: Authorization, digest: str, namespace: str, room_name: str,
-                         pinned: Optional[str], _barrier: Any = None) -> Any:
+                         pinned: Optional[str], claimed_region: Optional[str],
+                         _barrier: Any = None) -> Any:
         """Connect past its claims: the limits, then the room's server or a claim for it."""
         licensee = auth.licensee
         peers, rooms = self.grid.usage_of(licensee.customer_id)
@@ -2251,23 +2665,29 @@ class Gateway:
         if link is not None and link.up and self.grid.server_of(digest, now) is None:
             # A new room: claim it in Redis first, so that every gateway sends it to one server.
             _check_limit(licensee, licensee.room_limit, rooms, "rooms")
+            region, pool = self.labels_of(licensee.customer_id)
+            placement = self.grid.place(pool=pool, region=claimed_region or region, pinned=pinned,
+                                        now=now, rng=self.rng)
+            if placement.server is None:
+                raise placement.refusal()
             record = {"id": [namespace, room_name], "customer": licensee.customer_id,
-                      "server": self.grid._pick(pinned).hostname, "updated": now}
+                      "server": placement.server.hostname, "updated": now}
             return ClusterStep("claim", (digest, record), functools.partial(
-                self._connect_claimed, auth, digest, namespace, room_name, pinned))
-        return self._connect_to(auth, digest, namespace, room_name, pinned)
+                self._connect_claimed, auth, digest, namespace, room_name, pinned, claimed_region))
+        return self._connect_to(auth, digest, namespace, room_name, pinned, claimed_region)
 
     def _connect_claimed(self, auth: Authorization, digest: str, namespace: str, room_name: str,
-                         pinned: Optional[str], claimed: Optional[dict]) -> dict:
+                         pinned: Optional[str], claimed_region: Optional[str],
+                         claimed: Optional[dict]) -> dict:
         """Connect's answer once Redis said who has the new room. Claimed by this gateway:
         placed here on the claimed server (and counted as a new room here); by another: the
         link mapped it there. None: Redis was unreachable, the room is placed here alone."""
         if claimed is not None and claimed["won"]:
             pinned = claimed["server"]
-        return self._connect_to(auth, digest, namespace, room_name, pinned)
+        return self._connect_to(auth, digest, namespace, room_name, pinned, claimed_region)
 
     def _connect_to(self, auth: Authorization, digest: str, namespace: str, room_name: str,
-                    pinned: Optional[str]) -> dict:
+                    pinned: Optional[str], claimed_region: Optional[str]) -> dict:
         """Connect's answer: the room's server (mapped, or picked now) and a room token for it."""
         claims, licensee = auth.claims, auth.licensee
         rid = claims["rid"]
@@ -2277,7 +2697,9 @@ class Gateway:
         if self.grid.server_of(digest, now) is None:
             _check_limit(licensee, licensee.room_limit, self.grid.usage_of(licensee.customer_id)[1],
                          "rooms")
-        server = self.grid.assign(digest, (namespace, room_name), licensee.customer_id, pinned, now)
+        region, pool = self.labels_of(licensee.customer_id)  # a token cannot choose a pool
+        server = self.grid.assign(digest, (namespace, room_name), licensee.customer_id, pinned, now,
+                                  region=claimed_region or region, pool=pool)
         nbf = int(now)
         token = encode_jwt({
             "uid": claims["uid"], "cid": licensee.customer_id, "rid": rid, "nsp": namespace,
@@ -2370,6 +2792,8 @@ class Gateway:
         clients = p.take("clients", _want_number)
         rooms = p.take("rooms", _want_rooms)
         draining = p.take("draining", _want_bool, False)
+        region = p.take("region", _want_label, None)
+        pools = p.take("pools", _want_pools, None)
         p.check()
         if kind != "grid":
             raise refused("api must be used for grid servers only" if sfu else "only grid is supported")
@@ -2379,6 +2803,10 @@ class Gateway:
              "peers": room["peers"]} for room in rooms]}
         if draining:
             report["draining"] = True
+        if region is not None:  # labels for placement; server_labels in the config win
+            report["region"] = region
+        if pools is not None:
+            report["pools"] = pools
         hostname = endpoint or remote_hostname(call.remote)
         before = self.grid.servers.get(hostname)
         gone = set(before.room_hashes) if before is not None else set()
@@ -2413,6 +2841,22 @@ class Gateway:
                                   hostname=hostname))
         return {"hostname": hostname, "draining": server.draining or server.reported_draining}
 
+    def rpc_explain(self, call: Call, params: dict) -> dict:
+        """Where a new room of a customer would go now, and why; changes nothing."""
+        p = Params(params)
+        customer = p.take("customer", _want_string)
+        # Absent: the customer's region, as for a token without internal.region; null: none.
+        unset = object()
+        region = p.take("region", _want_label, unset)
+        pinned = p.take("server", _want_string, None)
+        p.check()
+        customer_region, pool = self.labels_of(customer)
+        placement = self.grid.place(pool=pool, region=customer_region if region is unset else region,
+                                    pinned=pinned, now=self.clock(),
+                                    rng=copy.deepcopy(self.rng))  # the real draws stay as they are
+        return dict(customer=customer, configured=customer in self._static_labels
+                    or customer in self._dynamic_labels, **placement.explain())
+
     def rpc_info(self, call: Call, params: dict) -> dict:
         """Servers, rooms and call statistics, for operators."""
         servers = [{
@@ -2420,7 +2864,7 @@ class Gateway:
             "disabled": s.disabled, "draining": s.draining or s.reported_draining,
             "keyId": s.key.kid, "report": s.report,
             "firstSeen": iso_time(s.first_seen), "lastSeen": iso_time(s.last_seen),
-            "tasks": len(s.tasks),
+            "tasks": len(s.tasks), "region": s.region, "pools": list(s.pools),
         } for s in self.grid.servers.values()]
         rooms = [{
             "hash": digest, "id": list(room.id), "customer": room.customer,
@@ -2735,6 +3179,7 @@ class Metrics:
         self.connect_sum = 0.0
         self.connect_count = 0
         self.started = time.time()
+        self.placed = {tier: 0 for tier in PLACEMENT_TIERS}  # new rooms by placement tier
 
     def count_response(self, target: Optional[str], status: int) -> None:
         path = (target or "").split("?", 1)[0]
@@ -2772,6 +3217,26 @@ def process_start_time() -> Optional[float]:
         return boot + ticks / os.sysconf("SC_CLK_TCK")
     except (OSError, ValueError, IndexError, StopIteration):
         return None
+
+
+def _server_state(server: Server) -> str:
+    return "disabled" if server.disabled else "enabled" if server.takes_rooms else "draining"
+
+
+def _servers_by_state(servers: Any, groups_of: Callable[[Server], Any],
+                      always: Tuple[str, ...] = ("",)) -> List[Tuple[str, Dict[str, int]]]:
+    """(group, {state: servers}) for each group (region, pool) a server is in,
+    sorted; the groups always (zeros) when there is none."""
+    counts: Dict[str, Dict[str, int]] = {}
+    for server in servers:
+        for group in groups_of(server):
+            by_state = counts.setdefault(group, {})
+            state = _server_state(server)
+            by_state[state] = by_state.get(state, 0) + 1
+    if not counts:
+        counts = {group: {} for group in always}
+    return [(group, {state: counts[group].get(state, 0) for state in ("enabled", "draining", "disabled")})
+            for group in sorted(counts)]
 
 
 def render_metrics(gateway: Gateway) -> str:
@@ -2813,12 +3278,21 @@ def render_metrics(gateway: Gateway) -> str:
                  for labels, value in buckets)
     lines.append(_sample("odin_gateway_connect_duration_seconds_sum", {}, float(metrics.connect_sum)))
     lines.append(_sample("odin_gateway_connect_duration_seconds_count", {}, metrics.connect_count))
-    taking = sum(1 for s in enabled if s.takes_rooms)
     family("odin_gateway_servers", "gauge",
-           "Media servers by state: enabled (taking rooms), draining (serving its rooms, no "
-           "new ones), disabled (silent).",
-           [({"state": "enabled"}, taking), ({"state": "draining"}, len(enabled) - taking),
-            ({"state": "disabled"}, len(grid.servers) - len(enabled))])
+           "Media servers by state and region: enabled (taking rooms), draining (serving its "
+           "rooms, no new ones), disabled (silent); region \"\" for servers without one.",
+           [({"state": state, "region": region}, count)
+            for region, counts in _servers_by_state(grid.servers.values(), lambda s: [s.region or ""])
+            for state, count in counts.items()])
+    family("odin_gateway_pool_servers", "gauge",
+           "Media servers of each pool by state (a server may be in several pools).",
+           [({"pool": pool, "state": state}, count)
+            for pool, counts in _servers_by_state(grid.servers.values(), lambda s: s.pools, ())
+            for state, count in counts.items()])
+    family("odin_gateway_rooms_placed_total", "counter",
+           "New rooms placed, by the tier of the placement rule: in_region (the room's region), "
+           "fallback (a region of region_fallback), any (any region, or the room has none).",
+           [({"tier": tier}, count) for tier, count in gateway.metrics.placed.items()])
     family("odin_gateway_rooms", "gauge", "Rooms the gateway maps to a server.", [({}, len(grid.rooms))])
     family("odin_gateway_reported_peers", "gauge", "Peers in the enabled servers' last reports.",
            [({}, sum(peers for peers, _rooms in grid.reported.values()))])
@@ -4618,14 +5092,22 @@ async def update_customers(gateway: Gateway) -> bool:
         if inspect.iscoroutinefunction(function):
             customers = await asyncio.wait_for(function(), timeout)
         else:
-            customers = await asyncio.wait_for(_in_daemon_thread(function), timeout)
+            # One thread per call at most: a function that hangs for good must not leave
+            # a new hung thread behind at every update_interval.
+            running = gateway.customer_update_thread
+            if running is not None and running.is_alive():
+                log.warning("customer update: keeping the previous keys: the last call has not "
+                            "returned yet", extra=fields("customers_kept", reason="still running"))
+                return False
+            future, gateway.customer_update_thread = _in_daemon_thread(function)
+            customers = await asyncio.wait_for(future, timeout)
             if inspect.isawaitable(customers):
                 customers = await asyncio.wait_for(customers, timeout)
     except asyncio.TimeoutError:
         log.warning("customer update: keeping the previous keys: no answer within %g s", timeout,
                     extra=fields("customers_kept", reason="timeout"))
         return False
-    except Exception as err:
+    except (Exception, SystemExit) as err:
         log.warning("customer update: keeping the previous keys: the function raised %s: %s",
                     type(err).__name__, printable(err),
                     extra=fields("customers_kept", reason="%s: %s" % (type(err).__name__, err)))
@@ -4633,9 +5115,10 @@ async def update_customers(gateway: Gateway) -> bool:
     return gateway.set_customers(customers)
 
 
-def _in_daemon_thread(function: Callable[[], Any]) -> "asyncio.Future[Any]":
+def _in_daemon_thread(function: Callable[[], Any]
+                      ) -> Tuple["asyncio.Future[Any]", threading.Thread]:
     """function() in a thread of its own: one that hangs cannot hold up a stop
-    (the loop's executor is joined when asyncio.run ends)."""
+    (the loop's executor is joined when asyncio.run ends). Its outcome, and the thread."""
     loop = asyncio.get_running_loop()
     future = loop.create_future()
 
@@ -4650,13 +5133,14 @@ def _in_daemon_thread(function: Callable[[], Any]) -> "asyncio.Future[Any]":
     def run() -> None:
         try:
             outcome, failed = function(), False
-        except Exception as err:  # handed to the awaiting coroutine
+        except BaseException as err:  # handed to the awaiting coroutine (SystemExit too)
             outcome, failed = err, True
         with contextlib.suppress(RuntimeError):  # the loop may be closed by now
             loop.call_soon_threadsafe(settle, outcome, failed)
 
-    threading.Thread(target=run, name="customer-update", daemon=True).start()
-    return future
+    thread = threading.Thread(target=run, name="customer-update", daemon=True)
+    thread.start()
+    return future, thread
 
 
 async def _customer_timer(gateway: Gateway) -> None:
@@ -4825,15 +5309,23 @@ class FakeServer:
     here are sent with every report(); the tasks the gateway answers are
     collected in .tasks, and a RoomClose task closes the room, as a real
     server would. start() reports in a background thread until stop().
+    region and pools, when given, label the server in its reports.
     """
 
     def __init__(self, internal_url: str, public_endpoint: str = "127.0.0.1:4433", *,
-                 load: float = 0.0, version: str = "fake",
+                 load: float = 0.0, version: str = "fake", region: Optional[str] = None,
+                 pools: Optional[List[str]] = None,
                  trace: Optional[Callable[[str, Any, Any], None]] = None):
+        # The gateway's own URL would answer every report "invalid or missing authorization".
+        if not urllib.parse.urlsplit(internal_url).path.rstrip("/").endswith("/internal"):
+            raise ValueError("FakeServer(internal_url): expected the gateway's /internal URL, "
+                             "e.g. %s/internal" % internal_url.rstrip("/"))
         self.client = RpcClient(internal_url, trace=trace)
         self.public_endpoint = public_endpoint
         self.load = load
         self.version = version
+        self.region = region  # sent in reports when set (server_labels in the config win)
+        self.pools = pools
         self.rooms: Dict[Tuple[str, str], dict] = {}
         self.tasks: List[dict] = []
         self.report_interval = 5.0
@@ -4879,9 +5371,13 @@ class FakeServer:
                 rooms.append({"id": [namespace, name], "customer": info["customer"],
                               "age": {"secs": int(age), "nanos": int(age % 1 * 1e9)},
                               "peers": info["peers"]})
-        answer = self.client.call("sfu.Report", {
-            "public_endpoint": self.public_endpoint, "version": self.version, "load": self.load,
-            "clients": sum(room["peers"] for room in rooms), "rooms": rooms})
+        params = {"public_endpoint": self.public_endpoint, "version": self.version, "load": self.load,
+                  "clients": sum(room["peers"] for room in rooms), "rooms": rooms}
+        if self.region is not None:
+            params["region"] = self.region
+        if self.pools is not None:
+            params["pools"] = list(self.pools)
+        answer = self.client.call("sfu.Report", params)
         tasks = answer["tasks"]
         with self._lock:
             self.tasks.extend(tasks)
@@ -5094,6 +5590,10 @@ def warn_about_exposure(gateway: Gateway) -> None:
             log.warning("customer %r has the access key published in README.md (key id %s): "
                         "anyone can sign tokens for it; remove it before the gateway faces a "
                         "network", key.licensee.customer_id, PUBLISHED_DEMO_KID)
+    if not config.ssl and (config.certificate != SETTINGS["certificate"].default
+                           or config.private_key != SETTINGS["private_key"].default):
+        log.warning("certificate and private_key are set but ssl is False: serving plain HTTP "
+                    "(set ssl = True, or --ssl, for HTTPS)")
     if not config.internal_users:
         log.warning("/internal is open (internal_users is empty): anyone who reaches this port "
                     "can register servers and read their signing keys; set internal_users or "
@@ -5114,11 +5614,25 @@ def _ssl_context(config: Config) -> ssl_module.SSLContext:
         if not os.path.isfile(path):
             raise ConfigError("TLS: %s %s: %s" % (name, path, "is a directory" if os.path.isdir(path)
                                                     else "no such file"))
+    asked = []
+
+    def no_passphrase() -> bytes:
+        # Else OpenSSL asks for the passphrase on the terminal, and a start under
+        # systemd waits for nobody (or fails with "Invalid argument").
+        asked.append(True)
+        return b""
+
     try:
-        context.load_cert_chain(config.certificate, config.private_key)
+        context.load_cert_chain(config.certificate, config.private_key, password=no_passphrase)
     except (ssl_module.SSLError, OSError) as err:
-        raise ConfigError("TLS: cannot use certificate %s with key %s: %s"
-                          % (config.certificate, config.private_key, err)) from err
+        if asked:
+            raise ConfigError("TLS: private_key %s is encrypted with a passphrase; the gateway "
+                              "needs it unencrypted (openssl pkey -in KEY -out KEY.plain, kept "
+                              "readable only by the gateway's user)" % config.private_key) from None
+        hint = " (are they PEM files, the certificate chain first and then the key?)" \
+            if "PEM lib" in str(err) else ""
+        raise ConfigError("TLS: cannot use certificate %s with key %s: %s%s"
+                          % (config.certificate, config.private_key, err, hint)) from err
     return context
 
 
@@ -5153,6 +5667,9 @@ class CommandParser(argparse.ArgumentParser):
         for secret in self.secrets:
             if len(secret) >= 4:  # shorter is no secret, and would blank out words
                 message = message.replace(secret, "<hidden>")
+        # A key given where no flag takes it ("unrecognized arguments: <the key>").
+        message = " ".join("<hidden>" if _looks_like_a_key(word) else word
+                           for word in message.split(" "))
         super().error(message)
 
 
@@ -5192,7 +5709,10 @@ def build_parser(command: str = "serve") -> CommandParser:
             prog="odin_gateway.py token", formatter_class=formatter,
             description="Print a client token signed with an access key, as the ODIN token "
                         "library makes them (for testing Connect and the admin methods).")
-        parser.add_argument("--access-key", required=True, help="the access key to sign with")
+        parser.add_argument("--access-key", required=True,
+                            help="the access key to sign with; '-' reads it from standard input "
+                                 "(a key on the command line can be read by anyone who lists "
+                                 "processes)")
         parser.add_argument("--room", required=True, action="append",
                             help="room id (repeat for a list of rooms with the same base)")
         parser.add_argument("--user", required=True, help="user id")
@@ -5203,6 +5723,7 @@ def build_parser(command: str = "serve") -> CommandParser:
         parser.add_argument("--lifetime", type=int, default=300, help="seconds until it expires")
         parser.add_argument("--customer", help="cid claim")
         parser.add_argument("--server", help="internal.server claim: pin the room to this server")
+        parser.add_argument("--region", help="internal.region claim: the region a new room prefers")
         return parser
     called = os.path.basename(sys.argv[0]) if sys.argv and sys.argv[0] else ""
     parser = CommandParser(
@@ -5265,6 +5786,12 @@ def _token_problem(args: Any) -> Optional[str]:
     if args.lifetime <= 0:
         return "--lifetime %d: expected a positive number of seconds (the token would expire " \
                "before it is made)" % args.lifetime
+    if not _is_safe_integer(int(time.time()) + args.lifetime):
+        return "--lifetime %d: the gateway would answer 'invalid exp in token' (exp must be at " \
+               "most %d)" % (args.lifetime, MAX_SAFE_INTEGER)
+    if args.audience is not None and args.audience != "gateway":
+        return ("--audience %s: the gateway would answer 'token audience does not match' (it "
+                "accepts only \"gateway\", or no --audience)" % shlex.quote(args.audience))
     methods = [method.lower() for method in Gateway.PUBLIC_METHODS]
     for subject in args.subject or ():
         if subject.lower() not in methods:
@@ -5285,14 +5812,21 @@ def token_command(args: Any) -> int:
     if problem:
         print("odin_gateway token: %s" % problem, file=sys.stderr)
         return 2
+    access_key = sys.stdin.readline().strip() if args.access_key == "-" else args.access_key
     try:
-        print(create_token(args.access_key, room, args.user, audience=args.audience,
+        print(create_token(access_key, room, args.user, audience=args.audience,
                            subject=subject, lifetime=args.lifetime, customer=args.customer,
-                           internal={"server": args.server} if args.server else None))
+                           internal=_internal_claim(args.server, args.region)))
     except ValueError as err:
         print("odin_gateway token: %s" % err, file=sys.stderr)
         return 2
     return 0
+
+
+def _internal_claim(server: Optional[str], region: Optional[str]) -> Optional[dict]:
+    """The token's internal claim: the pinned server and the room's region, if given."""
+    claim = {name: value for name, value in (("server", server), ("region", region)) if value}
+    return claim or None
 
 
 def load_config(args: Any, environ: Optional[Dict[str, str]] = None) -> Config:
@@ -5322,21 +5856,57 @@ def load_config(args: Any, environ: Optional[Dict[str, str]] = None) -> Config:
             with open(args.master_key_file, encoding="utf-8") as key_file:
                 overrides["master_key"] = (written, key_file.read().strip())
         except (OSError, UnicodeDecodeError) as err:
+            if not os.path.exists(args.master_key_file) and _looks_like_a_key(args.master_key_file):
+                raise ConfigError(
+                    "--master-key-file: no such file, and the value looks like a key itself (not "
+                    "shown): the flag takes the path of a file that holds the key; a key on the "
+                    "command line can be read by anyone who lists processes") from None
             raise ConfigError("%s: %s" % (written, getattr(err, "strerror", None) or err)) from err
         config.source += " + " + args.master_key_file
+        mode = os.stat(args.master_key_file).st_mode
+        if os.name == "posix" and mode & (stat.S_IRGRP | stat.S_IROTH):
+            log.warning("%s: other users can read the master key (mode %s); make it readable "
+                        "only by the gateway's user: chmod 600 %s", written,
+                        oct(stat.S_IMODE(mode)), shlex.quote(args.master_key_file))
     for name, (written, value) in overrides.items():
         problem = SETTINGS[name].check(value)
         if problem:
             raise ConfigError("%s: %s" % (written, problem))
-    return config.replace(**{name: value for name, (_, value) in overrides.items()})
+    config = config.replace(**{name: value for name, (_, value) in overrides.items()})
+    for name in ("certificate", "private_key"):
+        if name in overrides and not config.ssl:
+            raise ConfigError("%s without --ssl (or ssl = True in the config): the gateway would "
+                              "serve plain HTTP" % overrides[name][0])
+    return config
 
 
-def reload_config(args: Any, started_from_file: bool) -> Config:
+def _looks_like_a_key(text: str) -> bool:
+    """Whether a value given for a file's path is rather a key (16 bytes or more in base64)."""
+    try:
+        return len(b64_decode(text)) >= 16
+    except ValueError:
+        return False
+
+
+def reload_config(args: Any, started_from_file: bool, running: Optional[Config] = None) -> Config:
     """The config for a reload: the file the gateway started with must still be there
-    (a file missing for a moment must not turn into the built-in defaults)."""
-    if started_from_file and not os.path.isfile(args.config):
+    (a file missing for a moment must not turn into the built-in defaults), and a
+    reload does not open what the running config keeps closed (a restart can, with
+    its warnings)."""
+    if started_from_file and not os.path.exists(args.config):
         raise ConfigError("%s: no such file (it was there at start)" % args.config)
-    return load_config(args)
+    config = load_config(args)
+    if running is None:
+        return config
+    if ((running.customers or running.customer_api is not None)
+            and not config.customers and config.customer_api is None):
+        raise ConfigError("%s: no customers and no customer_api: every token would be admitted "
+                          "without a signature check; a reload does not do that (a restart "
+                          "does, with a warning)" % config.source)
+    if running.internal_users and not config.internal_users:
+        raise ConfigError("%s: no internal_users: /internal would be open to anyone; a reload "
+                          "does not do that (a restart does, with a warning)" % config.source)
+    return config
 
 
 async def _run(gateway: Gateway, ssl_context: Optional[ssl_module.SSLContext],
@@ -5463,6 +6033,16 @@ def main(argv: Optional[List[str]] = None) -> int:
     """Run the gateway (or another command) from the command line; the exit status."""
     argv = list(sys.argv[1:] if argv is None else argv)
     given = list(argv)
+    if argv and not argv[0].startswith("-") and argv[0] not in COMMANDS:
+        close = difflib.get_close_matches(argv[0].lower(), COMMANDS, n=1)
+        if close and not _looks_like_a_key(argv[0]):
+            print("odin_gateway: unknown command %s (did you mean %s?)" % (
+                printable(repr(argv[0]), 40), close[0]), file=sys.stderr)
+            return 2
+        if argv[0].endswith(".py") or os.path.isfile(argv[0]):
+            print("odin_gateway: %s: a config file is given with --config %s" % (
+                printable(argv[0], 80), shlex.quote(argv[0])), file=sys.stderr)
+            return 2
     command = argv.pop(0) if argv and argv[0] in COMMANDS else "serve"
     args = build_parser(command).parse_args(argv)
     if nacl is None:
@@ -5494,8 +6074,8 @@ def main(argv: Optional[List[str]] = None) -> int:
              " worker %s" % worker if worker else "", gateway.customer_counts())
     warn_about_exposure(gateway)
     try:
-        asyncio.run(_run(gateway, ssl_context, reload=lambda: reload_config(args, started_from),
-                         reuse_port=worker is not None))
+        asyncio.run(_run(gateway, ssl_context, reload=lambda: reload_config(
+            args, started_from, gateway.config), reuse_port=worker is not None))
     except OSError as err:
         log.error("cannot listen on %s:%s: %s", config.host, config.port, err.strerror or err)
         return 1

@@ -21,7 +21,8 @@ On one machine it:
    100,000 rooms, and Connect with 10 to 1,000,000 rooms mapped; measures
    memory per room;
 4. simulates placement: 100 new rooms between two reports on 10 servers,
-   equal and uneven loads, for both placement rules;
+   equal and uneven loads, for both placement rules; and rooms with region
+   claims over 3 regions x 4 servers (share placed in region, max/mean);
 5. with redis-server installed (and redis-py), the cluster: Connect/s at 64
    connections of one process alone against one process in cluster mode
    (gateway on core 0, load generator and redis-server on core 1), of
@@ -413,6 +414,53 @@ def placement(rule, loads, rooms=100, seeds=20):
     return ratios
 
 
+REGIONS = ("eu-central", "us-east", "ap-south")
+
+
+def region_placement(rooms_per_region=100, servers_per_region=4, seeds=5, full_region=None):
+    """Rooms arriving between two reports with internal.region claims (Connect
+    in-process), over 3 regions x 4 servers at load 0.3 (full_region's at 0.99,
+    so its rooms must fall back). The share of rooms placed in their claimed
+    region, and per region the worst max/mean rooms per server over the seeds."""
+    in_region = total = 0
+    worst = {region: 0.0 for region in REGIONS}
+    labels = [{"match": "%s-*" % region, "region": region} for region in REGIONS]
+    fallback = {region: [other for other in REGIONS if other != region] for region in REGIONS}
+    tokens = [(region, og.create_token(ACCESS_KEY, "%s-%d" % (region, index), "u", lifetime=3600,
+                                       internal={"region": region}))
+              for index in range(rooms_per_region) for region in REGIONS]
+    body = b'{"jsonrpc":"2.0","method":"Connect","params":{},"id":1}'
+    for seed in range(seeds):
+        gw = og.Gateway(og.Config(customers=[CUSTOMER], server_labels=labels, region_fallback=fallback),
+                        rng=random.Random(seed))
+        for region in REGIONS:
+            for index in range(servers_per_region):
+                gw.grid.report("%s-%d:4433" % (region, index), "b", {
+                    "load": 0.99 if region == full_region else 0.3, "clients": 0, "rooms": []}, gw.clock())
+        counts = {hostname: 0 for hostname in gw.grid.servers}
+        for region, token in tokens:
+            answer = json.loads(gw.handle_http("POST", "/", {"authorization": "Bearer " + token}, body).body)
+            address = answer["result"]["address"]
+            counts[address] += 1
+            in_region += gw.grid.servers[address].region == region
+            total += 1
+        for region in REGIONS:
+            placed = [count for hostname, count in counts.items() if gw.grid.servers[hostname].region == region]
+            if sum(placed):
+                worst[region] = max(worst[region], max(placed) / (sum(placed) / len(placed)))
+    return in_region / total, worst
+
+
+def print_region_placement(seeds):
+    print("\nRegions: 3 regions x 4 servers (load 0.3), 100 new rooms per region with internal.region "
+          "claims between two reports (%d seeds):" % seeds)
+    for full_region, what in ((None, "every region has capacity"),
+                              ("eu-central", "eu-central's servers at 0.99")):
+        share, worst = region_placement(seeds=seeds, full_region=full_region)
+        print("  %-29s %5.1f%% placed in their region; max/mean per region %s" % (
+            what + ":", share * 100, ", ".join("%s %.2f" % item for item in worst.items())))
+
+
 # -- the cluster ------------------------------------------------------------
 
 
@@ -681,6 +729,7 @@ def main():
         counts = placement(rule, [i / 10 for i in range(10)], seeds=1)[0][1]
         print("    %-9s %s" % (rule, " ".join("%3d" % counts.get("sfu-%d:4433" % i, 0)
                                               for i in range(10))))
+    print_region_placement(2 if args.quick else 20)
 
 
 if __name__ == "__main__":
