@@ -3755,6 +3755,18 @@ def test_a_task_acknowledged_before_redis_restarts_is_delivered_once(redis_serve
         eventually(a, lambda: not a.gateway.cluster._undelivered)
 
 
+def test_a_drain_through_one_gateway_holds_on_every_gateway(redis_server):
+    with cluster_gateway(redis_server) as a, cluster_gateway(redis_server) as b:
+        http_report(a, SFU1)
+        http_report(a, SFU2)
+        eventually(b, lambda: len(b.gateway.grid.servers) == 2)
+        og.RpcClient(a.url + "/internal").call("Drain", {"hostname": SFU1})
+        eventually(b, lambda: b.gateway.grid.servers[SFU1].draining)
+        assert {connect(b, "room-%d" % i, "u%d" % i) for i in range(5)} == {SFU2}
+        with cluster_gateway(redis_server) as c:  # one that joins later knows it too
+            assert c.call(lambda: c.gateway.grid.servers[SFU1].draining)
+
+
 def test_members_are_listed_and_a_stopped_member_is_dropped(redis_server):
     with cluster_gateway(redis_server) as a:
         with cluster_gateway(redis_server) as b:
