@@ -3798,6 +3798,8 @@ class HttpFraming:
 # Redis answers again it flushes what it held, then reloads the whole state.
 
 CLUSTER_PREFIX = "odin:"
+#: Seconds placements are gathered before they are shared in one batch.
+CLUSTER_BATCH_DELAY = 0.005
 #: Rooms loaded per round trip when the state is loaded.
 CLUSTER_LOAD_BATCH = 1000
 
@@ -4095,6 +4097,7 @@ class ClusterLink:
     # -- events from the other gateways ---------------------------------------
 
     async def _read_events(self, pubsub: Any) -> None:
+        own = ('{"from":%s,' % _compact_json(self.member)).encode()  # how _event() starts
         try:
             async for message in pubsub.listen():
                 if message.get("type") == "pong":  # a barrier (see _perform_barrier)
@@ -4103,8 +4106,8 @@ class ClusterLink:
                     if arrived is not None and not arrived.done():
                         arrived.set_result(None)
                     continue
-                if message.get("type") != "message":
-                    continue
+                if message.get("type") != "message" or message["data"].startswith(own):
+                    continue  # this gateway's own events come back too
                 try:
                     self._apply_event(load_json(message["data"]))
                 except Exception:  # one bad event must not stop the others
@@ -4144,6 +4147,10 @@ class ClusterLink:
     async def _publisher_loop(self) -> None:
         while not self._stopping:
             await self._wake.wait()
+            # Gather a few milliseconds of placements into one batch: under load a
+            # batch per loop iteration would cost more than the Connects themselves.
+            # (Customers with limits do not wait for it: see _settle.)
+            await asyncio.sleep(CLUSTER_BATCH_DELAY)
             self._wake.clear()
             if self._stopping:
                 break
