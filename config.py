@@ -117,6 +117,15 @@ update_interval = 5           # s between server reports and maintenance ticks
 disable_timeout = 7.5         # s without a report before a server gets no new rooms
 remove_timeout = 600          # s without a report before a server is forgotten
 login_token_lifetime = 300    # s a room token (and a room never reported) lives
+# After a start without saved state, a Connect for a room no server has
+# reported waits this long (None: update_interval + 2 s; 0: not at all), so
+# that a room living on a server yet to report is not placed elsewhere.
+warmup = None
+# A file where the gateway keeps what a restart or a crash must not lose:
+# admin tasks it answered but has not delivered yet, and where every room
+# lives. Read at start if younger than remove_timeout (then no warm-up);
+# None: nothing is saved.
+state_file = None             # e.g. "/var/lib/odin-gateway/state.jsonl"
 
 # -- Several gateways ---------------------------------------------------------
 # A Redis URL (redis://[:password@]host:port/db, rediss:// for TLS, unix://)

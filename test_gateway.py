@@ -552,7 +552,7 @@ IMPROVED_STEPS = {
 
 def test_transcript_replay_over_http():
     clock = Clock(1795630240.0)
-    gw = make_gateway(clock)
+    gw = make_gateway(clock, warmup=0)  # the original places rooms at once after a start
     import http.client
 
     with og.serve_in_thread(gateway=gw) as server:
@@ -977,6 +977,96 @@ def test_a_room_assigned_by_connect_is_kept_by_the_servers_report():
     assert result(gw, "Info")["rooms"][0]["server"] == SFU1
 
 
+def test_reported_beats_placed_after_a_restart():
+    # Issue 11: B hosts "lobby"; the gateway restarts and A reports first.
+    gw = make_gateway(seed=1)
+    report(gw, SFU2)  # A: no rooms
+    assert result(gw, "Connect", {}, token=token())["address"] == SFU2  # placed blindly on A
+    lobby = room("custom-ns", "lobby", "odinref")
+    assert report(gw, SFU1, rooms=[lobby]) == []  # B really has it: no RoomClose
+    assert result(gw, "Info")["rooms"][0]["server"] == SFU1
+    assert result(gw, "Connect", {}, token=token())["address"] == SFU1
+    assert report(gw, SFU1, rooms=[lobby]) == []
+    # Now B's report owns it: A reporting it too is a collision.
+    assert report(gw, SFU2, rooms=[lobby])[0]["task"] == "RoomClose"
+    assert result(gw, "Info")["rooms"][0]["server"] == SFU1
+
+
+def test_a_placed_room_confirmed_by_its_server_is_owned():
+    gw = make_gateway()
+    report(gw, SFU1)
+    result(gw, "Connect", {}, token=token())
+    lobby = room("custom-ns", "lobby", "odinref")
+    assert report(gw, SFU1, rooms=[lobby]) == []
+    assert report(gw, SFU2, rooms=[lobby])[0]["task"] == "RoomClose"
+
+
+def test_a_report_costs_what_changed_rooms_are_hashed_once(monkeypatch):
+    gw = make_gateway()
+    calls = []
+    real_hash = og.room_hash
+    monkeypatch.setattr(og, "room_hash", lambda ns, name: calls.append(name) or real_hash(ns, name))
+    rooms = [room("ns", "r%d" % i, "c", peers=2) for i in range(50)]
+    report(gw, SFU1, rooms=rooms)
+    assert len(calls) == 50
+    report(gw, SFU1, rooms=[dict(r, age={"secs": 9, "nanos": 1}) for r in rooms])
+    assert len(calls) == 50  # a repeat: nothing hashed again
+    report(gw, SFU1, rooms=rooms[1:] + [room("ns", "new", "d", peers=3)])
+    assert calls[50:] == ["new"]
+    assert len(gw.grid.rooms) == 50 and og.room_hash("ns", "r0") not in gw.grid.rooms
+    assert gw.grid.usage == {"c": (98, 49), "d": (3, 1)}
+    assert result(gw, "Info")["servers"][0]["report"]["rooms"][-1] == room("ns", "new", "d", peers=3)
+
+
+def test_a_repeated_report_still_sees_what_others_changed():
+    clock = Clock()
+    gw = make_gateway(clock)
+    lobby = room("custom-ns", "lobby", "odinref")
+    for _ in range(2):  # the second is a repeat
+        report(gw, SFU1, rooms=[lobby, room("custom-ns", "other", "odinref")])
+    clock.advance(8)
+    report(gw, SFU2)
+    gw.tick()  # SFU1 is disabled: Connect moves its room
+    assert result(gw, "Connect", {}, token=token())["address"] == SFU2
+    clock.advance(1)
+    report(gw, SFU1, rooms=[lobby, room("custom-ns", "other", "odinref")])  # it still has the room
+    assert gw.grid.rooms[og.room_hash("custom-ns", "lobby")].server == SFU1
+    assert gw.grid.rooms[og.room_hash("custom-ns", "other")].updated == clock.now
+
+
+@pytest.mark.parametrize("bad", [
+    "room", {"customer": "c", "age": {"secs": 1, "nanos": 0}, "peers": 1},
+    dict(room("a", "b", "c"), id=["a", "b", "c"]), dict(room("a", "b", "c"), id=["a", 1]),
+    dict(room("a", "b", "c"), id="a/b"), dict(room("a", "b", "c"), customer=None),
+    dict(room("a", "b", "c"), age={"secs": 1}), dict(room("a", "b", "c"), age={"secs": True, "nanos": 0}),
+    dict(room("a", "b", "c"), age={"secs": 1e999, "nanos": 0}), dict(room("a", "b", "c"), age=[1, 0]),
+    dict(room("a", "b", "c"), peers=True), dict(room("a", "b", "c"), peers=1.0),
+    dict(room("a", "b", "c"), peers=-1),
+])
+def test_the_fast_room_check_refuses_what_the_field_check_names(bad):
+    rooms = [room("a", "ok", "c"), bad]
+    assert og.room_columns(rooms) is None and og._want_rooms(rooms).startswith("[1]: ")
+    assert og.room_columns([room("a", "ok", "c"), dict(room("a", "b", "c"), extra=1)]) is not None
+
+
+def test_big_bodies_are_handled_with_the_collector_paused_and_it_resumes(monkeypatch):
+    import gc
+
+    gw = make_gateway()
+    seen = []
+
+    def handle_http(*args, **options):
+        seen.append(gc.isenabled())
+        raise RuntimeError("a bug")
+    monkeypatch.setattr(gw, "handle_http", handle_http)
+    for size in (100, og.GC_PAUSE_BYTES + 1):
+        request = og.Request("POST", "/internal", (1, 1), {}, b" " * size)
+        with pytest.raises(RuntimeError):
+            og.handle_request(gw, request, "127.0.0.1", False)
+        assert gc.isenabled()
+    assert seen == [True, False]
+
+
 def test_server_hostname_defaults_to_the_remote_address():
     gw = make_gateway()
     params = {"version": "1", "load": 0, "clients": 0, "rooms": []}
@@ -1063,7 +1153,13 @@ def test_silent_server_is_removed_with_its_rooms():
     clock = Clock()
     gw = make_gateway(clock)
     report(gw, SFU1, rooms=[room("ns", "r", "c")])
-    clock.advance(599)
+    clock.advance(300)
+    gw.tick()
+    assert len(gw.grid.rooms) == 1 and gw.grid.servers[SFU1].disabled
+    clock.advance(1)
+    gw.tick()  # its rooms expire with the tokens issued for them
+    assert gw.grid.rooms == {} and SFU1 in gw.grid.servers
+    clock.advance(298)
     gw.tick()
     assert SFU1 in gw.grid.servers
     clock.advance(1)
@@ -1110,6 +1206,311 @@ def test_a_restarted_gateway_derives_the_same_keys_and_rebuilds_rooms():
 
 
 # ---------------------------------------------------------------------------
+# Restarts: the warm-up, saved state
+# ---------------------------------------------------------------------------
+
+needs_proc = pytest.mark.skipif(not os.path.exists("/proc/net/tcp"), reason="reads /proc/net/tcp")
+
+
+CONNECT_BODY = b'{"jsonrpc":"2.0","method":"Connect","params":{},"id":1}'
+
+
+def connect_response(gw, room_id="lobby"):
+    return gw.handle_http("POST", "/", {"authorization": "Bearer " + token(room_id=room_id)}, CONNECT_BODY)
+
+
+def test_warmup_postpones_connects_for_unreported_rooms_only():
+    clock = Clock()
+    gw = make_gateway(clock)
+    gw.begin_warmup()
+    report(gw, SFU2)
+    report(gw, SFU1, rooms=[room("custom-ns", "known", "odinref")])
+    assert result(gw, "Connect", {}, token=token(room_id="known"))["address"] == SFU1
+    postponed = connect_response(gw)
+    assert isinstance(postponed, og.Postponed) and postponed.status == 503
+    assert postponed.seconds == 7 and ("Retry-After", "7") in postponed.headers
+    assert "warming up" in postponed.json()["error"]["message"]
+    ready = gw.handle_http("GET", "/ready", {}, b"")
+    assert ready.status == 503 and ready.json()["status"] == "warming up"
+    assert "left to report" in ready.json()["reason"]
+    clock.advance(6.9)
+    assert isinstance(connect_response(gw), og.Postponed)
+    clock.advance(0.1)  # one update_interval plus 2 s
+    assert result(gw, "Connect", {}, token=token())["address"] in (SFU1, SFU2)
+    assert gw.handle_http("GET", "/ready", {}, b"").status == 200
+
+
+def test_a_room_reported_during_the_warmup_is_answered_with_its_server():
+    gw = make_gateway()
+    gw.begin_warmup()
+    report(gw, SFU2)
+    assert isinstance(connect_response(gw), og.Postponed)
+    report(gw, SFU1, rooms=[room("custom-ns", "lobby", "odinref")])
+    assert result(gw, "Connect", {}, token=token())["address"] == SFU1
+
+
+@pytest.mark.parametrize("settings, seconds", [
+    ({}, 7), ({"update_interval": 2}, 4), ({"warmup": 30}, 30), ({"warmup": 0}, None)])
+def test_warmup_lasts_one_update_interval_and_a_margin_or_as_set(settings, seconds):
+    gw = make_gateway(**settings)
+    gw.begin_warmup()
+    report(gw, SFU1)
+    postponed = connect_response(gw)
+    if seconds is None:
+        assert postponed.status == 200
+    else:
+        assert postponed.seconds == seconds
+
+
+def test_warmup_setting_is_validated():
+    with pytest.raises(og.ConfigError, match="warmup"):
+        og.Config(warmup=-1)
+
+
+def _send_connect(port, room_id="lobby"):
+    sock = socket.create_connection(("127.0.0.1", port), timeout=5)
+    sock.sendall(b"POST / HTTP/1.1\r\nConnection: close\r\nAuthorization: Bearer %s\r\n"
+                 b"Content-Length: %d\r\n\r\n%s" % (token(room_id=room_id).encode(),
+                                                   len(CONNECT_BODY), CONNECT_BODY))
+    return sock
+
+
+def _read_all(sock):
+    chunks = []
+    while True:
+        chunk = sock.recv(65536)
+        if not chunk:
+            sock.close()
+            return b"".join(chunks)
+        chunks.append(chunk)
+
+
+def _report_over_http(server, hostname, rooms=()):
+    return og.RpcClient(server.url + "/internal").call("sfu.Report", {
+        "public_endpoint": hostname, "version": "1", "load": 0, "clients": 0, "rooms": list(rooms)})
+
+
+@needs_proc
+def test_a_waiting_connect_lets_others_run_and_gets_the_server_that_reports_its_room():
+    gw = make_gateway()
+    with running(gw) as server:
+        waiting = _send_connect(server.port)
+        wait_until_server_read(waiting, server.port)
+        server.call(lambda: None)  # the loop has handled what it read
+        assert gw.warm_until and gw.stats == {}  # postponed: Connect has not run
+        _report_over_http(server, SFU2)  # other requests are served meanwhile
+        assert server.call(lambda: gw.stats["sfu.Report"]) == [1, 0, 0]
+        _report_over_http(server, SFU1, [room("custom-ns", "lobby", "odinref")])
+        answer = _read_all(waiting)
+    assert status_of(answer) == 200 and json.loads(answer.split(b"\r\n\r\n", 1)[1])["result"][
+        "address"] == SFU1
+
+
+@needs_proc
+def test_waiting_connects_are_placed_when_the_warmup_ends_and_answered_503_at_a_stop():
+    clock = Clock()
+    gw = make_gateway(clock)
+    with running(gw) as server:
+        _report_over_http(server, SFU2)
+        placed = _send_connect(server.port)
+        stopped = _send_connect(server.port, "other")
+        for sock in (placed, stopped):
+            wait_until_server_read(sock, server.port)
+        server.call(lambda: None)
+        assert "Connect" not in gw.stats
+        clock.advance(7)
+        server.tick()  # the warm-up is over: the waiting Connects are placed
+        for sock in (placed, stopped):
+            assert json.loads(_read_all(sock).split(b"\r\n\r\n", 1)[1])["result"]["address"] == SFU2
+    with running(make_gateway()) as server:
+        stopped = _send_connect(server.port)
+        wait_until_server_read(stopped, server.port)
+        server.call(lambda: None)
+    assert status_of(_read_all(stopped)) == 503  # a stop answers the waiting Connect
+
+
+def saved_gateway(path, clock=None, **settings):
+    gw = make_gateway(clock, state_file=str(path), **settings)
+    gw.open_state()
+    return gw
+
+
+def test_saved_state_brings_back_rooms_placements_and_tasks(tmp_path):
+    clock = Clock()
+    path = tmp_path / "state.jsonl"
+    first = saved_gateway(path, clock)
+    assert not first.state_restored  # no file yet: a first start warms up
+    report(first, SFU1, rooms=[room("custom-ns", "reported", "odinref")])
+    report(first, SFU2, load=0.5)
+    placed = result(first, "Connect", {}, token=token(room_id="placed"))["address"]
+    assert first.saved.acknowledged == 1  # the placement: on disk before the answer
+    assert result(first, "RoomClose", {"room_id": "reported"}, token=admin_token("reported")) == {}
+    assert result(first, "RoomClose", {"room_id": "placed"}, token=admin_token("placed")) == {}
+    first.saved.flush()
+    snapshot = list(og.grid_records(first.grid))
+
+    clock.advance(30)  # the gateway was down for 30 s
+    second = saved_gateway(path, clock)
+    assert second.state_restored
+    second.begin_warmup()
+    assert second.warm_until == 0  # known state: no warm-up
+    assert [r for r in og.grid_records(second.grid) if r[0] != "room"] == [
+        r for r in snapshot if r[0] != "room"]
+    rooms = {r[1]: r for r in og.grid_records(second.grid) if r[0] == "room"}
+    assert rooms[og.room_hash("custom-ns", "placed")][5:] == [placed, NOW, False]
+    assert rooms[og.room_hash("custom-ns", "reported")][5:] == [SFU1, NOW + 30, True]
+    assert result(second, "Connect", {}, token=token(room_id="placed"))["address"] == placed
+    assert [t["id"][1] for t in report(second, SFU1, rooms=[room("custom-ns", "reported", "odinref")])
+            + report(second, SFU2)] == ["reported", "placed"]
+    second.saved.flush()
+    third = saved_gateway(path, clock)
+    assert report(third, SFU1) == [] and report(third, SFU2) == []  # delivered: not again
+
+
+def test_saved_state_is_compacted_and_stays_exact(tmp_path, monkeypatch):
+    monkeypatch.setattr(og, "STATE_COMPACT_BYTES", 2000)
+    path = tmp_path / "state.jsonl"
+    gw = saved_gateway(path)
+    for step in range(60):
+        report(gw, SFU1, rooms=[room("ns", "r%d" % i, "c") for i in range(step % 7)])
+        gw.saved.flush()
+    assert path.stat().st_size < 4000
+    again = saved_gateway(path)
+    assert list(og.grid_records(again.grid)) == list(og.grid_records(gw.grid))
+
+
+def test_a_state_file_cut_short_by_a_crash_loses_only_its_last_line(tmp_path, caplog):
+    path = tmp_path / "state.jsonl"
+    gw = saved_gateway(path)
+    report(gw, SFU1, rooms=[room("ns", "r", "c")])
+    gw.saved.flush()
+    with open(str(path), "ab") as out:
+        out.write(b'["task","sfu')
+    again = saved_gateway(path)
+    assert again.state_restored and len(again.grid.rooms) == 1
+    assert "cut short" in caplog.text
+
+
+@pytest.mark.parametrize("content, message", [
+    (b"garbage\n", "line 1 is not JSON"),
+    (b'["something-else",1]\n', "not an odin_gateway state file"),
+    (b'["odin-gateway-state",1]\n[["room","h"]]\n', "line 2: malformed room record"),
+    (b'["odin-gateway-state",1]\n[["party"]]\n', "line 2: not a record"),
+    (b'["odin-gateway-state",1]\n{"room":1}\n', "line 2 is not an array of records"),
+])
+def test_a_corrupt_state_file_stops_the_start_unless_told_to_discard_it(tmp_path, content, message):
+    path = tmp_path / "state.jsonl"
+    path.write_bytes(content)
+    with pytest.raises(og.StateError, match=message):
+        saved_gateway(path)
+    assert path.read_bytes() == content  # left as it was, for a person to look at
+    gw = make_gateway(state_file=str(path))
+    gw.open_state(discard_unreadable=True)
+    assert not gw.state_restored and gw.grid.servers == {}
+    assert og.StateFile(str(path)).read() == []
+
+
+def test_a_state_file_older_than_remove_timeout_is_not_restored(tmp_path):
+    clock = Clock()
+    path = tmp_path / "state.jsonl"
+    gw = saved_gateway(path, clock)
+    report(gw, SFU1, rooms=[room("ns", "r", "c")])
+    gw.saved.flush()
+    os.utime(str(path), (NOW - 601, NOW - 601))
+    again = saved_gateway(path, clock)
+    assert not again.state_restored and again.grid.rooms == {}
+
+
+def test_a_failed_state_write_is_made_good_by_a_snapshot(tmp_path, monkeypatch, caplog):
+    path = tmp_path / "state.jsonl"
+    gw = saved_gateway(path)
+    report(gw, SFU1, rooms=[room("ns", "r", "c")])
+
+    def full_disk(data):
+        raise OSError(28, "No space left on device")
+    monkeypatch.setattr(gw.saved.file, "append", full_disk)
+    og.flush_state(gw.saved)
+    assert "No space left on device" in caplog.text and gw.saved.failed
+    monkeypatch.undo()
+    report(gw, SFU2)
+    og.flush_state(gw.saved)  # the whole state, not just the last change
+    assert list(og.grid_records(saved_gateway(path).grid)) == list(og.grid_records(gw.grid))
+
+
+def test_without_a_state_file_nothing_is_journaled():
+    gw = make_gateway()
+    report(gw, SFU1)
+    assert gw.saved is None and gw.grid.journal is None
+
+
+def _serve_process(tmp_path, state, discard=False, warmup=0):
+    config = tmp_path / "state_config.py"
+    config.write_text("host = '127.0.0.1'\nport = 0\nlog_format = 'json'\ncustomers = %r\n"
+                      "state_file = %r\nwarmup = %r\n" % (reference_customers(), str(state), warmup))
+    process = subprocess.Popen([sys.executable, str(HERE / "odin_gateway.py"), "--config", str(config)]
+                               + (["--discard-unreadable-state"] if discard else []),
+                               stderr=subprocess.PIPE, text=True, cwd=str(tmp_path))
+    for line in process.stderr:
+        if line.startswith("odin_gateway: "):  # refused to start
+            return process, line + process.stderr.read()
+        message = json.loads(line)["message"]
+        if message.startswith("listening on "):
+            return process, int(message.rsplit(":", 1)[1])
+    return process, process.stderr.read()
+
+
+@pytest.mark.parametrize("stop", [signal.SIGKILL, signal.SIGTERM])
+def test_a_killed_or_restarted_gateway_loses_nothing_it_acknowledged(tmp_path, stop):
+    state = tmp_path / "state.jsonl"
+    process, port = _serve_process(tmp_path, state)
+    try:
+        internal = og.RpcClient("http://127.0.0.1:%d/internal" % port)
+        lobby = room("custom-ns", "lobby", "odinref")
+        report_params = {"public_endpoint": SFU1, "version": "1", "load": 0, "clients": 0}
+        internal.call("sfu.Report", dict(report_params, rooms=[lobby]))
+        public = og.RpcClient("http://127.0.0.1:%d/" % port, token=admin_token("lobby", now=time.time()))
+        for index in range(20):
+            assert public.call("RoomSendMessage", {"room_id": "lobby", "user_id": "u",
+                                                   "message": [index]}) == {}
+        placed = og.RpcClient("http://127.0.0.1:%d/" % port, token=token(
+            room_id="new", now=time.time())).call("Connect")["address"]
+        process.send_signal(stop)
+        assert process.wait(10) == (0 if stop == signal.SIGTERM else -signal.SIGKILL)
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+        process.stderr.close()
+    process, port = _serve_process(tmp_path, state, warmup=60)  # a Connect waiting 60 s would fail
+    try:
+        internal = og.RpcClient("http://127.0.0.1:%d/internal" % port)
+        tasks = internal.call("sfu.Report", dict(report_params, rooms=[lobby]))["tasks"]
+        assert [task["message"] for task in tasks] == [[index] for index in range(20)]
+        again = og.RpcClient("http://127.0.0.1:%d/" % port, token=token(room_id="new", now=time.time()))
+        assert again.call("Connect")["address"] == placed == SFU1  # no warm-up: state was known
+    finally:
+        process.kill()
+        process.wait()
+        process.stderr.close()
+
+
+def test_the_command_refuses_a_corrupt_state_file_and_names_the_flag(tmp_path):
+    state = tmp_path / "state.jsonl"
+    state.write_text("not a state file\n")
+    process, answer = _serve_process(tmp_path, state)
+    assert process.wait(10) == 2
+    process.stderr.close()
+    assert "line 1 is not JSON" in answer and "--discard-unreadable-state" in answer
+    process, port = _serve_process(tmp_path, state, discard=True)
+    try:
+        assert isinstance(port, int)
+    finally:
+        process.kill()
+        process.wait()
+        process.stderr.close()
+
+
+# ---------------------------------------------------------------------------
 # Info
 # ---------------------------------------------------------------------------
 
@@ -1131,6 +1532,46 @@ def test_info_lists_servers_rooms_and_call_statistics():
     assert info["stats"]["apiCalls"] == [
         {"name": "sfu.Report", "success": 1, "failure": 0, "rejected": 0},
         {"name": "Connect", "success": 0, "failure": 0, "rejected": 1}]
+
+
+def test_info_pages_through_the_rooms_in_hash_order():
+    gw = make_gateway()
+    report(gw, SFU1, rooms=[room("ns", "r%d" % i, "c") for i in range(25)])
+    pages, after = [], ""
+    while after is not None:
+        page = result(gw, "Info", {"rooms": {"after": after, "limit": 10}})
+        assert "rooms" not in page["servers"][0]["report"] and page["servers"][0]["report"]["load"] == 0
+        pages.append([r["hash"] for r in page["rooms"]])
+        after = page["next"]
+        if len(pages) == 1:  # rooms change between pages: the cursor still holds
+            report(gw, SFU1, rooms=[room("ns", "r%d" % i, "c") for i in range(1, 25)] + [room("ns", "x", "c")])
+    assert [len(p) for p in pages] == [10, 10, 5]
+    listed = [h for p in pages for h in p]
+    assert listed == sorted(listed) and set(listed[10:]) <= set(gw.grid.rooms)
+    assert set(listed) >= set(gw.grid.rooms) - set(pages[0])
+    first = result(gw, "Info", {"rooms": {}})
+    assert len(first["rooms"]) == 25 and first["next"] is None  # default limit 1,000
+
+
+def test_info_without_rooms_is_small():
+    gw = make_gateway()
+    report(gw, SFU1, rooms=[room("ns", "r%d" % i, "c") for i in range(5)])
+    info = result(gw, "Info", {"rooms": False})
+    assert "rooms" not in info and "next" not in info and "rooms" not in info["servers"][0]["report"]
+    assert len(result(gw, "Info", {"rooms": True})["rooms"]) == 5
+
+
+@pytest.mark.parametrize("rooms, problem", [
+    ("all", "must be true, false or a page"),
+    ({"page": 2}, "unknown field page"),
+    ({"after": 5}, "after must be a string"),
+    ({"limit": 0}, "limit must be an integer from 1 to 10000"),
+    ({"limit": 10001}, "limit must be an integer from 1 to 10000"),
+    ({"limit": 2.5}, "limit must be an integer"),
+])
+def test_info_page_params_are_validated(rooms, problem):
+    err = error(make_gateway(), "Info", {"rooms": rooms})
+    assert err["code"] == -32600 and problem in err["data"]["fieldErrors"]["rooms"][0]
 
 
 def test_internal_errors_answer_generically_count_as_failure_and_log(caplog, monkeypatch):
@@ -2129,6 +2570,39 @@ def test_identical_duplicate_content_length_is_accepted():
     assert status_of(data) == 200
 
 
+def test_info_calls_take_turns_and_connects_run_between_them():
+    async def scenario():
+        turns, order = og.Turns(), []
+
+        async def internal(name):
+            await turns.take()
+            order.append(name)
+            turns.release()
+
+        async def connect():
+            order.append("connect")
+
+        await turns.take()  # a page is being answered
+        waiting = [asyncio.ensure_future(internal(name)) for name in ("page1", "page2", "gone")]
+        await asyncio.sleep(0)
+        waiting[2].cancel()  # a client that went away must not keep the turn
+        turns.release()
+        asyncio.get_running_loop().call_soon(lambda: asyncio.ensure_future(connect()))
+        await asyncio.gather(*waiting[:2])
+        await asyncio.wait_for(turns.take(), 1)  # free again
+        turns.release()
+        again = asyncio.ensure_future(turns.take())
+        await asyncio.sleep(0)
+        assert not again.done()  # not in the round it was released in, even with nobody waiting
+        await asyncio.wait_for(again, 1)
+        return order
+
+    assert asyncio.run(scenario()) == ["connect", "page1", "page2"]
+    assert og._lists_grid("/internal", INFO_BODY)  # Info takes turns; reports, the heartbeat, never
+    assert not og._lists_grid("/internal", b'{"jsonrpc":"2.0","method":"sfu.Report","params":{}}')
+    assert not og._lists_grid("/", INFO_BODY)
+
+
 def test_a_slow_client_is_cut_off_while_others_are_served():
     with running(make_gateway(read_timeout=0.3)) as server, socket.create_connection(("127.0.0.1", server.port), timeout=5) as slow:
         slow.sendall(b"POST /internal HTTP/1.1\r\nX-Slow: ")
@@ -2315,7 +2789,7 @@ def test_failed_accepts_are_counted_not_logged_each_time(caplog):
 
 def test_stopping_one_of_two_servers_leaves_the_other_serving():
     async def scenario():
-        gw = make_gateway()
+        gw = make_gateway(warmup=0)
         report(gw, SFU1)
         async with gw.serve() as first:
             async with gw.serve():
@@ -2823,7 +3297,7 @@ def test_readme_curl_examples_work(tmp_path):
     api = (HERE / "README.md").read_text().split("\n## API", 1)[1].split("\n## ", 1)[0]
     examples = re.findall(r"```sh\n((?:(?!```).)*)```\s*```json\n(.*?)```", api, re.DOTALL)
     assert len(examples) >= 7 and all("curl" in block for block, _ in examples)
-    config = og.Config.load(str(HERE / "config.py"))
+    config = og.Config.load(str(HERE / "config.py")).replace(warmup=0)
     with og.serve_in_thread(config) as server:  # fresh: the section's first call is a report
         env = dict(os.environ, GW=server.url, PATH=str(bin_dir) + os.pathsep + os.environ["PATH"],
                    KEY="Aa6xMG5KsCRp0BevxLhsLzSdBAEpJK9sxcvscAsK5+8j")
@@ -3012,9 +3486,6 @@ def wait_until_server_read(sock, server_port):
                         return
         time.sleep(0.005)
     raise AssertionError("the server did not read the request")
-
-
-needs_proc = pytest.mark.skipif(not os.path.exists("/proc/net/tcp"), reason="reads /proc/net/tcp")
 
 
 @needs_proc
@@ -3273,7 +3744,7 @@ def test_a_config_file_that_exits_is_refused_and_the_gateway_keeps_running(tmp_p
 
 
 def test_sighup_reloads_the_config_file_and_refuses_a_broken_one(tmp_path):
-    with gateway_process(tmp_path, "customers = %r\n" % [TINY_CUSTOMER]) as (process, port):
+    with gateway_process(tmp_path, "customers = %r\nwarmup = 0\n" % [TINY_CUSTOMER]) as (process, port):
         def connect_status(access_key):
             body = json.dumps({"jsonrpc": "2.0", "method": "Connect", "params": {}, "id": 1}).encode()
             return status_of(exchange(port, b"POST / HTTP/1.1\r\nConnection: close\r\nAuthorization: "
@@ -3569,6 +4040,7 @@ def eventually(server, predicate, timeout=5.0):
 def cluster_gateway(redis_server, wait=True, **settings):
     settings.setdefault("customers", cluster_customers())
     settings.setdefault("cluster_heartbeat", 0.1)
+    settings.setdefault("warmup", 0)  # (a gateway that loads servers from Redis ends it anyway)
     gw = og.Gateway(og.Config(cluster=redis_server.url, **settings))
     with og.serve_in_thread(gateway=gw) as server:
         if wait:
@@ -3782,7 +4254,8 @@ def test_a_gateway_that_joins_is_not_ready_before_the_state_is_loaded(redis_serv
                         rooms=[room(NS, "r%d-%d" % (index, i), "someone") for i in range(50)])
         connect(a, "placed-room")
         redis_server.pause()
-        with cluster_gateway(redis_server, wait=False) as b:
+        # A long warm-up: loading the cluster's servers ends it (no blind interval).
+        with cluster_gateway(redis_server, wait=False, warmup=60) as b:
             ready = b.call(lambda: b.gateway.handle_http("GET", "/ready", {}, b""))
             assert ready.status == 503 and b"loading" in ready.body
             redis_server.resume()
@@ -3877,7 +4350,7 @@ def cluster_process(tmp_path, redis_server, name):
     """A cluster gateway as a process (for kill -9); yields (process, url)."""
     directory = tmp_path / name
     directory.mkdir()
-    settings = "cluster = %r\ncluster_heartbeat = 0.1\ncustomers = %r\n" % (
+    settings = "cluster = %r\ncluster_heartbeat = 0.1\nwarmup = 0\ncustomers = %r\n" % (
         redis_server.url, cluster_customers())
     return gateway_process(directory, settings)
 
@@ -4521,6 +4994,8 @@ def test_benchmark_parts_run():
     assert bench.connect_cost(10, bench.make_tokens(5)) > 0
     first, again, size = bench.time_report(100)
     assert first > 0 and size > 1000
+    repeat, floor = bench.repeated_report_ms(100)
+    assert repeat > 0 and floor > 0
 
 
 def test_serve_is_the_default_command_and_can_be_named():
