@@ -1809,6 +1809,10 @@ EVENT_KINDS: Dict[str, Tuple[int, str]] = {
     "warmup_started": (logging.INFO, "warming up: new rooms are placed in {seconds:g} s, once every "
                                      "server has reported"),
     "warmup_over": (logging.INFO, "warm-up over: placing new rooms"),
+    "cluster_up": (logging.INFO, "cluster: {how} with Redis: {servers} servers, {rooms} rooms, "
+                                 "{members} members"),
+    "cluster_down": (logging.ERROR, "cluster: Redis unreachable ({reason}); serving from this "
+                                    "gateway's replica until it answers again"),
     "listening": (logging.INFO, "listening on {url}"),
     "stopping": (logging.INFO, "stopping: finishing requests in flight"),
     "stopped": (logging.INFO, "stopped listening on {url}"),
@@ -5233,9 +5237,7 @@ class ClusterLink:
     def _down(self, err: BaseException) -> None:
         if self.up:
             self.up = False
-            log.error("cluster: Redis unreachable (%s: %s); serving from this gateway's replica "
-                      "until it answers again", type(err).__name__, printable(err),
-                      extra=fields("cluster_down", reason="%s: %s" % (type(err).__name__, err)))
+            self.gateway.event("cluster_down", reason="%s: %s" % (type(err).__name__, err))
             self.changed.set()
             if self._reader is not None:
                 self._reader.cancel()
@@ -5279,13 +5281,10 @@ class ClusterLink:
         if first and grid.servers and self.gateway.warm_until:
             # The cluster's state is this gateway's state: no blind interval to wait out.
             self.gateway.warm_until = 0.0
-            log.info("warm-up over: the cluster's state is loaded", extra=fields("warmup_over"))
+            self.gateway.event("warmup_over")
             self.gateway._changed()
-        log.info("cluster: %s with Redis: %d servers, %d rooms, %d members",
-                 "joined" if first else "resynced", len(grid.servers), len(grid.rooms),
-                 len(self.members), extra=fields(
-                     "cluster_up", servers=len(grid.servers), rooms=len(grid.rooms),
-                     members=len(self.members)))
+        self.gateway.event("cluster_up", how="joined" if first else "resynced",
+                           servers=len(grid.servers), rooms=len(grid.rooms), members=len(self.members))
 
     async def _close_pubsub(self) -> None:
         pubsub, self._pubsub = self._pubsub, None

@@ -4194,8 +4194,10 @@ def test_every_event_kind_is_fired_by_the_action_that_causes_it():
     assert last(tiny, "listening")["url"] == url and last(tiny, "stopped")["url"] == url
 
     fired = set(kinds(gw)) | set(kinds(tiny))
-    # config_reload_refused and stopping come from signals: see the SIGHUP and SIGTERM tests.
-    assert set(og.EVENT_KINDS) - fired == {"config_reload_refused", "stopping"}
+    # config_reload_refused and stopping come from signals: see the SIGHUP and SIGTERM tests;
+    # cluster_up and cluster_down from Redis: see the cluster tests.
+    assert set(og.EVENT_KINDS) - fired == {"config_reload_refused", "stopping", "cluster_up",
+                                           "cluster_down"}
 
 
 def test_log_lines_are_the_feed_records(caplog):
@@ -4895,6 +4897,8 @@ def test_redis_killed_and_restarted_empty_the_gateways_serve_then_resync(redis_s
         assert client.llen("odin:tasks:" + SFU1) == 1 and client.hexists("odin:servers", SFU1)
         assert [t["task"] for t in http_report(b, SFU1)["tasks"]] == ["RoomClose"]
         assert len(down_logs) <= 2  # once per gateway, not once per call
+        fired = a.call(lambda: kinds(a.gateway))
+        assert fired.count("cluster_down") == 1 and fired.count("cluster_up") == 2  # joined, resynced
 
 
 @pytest.mark.parametrize("persist", [False, True], ids=["restarted-empty", "restarted-with-aof"])
