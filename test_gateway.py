@@ -4719,6 +4719,17 @@ def redis_server():
     shutil.rmtree(directory, ignore_errors=True)
 
 
+def test_under_ci_a_missing_redis_server_fails_the_cluster_tests(tmp_path):
+    # Elsewhere they are skipped with the same reason; CI must run them.
+    finished = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(HERE / "test_gateway.py"),
+         "-k", "test_members_are_listed_and_a_stopped_member_is_dropped"],
+        env=dict(os.environ, PATH=str(tmp_path), CI="true"),  # no redis-server on this PATH
+        capture_output=True, text=True, timeout=120, cwd=str(tmp_path))
+    assert finished.returncode == 1 and "1 error" in finished.stdout
+    assert "apt-get install redis-server" in finished.stdout
+
+
 def eventually(server, predicate, timeout=5.0):
     """Wait until predicate() (run in the gateway's thread) holds; the seconds it took."""
     started = time.monotonic()
