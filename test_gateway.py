@@ -623,6 +623,23 @@ def test_connect_signs_a_room_token_for_the_server():
     assert key.verify(signing_input.encode(), og.b64url_decode(signature))
 
 
+ODD_STRINGS = ["", "alice", 'quote " and \\ backslash', "tab\tnew\nline\x00\x1f", "caf\u00e9",
+               "\u2028\u2029", "\U0001f600", "\ud800", "a\udfffb", "</script>", "{42}red"]
+
+
+def test_room_claims_are_written_exactly_as_js_json_writes_them():
+    # Connect writes the room token's claims into a template instead of
+    # encoding a dict: the bytes (which are signed) must be the same.
+    key = og.derive_server_key(b"master", SFU1)
+    for text in ODD_STRINGS:
+        for rid in (text, [text], ["lobby", text], []):
+            claims = {"uid": text, "cid": text, "rid": rid, "nsp": text, "adr": text,
+                      "sub": "connect", "aud": "sfu", "exp": 2 ** 53 - 1, "nbf": 0}
+            written = og.room_claims_json(text, text, rid, text, text, 2 ** 53 - 1, 0)
+            assert written == og.js_json(claims)
+            assert og.sign_jwt(written, key) == og.encode_jwt(claims, key)
+
+
 def test_room_token_lifetime_follows_config():
     gw = make_gateway(login_token_lifetime=60)
     report(gw, SFU1)
@@ -3598,6 +3615,15 @@ def test_fuzz_dispatch_answers_only_json_rpc(request_value):
 def test_fuzz_dispatch_survives_arbitrary_bytes(body):
     status, answer = make_gateway().dispatch(og.Gateway.INTERNAL_METHODS, body, None, "127.0.0.1")
     assert status in (200, 204, 400)
+
+
+@given(st.text(max_size=30), st.text(max_size=30) | st.lists(st.text(max_size=10), max_size=3),
+       st.text(max_size=30), st.integers(0, 2 ** 53 - 1))
+@FUZZ
+def test_fuzz_room_claims_template_matches_js_json(uid, rid, name, nbf):
+    claims = {"uid": uid, "cid": name, "rid": rid, "nsp": name, "adr": uid, "sub": "connect",
+              "aud": "sfu", "exp": nbf + 300, "nbf": nbf}
+    assert og.room_claims_json(uid, name, rid, name, uid, nbf + 300, nbf) == og.js_json(claims)
 
 
 @FUZZ
