@@ -4444,6 +4444,13 @@ _COMMON_HEADERS = (
     b"Access-Control-Request-Method: POST\r\n"
     b"Cache-Control: no-store\r\n"
 )
+#: The usual header names as clients spell them, with their lower-case keys (read-only).
+_HEADER_NAMES = types.MappingProxyType({spelling: name for name in (
+    "host", "authorization", "content-type", "content-length", "connection", "user-agent",
+    "accept", "accept-encoding", "accept-language", "origin", "referer", "expect",
+    "transfer-encoding", "access-control-request-method", "access-control-request-headers",
+    "access-control-request-private-network", "x-forwarded-for")
+    for spelling in (name, name.title(), name.upper())})
 #: Most distinct request lines a server remembers parsed (clients repeat theirs).
 REQUEST_LINE_CACHE = 256
 
@@ -4520,6 +4527,29 @@ def parse_headers(block: str, max_headers: int) -> Dict[str, str]:
     """The header fields of a head (latin-1 text after the request line, each
     line ending in CRLF), keyed by lower-case name; HttpError if malformed."""
     headers: Dict[str, str] = {}
+    lines = block[:-2].split("\r\n")
+    if (len(lines) <= max_headers and block.count("\n") == len(lines) == block.count("\r")
+            and "\x00" not in block):
+        # Each line ends in its CRLF and holds no other CR, LF or NUL: then a
+        # line is well-formed when a token and a colon begin it (the usual
+        # names are looked up, not matched). Anything else: the checks below.
+        for line in lines:
+            name, colon, value = line.partition(":")
+            lower = _HEADER_NAMES.get(name)
+            if lower is None:
+                if not colon or not _TOKEN_RE.fullmatch(name):
+                    break
+                lower = name.lower()
+            elif not colon:
+                break
+            value = value.strip(" \t")
+            if lower in headers:
+                _add_header(headers, lower, value)
+            else:
+                headers[lower] = value
+        else:
+            return headers
+        headers = {}
     fields = _HEADER_FIELD_RE.findall(block)
     if len(fields) == block.count("\n"):
         if len(fields) > max_headers:

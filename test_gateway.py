@@ -3626,6 +3626,41 @@ def test_fuzz_room_claims_template_matches_js_json(uid, rid, name, nbf):
     assert og.room_claims_json(uid, name, rid, name, uid, nbf + 300, nbf) == og.js_json(claims)
 
 
+def _headers_line_by_line(block, max_headers):
+    """parse_headers's general path: every line matched on its own."""
+    lines = block[:-2].split("\r\n")
+    if len(lines) > max_headers:
+        raise og.HttpError(431, "too many header fields (limit %d)" % max_headers)
+    headers = {}
+    for line in lines:
+        og.parse_header_line(line, headers)
+    return headers
+
+
+def _headers_outcome(parse, block, max_headers):
+    try:
+        return parse(block, max_headers)
+    except og.HttpError as err:
+        return err.status, err.message
+
+
+_HEADER_PIECES = ["Host", "host", "HOST", "Authorization", "Content-Length", "X-Y", "a b", "",
+                  ":", ": ", "\t", " ", "\r", "\n", "\x00", "v", "Bearer x.y.z", "1", "caf\xe9"]
+
+
+@given(st.lists(st.lists(st.sampled_from(_HEADER_PIECES), min_size=1, max_size=6).map("".join),
+                min_size=1, max_size=6), st.integers(1, 6))
+@FUZZ
+def test_fuzz_header_lines_fast_split_matches_the_general_path(lines, max_headers):
+    # parse_headers splits well-formed blocks without a regex; what it
+    # answers (headers, or the refusal) must be what line-by-line parsing does.
+    block = "".join(line + "\r\n" for line in lines)
+    if "\r\n\r\n" in block:  # not a head's header block: the blank line ends the head
+        return
+    assert _headers_outcome(og.parse_headers, block, max_headers) == _headers_outcome(
+        _headers_line_by_line, block, max_headers)
+
+
 @FUZZ
 @given(st.text(max_size=300))
 def test_fuzz_authorization_header(header):
