@@ -1376,6 +1376,60 @@ def test_saved_state_is_compacted_and_stays_exact(tmp_path, monkeypatch):
     assert list(og.grid_records(again.grid)) == list(og.grid_records(gw.grid))
 
 
+def test_saved_state_brings_back_customer_usage_before_the_servers_report(tmp_path):
+    clock = Clock()
+    path = tmp_path / "state.jsonl"
+    first = saved_gateway(path, clock)
+    report(first, SFU1, rooms=[room("custom-ns", "a", "odinref", peers=3),
+                               room("custom-ns", "b", "odinref", peers=2)])
+    report(first, SFU2, rooms=[room("custom-ns", "c", "odinref", peers=4)])
+    report(first, SFU2, rooms=[room("custom-ns", "c", "odinref", peers=1)])  # a change, journaled
+    first.saved.flush()
+    assert first.grid.usage_of("odinref") == (6, 3)
+    clock.advance(30)
+    second = saved_gateway(path, clock)
+    assert second.grid.usage_of("odinref") == (6, 3)  # limits hold at once, not after the reports
+    second.grid.tick(clock())
+    assert second.grid.usage_of("odinref") == (6, 3)
+
+
+def test_a_connect_refreshing_a_placement_is_saved(tmp_path):
+    clock = Clock()
+    path = tmp_path / "state.jsonl"
+    first = saved_gateway(path, clock)
+    report(first, SFU1)
+    result(first, "Connect", {}, token=token(room_id="placed"))
+    first.saved.flush()
+    clock.advance(200)  # not reported yet, but in use: a Connect keeps it alive
+    report(first, SFU1)
+    result(first, "Connect", {}, token=token(room_id="placed", now=clock()))
+    first.saved.flush()
+    clock.advance(150)  # the restart: 350 s after the placement, 150 s after the refresh
+    second = saved_gateway(path, clock)
+    second.grid.tick(clock())
+    digest = og.room_hash("custom-ns", "placed")
+    assert digest in second.grid.rooms and second.grid.rooms[digest].updated == NOW + 200
+
+
+def test_the_state_is_encoded_off_the_serving_loop(tmp_path, monkeypatch):
+    monkeypatch.setattr(og, "STATE_COMPACT_BYTES", 500)
+    encoded_on_loop = []
+    encode = og.StateFile.encode
+
+    def watched(records):
+        encoded_on_loop.append(asyncio._get_running_loop() is not None)
+        return encode(records)
+    monkeypatch.setattr(og.StateFile, "encode", staticmethod(watched))
+    gw = saved_gateway(tmp_path / "state.jsonl")
+    encoded_on_loop.clear()
+    with running(gw) as server:
+        for step in range(8):  # changes that outgrow the snapshot: compactions too
+            _report_over_http(server, SFU1, rooms=[room("ns", "r%d-%d" % (step, i), "c") for i in range(5)])
+    assert encoded_on_loop and not any(encoded_on_loop)
+    assert list(og.grid_records(saved_gateway(tmp_path / "state.jsonl").grid)) == list(
+        og.grid_records(gw.grid))
+
+
 def test_a_state_file_cut_short_by_a_crash_loses_only_its_last_line(tmp_path, caplog):
     path = tmp_path / "state.jsonl"
     gw = saved_gateway(path)
