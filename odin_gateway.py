@@ -392,6 +392,8 @@ def _parse_json(text: str) -> Any:
 
 #: A body not parsed yet (load_json_in_steps parses big ones before dispatch).
 _UNPARSED = object()
+#: Rooms of a big report hashed in one step before it is integrated (Grid.prepare_rooms).
+PREPARE_STEP_ROOMS = 1000
 #: Characters of a rooms array parsed in one step (about 1,000 rooms).
 JSON_STEP_CHARS = 100_000
 _ROOMS_ARRAY = re.compile(r'"rooms"[ \t\n\r]*:[ \t\n\r]*\[')
@@ -2074,6 +2076,10 @@ class Grid:
         # can expire (a reported room is refreshed by every report).
         self.placed: set = set()
         self.frozen_rooms = 0  # rooms when the collector last froze the grid (handle_request)
+        # Hashes (and their sort keys) of the rooms of a big report, worked out
+        # in steps before it is integrated (prepare_rooms); used up by the report.
+        self.prepared: Dict[Tuple[str, str], str] = {}
+        self.prepared_order: Dict[str, Tuple[str, str]] = {}
 
     # -- changes: each room mapping goes through _map and _unmap ---------------
 
@@ -2138,6 +2144,30 @@ class Grid:
 
     # -- reports ------------------------------------------------------------
 
+    def prepare_rooms(self, hostname: str, rooms: List[Any]) -> Iterator[None]:
+        """Hash the rooms of a coming report that are new to its server, in
+        steps of PREPARE_STEP_ROOMS (yielding between them): pure work that
+        the report's integration then finds done. The grid does not change
+        here, so nothing is ever half-integrated; malformed rooms are left
+        for the report to refuse."""
+        server = self.servers.get(hostname)
+        known = server.room_keys if server is not None else {}
+        prepared, orders = self.prepared, self.prepared_order
+        for start in range(0, len(rooms), PREPARE_STEP_ROOMS):
+            for room in rooms[start:start + PREPARE_STEP_ROOMS]:
+                room_id = room.get("id") if isinstance(room, dict) else None
+                if not (isinstance(room_id, list) and len(room_id) == 2):
+                    continue
+                key = tuple(room_id)
+                if key in known or key in prepared or not all(isinstance(part, str) for part in key):
+                    continue
+                try:
+                    digest = prepared[key] = room_hash(*key)  # type: ignore[misc]
+                except ValueError:
+                    continue  # the report warns about it
+                orders[digest] = locale_order(digest)
+            yield
+
     def report(self, hostname: str, version: str, report: dict, now: float,
                rooms: Optional["RoomColumns"] = None) -> Server:
         """Store a server's report: find or create it, integrate its rooms, re-enable it.
@@ -2183,6 +2213,8 @@ class Grid:
         server.last_seen = now
         server.disabled = False
         self._account(server, +1)
+        if self.prepared:
+            self.prepared, self.prepared_order = {}, {}
         return server
 
     def _account(self, server: Server, sign: int) -> None:
@@ -2228,9 +2260,10 @@ class Grid:
         unknown: set = set()
         if len(room_keys) != len(keys) or None in map(room_keys.get, keys):
             current = dict.fromkeys(keys)
+            prepared = self.prepared
             for key in current.keys() - room_keys.keys():
                 try:
-                    room_keys[key] = room_hash(*key)
+                    room_keys[key] = prepared.get(key) or room_hash(*key)
                 except ValueError as err:
                     unknown.add(key)
                     log.warning("server %s reported room %s/%s: %s; ignoring it", printable(hostname),
@@ -2254,7 +2287,8 @@ class Grid:
                 fresh.append(digest)
         # Sorted as the original sorts them: the order shows in Info and in
         # the order of collision tasks.
-        for digest in sorted(fresh, key=locale_order):
+        orders = self.prepared_order
+        for digest in sorted(fresh, key=lambda digest: orders.get(digest) or locale_order(digest)):
             row = reported[digest]
             known = self.rooms.get(digest)
             # Reported beats placed: a room Connect placed elsewhere, which no
@@ -3286,6 +3320,19 @@ class Gateway:
             return {"tasks": []}
         return {"tasks": self.grid.take_tasks(server)}
 
+    def prepare_report(self, request: Any, remote: str) -> Iterator[None]:
+        """If request (parsed JSON) is a report, the work its rooms need that
+        can be done in steps beforehand (Grid.prepare_rooms); else nothing."""
+        if not (isinstance(request, dict) and request.get("method") in ("sfu.Report", "SubmitReport")):
+            return iter(())
+        params = request.get("params")
+        rooms = params.get("rooms") if isinstance(params, dict) else None
+        if not isinstance(rooms, list):
+            return iter(())
+        endpoint = params.get("public_endpoint")  # type: ignore[union-attr]
+        hostname = endpoint if isinstance(endpoint, str) and endpoint else remote_hostname(remote)
+        return self.grid.prepare_rooms(hostname, rooms)
+
     def rpc_drain(self, call: Call, params: dict) -> dict:
         """Drain a server (no new rooms; its rooms stay and are served) or undrain it."""
         p = Params(params)
@@ -3580,6 +3627,17 @@ class Gateway:
                 return postponed
         status, response_body = self.dispatch(methods, body, auth, remote, parsed)
         return Response(status, response_body or b"")
+
+    def may_call_internal(self, headers: Dict[str, str]) -> bool:
+        """Whether a request's credentials admit it to /internal (before its
+        body is parsed: a big body is parsed in steps only for those)."""
+        if not self.config.internal_users:
+            return True
+        try:
+            self._basic_auth(headers.get("authorization", ""))
+        except TokenError:
+            return False
+        return True
 
     def _basic_auth(self, header: str) -> Authorization:
         """Basic credentials checked against internal_users; TokenError if refused."""
@@ -5107,7 +5165,9 @@ class GatewayServer:
         it is on disk; an Info call waits for its turn."""
         if _lists_grid(request.target, request.body):
             return self._in_turn(request, remote)
-        if len(request.body) > 2 * JSON_STEP_CHARS and request.target.startswith("/internal"):
+        if (len(request.body) > 2 * JSON_STEP_CHARS and request.method == "POST"
+                and request.target.split("?", 1)[0] == "/internal"
+                and self.gateway.may_call_internal(request.headers)):
             return self._parsed_in_steps(request, remote)
         saved = self.gateway.saved
         acknowledged = saved.acknowledged if saved is not None else 0
@@ -5148,6 +5208,9 @@ class GatewayServer:
             parsed = done.value
         except ValueError:
             pass
+        if parsed is not _UNPARSED:  # then the new rooms' hashes, in steps too
+            for _ in self.gateway.prepare_report(parsed, remote):
+                await asyncio.sleep(0)
         saved = self.gateway.saved
         acknowledged = saved.acknowledged if saved is not None else 0
         answer = self._after_saving(handle_request(self.gateway, request, remote, self.stopping,

@@ -1172,6 +1172,34 @@ def test_a_big_report_lets_other_requests_run_while_it_is_parsed(monkeypatch):
     assert others_ran == [True] and len(gw.grid.rooms) == 200
 
 
+def test_a_big_reports_new_rooms_are_hashed_in_steps_and_connects_run_between(monkeypatch):
+    monkeypatch.setattr(og, "PREPARE_STEP_ROOMS", 4)
+    gw = make_gateway()
+    report(gw, SFU2)
+    rooms = [room("custom-ns", "r%d" % i, "odinref") for i in range(10)]
+    request = json.loads(_report_body(rooms))
+    steps = gw.prepare_report(request, "127.0.0.1")
+    next(steps)
+    # A Connect between two steps: the grid is whole, the room is placed as usual.
+    assert result(gw, "Connect", {}, token=token(room_id="r9"))["address"] == SFU2
+    assert sum(1 for _ in steps) == 2 and len(gw.grid.prepared) == 10 and len(gw.grid.rooms) == 1
+
+    def no_hashing(*key):
+        raise AssertionError("hashed again while integrating")
+    monkeypatch.setattr(og, "room_hash", no_hashing)
+    assert result(gw, "sfu.Report", request["params"]) == {"tasks": []}
+    monkeypatch.undo()
+    assert gw.grid.prepared == {}
+    plain = make_gateway()
+    report(plain, SFU2)
+    report(plain, SFU1, rooms=rooms)
+    assert {d: (r.server, r.reported) for d, r in gw.grid.rooms.items()} == {
+        d: (r.server, r.reported) for d, r in plain.grid.rooms.items()}  # r9: reported beats placed
+    assert gw.grid.servers[SFU1].room_hashes == set(gw.grid.rooms)
+    assert sorted(r for r in og.grid_records(gw.grid) if r[0] == "room") == sorted(
+        r for r in og.grid_records(plain.grid) if r[0] == "room")
+
+
 # ---------------------------------------------------------------------------
 # Maintenance: timeouts and expiry
 # ---------------------------------------------------------------------------
