@@ -4601,12 +4601,18 @@ def handle_request(gateway: Gateway, request: Request, remote: str, stopping: bo
                                    stopping=stopping, parsed=parsed)
     finally:
         gc.enable()
-        rooms = len(gateway.grid.rooms)
-        if gc.get_freeze_count() and rooms >= gateway.grid.frozen_rooms + GC_FREEZE_ROOMS:
-            gc.collect(1)  # the young garbage of this request first: only live objects are frozen
-            gc.freeze()
-            gateway.grid.frozen_rooms = rooms
-        gateway.grid.frozen_rooms = min(gateway.grid.frozen_rooms, rooms)
+        freeze_grown_grid(gateway.grid)
+
+
+def freeze_grown_grid(grid: Grid) -> None:
+    """Freeze the grid's objects if the collector was tuned (tune_collector)
+    and the grid has gained GC_FREEZE_ROOMS rooms since they were last frozen."""
+    rooms = len(grid.rooms)
+    if gc.get_freeze_count() and rooms >= grid.frozen_rooms + GC_FREEZE_ROOMS:
+        gc.collect(1)  # the young garbage of this request first: only live objects are frozen
+        gc.freeze()
+        grid.frozen_rooms = rooms
+    grid.frozen_rooms = min(grid.frozen_rooms, rooms)
 
 
 def _plain(response: Response) -> Response:
@@ -4972,6 +4978,8 @@ class GatewayServer:
         self.unsent = 0  # bytes of large answers not yet handed to their transports
         self.changed = Wakeup()  # fired by the gateway's on_change: Postponed requests retry
         self.state_flush: Optional[StateFlush] = None  # when the gateway saves its state
+        self.big_reports = 0  # reports being parsed in steps (_parsed_in_steps)
+        self.collector_paused = False  # by them
         self.listing_turns = Turns()  # Info calls take turns
         self.to_flush: List[Connection] = []  # connections with answers for flush()
         self.flush_scheduled = False
@@ -5192,29 +5200,39 @@ class GatewayServer:
     async def _parsed_in_steps(self, request: Request, remote: str) -> Response:
         """A big report: its body parsed in steps (load_json_in_steps) with other
         requests served in between, then handled at once."""
-        steps = load_json_in_steps(request.body)
-        parsed: Any = _UNPARSED  # unparseable: handle_request answers the parse error
+        # The collector stays off until the report is handled (for the other
+        # requests in between too): the parsed body is hundreds of thousands
+        # of objects, which a collection would walk, only to see them all
+        # freed when the report is done.
+        if not self.big_reports and gc.isenabled():
+            gc.disable()
+            self.collector_paused = True
+        self.big_reports += 1
         try:
-            while True:
-                collecting = gc.isenabled()
-                gc.disable()  # a step makes thousands of objects that outlive it (handle_request)
-                try:
+            steps = load_json_in_steps(request.body)
+            parsed: Any = _UNPARSED  # unparseable: handle_request answers the parse error
+            try:
+                while True:
                     next(steps)
-                finally:
-                    if collecting:
-                        gc.enable()
-                await asyncio.sleep(0)
-        except StopIteration as done:
-            parsed = done.value
-        except ValueError:
-            pass
-        if parsed is not _UNPARSED:  # then the new rooms' hashes, in steps too
-            for _ in self.gateway.prepare_report(parsed, remote):
-                await asyncio.sleep(0)
-        saved = self.gateway.saved
-        acknowledged = saved.acknowledged if saved is not None else 0
-        answer = self._after_saving(handle_request(self.gateway, request, remote, self.stopping,
-                                                   parsed), acknowledged)
+                    await asyncio.sleep(0)
+            except StopIteration as done:
+                parsed = done.value
+            except ValueError:
+                pass
+            if parsed is not _UNPARSED:  # then the new rooms' hashes, in steps too
+                for _ in self.gateway.prepare_report(parsed, remote):
+                    await asyncio.sleep(0)
+            saved = self.gateway.saved
+            acknowledged = saved.acknowledged if saved is not None else 0
+            response = handle_request(self.gateway, request, remote, self.stopping, parsed)
+            del parsed, steps
+        finally:
+            self.big_reports -= 1
+            if not self.big_reports and self.collector_paused:
+                self.collector_paused = False
+                gc.enable()
+                freeze_grown_grid(self.gateway.grid)
+        answer = self._after_saving(response, acknowledged)
         return answer if isinstance(answer, Response) else await answer
 
     async def _in_turn(self, request: Request, remote: str) -> Response:
