@@ -127,6 +127,12 @@ warmup = None
 # None: nothing is saved.
 state_file = None             # e.g. "/var/lib/odin-gateway/state.jsonl"
 
+# -- Event feed ---------------------------------------------------------------
+# The newest events (servers added, disabled, draining; rooms placed and gone;
+# limit refusals; tasks queued and delivered...) kept for the Events method on
+# /internal and the status page (/status). Older ones fall out.
+max_events = 1000
+
 # -- Limits -------------------------------------------------------------------
 # What one client may cost the gateway. A request over a limit gets the HTTP
 # status named here and its connection is closed; see README, "Security and
@@ -141,7 +147,10 @@ max_connections = 1024        # open connections; more get 503 (clamped to the o
 backlog = 1024                # connections the kernel queues before they are accepted
 max_batch = 100               # requests in one JSON-RPC batch
 max_queued_tasks = 10000      # admin tasks waiting for one server; more are refused
-read_timeout = 10.0           # s for a new connection's first byte, a request's head, then its body (408)
+read_timeout = 10.0           # s for each of the next three left None
+first_byte_timeout = None     # s a new connection may take to send its first byte
+head_timeout = None           # s from a request's first byte to the end of its head (408)
+body_timeout = None           # s from the end of a request's head to the end of its body (408)
 keep_alive_timeout = 75.0     # s an idle connection is kept open between requests
 write_timeout = 10.0          # s a client may take to read more of an answer
 linger_timeout = 1.0          # s a closing connection is read from, so its last answer arrives

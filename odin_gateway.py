@@ -31,6 +31,10 @@ master key, so change ``master_key`` before going to production; ``/internal``
 hands out signing keys, so protect it with ``internal_users`` or a firewall.
 The gateway warns at start about each of these.
 
+Watching it: GET /status is a live page of the grid for people (servers,
+customers, the newest events); the Events method on /internal lets tools tail
+the same event feed the log is written from.
+
 The protocol logic (tokens, grid state, RPC methods, JSON-RPC dispatch) is
 plain synchronous code over plain data; only the HTTP layer and the timers
 touch asyncio. Time and randomness are injectable, and all state lives on a
@@ -79,9 +83,11 @@ import functools
 import gc
 import hashlib
 import hmac
+import html
 import inspect
 import itertools
 import ipaddress
+import itertools
 import json
 import logging
 import math
@@ -177,10 +183,12 @@ class RpcError(GatewayError):
 
 
 def fields(event: str, **values: Any) -> dict:
-    """Structured fields for a log record: log.info(..., extra=fields("server_added", ...)).
+    """Structured fields for a log record that is not a grid event (the access
+    log's request lines): log.info(..., extra=fields("request", ...)).
 
-    The json log format writes them as keys of the line's object; the pretty
-    format shows only the message, which says the same for people.
+    Grid events go through Gateway.event(), which also keeps them in the feed.
+    The json log format writes the fields as keys of the line's object; the
+    pretty format shows only the message, which says the same for people.
     """
     return {"event": event, "fields": values}
 
@@ -688,6 +696,8 @@ def _token_json(segment: str) -> dict:
 
 
 def _is_safe_integer(value: Any) -> bool:
+    if type(value) is int:  # the usual exp and nbf, checked on every Connect
+        return -MAX_SAFE_INTEGER <= value <= MAX_SAFE_INTEGER
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         return False
     if isinstance(value, float) and not value.is_integer():
@@ -750,10 +760,11 @@ class Authorizer:
                 self._headers.clear()
             self._headers[segments[0]] = header
         kid = header.get("kid")
-        if isinstance(kid, (int, float)) and not isinstance(kid, bool) and math.isfinite(kid):
+        if type(kid) is not str:
+            if not (isinstance(kid, (int, float)) and not isinstance(kid, bool)
+                    and math.isfinite(kid)):
+                raise TokenError("invalid or missing kid in token")
             kid = js_number(kid)
-        elif not isinstance(kid, str):
-            raise TokenError("invalid or missing kid in token")
 
         kind, key = self._lookup(kid)
         alg = header.get("alg")
@@ -945,6 +956,12 @@ def _positive_integer(value: Any) -> Optional[str]:
 
 def _positive_seconds(value: Any) -> Optional[str]:
     return None if _is_number(value) and value > 0 else "expected a positive number of seconds"
+
+
+def _seconds_or_none(value: Any) -> Optional[str]:
+    if value is None or (_is_number(value) and value > 0):
+        return None
+    return "expected a positive number of seconds, or None"
 
 
 def _token_lifetime(value: Any) -> Optional[str]:
@@ -1191,6 +1208,18 @@ def _check_internal_users(value: Any) -> Optional[str]:
 #: Malformed entries of one customer update named in the log; the rest are counted.
 MAX_SKIPPED_LOGGED = 10
 
+#: A connection's deadlines, named for what they bound -> the setting that says how
+#: long (None there: read_timeout's, the default of the three reading ones).
+DEADLINE_SETTINGS = types.MappingProxyType({
+    "first byte": "first_byte_timeout",
+    "head": "head_timeout",
+    "body": "body_timeout",
+    "idle": "keep_alive_timeout",  # between requests
+    "write": "write_timeout",  # the client reads no more of an answer
+    "linger": "linger_timeout",  # after a last answer, input is read and dropped
+    "stop": "shutdown_timeout",  # requests in flight when the server stops
+})
+
 #: (a timeout, the one it must exceed, what would happen otherwise).
 ORDERED_TIMEOUTS = (
     ("disable_timeout", "update_interval", "servers report every update_interval, so each would "
@@ -1319,6 +1348,9 @@ class Config:
         "balanced", _one_of("balanced", "random"),
         'how a new room finds its server: `"balanced"` (least estimated load) or `"random"` '
         "(the original's weighted draw)")
+    # Older events fall out (and Events tells a reader how many it missed).
+    max_events: int = setting(1000, _positive_integer,
+                              "events kept for the `Events` method and `/status` (older ones fall out)")
     # -- regions and pools (see "Regions and pools" in README.md)
     server_labels: List[dict] = setting(
         [], _check_server_labels,
@@ -1360,11 +1392,25 @@ class Config:
     # Admin calls beyond it are refused rather than dropping tasks already queued.
     max_queued_tasks: int = setting(10_000, _positive_integer,
                                     "admin tasks waiting for one server; more are refused")
-    # The deadlines of a connection, each named for what it bounds. A silent
-    # connection must not hold its slot for keep_alive_timeout.
+    # The deadlines of a connection, each named for what it bounds (DEADLINE_SETTINGS
+    # names them). A silent connection must not hold its slot for keep_alive_timeout.
+    # read_timeout stays the default of the three reading ones (earlier configs
+    # set only it): each of them that is None takes its value.
     read_timeout: float = setting(
         10.0, _positive_seconds,
-        "seconds for a new connection's first byte, then for a request's head, then its body (408)")
+        "seconds for each of `first_byte_timeout`, `head_timeout` and `body_timeout` left `None`")
+    first_byte_timeout: Optional[float] = setting(
+        None, _seconds_or_none,
+        "seconds a new connection may take to send its first byte; then it is closed",
+        shown="`None`: `read_timeout`")
+    head_timeout: Optional[float] = setting(
+        None, _seconds_or_none,
+        "seconds from a request's first byte to the end of its head (408)",
+        shown="`None`: `read_timeout`")
+    body_timeout: Optional[float] = setting(
+        None, _seconds_or_none,
+        "seconds from the end of a request's head to the end of its body (408)",
+        shown="`None`: `read_timeout`")
     keep_alive_timeout: float = setting(75.0, _positive_seconds,
                                         "seconds an idle connection is kept open between requests")
     # A client that never reads must not hold a connection and its answer.
@@ -1463,6 +1509,11 @@ class Config:
     @property
     def master_key_bytes(self) -> bytes:
         return b64_decode(self.master_key)
+
+    def deadline(self, name: str) -> float:
+        """Seconds of the connection deadline named for what it bounds (Connection.arm)."""
+        seconds = getattr(self, DEADLINE_SETTINGS[name])
+        return self.read_timeout if seconds is None else seconds
 
     def replace(self, **changes: Any) -> "Config":
         """A copy with some settings changed (validated again)."""
@@ -1742,6 +1793,99 @@ def merge_config(server: dict, recommended: dict) -> dict:
         elif isinstance(mine, dict) and isinstance(value, dict):
             merge_config(mine, value)
     return server
+
+
+# ---------------------------------------------------------------------------
+# Events: a bounded feed of what happened; the structured log is made from it
+# ---------------------------------------------------------------------------
+
+#: Events one Events call returns unless it asks for fewer or more.
+EVENTS_PAGE = 100
+#: Most customers whose limit refusals are counted (unknown_customers makes
+#: customer ids from tokens, so the count must be bounded).
+MAX_COUNTED_CUSTOMERS = 10_000
+
+#: Every kind of event: its log level and its log message for people ({name}
+#: is the field of that name, escaped). The json log format writes the fields
+#: as keys of the line's object; the Events method returns them as they are.
+EVENT_KINDS: Dict[str, Tuple[int, str]] = {
+    "server_added": (logging.INFO, "server {hostname} added (version {version}, key {kid})"),
+    "server_enabled": (logging.INFO, "server {hostname} re-enabled: it reported again"),
+    "server_disabled": (logging.WARNING, "server {hostname} disabled: no report for {silent:.1f} s; "
+                                         "its rooms move on their next Connect"),
+    "server_removed": (logging.INFO, "server {hostname} removed with its {rooms} rooms: "
+                                     "no report for {silent:.0f} s"),
+    "server_draining": (logging.INFO, "server {hostname} draining (set by the {by})"),
+    "server_undrained": (logging.INFO, "server {hostname} undrained (set by the {by})"),
+    "room_placed": (logging.DEBUG, "room {room} of {customer} placed on {server}: {reason}"),
+    "room_collision": (logging.WARNING, "room collision: {hostname} reports room {room}, which lives "
+                                        "on {owner}; closing it there"),
+    "room_gone": (logging.DEBUG, "room {room} of {customer} gone from {server}: {reason}"),
+    "limit_refused": (logging.INFO, "Connect refused: customer {customer} has {usage} of {max} {limit}"),
+    "task_queued": (logging.DEBUG, "{task} for room {room} queued for {server}"),
+    "task_delivered": (logging.DEBUG, "{task} for room {room} delivered to {server}"),
+    "customers_loaded": (logging.INFO, "customer update: {counts} loaded"),
+    "customers_kept": (logging.WARNING, "customer update: keeping the previous keys: {reason}"),
+    "customer_skipped": (logging.WARNING, "customer update: skipping {reason}"),
+    "config_reloaded": (logging.INFO, "config reloaded from {source}: {counts}"),
+    "config_reload_refused": (logging.ERROR, "config reload refused, the running config stays: "
+                                             "{reason}"),
+    "warmup_started": (logging.INFO, "warming up: new rooms are placed in {seconds:g} s, once every "
+                                     "server has reported"),
+    "warmup_over": (logging.INFO, "warm-up over: placing new rooms"),
+    "listening": (logging.INFO, "listening on {url}"),
+    "stopping": (logging.INFO, "stopping: finishing requests in flight"),
+    "stopped": (logging.INFO, "stopped listening on {url}"),
+}
+
+
+def _shown(value: Any) -> Any:
+    """An event field as its log message shows it: text escaped, a room as namespace/name."""
+    if isinstance(value, str):
+        return printable(value)
+    if isinstance(value, (list, tuple)):
+        return "/".join(printable(part) for part in value)
+    return value
+
+
+class EventFeed:
+    """The newest events, oldest first: {"seq", "time", "kind", ...fields}.
+
+    seq counts from 1 and never repeats within a process, so a reader can
+    ask for what came after the last event it saw (after()).
+    """
+
+    __slots__ = ("events", "next_seq")
+
+    def __init__(self, size: int):
+        self.events: "collections.deque[dict]" = collections.deque(maxlen=size)
+        self.next_seq = 1
+
+    def add(self, kind: str, now: float, values: Dict[str, Any]) -> dict:
+        event = {"seq": self.next_seq, "time": now, "kind": kind}
+        event.update(values)
+        self.next_seq += 1
+        self.events.append(event)  # the deque drops the oldest when full
+        return event
+
+    def resize(self, size: int) -> None:
+        if size != self.events.maxlen:
+            self.events = collections.deque(self.events, maxlen=size)
+
+    def after(self, seq: int, limit: int) -> dict:
+        """Up to limit events after seq, the seq to ask after next, and how many
+        events after seq fell out of the feed before they could be read."""
+        if seq >= self.next_seq:  # a seq from before a restart: start again
+            seq = 0
+        oldest = self.events[0]["seq"] if self.events else self.next_seq
+        start = max(seq + 1, oldest)
+        events = list(itertools.islice(self.events, start - oldest, start - oldest + limit))
+        return {"events": events, "next": events[-1]["seq"] if events else start - 1,
+                "dropped": max(0, oldest - 1 - seq)}
+
+    def newest(self, count: int) -> List[dict]:
+        """The newest count events, newest first."""
+        return list(itertools.islice(reversed(self.events), count))
 
 
 # ---------------------------------------------------------------------------
@@ -2188,12 +2332,10 @@ class Grid:
             server = Server(hostname, derive_server_key(self.config.master_key_bytes, hostname), now)
             self.servers[hostname] = server
             self._by_kid[server.key.kid] = server
-            log.info("server %s added (version %s, key %s)", printable(hostname),
-                     printable(version), server.key.kid, extra=fields(
-                         "server_added", hostname=hostname, version=version, kid=server.key.kid))
+            self._gateway.event("server_added", now, hostname=hostname, version=version,
+                                kid=server.key.kid)
         elif server.disabled:
-            log.info("server %s re-enabled: it reported again", printable(hostname),
-                     extra=fields("server_enabled", hostname=hostname))
+            self._gateway.event("server_enabled", now, hostname=hostname)
         if changed:  # before its rooms: a replay needs the server first
             self._note(["server", hostname, version, False, server.draining])
         keys, customers, ages, peers = rooms
@@ -2208,7 +2350,11 @@ class Grid:
         server.pending_peers = 0
         server.version = version
         server.report = report
-        server.reported_draining = bool(report.get("draining", False))
+        draining = bool(report.get("draining", False))
+        if draining != server.reported_draining:
+            server.reported_draining = draining
+            self._gateway.event("server_draining" if draining else "server_undrained", now,
+                                hostname=hostname, by="server")
         self._label(server)
         server.last_seen = now
         server.disabled = False
@@ -2302,6 +2448,8 @@ class Grid:
                 known = self.rooms.get(digest)
                 if known is not None and known.server == hostname:
                     self._unmap(digest)
+                    self._gateway.event("room_gone", now, customer=known.customer, room=known.id,
+                                        server=hostname, reason="no longer reported")
             server.room_hashes = set(reported)
         owned = list(map(rooms_get, reported))
         mine = not unknown and all(known is not None and known.server == hostname for known in owned)
@@ -2314,14 +2462,12 @@ class Grid:
             log.warning("room collision on %s: its task queue is full; not queueing RoomClose",
                         printable(server.hostname))
             return
-        log.warning("room collision: %s reports room %s/%s, which lives on %s; "
-                    "closing it there", printable(server.hostname), printable(room_id[0]),
-                    printable(room_id[1]), printable(owner.server), extra=fields(
-                        "room_collision", hostname=server.hostname, room=list(room_id),
-                        owner=owner.server))
+        self._gateway.event("room_collision", hostname=server.hostname, room=tuple(room_id),
+                            owner=owner.server)
         ban = {"secs": int(math.ceil(self.config.update_interval)), "nanos": 0}
         task = {"task": "RoomClose", "id": list(room_id), "ban_time": ban}
         server.tasks.append(task)
+        self._task_event("task_queued", server, task)
         server.closing.add(digest)
         self._note(["task", server.hostname, task])
 
@@ -2347,6 +2493,8 @@ class Grid:
     def take_tasks(self, server: Server) -> List[dict]:
         tasks, server.tasks = server.tasks, []
         server.closing.clear()
+        for task in tasks:
+            self._task_event("task_delivered", server, task)
         if tasks:
             self._note(["sent", server.hostname, len(tasks)])
         return tasks
@@ -2356,8 +2504,15 @@ class Grid:
         if len(server.tasks) >= limit:
             raise refused("task queue of server %s is full (%d tasks); try again after its next report"
                           % (server.hostname, limit))
+        self._append_task(server, task)
+
+    def _append_task(self, server: Server, task: dict) -> None:
         server.tasks.append(task)
+        self._task_event("task_queued", server, task)
         self._note(["task", server.hostname, task], acknowledged=True)
+
+    def _task_event(self, kind: str, server: Server, task: dict) -> None:
+        self._gateway.event(kind, server=server.hostname, task=task["task"], room=tuple(task["id"]))
 
     # -- placement ----------------------------------------------------------
 
@@ -2373,7 +2528,8 @@ class Grid:
         server = self.server_of(digest, now)
         room = self.rooms.get(digest)
         if server is None:
-            server = self._place(room_id, customer, pinned, region, pool, now)
+            moved_from = room.server if room is not None else None
+            server = self._place(room_id, customer, pinned, region, pool, now, moved_from)
         new_here = room is None or room.server != server.hostname
         if room is None:
             self._map(digest, Room(room_id, customer, server.hostname, now), acknowledged=True)
@@ -2421,23 +2577,25 @@ class Grid:
                           rng=rng)
 
     def _place(self, room_id: Tuple[str, str], customer: str, pinned: Optional[str],
-               region: Optional[str], pool: Optional[str], now: float) -> Server:
-        """A server for a new room, counted by tier and logged at DEBUG; refused if none."""
+               region: Optional[str], pool: Optional[str], now: float,
+               moved_from: Optional[str] = None) -> Server:
+        """A server for a new room (or one whose server is gone: moved_from), counted
+        by tier and recorded as a room_placed event; refused if none."""
         placement = self.place(pool=pool, region=region, pinned=pinned, now=now, rng=self._gateway.rng)
-        if log.isEnabledFor(logging.DEBUG):
-            log.debug("room %s/%s of customer %s (region %s, pool %s): %s: %s",
-                      printable(room_id[0]), printable(room_id[1]), printable(customer),
-                      printable(region), printable(pool),
-                      placement.server.hostname if placement.server else "refused",
-                      placement.reason, extra=fields(
-                          "room_placed" if placement.server else "room_refused", room=list(room_id),
-                          customer=customer, region=region, pool=pool, tier=placement.tier,
-                          server=placement.server.hostname if placement.server else None,
-                          reason=placement.reason))
         server, tier = placement.server, placement.tier
         if server is None or tier is None:
+            if log.isEnabledFor(logging.DEBUG):
+                log.debug("room %s/%s of customer %s (region %s, pool %s): refused: %s",
+                          printable(room_id[0]), printable(room_id[1]), printable(customer),
+                          printable(region), printable(pool), placement.reason, extra=fields(
+                              "room_refused", room=list(room_id), customer=customer,
+                              region=region, pool=pool, reason=placement.reason))
             raise placement.refusal()
         self._gateway.metrics.placed[tier] += 1
+        reason = placement.reason + ("; moved from %s" % moved_from if moved_from else "")
+        self._gateway.event("room_placed", now, customer=customer, room=room_id,
+                            server=server.hostname, new=moved_from is None, reason=reason,
+                            region=region, pool=pool, tier=tier)
         return server
 
     # -- maintenance --------------------------------------------------------
@@ -2448,16 +2606,14 @@ class Grid:
         for server in list(self.servers.values()):
             silent = now - server.last_seen
             if silent >= config.remove_timeout:
-                self._remove(server)
-                log.info("server %s removed: no report for %.0f s", printable(server.hostname), silent,
-                         extra=fields("server_removed", hostname=server.hostname, silent=silent))
+                rooms = self._remove(server)
+                self._gateway.event("server_removed", now, hostname=server.hostname, silent=silent,
+                                    rooms=rooms)
             elif silent >= config.disable_timeout and not server.disabled:
                 self._account(server, -1)
                 server.disabled = True
                 self.note_server(server)
-                log.warning("server %s disabled: no report for %.1f s; its rooms move on their "
-                            "next Connect", printable(server.hostname), silent, extra=fields(
-                                "server_disabled", hostname=server.hostname, silent=silent))
+                self._gateway.event("server_disabled", now, hostname=server.hostname, silent=silent)
         lifetime = config.login_token_lifetime
         candidates = set(self.placed)  # not every room: a tick must not cost more with more rooms
         for server in self.servers.values():
@@ -2467,6 +2623,8 @@ class Grid:
             room = self.rooms.get(digest)
             if room is not None and now - room.updated > lifetime:
                 self._unmap(digest)
+                self._gateway.event("room_gone", now, customer=room.customer, room=room.id,
+                                    server=room.server, reason="not reported while its tokens lived")
         self._recount()
 
     def _recount(self) -> None:
@@ -2476,15 +2634,18 @@ class Grid:
         for server in self.servers.values():
             self._account(server, +1)
 
-    def _remove(self, server: Server) -> None:
+    def _remove(self, server: Server) -> int:
+        """Forget a server and its rooms; how many rooms went with it."""
         self._account(server, -1)
         del self.servers[server.hostname]
         self._by_kid.pop(server.key.kid, None)
         journal, self.journal = self.journal, None  # one record says it all
-        for digest in [d for d, room in self.rooms.items() if room.server == server.hostname]:
+        gone = [d for d, room in self.rooms.items() if room.server == server.hostname]
+        for digest in gone:
             self._unmap(digest)
         self.journal = journal
         self._note(["forget", server.hostname])
+        return len(gone)
 
 
 # ---------------------------------------------------------------------------
@@ -2836,6 +2997,14 @@ def _want_bytes(value: Any) -> Optional[str]:
     return "must be an array of integers from 0 to 255"
 
 
+def _want_count(value: Any) -> Optional[str]:
+    return None if _is_integer(value) and value >= 0 else "must be a non-negative integer"
+
+
+def _want_positive(value: Any) -> Optional[str]:
+    return None if _is_integer(value) and value > 0 else "must be a positive integer"
+
+
 def _want_bool(value: Any) -> Optional[str]:
     return None if isinstance(value, bool) else "must be true or false"
 
@@ -3032,7 +3201,7 @@ class Gateway:
 
     PUBLIC_METHODS = ("Connect", "RoomClose", "RoomUpdate", "RoomBanClient", "RoomSendMessage")
     INTERNAL_METHODS = ("sfu.GridConfig", "sfu.Report", "GetConfig", "SubmitReport", "Info", "Drain",
-                        "Explain")
+                        "Explain", "Events")
 
     def __init__(self, config: Optional[Config] = None, *, clock: Callable[[], float] = time.time,
                  rng: Optional[random.Random] = None):
@@ -3046,6 +3215,9 @@ class Gateway:
                         "time.time gives; tokens carry such times, so each would be refused",
                         clock())
         self.rng = rng if rng is not None else random.Random()
+        self.started = clock()
+        self.events = EventFeed(self.config.max_events)
+        self.refusals: Dict[str, int] = {}  # customer -> Connects refused by a limit
         self.grid = Grid(self)
         self.stats: Dict[str, List[int]] = {}  # method -> [success, failure, rejected]
         # Clock time the warm-up ends (0: not warming up); see begin_warmup.
@@ -3072,7 +3244,21 @@ class Gateway:
             "Info": self.rpc_info,
             "Drain": self.rpc_drain,
             "Explain": self.rpc_explain,
+            "Events": self.rpc_events,
         }
+
+    def event(self, kind: str, now: Optional[float] = None, **values: Any) -> dict:
+        """Record an event (EVENT_KINDS) in the feed and log it: one record for both.
+
+        Cheap when its level is not logged: a dict appended to a deque.
+        """
+        record = self.events.add(kind, self.clock() if now is None else now, values)
+        level, message = EVENT_KINDS[kind]
+        if log.isEnabledFor(level):
+            shown = {name: _shown(value) for name, value in values.items()}
+            log.log(level, message.format(**shown),
+                    extra={"event": kind, "fields": dict(values, seq=record["seq"])})
+        return record
 
     # -- customers ----------------------------------------------------------
 
@@ -3112,11 +3298,11 @@ class Gateway:
         if kept:
             config = config.replace(**kept)
         self.config = config
+        self.events.resize(config.max_events)
         self._load_static_keys()
         self.grid.relabel()
-        log.info("config reloaded from %s: %s", config.source, self.customer_counts(),
-                 extra=fields("config_reloaded", source=config.source,
-                              customers=len(config.customers), keys=len(self._static_keys)))
+        self.event("config_reloaded", source=config.source, counts=self.customer_counts(),
+                   customers=len(config.customers), keys=len(self._static_keys))
 
     def customer_counts(self) -> str:
         """'2 customers with 3 usable access keys' of the config, for the start and reload lines."""
@@ -3141,8 +3327,7 @@ class Gateway:
                 if isinstance(customers, dict) else []
             if lists:  # an API's whole answer, {"customers": [...]}
                 problem += " (return the list itself, e.g. its %s)" % printable(repr(lists[0]), 40)
-            log.warning("customer update: keeping the previous keys: %s", problem,
-                        extra=fields("customers_kept", reason=problem))
+            self.event("customers_kept", reason=problem)
             return False
         usable: List[dict] = []
         seen: Dict[str, int] = {}
@@ -3151,10 +3336,9 @@ class Gateway:
             if not problem:
                 usable.append(customer)
             # One bad entry must not cost every other customer its keys; a list of bad
-            # ones must not flood the log at every update.
+            # ones must not flood the log (or the feed) at every update.
             elif index - len(usable) < MAX_SKIPPED_LOGGED:
-                log.warning("customer update: skipping %s", problem,
-                            extra=fields("customer_skipped", reason=problem))
+                self.event("customer_skipped", reason=problem)
         skipped = len(customers) - len(usable)
         if skipped > MAX_SKIPPED_LOGGED:
             log.warning("customer update: skipping %d more malformed entries",
@@ -3167,15 +3351,14 @@ class Gateway:
                         printable(repr(customer_id), 60))
         keys = load_customer_keys(customers)
         if not keys:
-            log.warning("customer update: keeping the previous keys: the update has no usable key",
-                        extra=fields("customers_kept", reason="no usable key"))
+            self.event("customers_kept", reason="the update has no usable key")
             return False
         self._dynamic_keys = keys
         self._dynamic_labels = customer_labels(customers)
         self._rebuild_authorizer()
-        log.info("customer update: %s of %s loaded", _counted(len(keys), "key"),
-                 _counted(len(customers), "customer"),
-                 extra=fields("customers_loaded", keys=len(keys), customers=len(customers)))
+        self.event("customers_loaded", counts="%s of %s" % (
+            _counted(len(keys), "key"), _counted(len(customers), "customer")),
+                   keys=len(keys), customers=len(customers))
         return True
 
     def labels_of(self, customer_id: str) -> Tuple[Optional[str], Optional[str]]:
@@ -3210,14 +3393,14 @@ class Gateway:
 
         licensee = auth.licensee
         peers, rooms = self.grid.usage_of(licensee.customer_id)
-        _check_limit(licensee, licensee.peer_limit, peers, "peers")  # every Connect
+        self._check_limit(licensee, licensee.peer_limit, peers, "peers")  # every Connect
 
         digest, (namespace, room_name) = _connect_room(auth)
         now = self.clock()
         # The room limit limits rooms (PROTOCOL.md 5.3): a Connect to a room that
         # lives on an answering server opens none, so only a new room is refused.
         if self.grid.server_of(digest, now) is None:
-            _check_limit(licensee, licensee.room_limit, rooms, "rooms")
+            self._check_limit(licensee, licensee.room_limit, rooms, "rooms")
         region, pool = self.labels_of(licensee.customer_id)  # a token cannot choose a pool
         server = self.grid.assign(digest, (namespace, room_name), licensee.customer_id, pinned, now,
                                   region=claimed_region or region, pool=pool)
@@ -3228,6 +3411,16 @@ class Gateway:
             "exp": nbf + self.config.login_token_lifetime, "nbf": nbf,
         }, server.key)
         return {"address": server.hostname, "token": token}
+
+    def _check_limit(self, licensee: Licensee, limit: Optional[int], usage: int, what: str) -> None:
+        """Refuse a Connect when the customer's usage has reached a limit of its licence."""
+        if limit is not None and not limit > usage:
+            customer = licensee.customer_id
+            # Customer ids of unknown_customers come from tokens: the count is bounded.
+            if customer in self.refusals or len(self.refusals) < MAX_COUNTED_CUSTOMERS:
+                self.refusals[customer] = self.refusals.get(customer, 0) + 1
+            self.event("limit_refused", customer=customer, limit=what, usage=usage, max=limit)
+            raise refused("%s limit exceeded" % what[:-1])
 
     def rpc_room_task(self, call: Call, params: dict, *, task: str) -> dict:
         """RoomClose, RoomUpdate, RoomBanClient, RoomSendMessage: queue the task
@@ -3345,10 +3538,8 @@ class Gateway:
         if server.draining != draining:
             server.draining = draining
             self.grid.note_server(server)
-            log.info("server %s %s by an operator", printable(hostname),
-                     "draining" if draining else "undrained",
-                     extra=fields("server_draining" if draining else "server_undrained",
-                                  hostname=hostname))
+            self.event("server_draining" if draining else "server_undrained", hostname=hostname,
+                       by="operator")
         return {"hostname": hostname, "draining": server.draining or server.reported_draining}
 
     def rpc_explain(self, call: Call, params: dict) -> dict:
@@ -3438,14 +3629,13 @@ class Gateway:
             return
         self.warmed = True
         self.warm_until = self.clock() + seconds
-        log.info("warming up: new rooms are placed in %g s, once every server has reported",
-                 seconds, extra=fields("warmup_started", seconds=seconds))
+        self.event("warmup_started", seconds=seconds)
 
     def warming_up(self, now: float) -> bool:
         """True during the warm-up; ends it (waking the waiting requests) when its time is up."""
         if self.warm_until and now >= self.warm_until:
             self.warm_until = 0.0
-            log.info("warm-up over: placing new rooms", extra=fields("warmup_over"))
+            self.event("warmup_over", now)
             self._changed()
         return self.warm_until > 0
 
@@ -3466,6 +3656,14 @@ class Gateway:
             return None
         return Postponed(self.warm_until - now, "the gateway is warming up: no server has reported "
                          "this room yet; try again in %d s" % math.ceil(self.warm_until - now))
+
+    def rpc_events(self, call: Call, params: dict) -> dict:
+        """The events after seq `after` (at most `limit`), for tools that tail the feed."""
+        p = Params(params)
+        after = p.take("after", _want_count, 0)
+        limit = p.take("limit", _want_positive, EVENTS_PAGE)
+        p.check()
+        return self.events.after(after, limit)
 
     # -- maintenance --------------------------------------------------------
 
@@ -3582,7 +3780,7 @@ class Gateway:
         parsed: the body's JSON, if already parsed (load_json_in_steps).
         """
         path = target.split("?", 1)[0]
-        if path in ("/health", "/ready", "/metrics"):
+        if path in OPERATIONS_PATHS:
             return self._operations(method, path, headers, stopping)
         if path == "/":
             methods = self.PUBLIC_METHODS
@@ -3648,7 +3846,8 @@ class Gateway:
 
     def _operations(self, method: str, path: str, headers: Dict[str, str],
                     stopping: bool) -> Response:
-        """GET /health, /ready and /metrics: for load balancers and Prometheus."""
+        """GET /health, /ready and /metrics: for load balancers and Prometheus;
+        /status and /status.json: for people."""
         if method not in ("GET", "HEAD"):
             return Response(405, _error_body(INVALID_REQUEST, "method not allowed: use GET"),
                             [("Allow", "GET, HEAD")])
@@ -3670,7 +3869,7 @@ class Gateway:
                     if count) or "none has reported"
                 return Response(503, dump_json({"status": "no server takes rooms: " + why}))
             return Response(200, dump_json({"status": "ready", "servers": enabled}))
-        if self.config.internal_users:  # /metrics is protected like /internal
+        if self.config.internal_users:  # /metrics and /status are protected like /internal
             if not headers.get("authorization"):
                 return _missing_credentials(basic=True)
             try:
@@ -3678,8 +3877,18 @@ class Gateway:
             except TokenError as err:
                 return Response(401, _error_body(INVALID_REQUEST, str(err)),
                                 [("WWW-Authenticate", 'Basic realm="odin-gateway"')])
+        if path == "/status":
+            # "replace": a lone surrogate in a reported name must not fail the page.
+            return Response(200, render_status_page(status_data(self)).encode("utf-8", "replace"),
+                            status_headers(), content_type="text/html; charset=utf-8")
+        if path == "/status.json":
+            return Response(200, dump_json(status_data(self)))
         return Response(200, render_metrics(self).encode("utf-8"),
                         content_type="text/plain; version=0.0.4; charset=utf-8")
+
+
+#: GET paths for operators (answered by Gateway._operations).
+OPERATIONS_PATHS = ("/health", "/ready", "/metrics", "/status", "/status.json")
 
 
 def _connect_room(auth: Authorization) -> Tuple[str, Tuple[str, str]]:
@@ -3726,15 +3935,6 @@ def _counted(count: int, noun: str) -> str:
     return "%d %s%s" % (count, noun, "" if count == 1 else "s")
 
 
-def _check_limit(licensee: Licensee, limit: Optional[int], usage: int, what: str) -> None:
-    """Refuse a Connect when the customer's usage has reached a limit of its licence."""
-    if limit is not None and not limit > usage:
-        log.info("Connect refused: customer %s has %d of %d %s", printable(licensee.customer_id),
-                 usage, limit, what, extra=fields("limit_refused", customer=licensee.customer_id,
-                                                  limit=what, usage=usage, max=limit))
-        raise refused("%s limit exceeded" % what[:-1])
-
-
 def _subject_filter(subjects: Any, methods: Tuple[str, ...]) -> Tuple[str, ...]:
     """The methods a token with sub may call: those it names, case-insensitively."""
     if isinstance(subjects, str):  # the common case, one method: no sets
@@ -3764,7 +3964,7 @@ def _toml_kind(value: Any) -> str:
 CONNECT_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1,
                    0.25, 0.5, 1.0)
 #: The path label of HTTP responses: a fixed set, never raw request paths.
-METRIC_PATHS = ("/", "/internal", "/metrics", "/health", "/ready")
+METRIC_PATHS = ("/", "/internal", "/metrics", "/health", "/ready", "/status", "/status.json")
 
 
 class Metrics:
@@ -3911,6 +4111,405 @@ def render_metrics(gateway: Gateway) -> str:
     family("odin_gateway_customer_keys", "gauge", "Customer access keys loaded.",
            [({}, len(gateway.authorizer.customer_keys))])
     return "\n".join(lines) + "\n"
+
+
+# ---------------------------------------------------------------------------
+# Status page: /status for people, /status.json for its live refresh
+# ---------------------------------------------------------------------------
+
+#: Most servers, customers and events /status shows, so that the page stays a
+#: few tens of KB (Info and Events have them all).
+STATUS_SERVERS = 60
+STATUS_CUSTOMERS = 40
+STATUS_EVENTS = 30
+#: Longest text shown in one place (a report may name a server with 100 KB);
+#: an event's, which says why, may be longer.
+STATUS_TEXT = 64
+STATUS_EVENT_TEXT = 160
+
+# The tables' columns: (heading, key in the row's entry, how it is shown). The
+# page's script draws the same columns from /status.json, so a new column is
+# one line here and one key in status_data(). Kinds: text, number; state
+# (taking rooms / draining / disabled); bar (a load, 0..1); age (seconds since
+# the last report: amber past update_interval, red past disable_timeout);
+# usage ([used, limit or None]).
+SERVER_COLUMNS = (
+    ("server", "hostname", "text"),
+    ("region", "region", "text"),
+    ("pools", "pools", "text"),
+    ("state", "state", "state"),
+    ("load", "load", "bar"),
+    ("estimated load", "estimated_load", "bar"),
+    ("clients", "clients", "number"),
+    ("rooms", "rooms", "number"),
+    ("peers", "peers", "number"),
+    ("last report", "age", "age"),
+    ("tasks", "tasks", "number"),
+    ("version", "version", "text"),
+)
+CUSTOMER_COLUMNS = (
+    ("customer", "id", "text"),
+    ("rooms", "rooms", "usage"),
+    ("peers", "peers", "usage"),
+    ("refused since start", "refused", "number"),
+)
+
+
+def exposure_warnings(gateway: Gateway) -> List[str]:
+    """What an operator must know is exposed, and how to fix it (logged at start,
+    shown on /status)."""
+    config = gateway.config
+    warnings = []
+    if _toml_reader is None:
+        warnings.append("%s (until then every server's sfu.GridConfig fails)" % NO_TOML_READER)
+    if config.master_key == DEFAULT_MASTER_KEY:
+        warnings.append("master_key is the well-known default: anyone can derive your servers' "
+                        "signing keys and forge room tokens; set a secret one "
+                        "(python odin_gateway.py keygen --master)")
+    elif len(config.master_key_bytes) < MIN_MASTER_KEY_BYTES:
+        warnings.append("master_key is only %d bytes long: use at least %d random bytes "
+                        "(python odin_gateway.py keygen --master makes one)"
+                        % (len(config.master_key_bytes), MIN_MASTER_KEY_BYTES))
+    for key in gateway.authorizer.customer_keys.values():
+        if key.verify_key.kid == PUBLISHED_DEMO_KID:
+            warnings.append("customer %r has the access key published in README.md (key id %s): "
+                            "anyone can sign tokens for it; remove it before the gateway faces a "
+                            "network" % (key.licensee.customer_id, PUBLISHED_DEMO_KID))
+    if not config.ssl and (config.certificate != SETTINGS["certificate"].default
+                           or config.private_key != SETTINGS["private_key"].default):
+        warnings.append("certificate and private_key are set but ssl is False: serving plain HTTP "
+                        "(set ssl = True, or --ssl, for HTTPS)")
+    if not config.internal_users:
+        warnings.append("/internal is open (internal_users is empty): anyone who reaches this port "
+                        "can register servers and read their signing keys, /metrics and /status; "
+                        "set internal_users or firewall the port")
+    if gateway.everything_goes:
+        warnings.append("no customers configured: every token is accepted as a demo customer "
+                        "without checking its signature; add customers to the config")
+    elif config.unknown_customers != "forbidden":
+        warnings.append("unknown_customers is not \"forbidden\": tokens with unknown key ids are "
+                        "accepted as demo customers without checking their signature")
+    return warnings
+
+
+def _duration(seconds: float) -> str:
+    """2 d 3 h, 3 h 5 min, 5 min 2 s or 42 s."""
+    seconds = int(max(seconds, 0))
+    for unit, size, smaller, small_size in (("d", 86400, "h", 3600), ("h", 3600, "min", 60),
+                                            ("min", 60, "s", 1)):
+        if seconds >= size:
+            return "%d %s %d %s" % (seconds // size, unit, seconds % size // small_size, smaller)
+    return "%d s" % seconds
+
+
+def _clip(value: Any, limit: int = STATUS_TEXT) -> Any:
+    """Text (also inside a list) cut to limit characters for the page."""
+    if isinstance(value, str) and len(value) > limit:
+        return value[:limit - 1] + "\u2026"
+    if isinstance(value, (list, tuple)):
+        return [_clip(part, limit) for part in value]
+    return value
+
+
+def _status_state(grid: Grid, server: Server, now: float) -> str:
+    if not grid.answering(server, now):  # silent for disable_timeout: disabled from then on
+        return "disabled"
+    return "taking rooms" if server.takes_rooms else "draining"
+
+
+def status_data(gateway: Gateway) -> dict:
+    """What /status shows, as /status.json returns it."""
+    config, grid, now = gateway.config, gateway.grid, gateway.clock()
+    servers = [{
+        "hostname": _clip(s.hostname), "region": _clip(s.region or ""),
+        "pools": _clip(", ".join(s.pools)), "state": _status_state(grid, s, now), "load": s.load,
+        "estimated_load": round(s.estimated_load(), 4), "clients": s.report["clients"],
+        "rooms": len(s.room_hashes), "peers": sum(peers for peers, _rooms in s.usage.values()),
+        "age": round(now - s.last_seen, 1), "tasks": len(s.tasks), "version": _clip(s.version),
+    } for s in sorted(grid.servers.values(), key=lambda s: s.hostname)]
+    licensees = {key.licensee.customer_id: key.licensee
+                 for key in gateway.authorizer.customer_keys.values()}
+    unknown = config.unknown_customers
+    default_limits = ((_pick(unknown, "max_rooms"), _pick(unknown, "max_peers"))
+                      if unknown != "forbidden" else (None, None))
+    customers = []
+    for customer in set(licensees) | set(grid.reported) | set(grid.pending) | set(gateway.refusals):
+        peers, rooms = grid.usage_of(customer)
+        licensee = licensees.get(customer)
+        room_limit, peer_limit = ((licensee.room_limit, licensee.peer_limit) if licensee is not None
+                                  else default_limits)
+        customers.append({"id": _clip(customer), "rooms": [rooms, room_limit], "peers": [peers, peer_limit],
+                          "refused": gateway.refusals.get(customer, 0)})
+    customers.sort(key=lambda c: (-c["peers"][0], -c["rooms"][0], c["id"]))
+    events = [dict({name: _clip(value, STATUS_EVENT_TEXT) for name, value in event.items()},
+                   level=logging.getLevelName(EVENT_KINDS[event["kind"]][0]).lower())
+              for event in gateway.events.newest(STATUS_EVENTS)]
+    keys = len(gateway.authorizer.customer_keys)
+    return {
+        "gateway": {"version": __version__, "time": now, "started": gateway.started,
+                    "placement": config.placement, "customers": len(licensees), "keys": keys,
+                    "servers": len(grid.servers), "rooms": len(grid.rooms),
+                    "update_interval": config.update_interval,
+                    "disable_timeout": config.disable_timeout},
+        "facts": [["version", __version__], ["up", _duration(now - gateway.started)],
+                  ["placement", config.placement],
+                  ["customers", "%d (%d keys)" % (len(licensees), keys)],
+                  ["servers", str(len(grid.servers))], ["rooms", str(len(grid.rooms))]]
+        + ([["warming up", "new rooms placed in %d s" % math.ceil(gateway.warm_until - now)]]
+           if gateway.warm_until > now else []),
+        "warnings": exposure_warnings(gateway),
+        "columns": {"servers": SERVER_COLUMNS, "customers": CUSTOMER_COLUMNS},
+        "servers": servers[:STATUS_SERVERS], "more_servers": max(0, len(servers) - STATUS_SERVERS),
+        "customers": customers[:STATUS_CUSTOMERS],
+        "more_customers": max(0, len(customers) - STATUS_CUSTOMERS),
+        "events": events,
+    }
+
+
+# The page renders the same data twice: here as HTML, for the first view
+# (readable without JavaScript), and in _STATUS_SCRIPT from /status.json at
+# every refresh. Both put text only where text goes (escaped here, textContent
+# there): hostnames, room ids and customer ids come from requests.
+
+def _esc(value: Any) -> str:
+    return html.escape(str(value), quote=True)
+
+
+def _number(value: Any) -> str:
+    """As the script's fmt(): whole numbers plain, others with two decimals."""
+    if isinstance(value, float) and not value.is_integer():
+        return "%.2f" % value
+    return "%d" % value if isinstance(value, (int, float)) else _esc(value)
+
+
+def _bar(fraction: float, high: bool) -> str:
+    width = int(min(max(fraction, 0.0), 1.0) * 100 + 0.5)
+    return '<span class="bar%s"><span style="width:%d%%"></span></span>' % (" high" if high else "", width)
+
+
+def _cell(kind: str, value: Any, gateway: dict) -> str:
+    if kind == "number":
+        return '<td class="number">%s</td>' % _number(value)
+    if kind == "state":
+        return '<td class="state %s">%s</td>' % (_esc(value.split(" ")[0]), _esc(value))
+    if kind == "bar":
+        return "<td>%s%s</td>" % (_bar(value, value >= 0.9), _number(value))
+    if kind == "age":
+        late = (" silent" if value > gateway["disable_timeout"] else
+                " late" if value > gateway["update_interval"] else "")
+        return '<td class="number%s">%.1f s</td>' % (late, value)
+    if kind == "usage":
+        used, limit = value
+        if limit is None:
+            return "<td>%d / no limit</td>" % used
+        return "<td>%s%d / %d</td>" % (_bar(used / limit if limit else 1.0, used >= limit), used, limit)
+    return "<td>%s</td>" % _esc(value)
+
+
+def _rows(columns: Any, entries: List[dict], more: int, gateway: dict, empty: str) -> str:
+    rows = ["<tr>%s</tr>" % "".join(_cell(kind, entry[key], gateway) for _h, key, kind in columns)
+            for entry in entries]
+    if not entries or more:
+        rows.append('<tr><td class="more" colspan="%d">%s</td></tr>' % (
+            len(columns), "and %d more" % more if entries else _esc(empty)))
+    return "".join(rows)
+
+
+def _event_text(value: Any) -> str:
+    """An event field as the script's text(): a room as namespace/name."""
+    if isinstance(value, (list, tuple)):
+        return "/".join(str(part) for part in value)
+    if isinstance(value, bool) or value is None:
+        return json.dumps(value)
+    if isinstance(value, float) and not value.is_integer():
+        return "%.1f" % value
+    if isinstance(value, str) and " " in value:
+        return '"%s"' % value
+    return "%d" % value if isinstance(value, float) else str(value)
+
+
+def _event_details(event: dict) -> str:
+    """An event's fields as name=value pairs, as the script's details."""
+    return " ".join("%s=%s" % (name, _event_text(value)) for name, value in event.items()
+                    if name not in ("seq", "time", "kind", "level") and value is not None)
+
+
+def _event_item(event: dict) -> str:
+    return '<li class="%s"><time>%s</time> <b>%s</b> %s</li>' % (
+        _esc(event["level"]), time.strftime("%H:%M:%S", time.gmtime(event["time"])),
+        _esc(event["kind"]), _esc(_event_details(event)))
+
+
+def _table(name: str, columns: Any, body: str) -> str:
+    head = "".join("<th>%s</th>" % _esc(heading) for heading, _key, _kind in columns)
+    return '<table id="%s"><thead><tr>%s</tr></thead><tbody>%s</tbody></table>' % (name, head, body)
+
+
+def render_status_page(data: dict) -> str:
+    """The whole /status page: inline CSS and script, no outside resources."""
+    gateway = data["gateway"]
+    facts = "".join("<span>%s <b>%s</b></span>" % (_esc(label), _esc(text))
+                    for label, text in data["facts"])
+    warnings = "".join('<p class="band warning">%s</p>' % _esc(text) for text in data["warnings"])
+    servers = _rows(SERVER_COLUMNS, data["servers"], data["more_servers"], gateway,
+                    "no server has reported yet")
+    customers = _rows(CUSTOMER_COLUMNS, data["customers"], data["more_customers"], gateway,
+                      "no customers")
+    events = "".join(_event_item(event) for event in data["events"])
+    return _STATUS_PAGE % {
+        "css": _STATUS_CSS, "script": _STATUS_SCRIPT, "refresh": _number(gateway["update_interval"]),
+        "facts": facts, "warnings": warnings,
+        "servers": _table("servers", SERVER_COLUMNS, servers),
+        "customers": _table("customers", CUSTOMER_COLUMNS, customers), "events": events}
+
+
+def status_headers() -> List[Tuple[str, str]]:
+    """A strict Content-Security-Policy: only the page's own script runs."""
+    digest = binascii.b2a_base64(hashlib.sha256(_STATUS_SCRIPT.encode("utf-8")).digest(),
+                                 newline=False).decode()
+    return [("Content-Security-Policy", "default-src 'none'; style-src 'unsafe-inline'; "
+             "script-src 'sha256-%s'; connect-src 'self'; img-src data:; base-uri 'none'; "
+             "form-action 'none'; frame-ancestors 'none'" % digest),
+            ("X-Content-Type-Options", "nosniff"), ("Referrer-Policy", "no-referrer")]
+
+
+_STATUS_PAGE = """<!DOCTYPE html>
+<html lang="en"><head><meta charset="utf-8">
+<meta name="viewport" content="width=device-width, initial-scale=1">
+<link rel="icon" href="data:,"><title>ODIN gateway status</title>
+<style>%(css)s</style></head>
+<body data-refresh="%(refresh)s">
+<h1>ODIN gateway</h1>
+<p id="notice" class="band" hidden></p>
+<p id="facts" class="facts">%(facts)s</p>
+<div id="warnings">%(warnings)s</div>
+<h2>Servers</h2>
+%(servers)s
+<h2>Customers</h2>
+%(customers)s
+<h2>Newest events</h2>
+<ol id="events" class="events">%(events)s</ol>
+<noscript><p>Without JavaScript this page does not refresh itself: reload it.</p></noscript>
+<script>%(script)s</script>
+</body></html>
+"""
+
+_STATUS_CSS = """
+:root{color-scheme:light;--ok:#15803d;--warn:#b45309;--bad:#b91c1c;--bar:#2563eb;--line:#e5e7eb}
+body{font:14px/1.45 system-ui,sans-serif;margin:1.2em auto;max-width:76em;padding:0 1em;color:#111}
+h1{font-size:1.35em;margin:0 0 .2em}h2{font-size:1.05em;margin:1.4em 0 .4em}
+.facts span{margin-right:1.4em;color:#555}.facts b{color:#111}
+.band{padding:.45em .8em;border-radius:4px;margin:.4em 0}
+.warning.band{background:#fef3c7;color:#78350f}#notice{background:var(--bad);color:#fff;font-weight:600}
+table{border-collapse:collapse;width:100%}
+th{font-weight:600;color:#555;font-size:.9em}
+th,td{padding:.28em .55em;border-bottom:1px solid var(--line);text-align:left;white-space:nowrap}
+td.number{text-align:right;font-variant-numeric:tabular-nums}td.more{color:#666;font-style:italic}
+.state{font-weight:600}.taking{color:var(--ok)}.draining{color:var(--warn)}.disabled{color:var(--bad)}
+.bar{display:inline-block;width:5em;height:.65em;background:var(--line);border-radius:2px;
+vertical-align:middle;margin-right:.5em;overflow:hidden}
+.bar>span{display:block;height:100%;background:var(--bar)}.bar.high>span{background:var(--bad)}
+.late{color:var(--warn);font-weight:600}.silent{color:var(--bad);font-weight:600}
+.events{list-style:none;padding:0;margin:0;font:12.5px/1.5 ui-monospace,monospace}
+.events li{border-bottom:1px solid var(--line);white-space:pre-wrap;overflow-wrap:anywhere}
+.events time{color:#666}.events .warning b,.events .error b{color:var(--warn)}
+"""
+
+_STATUS_SCRIPT = """
+"use strict";
+(() => {
+  const every = 1000 * (Number(document.body.dataset.refresh) || 5);
+  const $ = (id) => document.getElementById(id);
+  const el = (tag, cls, text) => {
+    const node = document.createElement(tag);
+    if (cls) node.className = cls;
+    if (text !== undefined) node.textContent = text;
+    return node;
+  };
+  const fmt = (v) => typeof v === "number" && !Number.isInteger(v) ? v.toFixed(2) : String(v);
+  const text = (v) => Array.isArray(v) ? v.join("/") :
+    typeof v === "number" && !Number.isInteger(v) ? v.toFixed(1) :
+    typeof v === "string" && v.includes(" ") ? '"' + v + '"' : String(v);
+  const clock = (t) => new Date(t * 1000).toISOString().slice(11, 19);
+  function bar(fraction, high) {
+    const outer = el("span", high ? "bar high" : "bar"), inner = el("span");
+    inner.style.width = Math.round(Math.min(Math.max(fraction, 0), 1) * 100) + "%";
+    outer.append(inner);
+    return outer;
+  }
+  function cell(kind, v, g) {
+    const td = el("td");
+    if (kind === "number") { td.className = "number"; td.textContent = fmt(v); }
+    else if (kind === "state") { td.className = "state " + v.split(" ")[0]; td.textContent = v; }
+    else if (kind === "bar") td.append(bar(v, v >= 0.9), fmt(v));
+    else if (kind === "age") {
+      td.className = "number" + (v > g.disable_timeout ? " silent" : v > g.update_interval ? " late" : "");
+      td.textContent = v.toFixed(1) + " s";
+    } else if (kind === "usage") {
+      if (v[1] === null) td.textContent = v[0] + " / no limit";
+      else td.append(bar(v[1] ? v[0] / v[1] : 1, v[0] >= v[1]), v[0] + " / " + v[1]);
+    } else td.textContent = v;
+    return td;
+  }
+  function rows(id, columns, entries, more, g, empty) {
+    const out = entries.map((entry) => {
+      const tr = el("tr");
+      for (const [, key, kind] of columns) tr.append(cell(kind, entry[key], g));
+      return tr;
+    });
+    if (!entries.length || more) {
+      const tr = el("tr"), td = el("td", "more", entries.length ? "and " + more + " more" : empty);
+      td.colSpan = columns.length;
+      tr.append(td);
+      out.push(tr);
+    }
+    $(id).tBodies[0].replaceChildren(...out);
+  }
+  function render(d) {
+    $("facts").replaceChildren(...d.facts.map(([label, value]) => {
+      const span = el("span", "", label + " ");
+      span.append(el("b", "", value));
+      return span;
+    }));
+    $("warnings").replaceChildren(...d.warnings.map((w) => el("p", "band warning", w)));
+    rows("servers", d.columns.servers, d.servers, d.more_servers, d.gateway, "no server has reported yet");
+    rows("customers", d.columns.customers, d.customers, d.more_customers, d.gateway, "no customers");
+    $("events").replaceChildren(...d.events.map((e) => {
+      const li = el("li", e.level), details = [];
+      for (const [name, value] of Object.entries(e))
+        if (!["seq", "time", "kind", "level"].includes(name) && value !== null)
+          details.push(name + "=" + text(value));
+      li.append(el("time", "", clock(e.time)), " ", el("b", "", e.kind), " " + details.join(" "));
+      return li;
+    }));
+  }
+  let lastGood = new Date(), failing = false;
+  async function refresh() {
+    const abort = new AbortController(), timer = setTimeout(() => abort.abort(), every);
+    try {
+      // Not fetch("status.json"): on a page opened with user:password@ in its
+      // URL that resolves to a URL with credentials, which fetch refuses.
+      const url = new URL("status.json", location.origin + location.pathname);
+      const answer = await fetch(url, {cache: "no-store", signal: abort.signal});
+      if (!answer.ok) throw new Error("it answered HTTP " + answer.status);
+      render(await answer.json());
+      lastGood = new Date();
+      failing = false;
+      $("notice").hidden = true;
+    } catch (err) {
+      failing = true;
+      $("notice").textContent = "The gateway is not answering (" + (err.name === "AbortError" ?
+        "no answer in time" : err.message) + "). What you see is from " +
+        lastGood.toLocaleTimeString() + "; trying again every " + every / 1000 + " s.";
+      $("notice").hidden = false;
+    } finally {
+      clearTimeout(timer);
+      setTimeout(refresh, every);
+    }
+  }
+  setTimeout(refresh, every);
+})();
+"""
 
 
 # ---------------------------------------------------------------------------
@@ -4657,12 +5256,13 @@ class Connection(asyncio.Protocol):
 
     # -- the one deadline ---------------------------------------------------
 
-    def arm(self, deadline: str, seconds: float) -> None:
+    def arm(self, deadline: str) -> None:
         """Set the connection's deadline: "first byte", "idle", "head", "body",
-        "write" (the client reads no more of an answer), "linger" or "stop".
-        The timer only moves when it must fire earlier than it is set to."""
+        "write" (the client reads no more of an answer), "linger" or "stop",
+        each as long as its setting says (Config.deadline). The timer only
+        moves when it must fire earlier than it is set to."""
         self.deadline = deadline
-        self.until = until = self.server.loop.time() + seconds
+        self.until = until = self.server.loop.time() + self.server.gateway.config.deadline(deadline)
         if self.timer is None or until < self.scheduled:
             if self.timer is not None:
                 self.timer.cancel()
@@ -4696,12 +5296,9 @@ class Connection(asyncio.Protocol):
             self.transport.abort()
 
     def _arm_for_phase(self) -> None:
-        config = self.server.gateway.config
         phase = self.framing.phase  # type: ignore[union-attr]
-        if phase == "idle":
-            self.arm("idle", config.keep_alive_timeout)
-        elif phase != self.deadline:  # head, body: from the first byte on
-            self.arm(phase, config.read_timeout)
+        if phase == "idle" or phase != self.deadline:  # head, body: once, as they begin
+            self.arm(phase)
 
     # -- asyncio.Protocol ---------------------------------------------------
 
@@ -4724,7 +5321,7 @@ class Connection(asyncio.Protocol):
             transport.max_size = config.receive_size
         transport.set_write_buffer_limits(high=config.max_write_buffer)
         self.framing = HttpFraming(config, date=server.date, request_lines=server.request_lines)
-        self.arm("first byte", config.read_timeout)
+        self.arm("first byte")
 
     def data_received(self, data: bytes) -> None:
         if self.lingering:
@@ -4750,7 +5347,7 @@ class Connection(asyncio.Protocol):
             self.process()
         if not (self.closing or self.pending is not None) and self.transport is not None:
             self.flush()
-            self.arm("linger", self.server.gateway.config.linger_timeout)
+            self.arm("linger")
             self.transport.close()
         return True  # closed by us, once the answers are out
 
@@ -4772,12 +5369,12 @@ class Connection(asyncio.Protocol):
     def pause_writing(self) -> None:
         self.writing_paused = True
         self._pause_reading()
-        self.arm("write", self.server.gateway.config.write_timeout)
+        self.arm("write")
 
     def resume_writing(self) -> None:
         self.writing_paused = False
         if self.pending is not None:
-            self.arm("write", self.server.gateway.config.write_timeout)  # it reads: progress
+            self.arm("write")  # it reads: progress
             self._write_pending()
         elif not self.closing:
             self._unblock()
@@ -4800,7 +5397,7 @@ class Connection(asyncio.Protocol):
                 self.send(CONTINUE_ANSWER)
             elif event is CLOSED:
                 self.flush()
-                self.arm("linger", server.gateway.config.linger_timeout)
+                self.arm("linger")
                 self.transport.close()
                 return
             else:
@@ -4880,7 +5477,7 @@ class Connection(asyncio.Protocol):
         self.pending = memoryview(data)
         self.server.unsent += len(data)
         self._pause_reading()
-        self.arm("write", self.server.gateway.config.write_timeout)
+        self.arm("write")
         self._write_pending()
 
     def flush(self) -> None:
@@ -4921,12 +5518,12 @@ class Connection(asyncio.Protocol):
         until the client closes, for linger_timeout at most."""
         transport = self.transport
         if self.framing is not None and self.framing.eof or not transport.can_write_eof():
-            self.arm("linger", self.server.gateway.config.linger_timeout)
+            self.arm("linger")
             transport.close()
             return
         transport.write_eof()
         self.lingering = True
-        self.arm("linger", self.server.gateway.config.linger_timeout)
+        self.arm("linger")
         if self.reading_paused:
             self.reading_paused = False
             transport.resume_reading()
@@ -5031,7 +5628,7 @@ class GatewayServer:
                         asyncio.ensure_future(_customer_timer(self.gateway))]
         self.gateway.on_change.append(self.changed.fire)
         self.gateway.begin_warmup()
-        log.info("listening on %s", self.url, extra=fields("listening", url=self.url))
+        self.gateway.event("listening", url=self.url)
 
     def _check_open_files(self, wanted: int) -> int:
         """Connections this process can hold open: raise the open-file limit for
@@ -5108,7 +5705,7 @@ class GatewayServer:
             self.force_exit(1)
             return
         self.stopping = True  # from now on, answers close their connections
-        log.info("stopping: finishing requests in flight", extra=fields("stopping"))
+        self.gateway.event("stopping")
         self.request_stop()
 
     # -- stop ---------------------------------------------------------------
@@ -5139,7 +5736,7 @@ class GatewayServer:
                     and not connection.out and connection.pending is None):
                 connection.transport.abort()  # nothing in flight; abort skips TLS's goodbye
             else:
-                connection.arm("stop", config.shutdown_timeout)
+                connection.arm("stop")
         for connection in list(self.refusing):
             connection.transport.abort()
         if not await self._all_closed(config.shutdown_timeout + 1):
@@ -5161,7 +5758,7 @@ class GatewayServer:
             self._log_summary()
         if self.loop.get_exception_handler() == self._loop_exception:
             self.loop.set_exception_handler(self._previous_exception_handler)
-        log.info("stopped listening on %s", self.url, extra=fields("stopped", url=self.url))
+        self.gateway.event("stopped", url=self.url)
 
     # -- answers that wait: warm-up, the state file, Info's turns ---------------
 
@@ -5375,21 +5972,18 @@ async def update_customers(gateway: Gateway) -> bool:
             # a new hung thread behind at every update_interval.
             running = gateway.customer_update_thread
             if running is not None and running.is_alive():
-                log.warning("customer update: keeping the previous keys: the last call has not "
-                            "returned yet", extra=fields("customers_kept", reason="still running"))
+                gateway.event("customers_kept", reason="the last call has not returned yet")
                 return False
             future, gateway.customer_update_thread = _in_daemon_thread(function)
             customers = await asyncio.wait_for(future, timeout)
             if inspect.isawaitable(customers):
                 customers = await asyncio.wait_for(customers, timeout)
     except asyncio.TimeoutError:
-        log.warning("customer update: keeping the previous keys: no answer within %g s", timeout,
-                    extra=fields("customers_kept", reason="timeout"))
+        gateway.event("customers_kept", reason="no answer within %g s" % timeout)
         return False
     except (Exception, SystemExit) as err:
-        log.warning("customer update: keeping the previous keys: the function raised %s: %s",
-                    type(err).__name__, printable(err),
-                    extra=fields("customers_kept", reason="%s: %s" % (type(err).__name__, err)))
+        gateway.event("customers_kept", reason="the function raised %s: %s" % (
+            type(err).__name__, err))
         return False
     return gateway.set_customers(customers)
 
@@ -5803,6 +6397,115 @@ def run_demo(out: Any = None) -> int:
     return 0
 
 
+#: The demo --serve timeline, in steps of DEMO_STEP seconds; it repeats.
+DEMO_STEP = 0.5
+DEMO_CYCLE = 120  # steps: one minute
+DEMO_TIMELINE = {20: "drain", 40: "silence", 70: "undrain", 80: "return"}
+
+
+def serve_demo(out: Any = None, *, port: int = 0, stop: Optional[threading.Event] = None,
+               seed: Optional[int] = None) -> int:
+    """Keep a demo grid going until Ctrl-C (or stop is set): the demo --serve command.
+
+    Three fake servers report every 2 s; clients of two customers join and
+    leave rooms, a backend closes some; a server drains and undrains, another
+    falls silent and comes back; globex keeps meeting its room limit. The
+    terminal shows the event feed; the status page shows the grid.
+    """
+    out = out or sys.stdout
+    stop = stop or threading.Event()
+    rng = random.Random(seed)
+    keys = {"acme": generate_access_key(), "globex": generate_access_key()}
+    rooms = {"acme": ["lobby", "arena-1", "arena-2", "arena-3", "quiz"],
+             "globex": ["standup", "retro", "planning", "all-hands"]}
+    config = Config(host="127.0.0.1", port=port, update_interval=2, disable_timeout=5,
+                    master_key=b64_encode(os.urandom(32)), server_labels=[
+                        {"match": "sfu-[ab].*", "region": "eu-central"},
+                        {"match": "sfu-c.*", "region": "us-east"}], customers=[
+                        {"id": "acme", "max_peers": 40, "max_rooms": 6,
+                         "access_keys": [{"public_key": public_jwk(keys["acme"])}]},
+                        {"id": "globex", "max_peers": 20, "max_rooms": 3,
+                         "access_keys": [{"public_key": public_jwk(keys["globex"])}]}])
+    with serve_in_thread(config, "127.0.0.1", port) as server:
+        internal = server.url + "/internal"
+        fakes = {}
+        for name in ("sfu-a", "sfu-b", "sfu-c"):
+            fake = FakeServer(internal, "%s.local:4433" % name, version="demo")
+            fake.grid_config()
+            fake.start()
+            fakes[fake.public_endpoint] = fake
+        peers: Dict[Tuple[str, str], int] = {}  # (customer, room) -> peers
+        hosts: Dict[Tuple[str, str], FakeServer] = {}
+        print("ODIN gateway demo, served: watch it at %s/status" % server.url, file=out)
+        print("The grid keeps moving until Ctrl-C; the gateway's events follow.\n", file=out, flush=True)
+
+        def join(customer: str, room: str) -> None:
+            token = create_token(keys[customer], room, "user-%d" % rng.randrange(1000))
+            try:
+                address = RpcClient(server.url + "/", token=token).call("Connect")["address"]
+            except RpcError:
+                return  # refused: the feed shows why
+            key = (customer, room)
+            if key in hosts and hosts[key].public_endpoint != address:
+                hosts[key].remove_room(room, customer)  # it moved off a silent server
+            hosts[key] = fakes[address]
+            peers[key] = peers.get(key, 0) + 1
+            fakes[address].add_room(room, customer, peers=peers[key])
+
+        def leave(key: Tuple[str, str]) -> None:
+            peers[key] -= 1
+            if peers[key]:
+                hosts[key].add_room(key[1], key[0], peers=peers[key])
+            else:
+                hosts.pop(key).remove_room(key[1], key[0])
+                del peers[key]
+
+        def close(key: Tuple[str, str]) -> None:
+            admin = create_token(keys[key[0]], key[1], "backend", subject="roomclose")
+            RpcClient(server.url + "/", token=admin).call("RoomClose", {"room_id": key[1]})
+            del peers[key], hosts[key]  # the server closes it when the task arrives
+
+        def script(step: str) -> None:
+            if step in ("drain", "undrain"):
+                RpcClient(internal).call("Drain", {"hostname": "sfu-b.local:4433",
+                                                   "draining": step == "drain"})
+            elif step == "silence":
+                fakes["sfu-c.local:4433"].stop()
+            else:
+                fakes["sfu-c.local:4433"].start()
+
+        seen = 0
+        try:
+            step = 0
+            while not stop.wait(DEMO_STEP):
+                step += 1
+                if step % DEMO_CYCLE in DEMO_TIMELINE:
+                    script(DEMO_TIMELINE[step % DEMO_CYCLE])
+                chance = rng.random()
+                if chance < 0.62 or not peers:
+                    customer = rng.choice(sorted(rooms))
+                    join(customer, rng.choice(rooms[customer]))
+                elif chance < 0.96:
+                    leave(rng.choice(sorted(peers)))
+                else:
+                    close(rng.choice(sorted(peers)))
+                for fake in fakes.values():
+                    load = sum(n for key, n in peers.items() if hosts[key] is fake) / 20
+                    fake.set_load(round(min(load, 1.0), 2))
+                page = server.call(lambda: server.gateway.events.after(seen, 100))
+                for event in page["events"]:
+                    print("%s %-16s %s" % (time.strftime("%H:%M:%S", time.gmtime(event["time"])),
+                                           event["kind"], _event_details(event)), file=out, flush=True)
+                seen = page["next"]
+        except KeyboardInterrupt:
+            pass
+        finally:
+            for fake in fakes.values():
+                fake.stop()
+    print("\nDemo stopped.", file=out)
+    return 0
+
+
 def _short(value: Any, limit: int = 100) -> str:
     text = js_json(value)
     return text if len(text) <= limit else text[:limit - 3] + "..."
@@ -5854,36 +6557,8 @@ def configure_logging(level: str, fmt: str, stream: Any = None) -> None:
 
 def warn_about_exposure(gateway: Gateway) -> None:
     """Say at start what an operator must know is exposed, and how to fix it."""
-    config = gateway.config
-    if _toml_reader is None:
-        log.warning("%s (until then every server's sfu.GridConfig fails)", NO_TOML_READER)
-    if config.master_key == DEFAULT_MASTER_KEY:
-        log.warning("master_key is the well-known default: anyone can derive your servers' "
-                    "signing keys and forge room tokens; set a secret one "
-                    "(python odin_gateway.py keygen --master)")
-    elif len(config.master_key_bytes) < MIN_MASTER_KEY_BYTES:
-        log.warning("master_key is only %d bytes long: use at least %d random bytes "
-                    "(python odin_gateway.py keygen --master makes one)",
-                    len(config.master_key_bytes), MIN_MASTER_KEY_BYTES)
-    for key in gateway.authorizer.customer_keys.values():
-        if key.verify_key.kid == PUBLISHED_DEMO_KID:
-            log.warning("customer %r has the access key published in README.md (key id %s): "
-                        "anyone can sign tokens for it; remove it before the gateway faces a "
-                        "network", key.licensee.customer_id, PUBLISHED_DEMO_KID)
-    if not config.ssl and (config.certificate != SETTINGS["certificate"].default
-                           or config.private_key != SETTINGS["private_key"].default):
-        log.warning("certificate and private_key are set but ssl is False: serving plain HTTP "
-                    "(set ssl = True, or --ssl, for HTTPS)")
-    if not config.internal_users:
-        log.warning("/internal is open (internal_users is empty): anyone who reaches this port "
-                    "can register servers and read their signing keys; set internal_users or "
-                    "firewall the port")
-    if gateway.everything_goes:
-        log.warning("no customers configured: every token is accepted as a demo customer "
-                    "without checking its signature; add customers to the config")
-    elif config.unknown_customers != "forbidden":
-        log.warning("unknown_customers is not \"forbidden\": tokens with unknown key ids are "
-                    "accepted as demo customers without checking their signature")
+    for warning in exposure_warnings(gateway):
+        log.warning("%s", warning)
 
 
 def _ssl_context(config: Config) -> ssl_module.SSLContext:
@@ -5979,11 +6654,17 @@ def build_parser(command: str = "serve") -> CommandParser:
                             help="customer id for the printed config entry (default: my-customer)")
         return parser
     if command == "demo":
-        return CommandParser(
+        parser = CommandParser(
             prog="odin_gateway.py demo", formatter_class=formatter,
             description="Run the whole protocol on this machine in under a second and narrate "
                         "it: a gateway, two fake media servers, clients, an admin task, and a "
                         "server falling silent.")
+        parser.add_argument("--serve", action="store_true",
+                            help="instead, keep a demo grid going until Ctrl-C and print the "
+                                 "URL of its status page")
+        parser.add_argument("--port", type=int, default=0,
+                            help="port of the --serve gateway on 127.0.0.1 (0: a free one)")
+        return parser
     if command == "token":
         parser = CommandParser(
             prog="odin_gateway.py token", formatter_class=formatter,
@@ -6199,8 +6880,7 @@ async def _run(gateway: Gateway, ssl_context: Optional[ssl_module.SSLContext],
         try:
             new_config = reload()  # type: ignore[misc]
         except ConfigError as err:
-            log.error("config reload refused, the running config stays: %s", err,
-                      extra=fields("config_reload_refused", reason=str(err)))
+            gateway.event("config_reload_refused", reason=str(err))
             return
         configure_logging(new_config.log_level, new_config.log_format)
         gateway.reload(new_config)
@@ -6245,7 +6925,8 @@ def main(argv: Optional[List[str]] = None) -> int:
         configure_logging("ERROR", "pretty")  # the narration says what happens
     if command != "serve":
         return _printing({"keygen": keygen_command, "token": token_command,
-                          "demo": lambda _args: run_demo()}[command], args)
+                          "demo": lambda _args: serve_demo(port=_args.port) if _args.serve
+                          else run_demo()}[command], args)
     configure_logging("INFO", "pretty")  # until the config says otherwise
     started_from = os.path.isfile(args.config)
     try:

@@ -12,6 +12,8 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
+import functools
+import html.parser
 import io
 import json
 import logging
@@ -28,6 +30,8 @@ import subprocess
 import sys
 import threading
 import time
+import types
+import urllib.request
 
 import pytest
 
@@ -2086,6 +2090,161 @@ def test_the_date_header_is_formatted_once_a_second_per_server():
 
 
 # ---------------------------------------------------------------------------
+# Connection deadlines: each bounded by its own setting (time moved by hand)
+# ---------------------------------------------------------------------------
+
+
+class ManualLoop:
+    """The loop calls a Connection makes, with time moved by hand: nothing sleeps."""
+
+    def __init__(self):
+        self.now = 1000.0
+        self.timers = []  # [when, callback, cancelled]
+
+    def time(self):
+        return self.now
+
+    def call_at(self, when, callback, *args):
+        timer = [when, functools.partial(callback, *args), False]
+        self.timers.append(timer)
+        return types.SimpleNamespace(cancel=lambda: timer.__setitem__(2, True))
+
+    def call_soon(self, callback, *args):
+        return self.call_at(self.now, callback, *args)
+
+    def advance(self, seconds):
+        self.now += seconds
+        while True:
+            due = [t for t in self.timers if t[0] <= self.now and not t[2]]
+            if not due:
+                return
+            timer = min(due, key=lambda t: t[0])
+            self.timers.remove(timer)
+            timer[1]()
+
+
+class RecordingTransport:
+    """A transport that keeps what is written and how it was ended."""
+
+    def __init__(self):
+        self.written = b""
+        self.ended = None  # "closed" or "aborted"
+
+    def get_extra_info(self, name):
+        return ("127.0.0.1", 50000) if name == "peername" else None
+
+    def set_write_buffer_limits(self, high):
+        pass
+
+    def write(self, data):
+        self.written += data
+
+    def close(self):
+        self.ended = self.ended or "closed"
+
+    def abort(self):
+        self.ended = "aborted"
+
+    def is_closing(self):
+        return self.ended is not None
+
+    def get_write_buffer_size(self):
+        return 0
+
+    def can_write_eof(self):
+        return True
+
+    def write_eof(self):
+        pass
+
+    def pause_reading(self):
+        pass
+
+    def resume_reading(self):
+        pass
+
+
+#: Each deadline a different length, none of them read_timeout's.
+DEADLINES = dict(read_timeout=50, first_byte_timeout=1, head_timeout=2, body_timeout=3,
+                 keep_alive_timeout=4, write_timeout=5, shutdown_timeout=6, linger_timeout=7)
+
+
+def connection_by_hand(**settings):
+    server = og.GatewayServer(make_gateway(**dict(DEADLINES, **settings)))
+    server.loop = ManualLoop()
+    connection, transport = og.Connection(server), RecordingTransport()
+    connection.connection_made(transport)
+    return server.loop, connection, transport
+
+
+def passes_at(loop, transport, seconds):
+    """True if the connection's deadline passes at seconds from now: nothing happens
+    just before, and the connection is answered 408 or ended just after."""
+    before = (transport.written, transport.ended)
+    loop.advance(seconds - 0.01)
+    if (transport.written, transport.ended) != before:
+        return False
+    loop.advance(0.02)
+    return (transport.written, transport.ended) != before
+
+
+def test_the_first_byte_deadline_is_first_byte_timeout():
+    loop, connection, transport = connection_by_hand()
+    assert connection.deadline == "first byte" and passes_at(loop, transport, 1)
+    assert transport.written == b""  # nothing was asked, so nothing is answered
+
+
+@pytest.mark.parametrize("first, then, deadline, seconds", [
+    # head_timeout counts from the first byte of a request ...
+    (b"POST /internal HTTP/1.1\r\n", b"X-Slow: ", "head", 2),
+    # ... body_timeout from the end of its head.
+    (b"POST /internal HTTP/1.1\r\n", b"Content-Length: 5\r\n\r\n{", "body", 3),
+])
+def test_the_head_and_body_deadlines_are_their_settings(first, then, deadline, seconds):
+    loop, connection, transport = connection_by_hand()
+    connection.data_received(first)
+    loop.advance(1.5)
+    connection.data_received(then)
+    assert connection.deadline == deadline
+    assert passes_at(loop, transport, seconds if deadline == "body" else seconds - 1.5)
+    assert status_of(transport.written) == 408
+
+
+def test_the_idle_deadline_is_keep_alive_timeout_after_each_answer():
+    loop, connection, transport = connection_by_hand()
+    connection.data_received(b"OPTIONS / HTTP/1.1\r\n\r\n")
+    loop.advance(0)  # this iteration's answers go out
+    answered = transport.written
+    assert status_of(answered) == 200 and connection.deadline == "idle"
+    assert passes_at(loop, transport, 4) and transport.written == answered
+
+
+def test_the_write_and_stop_deadlines_are_write_and_shutdown_timeout():
+    loop, connection, transport = connection_by_hand()
+    connection.pause_writing()  # the client reads no more of what it was sent
+    assert connection.deadline == "write" and passes_at(loop, transport, 5)
+    assert transport.ended == "aborted"
+    loop, connection, transport = connection_by_hand()
+    connection.data_received(b"POST /internal HTTP/1.1\r\n")
+    connection.arm("stop")  # what GatewayServer.stop does with a request in flight
+    assert passes_at(loop, transport, 6) and transport.ended == "aborted"
+
+
+def test_read_timeout_is_the_default_of_the_three_reading_deadlines():
+    # Configurations from before the three settings keep their meaning.
+    config = og.Config(read_timeout=7)
+    assert [config.deadline(name) for name in ("first byte", "head", "body")] == [7, 7, 7]
+    config = og.Config(read_timeout=7, head_timeout=2)
+    assert [config.deadline(name) for name in ("first byte", "head", "body")] == [7, 2, 7]
+    assert og.Config().deadline("head") == DEFAULTS.read_timeout
+    loop, connection, transport = connection_by_hand(first_byte_timeout=None, read_timeout=3)
+    assert passes_at(loop, transport, 3)
+    with pytest.raises(og.ConfigError, match="body_timeout = 0: expected a positive number of "
+                                             "seconds, or None"):
+        og.Config(body_timeout=0)
+
+
+# ---------------------------------------------------------------------------
 # Customers: static keys, the update function
 # ---------------------------------------------------------------------------
 
@@ -3286,6 +3445,8 @@ def test_the_gateway_runs_from_the_command_line_and_stops_on_sigterm(tmp_path):
         assert status_of(data) == 200
         process.send_signal(signal.SIGTERM)
         assert process.wait(timeout=15) == 0
+        events = [json.loads(line).get("event") for line in process.stderr]
+        assert events[-2:] == ["stopping", "stopped"]
     finally:
         if process.poll() is None:
             process.kill()
@@ -3417,6 +3578,33 @@ def test_demo_command_exits_zero():
     assert finished.returncode == 0 and "Done:" in finished.stdout
 
 
+def test_demo_serve_keeps_a_grid_going_until_ctrl_c():
+    process = subprocess.Popen([sys.executable, str(HERE / "odin_gateway.py"), "demo", "--serve"],
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        first = process.stdout.readline()
+        url = first.split("watch it at ", 1)[1].strip()
+        assert url.startswith("http://127.0.0.1:") and url.endswith("/status")
+        with urllib.request.urlopen(url + ".json", timeout=10) as reply:
+            data = json.loads(reply.read())
+        assert sorted(s["hostname"] for s in data["servers"]) == [
+            "sfu-a.local:4433", "sfu-b.local:4433", "sfu-c.local:4433"]
+        assert {c["id"] for c in data["customers"]} == {"acme", "globex"}
+        lines = [process.stdout.readline() for _ in range(6)]  # the feed, as it comes
+        assert any(" server_added " in line for line in lines)
+        with urllib.request.urlopen(url, timeout=10) as reply:
+            assert b"sfu-a.local:4433" in reply.read()
+        process.send_signal(signal.SIGINT)
+        assert process.wait(timeout=15) == 0
+        assert "Demo stopped." in process.stdout.read()
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+        process.stdout.close()
+        process.stderr.close()
+
+
 def _readme_blocks(language, section=None):
     text = (HERE / "README.md").read_text()
     if section is not None:
@@ -3426,10 +3614,43 @@ def _readme_blocks(language, section=None):
 
 
 def test_readme_python_example_runs():
-    blocks = _readme_blocks("python")
+    blocks = [block for block in _readme_blocks("python") if "while True:" not in block]
     assert blocks
     for block in blocks:
         exec(compile(block, "README.md", "exec"), {"__name__": "readme_example"})
+
+
+def test_readme_event_tail_loop_tails_the_feed(monkeypatch, capsys):
+    [block] = [block for block in _readme_blocks("python") if "while True:" in block]
+    assert len(block.strip().splitlines()) <= 12
+
+    class Enough(Exception):
+        pass
+
+    with running(make_gateway(max_events=3)) as server:
+        block = block.replace("http://127.0.0.1:7000", server.url)
+        fake = og.FakeServer(server.url + "/internal", SFU1)
+        fake.report()
+        naps = []
+
+        def sleep(seconds):  # between two polls: something happens, or the test ends
+            naps.append(seconds)
+            if len(naps) == 1:
+                og.FakeServer(server.url + "/internal", SFU2).report()
+            elif len(naps) == 2:
+                for index in range(4):  # more than the feed keeps
+                    og.FakeServer(server.url + "/internal", "sfu-%d:4433" % index).report()
+            else:
+                raise Enough
+
+        monkeypatch.setattr(time, "sleep", sleep)
+        with pytest.raises(Enough):
+            exec(compile(block, "README.md", "exec"), {"__name__": "readme_example"})
+    lines = capsys.readouterr().out.splitlines()
+    assert [line.split()[:3:2] for line in lines] == [
+        ["1", "warmup_started"], ["2", "listening"], ["3", "server_added"], ["4", "server_added"],
+        ["...", "events"], ["6", "server_added"], ["7", "server_added"], ["8", "server_added"]]
+    assert SFU2 in lines[3] and "1 events fell out" in lines[4]
 
 
 @pytest.mark.skipif(shutil.which("curl") is None, reason="the README's examples use curl")
@@ -3914,6 +4135,9 @@ def test_sighup_reloads_the_config_file_and_refuses_a_broken_one(tmp_path):
         process.send_signal(signal.SIGHUP)
         wait_for("config_reload_refused")
         assert connect_status(KEY_A) == 200 and process.poll() is None
+        events = og.RpcClient("http://127.0.0.1:%d/internal" % port).call("Events")["events"]
+        assert [e["kind"] for e in events][-2:] == ["config_reloaded", "config_reload_refused"]
+        assert "port = 'x'" in events[-1]["reason"]
 
 
 def test_master_key_from_environment_or_file(tmp_path):
@@ -3980,6 +4204,473 @@ def test_the_customer_update_function_runs_when_serving():
             assert time.monotonic() < deadline, "the update function was not called"
             time.sleep(0.01)
     assert calls == [1]
+
+
+# ---------------------------------------------------------------------------
+# Event feed: the ring, every kind, the Events method
+# ---------------------------------------------------------------------------
+
+
+def kinds(gw, since=0):
+    return [event["kind"] for event in gw.events.events if event["seq"] > since]
+
+
+def last(gw, kind):
+    return [event for event in gw.events.events if event["kind"] == kind][-1]
+
+
+def test_the_feed_is_bounded_numbered_and_says_what_was_dropped():
+    feed = og.EventFeed(3)
+    assert feed.after(0, 10) == {"events": [], "next": 0, "dropped": 0}
+    for index in range(5):
+        feed.add("server_added", NOW + index, {"hostname": "h%d" % index})
+    assert [e["seq"] for e in feed.events] == [3, 4, 5]  # the two oldest fell out
+    assert feed.events[0] == {"seq": 3, "time": NOW + 2, "kind": "server_added", "hostname": "h2"}
+    page = feed.after(0, 2)
+    assert [e["seq"] for e in page["events"]] == [3, 4] and page["next"] == 4 and page["dropped"] == 2
+    page = feed.after(page["next"], 2)
+    assert [e["seq"] for e in page["events"]] == [5] and page["next"] == 5 and page["dropped"] == 0
+    assert feed.after(5, 2) == {"events": [], "next": 5, "dropped": 0}  # up to date
+    assert feed.after(1, 10)["dropped"] == 1  # seq 2 was missed
+    assert feed.after(99, 10)["events"][0]["seq"] == 3  # a seq from before a restart
+    assert [e["seq"] for e in feed.newest(2)] == [5, 4]
+    feed.resize(2)
+    assert [e["seq"] for e in feed.events] == [4, 5] and feed.next_seq == 6
+
+
+def test_events_carry_the_injected_clock_and_follow_max_events():
+    clock = Clock()
+    gw = make_gateway(clock, max_events=2)
+    report(gw, SFU1)
+    clock.advance(1.5)
+    report(gw, SFU2)
+    assert [(e["kind"], e["time"]) for e in gw.events.events] == [
+        ("server_added", NOW), ("server_added", NOW + 1.5)]
+    report(gw, "sfu-3:4433")
+    assert len(gw.events.events) == 2 and gw.events.events[-1]["seq"] == 3
+    gw.reload(gw.config.replace(max_events=10))
+    report(gw, "sfu-4:4433")
+    assert len(gw.events.events) == 4  # config_reloaded and server_added kept beside the two
+
+
+def test_every_event_kind_is_fired_by_the_action_that_causes_it():
+    clock = Clock()
+    gw = make_gateway(clock)
+    report(gw, SFU1, rooms=[room("custom-ns", "lobby", "odinref", peers=2)])
+    assert last(gw, "server_added")["hostname"] == SFU1
+    report(gw, SFU2)
+
+    seq = gw.events.next_seq - 1
+    result(gw, "Connect", {}, token=token(KEY_A, "lobby"))  # the room lives on SFU1: no event
+    assert kinds(gw, seq) == []
+    address = result(gw, "Connect", {}, token=token(KEY_A, "new-room"))["address"]
+    placed = last(gw, "room_placed")
+    assert placed["customer"] == "odinref" and placed["room"] == ("custom-ns", "new-room")
+    assert placed["server"] == address and placed["new"] is True
+    assert "least estimated load" in placed["reason"] and placed["tier"] == "any"
+    result(gw, "Connect", {}, token=token(KEY_A, "pinned", internal={"server": SFU2}))
+    assert last(gw, "room_placed")["server"] == SFU2  # pinned: the only candidate
+
+    result(gw, "RoomClose", {"room_id": "lobby"}, token=admin_token())
+    assert {k: last(gw, "task_queued")[k] for k in ("server", "task", "room")} == {
+        "server": SFU1, "task": "RoomClose", "room": ("custom-ns", "lobby")}
+    report(gw, SFU1)  # the task goes out; the server no longer has the room
+    assert {k: last(gw, "task_delivered")[k] for k in ("server", "task", "room")} == {
+        "server": SFU1, "task": "RoomClose", "room": ("custom-ns", "lobby")}
+    gone = last(gw, "room_gone")
+    assert gone["room"] == ("custom-ns", "lobby") and gone["server"] == SFU1
+    assert gone["customer"] == "odinref" and gone["reason"] == "no longer reported"
+
+    report(gw, SFU2, rooms=[room("x", "shared", "c")])
+    report(gw, SFU1, rooms=[room("x", "shared", "c"), room("custom-ns", "mine", "odinref")])
+    collision = last(gw, "room_collision")
+    assert collision["hostname"] == SFU1 and collision["owner"] == SFU2
+    assert collision["room"] == ("x", "shared")
+    assert last(gw, "task_queued")["server"] == SFU1  # the collision's RoomClose
+
+    result(gw, "Drain", {"hostname": SFU2})
+    assert last(gw, "server_draining")["by"] == "operator"
+    result(gw, "Drain", {"hostname": SFU2, "draining": False})
+    assert last(gw, "server_undrained")["hostname"] == SFU2
+    result(gw, "sfu.Report", {"public_endpoint": SFU2, "version": "1.6.0", "load": 0, "clients": 0,
+                              "rooms": [], "draining": True})
+    assert last(gw, "server_draining")["by"] == "server"
+    report(gw, SFU2)
+    assert last(gw, "server_undrained")["by"] == "server"
+
+    clock.advance(8)
+    report(gw, SFU2)
+    gw.tick()
+    assert last(gw, "server_disabled")["hostname"] == SFU1 and last(gw, "server_disabled")["silent"] == 8
+    moved = result(gw, "Connect", {}, token=token(KEY_A, "mine", now=clock.now))
+    assert moved["address"] == SFU2 and last(gw, "room_placed")["new"] is False
+    assert "moved from %s" % SFU1 in last(gw, "room_placed")["reason"]
+    report(gw, SFU1)
+    assert last(gw, "server_enabled")["hostname"] == SFU1
+
+    clock.advance(301)  # the never reported rooms of Connect expire with their tokens
+    report(gw, SFU1)
+    report(gw, SFU2)
+    gw.tick()
+    assert last(gw, "room_gone")["reason"] == "not reported while its tokens lived"
+    clock.advance(600)
+    report(gw, SFU2, rooms=[room("x", "shared", "c")])
+    gw.tick()
+    removed = last(gw, "server_removed")
+    assert removed["hostname"] == SFU1 and removed["silent"] == 600 and removed["rooms"] == 0
+
+    tiny = make_gateway(customers=[TINY_CUSTOMER])
+    report(tiny, SFU1, rooms=[room("tiny", "t1", "tiny"), room("tiny", "t2", "tiny")])
+    error(tiny, "Connect", {}, token=token(KEY_TINY, "t3"))
+    assert {k: last(tiny, "limit_refused")[k] for k in ("customer", "limit", "usage", "max")} == {
+        "customer": "tiny", "limit": "rooms", "usage": 2, "max": 2}
+    assert tiny.refusals == {"tiny": 1}
+    tiny.set_customers([TINY_CUSTOMER, {"id": "x", "bogus": 1}])
+    assert last(tiny, "customers_loaded")["keys"] == 1
+    assert "unknown key 'bogus'" in last(tiny, "customer_skipped")["reason"]
+    tiny.set_customers("nonsense")
+    assert "expected a list" in last(tiny, "customers_kept")["reason"]
+    tiny.reload(tiny.config)
+    assert last(tiny, "config_reloaded")["keys"] == 1
+    tiny.begin_warmup()
+    assert last(tiny, "warmup_started")["seconds"] > 0
+    tiny.warming_up(NOW + 3600)
+    assert kinds(tiny)[-1] == "warmup_over"
+    with running(tiny) as server:
+        url = server.url
+    assert last(tiny, "listening")["url"] == url and last(tiny, "stopped")["url"] == url
+
+    fired = set(kinds(gw)) | set(kinds(tiny))
+    # config_reload_refused and stopping come from signals: see the SIGHUP and SIGTERM tests.
+    assert set(og.EVENT_KINDS) - fired == {"config_reload_refused", "stopping"}
+
+
+def test_log_lines_are_the_feed_records(caplog):
+    with caplog.at_level(logging.DEBUG, logger="odin_gateway"):
+        gw = make_gateway()
+        report(gw, SFU1)
+        result(gw, "Connect", {}, token=token(KEY_A, "<b>x</b>"))
+    lines = [line for line in json_log_lines(caplog) if "event" in line]
+    assert [line["event"] for line in lines] == kinds(gw)
+    assert [line["seq"] for line in lines] == [e["seq"] for e in gw.events.events]
+    assert lines[-1]["room"] == ["custom-ns", "<b>x</b>"]
+    assert "room custom-ns/<b>x</b> of odinref placed on %s" % SFU1 in lines[-1]["message"]
+
+
+def test_readme_lists_every_event_kind_with_its_log_level():
+    table = (HERE / "README.md").read_text().split("### Event kinds", 1)[1].split("\n\n", 2)[1]
+    documented = {}
+    for row in table.splitlines()[2:]:
+        cells = [cell.strip() for cell in row.strip("|").split("|")]
+        for kind in re.findall(r"`(\w+)`", cells[0]):
+            documented[kind] = cells[-1]
+    assert documented == {kind: logging.getLevelName(level).lower()
+                          for kind, (level, _message) in og.EVENT_KINDS.items()}
+
+
+def test_the_events_method_tails_the_feed():
+    gw = make_gateway(max_events=4)
+    for index in range(6):
+        report(gw, "sfu-%d:4433" % index)
+    page = result(gw, "Events", {"after": 0, "limit": 3})
+    assert [e["seq"] for e in page["events"]] == [3, 4, 5] and page["dropped"] == 2
+    assert page["events"][0] == {"seq": 3, "time": NOW, "kind": "server_added",
+                                 "hostname": "sfu-2:4433", "version": "1.6.0",
+                                 "kid": gw.grid.servers["sfu-2:4433"].key.kid}
+    page = result(gw, "Events", {"after": page["next"]})
+    assert [e["seq"] for e in page["events"]] == [6] and page["next"] == 6 and page["dropped"] == 0
+    assert result(gw, "Events")["next"] == 6  # after defaults to 0, limit to 100
+    for params, field in (({"after": -1}, "after"), ({"after": "1"}, "after"),
+                          ({"limit": 0}, "limit"), ({"limit": 1.5}, "limit")):
+        assert field in error(gw, "Events", params)["message"]
+
+
+# ---------------------------------------------------------------------------
+# Status page: /status and /status.json
+# ---------------------------------------------------------------------------
+
+EVIL = '<script>alert("x")</script>\'"&'
+
+
+class PageParser(html.parser.HTMLParser):
+    """Tags, attributes and text of a page, as a browser would split them."""
+
+    def __init__(self, page):
+        super().__init__()
+        self.tags, self.attributes, self.text, self.scripts = [], set(), [], []
+        self._in_script = False
+        self.feed(page)
+
+    def handle_starttag(self, tag, attrs):
+        self.tags.append(tag)
+        self.attributes.update(name for name, _value in attrs)
+        self._in_script = tag == "script"
+
+    def handle_endtag(self, tag):
+        self._in_script = False
+
+    def handle_data(self, data):
+        (self.scripts if self._in_script else self.text).append(data)
+
+
+def status_gateway(clock=None, **settings):
+    gw = make_gateway(clock or Clock(), **settings)
+    report(gw, SFU1, rooms=[room("custom-ns", "lobby", "odinref", peers=3)], load=0.25)
+    report(gw, SFU2, load=0.95)
+    result(gw, "Drain", {"hostname": SFU2})
+    result(gw, "Connect", {}, token=token(KEY_A, "new"))
+    return gw
+
+
+def test_the_status_page_shows_gateway_servers_customers_and_events():
+    clock = Clock()
+    gw = status_gateway(clock)
+    clock.advance(6)
+    report(gw, SFU2, load=0.95)
+    report(gw, "sfu-3:4433")
+    clock.advance(2)
+    gw.tick()  # SFU1 is silent for 8 s: disabled
+    data = og.status_data(gw)
+    servers = {s["hostname"]: s for s in data["servers"]}
+    assert servers[SFU1]["state"] == "disabled" and servers[SFU2]["state"] == "draining"
+    assert servers[SFU1]["rooms"] == 1 and servers[SFU1]["peers"] == 3 and servers[SFU1]["age"] == 8
+    assert servers[SFU2]["load"] == 0.95 and servers[SFU2]["age"] == 2
+    assert data["gateway"]["placement"] == "balanced" and data["gateway"]["started"] == NOW
+    assert ["up", "8 s"] in data["facts"] and ["customers", "4 (6 keys)"] in data["facts"]
+    customers = {c["id"]: c for c in data["customers"]}
+    assert customers["odinref"]["rooms"] == [0, 10] and customers["tiny"]["peers"] == [0, 3]
+    assert customers["foo"]["rooms"] == [0, None]
+    assert [e["kind"] for e in data["events"]][:2] == ["server_disabled", "server_added"]
+    assert data["events"][0]["level"] == "warning"
+    assert any("master_key is the well-known default" in w for w in data["warnings"])
+
+    response = get(gw, "/status")
+    assert response.status == 200 and response.content_type == "text/html; charset=utf-8"
+    policy = dict(response.headers)["Content-Security-Policy"]
+    assert "default-src 'none'" in policy and "script-src 'sha256-" in policy
+    page = response.body.decode()
+    assert "http://" not in page and "https://" not in page  # nothing from outside
+    parsed = PageParser(page)
+    assert parsed.tags.count("script") == 1 and parsed.tags.count("style") == 1
+    text = " ".join(parsed.text)
+    for seen in ("taking rooms", "draining", "disabled", SFU1, "8.0 s", "0.95", "0 / 10",
+                 "server_disabled", "master_key is the well-known default", "placement"):
+        assert seen in text, seen
+    assert '<td class="number silent">8.0 s</td>' in page  # past disable_timeout: red
+    assert '<span class="bar high"><span style="width:95%"></span></span>0.95' in page
+    assert get(gw, "/status.json").json() == json.loads(og.dump_json(og.status_data(gw)))
+    assert gw.handle_http("HEAD", "/status", {}, b"").status == 200
+    assert gw.handle_http("POST", "/status", {}, b"").status == 405
+
+
+def test_the_status_page_shows_regions_pools_and_the_warm_up():
+    clock = Clock()
+    gw = make_gateway(clock, server_labels=[{"match": "sfu-1*", "region": "eu-central",
+                                             "pools": ["acme", "beta"]}])
+    report(gw, SFU1)
+    report(gw, SFU2)
+    gw.begin_warmup()
+    data = og.status_data(gw)
+    assert [(s["region"], s["pools"]) for s in data["servers"]] == [("eu-central", "acme, beta"),
+                                                                    ("", "")]
+    assert ["warming up", "new rooms placed in %d s" % (5 + og.WARMUP_MARGIN)] in data["facts"]
+    page = get(gw, "/status").body.decode()
+    assert "<th>region</th><th>pools</th>" in page
+    assert "<td>%s</td><td>eu-central</td><td>acme, beta</td>" % SFU1 in page
+    clock.advance(3600)
+    assert not any(label == "warming up" for label, _text in og.status_data(gw)["facts"])
+
+
+def test_an_age_past_update_interval_is_amber_and_past_disable_timeout_disabled():
+    clock = Clock()
+    gw = status_gateway(clock)
+    clock.advance(6)
+    page = get(gw, "/status").body.decode()
+    assert page.count('<td class="number late">6.0 s</td>') == 2
+    clock.advance(2)  # silent for 8 s: no new rooms from now on, before the tick says so
+    assert [s["state"] for s in og.status_data(gw)["servers"]] == ["disabled", "disabled"]
+
+
+def test_status_is_protected_like_metrics():
+    gw = status_gateway()
+    gw.reload(gw.config.replace(internal_users={"ops": "secret"}))
+    good = {"authorization": "Basic " + base64.b64encode(b"ops:secret").decode()}
+    for path in ("/status", "/status.json"):
+        refused_page = get(gw, path)
+        assert refused_page.status == 401 and b"master_key" not in refused_page.body
+        assert ("WWW-Authenticate", 'Basic realm="odin-gateway"') in refused_page.headers
+        assert get(gw, path, good).status == 200
+    assert not any("/internal is open" in w for w in og.status_data(gw)["warnings"])
+    assert any("/internal is open" in w for w in og.status_data(status_gateway())["warnings"])
+
+
+def test_the_status_page_escapes_everything_from_requests():
+    evil_customer = dict(TINY_CUSTOMER, id="tiny" + EVIL)
+    gw = make_gateway(customers=reference_customers() + [evil_customer])
+    evil_host = "sfu" + EVIL + ":4433"
+    report(gw, evil_host, rooms=[room("ns" + EVIL, "room" + EVIL, "reported" + EVIL),
+                                 room("ns", "\ud800lone", "c")], load=0.5)
+    result(gw, "sfu.Report", {"public_endpoint": SFU1, "version": EVIL, "load": 0, "clients": 0,
+                              "rooms": []})
+    result(gw, "Connect", {}, token=token(KEY_A, "lobby" + EVIL))
+    evil_id = evil_customer["id"]  # its key replaces tiny's: same kid
+    report(gw, evil_host, rooms=[room("tiny", "t1", evil_id), room("tiny", "t2", evil_id)])
+    assert error(gw, "Connect", {}, token=token(KEY_TINY, "t3"))["message"] == "room limit exceeded"
+    page = get(gw, "/status").body.decode()
+    parsed = PageParser(page)
+    assert parsed.tags.count("script") == 1  # ours, and nothing else
+    assert parsed.attributes <= {"lang", "charset", "name", "content", "rel", "href", "data-refresh",
+                                 "id", "class", "hidden", "style", "colspan"}
+    text = "".join(parsed.text)
+    for name in ("sfu" + EVIL, "room" + EVIL, "reported" + EVIL, "lobby" + EVIL, "tiny" + EVIL):
+        assert name in text, name
+    assert EVIL not in page  # only escaped
+    data = get(gw, "/status.json").json()
+    assert any(s["hostname"] == evil_host for s in data["servers"])
+
+
+def test_the_status_page_stays_small():
+    gw = make_gateway(unknown_customers={"max_peers": 5, "max_rooms": 5})
+    long = "x" * 5000
+    for index in range(300):
+        gw.grid.report("%s-%d:4433" % (long, index), long, {"load": 0.5, "clients": 0, "rooms": [
+            room("ns", "%s%d-%d" % (long[:200], index, n), "%s-%d" % (long, index * 4 + n))
+            for n in range(4)]}, NOW)
+    data = og.status_data(gw)
+    assert len(data["servers"]) == og.STATUS_SERVERS and data["more_servers"] == 300 - og.STATUS_SERVERS
+    assert len(data["customers"]) == og.STATUS_CUSTOMERS and data["more_customers"] == 1200 + 4 - og.STATUS_CUSTOMERS  # 4 configured
+    page = get(gw, "/status").body
+    assert len(page) < 64 * 1024 and "and 240 more" in page.decode()
+    assert len(get(gw, "/status.json").body) < 64 * 1024
+
+
+def test_the_status_page_shows_the_start_up_warnings(caplog):
+    gateway = og.Gateway(og.Config.load(str(HERE / "config.py")))  # the sample: the demo key
+    with caplog.at_level(logging.WARNING, logger="odin_gateway"):
+        og.warn_about_exposure(gateway)
+    shown = og.status_data(gateway)["warnings"]
+    assert [record.getMessage() for record in caplog.records] == shown
+    assert any("published in README.md" in warning for warning in shown)
+
+
+BROWSER_INSTALL = ("Debian's chromium and chromium-driver (apt-get install chromium chromium-driver; "
+                   ".ci/run installs them) and selenium (pip install -r requirements-test.txt)")
+
+
+@pytest.fixture
+def browser(tmp_path):
+    """Headless Chromium driven by Selenium; skipped where it is absent (never under CI=true)."""
+    missing = [name for name in ("chromium", "chromedriver") if shutil.which(name) is None]
+    try:
+        from selenium import webdriver
+        from selenium.webdriver.chrome.service import Service
+    except ImportError:
+        missing.append("selenium")
+    if missing:
+        reason = "the browser test needs %s; missing: %s" % (BROWSER_INSTALL, ", ".join(missing))
+        if os.environ.get("CI") == "true":
+            pytest.fail(reason)
+        pytest.skip(reason)
+    options = webdriver.ChromeOptions()
+    options.binary_location = shutil.which("chromium")
+    for argument in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-quic",
+                     "--no-first-run", "--disable-background-networking", "--disable-sync",
+                     "--disable-component-update", "--window-size=1280,900",
+                     "--user-data-dir=%s" % (tmp_path / "chromium")):
+        options.add_argument(argument)
+    driver = webdriver.Chrome(options=options, service=Service(shutil.which("chromedriver")))
+    try:
+        yield driver
+    finally:
+        driver.quit()
+
+
+#: The server rows as a person sees them: name, state, its colour, the load bar's fill.
+SERVER_ROWS = """
+return Array.from(document.querySelectorAll("#servers tbody tr")).map((row) => {
+  const bar = row.querySelector(".bar"), state = row.querySelector("td.state");
+  return {name: row.cells[0].innerText, state: state.innerText, colour: getComputedStyle(state).color,
+          load: bar.firstChild.getBoundingClientRect().width / bar.getBoundingClientRect().width};
+});
+"""
+
+
+def test_under_ci_a_missing_browser_fails_the_browser_test(tmp_path):
+    # Elsewhere it is skipped with the same reason; CI must run it.
+    finished = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(HERE / "test_gateway.py"),
+         "-k", "test_the_status_page_in_a_real_browser"],
+        env=dict(os.environ, PATH=str(tmp_path), CI="true"),  # no chromium on this PATH
+        capture_output=True, text=True, timeout=120, cwd=str(tmp_path))
+    assert finished.returncode == 1 and "1 error" in finished.stdout
+    assert "apt-get install chromium chromium-driver" in finished.stdout
+
+
+def test_the_status_page_in_a_real_browser(browser):
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    clock = Clock(time.time())
+    gw = make_gateway(clock, update_interval=0.3)
+    evil_host = '<img src=x onerror="window.injected=1">\'":4433'
+    evil_room = "<script>window.injected=2</script>"
+    with running(gw) as server:
+        internal = server.url + "/internal"
+        fakes = {name: og.FakeServer(internal, name, load=load) for name, load in (
+            ("sfu-a:4433", 0.2), ("sfu-b:4433", 0.6), ("sfu-c:4433", 0.0), (evil_host, 0.1))}
+        fakes["sfu-c:4433"].report()
+        server.call(lambda: clock.advance(8))
+        fakes[evil_host].add_room(evil_room, "odinref" + EVIL, namespace="ns" + EVIL)
+        for name in ("sfu-a:4433", "sfu-b:4433", evil_host):
+            fakes[name].report()
+        og.RpcClient(internal).call("Drain", {"hostname": "sfu-b:4433"})
+        server.tick()  # sfu-c has been silent for 8 s: disabled
+
+        browser.get(server.url + "/status")
+        wait = WebDriverWait(browser, 10, poll_frequency=0.05)
+
+        def rows():  # read at once: the page redraws its rows at every refresh
+            return {row["name"]: row for row in browser.execute_script(SERVER_ROWS)}
+
+        def text(element_id):
+            return browser.execute_script("return document.getElementById(arguments[0]).innerText",
+                                          element_id)
+
+        shown = rows()
+        assert [shown[name]["state"] for name in ("sfu-a:4433", "sfu-b:4433", "sfu-c:4433")] == [
+            "taking rooms", "draining", "disabled"]
+        assert len({shown[name]["colour"] for name in ("sfu-a:4433", "sfu-b:4433", "sfu-c:4433")}) == 3
+        assert abs(shown["sfu-a:4433"]["load"] - 0.2) < 0.02
+        assert evil_host in shown  # shown as text
+        browser.execute_script("window.sameDocument = true")
+
+        fakes["sfu-a:4433"].set_load(0.8)
+        fakes["sfu-a:4433"].report()
+        og.FakeServer(internal, "sfu-new:4433").report()
+        fakes[evil_host].remove_room(evil_room)
+        fakes[evil_host].report()  # a room_gone event full of markup
+        wait.until(lambda _: "server_added hostname=sfu-new:4433" in text("events"))
+        wait.until(lambda _: abs(rows()["sfu-a:4433"]["load"] - 0.8) < 0.02)
+        assert browser.execute_script("return window.sameDocument") is True  # no reload
+        assert evil_host in rows()  # redrawn from /status.json: still text
+        assert "%s/%s" % ("ns" + EVIL, evil_room) in text("events")  # as text, not markup
+        assert browser.execute_script("return window.injected") is None
+        assert text("notice") == ""
+    # The gateway has stopped: the page says so instead of freezing.
+    wait.until(lambda _: "not answering" in text("notice"))
+    assert browser.execute_script("return window.injected") is None
+
+
+def test_the_status_page_refreshes_behind_basic_authentication(browser):
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    with running(make_gateway(update_interval=0.3, internal_users={"ops": "secret"})) as server:
+        with_credentials = server.url.replace("://", "://ops:secret@")
+        og.FakeServer(with_credentials + "/internal", SFU1).report()
+        browser.get(with_credentials + "/status")  # as a person who typed them into the URL
+        og.FakeServer(with_credentials + "/internal", SFU2).report()
+        WebDriverWait(browser, 10, poll_frequency=0.05).until(lambda _: SFU2 in browser.execute_script(
+            "return document.getElementById('servers').innerText"))
+        assert browser.execute_script("return document.getElementById('notice').innerText") == ""
 
 
 # ---------------------------------------------------------------------------
@@ -4621,6 +5312,7 @@ def test_benchmark_parts_run():
     assert bench.connect_cost(10, bench.make_tokens(5)) > 0
     first, again, size = bench.time_report(100)
     assert first > 0 and size > 1000
+    assert min(bench.connect_with_feed(5, 1)) > 0
     repeat, longest, floor = bench.repeated_report_ms(100)
     assert repeat >= longest > 0 and floor > 0
 

@@ -371,6 +371,29 @@ def connect_cost(rooms, tokens):
     return (time.perf_counter() - started) / len(headers)
 
 
+def connect_with_feed(count, rounds):
+    """In-process Connect where every call places a new room, so each records a
+    room_placed event: (us per Connect with the event feed, us with event
+    recording replaced by a no-op), the medians of alternating rounds."""
+    tokens = [og.create_token(ACCESS_KEY, "feed-%d" % i, "user-%d" % i, lifetime=3600)
+              for i in range(count)]
+    body = b'{"jsonrpc":"2.0","method":"Connect","params":{},"id":1}'
+    timings = {True: [], False: []}
+    for _ in range(rounds):
+        for feed in (True, False):
+            gw = og.Gateway(og.Config(customers=[CUSTOMER]))
+            fill(gw, 1000)
+            if not feed:
+                gw.event = lambda *args, **fields: None
+            headers = [{"authorization": "Bearer " + t} for t in tokens]
+            started = time.perf_counter()
+            for h in headers:
+                gw.handle_http("POST", "/", h, body)
+            timings[feed].append((time.perf_counter() - started) / count)
+            assert gw.events.next_seq - 1 == 10 + (count if feed else 0)  # 10 servers added
+    return statistics.median(timings[True]), statistics.median(timings[False])
+
+
 def placement(rule, loads, rooms=100, seeds=20):
     ratios = []
     for seed in range(seeds):
@@ -746,6 +769,12 @@ def main():
     sizes = (10, 1000, 100000) if args.quick else (10, 1000, 100000, 1000000)
     for rooms in sizes:
         print("  %8d rooms: %.0f us" % (rooms, connect_cost(rooms, tokens) * 1e6))
+
+    with_feed, without = connect_with_feed(500 if args.quick else 3000, 3 if args.quick else 7)
+    print("Connect placing a new room (in-process; each records a room_placed event):")
+    print("  event feed on: %.0f us (%.2f of the ceiling); recording off: %.0f us (%.2f); "
+          "difference %+.1f%%" % (with_feed * 1e6, 1 / with_feed / ceiling, without * 1e6,
+                                  1 / without / ceiling, (with_feed / without - 1) * 100))
 
     print("\nPlacement: 100 new rooms between two reports on 10 servers (20 seeds):")
     for rule in ("balanced", "random"):
