@@ -1176,6 +1176,26 @@ def test_a_big_report_lets_other_requests_run_while_it_is_parsed(monkeypatch):
     assert others_ran == [True] and len(gw.grid.rooms) == 200
 
 
+def test_only_a_report_admitted_to_internal_is_parsed_in_steps(monkeypatch):
+    monkeypatch.setattr(og, "JSON_STEP_CHARS", 1000)
+    parsed_in_steps = []
+    original = og.load_json_in_steps
+
+    def watched(data):
+        parsed_in_steps.append(len(data))
+        return (yield from original(data))
+    monkeypatch.setattr(og, "load_json_in_steps", watched)
+    gw = make_gateway(internal_users={"sfu": "pass:word"})
+    body = _report_body([room("ns", "r%d" % i, "c") for i in range(200)])
+    with running(gw) as server:
+        for credentials, status in ((b"sfu:nope", 401), (b"sfu:pass:word", 200)):
+            answer = exchange(server.port, b"POST /internal HTTP/1.1\r\nHost: x\r\nAuthorization: Basic %s"
+                              b"\r\nContent-Length: %d\r\nConnection: close\r\n\r\n%s" % (
+                                  base64.b64encode(credentials), len(body), body))
+            assert status_of(answer) == status
+    assert parsed_in_steps == [len(body)] and len(gw.grid.rooms) == 200
+
+
 def test_a_big_reports_new_rooms_are_hashed_in_steps_and_connects_run_between(monkeypatch):
     monkeypatch.setattr(og, "PREPARE_STEP_ROOMS", 4)
     gw = make_gateway()
