@@ -1401,7 +1401,8 @@ class Config:
         "seconds for each of `first_byte_timeout`, `head_timeout` and `body_timeout` left `None`")
     first_byte_timeout: Optional[float] = setting(
         None, _seconds_or_none,
-        "seconds a new connection may take to send its first byte; then it is closed",
+        "seconds a new connection may take to send its first byte (on TLS: to end its "
+        "handshake); then it is closed",
         shown="`None`: `read_timeout`")
     head_timeout: Optional[float] = setting(
         None, _seconds_or_none,
@@ -4525,6 +4526,10 @@ _TOKEN_RE = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
 #: byte that cannot belong to a method (a TLS ClientHello begins with 0x16)
 #: is answered 400 at once instead of waiting for a line that never comes.
 _METHOD_PREFIX_RE = re.compile(rb"[!#$%&'*+.^_`|~0-9A-Za-z-]*")
+#: Bytes no head may hold: a CR not before LF, an LF not after CR, a NUL. A
+#: head that is not complete yet is refused at once when it holds one (it
+#: would otherwise wait for a CRLF CRLF that bare-LF clients never send).
+_NEVER_IN_HEAD_RE = re.compile(rb"\r[^\n]|(?<!\r)\n|\x00")
 #: A well-formed header line; and the same at every line start of a block of
 #: them (one call per request instead of one per line): when it matches as
 #: many lines as the block has, each line is well-formed; when not, the block
@@ -4533,8 +4538,14 @@ _HEADER_LINE_RE = re.compile(r"([!#$%&'*+.^_`|~0-9A-Za-z-]+):[ \t]*([^\r\n\x00]*
 _HEADER_FIELD_RE = re.compile(r"^([!#$%&'*+.^_`|~0-9A-Za-z-]+):[ \t]*([^\r\n\x00]*)\r\n",
                               re.MULTILINE)
 _VERSION_RE = re.compile(r"HTTP/(\d)\.(\d)")
-_CONTENT_LENGTH_RE = re.compile(r"[0-9]{1,15}")
-_CHUNK_SIZE_RE = re.compile(rb"[0-9A-Fa-f]{1,8}")
+#: A request target is visible ASCII (RFC 9112 section 3.2); a control byte in
+#: it (NUL, TAB, DEL) is a malformed request line, not a path to look up.
+_TARGET_RE = re.compile(r"[\x21-\x7e]+")
+_CONTENT_LENGTH_RE = re.compile(r"[0-9]+")
+#: A chunk size line without its CRLF: the size (as h11: more hex digits than
+#: 2**64 needs is not a size; larger ones get 413), then extensions, unread.
+#: Nothing before the size, and no CR, LF or NUL anywhere in the line.
+_CHUNK_LINE_RE = re.compile(rb"([0-9A-Fa-f]{1,20})[ \t]*(?:;[^\r\n\x00]*)?")
 _REASONS = {200: "OK", 204: "No Content", 400: "Bad Request", 401: "Unauthorized",
             403: "Forbidden", 404: "Not Found", 405: "Method Not Allowed",
             408: "Request Timeout", 413: "Content Too Large", 414: "URI Too Long",
@@ -4592,7 +4603,7 @@ def parse_request_line(line: bytes) -> Tuple[str, str, Tuple[int, int]]:
     except (UnicodeDecodeError, ValueError):
         raise HttpError(400, "malformed request line") from None
     match = _VERSION_RE.fullmatch(version)
-    if not _TOKEN_RE.fullmatch(method) or not target or not match:
+    if not _TOKEN_RE.fullmatch(method) or not _TARGET_RE.fullmatch(target) or not match:
         raise HttpError(400, "malformed request line")
     if match.group(1) != "1":
         raise HttpError(505, "HTTP version not supported: use HTTP/1.1")
@@ -4659,7 +4670,10 @@ def body_length(headers: Dict[str, str]) -> Optional[int]:
         return int(text)
     if not _CONTENT_LENGTH_RE.fullmatch(text):
         raise HttpError(400, "Content-Length must be plain digits")
-    return int(text)
+    digits = text.lstrip("0")
+    if len(digits) > 15:  # beyond every body limit (and int() refuses 4,300 digits)
+        raise HttpError(413, "request body too large (Content-Length of %d digits)" % len(digits))
+    return int(digits or "0")
 
 
 class HttpDate:
@@ -4796,7 +4810,7 @@ class HttpFraming:
                 if self.eof:
                     raise HttpError(400, "connection closed inside the request")
                 if (not self.continue_sent and request.headers.get("expect", "").lower()
-                        == "100-continue"):
+                        == "100-continue" and request.version >= (1, 1)):  # 1.0: RFC 9110 10.1.1
                     self.continue_sent = True
                     return CONTINUE
                 return NEED_DATA
@@ -4860,6 +4874,8 @@ class HttpFraming:
         if length is None:
             self.chunk_pos, self.chunk_left, self.in_trailer = 0, None, False
             self.chunks = bytearray()
+            if version < (1, 1):  # its framing is suspect: close after it (RFC 9112 6.1)
+                self.request.keep_alive = False
         return None
 
     def body_limit(self, target: str) -> int:
@@ -4881,6 +4897,9 @@ class HttpFraming:
             raise HttpError(414, "request line too long (limit %d bytes)" % limits.max_request_line)
         if len(buffer) - start > limits.max_head_bytes + 3:
             raise HttpError(431, "header block too large (limit %d bytes)" % limits.max_head_bytes)
+        # From where the last look ended (the lookbehind sees the byte before).
+        if _NEVER_IN_HEAD_RE.search(buffer, max(start, self.scanned)):
+            raise HttpError(400, "malformed head: lines must end in CRLF, without NUL bytes")
 
     def _chunked_body(self) -> Optional[bytes]:
         """The chunked body (RFC 9112 section 7.1) once complete, else None."""
@@ -4896,6 +4915,8 @@ class HttpFraming:
                 if eol < 0:
                     if len(buffer) - pos > line_limit + 1:
                         eol = len(buffer)  # too long either way
+                    elif _NEVER_IN_HEAD_RE.search(buffer, pos):  # no CRLF will end it
+                        raise HttpError(400, "malformed chunked body: lines must end in CRLF")
                     else:
                         break
                 line = bytes(buffer[pos:eol])
@@ -4910,11 +4931,15 @@ class HttpFraming:
                         self.scanned = 0
                         body, self.chunks = bytes(self.chunks), bytearray()
                         return body
+                    # Dropped, but only if a field line: a front proxy that reads
+                    # it otherwise must not see a request hidden in the trailer.
+                    if not _HEADER_LINE_RE.fullmatch(line.decode("latin-1")):
+                        raise HttpError(400, "malformed trailer line")
                     continue
-                size_text = line.split(b";", 1)[0].strip()
-                if not _CHUNK_SIZE_RE.fullmatch(size_text):
+                match = _CHUNK_LINE_RE.fullmatch(line)
+                if match is None:
                     raise HttpError(400, "malformed chunk size")
-                size = int(size_text, 16)
+                size = int(match.group(1), 16)
                 if size == 0:
                     self.in_trailer = True
                 elif len(self.chunks) + size > limit:
@@ -4939,6 +4964,12 @@ class HttpFraming:
         keep_alive = request.keep_alive and not stopping
         if not keep_alive:
             self.phase = "closed"
+        elif request.version < (1, 1):
+            # An HTTP/1.0 client reads an answer without it as the last one,
+            # until the close (RFC 9112 appendix C.2.2; ab -k waited for that).
+            response = Response(response.status, response.body,
+                                response.headers + [("Connection", "keep-alive")],
+                                response.content_type)
         return render_response(response, keep_alive=keep_alive, head_only=request.method == "HEAD",
                                date=self.date())
 
@@ -5232,7 +5263,7 @@ class Connection(asyncio.Protocol):
 
     __slots__ = ("server", "transport", "framing", "remote", "started", "deadline", "until",
                  "scheduled", "timer", "out", "pending", "writing_paused", "reading_paused",
-                 "closing", "lingering", "discarded", "refused", "waiting")
+                 "closing", "lingering", "discarded", "refused", "waiting", "out_bytes")
 
     def __init__(self, server: "GatewayServer"):
         self.server = server
@@ -5245,6 +5276,7 @@ class Connection(asyncio.Protocol):
         self.scheduled = 0.0
         self.timer: Optional[asyncio.TimerHandle] = None
         self.out: List[bytes] = []  # answers for this iteration's flush
+        self.out_bytes = 0  # their size
         self.pending: Optional[memoryview] = None  # the unsent rest of a large answer
         self.writing_paused = False
         self.reading_paused = False
@@ -5460,7 +5492,8 @@ class Connection(asyncio.Protocol):
         answer of an iteration goes out at once, which saves its latency.
         """
         server = self.server
-        if len(data) <= server.gateway.config.max_write_buffer:
+        max_write_buffer = server.gateway.config.max_write_buffer
+        if len(data) <= max_write_buffer:
             if not server.flush_scheduled:
                 server.flush_scheduled = True
                 server.loop.call_soon(server.flush)
@@ -5472,6 +5505,12 @@ class Connection(asyncio.Protocol):
             if not self.out:
                 server.to_flush.append(self)
             self.out.append(data)
+            self.out_bytes += len(data)
+            if self.out_bytes > max_write_buffer:
+                # Many pipelined requests in one read: written now, so that a
+                # client that does not read is paused at max_write_buffer
+                # (one 64 KiB read of them held 10 times that in answers).
+                self.flush()
             return
         self.flush()
         self.pending = memoryview(data)
@@ -5484,7 +5523,7 @@ class Connection(asyncio.Protocol):
         """Write the answers collected in this loop iteration (one send)."""
         out = self.out
         if out and self.transport is not None:
-            self.out = []
+            self.out, self.out_bytes = [], 0
             self.transport.write(out[0] if len(out) == 1 else b"".join(out))
 
     def _write_pending(self) -> None:
@@ -5611,9 +5650,13 @@ class GatewayServer:
         sockets = create_listeners(self.host, self.port, config.backlog, reuse_port=self.reuse_port)
         try:
             for sock in sockets:
+                # A TLS connection reaches its Connection only after the handshake
+                # (its first bytes): until then asyncio's deadline (60 s) held it
+                # outside max_connections, and from 3.12 on a stop waited for it.
                 self.listeners.append(await loop.create_server(
                     functools.partial(Connection, self), sock=sock, ssl=self.ssl,
-                    backlog=config.backlog))
+                    backlog=config.backlog,
+                    ssl_handshake_timeout=config.deadline("first byte") if self.ssl else None))
         except BaseException:
             for sock in sockets:
                 sock.close()
@@ -5733,8 +5776,10 @@ class GatewayServer:
         for connection in list(self.connections):
             framing = connection.framing
             if (framing is not None and framing.phase in ("idle", "first byte") and not framing.pending
-                    and not connection.out and connection.pending is None):
+                    and not connection.out and connection.pending is None and not connection.waiting):
                 connection.transport.abort()  # nothing in flight; abort skips TLS's goodbye
+            elif connection.deadline == "linger":
+                pass  # its last answer is out: it closes within linger_timeout, not later
             else:
                 connection.arm("stop")
         for connection in list(self.refusing):
