@@ -127,6 +127,16 @@ warmup = None
 # None: nothing is saved.
 state_file = None             # e.g. "/var/lib/odin-gateway/state.jsonl"
 
+# -- Several gateways ---------------------------------------------------------
+# A Redis URL (redis://[:password@]host:port/db, rediss:// for TLS, unix://)
+# shares servers, rooms, usage and admin tasks between gateways; needs
+# pip install "odin-gateway[cluster]" (redis-py). None: one process alone.
+# See README, "Running several gateways".
+cluster = None                # e.g. "redis://:secret@redis.internal:6379/0"
+cluster_timeout = 0.25        # s any Redis call may take; then the gateway serves alone
+cluster_heartbeat = 1.0       # s between heartbeats; 3 missed: the member is dropped
+workers = 1                   # processes on this box sharing the port (needs cluster)
+
 # -- Event feed ---------------------------------------------------------------
 # The newest events (servers added, disabled, draining; rooms placed and gone;
 # limit refusals; tasks queued and delivered...) kept for the Events method on

@@ -85,6 +85,7 @@ import hashlib
 import hmac
 import html
 import inspect
+import itertools
 import ipaddress
 import itertools
 import json
@@ -99,6 +100,7 @@ import runpy
 import shlex
 import socket
 import ssl as ssl_module
+import subprocess
 import stat
 import sys
 import threading
@@ -108,7 +110,7 @@ import types
 import urllib.error
 import urllib.parse
 import urllib.request
-from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple, Union
+from typing import Any, Callable, Dict, Generator, Iterator, List, Optional, Tuple, Union
 
 if sys.version_info < (3, 9):  # else a TypeError from deep inside, on Ubuntu 20.04's 3.8
     raise SystemExit("odin_gateway needs Python 3.9 or newer; this is Python %d.%d"
@@ -387,6 +389,59 @@ def _parse_json(text: str) -> Any:
         raise ValueError("JSON nested too deeply") from err
 
 
+# A big report is parsed in steps, so that the loop serves other requests in
+# between: its rooms array is cut at commas into pieces of about
+# JSON_STEP_CHARS, each parsed as an array of its own, and the rest of the
+# body is parsed with a random marker as the array's first element. JSON's
+# grammar makes this exact: if every piece is a non-empty array and the rest
+# parses with the marker where the rooms were, the whole body is valid JSON
+# and its rooms are the pieces' elements in order. Anything else (a cut that
+# fell inside a string, "rooms" met elsewhere first, a duplicate key that
+# wins) parses the whole body at once, as load_json does.
+
+#: A body not parsed yet (load_json_in_steps parses big ones before dispatch).
+_UNPARSED = object()
+#: Rooms of a big report hashed in one step before it is integrated (Grid.prepare_rooms).
+PREPARE_STEP_ROOMS = 1000
+#: Characters of a rooms array parsed in one step (about 1,000 rooms).
+JSON_STEP_CHARS = 100_000
+_ROOMS_ARRAY = re.compile(r'"rooms"[ \t\n\r]*:[ \t\n\r]*\[')
+_BETWEEN_OBJECTS = re.compile(r'\}[ \t\n\r]*,[ \t\n\r]*\{')
+
+
+def load_json_in_steps(data: bytes) -> Generator[None, None, Any]:
+    """load_json(data) as a generator: it yields between the steps of a long
+    rooms array and returns the value (ValueError as load_json raises it)."""
+    text = data.decode("utf-8")
+    found = _ROOMS_ARRAY.search(text)
+    if found is None or len(text) - found.end() < 2 * JSON_STEP_CHARS:
+        return _parse_json(text)
+    rooms: List[Any] = []
+    start = found.end()  # just after the array's "["
+    while True:
+        cut = _BETWEEN_OBJECTS.search(text, start + JSON_STEP_CHARS)
+        if cut is None or len(text) - cut.end() < JSON_STEP_CHARS:
+            break
+        try:
+            piece = _parse_json("[" + text[start:cut.start() + 1] + "]")
+        except ValueError:
+            piece = []
+        if not piece:  # the cut fell inside a string: no shortcut
+            return _parse_json(text)
+        rooms.extend(piece)
+        start = cut.end() - 1  # the next object's "{"
+        yield
+    marker = "\0" + os.urandom(8).hex()  # what no sender can guess
+    value = _parse_json(text[:found.end()] + '"\\u0000%s",' % marker[1:] + text[start:])
+    params = value.get("params") if isinstance(value, dict) else None
+    listed = params.get("rooms") if isinstance(params, dict) else None
+    if not (isinstance(listed, list) and listed and listed[0] == marker):
+        return _parse_json(text)
+    rooms.extend(listed[1:])
+    params["rooms"] = rooms
+    return value
+
+
 def iso_time(seconds: float) -> str:
     """A timestamp as JavaScript's Date.prototype.toISOString writes it."""
     moment = datetime.datetime.fromtimestamp(seconds, datetime.timezone.utc)
@@ -455,7 +510,7 @@ def generate_access_key() -> str:
 class SigningKey:
     """An Ed25519 key pair with its kid; signs JWTs."""
 
-    __slots__ = ("kid", "seed", "public", "jwt_header", "_secret")
+    __slots__ = ("kid", "seed", "public", "jwt_header", "jwt_prefix", "_secret")
 
     def __init__(self, seed: bytes, kid_prefix: int, kid: Optional[str] = None):
         if len(seed) != 32:
@@ -465,6 +520,7 @@ class SigningKey:
         self.kid = kid if kid is not None else key_id(kid_prefix, self.public)
         # The first segment of every JWT this key signs: the same each time.
         self.jwt_header = b64url_encode(js_json({"alg": "EdDSA", "kid": self.kid}).encode("utf-8"))
+        self.jwt_prefix = self.jwt_header.encode("ascii") + b"."  # what sign_jwt starts from
 
     def sign(self, message: bytes) -> bytes:
         # PyNaCl's bindings return signature || message; the signature is 64 bytes.
@@ -540,9 +596,16 @@ def _verify(public: bytes, message: bytes, signature: bytes) -> bool:
 
 def encode_jwt(claims: dict, key: SigningKey) -> str:
     """b64url(header).b64url(claims).b64url(Ed25519 signature of the first two)."""
-    payload = b64url_encode(js_json(claims).encode("utf-8"))
-    signing_input = key.jwt_header + "." + payload
-    return signing_input + "." + b64url_encode(key.sign(signing_input.encode("ascii")))
+    return sign_jwt(js_json(claims), key)
+
+
+def sign_jwt(claims_json: str, key: SigningKey) -> str:
+    """A JWT of claims already written as JSON (encode_jwt's second half)."""
+    # In bytes throughout: each step is one C call, and nothing is decoded twice.
+    signing_input = key.jwt_prefix + binascii.b2a_base64(
+        claims_json.encode("utf-8"), newline=False).translate(_TO_URL_ALPHABET).rstrip(b"=")
+    signature = binascii.b2a_base64(key.sign(signing_input), newline=False)
+    return (signing_input + b"." + signature.translate(_TO_URL_ALPHABET).rstrip(b"=")).decode("ascii")
 
 
 def create_token(
@@ -583,6 +646,24 @@ def create_token(
     if internal is not None:
         claims["internal"] = internal
     return encode_jwt(claims, key)
+
+
+#: The claims of a room token, in the order the original writes them.
+_ROOM_CLAIMS = ('{"uid":%s,"cid":%s,"rid":%s,"nsp":%s,"adr":%s,"sub":"connect","aud":"sfu",'
+                '"exp":%d,"nbf":%d}')
+_JSON_STRING = json.encoder.encode_basestring  # type: ignore[attr-defined]
+
+
+def room_claims_json(uid: str, cid: str, rid: Any, nsp: str, adr: str, exp: int, nbf: int) -> str:
+    """js_json of a room token's claims ({"uid": uid, "cid": cid, ...}), byte for
+    byte: strings (rid: one or a list), whole numbers, no floats. Written into
+    a template, which costs a third of encoding the dict on every Connect."""
+    string = _JSON_STRING
+    text = _ROOM_CLAIMS % (string(uid), string(cid), string(rid) if type(rid) is str else
+                           _compact_json(rid), string(nsp), string(adr), exp, nbf)
+    if text.isascii() or not _SURROGATE_RE.search(text):
+        return text
+    return _SURROGATE_RE.sub(_escape_surrogate, text)
 
 
 class Licensee:
@@ -699,87 +780,94 @@ class Authorizer:
         segments = token.split(".")
         if len(segments) != 3:
             raise TokenError("token must have three segments")
-        header = self._headers.get(segments[0])
-        if header is None:
-            header = _token_json(segments[0])
+        head, body, signature = segments
+        entry = self._headers.get(head)
+        if entry is None:
+            entry = _token_header(head)
             if len(self._headers) >= TOKEN_HEADER_CACHE:
                 self._headers.clear()
-            self._headers[segments[0]] = header
-        kid = header.get("kid")
-        if type(kid) is not str:
-            if not (isinstance(kid, (int, float)) and not isinstance(kid, bool)
-                    and math.isfinite(kid)):
-                raise TokenError("invalid or missing kid in token")
-            kid = js_number(kid)
-
-        kind, key = self._lookup(kid)
-        alg = header.get("alg")
+            self._headers[head] = entry
+        kid, alg = entry  # alg: "EdDSA" (an Ed25519 curve, if named), "none", or refused
+        key = self.customer_keys.get(kid)
+        kind = KEY_CUSTOMER if key is not None else None
+        if kind is None:
+            key = self.server_keys(kid)
+            kind = KEY_SERVER if key is not None else KEY_DEMO \
+                if self.unknown_limits is not None else KEY_UNKNOWN
         if alg == "EdDSA":
-            if "crv" in header and header["crv"] != "Ed25519":
-                raise TokenError("unsupported crv in token")
-            if kind in (KEY_CUSTOMER, KEY_SERVER):
-                if not _signature_ok(key.verify_key if kind == KEY_CUSTOMER else key, segments):
+            if kind is KEY_CUSTOMER or kind is KEY_SERVER:
+                try:
+                    signed = (head + "." + body).encode("ascii")
+                    valid = _verify(key.verify_key.public if kind is KEY_CUSTOMER else key.public,
+                                    signed, b64url_decode(signature))
+                except (ValueError, UnicodeEncodeError):
+                    valid = False
+                if not valid:
                     raise TokenError("invalid signature in token")
         elif alg == "none":
             if not allow_unsigned:
                 raise TokenError("token has not been signed")
         else:
-            raise TokenError("unsupported alg in token")
+            raise TokenError(alg)
 
-        claims = _token_json(segments[1])
-        if kind == KEY_CUSTOMER:
+        claims = _token_json(body)
+        if kind is KEY_CUSTOMER:
             authorization = Authorization(key.licensee, key.namespace, claims)
-        elif kind == KEY_SERVER:
+        elif kind is KEY_SERVER:
             if not isinstance(claims.get("cid"), str):
                 raise TokenError("cid must be a string")
             if not isinstance(claims.get("nsp"), str):
                 raise TokenError("nsp must be a string")
             authorization = Authorization(Licensee(claims["cid"]), claims["nsp"], claims)
-        elif kind == KEY_DEMO:
+        elif kind is KEY_DEMO:
             peers, rooms = self.unknown_limits  # type: ignore[misc]
             authorization = Authorization(Licensee("demo_" + kid, peers, rooms), None, claims)
         else:
             raise TokenError("not authorized")
 
-        if "sub" in claims and not _is_string_or_strings(claims["sub"]):
+        get = claims.get
+        sub = get("sub", _MISSING)
+        if sub is not _MISSING and sub.__class__ is not str and not _is_string_or_strings(sub):
             raise TokenError("invalid sub in token")
-        if "aud" in claims:
-            aud = claims["aud"]
+        aud = get("aud", _MISSING)
+        if aud is not _MISSING:
             if not _is_string_or_strings(aud):
                 raise TokenError("invalid aud in token")
             if aud != "gateway" and not (isinstance(aud, list) and "gateway" in aud):
                 raise TokenError("token audience does not match")
-        for name in ("exp", "nbf"):
-            if name in claims and not _is_safe_integer(claims[name]):
-                raise TokenError("invalid %s in token" % name)
-        if "exp" in claims and now - claims["exp"] > TOKEN_LEEWAY:
+        exp, nbf = get("exp", _MISSING), get("nbf", _MISSING)
+        if exp is not _MISSING and not _is_safe_integer(exp):
+            raise TokenError("invalid exp in token")
+        if nbf is not _MISSING and not _is_safe_integer(nbf):
+            raise TokenError("invalid nbf in token")
+        if exp is not _MISSING and now - exp > TOKEN_LEEWAY:
             raise TokenError("token has expired")
-        if "nbf" in claims and claims["nbf"] - now > TOKEN_LEEWAY:
+        if nbf is not _MISSING and nbf - now > TOKEN_LEEWAY:
             raise TokenError("token not yet valid")
         for name in required_claims:
             if name not in claims:
                 raise TokenError("missing required claims in token")
         return authorization
 
-    def _lookup(self, kid: str) -> Tuple[str, Any]:
-        key = self.customer_keys.get(kid)
-        if key is not None:
-            return KEY_CUSTOMER, key
-        server_key = self.server_keys(kid)
-        if server_key is not None:
-            return KEY_SERVER, server_key
-        if self.unknown_limits is not None:
-            return KEY_DEMO, None
-        return KEY_UNKNOWN, None
 
-
-def _signature_ok(key: Any, segments: List[str]) -> bool:
-    try:
-        signature = b64url_decode(segments[2])
-        message = (segments[0] + "." + segments[1]).encode("ascii")
-    except (ValueError, UnicodeEncodeError):
-        return False
-    return key.verify(message, signature)
+def _token_header(segment: str) -> Tuple[str, str]:
+    """(kid, alg) of a token's header segment, kept per Authorizer: a customer's
+    tokens share theirs. alg is "EdDSA", "none", or the message refusing it
+    (refused after the key lookup, as the documented order says)."""
+    header = _token_json(segment)
+    kid = header.get("kid")
+    if type(kid) is not str:
+        if not (isinstance(kid, (int, float)) and not isinstance(kid, bool)
+                and math.isfinite(kid)):
+            raise TokenError("invalid or missing kid in token")
+        kid = js_number(kid)
+    alg = header.get("alg")
+    if alg == "EdDSA":
+        if "crv" in header and header["crv"] != "Ed25519":
+            alg = "unsupported crv in token"
+    elif alg != "none":
+        alg = "unsupported alg in token"
+    return kid, alg
 
 
 def split_authorization(header: Optional[str]) -> Tuple[str, str]:
@@ -923,6 +1011,12 @@ def _master_key(value: Any) -> Optional[str]:
     except ValueError:
         pass
     return "expected a non-empty base64 string (make one with: python odin_gateway.py keygen --master)"
+
+
+def _redis_url(value: Any) -> Optional[str]:
+    if value is None or (isinstance(value, str) and value.startswith(("redis://", "rediss://", "unix://"))):
+        return None
+    return "expected None or a Redis URL (redis://[:password@]host:port/db, rediss://, unix://)"
 
 
 def _warmup(value: Any) -> Optional[str]:
@@ -1307,6 +1401,25 @@ class Config:
         {}, _check_region_fallback,
         '`{"eu-central": ["eu-west", "us-east"], ...}`: where a new room goes, in order, when its '
         "region has no server with capacity (then any region)")
+    # -- several gateways (see "Running several gateways" in README.md)
+    cluster: Optional[str] = setting(
+        None, _redis_url,
+        "Redis URL (`redis://[:password@]host:port/db`, `rediss://`, `unix://`) shared by "
+        "several gateways; needs redis-py (`pip install \"odin-gateway[cluster]\"`). None: one "
+        "gateway alone", reload=False, flag="--cluster", secret=True)
+    # Well under a second: a request that needs Redis waits at most this long.
+    cluster_timeout: float = setting(
+        0.25, _positive_seconds,
+        "seconds any Redis call may take; beyond it the gateway serves from its own replica",
+        reload=False)
+    cluster_heartbeat: float = setting(
+        1.0, _positive_seconds,
+        "seconds between a gateway's heartbeats; a member silent for three is dropped",
+        reload=False)
+    workers: int = setting(
+        1, _positive_integer,
+        "gateway processes on this box sharing the port (SO_REUSEPORT); more than 1 needs "
+        "`cluster`", reload=False, flag="--workers")
     # -- limits (see "Security and limits" in README.md): what one client may cost.
     # http.server allows 64 KiB, but no ODIN call needs more than a path: a long
     # line is an attack or a mistake.
@@ -1403,6 +1516,10 @@ class Config:
             if getattr(self, longer) <= getattr(self, shorter):
                 raise ConfigError("%s: %s = %r: expected more than %s (%r): %s" % (
                     source, longer, getattr(self, longer), shorter, getattr(self, shorter), why))
+        if self.workers > 1 and self.cluster is None:
+            raise ConfigError("%s: workers = %d needs cluster: worker processes share servers, "
+                              "rooms and tasks through Redis (set cluster to a Redis URL)"
+                              % (source, self.workers))
 
     @classmethod
     def load(cls, path: str) -> "Config":
@@ -1780,6 +1897,10 @@ EVENT_KINDS: Dict[str, Tuple[int, str]] = {
     "warmup_started": (logging.INFO, "warming up: new rooms are placed in {seconds:g} s, once every "
                                      "server has reported"),
     "warmup_over": (logging.INFO, "warm-up over: placing new rooms"),
+    "cluster_up": (logging.INFO, "cluster: {how} with Redis: {servers} servers, {rooms} rooms, "
+                                 "{members} members"),
+    "cluster_down": (logging.ERROR, "cluster: Redis unreachable ({reason}); serving from this "
+                                    "gateway's replica until it answers again"),
     "listening": (logging.INFO, "listening on {url}"),
     "stopping": (logging.INFO, "stopping: finishing requests in flight"),
     "stopped": (logging.INFO, "stopped listening on {url}"),
@@ -1936,17 +2057,18 @@ class Room:
 #: (secs, nanos), peers; see room_columns.
 RoomColumns = Tuple[List[Tuple[str, str]], List[str], List[Tuple[Any, Any]], List[int]]
 
-_ROOM_FIELDS = operator.itemgetter("id", "customer", "age", "peers")
+_ROOM_ID, _ROOM_CUSTOMER, _ROOM_AGE, _ROOM_PEERS = map(operator.itemgetter, ("id", "customer", "age", "peers"))
 _AGE_FIELDS = operator.itemgetter("secs", "nanos")
 _NUMBER_TYPES = {int, float}
+_flatten = itertools.chain.from_iterable
 
 
 def room_columns(rooms: Any) -> Optional[RoomColumns]:
     """A report's rooms by column, or None if one of them is malformed
     (_want_rooms then says which and why).
 
-    Each check runs over a whole column in C (map, set, zip), so a report
-    of 10,000 rooms is checked in about a millisecond, not ten.
+    Each check runs over a whole column in C (map, set, chain), so a report
+    of 10,000 rooms is checked in a few milliseconds, not tens.
     """
     if not isinstance(rooms, list):
         return None
@@ -1955,27 +2077,27 @@ def room_columns(rooms: Any) -> Optional[RoomColumns]:
     try:
         if set(map(type, rooms)) != {dict}:
             return None
-        ids, customers, ages, peers = zip(*map(_ROOM_FIELDS, rooms))
+        ids = list(map(_ROOM_ID, rooms))
+        customers = list(map(_ROOM_CUSTOMER, rooms))
+        ages = list(map(_ROOM_AGE, rooms))
+        peers = list(map(_ROOM_PEERS, rooms))
         if set(map(type, ids)) != {list} or set(map(len, ids)) != {2}:
             return None
-        namespaces, names = zip(*ids)
-        if set(map(type, namespaces)) | set(map(type, names)) | set(map(type, customers)) != {str}:
+        if set(map(type, _flatten(ids))) | set(map(type, customers)) != {str}:
             return None
         if set(map(type, ages)) != {dict}:
             return None
         times = list(map(_AGE_FIELDS, ages))
-        secs, nanos = zip(*times)
-        number_types = set(map(type, secs)) | set(map(type, nanos))
+        number_types = set(map(type, _flatten(times)))
         if not number_types <= _NUMBER_TYPES:
             return None
-        if float in number_types and not (all(map(math.isfinite, secs))
-                                          and all(map(math.isfinite, nanos))):
+        if float in number_types and not all(map(math.isfinite, _flatten(times))):
             return None  # 1e999 parses as infinity
         if set(map(type, peers)) != {int} or min(peers) < 0:
             return None
-    except (KeyError, TypeError, ValueError):  # a field missing, or not a pair
+    except KeyError:  # a field missing
         return None
-    return list(zip(namespaces, names)), list(customers), times, list(peers)
+    return list(map(tuple, ids)), customers, times, peers
 
 
 def _usage_by_customer(keys: List[Tuple[str, str]], customers: List[str], peers: List[int],
@@ -2157,6 +2279,9 @@ class Grid:
         self.reported: Dict[str, List[int]] = {}
         self.pending: Dict[str, List[int]] = {}
         self._by_kid: Dict[str, Server] = {}
+        # Cluster hook: called with (hostname, customer, new_room) for every
+        # peer Connect places, so the cluster link can share future usage.
+        self.on_placed: Optional[Callable[[str, str, int], None]] = None
         # Called with (record, acknowledged) for every change worth saving
         # (section "Saved state"); None: nobody saves the state.
         self.journal: Optional[Callable[[list, bool], None]] = None
@@ -2166,6 +2291,10 @@ class Grid:
         # can expire (a reported room is refreshed by every report).
         self.placed: set = set()
         self.frozen_rooms = 0  # rooms when the collector last froze the grid (handle_request)
+        # Hashes (and their sort keys) of the rooms of a big report, worked out
+        # in steps before it is integrated (prepare_rooms); used up by the report.
+        self.prepared: Dict[Tuple[str, str], str] = {}
+        self.prepared_order: Dict[str, Tuple[str, str]] = {}
 
     # -- changes: each room mapping goes through _map and _unmap ---------------
 
@@ -2230,14 +2359,40 @@ class Grid:
 
     # -- reports ------------------------------------------------------------
 
+    def prepare_rooms(self, hostname: str, rooms: List[Any]) -> Iterator[None]:
+        """Hash the rooms of a coming report that are new to its server, in
+        steps of PREPARE_STEP_ROOMS (yielding between them): pure work that
+        the report's integration then finds done. The grid does not change
+        here, so nothing is ever half-integrated; malformed rooms are left
+        for the report to refuse."""
+        server = self.servers.get(hostname)
+        known = server.room_keys if server is not None else {}
+        prepared, orders = self.prepared, self.prepared_order
+        for start in range(0, len(rooms), PREPARE_STEP_ROOMS):
+            for room in rooms[start:start + PREPARE_STEP_ROOMS]:
+                room_id = room.get("id") if isinstance(room, dict) else None
+                if not (isinstance(room_id, list) and len(room_id) == 2):
+                    continue
+                key = tuple(room_id)
+                if key in known or key in prepared or not all(isinstance(part, str) for part in key):
+                    continue
+                try:
+                    digest = prepared[key] = room_hash(*key)  # type: ignore[misc]
+                except ValueError:
+                    continue  # the report warns about it
+                orders[digest] = locale_order(digest)
+            yield
+
     def report(self, hostname: str, version: str, report: dict, now: float,
-               rooms: Optional["RoomColumns"] = None) -> Server:
+               rooms: Optional["RoomColumns"] = None, *, replica: bool = False) -> Server:
         """Store a server's report: find or create it, integrate its rooms, re-enable it.
 
         report: load, clients (and draining); rooms: its rooms (room_columns
         of report["rooms"] if not given). The cost grows with what changed
         since its previous report, not with its size: a report repeating
-        the previous one's rooms only refreshes them.
+        the previous one's rooms only refreshes them. replica: the report was
+        taken by another gateway of the cluster; it is applied alike, but a
+        collision queues no RoomClose here (the gateway that took it answered).
         """
         if rooms is None:
             rooms = room_columns(report.get("rooms", []))
@@ -2257,9 +2412,12 @@ class Grid:
         if changed:  # before its rooms: a replay needs the server first
             self._note(["server", hostname, version, False, server.draining])
         keys, customers, ages, peers = rooms
-        unknown = self._integrate_rooms(server, keys, customers, now)
+        unknown = self._integrate_rooms(server, keys, customers, now, replica)
         self._account(server, -1)
-        server.usage = _usage_by_customer(keys, customers, peers, unknown)
+        usage = _usage_by_customer(keys, customers, peers, unknown)
+        if usage != server.usage:  # customer limits hold across a restart too
+            self._note(["usage", hostname, usage])
+        server.usage = usage
         server.reported_rooms = rooms
         server.pending = {}
         server.pending_peers = 0
@@ -2274,6 +2432,8 @@ class Grid:
         server.last_seen = now
         server.disabled = False
         self._account(server, +1)
+        if self.prepared:
+            self.prepared, self.prepared_order = {}, {}
         return server
 
     def _account(self, server: Server, sign: int) -> None:
@@ -2300,7 +2460,7 @@ class Grid:
         return {customer: self.usage_of(customer) for customer in set(self.reported) | set(self.pending)}
 
     def _integrate_rooms(self, server: Server, keys: List[Tuple[str, str]], customers: List[str],
-                         now: float) -> set:
+                         now: float, replica: bool = False) -> set:
         """Map the reported rooms (keys: their ids); the keys that cannot be
         identified (a name over 255 bytes; left out, with a warning).
 
@@ -2319,9 +2479,10 @@ class Grid:
         unknown: set = set()
         if len(room_keys) != len(keys) or None in map(room_keys.get, keys):
             current = dict.fromkeys(keys)
+            prepared = self.prepared
             for key in current.keys() - room_keys.keys():
                 try:
-                    room_keys[key] = room_hash(*key)
+                    room_keys[key] = prepared.get(key) or room_hash(*key)
                 except ValueError as err:
                     unknown.add(key)
                     log.warning("server %s reported room %s/%s: %s; ignoring it", printable(hostname),
@@ -2345,14 +2506,15 @@ class Grid:
                 fresh.append(digest)
         # Sorted as the original sorts them: the order shows in Info and in
         # the order of collision tasks.
-        for digest in sorted(fresh, key=locale_order):
+        orders = self.prepared_order
+        for digest in sorted(fresh, key=lambda digest: orders.get(digest) or locale_order(digest)):
             row = reported[digest]
             known = self.rooms.get(digest)
             # Reported beats placed: a room Connect placed elsewhere, which no
             # server has confirmed, moves to the server that has it.
             if known is None or not known.reported or known.server not in self.servers:
                 self._map(digest, Room(keys[row], customers[row], hostname, now, True))
-            elif digest not in server.closing:  # at most one RoomClose queued per room
+            elif digest not in server.closing and not replica:  # at most one RoomClose per room
                 self._collision(server, known, keys[row], digest)
         if len(server.room_hashes) != len(reported) or not server.room_hashes.issuperset(reported):
             for digest in server.room_hashes.difference(reported):
@@ -2445,18 +2607,25 @@ class Grid:
         if room is None:
             self._map(digest, Room(room_id, customer, server.hostname, now), acknowledged=True)
         else:
+            saved_second = int(room.updated)
             room.updated = now
             if new_here:  # moved: the new server has not confirmed it yet
                 self._touch(room.server)
                 room.reported = False
                 room.server = server.hostname
                 self._map(digest, room, acknowledged=True)
+            elif not room.reported and int(now) != saved_second:
+                # A placement lives as long as Connects refresh it: saved, so that
+                # it does not expire early after a restart (no report refreshes it).
+                self._map(digest, room)
         new_room = 1 if new_here and digest not in server.room_hashes else 0
         for totals in (server.pending, self.pending):  # the server is enabled: it counts
             counts = totals.setdefault(customer, [0, 0])
             counts[0] += 1
             counts[1] += new_room
         server.pending_peers += 1
+        if self.on_placed is not None:
+            self.on_placed(server.hostname, customer, new_room)
         return server
 
     def answering(self, server: Server, now: float) -> bool:
@@ -2481,6 +2650,36 @@ class Grid:
         return place_room(self.candidates(now), pool=pool, region=region, pinned=pinned,
                           region_fallback=self.config.region_fallback, rule=self.config.placement,
                           rng=rng)
+
+    # -- cluster replica (see ClusterLink) -------------------------------------
+
+    def adopt_room(self, digest: str, record: dict, now: float, *, force: bool = False) -> None:
+        """Map a room as another gateway (or Redis) says; force: even over a live local mapping."""
+        if force or self.server_of(digest, now) is None:
+            self._map(digest, Room(tuple(record["id"]), record["customer"], record["server"],
+                                   min(now, record["updated"])))
+
+    def set_pending(self, hostname: str, usage: Dict[str, List[int]]) -> None:
+        """A server's usage placed since its last report, as the cluster counted it."""
+        server = self.servers.get(hostname)
+        if server is None:
+            return
+        self._account(server, -1)
+        server.pending = usage
+        server.pending_peers = sum(peers for peers, _rooms in usage.values())
+        self._account(server, +1)
+
+    def add_pending(self, hostname: str, customer: str, peers: int, rooms: int) -> None:
+        """Usage another gateway placed on a server since its last report."""
+        server = self.servers.get(hostname)
+        if server is None:
+            return
+        self._account(server, -1)
+        counts = server.pending.setdefault(customer, [0, 0])
+        counts[0] += peers
+        counts[1] += rooms
+        server.pending_peers += peers
+        self._account(server, +1)
 
     def _place(self, room_id: Tuple[str, str], customer: str, pinned: Optional[str],
                region: Optional[str], pool: Optional[str], now: float,
@@ -2574,6 +2773,7 @@ class Grid:
 #   ["unroom", hash]                                    unmapped
 #   ["task", hostname, task]                            queued for the server
 #   ["sent", hostname, count]                           its first count tasks were delivered
+#   ["usage", hostname, {customer: [peers, rooms]}]     its last report's usage by customer
 
 #: The first line of a state file: its format and version.
 STATE_HEADER = ["odin-gateway-state", 1]
@@ -2591,6 +2791,7 @@ _RECORD_SHAPES: Dict[str, Tuple[type, ...]] = {
     "unroom": (str,),
     "task": (str, dict),
     "sent": (str, int),
+    "usage": (str, dict),
 }
 
 
@@ -2607,6 +2808,10 @@ def record_problem(record: Any) -> Optional[str]:
             isinstance(value, kind) and (kind is not int or not isinstance(value, bool))
             for value, kind in zip(record[1:], shape)):
         return "malformed %s record" % record[0]
+    if record[0] == "usage" and not all(
+            isinstance(counts, list) and len(counts) == 2 and all(map(_is_integer, counts))
+            for counts in record[2].values()):
+        return "malformed usage record (counts must be [peers, rooms])"
     return None
 
 
@@ -2614,6 +2819,8 @@ def grid_records(grid: Grid) -> Iterator[list]:
     """The grid's state as records (a snapshot): servers, their rooms, their tasks."""
     for server in grid.servers.values():
         yield ["server", server.hostname, server.version, server.disabled, server.draining]
+        if server.usage:
+            yield ["usage", server.hostname, server.usage]
         for task in server.tasks:
             yield ["task", server.hostname, task]
     for digest, room in grid.rooms.items():
@@ -2673,6 +2880,10 @@ def apply_record(grid: Grid, record: list, now: float) -> None:
     elif kind == "sent":
         del server.tasks[:record[2]]
         server.closing.clear()
+    elif kind == "usage":
+        grid._account(server, -1)
+        server.usage = {customer: list(counts) for customer, counts in record[2].items()}
+        grid._account(server, +1)
 
 
 class StateFile:
@@ -2807,6 +3018,7 @@ class SavedState:
         elif age is not None:
             for record in records:
                 apply_record(grid, record, now)
+            grid._recount()  # the usage of the servers as restored, enabled or not
             restored = True
             log.info("state restored from %s: %d servers, %d rooms, %d tasks", path,
                      len(grid.servers), len(grid.rooms),
@@ -2826,24 +3038,27 @@ class SavedState:
         self.pending = []
         self.gateway.grid.journal = self.note
 
-    def take(self) -> Tuple[bytes, bool]:
-        """What the next write must do, taken now: (encoded records, True for a
-        snapshot that replaces the file). A snapshot when the changes have
-        outgrown the last one, or after a failed write."""
+    def take(self) -> Tuple[List[list], bool]:
+        """What the next write must do, taken now: (records, True for a snapshot
+        that replaces the file). A snapshot when the changes have outgrown the
+        last one, or after a failed write. The records are fresh lists of
+        values nobody changes later, so write() can encode them in a worker
+        thread: encoding a snapshot of 100,000 rooms takes a third of a second."""
         if self.failed or self.file.appended_bytes > max(STATE_COMPACT_BYTES, self.file.snapshot_bytes):
             self.pending = []
             self.failed = False
-            return self.file.encode(list(grid_records(self.gateway.grid))), True
+            return list(grid_records(self.gateway.grid)), True
         records, self.pending = self.pending, []
-        return self.file.encode(records), False
+        return records, False
 
-    def write(self, data: bytes, snapshot: bool) -> None:
-        """Do what take() said (blocking file I/O); on failure, the next take() is a snapshot."""
+    def write(self, records: List[list], snapshot: bool) -> None:
+        """Do what take() said (encoding and blocking file I/O); on failure, the
+        next take() is a snapshot."""
         try:
             if snapshot:
-                self.file.rewrite(data)
-            elif data:
-                self.file.append(data)
+                self.file.rewrite(self.file.encode(records))
+            elif records:
+                self.file.append(self.file.encode(records))
         except OSError:
             self.failed = True
             raise
@@ -3080,6 +3295,38 @@ def _is_request_id(value: Any) -> bool:
     return isinstance(value, int) or (isinstance(value, float) and value.is_integer())
 
 
+class ClusterStep:
+    """A method's need for one Redis round trip (cluster mode only), as plain data.
+
+    A handler that must not answer before Redis has seen something (a new
+    room's claim, an admin task, a report and its tasks) returns a step
+    instead of its result: ``operation`` and ``args`` say what the cluster
+    link must do, and ``finish(outcome)`` (synchronous; outcome None when
+    Redis could not be reached in time) gives the result, raises RpcError,
+    or returns the next step. Steps with the same ``serial`` (a customer
+    with limits) run one at a time on a gateway.
+    """
+
+    __slots__ = ("operation", "args", "finish", "serial")
+
+    def __init__(self, operation: str, args: tuple, finish: Callable[[Any], Any],
+                 serial: Optional[str] = None):
+        self.operation = operation
+        self.args = args
+        self.finish = finish
+        self.serial = serial
+
+
+class PendingAnswers:
+    """JSON-RPC answers of which some are ClusterSteps still to be completed."""
+
+    __slots__ = ("answers", "batch")
+
+    def __init__(self, answers: List[dict], batch: bool):
+        self.answers = answers  # response objects; "notification": True ones are not sent
+        self.batch = batch
+
+
 class Gateway:
     """An ODIN gateway: grid state, customers and the RPC methods over them.
 
@@ -3118,6 +3365,9 @@ class Gateway:
         self.on_change: List[Callable[[], None]] = []
         self.warmed = False  # the warm-up has begun once (a second listener does not restart it)
         self.metrics = Metrics()
+        # The cluster link (cluster mode, while serving): the handlers ask it
+        # whether Redis is up, and hand it ClusterSteps through the HTTP layer.
+        self.cluster: Optional[ClusterLink] = None
         # The thread of a sync customer update function, while it runs (see update_customers).
         self.customer_update_thread: Optional[threading.Thread] = None
         self._dynamic_keys: Dict[str, CustomerKey] = {}
@@ -3286,20 +3536,68 @@ class Gateway:
         self._check_limit(licensee, licensee.peer_limit, peers, "peers")  # every Connect
 
         digest, (namespace, room_name) = _connect_room(auth)
+        link = self.cluster
+        if link is not None and link.up and (licensee.peer_limit is not None
+                                             or licensee.room_limit is not None):
+            # Limits across gateways: first apply every placement published before
+            # now (a barrier), then check and place, one Connect of the customer at a
+            # time here; the placement is published before the answer.
+            return ClusterStep("barrier", (), functools.partial(
+                self._connect_checked, auth, digest, namespace, room_name, pinned, claimed_region),
+                serial=licensee.customer_id)
+        return self._connect_checked(auth, digest, namespace, room_name, pinned, claimed_region)
+
+    def _connect_checked(self, auth: Authorization, digest: str, namespace: str, room_name: str,
+                         pinned: Optional[str], claimed_region: Optional[str],
+                         _barrier: Any = None) -> Any:
+        """Connect past its claims: the limits, then the room's server or a claim for it."""
+        licensee = auth.licensee
+        peers, rooms = self.grid.usage_of(licensee.customer_id)
+        self._check_limit(licensee, licensee.peer_limit, peers, "peers")
+        now = self.clock()
+        link = self.cluster
+        if link is not None and link.up and self.grid.server_of(digest, now) is None:
+            # A new room: claim it in Redis first, so that every gateway sends it to one server.
+            self._check_limit(licensee, licensee.room_limit, rooms, "rooms")
+            region, pool = self.labels_of(licensee.customer_id)
+            placement = self.grid.place(pool=pool, region=claimed_region or region, pinned=pinned,
+                                        now=now, rng=self.rng)
+            if placement.server is None:
+                raise placement.refusal()
+            record = {"id": [namespace, room_name], "customer": licensee.customer_id,
+                      "server": placement.server.hostname, "updated": now}
+            return ClusterStep("claim", (digest, record), functools.partial(
+                self._connect_claimed, auth, digest, namespace, room_name, pinned, claimed_region))
+        return self._connect_to(auth, digest, namespace, room_name, pinned, claimed_region)
+
+    def _connect_claimed(self, auth: Authorization, digest: str, namespace: str, room_name: str,
+                         pinned: Optional[str], claimed_region: Optional[str],
+                         claimed: Optional[dict]) -> dict:
+        """Connect's answer once Redis said who has the new room. Claimed by this gateway:
+        placed here on the claimed server (and counted as a new room here); by another: the
+        link mapped it there. None: Redis was unreachable, the room is placed here alone."""
+        if claimed is not None and claimed["won"]:
+            pinned = claimed["server"]
+        return self._connect_to(auth, digest, namespace, room_name, pinned, claimed_region)
+
+    def _connect_to(self, auth: Authorization, digest: str, namespace: str, room_name: str,
+                    pinned: Optional[str], claimed_region: Optional[str]) -> dict:
+        """Connect's answer: the room's server (mapped, or picked now) and a room token for it."""
+        claims, licensee = auth.claims, auth.licensee
+        rid = claims["rid"]
         now = self.clock()
         # The room limit limits rooms (PROTOCOL.md 5.3): a Connect to a room that
         # lives on an answering server opens none, so only a new room is refused.
         if self.grid.server_of(digest, now) is None:
-            self._check_limit(licensee, licensee.room_limit, rooms, "rooms")
+            self._check_limit(licensee, licensee.room_limit,
+                              self.grid.usage_of(licensee.customer_id)[1], "rooms")
         region, pool = self.labels_of(licensee.customer_id)  # a token cannot choose a pool
         server = self.grid.assign(digest, (namespace, room_name), licensee.customer_id, pinned, now,
                                   region=claimed_region or region, pool=pool)
         nbf = int(now)
-        token = encode_jwt({
-            "uid": claims["uid"], "cid": licensee.customer_id, "rid": rid, "nsp": namespace,
-            "adr": server.hostname, "sub": "connect", "aud": "sfu",
-            "exp": nbf + self.config.login_token_lifetime, "nbf": nbf,
-        }, server.key)
+        token = sign_jwt(room_claims_json(claims["uid"], licensee.customer_id, rid, namespace,
+                                          server.hostname, nbf + self.config.login_token_lifetime,
+                                          nbf), server.key)
         return {"address": server.hostname, "token": token}
 
     def _check_limit(self, licensee: Licensee, limit: Optional[int], usage: int, what: str) -> None:
@@ -3339,7 +3637,24 @@ class Gateway:
         task = {"task": fields.pop("task"), "id": [namespace, room_id]}
         for name, value in fields.items():
             task[name] = _task_duration(value) if name == "ban_time" else value
+        if self.cluster is not None and self.cluster.up:
+            # Answered {} only once the task is in Redis: any gateway can deliver it.
+            return ClusterStep("task", (server.hostname, task), functools.partial(
+                self._task_stored, server.hostname, task))
         self.grid.queue_task(server, task)
+        return {}
+
+    def _task_stored(self, hostname: str, task: dict, outcome: Optional[str]) -> dict:
+        """The answer to an admin call once Redis stored its task (outcome "queued"), found
+        the queue full ("full"), or could not be reached (None: held here, sent later)."""
+        if outcome == "full":
+            raise refused("task queue of server %s is full (%d tasks); try again after its "
+                          "next report" % (hostname, self.config.max_queued_tasks))
+        if outcome is None:
+            server = self.grid.servers.get(hostname)
+            if server is None:
+                raise refused("no server for room found")
+            self.grid.queue_task(server, task)
         return {}
 
     # -- internal methods (/internal) ---------------------------------------
@@ -3394,14 +3709,35 @@ class Gateway:
             report["region"] = region
         if pools is not None:
             report["pools"] = pools
-        server = self.grid.report(endpoint or remote_hostname(call.remote), version, report,
-                                  self.clock(), columns)
+        hostname = endpoint or remote_hostname(call.remote)
+        before = self.grid.servers.get(hostname)
+        gone = set(before.room_hashes) if before is not None else set()
+        server = self.grid.report(hostname, version, report, self.clock(), columns)
         if self.warm_until:  # rooms that Connects wait for may have arrived
             self._changed()
+        if self.cluster is not None:
+            # Shared with every gateway; the tasks queued in Redis come back with it.
+            gone.difference_update(server.room_hashes)
+            step = self.cluster.report_step(server, gone, not call.notification)
+            if step is not None:
+                return step
         if call.notification:
             # A notification gets no answer, so the tasks stay queued for the next report.
             return {"tasks": []}
         return {"tasks": self.grid.take_tasks(server)}
+
+    def prepare_report(self, request: Any, remote: str) -> Iterator[None]:
+        """If request (parsed JSON) is a report, the work its rooms need that
+        can be done in steps beforehand (Grid.prepare_rooms); else nothing."""
+        if not (isinstance(request, dict) and request.get("method") in ("sfu.Report", "SubmitReport")):
+            return iter(())
+        params = request.get("params")
+        rooms = params.get("rooms") if isinstance(params, dict) else None
+        if not isinstance(rooms, list):
+            return iter(())
+        endpoint = params.get("public_endpoint")  # type: ignore[union-attr]
+        hostname = endpoint if isinstance(endpoint, str) and endpoint else remote_hostname(remote)
+        return self.grid.prepare_rooms(hostname, rooms)
 
     def rpc_drain(self, call: Call, params: dict) -> dict:
         """Drain a server (no new rooms; its rooms stay and are served) or undrain it."""
@@ -3412,6 +3748,8 @@ class Gateway:
         server = self.grid.servers.get(hostname)
         if server is None:
             raise refused("no server %s: Info lists the servers" % printable(hostname))
+        if self.cluster is not None:
+            self.cluster.drained(hostname, draining)
         if server.draining != draining:
             server.draining = draining
             self.grid.note_server(server)
@@ -3475,6 +3813,9 @@ class Gateway:
         calls = [{"name": name, "success": counts[0], "failure": counts[1], "rejected": counts[2]}
                  for name, counts in self.stats.items()]
         answer["stats"] = {"apiCalls": calls}
+        if self.cluster is not None:
+            answer["cluster"] = {"member": self.cluster.member, "members": list(self.cluster.members),
+                                 "redis": "up" if self.cluster.up else "down"}
         return answer
 
     # -- saved state ----------------------------------------------------------
@@ -3570,10 +3911,11 @@ class Gateway:
     # -- JSON-RPC dispatch --------------------------------------------------
 
     def dispatch(self, methods: Tuple[str, ...], body: bytes, auth: Optional[Authorization],
-                 remote: str) -> Tuple[int, Optional[bytes]]:
-        """(HTTP status, response body or None) for a JSON-RPC request or batch."""
+                 remote: str, parsed: Any = _UNPARSED) -> Tuple[int, Optional[bytes]]:
+        """(HTTP status, response body or None) for a JSON-RPC request or batch
+        (parsed: the body's JSON, if the caller parsed it already)."""
         try:
-            request = load_json(body)
+            request = load_json(body) if parsed is _UNPARSED else parsed
         except ValueError:
             return 400, _error_body(PARSE_ERROR, "Parse error")
         if isinstance(request, list):
@@ -3583,9 +3925,39 @@ class Gateway:
                 return 200, _error_body(INVALID_REQUEST, "Invalid Request: a batch may hold at most "
                                         "%d requests" % self.config.max_batch)
             answers = [a for a in (self._call(methods, r, auth, remote) for r in request) if a]
+            if self.cluster is not None and _has_steps(answers):
+                return 200, PendingAnswers(answers, batch=True)  # type: ignore[return-value]
             return (200, dump_json(answers)) if answers else (204, None)
         answer = self._call(methods, request, auth, remote)
+        if answer is not None and isinstance(answer.get("result"), ClusterStep):
+            return 200, PendingAnswers([answer], batch=False)  # type: ignore[return-value]
         return (200, dump_json(answer)) if answer else (204, None)
+
+    def finish_steps(self, pending: PendingAnswers, results: List[Any]) -> Response:
+        """The response once the cluster link has done the steps and finished them
+        (results in order: each a result, an RpcError, or another exception: a bug)."""
+        results_left = iter(results)
+        sent = []
+        for answer in pending.answers:
+            if isinstance(answer.get("result"), ClusterStep):
+                method = answer.pop("method")
+                result = next(results_left)
+                if not isinstance(result, BaseException):
+                    answer["result"] = result
+                    self._count(method, 0)
+                else:
+                    self._count(method, 2 if isinstance(result, RpcError) else 1)
+                    if not isinstance(result, RpcError):
+                        log.error("internal error in %s:\n%s", method, "".join(
+                            traceback.format_exception(type(result), result, result.__traceback__)))
+                        result = RpcError(INTERNAL_ERROR, "Internal error")
+                    answer.pop("result")
+                    answer["error"] = result.to_json()
+            if not answer.pop("notification", False):
+                sent.append(answer)
+        if not sent:
+            return Response(204)
+        return Response(200, dump_json(sent if pending.batch else sent[0]))
 
     def _call(self, methods: Tuple[str, ...], request: Any, auth: Optional[Authorization],
               remote: str) -> Optional[dict]:
@@ -3617,6 +3989,9 @@ class Gateway:
             if notification:
                 return None
             return {"jsonrpc": "2.0", "error": err.to_json(), "id": request_id}
+        if isinstance(result, ClusterStep):  # finished (and counted) by finish_steps
+            return {"jsonrpc": "2.0", "result": result, "id": request_id, "method": method,
+                    "notification": notification}
         if notification:
             return None
         return {"jsonrpc": "2.0", "result": result, "id": request_id}
@@ -3633,6 +4008,8 @@ class Gateway:
             self._count(method, 1)
             log.error("internal error in %s:\n%s", method, traceback.format_exc())
             raise RpcError(INTERNAL_ERROR, "Internal error") from None
+        if isinstance(result, ClusterStep):
+            return result  # counted when finished
         self._count(method, 0)
         if method == "Connect":
             self.metrics.observe_connect(time.perf_counter() - started)
@@ -3648,10 +4025,12 @@ class Gateway:
     # -- HTTP requests ------------------------------------------------------
 
     def handle_http(self, method: str, target: str, headers: Dict[str, str], body: bytes,
-                    remote: str = "127.0.0.1", *, stopping: bool = False) -> Response:
+                    remote: str = "127.0.0.1", *, stopping: bool = False,
+                    parsed: Any = _UNPARSED) -> Response:
         """The response to one HTTP request (headers keyed by lower-case name).
 
-        stopping: the server that received it is stopping (/ready says so).
+        stopping: the server that received it is stopping (/ready says so);
+        parsed: the body's JSON, if already parsed (load_json_in_steps).
         """
         path = target.split("?", 1)[0]
         if path in OPERATIONS_PATHS:
@@ -3697,8 +4076,22 @@ class Gateway:
             postponed = self._postpone(auth, body)  # type: ignore[arg-type]
             if postponed is not None:
                 return postponed
-        status, response_body = self.dispatch(methods, body, auth, remote)
+        status, response_body = self.dispatch(methods, body, auth, remote, parsed)
+        if isinstance(response_body, PendingAnswers):
+            # Cluster mode: an awaitable answer (the server awaits it, serving others meanwhile).
+            return self.cluster.complete(response_body)  # type: ignore[union-attr,return-value]
         return Response(status, response_body or b"")
+
+    def may_call_internal(self, headers: Dict[str, str]) -> bool:
+        """Whether a request's credentials admit it to /internal (before its
+        body is parsed: a big body is parsed in steps only for those)."""
+        if not self.config.internal_users:
+            return True
+        try:
+            self._basic_auth(headers.get("authorization", ""))
+        except TokenError:
+            return False
+        return True
 
     def _basic_auth(self, header: str) -> Authorization:
         """Basic credentials checked against internal_users; TokenError if refused."""
@@ -3721,6 +4114,8 @@ class Gateway:
             enabled = len(self.grid.candidates(now))
             if stopping:
                 return Response(503, dump_json({"status": "stopping"}))
+            if self.cluster is not None and not self.cluster.loaded:
+                return Response(503, dump_json({"status": "loading the cluster state from Redis"}))
             if self.warming_up(now):
                 return Response(503, dump_json({
                     "status": "warming up", "reason": "servers have %.1f s left to report their "
@@ -3748,6 +4143,10 @@ class Gateway:
             return Response(200, dump_json(status_data(self)))
         return Response(200, render_metrics(self).encode("utf-8"),
                         content_type="text/plain; version=0.0.4; charset=utf-8")
+
+
+def _has_steps(answers: List[dict]) -> bool:
+    return any(isinstance(answer.get("result"), ClusterStep) for answer in answers)
 
 
 #: GET paths for operators (answered by Gateway._operations).
@@ -3973,6 +4372,10 @@ def render_metrics(gateway: Gateway) -> str:
            [({}, sum(len(s.tasks) for s in grid.servers.values()))])
     family("odin_gateway_customer_keys", "gauge", "Customer access keys loaded.",
            [({}, len(gateway.authorizer.customer_keys))])
+    if gateway.cluster is not None:
+        family("odin_gateway_cluster_up", "gauge",
+               "1 while Redis answers and the shared state is loaded, else 0 (serving alone).",
+               [({}, 1 if gateway.cluster.up else 0)])
     return "\n".join(lines) + "\n"
 
 
@@ -4424,6 +4827,13 @@ _COMMON_HEADERS = (
     b"Access-Control-Request-Method: POST\r\n"
     b"Cache-Control: no-store\r\n"
 )
+#: The usual header names as clients spell them, with their lower-case keys (read-only).
+_HEADER_NAMES = types.MappingProxyType({spelling: name for name in (
+    "host", "authorization", "content-type", "content-length", "connection", "user-agent",
+    "accept", "accept-encoding", "accept-language", "origin", "referer", "expect",
+    "transfer-encoding", "access-control-request-method", "access-control-request-headers",
+    "access-control-request-private-network", "x-forwarded-for")
+    for spelling in (name, name.title(), name.upper())})
 #: Most distinct request lines a server remembers parsed (clients repeat theirs).
 REQUEST_LINE_CACHE = 256
 
@@ -4500,6 +4910,29 @@ def parse_headers(block: str, max_headers: int) -> Dict[str, str]:
     """The header fields of a head (latin-1 text after the request line, each
     line ending in CRLF), keyed by lower-case name; HttpError if malformed."""
     headers: Dict[str, str] = {}
+    lines = block[:-2].split("\r\n")
+    if (len(lines) <= max_headers and block.count("\n") == len(lines) == block.count("\r")
+            and "\x00" not in block):
+        # Each line ends in its CRLF and holds no other CR, LF or NUL: then a
+        # line is well-formed when a token and a colon begin it (the usual
+        # names are looked up, not matched). Anything else: the checks below.
+        for line in lines:
+            name, colon, value = line.partition(":")
+            lower = _HEADER_NAMES.get(name)
+            if lower is None:
+                if not colon or not _TOKEN_RE.fullmatch(name):
+                    break
+                lower = name.lower()
+            elif not colon:
+                break
+            value = value.strip(" \t")
+            if lower in headers:
+                _add_header(headers, lower, value)
+            else:
+                headers[lower] = value
+        else:
+            return headers
+        headers = {}
     fields = _HEADER_FIELD_RE.findall(block)
     if len(fields) == block.count("\n"):
         if len(fields) > max_headers:
@@ -4842,6 +5275,617 @@ class HttpFraming:
 
 
 # ---------------------------------------------------------------------------
+# Cluster: sharing the grid through Redis
+# ---------------------------------------------------------------------------
+#
+# With the setting cluster (a Redis URL), each gateway's grid stays its own
+# local replica, and the ClusterLink below shares through Redis what must be
+# shared. Requests never wait for Redis except for what must be in Redis
+# before the answer (a new room's claim, an admin task, a report's tasks),
+# each under the deadline cluster_timeout; a Connect to a mapped room makes
+# no round trip. The Redis data model (all keys under "odin:"):
+#
+#   odin:servers          hash    hostname -> JSON server record {hostname, version,
+#                                 report (with its rooms), first_seen, last_seen};
+#                                 written by the gateway that takes the report. A
+#                                 record silent for remove_timeout is deleted by
+#                                 the next gateway that loads the state.
+#   odin:seen             hash    hostname -> last_seen (what the claim script reads).
+#   odin:room:<hash>      string  JSON claim {id, customer, server, updated}; set once
+#                                 (atomically, by the claim script) by the gateway
+#                                 that places a new room, refreshed by the gateway
+#                                 taking its server's report, deleted when the room
+#                                 leaves the report; EX login_token_lifetime.
+#   odin:placed:<host>    hash    "p:<customer>"/"r:<customer>" -> peers/rooms Connect
+#                                 sent to the server since its report (future usage);
+#                                 HINCRBY by every gateway, deleted by the report.
+#   odin:tasks:<host>     list    JSON {id, task}; RPUSH (bounded by max_queued_tasks)
+#                                 by the gateway that accepted the call, before it
+#                                 answers; taken whole, atomically, by the gateway that
+#                                 takes the server's next report; EX remove_timeout.
+#   odin:drained          hash    hostname -> "1": servers drained by an operator.
+#   odin:members          zset    member id -> Redis time of its last heartbeat;
+#                                 every heartbeat drops members silent for 3 heartbeats.
+#   odin:events           pub/sub JSON {"from": member, "type": "report" | "claim" |
+#                                 "placed" | "drain" | "delivered", ...}: what the
+#                                 others apply to their replicas as it happens.
+#
+# When Redis cannot be reached, each gateway serves from its replica (mapped
+# rooms as mapped, new rooms placed locally, admin tasks and reports held),
+# says so once in the log, in Info and in odin_gateway_cluster_up; when
+# Redis answers again it flushes what it held, then reloads the whole state.
+
+CLUSTER_PREFIX = "odin:"
+#: Seconds placements are gathered before they are shared in one batch.
+CLUSTER_BATCH_DELAY = 0.005
+#: Rooms loaded per round trip when the state is loaded.
+CLUSTER_LOAD_BATCH = 1000
+
+# Claim a new room unless a live server owns it already: one atomic step.
+# KEYS: odin:room:<hash>, odin:seen, odin:events; ARGV: the claim, the oldest
+# last_seen of a live server, its TTL, the event to publish if it is taken.
+_CLAIM_SCRIPT = """
+local current = redis.call('GET', KEYS[1])
+if current then
+  local seen = redis.call('HGET', KEYS[2], cjson.decode(current)['server'])
+  if seen and tonumber(seen) >= tonumber(ARGV[2]) then return current end
+end
+redis.call('SET', KEYS[1], ARGV[1], 'EX', ARGV[3])
+redis.call('PUBLISH', KEYS[3], ARGV[4])
+return ARGV[1]
+"""
+# Queue an admin task unless the server's queue is full. KEYS: odin:tasks:<host>;
+# ARGV: the task, the bound, the TTL. 1: queued, 0: full.
+_TASK_SCRIPT = """
+if redis.call('LLEN', KEYS[1]) >= tonumber(ARGV[2]) then return 0 end
+redis.call('RPUSH', KEYS[1], ARGV[1])
+redis.call('EXPIRE', KEYS[1], ARGV[3])
+return 1
+"""
+# A heartbeat: this member is alive (Redis time), silent ones are dropped;
+# the members. KEYS: odin:members; ARGV: member id, seconds of silence allowed.
+_HEARTBEAT_SCRIPT = """
+local now = redis.call('TIME')
+local t = tonumber(now[1]) + tonumber(now[2]) / 1000000
+redis.call('ZADD', KEYS[1], t, ARGV[1])
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', t - tonumber(ARGV[2]))
+return redis.call('ZRANGE', KEYS[1], 0, -1)
+"""
+
+
+def import_redis() -> Any:
+    """redis-py's asyncio client, imported only in cluster mode; ConfigError if missing."""
+    try:
+        import redis.asyncio as redis_asyncio
+    except ImportError as err:
+        raise ConfigError('cluster needs redis-py; install it with: pip install "redis>=4.2" '
+                          '(or pip install "odin-gateway[cluster]")') from err
+    return redis_asyncio
+
+
+def _aclose(client: Any) -> Any:
+    """close() of a redis-py client or pubsub (aclose() from redis-py 5.0.1 on)."""
+    return client.aclose() if hasattr(client, "aclose") else client.close()
+
+
+def _claim_record(room: Room) -> dict:
+    return {"id": list(room.id), "customer": room.customer, "server": room.server,
+            "updated": room.updated}
+
+
+class _Unreachable(Exception):
+    """Redis did not answer within cluster_timeout (or refused the connection)."""
+
+
+class ClusterLink:
+    """A gateway's link to the cluster: its replica in, its changes out, through Redis.
+
+    up: Redis answers and the shared state is loaded, so the handlers hand
+    it ClusterSteps; loaded: the state was loaded once (then /ready may say
+    ready). Every call has the deadline cluster_timeout; a failure makes the
+    link down until the heartbeat reaches Redis again and resyncs.
+    """
+
+    def __init__(self, gateway: Gateway, redis_asyncio: Any = None):
+        self.gateway = gateway
+        redis_asyncio = redis_asyncio or import_redis()
+        import redis.exceptions as redis_errors
+
+        config = gateway.config
+        self.member = "%s-%d-%s" % (socket.gethostname(), os.getpid(), os.urandom(3).hex())
+        self.redis = redis_asyncio.Redis.from_url(
+            config.cluster, socket_timeout=config.cluster_timeout,
+            socket_connect_timeout=config.cluster_timeout, retry_on_timeout=False)
+        # Events wait on their connection as long as it takes: no read timeout
+        # (the heartbeat notices a Redis that stopped answering).
+        self._events_redis = redis_asyncio.Redis.from_url(
+            config.cluster, socket_connect_timeout=config.cluster_timeout)
+        self._errors = (redis_errors.RedisError, OSError, asyncio.TimeoutError)
+        self._timeouts = (redis_errors.TimeoutError, asyncio.TimeoutError)
+        self._claim = self.redis.register_script(_CLAIM_SCRIPT)
+        self._queue = self.redis.register_script(_TASK_SCRIPT)
+        self._heartbeat = self.redis.register_script(_HEARTBEAT_SCRIPT)
+        self.up = False
+        self.loaded = False
+        self.members: List[str] = []
+        self.changed = asyncio.Event()  # set whenever up, loaded or members change (tests await it)
+        self._placed: List[Tuple[str, str, int]] = []  # (hostname, customer, new room) to share
+        self._drains: List[Tuple[str, bool]] = []  # (hostname, draining) to share
+        self._serials: Dict[str, asyncio.Lock] = {}  # customer -> its Connects' turn here
+        self._sending = asyncio.Lock()  # one batch of placements at a time
+        self._task_count = 0
+        # Tasks this gateway queued in Redis, until delivered: id -> (hostname, task, since).
+        self._undelivered: Dict[str, Tuple[str, dict, float]] = {}
+        self._delivered: List[str] = []  # ids of tasks delivered here, to tell the others
+        self._redis_run: Optional[str] = None  # Redis's run_id: it changes when Redis restarts
+        self._pongs: Dict[str, "asyncio.Future[None]"] = {}  # barrier token -> its arrival
+        self._wake = asyncio.Event()
+        self._pubsub: Any = None
+        self._reader: Optional[asyncio.Task] = None
+        self._loops: List[asyncio.Task] = []
+        self._stopping = False
+        gateway.grid.on_placed = self._on_placed
+
+    def key(self, *parts: str) -> str:
+        return CLUSTER_PREFIX + ":".join(parts)
+
+    # -- lifecycle ----------------------------------------------------------
+
+    async def start(self) -> None:
+        self._loops = [asyncio.ensure_future(self._heartbeat_loop()),
+                       asyncio.ensure_future(self._publisher_loop())]
+
+    async def stop(self) -> None:
+        # redis-py may turn a cancellation into a connection error, which the
+        # loops survive; the flag ends them for good.
+        self._stopping = True
+        self._wake.set()
+        tasks = self._loops + ([self._reader] if self._reader else [])
+        for task in tasks:
+            task.cancel()
+        await asyncio.wait(tasks, timeout=2 * self.gateway.config.cluster_timeout)
+        if self.up:
+            with contextlib.suppress(_Unreachable):
+                await self._call(self.redis.zrem(self.key("members"), self.member))
+        await self._close_pubsub()
+        for client in (self.redis, self._events_redis):
+            with contextlib.suppress(*self._errors):
+                await asyncio.wait_for(_aclose(client), self.gateway.config.cluster_timeout)
+        self.gateway.grid.on_placed = None
+
+    async def _call(self, awaitable: Any, *, heartbeat: bool = False) -> Any:
+        """Await one Redis call under the deadline; _Unreachable if it fails. A lost
+        connection takes the link down at once; a slow answer only when the heartbeat
+        is slow too (one slow call under load must not cost a resync)."""
+        try:
+            return await asyncio.wait_for(awaitable, self.gateway.config.cluster_timeout)
+        except self._errors as err:
+            if heartbeat or not isinstance(err, self._timeouts):
+                self._down(err)
+            raise _Unreachable(str(err)) from err
+
+    def _down(self, err: BaseException) -> None:
+        if self.up:
+            self.up = False
+            self.gateway.event("cluster_down", reason="%s: %s" % (type(err).__name__, err))
+            self.changed.set()
+            if self._reader is not None:
+                self._reader.cancel()
+                self._reader = None
+
+    # -- the heartbeat: membership, and Redis coming back ---------------------
+
+    async def _heartbeat_loop(self) -> None:
+        config = self.gateway.config
+        while not self._stopping:
+            try:
+                members = await self._call(self._heartbeat(
+                    keys=[self.key("members")],
+                    args=[self.member, 3 * config.cluster_heartbeat]), heartbeat=True)
+                members = sorted(m.decode() if isinstance(m, bytes) else m for m in members)
+                if members != self.members:
+                    self.members = members
+                    self.changed.set()
+                if not self.up:
+                    await self._resync()
+                else:
+                    await self._push_held_tasks()
+            except _Unreachable:
+                pass
+            except Exception:  # keep beating: a bug here must not cut the gateway off
+                log.error("cluster heartbeat failed:\n%s", traceback.format_exc())
+            await asyncio.sleep(config.cluster_heartbeat)
+
+    async def _resync(self) -> None:
+        """Subscribe, flush what was held while Redis was down, load the shared state."""
+        await self._close_pubsub()
+        self._pubsub = self._events_redis.pubsub(ignore_subscribe_messages=True)
+        await self._call(self._pubsub.subscribe(self.key("events")))
+        await self._flush_held()
+        await self._load()
+        self._reader = asyncio.ensure_future(self._read_events(self._pubsub))
+        first = not self.loaded
+        self.up = self.loaded = True
+        self.changed.set()
+        grid = self.gateway.grid
+        if first and grid.servers and self.gateway.warm_until:
+            # The cluster's state is this gateway's state: no blind interval to wait out.
+            self.gateway.warm_until = 0.0
+            self.gateway.event("warmup_over")
+            self.gateway._changed()
+        self.gateway.event("cluster_up", how="joined" if first else "resynced",
+                           servers=len(grid.servers), rooms=len(grid.rooms), members=len(self.members))
+
+    async def _close_pubsub(self) -> None:
+        pubsub, self._pubsub = self._pubsub, None
+        if pubsub is not None:
+            with contextlib.suppress(*self._errors):
+                await asyncio.wait_for(_aclose(pubsub), self.gateway.config.cluster_timeout)
+
+    async def _flush_held(self) -> None:
+        """Send to Redis what this replica knows and Redis does not (Redis restarted
+        empty, or this gateway served alone meanwhile): newer server records, room
+        claims nobody else made, and the admin tasks held here."""
+        grid, config = self.gateway.grid, self.gateway.config
+        stored = await self._call(self.redis.hgetall(self.key("servers")))
+        pipe = self.redis.pipeline(transaction=False)
+        for hostname, server in grid.servers.items():
+            raw = stored.get(hostname.encode())
+            if raw is None or load_json(raw)["last_seen"] < server.last_seen:
+                record = self._server_record(server)
+                pipe.hset(self.key("servers"), hostname, _compact_json(record))
+                pipe.hset(self.key("seen"), hostname, repr(server.last_seen))
+                pipe.publish(self.key("events"), self._event("report", record=record))
+        ttl = int(config.login_token_lifetime)
+        for digest, room in grid.rooms.items():
+            if room.server in grid.servers:
+                pipe.set(self.key("room", digest), _compact_json(_claim_record(room)), nx=True, ex=ttl)
+        await self._call(pipe.execute())
+        run = (await self._call(self.redis.info("server")))["run_id"]
+        if self._redis_run is not None and run != self._redis_run:
+            await self._requeue_lost_tasks()
+        self._redis_run = run
+        await self._push_held_tasks()
+
+    async def _push_held_tasks(self) -> None:
+        """Move the admin tasks held here (accepted while Redis did not answer) to Redis,
+        where any gateway can deliver them. Each leaves the local queue before it is sent,
+        so that a report answered meanwhile cannot deliver it twice."""
+        for server in list(self.gateway.grid.servers.values()):
+            while server.tasks:
+                task = server.tasks.pop(0)
+                try:
+                    outcome = await self._push_task(server.hostname, self._new_task_id(), task)
+                except _Unreachable:
+                    server.tasks.insert(0, task)
+                    raise
+                if outcome == "full":
+                    server.tasks.insert(0, task)
+                    log.warning("cluster: task queue of %s is full in Redis; %d held tasks stay "
+                                "here", printable(server.hostname), len(server.tasks))
+                    break
+
+    async def _load(self) -> None:
+        """Apply the shared state to the replica: servers, drains, future usage, rooms."""
+        gateway, grid, config = self.gateway, self.gateway.grid, self.gateway.config
+        now = gateway.clock()
+        records = await self._call(self.redis.hgetall(self.key("servers")))
+        drained = await self._call(self.redis.hgetall(self.key("drained")))
+        for raw in records.values():
+            record = load_json(raw)
+            hostname = record["hostname"]
+            if now - record["last_seen"] >= config.remove_timeout:
+                await self._call(self.redis.hdel(self.key("servers"), hostname))
+                continue
+            self._apply_report(record)
+        for hostname, flag in drained.items():
+            server = grid.servers.get(hostname.decode())
+            if server is not None:
+                server.draining = flag == b"1"
+        for hostname in list(grid.servers):
+            placed = await self._call(self.redis.hgetall(self.key("placed", hostname)))
+            usage: Dict[str, List[int]] = {}
+            for field, count in placed.items():
+                kind, customer = field.decode().split(":", 1)
+                usage.setdefault(customer, [0, 0])[0 if kind == "p" else 1] = int(count)
+            grid.set_pending(hostname, usage)
+        cursor = 0
+        while True:
+            cursor, keys = await self._call(self.redis.scan(
+                cursor, match=self.key("room", "*"), count=CLUSTER_LOAD_BATCH))
+            if keys:
+                values = await self._call(self.redis.mget(keys))
+                for key, raw in zip(keys, values):
+                    if raw is not None:
+                        grid.adopt_room(key.decode()[len(self.key("room", "")):], load_json(raw), now)
+            if not cursor:
+                break
+
+    def _apply_report(self, record: dict) -> None:
+        """A server record taken by another gateway (or loaded), applied to the replica."""
+        grid = self.gateway.grid
+        known = grid.servers.get(record["hostname"])
+        if known is not None and known.last_seen > record["last_seen"]:
+            return  # this replica has a newer report already
+        server = grid.report(record["hostname"], record["version"], record["report"],
+                             record["last_seen"], replica=True)
+        if known is None:
+            server.first_seen = record["first_seen"]
+
+    # -- events from the other gateways ---------------------------------------
+
+    async def _read_events(self, pubsub: Any) -> None:
+        own = ('{"from":%s,' % _compact_json(self.member)).encode()  # how _event() starts
+        try:
+            async for message in pubsub.listen():
+                if message.get("type") == "pong":  # a barrier (see _perform_barrier)
+                    data = message.get("data")
+                    arrived = self._pongs.get(data.decode() if isinstance(data, bytes) else data)
+                    if arrived is not None and not arrived.done():
+                        arrived.set_result(None)
+                    continue
+                if message.get("type") != "message" or message["data"].startswith(own):
+                    continue  # this gateway's own events come back too
+                try:
+                    self._apply_event(load_json(message["data"]))
+                except Exception:  # one bad event must not stop the others
+                    log.error("cluster: cannot apply an event:\n%s", traceback.format_exc())
+        except self._errors as err:
+            self._down(err)
+
+    def _apply_event(self, event: dict) -> None:
+        if event.get("from") == self.member:
+            return
+        grid, kind = self.gateway.grid, event.get("type")
+        if kind == "report":
+            self._apply_report(event["record"])
+        elif kind == "claim":
+            grid.adopt_room(event["hash"], event["room"], self.gateway.clock())
+        elif kind == "placed":
+            for hostname, customer, peers, rooms in event["items"]:
+                grid.add_pending(hostname, customer, peers, rooms)
+        elif kind == "drain":
+            server = grid.servers.get(event["hostname"])
+            if server is not None:
+                server.draining = event["draining"]
+        elif kind == "delivered":
+            for task_id in event["ids"]:
+                self._undelivered.pop(task_id, None)
+
+    def _event(self, kind: str, **values: Any) -> str:
+        return _compact_json(dict({"from": self.member, "type": kind}, **values))
+
+    # -- future usage: placements since the last report, shared in batches ----
+
+    def _on_placed(self, hostname: str, customer: str, new_room: int) -> None:
+        if self.up:
+            self._placed.append((hostname, customer, new_room))
+            self._wake.set()
+
+    async def _publisher_loop(self) -> None:
+        while not self._stopping:
+            await self._wake.wait()
+            # Gather a few milliseconds of placements into one batch: under load a
+            # batch per loop iteration would cost more than the Connects themselves.
+            # (Customers with limits do not wait for it: see _settle.)
+            await asyncio.sleep(CLUSTER_BATCH_DELAY)
+            self._wake.clear()
+            if self._stopping:
+                break
+            with contextlib.suppress(_Unreachable):  # estimates only: the next report corrects them
+                await self._send_placed()
+
+    async def _send_placed(self) -> None:
+        """Share the placements and drains made here since the last batch (after the batch
+        being sent, if any: a caller knows its placements are in Redis when this returns)."""
+        async with self._sending:
+            if self._placed or self._drains or self._delivered:
+                await self._send_batch()
+
+    async def _send_batch(self) -> None:
+        ttl = int(self.gateway.config.login_token_lifetime)
+        placed, self._placed = self._placed, []
+        drains, self._drains = self._drains, []
+        delivered, self._delivered = self._delivered, []
+        totals: Dict[Tuple[str, str], List[int]] = {}
+        for hostname, customer, new_room in placed:
+            counts = totals.setdefault((hostname, customer), [0, 0])
+            counts[0] += 1
+            counts[1] += new_room
+        pipe = self.redis.pipeline(transaction=False)
+        for (hostname, customer), (peers, rooms) in totals.items():
+            key = self.key("placed", hostname)
+            pipe.hincrby(key, "p:" + customer, peers)
+            if rooms:
+                pipe.hincrby(key, "r:" + customer, rooms)
+            pipe.expire(key, ttl)
+        if totals:
+            pipe.publish(self.key("events"), self._event("placed", items=[
+                [hostname, customer, peers, rooms]
+                for (hostname, customer), (peers, rooms) in totals.items()]))
+        for hostname, draining in drains:
+            if draining:
+                pipe.hset(self.key("drained"), hostname, "1")
+            else:
+                pipe.hdel(self.key("drained"), hostname)
+            pipe.publish(self.key("events"), self._event(
+                "drain", hostname=hostname, draining=draining))
+        if delivered:
+            pipe.publish(self.key("events"), self._event("delivered", ids=delivered))
+        await self._call(pipe.execute())
+
+    # -- steps: what must be in Redis before an answer ------------------------
+
+    def report_step(self, server: Server, gone: set, answered: bool) -> Optional[ClusterStep]:
+        """The step that shares a report just applied here (and takes its server's tasks
+        from Redis when the report gets an answer); None while Redis is down (held)."""
+        if not self.up:
+            return None  # held: written when Redis is back (_flush_held)
+        grid = self.gateway.grid
+
+        def finish(tasks: Optional[List[dict]]) -> dict:
+            if not answered:
+                return {"tasks": []}
+            return {"tasks": grid.take_tasks(server) + (tasks or [])}
+
+        return ClusterStep("report", (server, gone, answered), finish)
+
+    @staticmethod
+    def _server_record(server: Server) -> dict:
+        return {"hostname": server.hostname, "version": server.version,
+                "report": server.report_json(), "first_seen": server.first_seen,
+                "last_seen": server.last_seen}
+
+    def _store_report(self, server: Server, gone: set, take_tasks: bool) -> Any:
+        """A transaction that stores a server's report, refreshes its rooms' claims,
+        clears its future usage and (take_tasks) takes its queued tasks."""
+        grid, config = self.gateway.grid, self.gateway.config
+        hostname = server.hostname
+        record = self._server_record(server)
+        pipe = self.redis.pipeline(transaction=True)
+        pipe.hset(self.key("servers"), hostname, _compact_json(record))
+        pipe.hset(self.key("seen"), hostname, repr(server.last_seen))
+        pipe.delete(self.key("placed", hostname))
+        ttl = int(config.login_token_lifetime)
+        for digest in server.room_hashes:
+            room = grid.rooms.get(digest)
+            if room is not None and room.server == hostname:
+                pipe.set(self.key("room", digest), _compact_json(_claim_record(room)), ex=ttl)
+        for digest in gone:
+            pipe.delete(self.key("room", digest))
+        pipe.publish(self.key("events"), self._event("report", record=record))
+        if take_tasks:
+            pipe.lrange(self.key("tasks", hostname), 0, -1)
+            pipe.delete(self.key("tasks", hostname))
+        return pipe
+
+    async def complete(self, pending: PendingAnswers) -> Response:
+        """Do the answers' steps (together, each under the deadline) and finish them."""
+        steps = [answer["result"] for answer in pending.answers
+                 if isinstance(answer.get("result"), ClusterStep)]
+        results = await asyncio.gather(*(self._settle(step) for step in steps),
+                                       return_exceptions=True)
+        return self.gateway.finish_steps(pending, list(results))
+
+    async def _settle(self, step: ClusterStep) -> Any:
+        """Perform a step and finish it, and the steps its finish returns; a serial
+        step holds its lock until its placements are published."""
+        lock = None
+        if step.serial is not None:
+            lock = self._serials.setdefault(step.serial, asyncio.Lock())
+            await lock.acquire()
+        try:
+            result: Any = step
+            while isinstance(result, ClusterStep):
+                result = result.finish(await self._perform(result))
+            if lock is not None:
+                with contextlib.suppress(_Unreachable):  # then the others learn it at the next report
+                    await self._send_placed()
+            return result
+        finally:
+            if lock is not None:
+                lock.release()
+                if not lock.locked() and self._serials.get(step.serial) is lock:
+                    del self._serials[step.serial]  # type: ignore[arg-type]
+
+    async def _perform_barrier(self) -> None:
+        """Return once every event published before this call has been applied here: a
+        PING on the events connection comes back after them."""
+        if not self.up or self._pubsub is None:
+            raise _Unreachable("down")
+        token = os.urandom(8).hex()
+        arrived = asyncio.get_running_loop().create_future()
+        self._pongs[token] = arrived
+        try:
+            await self._call(self._pubsub.ping(token))
+            await self._call(asyncio.shield(arrived))
+        finally:
+            self._pongs.pop(token, None)
+
+    async def _perform(self, step: ClusterStep) -> Any:
+        """A step's outcome; None if Redis could not be reached in time (then held here)."""
+        try:
+            return await getattr(self, "_perform_" + step.operation)(*step.args)
+        except _Unreachable:
+            return None
+
+    async def _perform_claim(self, digest: str, record: dict) -> dict:
+        gateway, config = self.gateway, self.gateway.config
+        if not self.up:
+            raise _Unreachable("down")
+        now = gateway.clock()
+        raw = await self._call(self._claim(  # if it fails: placed here, claimed when Redis is back
+            keys=[self.key("room", digest), self.key("seen"), self.key("events")],
+            args=[_compact_json(record), repr(now - config.disable_timeout),
+                  int(config.login_token_lifetime), self._event("claim", hash=digest, room=record)]))
+        claimed = load_json(raw)
+        if claimed == record:  # ours: Connect maps it, and counts it as a new room
+            return {"won": True, "server": record["server"]}
+        grid = gateway.grid
+        if claimed["server"] not in grid.servers:  # its report has not reached us yet
+            found = await self._call(self.redis.hget(self.key("servers"), claimed["server"]))
+            if found is not None:
+                self._apply_report(load_json(found))
+        grid.adopt_room(digest, claimed, gateway.clock(), force=True)
+        return {"won": False, "server": claimed["server"]}
+
+    async def _perform_task(self, hostname: str, task: dict) -> Optional[str]:
+        if not self.up:
+            raise _Unreachable("down")
+        return await self._push_task(hostname, self._new_task_id(), task)
+
+    def _new_task_id(self) -> str:
+        self._task_count += 1
+        return "%s:%d" % (self.member, self._task_count)
+
+    async def _push_task(self, hostname: str, task_id: str, task: dict) -> str:
+        """Queue a task in Redis ("queued", or "full"); kept here too until a gateway
+        says it delivered it, so a Redis that restarts empty gets it again."""
+        config = self.gateway.config
+        entry = _compact_json({"id": task_id, "task": task})
+        queued = await self._call(self._queue(
+            keys=[self.key("tasks", hostname)],
+            args=[entry, config.max_queued_tasks, int(config.remove_timeout)]))
+        if not queued:
+            return "full"
+        self._undelivered[task_id] = (hostname, task, self.gateway.clock())
+        return "queued"
+
+    async def _requeue_lost_tasks(self) -> None:
+        """After Redis restarted: queue again the tasks accepted here that it lost."""
+        config, now = self.gateway.config, self.gateway.clock()
+        for task_id, (_host, _task, since) in list(self._undelivered.items()):
+            if now - since >= config.remove_timeout:  # its server is forgotten by now
+                del self._undelivered[task_id]
+        for hostname in sorted({host for host, _task, _since in self._undelivered.values()}):
+            present = {load_json(raw)["id"] for raw in await self._call(
+                self.redis.lrange(self.key("tasks", hostname), 0, -1))}
+            for task_id, (host, task, _since) in list(self._undelivered.items()):
+                if host == hostname and task_id not in present:
+                    await self._push_task(hostname, task_id, task)
+
+    async def _perform_report(self, server: Server, gone: set, answered: bool) -> Optional[List[dict]]:
+        if not self.up:
+            raise _Unreachable("down")
+        results = await self._call(self._store_report(server, gone, answered).execute())
+        if not answered:
+            return []
+        entries = [load_json(raw) for raw in results[-2]]
+        if entries:  # delivered: the gateways that accepted them may forget them
+            for entry in entries:
+                self._undelivered.pop(entry["id"], None)
+            self._delivered.extend(entry["id"] for entry in entries)
+            self._wake.set()
+        return [entry["task"] for entry in entries]
+
+    def drained(self, hostname: str, draining: bool) -> None:
+        """An operator drained (or undrained) a server here: tell the others."""
+        if self.up:
+            self._drains.append((hostname, draining))
+            self._wake.set()
+
+
+# ---------------------------------------------------------------------------
 # The server: listeners, connections and their deadlines, refusals, the stop
 # ---------------------------------------------------------------------------
 # GatewayServer owns the whole asyncio side, in the shape uvicorn uses:
@@ -4989,9 +6033,9 @@ class StateFlush:
 
     def _start(self) -> None:
         done, self._next = self._next, None
-        data, snapshot = self.saved.take()
+        records, snapshot = self.saved.take()
         self._writing = asyncio.get_running_loop().run_in_executor(
-            None, self.saved.write, data, snapshot)
+            None, self.saved.write, records, snapshot)
         self._writing.add_done_callback(functools.partial(self._written, done))
 
     def _written(self, done: "asyncio.Future[None]", writing: "asyncio.Future[None]") -> None:
@@ -5075,7 +6119,8 @@ def _lists_grid(target: str, body: bytes) -> bool:
     return target.startswith("/internal") and len(body) < GC_PAUSE_BYTES and b'"Info"' in body
 
 
-def handle_request(gateway: Gateway, request: Request, remote: str, stopping: bool) -> Response:
+def handle_request(gateway: Gateway, request: Request, remote: str, stopping: bool,
+                   parsed: Any = _UNPARSED) -> Response:
     """gateway.handle_http, with the garbage collector paused for a big body.
 
     When the collector has been tuned (tune_collector) and the grid has
@@ -5085,19 +6130,25 @@ def handle_request(gateway: Gateway, request: Request, remote: str, stopping: bo
     body = request.body
     if len(body) <= GC_PAUSE_BYTES or not gc.isenabled():
         return gateway.handle_http(request.method, request.target, request.headers, body, remote,
-                                   stopping=stopping)
+                                   stopping=stopping, parsed=parsed)
     gc.disable()
     try:
         return gateway.handle_http(request.method, request.target, request.headers, body, remote,
-                                   stopping=stopping)
+                                   stopping=stopping, parsed=parsed)
     finally:
         gc.enable()
-        rooms = len(gateway.grid.rooms)
-        if gc.get_freeze_count() and rooms >= gateway.grid.frozen_rooms + GC_FREEZE_ROOMS:
-            gc.collect(1)  # the young garbage of this request first: only live objects are frozen
-            gc.freeze()
-            gateway.grid.frozen_rooms = rooms
-        gateway.grid.frozen_rooms = min(gateway.grid.frozen_rooms, rooms)
+        freeze_grown_grid(gateway.grid)
+
+
+def freeze_grown_grid(grid: Grid) -> None:
+    """Freeze the grid's objects if the collector was tuned (tune_collector)
+    and the grid has gained GC_FREEZE_ROOMS rooms since they were last frozen."""
+    rooms = len(grid.rooms)
+    if gc.get_freeze_count() and rooms >= grid.frozen_rooms + GC_FREEZE_ROOMS:
+        gc.collect(1)  # the young garbage of this request first: only live objects are frozen
+        gc.freeze()
+        grid.frozen_rooms = rooms
+    grid.frozen_rooms = min(grid.frozen_rooms, rooms)
 
 
 def _plain(response: Response) -> Response:
@@ -5469,6 +6520,8 @@ class GatewayServer:
         self.unsent = 0  # bytes of large answers not yet handed to their transports
         self.changed = Wakeup()  # fired by the gateway's on_change: Postponed requests retry
         self.state_flush: Optional[StateFlush] = None  # when the gateway saves its state
+        self.big_reports = 0  # reports being parsed in steps (_parsed_in_steps)
+        self.collector_paused = False  # by them
         self.listing_turns = Turns()  # Info calls take turns
         self.to_flush: List[Connection] = []  # connections with answers for flush()
         self.flush_scheduled = False
@@ -5491,6 +6544,8 @@ class GatewayServer:
         self.loop = loop = asyncio.get_running_loop()
         self.all_closed, self.stop_asked = asyncio.Event(), asyncio.Event()
         config = self.gateway.config
+        if config.cluster is not None:
+            self.gateway.cluster = ClusterLink(self.gateway)  # ConfigError if redis-py is missing
         self.file_budget = self._check_open_files(config.max_connections)
         somaxconn = kernel_somaxconn()
         if somaxconn is not None and somaxconn < config.backlog:
@@ -5524,6 +6579,8 @@ class GatewayServer:
                         asyncio.ensure_future(_customer_timer(self.gateway))]
         self.gateway.on_change.append(self.changed.fire)
         self.gateway.begin_warmup()
+        if self.gateway.cluster is not None:
+            await self.gateway.cluster.start()
         self.gateway.event("listening", url=self.url)
 
     def _check_open_files(self, wanted: int) -> int:
@@ -5645,6 +6702,9 @@ class GatewayServer:
         for listener in self.listeners:
             await listener.wait_closed()
         await asyncio.gather(*self._timers, return_exceptions=True)
+        if self.gateway.cluster is not None:
+            await self.gateway.cluster.stop()
+            self.gateway.cluster = None
         saved = self.gateway.saved
         if self.state_flush is not None:
             await self.state_flush.drain()
@@ -5668,12 +6728,22 @@ class GatewayServer:
         it is on disk; an Info call waits for its turn."""
         if _lists_grid(request.target, request.body):
             return self._in_turn(request, remote)
+        if (len(request.body) > 2 * JSON_STEP_CHARS and request.method == "POST"
+                and request.target.split("?", 1)[0] == "/internal"
+                and self.gateway.may_call_internal(request.headers)):
+            return self._parsed_in_steps(request, remote)
         saved = self.gateway.saved
         acknowledged = saved.acknowledged if saved is not None else 0
         response = handle_request(self.gateway, request, remote, self.stopping)
         if isinstance(response, Postponed):
             return self._when_changed(request, remote, response) if not self.stopping else _plain(response)
+        if response.__class__ is not Response:  # cluster steps: Redis first (ClusterLink.complete)
+            return self._after_cluster(response, acknowledged)
         return self._after_saving(response, acknowledged)
+
+    async def _after_cluster(self, steps: Any, acknowledged: int) -> Response:
+        answer = self._after_saving(await steps, acknowledged)
+        return answer if isinstance(answer, Response) else await answer
 
     def _after_saving(self, response: Response, acknowledged: int) -> Any:
         saved = self.gateway.saved
@@ -5687,6 +6757,44 @@ class GatewayServer:
     async def _once_written(self, written: "asyncio.Future[None]", response: Response) -> Response:
         await written
         return response
+
+    async def _parsed_in_steps(self, request: Request, remote: str) -> Response:
+        """A big report: its body parsed in steps (load_json_in_steps) with other
+        requests served in between, then handled at once."""
+        # The collector stays off until the report is handled (for the other
+        # requests in between too): the parsed body is hundreds of thousands
+        # of objects, which a collection would walk, only to see them all
+        # freed when the report is done.
+        if not self.big_reports and gc.isenabled():
+            gc.disable()
+            self.collector_paused = True
+        self.big_reports += 1
+        try:
+            steps = load_json_in_steps(request.body)
+            parsed: Any = _UNPARSED  # unparseable: handle_request answers the parse error
+            try:
+                while True:
+                    next(steps)
+                    await asyncio.sleep(0)
+            except StopIteration as done:
+                parsed = done.value
+            except ValueError:
+                pass
+            if parsed is not _UNPARSED:  # then the new rooms' hashes, in steps too
+                for _ in self.gateway.prepare_report(parsed, remote):
+                    await asyncio.sleep(0)
+            saved = self.gateway.saved
+            acknowledged = saved.acknowledged if saved is not None else 0
+            response = handle_request(self.gateway, request, remote, self.stopping, parsed)
+            del parsed, steps
+        finally:
+            self.big_reports -= 1
+            if not self.big_reports and self.collector_paused:
+                self.collector_paused = False
+                gc.enable()
+                freeze_grown_grid(self.gateway.grid)
+        answer = self._after_saving(response, acknowledged)
+        return answer if isinstance(answer, Response) else await answer
 
     async def _in_turn(self, request: Request, remote: str) -> Response:
         await self.listing_turns.take()
@@ -6736,7 +7844,7 @@ def reload_config(args: Any, started_from_file: bool, running: Optional[Config] 
 
 
 async def _run(gateway: Gateway, ssl_context: Optional[ssl_module.SSLContext],
-               reload: Optional[Callable[[], Config]] = None) -> None:
+               reload: Optional[Callable[[], Config]] = None, reuse_port: bool = False) -> None:
     """Serve until SIGINT/SIGTERM (twice: at once); SIGHUP reloads the config."""
     def on_hangup() -> None:
         try:
@@ -6748,7 +7856,8 @@ async def _run(gateway: Gateway, ssl_context: Optional[ssl_module.SSLContext],
         gateway.reload(new_config)
         warn_about_exposure(gateway)
 
-    server = GatewayServer(gateway, gateway.config.host, gateway.config.port, ssl_context)
+    server = GatewayServer(gateway, gateway.config.host, gateway.config.port, ssl_context,
+                           reuse_port=reuse_port)
     await server.serve(install_signal_handlers=True, reload=on_hangup if reload else None)
 
 
@@ -6765,9 +7874,98 @@ def _printing(command: Callable[[Any], int], args: Any) -> int:
         return 1
 
 
+# ---------------------------------------------------------------------------
+# Workers: several gateway processes on one box, sharing the port
+# ---------------------------------------------------------------------------
+#
+# With workers = N (which needs cluster), main() becomes a small supervisor:
+# it starts N copies of this command, each a whole gateway listening on the
+# same port with SO_REUSEPORT (the kernel spreads connections over them) and
+# sharing the grid through Redis like gateways on different boxes. It passes
+# SIGTERM, SIGINT and SIGHUP on to every worker, and restarts a worker that
+# dies.
+
+#: Set in a worker's environment: its number (the supervisor does not set it for itself).
+WORKER_ENV = "ODIN_GATEWAY_WORKER"
+#: Seconds a worker must live for an immediate restart; one that dies sooner waits this long.
+WORKER_RESTART_DELAY = 1.0
+
+
+def _reserve_port(host: str) -> socket.socket:
+    """A socket bound (SO_REUSEPORT, not listening) to a free port, held so that the
+    workers can share that port."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+    sock.bind((host, 0))
+    return sock
+
+
+def run_workers(config: Config, argv: List[str]) -> int:
+    """Supervise config.workers gateway processes sharing config.port; the exit status."""
+    import signal
+
+    if not hasattr(socket, "SO_REUSEPORT"):
+        log.error("workers: this system has no SO_REUSEPORT; run one process per port instead")
+        return 2
+    port, held = config.port, None
+    if port == 0:
+        held = _reserve_port(config.host)
+        port = held.getsockname()[1]
+    command = [sys.executable, os.path.abspath(__file__)] + argv + ["--port", str(port)]
+    workers: Dict[int, "subprocess.Popen[bytes]"] = {}
+    started: Dict[int, float] = {}
+    stopping: List[int] = []
+
+    def start(number: int) -> None:
+        env = dict(os.environ, **{WORKER_ENV: str(number)})
+        # A session of its own: a terminal's Ctrl-C reaches the supervisor only, which passes it on.
+        workers[number] = subprocess.Popen(command, env=env, start_new_session=True)
+        started[number] = time.monotonic()
+        log.info("worker %d started (pid %d)", number, workers[number].pid,
+                 extra=fields("worker_started", worker=number, pid=workers[number].pid))
+
+    def pass_on(signum: int, _frame: Any) -> None:
+        if signum != getattr(signal, "SIGHUP", None):
+            stopping.append(signum)
+        for process in workers.values():
+            with contextlib.suppress(ProcessLookupError):
+                process.send_signal(signal.SIGTERM if signum == signal.SIGINT else signum)
+
+    handled = [signal.SIGTERM, signal.SIGINT] + ([signal.SIGHUP] if hasattr(signal, "SIGHUP") else [])
+    previous = {signum: signal.signal(signum, pass_on) for signum in handled}
+    try:
+        for number in range(1, config.workers + 1):
+            start(number)
+        while workers:
+            pid, status = os.wait()  # returns after a signal handler, too (PEP 475)
+            number = next((n for n, p in workers.items() if p.pid == pid), None)
+            if number is None:
+                continue
+            workers.pop(number).returncode = status  # reaped here, not by Popen
+            if stopping:
+                continue
+            lived = time.monotonic() - started[number]
+            log.error("worker %d (pid %d) died (status %s) after %.1f s; restarting it", number,
+                      pid, status, lived, extra=fields("worker_died", worker=number, pid=pid,
+                                                       status=status))
+            if lived < WORKER_RESTART_DELAY:
+                time.sleep(WORKER_RESTART_DELAY)  # a worker that cannot start must not spin
+            if not stopping:
+                start(number)
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+        if held is not None:
+            held.close()
+    log.info("all workers stopped", extra=fields("workers_stopped"))
+    return 0
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     """Run the gateway (or another command) from the command line; the exit status."""
     argv = list(sys.argv[1:] if argv is None else argv)
+    given = list(argv)
     if argv and not argv[0].startswith("-") and argv[0] not in COMMANDS:
         close = difflib.get_close_matches(argv[0].lower(), COMMANDS, n=1)
         if close and not _looks_like_a_key(argv[0]):
@@ -6794,6 +7992,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     try:
         config = load_config(args)
         configure_logging(config.log_level, config.log_format)
+        if config.cluster is not None:
+            import_redis()
         ssl_context = _ssl_context(config) if config.ssl else None
         gateway = Gateway(config)
         gateway.open_state(discard_unreadable=args.discard_unreadable_state)
@@ -6804,14 +8004,18 @@ def main(argv: Optional[List[str]] = None) -> int:
         print("odin_gateway: %s\nodin_gateway: nothing was changed; fix or move the file, or start "
               "with --discard-unreadable-state to start without it" % err, file=sys.stderr)
         return 2
-    log.info("odin_gateway %s (config: %s): %s", __version__,
+    worker = os.environ.get(WORKER_ENV)
+    if config.workers > 1 and worker is None:
+        log.info("odin_gateway %s: starting %d workers", __version__, config.workers)
+        return run_workers(config, given)
+    log.info("odin_gateway %s (config: %s)%s: %s", __version__,
              config.source if config.source != "Config()" else "built-in defaults",
-             gateway.customer_counts())
+             " worker %s" % worker if worker else "", gateway.customer_counts())
     warn_about_exposure(gateway)
     tune_collector()
     try:
         asyncio.run(_run(gateway, ssl_context, reload=lambda: reload_config(
-            args, started_from, gateway.config)))
+            args, started_from, gateway.config), reuse_port=worker is not None))
     except OSError as err:
         log.error("cannot listen on %s:%s: %s", config.host, config.port, err.strerror or err)
         return 1

@@ -27,12 +27,22 @@ On one machine it:
    repeats the previous one, and Connect's p99 and max over HTTP while 17
    servers report 1,000 rooms and 3 report 10,000 every 5 s, and while ten
    clients fetch every page of a 100,000-room Info; each with its target.
+6. with redis-server installed (and redis-py), the cluster: Connect/s at 64
+   connections of one process alone against one process in cluster mode
+   (gateway on core 0, load generator and redis-server on core 1), of
+   --workers 2 against --workers 1 (both unpinned, the load generator and
+   redis-server on the same two cores), the time a report takes to reach
+   another gateway (p50/p99), and the time a gateway that starts needs to
+   be ready with 10,000 rooms in the cluster.
+
+    python bench/bench.py --cluster-only   # just part 6
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import gc
 import json
 import multiprocessing
 import os
@@ -43,6 +53,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import tracemalloc
 
@@ -185,15 +196,23 @@ def measured(pid, generate, windows=1):
     return best
 
 
-def start_gateway(tmp, settings=""):
+def free_port():
+    import socket
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def start_gateway(tmp, settings="", pinned=True, port=None):
     config = os.path.join(tmp, "bench_config.py")
     with open(config, "w") as out:
         # warmup = 0: the load starts at once, as on a gateway that has run for a while.
-        out.write("host = '127.0.0.1'\nport = 0\nlog_level = 'WARNING'\nlog_format = 'json'\n"
-                  "customers = %r\nwarmup = 0\n" % [CUSTOMER] + settings)
-    code = ("import os, sys; os.sched_setaffinity(0, {%d}) if hasattr(os, 'sched_setaffinity') "
+        out.write("host = '127.0.0.1'\nport = %d\nlog_level = 'WARNING'\nlog_format = 'json'\n"
+                  "customers = %r\nwarmup = 0\n" % (port or 0, [CUSTOMER]) + settings)
+    code = ("import os, sys; os.sched_setaffinity(0, {%d}) if %r and hasattr(os, 'sched_setaffinity') "
             "else None; sys.path.insert(0, %r); import odin_gateway; "
-            "sys.exit(odin_gateway.main(['--config', %r]))" % (SERVER_CORE, os.path.dirname(HERE), config))
+            "sys.exit(odin_gateway.main(['--config', %r]))" % (
+                SERVER_CORE, pinned, os.path.dirname(HERE), config))
     process = subprocess.Popen([sys.executable, "-c", code], stderr=subprocess.PIPE, text=True,
                                env=dict(os.environ, PYTHONDONTWRITEBYTECODE="1"))
     # The gateway logs warnings only; ask the OS which port it bound.
@@ -201,23 +220,44 @@ def start_gateway(tmp, settings=""):
     while time.monotonic() < deadline:
         out = subprocess.run(["ss", "-ltnpH"], capture_output=True, text=True).stdout
         for line in out.splitlines():
-            if "pid=%d," % process.pid in line:
+            if "pid=%d," % process.pid in line or (port and ":%d " % port in line):
                 port = int(line.split()[3].rsplit(":", 1)[1])
                 report = {"jsonrpc": "2.0", "method": "sfu.Report", "id": 1, "params": {
                     "public_endpoint": "sfu:4433", "version": "bench", "load": 0.1,
                     "clients": 0, "rooms": []}}
                 og.RpcClient("http://127.0.0.1:%d/internal" % port).call("sfu.Report", report["params"])
+                wait_ready(port)
                 return process, port
         time.sleep(0.05)
     process.kill()
     raise RuntimeError("the gateway did not start")
 
 
+def wait_ready(port):
+    """Until /ready answers 200 (in cluster mode: the state is loaded), as a load balancer waits."""
+    import urllib.error
+    import urllib.request
+
+    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:
+        try:
+            with opener.open("http://127.0.0.1:%d/ready" % port, timeout=5):
+                return
+        except (urllib.error.URLError, OSError):
+            time.sleep(0.05)
+    raise RuntimeError("the gateway did not get ready")
+
+
 def keep_reporting(port, stop):
     client = og.RpcClient("http://127.0.0.1:%d/internal" % port)
     while not stop.wait(2):
-        client.call("sfu.Report", {"public_endpoint": "sfu:4433", "version": "bench", "load": 0.1,
-                                   "clients": 0, "rooms": []})
+        try:
+            client.call("sfu.Report", {"public_endpoint": "sfu:4433", "version": "bench",
+                                       "load": 0.1, "clients": 0, "rooms": []})
+        except (OSError, og.RpcError) as err:  # the gateway is stopping
+            if not stop.is_set():
+                print("  (a report failed: %s)" % err)
 
 
 FLOOR_SERVER = r'''
@@ -469,11 +509,14 @@ async def _http_exchange(reader, writer, path, body, token=None):
     return await reader.readexactly(length)
 
 
-def report_body(hostname, rooms, prefix):
+def report_body(hostname, rooms, prefix, seconds=60):
+    """A report as a server sends it: its rooms' ages advance with time (seconds:
+    the age of the oldest room; the others are younger, down to 1 s)."""
     return json.dumps({"jsonrpc": "2.0", "method": "sfu.Report", "id": 1, "params": {
         "public_endpoint": hostname, "version": "bench", "load": 0.1, "clients": rooms * 2,
         "rooms": [{"id": ["bench", "%s-%d" % (prefix, i)], "customer": "bench",
-                   "age": {"secs": 60, "nanos": 0}, "peers": 2} for i in range(rooms)]}}).encode()
+                   "age": {"secs": max(1, seconds - i % 60), "nanos": (i * 7919) % 1000000000},
+                   "peers": 2} for i in range(rooms)]}}).encode()
 
 
 async def _connect_while(port, seconds, tokens, background, connections=4, pause=0.01):
@@ -579,6 +622,8 @@ def connect_while_paging_info(tmp, seconds, tokens, rooms=100000, readers=10, li
         await asyncio.gather(*(reader_task() for _ in range(readers)))
         return len(pages)
 
+    stop = threading.Event()  # the server that takes the Connects keeps reporting
+    threading.Thread(target=keep_reporting, args=(port, stop), daemon=True).start()
     try:
         internal = og.RpcClient("http://127.0.0.1:%d/internal" % port)
         internal.call("sfu.Report", json.loads(report_body("sfu-big:4433", rooms, "r"))["params"])
@@ -588,34 +633,69 @@ def connect_while_paging_info(tmp, seconds, tokens, rooms=100000, readers=10, li
     except BaseException:
         process.kill()
         raise
-    return _connects_beside(process, port, seconds, tokens, fetch) + (first_page,)
+    try:
+        return _connects_beside(process, port, seconds, tokens, fetch) + (first_page,)
+    finally:
+        stop.set()
+
+
+def report_in_steps(gw, body):
+    """Handle a report as the server does (parsed in steps, its new rooms
+    hashed in steps, then integrated, the collector paused throughout):
+    (whole time, the longest the loop is held at once), in seconds."""
+    request = og.Request("POST", "/internal", (1, 1), {}, body)
+    steps, parts = og.load_json_in_steps(body), []
+    gc.disable()
+    started = time.perf_counter()
+    while True:
+        try:
+            next(steps)
+        except StopIteration as done:
+            parsed = done.value
+            break
+        parts.append(time.perf_counter() - started - sum(parts))
+    for _ in gw.prepare_report(parsed, "127.0.0.1"):
+        parts.append(time.perf_counter() - started - sum(parts))
+    og.handle_request(gw, request, "127.0.0.1", False, parsed)
+    whole = time.perf_counter() - started
+    gc.enable()
+    parts.append(whole - sum(parts))
+    return whole, max(parts)
 
 
 def repeated_report_ms(rooms):
-    """In-process cost of a report repeating the previous one, as the server
-    handles it (collector paused for big bodies): median of 5, and the
-    json.loads floor of the same body."""
+    """In-process cost of a report repeating the previous one's rooms (ages
+    advanced by 5 s), handled as the server does (report_in_steps). Medians
+    of 5: (whole report, its longest hold of the loop, json.loads of the
+    same body alone), and for a first report of as many new rooms (median
+    of 3): (whole, longest hold)."""
     gw = og.Gateway(og.Config(customers=[CUSTOMER], max_body_bytes=64 * 1024 * 1024))
-    body = report_body("sfu:4433", rooms, "r")
-    request = og.Request("POST", "/internal", (1, 1), {}, body)
-    og.handle_request(gw, request, "127.0.0.1", False)
-    times, floors = [], []
-    for _ in range(5):
-        started = time.perf_counter()
-        og.handle_request(gw, request, "127.0.0.1", False)
-        times.append(time.perf_counter() - started)
+    bodies = [report_body("sfu:4433", rooms, "r", 60 + 5 * step) for step in range(6)]
+    firsts = [report_in_steps(gw, bodies[0])]
+    times, longest, floors = [], [], []
+    for body in bodies[1:]:  # the same rooms, 5 s older each time
+        whole, hold = report_in_steps(gw, body)
+        times.append(whole)
+        longest.append(hold)
         started = time.perf_counter()
         json.loads(body)
         floors.append(time.perf_counter() - started)
-    return statistics.median(times) * 1000, statistics.median(floors) * 1000
+    for other in ("s", "t"):
+        firsts.append(report_in_steps(og.Gateway(gw.config), report_body("sfu:4433", rooms, other)))
+    return tuple(statistics.median(figures) * 1000 for figures in (
+        times, longest, floors, [f[0] for f in firsts], [f[1] for f in firsts]))
 
 
 def heavy_load(tmp, args, tokens):
     print("\nRestarts and heavy load (issue 11; load average %.2f):" % os.getloadavg()[0])
     pin(SERVER_CORE)
-    repeat, floor = repeated_report_ms(10000)
-    print("  sfu.Report of 10,000 rooms repeating the previous one: %.1f ms (target <= 10 ms; "
-          "json.loads of its body alone: %.1f ms)" % (repeat, floor))
+    repeat, longest, floor, first, first_hold = repeated_report_ms(10000)
+    print("  sfu.Report of 10,000 rooms repeating the previous one (ages 5 s older): %.1f ms "
+          "(target <= 10 ms; the floor, json.loads of the same body alone: %.1f ms; the report "
+          "minus the floor: %.1f ms); the longest the loop is held at once: %.1f ms"
+          % (repeat, floor, repeat - floor, longest))
+    print("  sfu.Report of 10,000 new rooms: %.1f ms, the longest the loop is held at once: %.1f ms"
+          % (first, first_hold))
     seconds = 6 if args.quick else 30
     p99, worst, count, sent = connect_under_big_reports(tmp, seconds, tokens)
     print("  Connect while 17 servers report 1,000 rooms and 3 report 10,000 every 5 s (%d s, "
@@ -630,9 +710,146 @@ def heavy_load(tmp, args, tokens):
               "20,000" if args.quick else "100,000", fetched, count, worst, p99, first))
 
 
+# -- the cluster ------------------------------------------------------------
+
+
+def start_redis(tmp, core):
+    """A redis-server on a free TCP port, no persistence, pinned to core; (process, url)."""
+    port = free_port()
+    command = ["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "",
+               "--appendonly", "no", "--dir", tmp]
+    if shutil.which("taskset"):
+        command = ["taskset", "-c", str(core)] + command
+    process = subprocess.Popen(command, stdout=subprocess.DEVNULL)
+    import redis
+
+    client = redis.Redis(port=port)
+    deadline = time.monotonic() + 10
+    while True:
+        try:
+            client.ping()
+            break
+        except redis.exceptions.ConnectionError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.02)
+    return process, "redis://127.0.0.1:%d/0" % port
+
+
+def connect_rate(tmp, generate_for, settings="", pinned=True, connections=64, seconds=5):
+    port = free_port() if "workers" in settings else None
+    process, port = start_gateway(tmp, settings, pinned=pinned, port=port)
+    import threading
+    stop = threading.Event()
+    reporter = threading.Thread(target=keep_reporting, args=(port, stop), daemon=True)
+    reporter.start()
+    try:
+        return generate_for(port)(connections, seconds)
+    finally:
+        stop.set()
+        process.terminate()
+        process.wait()
+
+
+async def _propagation(url, reports):
+    """Seconds from sending a report to gateway A until gateway B has applied it."""
+    a = og.Gateway(og.Config(customers=[CUSTOMER], cluster=url))
+    b = og.Gateway(og.Config(customers=[CUSTOMER], cluster=url))
+    arrived = {}
+    original = b.grid.report
+
+    def report(hostname, version, body, now, replica=False):
+        server = original(hostname, version, body, now, replica=replica)
+        if version in arrived and not arrived[version].done():
+            arrived[version].set_result(time.perf_counter())
+        return server
+
+    b.grid.report = report
+    times = []
+    async with a.serve() as server_a, b.serve():
+        while not (a.cluster.loaded and b.cluster.loaded):
+            await asyncio.sleep(0.01)
+        reader, writer = await asyncio.open_connection("127.0.0.1", server_a.port)
+        for index in range(reports):
+            version = "v%d" % index
+            arrived[version] = asyncio.get_running_loop().create_future()
+            body = json.dumps({"jsonrpc": "2.0", "method": "sfu.Report", "id": 1, "params": {
+                "public_endpoint": "sfu:4433", "version": version, "load": 0.1, "clients": 0,
+                "rooms": rooms_report(10)}}).encode()
+            started = time.perf_counter()
+            writer.write(b"POST /internal HTTP/1.1\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body))
+            head = await reader.readuntil(b"\r\n\r\n")
+            await reader.readexactly(int(head.split(b"Content-Length: ")[1].split(b"\r\n")[0]))
+            times.append(await asyncio.wait_for(arrived[version], 5) - started)
+        writer.close()
+    times.sort()
+    return times[len(times) // 2], times[int(len(times) * 0.99)]
+
+
+async def _time_to_ready(url, rooms, servers=10):
+    """Fill the cluster with rooms through gateway A; seconds gateway B needs to be ready."""
+    a = og.Gateway(og.Config(customers=[CUSTOMER], cluster=url))
+    async with a.serve() as server_a:
+        while not a.cluster.loaded:
+            await asyncio.sleep(0.01)
+        for s in range(servers):
+            params = {"public_endpoint": "sfu-%d:4433" % s, "version": "b", "load": 0.1, "clients": 0,
+                      "rooms": [{"id": ["bench", "s%d-r%d" % (s, i)], "customer": "bench",
+                                 "age": {"secs": 1, "nanos": 0}, "peers": 2}
+                                for i in range(rooms // servers)]}
+            await asyncio.get_running_loop().run_in_executor(None, lambda: og.RpcClient(
+                server_a.url + "/internal").call("sfu.Report", params))
+        b = og.Gateway(og.Config(customers=[CUSTOMER], cluster=url))
+        started = time.perf_counter()
+        async with b.serve():
+            while not b.cluster.loaded:
+                await asyncio.sleep(0.001)
+            elapsed = time.perf_counter() - started
+            assert len(b.grid.rooms) >= rooms, len(b.grid.rooms)
+    return elapsed
+
+
+def cluster_part(tmp, seconds, tokens, script, use_wrk, quick=False):
+    try:
+        import redis  # noqa: F401
+    except ImportError:
+        print("\nCluster: skipped (pip install redis)")
+        return
+    if shutil.which("redis-server") is None:
+        print("\nCluster: skipped (apt-get install redis-server)")
+        return
+    redis_process, url = start_redis(tmp, CLIENT_CORE)
+    try:
+        def pinned_load(port):
+            return (lambda c, s: run_wrk(port, c, s, script)) if use_wrk else (
+                lambda c, s: run_own(port, c, s, tokens))
+
+        print("\nCluster (redis-server and the load generator on core %d):" % CLIENT_CORE)
+        alone = connect_rate(tmp, pinned_load, seconds=seconds)
+        clustered = connect_rate(tmp, pinned_load, "cluster = %r\n" % url, seconds=seconds)
+        print("  Connect/s at 64 connections, gateway on core %d: alone %.0f, cluster %.0f "
+              "(ratio %.2f)" % (SERVER_CORE, alone[0], clustered[0], clustered[0] / alone[0]))
+        one = connect_rate(tmp, pinned_load, "cluster = %r\nworkers = 1\n" % url, pinned=False,
+                           seconds=seconds)
+        two = connect_rate(tmp, pinned_load, "cluster = %r\nworkers = 2\n" % url, pinned=False,
+                           seconds=seconds)
+        print("  Connect/s at 64 connections, gateway unpinned: --workers 1 %.0f, --workers 2 %.0f "
+              "(ratio %.2f; the load generator and redis-server share the 2 cores)"
+              % (one[0], two[0], two[0] / one[0]))
+        p50, p99 = asyncio.run(_propagation(url, 50 if quick else 500))
+        print("  a report reaches another gateway: p50 %.2f ms, p99 %.2f ms" % (p50 * 1000, p99 * 1000))
+        rooms = 1000 if quick else 10000
+        print("  a gateway that starts is ready with %d rooms in the cluster after %.0f ms"
+              % (rooms, asyncio.run(_time_to_ready(url, rooms)) * 1000))
+    finally:
+        redis_process.terminate()
+        redis_process.wait()
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="a short smoke run of every part")
+    parser.add_argument("--cluster-only", action="store_true", help="only the cluster figures")
     args = parser.parse_args()
     seconds = 1 if args.quick else 2
     windows = 1 if args.quick else 3  # each HTTP figure: the best of three runs
@@ -649,12 +866,18 @@ def main():
         pass
 
     print("Load average before: %.2f %.2f %.2f (2 cores shared: compare the ratios)" % os.getloadavg())
+    tokens = make_tokens(100 if args.quick else 1000)
+    if args.cluster_only:
+        with tempfile.TemporaryDirectory() as tmp:
+            script = os.path.join(tmp, "connect.lua")
+            wrk_script(script, tokens)
+            cluster_part(tmp, seconds, tokens, script, use_wrk, args.quick)
+        return
     pin(SERVER_CORE)
     ceiling = crypto_ceiling(1 if args.quick else 3)
     pin(CLIENT_CORE)
     crypto_us = 1e6 / ceiling
     print("\nEd25519 verify+sign ceiling of one core: %.0f/s (%.0f us each)" % (ceiling, crypto_us))
-    tokens = make_tokens(100 if args.quick else 1000)
     with tempfile.TemporaryDirectory() as tmp:
         script = os.path.join(tmp, "connect.lua")
         wrk_script(script, tokens)
@@ -684,7 +907,6 @@ def main():
         row("bare streams + verify+sign, 64", crypto64)
 
         process, port = start_gateway(tmp)
-        import threading
         stop = threading.Event()
         reporter = threading.Thread(target=keep_reporting, args=(port, stop), daemon=True)
         reporter.start()
@@ -714,6 +936,7 @@ def main():
             process.wait()
         print("  first second of a fresh gateway (cold, 16 connections): %.0f/s, p50 %.3f ms"
               % (cold[0], cold[1]))
+        cluster_part(tmp, seconds, tokens, script, use_wrk, args.quick)
 
     print("\nIssue #10 targets (same run):")
     ratio = results[64][0] / ceiling
