@@ -5303,6 +5303,9 @@ class HttpFraming:
 #                                 by the gateway that accepted the call, before it
 #                                 answers; taken whole, atomically, by the gateway that
 #                                 takes the server's next report; EX remove_timeout.
+#   odin:taskids:<host>   set     ids of the tasks ever queued there: a task sent again
+#                                 after a call that timed out (but may have run) is
+#                                 not queued twice; EX remove_timeout.
 #   odin:drained          hash    hostname -> "1": servers drained by an operator.
 #   odin:members          zset    member id -> Redis time of its last heartbeat;
 #                                 every heartbeat drops members silent for 3 heartbeats.
@@ -5334,12 +5337,16 @@ redis.call('SET', KEYS[1], ARGV[1], 'EX', ARGV[3])
 redis.call('PUBLISH', KEYS[3], ARGV[4])
 return ARGV[1]
 """
-# Queue an admin task unless the server's queue is full. KEYS: odin:tasks:<host>;
-# ARGV: the task, the bound, the TTL. 1: queued, 0: full.
+# Queue an admin task unless it was queued before (same id) or the server's
+# queue is full. KEYS: odin:tasks:<host>, odin:taskids:<host>; ARGV: the task,
+# the bound, the TTL, the task's id. 1: queued (now or before), 0: full.
 _TASK_SCRIPT = """
+if redis.call('SISMEMBER', KEYS[2], ARGV[4]) == 1 then return 1 end
 if redis.call('LLEN', KEYS[1]) >= tonumber(ARGV[2]) then return 0 end
 redis.call('RPUSH', KEYS[1], ARGV[1])
+redis.call('SADD', KEYS[2], ARGV[4])
 redis.call('EXPIRE', KEYS[1], ARGV[3])
+redis.call('EXPIRE', KEYS[2], ARGV[3])
 return 1
 """
 # A heartbeat: this member is alive (Redis time), silent ones are dropped;
@@ -5417,6 +5424,8 @@ class ClusterLink:
         # Tasks this gateway queued in Redis, until delivered: id -> (hostname, task, since).
         self._undelivered: Dict[str, Tuple[str, dict, float]] = {}
         self._delivered: List[str] = []  # ids of tasks delivered here, to tell the others
+        # Tasks whose call timed out while the link stayed up: id -> (hostname, task).
+        self._unsure: Dict[str, Tuple[str, dict]] = {}
         self._redis_run: Optional[str] = None  # Redis's run_id: it changes when Redis restarts
         self._pongs: Dict[str, "asyncio.Future[None]"] = {}  # barrier token -> its arrival
         self._wake = asyncio.Event()
@@ -5476,25 +5485,28 @@ class ClusterLink:
     # -- the heartbeat: membership, and Redis coming back ---------------------
 
     async def _heartbeat_loop(self) -> None:
-        config = self.gateway.config
         while not self._stopping:
             try:
-                members = await self._call(self._heartbeat(
-                    keys=[self.key("members")],
-                    args=[self.member, 3 * config.cluster_heartbeat]), heartbeat=True)
-                members = sorted(m.decode() if isinstance(m, bytes) else m for m in members)
-                if members != self.members:
-                    self.members = members
-                    self.changed.set()
-                if not self.up:
-                    await self._resync()
-                else:
-                    await self._push_held_tasks()
+                await self.beat()
             except _Unreachable:
                 pass
             except Exception:  # keep beating: a bug here must not cut the gateway off
                 log.error("cluster heartbeat failed:\n%s", traceback.format_exc())
-            await asyncio.sleep(config.cluster_heartbeat)
+            await asyncio.sleep(self.gateway.config.cluster_heartbeat)
+
+    async def beat(self) -> None:
+        """One heartbeat: membership; a resync if Redis is back, else the held tasks pushed."""
+        members = await self._call(self._heartbeat(
+            keys=[self.key("members")],
+            args=[self.member, 3 * self.gateway.config.cluster_heartbeat]), heartbeat=True)
+        members = sorted(m.decode() if isinstance(m, bytes) else m for m in members)
+        if members != self.members:
+            self.members = members
+            self.changed.set()
+        if not self.up:
+            await self._resync()
+        else:
+            await self._push_held_tasks()
 
     async def _resync(self) -> None:
         """Subscribe, flush what was held while Redis was down, load the shared state."""
@@ -5550,7 +5562,14 @@ class ClusterLink:
     async def _push_held_tasks(self) -> None:
         """Move the admin tasks held here (accepted while Redis did not answer) to Redis,
         where any gateway can deliver them. Each leaves the local queue before it is sent,
-        so that a report answered meanwhile cannot deliver it twice."""
+        so that a report answered meanwhile cannot deliver it twice. A task whose call
+        timed out goes again under its id: queued once, whether or not the first ran."""
+        for task_id, (hostname, task) in list(self._unsure.items()):
+            outcome = await self._push_task(hostname, task_id, task)
+            del self._unsure[task_id]
+            held = self.gateway.grid.servers.get(hostname)
+            if outcome == "full" and held is not None:
+                held.tasks.append(task)  # not in Redis: held here like the others
         for server in list(self.gateway.grid.servers.values()):
             while server.tasks:
                 task = server.tasks.pop(0)
@@ -5832,7 +5851,16 @@ class ClusterLink:
     async def _perform_task(self, hostname: str, task: dict) -> Optional[str]:
         if not self.up:
             raise _Unreachable("down")
-        return await self._push_task(hostname, self._new_task_id(), task)
+        task_id = self._new_task_id()
+        try:
+            return await self._push_task(hostname, task_id, task)
+        except _Unreachable:
+            if not self.up:
+                raise
+            # Slow, not down: Redis may still run the call. Sent again under the same
+            # id at the next heartbeat (queued once), never delivered from here.
+            self._unsure[task_id] = (hostname, task)
+            return "queued"
 
     def _new_task_id(self) -> str:
         self._task_count += 1
@@ -5844,8 +5872,8 @@ class ClusterLink:
         config = self.gateway.config
         entry = _compact_json({"id": task_id, "task": task})
         queued = await self._call(self._queue(
-            keys=[self.key("tasks", hostname)],
-            args=[entry, config.max_queued_tasks, int(config.remove_timeout)]))
+            keys=[self.key("tasks", hostname), self.key("taskids", hostname)],
+            args=[entry, config.max_queued_tasks, int(config.remove_timeout), task_id]))
         if not queued:
             return "full"
         self._undelivered[task_id] = (hostname, task, self.gateway.clock())
