@@ -5332,6 +5332,8 @@ def test_redis_killed_and_restarted_empty_the_gateways_serve_then_resync(redis_s
         # What a held while Redis was gone is in Redis now, and delivered from b.
         client = redis_server.client()
         assert client.llen("odin:tasks:" + SFU1) == 1 and client.hexists("odin:servers", SFU1)
+        claim = client.get("odin:room:" + og.room_hash(NS, "brand-new"))  # placed here meanwhile
+        assert claim is not None and json.loads(claim)["server"] == SFU1
         assert [t["task"] for t in http_report(b, SFU1)["tasks"]] == ["RoomClose"]
         assert len(down_logs) <= 2  # once per gateway, not once per call
         fired = a.call(lambda: kinds(a.gateway))
