@@ -5634,8 +5634,7 @@ class ClusterLink:
             self._down(err)
 
     def _apply_event(self, event: dict) -> None:
-        if event.get("from") == self.member:
-            return
+        """Another gateway's event (_read_events skips this one's own before parsing)."""
         grid, kind = self.gateway.grid, event.get("type")
         if kind == "report":
             self._apply_report(event["record"])
