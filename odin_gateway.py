@@ -2573,11 +2573,14 @@ class Grid:
         return tasks
 
     def queue_task(self, server: Server, task: dict) -> None:
-        limit = self.config.max_queued_tasks
-        if len(server.tasks) >= limit:
-            raise refused("task queue of server %s is full (%d tasks); try again after its next report"
-                          % (server.hostname, limit))
+        if len(server.tasks) >= self.config.max_queued_tasks:
+            raise self.queue_full(server.hostname)
         self._append_task(server, task)
+
+    def queue_full(self, hostname: str) -> RpcError:
+        """The refusal of an admin task whose server's queue is full (here, or in Redis)."""
+        return refused("task queue of server %s is full (%d tasks); try again after its next report"
+                       % (hostname, self.config.max_queued_tasks))
 
     def _append_task(self, server: Server, task: dict) -> None:
         server.tasks.append(task)
@@ -3648,8 +3651,7 @@ class Gateway:
         """The answer to an admin call once Redis stored its task (outcome "queued"), found
         the queue full ("full"), or could not be reached (None: held here, sent later)."""
         if outcome == "full":
-            raise refused("task queue of server %s is full (%d tasks); try again after its "
-                          "next report" % (hostname, self.config.max_queued_tasks))
+            raise self.grid.queue_full(hostname)
         if outcome is None:
             server = self.grid.servers.get(hostname)
             if server is None:
