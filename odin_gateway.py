@@ -4497,15 +4497,14 @@ def status_data(gateway: Gateway) -> dict:
     } for s in sorted(grid.servers.values(), key=lambda s: s.hostname)]
     licensees = {key.licensee.customer_id: key.licensee
                  for key in gateway.authorizer.customer_keys.values()}
-    unknown = config.unknown_customers
-    default_limits = ((_pick(unknown, "max_rooms"), _pick(unknown, "max_peers"))
-                      if unknown != "forbidden" else (None, None))
+    # Customers without a key of their own: unknown_customers' limits, as the authorizer applies them.
+    default_peers, default_rooms = gateway.authorizer.unknown_limits or (None, None)
     customers = []
     for customer in set(licensees) | set(grid.reported) | set(grid.pending) | set(gateway.refusals):
         peers, rooms = grid.usage_of(customer)
         licensee = licensees.get(customer)
         room_limit, peer_limit = ((licensee.room_limit, licensee.peer_limit) if licensee is not None
-                                  else default_limits)
+                                  else (default_rooms, default_peers))
         customers.append({"id": _clip(customer), "rooms": [rooms, room_limit], "peers": [peers, peer_limit],
                           "refused": gateway.refusals.get(customer, 0)})
     customers.sort(key=lambda c: (-c["peers"][0], -c["rooms"][0], c["id"]))
