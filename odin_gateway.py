@@ -2357,6 +2357,13 @@ class Grid:
         server = self._by_kid.get(kid)
         return server.key if server else None
 
+    def add_server(self, hostname: str, now: float) -> Server:
+        """A new server, known by its hostname and by its key's kid (as first seen now)."""
+        server = Server(hostname, derive_server_key(self.config.master_key_bytes, hostname), now)
+        self.servers[hostname] = server
+        self._by_kid[server.key.kid] = server
+        return server
+
     # -- reports ------------------------------------------------------------
 
     def prepare_rooms(self, hostname: str, rooms: List[Any]) -> Iterator[None]:
@@ -2402,9 +2409,7 @@ class Grid:
         server = self.servers.get(hostname)
         changed = server is None or server.disabled or server.version != version
         if server is None:
-            server = Server(hostname, derive_server_key(self.config.master_key_bytes, hostname), now)
-            self.servers[hostname] = server
-            self._by_kid[server.key.kid] = server
+            server = self.add_server(hostname, now)
             self._gateway.event("server_added", now, hostname=hostname, version=version,
                                 kid=server.key.kid)
         elif server.disabled:
@@ -2872,9 +2877,7 @@ def apply_record(grid: Grid, record: list, now: float) -> None:
             grid.journal = journal
         return
     if server is None:
-        server = Server(hostname, derive_server_key(grid.config.master_key_bytes, hostname), now)
-        grid.servers[hostname] = server
-        grid._by_kid[server.key.kid] = server
+        server = grid.add_server(hostname, now)
     if kind == "server":
         server.version, server.disabled, server.draining = record[2], record[3], record[4]
         server.last_seen = now
