@@ -4502,9 +4502,9 @@ def status_data(gateway: Gateway) -> dict:
                  for key in gateway.authorizer.customer_keys.values()}
     # Customers without a key of their own: unknown_customers' limits, as the authorizer applies them.
     default_peers, default_rooms = gateway.authorizer.unknown_limits or (None, None)
-    customers = []
-    for customer in set(licensees) | set(grid.reported) | set(grid.pending) | set(gateway.refusals):
-        peers, rooms = grid.usage_of(customer)
+    customers, usage = [], grid.usage
+    for customer in set(licensees) | set(usage) | set(gateway.refusals):
+        peers, rooms = usage.get(customer, (0, 0))
         licensee = licensees.get(customer)
         room_limit, peer_limit = ((licensee.room_limit, licensee.peer_limit) if licensee is not None
                                   else (default_rooms, default_peers))
