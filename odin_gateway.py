@@ -371,6 +371,28 @@ def dump_json(value: Any) -> bytes:
     return _compact_json(value).encode("utf-8")
 
 
+#: A Connect's answer, in the order dump_json writes it (answer_json).
+_CONNECT_ANSWER = '{"jsonrpc":"2.0","result":{"address":%s,"token":%s},"id":%s}'
+_ANSWER_KEYS, _CONNECT_RESULT_KEYS = ["jsonrpc", "result", "id"], ["address", "token"]
+
+
+def answer_json(answer: dict) -> bytes:
+    """dump_json of one JSON-RPC answer, byte for byte; a Connect's answer
+    (the usual one) is written into a template, which costs a third as much."""
+    result = answer.get("result")
+    if type(result) is dict and list(result) == _CONNECT_RESULT_KEYS and list(
+            answer) == _ANSWER_KEYS:
+        address, token, request_id = result["address"], result["token"], answer["id"]
+        if (type(address) is str and type(token) is str
+                and (type(request_id) is int or type(request_id) is str)):
+            text = _CONNECT_ANSWER % (_JSON_STRING(address), _JSON_STRING(token), _JSON_STRING(
+                request_id) if type(request_id) is str else int.__repr__(request_id))
+            if text.isascii() or not _SURROGATE_RE.search(text):
+                return text.encode("utf-8")
+            return _SURROGATE_RE.sub(_escape_surrogate, text).encode("utf-8")
+    return dump_json(answer)
+
+
 def load_json(data: bytes) -> Any:
     """Strict JSON from UTF-8 bytes; ValueError for anything JSON.parse refuses."""
     return _parse_json(data.decode("utf-8"))
@@ -3931,7 +3953,7 @@ class Gateway:
         answer = self._call(methods, request, auth, remote)
         if answer is not None and isinstance(answer.get("result"), ClusterStep):
             return 200, PendingAnswers([answer], batch=False)  # type: ignore[return-value]
-        return (200, dump_json(answer)) if answer else (204, None)
+        return (200, answer_json(answer)) if answer else (204, None)
 
     def finish_steps(self, pending: PendingAnswers, results: List[Any]) -> Response:
         """The response once the cluster link has done the steps and finished them

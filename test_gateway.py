@@ -642,6 +642,24 @@ def test_room_claims_are_written_exactly_as_js_json_writes_them():
             assert og.sign_jwt(written, key) == og.encode_jwt(claims, key)
 
 
+def test_connect_answers_are_written_exactly_as_dump_json_writes_them():
+    # The usual single answer, a Connect's, is written into a template instead
+    # of encoding the dict: the bytes must be the same, whatever the strings and id.
+    ids = [0, -1, 2 ** 53, 10 ** 30, "", "7", True, None, 1.5] + ODD_STRINGS
+    for text in ODD_STRINGS:
+        for request_id in ids:
+            for result in ({"address": text, "token": "a.b.c"}, {"address": SFU1, "token": text},
+                           {"token": text, "address": SFU1}, {"address": text},
+                           {"address": text, "token": 1}, {"address": text, "token": text, "x": 1},
+                           [text], text):
+                answer = {"jsonrpc": "2.0", "result": result, "id": request_id}
+                assert og.answer_json(answer) == og.dump_json(answer)
+    reordered = {"id": 1, "jsonrpc": "2.0", "result": {"address": SFU1, "token": "t"}}
+    assert og.answer_json(reordered) == og.dump_json(reordered)
+    error = {"jsonrpc": "2.0", "error": {"code": -32600, "message": "x"}, "id": 1}
+    assert og.answer_json(error) == og.dump_json(error)
+
+
 def test_room_token_lifetime_follows_config():
     gw = make_gateway(login_token_lifetime=60)
     report(gw, SFU1)
