@@ -236,6 +236,21 @@ def b64url_decode(text: str) -> bytes:
     return _strict_b64(text, _B64URL_RE, _FROM_URL_ALPHABET, "base64url")
 
 
+if sys.version_info >= (3, 11):
+    def _b64url_token(text: str) -> bytes:
+        """b64url_decode of a token's segment (same bytes, ValueError for the same
+        texts), in fewer steps: binascii's strict mode checks the alphabet. (Tokens
+        are unpadded; padding, which strict mode reads otherwise, takes the long way.)"""
+        if "=" in text:
+            return b64url_decode(text)
+        if "+" in text or "/" in text:
+            raise ValueError("not base64url")
+        data = (text + "=" * (-len(text) % 4)).encode("ascii")
+        return binascii.a2b_base64(data.translate(_FROM_URL_ALPHABET), strict_mode=True)
+else:  # no strict mode before 3.11
+    _b64url_token = b64url_decode
+
+
 def b64_decode(text: str) -> bytes:
     """Strict standard base64, padding optional; ValueError on anything else."""
     return _strict_b64(text, _B64_RE, None, "base64")
@@ -733,7 +748,7 @@ KEY_CUSTOMER, KEY_SERVER, KEY_DEMO, KEY_UNKNOWN = "customer", "server", "demo", 
 def _token_json(segment: str) -> dict:
     """A header or claims segment: b64url JSON of an object (TokenError otherwise)."""
     try:
-        data = b64url_decode(segment)
+        data = _b64url_token(segment)
         # Invalid UTF-8 becomes U+FFFD as in the original; the signature
         # covers the raw bytes, so this changes no verdict.
         value = _parse_json(data.decode("utf-8", "replace"))
@@ -821,7 +836,7 @@ class Authorizer:
                 try:
                     signed = (head + "." + body).encode("ascii")
                     valid = _verify(key.verify_key.public if kind is KEY_CUSTOMER else key.public,
-                                    signed, b64url_decode(signature))
+                                    signed, _b64url_token(signature))
                 except (ValueError, UnicodeEncodeError):
                     valid = False
                 if not valid:
