@@ -2394,6 +2394,13 @@ class Grid:
         server = self._by_kid.get(kid)
         return server.key if server else None
 
+    def add_server(self, hostname: str, now: float) -> Server:
+        """A new server, known by its hostname and by its key's kid (as first seen now)."""
+        server = Server(hostname, derive_server_key(self.config.master_key_bytes, hostname), now)
+        self.servers[hostname] = server
+        self._by_kid[server.key.kid] = server
+        return server
+
     # -- reports ------------------------------------------------------------
 
     def prepare_rooms(self, hostname: str, rooms: List[Any]) -> Iterator[None]:
@@ -2439,9 +2446,7 @@ class Grid:
         server = self.servers.get(hostname)
         changed = server is None or server.disabled or server.version != version
         if server is None:
-            server = Server(hostname, derive_server_key(self.config.master_key_bytes, hostname), now)
-            self.servers[hostname] = server
-            self._by_kid[server.key.kid] = server
+            server = self.add_server(hostname, now)
             self._gateway.event("server_added", now, hostname=hostname, version=version,
                                 kid=server.key.kid)
         elif server.disabled:
@@ -2610,11 +2615,14 @@ class Grid:
         return tasks
 
     def queue_task(self, server: Server, task: dict) -> None:
-        limit = self.config.max_queued_tasks
-        if len(server.tasks) >= limit:
-            raise refused("task queue of server %s is full (%d tasks); try again after its next report"
-                          % (server.hostname, limit))
+        if len(server.tasks) >= self.config.max_queued_tasks:
+            raise self.queue_full(server.hostname)
         self._append_task(server, task)
+
+    def queue_full(self, hostname: str) -> RpcError:
+        """The refusal of an admin task whose server's queue is full (here, or in Redis)."""
+        return refused("task queue of server %s is full (%d tasks); try again after its next report"
+                       % (hostname, self.config.max_queued_tasks))
 
     def _append_task(self, server: Server, task: dict) -> None:
         server.tasks.append(task)
@@ -2906,9 +2914,7 @@ def apply_record(grid: Grid, record: list, now: float) -> None:
             grid.journal = journal
         return
     if server is None:
-        server = Server(hostname, derive_server_key(grid.config.master_key_bytes, hostname), now)
-        grid.servers[hostname] = server
-        grid._by_kid[server.key.kid] = server
+        server = grid.add_server(hostname, now)
     if kind == "server":
         server.version, server.disabled, server.draining = record[2], record[3], record[4]
         server.last_seen = now
@@ -3685,8 +3691,7 @@ class Gateway:
         """The answer to an admin call once Redis stored its task (outcome "queued"), found
         the queue full ("full"), or could not be reached (None: held here, sent later)."""
         if outcome == "full":
-            raise refused("task queue of server %s is full (%d tasks); try again after its "
-                          "next report" % (hostname, self.config.max_queued_tasks))
+            raise self.grid.queue_full(hostname)
         if outcome is None:
             server = self.grid.servers.get(hostname)
             if server is None:
@@ -4532,15 +4537,14 @@ def status_data(gateway: Gateway) -> dict:
     } for s in sorted(grid.servers.values(), key=lambda s: s.hostname)]
     licensees = {key.licensee.customer_id: key.licensee
                  for key in gateway.authorizer.customer_keys.values()}
-    unknown = config.unknown_customers
-    default_limits = ((_pick(unknown, "max_rooms"), _pick(unknown, "max_peers"))
-                      if unknown != "forbidden" else (None, None))
-    customers = []
-    for customer in set(licensees) | set(grid.reported) | set(grid.pending) | set(gateway.refusals):
-        peers, rooms = grid.usage_of(customer)
+    # Customers without a key of their own: unknown_customers' limits, as the authorizer applies them.
+    default_peers, default_rooms = gateway.authorizer.unknown_limits or (None, None)
+    customers, usage = [], grid.usage
+    for customer in set(licensees) | set(usage) | set(gateway.refusals):
+        peers, rooms = usage.get(customer, (0, 0))
         licensee = licensees.get(customer)
         room_limit, peer_limit = ((licensee.room_limit, licensee.peer_limit) if licensee is not None
-                                  else default_limits)
+                                  else (default_rooms, default_peers))
         customers.append({"id": _clip(customer), "rooms": [rooms, room_limit], "peers": [peers, peer_limit],
                           "refused": gateway.refusals.get(customer, 0)})
     customers.sort(key=lambda c: (-c["peers"][0], -c["rooms"][0], c["id"]))
@@ -5671,8 +5675,7 @@ class ClusterLink:
             self._down(err)
 
     def _apply_event(self, event: dict) -> None:
-        if event.get("from") == self.member:
-            return
+        """Another gateway's event (_read_events skips this one's own before parsing)."""
         grid, kind = self.gateway.grid, event.get("type")
         if kind == "report":
             self._apply_report(event["record"])
