@@ -236,6 +236,21 @@ def b64url_decode(text: str) -> bytes:
     return _strict_b64(text, _B64URL_RE, _FROM_URL_ALPHABET, "base64url")
 
 
+if sys.version_info >= (3, 11):
+    def _b64url_token(text: str) -> bytes:
+        """b64url_decode of a token's segment (same bytes, ValueError for the same
+        texts), in fewer steps: binascii's strict mode checks the alphabet. (Tokens
+        are unpadded; padding, which strict mode reads otherwise, takes the long way.)"""
+        if "=" in text:
+            return b64url_decode(text)
+        if "+" in text or "/" in text:
+            raise ValueError("not base64url")
+        data = (text + "=" * (-len(text) % 4)).encode("ascii")
+        return binascii.a2b_base64(data.translate(_FROM_URL_ALPHABET), strict_mode=True)
+else:  # no strict mode before 3.11
+    _b64url_token = b64url_decode
+
+
 def b64_decode(text: str) -> bytes:
     """Strict standard base64, padding optional; ValueError on anything else."""
     return _strict_b64(text, _B64_RE, None, "base64")
@@ -369,6 +384,28 @@ def _compact_json(value: Any) -> str:
 def dump_json(value: Any) -> bytes:
     """A response body: compact UTF-8 JSON (floats as Python writes them)."""
     return _compact_json(value).encode("utf-8")
+
+
+#: A Connect's answer, in the order dump_json writes it (answer_json).
+_CONNECT_ANSWER = '{"jsonrpc":"2.0","result":{"address":%s,"token":%s},"id":%s}'
+_ANSWER_KEYS, _CONNECT_RESULT_KEYS = ["jsonrpc", "result", "id"], ["address", "token"]
+
+
+def answer_json(answer: dict) -> bytes:
+    """dump_json of one JSON-RPC answer, byte for byte; a Connect's answer
+    (the usual one) is written into a template, which costs a third as much."""
+    result = answer.get("result")
+    if type(result) is dict and list(result) == _CONNECT_RESULT_KEYS and list(
+            answer) == _ANSWER_KEYS:
+        address, token, request_id = result["address"], result["token"], answer["id"]
+        if (type(address) is str and type(token) is str
+                and (type(request_id) is int or type(request_id) is str)):
+            text = _CONNECT_ANSWER % (_JSON_STRING(address), _JSON_STRING(token), _JSON_STRING(
+                request_id) if type(request_id) is str else int.__repr__(request_id))
+            if text.isascii() or not _SURROGATE_RE.search(text):
+                return text.encode("utf-8")
+            return _SURROGATE_RE.sub(_escape_surrogate, text).encode("utf-8")
+    return dump_json(answer)
 
 
 def load_json(data: bytes) -> Any:
@@ -711,7 +748,7 @@ KEY_CUSTOMER, KEY_SERVER, KEY_DEMO, KEY_UNKNOWN = "customer", "server", "demo", 
 def _token_json(segment: str) -> dict:
     """A header or claims segment: b64url JSON of an object (TokenError otherwise)."""
     try:
-        data = b64url_decode(segment)
+        data = _b64url_token(segment)
         # Invalid UTF-8 becomes U+FFFD as in the original; the signature
         # covers the raw bytes, so this changes no verdict.
         value = _parse_json(data.decode("utf-8", "replace"))
@@ -799,7 +836,7 @@ class Authorizer:
                 try:
                     signed = (head + "." + body).encode("ascii")
                     valid = _verify(key.verify_key.public if kind is KEY_CUSTOMER else key.public,
-                                    signed, b64url_decode(signature))
+                                    signed, _b64url_token(signature))
                 except (ValueError, UnicodeEncodeError):
                     valid = False
                 if not valid:
@@ -3936,7 +3973,7 @@ class Gateway:
         answer = self._call(methods, request, auth, remote)
         if answer is not None and isinstance(answer.get("result"), ClusterStep):
             return 200, PendingAnswers([answer], batch=False)  # type: ignore[return-value]
-        return (200, dump_json(answer)) if answer else (204, None)
+        return (200, answer_json(answer)) if answer else (204, None)
 
     def finish_steps(self, pending: PendingAnswers, results: List[Any]) -> Response:
         """The response once the cluster link has done the steps and finished them
