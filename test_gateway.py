@@ -210,6 +210,12 @@ def test_server_key_vectors(case):
     assert list(key.private_jwk()) == ["kid", "kty", "crv", "x", "d"]
 
 
+def test_server_keys_treat_lone_surrogates_as_room_hashes_do():
+    master = base64.b64decode(og.DEFAULT_MASTER_KEY)
+    assert og.derive_server_key(master, "h\ud800").kid == og.derive_server_key(master, "h\ufffd").kid
+    assert og.room_hash("ns", "h\ud800") == og.room_hash("ns", "h\ufffd")
+
+
 # ---------------------------------------------------------------------------
 # Golden vectors: room hashes
 # ---------------------------------------------------------------------------
@@ -471,6 +477,33 @@ def typed(value):
 
 def test_toml_writer_round_trips_nan():
     assert math.isnan(tomllib.loads(og.toml_dumps({"x": math.nan}))["x"])
+
+
+def test_deeply_nested_server_config_is_refused_or_kept_never_a_crash():
+    gw = make_gateway()
+    text = "x = " + "[" * 400 + "]" * 400
+    status, body = rpc(gw, "GetConfig", {"server": "grid", "version": "1", "config": text})
+    if "error" in body:  # Python < 3.12 runs out of recursion
+        assert body["error"]["code"] == -32600 and "cannot" in body["error"]["message"]
+    else:
+        assert tomllib.loads(body["result"]["config"])["x"] == tomllib.loads(text)["x"]
+
+
+@pytest.mark.parametrize("config_text, words", [
+    ("x = 1" + "0" * 5000, "cannot be used"),
+    ("x = 0x" + "f" * 4000, "cannot be written back"),
+    ("a = 1\n" + "#" * (og.MAX_SERVER_CONFIG + 1), "at most"),
+])
+def test_unusable_server_configs_are_refused_clearly(config_text, words):
+    gw = make_gateway()
+    err = error(gw, "GetConfig", {"server": "grid", "version": "1", "config": config_text})
+    assert err["code"] == -32600 and words in err["message"], err
+
+
+def test_authorization_keys_must_be_an_array():
+    gw = make_gateway()
+    err = error(gw, "GetConfig", {"server": "grid", "version": "1", "config": "[authorization]\nkeys = 5\n"})
+    assert "authorization.keys must be an array" in err["message"]
 
 
 # ---------------------------------------------------------------------------
@@ -827,6 +860,34 @@ def test_unknown_customers_get_the_configured_limits():
     assert err["message"] == "room limit exceeded"
 
 
+def test_leeway_is_counted_in_whole_seconds_with_a_real_clock():
+    gw = make_gateway(Clock(1700000000.9))
+    report(gw, SFU1)
+    exactly_300_late = og.create_token(KEY_A, "lobby", "a", lifetime=-300, now=1700000000)
+    assert result(gw, "Connect", {}, token=exactly_300_late)["address"] == SFU1
+    late = og.create_token(KEY_A, "lobby", "a", lifetime=-301, now=1700000000)
+    assert rpc(gw, "Connect", {}, token=late)[1]["error"]["message"] == "token has expired"
+
+
+def test_a_pinned_server_must_be_enabled():
+    clock = Clock()
+    gw = make_gateway(clock)
+    report(gw, SFU1)
+    clock.advance(8)
+    report(gw, SFU2)
+    gw.tick()
+    pinned = token(room_id="p", internal={"server": SFU1}, now=clock.now)
+    assert error(gw, "Connect", {}, token=pinned)["message"] == "no server to assign room too"
+
+
+@pytest.mark.parametrize("internal", ["sfu-1", {"server": 5}, []])
+def test_the_internal_claim_is_validated(internal):
+    gw = make_gateway()
+    report(gw, SFU1)
+    err = error(gw, "Connect", {}, token=token(internal=internal))
+    assert "internal" in err["data"]["fieldErrors"]
+
+
 # ---------------------------------------------------------------------------
 # Licence limits
 # ---------------------------------------------------------------------------
@@ -903,6 +964,61 @@ def test_usage_ignores_disabled_servers():
     gw.tick()  # SFU1 silent for 8 s: disabled
     assert "tiny" not in gw.grid.usage and gw.grid.usage_of("tiny") == (0, 0)
     assert result(gw, "Connect", {}, token=token(KEY_TINY, "t3"))["address"] == SFU2
+
+
+def test_reported_rooms_with_too_long_names_are_left_out_of_usage(caplog):
+    gw = make_gateway()
+    with caplog.at_level(logging.WARNING, logger="odin_gateway"):
+        report(gw, SFU1, rooms=[room("ns", "x" * 300, "c", peers=4), room("ns", "ok", "c")])
+    assert "at most 255 bytes" in caplog.text
+    assert gw.grid.usage_of("c") == (1, 1) and len(gw.grid.rooms) == 1
+
+
+def test_rooms_sharing_a_base_name_each_count_their_peers():
+    gw = make_gateway()
+    report(gw, SFU1, rooms=[room("acme", "match{42}red", "acme", peers=3),
+                            room("acme", "match{42}blue", "acme", peers=4)])
+    assert gw.grid.usage_of("acme") == (7, 2)
+
+
+@pytest.mark.parametrize("seed", range(25))
+def test_usage_accounting_matches_a_recount_from_scratch(seed):
+    rng = random.Random(seed)
+    clock = Clock()
+    gw = make_gateway(clock, customers=[])
+    hostnames = ["s%d:4433" % i for i in range(3)]
+    customers = ["c%d" % i for i in range(3)]
+
+    def expected():
+        totals = {}
+        for server in gw.grid.servers.values():
+            if server.disabled:
+                continue
+            for share in (server.usage, server.pending):
+                for customer, (peers, rooms) in share.items():
+                    counts = totals.setdefault(customer, [0, 0])
+                    counts[0] += peers
+                    counts[1] += rooms
+        return {c: tuple(v) for c, v in totals.items() if v != [0, 0]}
+
+    for _ in range(120):
+        action = rng.random()
+        hostname = rng.choice(hostnames)
+        if action < 0.35:
+            rooms = [room(c, "r%d" % rng.randrange(6), c, peers=rng.randrange(4))
+                     for c in rng.sample(customers, rng.randrange(4))]
+            params = {"public_endpoint": hostname, "version": "1", "load": rng.random(),
+                      "clients": 0, "rooms": rooms}
+            rpc(gw, "sfu.Report", params, request_id=rng.choice([1, None]))
+        elif action < 0.75 and gw.grid.servers:
+            rpc(gw, "Connect", {}, token=token(KEY_UNKNOWN, "r%d" % rng.randrange(6), now=clock.now))
+        elif action < 0.85 and hostname in gw.grid.servers:
+            result(gw, "Drain", {"hostname": hostname, "draining": rng.random() < 0.5})
+        else:
+            clock.advance(rng.choice([1, 4, 8, 700]))
+            gw.tick()
+        assert gw.grid.usage == expected()
+        assert all(peers >= 0 and rooms >= 0 for peers, rooms in gw.grid.usage.values())
 
 
 # ---------------------------------------------------------------------------
@@ -988,6 +1104,13 @@ def test_a_full_task_queue_refuses_new_tasks_and_keeps_the_old():
     assert "task queue" in err["message"] and "full" in err["message"]
     tasks = report(gw, SFU1, rooms=[room("custom-ns", "lobby", "odinref")])
     assert [t["user_data"] for t in tasks] == [[0], [1], [2]]
+
+
+def test_ban_time_is_bounded():
+    gw = make_gateway()
+    report(gw, SFU1, rooms=[room("custom-ns", "lobby", "odinref")])
+    err = error(gw, "RoomClose", {"room_id": "lobby", "ban_time": 1e20}, token=admin_token())
+    assert "ban_time" in err["data"]["fieldErrors"]
 
 
 # ---------------------------------------------------------------------------
@@ -1279,6 +1402,43 @@ def test_a_big_reports_new_rooms_are_hashed_in_steps_and_connects_run_between(mo
         r for r in og.grid_records(plain.grid) if r[0] == "room")
 
 
+def test_collision_closes_stay_single_and_bounded_under_notification_reports():
+    gw = make_gateway(max_queued_tasks=5)
+    report(gw, SFU1, rooms=[room("ns", "r", "c")])
+    with_room = {"public_endpoint": SFU2, "version": "1", "load": 0, "clients": 0,
+                 "rooms": [room("ns", "r", "c")]}
+    without = dict(with_room, rooms=[])
+    for _ in range(50):
+        rpc(gw, "sfu.Report", with_room, request_id=None)
+        rpc(gw, "sfu.Report", without, request_id=None)
+    assert len(gw.grid.servers[SFU2].tasks) == 1
+
+
+def test_a_full_queue_takes_no_collision_close():
+    gw = make_gateway(max_queued_tasks=1)
+    report(gw, SFU2, rooms=[room("ns", "own", "c")])
+    gw.grid.servers[SFU2].tasks.append({"task": "RoomUpdate", "id": ["ns", "own"], "user_data": []})
+    report(gw, SFU1, rooms=[room("ns", "r", "c")])
+    params = {"public_endpoint": SFU2, "version": "1", "load": 0, "clients": 0,
+              "rooms": [room("ns", "own", "c"), room("ns", "r", "c")]}
+    rpc(gw, "sfu.Report", params, request_id=None)
+    assert len(gw.grid.servers[SFU2].tasks) == 1
+
+
+def test_a_report_refreshes_the_rooms_customer():
+    gw = make_gateway()
+    report(gw, SFU1, rooms=[room("ns", "r", "old")])
+    report(gw, SFU1, rooms=[room("ns", "r", "new")])
+    assert result(gw, "Info")["rooms"][0]["customer"] == "new"
+
+
+def test_fractional_peers_are_refused():
+    gw = make_gateway()
+    params = {"public_endpoint": SFU1, "version": "1", "load": 0, "clients": 0,
+              "rooms": [dict(room("ns", "r", "c"), peers=0.5)]}
+    assert "rooms" in error(gw, "sfu.Report", params)["data"]["fieldErrors"]
+
+
 # ---------------------------------------------------------------------------
 # Maintenance: timeouts and expiry
 # ---------------------------------------------------------------------------
@@ -1377,6 +1537,30 @@ def test_a_restarted_gateway_derives_the_same_keys_and_rebuilds_rooms():
     again = result(second, "Connect", {}, token=token())["token"]
     assert issued == again  # same key, same claims, same clock
     assert result(second, "Info")["rooms"][0]["server"] == SFU1
+
+
+def test_the_maintenance_timer_runs_while_serving():
+    gw = og.Gateway(og.Config(update_interval=0.05, disable_timeout=0.1))
+    with og.serve_in_thread(gateway=gw) as server:
+        og.FakeServer(server.url + "/internal", SFU1).report()
+        deadline = time.monotonic() + 10
+        while not server.call(lambda: gw.grid.servers[SFU1].disabled):  # no report for 0.1 s
+            assert time.monotonic() < deadline, "the timer did not disable the silent server"
+            time.sleep(0.02)
+
+
+def test_a_removed_servers_fresh_rooms_go_with_it():
+    clock = Clock()
+    gw = make_gateway(clock, disable_timeout=50, remove_timeout=60)
+    report(gw, SFU1)
+    clock.advance(40)
+    report(gw, SFU2, load=1.0)
+    result(gw, "Connect", {}, token=token(room_id="fresh", now=clock.now, internal={"server": SFU1}))
+    clock.advance(20)  # SFU1 silent for 60 s; the room is only 20 s old
+    report(gw, SFU2, load=1.0)
+    gw.tick()
+    assert SFU1 not in gw.grid.servers
+    assert all(entry.server != SFU1 for entry in gw.grid.rooms.values())
 
 
 # ---------------------------------------------------------------------------
@@ -1814,6 +1998,13 @@ def test_internal_errors_answer_generically_count_as_failure_and_log(caplog, mon
     assert "secret detail" in caplog.text
     assert gw.stats["Info"] == [0, 1, 0]
     assert result(gw, "GetConfig", {"server": "grid", "version": "1", "config": ""})
+
+
+def test_info_shows_queue_lengths():
+    gw = make_gateway()
+    report(gw, SFU1, rooms=[room("custom-ns", "lobby", "odinref")])
+    result(gw, "RoomClose", {"room_id": "lobby"}, token=admin_token())
+    assert result(gw, "Info")["servers"][0]["tasks"] == 1
 
 
 # ---------------------------------------------------------------------------
@@ -2566,6 +2757,33 @@ def test_an_update_function_that_exits_is_reported_not_waited_for(caplog):
     assert "the function raised SystemExit: no database configured" in caplog.text
 
 
+def test_a_hanging_sync_update_function_does_not_hold_up_the_stop():
+    called, release_it = threading.Event(), threading.Event()
+
+    def hangs():
+        called.set()
+        release_it.wait(30)
+        return []
+
+    gw = make_gateway(customers=[], customer_api={"update_function": hangs},
+                      customer_update_timeout=0.2)
+    try:
+        with og.serve_in_thread(gateway=gw):
+            assert called.wait(10)
+            started = time.monotonic()
+        assert time.monotonic() - started < 5
+    finally:
+        release_it.set()
+
+
+def test_dynamic_keys_keep_the_gateway_closed_after_customer_api_is_removed():
+    gw = make_gateway(customers=[], customer_api={"update_function": lambda: []})
+    assert gw.set_customers([TINY_CUSTOMER])
+    gw.reload(gw.config.replace(customer_api=None))
+    assert not gw.everything_goes
+    assert rpc(gw, "Connect", {}, token=token(KEY_UNKNOWN))[0] == 401
+
+
 # ---------------------------------------------------------------------------
 # Configuration
 # ---------------------------------------------------------------------------
@@ -2880,6 +3098,28 @@ def test_two_gateways_share_nothing():
     report(first, SFU1, rooms=[room("ns", "r", "c")])
     assert second.grid.servers == {} and second.grid.rooms == {} and second.stats == {}
     assert first.authorizer.customer_keys and not second.authorizer.customer_keys
+
+
+def test_login_token_lifetime_must_be_whole_seconds():
+    with pytest.raises(og.ConfigError, match="login_token_lifetime"):
+        og.Config(login_token_lifetime=60.5)
+
+
+def test_config_defaults_are_not_shared():
+    first = og.Config()
+    first.internal_users["eve"] = "pw"
+    first.customers.append({"id": "x"})
+    assert og.Config().internal_users == {} and og.Config().customers == []
+
+
+@pytest.mark.parametrize("settings, secret", [
+    ({"master_key": "s3cret-not-base64!"}, "s3cret"),
+    ({"internal_users": {"ops": 5, "x:y": "hunter2"}}, "hunter2"),
+])
+def test_config_errors_do_not_show_secrets(settings, secret):
+    with pytest.raises(og.ConfigError) as caught:
+        og.Config(**settings)
+    assert secret not in str(caught.value) and "<hidden>" in str(caught.value)
 
 
 # ---------------------------------------------------------------------------
@@ -3408,6 +3648,119 @@ def test_a_second_stop_signal_flushes_the_log_before_exiting():
     assert exits == [1] and 0 in flushed  # flushed before the exit
 
 
+def test_a_client_that_never_reads_loses_its_connection():
+    gw = make_gateway(write_timeout=0.3, max_connections=2)
+    with running(gw) as server, socket.create_connection(("127.0.0.1", server.port), timeout=5) as greedy:
+        greedy.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        request = b"POST /internal HTTP/1.1\r\nContent-Length: %d\r\n\r\n%s" % (len(INFO_BODY), INFO_BODY)
+        greedy.settimeout(0.05)
+        deadline = time.monotonic() + 10
+        with contextlib.suppress(OSError):  # send, never read, until the gateway gives up on it
+            while time.monotonic() < deadline:
+                greedy.sendall(request * 50)
+        assert time.monotonic() < deadline, "the gateway kept the unread connection open"
+        ok = exchange(server.port, b"OPTIONS / HTTP/1.1\r\nConnection: close\r\n\r\n")
+        assert status_of(ok) == 200
+
+
+def server_side_open(server_port, client_port):
+    wanted = ":%04X" % server_port, ":%04X" % client_port
+    with open("/proc/net/tcp") as table:
+        return any(f[1].endswith(wanted[0]) and f[2].endswith(wanted[1]) and f[3] == "01"
+                   for f in (line.split() for line in table.readlines()[1:]))
+
+
+def big_answer_gateway(**settings):
+    gw = make_gateway(**settings)
+    real = gw.handle_http
+    big = og.Response(200, b"x" * 6_000_000)
+    gw.handle_http = lambda m, t, h, b, r="127.0.0.1", **o: big if t == "/big" else real(m, t, h, b, r, **o)
+    return gw
+
+
+@needs_proc
+def test_an_unread_answer_does_not_keep_its_connection_or_the_stop():
+    gw = big_answer_gateway(write_timeout=0.3, shutdown_timeout=0.3)
+    with og.serve_in_thread(gateway=gw) as server:
+        sock = socket.create_connection(("127.0.0.1", server.port), timeout=5)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        sock.sendall(b"GET /big HTTP/1.1\r\nConnection: close\r\n\r\n")  # and never read
+        client_port = sock.getsockname()[1]
+        deadline = time.monotonic() + 10
+        while server_side_open(server.port, client_port):
+            assert time.monotonic() < deadline, "the gateway kept the unread connection"
+            time.sleep(0.05)
+        second = socket.create_connection(("127.0.0.1", server.port), timeout=5)
+        second.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        second.sendall(b"GET /big HTTP/1.1\r\n\r\n")  # keep-alive, never read
+        wait_until_server_read(second, server.port)
+        started = time.monotonic()
+    assert time.monotonic() - started < 5  # the stop does not wait for the reader
+    sock.close()
+    second.close()
+
+
+def report_request(rooms, hostname="127.0.0.1:4433"):
+    body = json.dumps({"jsonrpc": "2.0", "method": "sfu.Report", "id": 1, "params": {
+        "public_endpoint": hostname, "version": "1", "load": 0, "clients": 0,
+        "rooms": [room("ns", "room-%06d-%s" % (i, "u" * 36), "c") for i in range(rooms)]}}).encode()
+    return b"POST /internal HTTP/1.1\r\nConnection: close\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body)
+
+
+def test_reports_have_their_own_body_limit_and_a_refused_one_is_logged(caplog):
+    big = report_request(12_000)  # about 2 MiB: over max_body_bytes, as 10,000 UUID rooms are
+    assert len(big) > DEFAULTS.max_body_bytes
+    with running() as server:
+        assert status_of(exchange(server.port, big)) == 200
+    with caplog.at_level(logging.WARNING, logger="odin_gateway"):
+        with running(make_gateway(max_internal_body_bytes=100_000)) as server:
+            assert status_of(exchange(server.port, report_request(1))) == 200
+            assert status_of(exchange(server.port, big)) == 413
+    (line,) = [line for line in json_log_lines(caplog) if line.get("event") == "report_refused"]
+    assert line["servers"] == ["127.0.0.1:4433"] and line["limit"] == 100_000
+    assert "127.0.0.1" in line["message"] and "max_internal_body_bytes" in line["message"]
+
+
+def test_clients_that_never_read_cannot_stall_others_or_grow_memory():
+    # A 20 MB answer per client (the kernel takes a few MB of each); 30 MB may
+    # wait for their clients in all.
+    gw = make_gateway(max_unsent_bytes=30_000_000, write_timeout=30)
+    real, big = gw.handle_http, og.Response(200, b"x" * 20_000_000)
+    gw.handle_http = lambda m, t, h, b, r="127.0.0.1", **o: big if t == "/big" else real(m, t, h, b, r, **o)
+    with running(gw) as server:
+        greedy = []
+        for _ in range(4):
+            sock = socket.create_connection(("127.0.0.1", server.port), timeout=5)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+            sock.sendall(b"GET /big HTTP/1.1\r\n\r\n")  # and never read
+            wait_until_server_read(sock, server.port)
+            greedy.append(sock)
+            assert server.call(lambda: server.server.unsent) <= 30_000_000
+        # The others are answered meanwhile; the answers beyond the budget are 503.
+        ok = exchange(server.port, b"POST /internal HTTP/1.1\r\nConnection: close\r\n"
+                                   b"Content-Length: %d\r\n\r\n%s" % (len(INFO_BODY), INFO_BODY))
+        assert status_of(ok) == 200
+        statuses = [status_of(sock.recv(100)) for sock in greedy]
+        assert statuses[0] == 200 and 503 in statuses
+        for sock in greedy:
+            sock.close()
+
+
+def test_a_connection_close_answer_survives_more_input_behind_it():
+    gw = big_answer_gateway()
+    with og.serve_in_thread(gateway=gw) as server, \
+            socket.create_connection(("127.0.0.1", server.port), timeout=10) as sock:
+        sock.sendall(b"GET /big HTTP/1.1\r\nConnection: close\r\n\r\n" + b"y" * 1_000_000)
+        received = bytearray()
+        while True:
+            chunk = sock.recv(1 << 20)  # ConnectionResetError here was the bug
+            if not chunk:
+                break
+            received += chunk
+    head, _, body = bytes(received).partition(b"\r\n\r\n")
+    assert status_of(head) == 200 and len(body) == 6_000_000
+
+
 # ---------------------------------------------------------------------------
 # TLS
 # ---------------------------------------------------------------------------
@@ -3708,6 +4061,12 @@ def test_ci_runs_exactly_the_readme_test_command():
     assert "```\n%s\n```" % START_COMMAND in readme.replace("```sh\n", "```\n")
 
 
+def test_serve_is_the_default_command_and_can_be_named():
+    named = run_cli("serve", "--help")
+    assert named.returncode == 0 and "--privatekey" in named.stdout
+    assert run_cli("--help").stdout == named.stdout
+
+
 # ---------------------------------------------------------------------------
 # Embedding: the fake server, the JSON-RPC client, the demo, README examples
 # ---------------------------------------------------------------------------
@@ -3926,6 +4285,13 @@ def test_sample_config_shows_every_setting_with_its_default():
         assert name in sample, "config.py does not show %s" % name
         if name != "customers":  # the sample ships the demo customer
             assert sample[name] == declared.default, name
+
+
+def test_the_rpc_client_ignores_proxy_settings(monkeypatch):
+    monkeypatch.setenv("http_proxy", "http://127.0.0.1:9")
+    monkeypatch.setenv("HTTP_PROXY", "http://127.0.0.1:9")
+    with og.serve_in_thread(og.Config()) as server:
+        assert og.RpcClient(server.url + "/internal").call("Info")["servers"] == []
 
 
 # ---------------------------------------------------------------------------
@@ -4491,6 +4857,63 @@ def test_the_customer_update_function_runs_when_serving():
             assert time.monotonic() < deadline, "the update function was not called"
             time.sleep(0.01)
     assert calls == [1]
+
+
+def test_metrics_survive_odd_customer_ids():
+    gw = make_gateway()
+    report(gw, SFU1, rooms=[room("ns", "r", "\ud800")])
+    response = get(gw, "/metrics")
+    assert response.status == 200
+    assert sample_value(parse_metrics(response.body.decode()), "odin_gateway_customer_rooms",
+                        customer="\ufffd") == 1
+
+
+def test_benchmark_parts_run():
+    # A smoke run of the benchmark's in-process parts (the benchmark asserts nothing).
+    sys.path.insert(0, str(HERE / "bench"))
+    try:
+        import bench
+    finally:
+        sys.path.remove(str(HERE / "bench"))
+    assert bench.placement("balanced", [0.3] * 10, seeds=2)[0][0] == 1.0
+    assert bench.region_placement(rooms_per_region=10, seeds=1)[0] == 1.0
+    assert bench.connect_cost(10, bench.make_tokens(5)) > 0
+    first, again, size = bench.time_report(100)
+    assert first > 0 and size > 1000
+    assert min(bench.connect_with_feed(5, 1)) > 0
+    repeat, longest, floor, first, first_hold = bench.repeated_report_ms(100)
+    assert repeat >= longest > 0 and floor > 0 and first >= first_hold > 0
+
+
+def test_reload_refuses_when_the_started_config_file_is_gone(tmp_path):
+    path = tmp_path / "c.py"
+    path.write_text("port = 7100\n")
+    args = og.build_parser().parse_args(["--config", str(path)])
+    assert og.reload_config(args, True).port == 7100
+    path.unlink()
+    with pytest.raises(og.ConfigError, match="no such file"):
+        og.reload_config(args, True)
+    path.mkdir()
+    with pytest.raises(og.ConfigError, match="is a directory"):
+        og.reload_config(args, True)
+
+
+def test_error_answers_are_counted_by_path_and_logged(caplog):
+    with caplog.at_level(logging.INFO, logger="odin_gateway"):
+        with running(make_gateway(access_log=True)) as server:
+            exchange(server.port, b"POST / HTTP/1.1\r\nContent-Length: 9999999\r\n\r\n")
+            too_large = parse_metrics(og.render_metrics(server.gateway))
+        with running(make_gateway(access_log=True, max_connections=1)) as server:
+            with socket.create_connection(("127.0.0.1", server.port), timeout=5) as held:
+                held.sendall(b"OPTIONS / HTTP/1.1\r\n\r\n")
+                assert status_of(held.recv(65536)) == 200  # held is the one connection served
+                assert status_of(exchange(server.port, b"OPTIONS / HTTP/1.1\r\n\r\n")) == 503
+            refused_one = parse_metrics(og.render_metrics(server.gateway))
+    assert sample_value(too_large, "odin_gateway_http_responses_total", path="/", status="4xx") == 1
+    assert sample_value(refused_one, "odin_gateway_http_responses_total", path="invalid",
+                        status="5xx") == 1
+    statuses = [line["status"] for line in json_log_lines(caplog) if line.get("event") == "request"]
+    assert 413 in statuses and 503 in statuses
 
 
 # ---------------------------------------------------------------------------
@@ -5064,6 +5487,18 @@ def test_drain_errors():
     params = {"public_endpoint": SFU1, "version": "1", "load": 0, "clients": 0, "rooms": [],
               "draining": 1}
     assert "draining" in error(gw, "sfu.Report", params)["data"]["fieldErrors"]
+
+
+def test_loads_below_zero_count_as_zero():
+    gw = make_gateway(customers=[], seed=1)
+    report(gw, SFU1, load=-5.0)
+    report(gw, SFU2, load=0.0)
+    assert gw.grid.servers[SFU1].estimated_load() == gw.grid.servers[SFU2].estimated_load() == 0.0
+    for placement in ("balanced", "random"):
+        gw.config = gw.config.replace(placement=placement)
+        picks = {result(gw, "Connect", {}, token=token(KEY_UNKNOWN, "%s%d" % (placement, i)))["address"]
+                 for i in range(20)}
+        assert picks == {SFU1, SFU2}
 
 
 # ---------------------------------------------------------------------------
@@ -5959,448 +6394,3 @@ def test_token_command_sets_the_region_claim():
     printed = run_cli("token", "--access-key", KEY_ANY, "--room", "r", "--user", "u",
                       "--region", "eu-central").stdout.strip()
     assert claims_of(printed)["internal"] == {"region": "eu-central"}
-
-
-
-# ---------------------------------------------------------------------------
-# Regressions found by review
-# ---------------------------------------------------------------------------
-
-
-def test_leeway_is_counted_in_whole_seconds_with_a_real_clock():
-    gw = make_gateway(Clock(1700000000.9))
-    report(gw, SFU1)
-    exactly_300_late = og.create_token(KEY_A, "lobby", "a", lifetime=-300, now=1700000000)
-    assert result(gw, "Connect", {}, token=exactly_300_late)["address"] == SFU1
-    late = og.create_token(KEY_A, "lobby", "a", lifetime=-301, now=1700000000)
-    assert rpc(gw, "Connect", {}, token=late)[1]["error"]["message"] == "token has expired"
-
-
-def test_a_client_that_never_reads_loses_its_connection():
-    gw = make_gateway(write_timeout=0.3, max_connections=2)
-    with running(gw) as server, socket.create_connection(("127.0.0.1", server.port), timeout=5) as greedy:
-        greedy.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
-        request = b"POST /internal HTTP/1.1\r\nContent-Length: %d\r\n\r\n%s" % (len(INFO_BODY), INFO_BODY)
-        greedy.settimeout(0.05)
-        deadline = time.monotonic() + 10
-        with contextlib.suppress(OSError):  # send, never read, until the gateway gives up on it
-            while time.monotonic() < deadline:
-                greedy.sendall(request * 50)
-        assert time.monotonic() < deadline, "the gateway kept the unread connection open"
-        ok = exchange(server.port, b"OPTIONS / HTTP/1.1\r\nConnection: close\r\n\r\n")
-        assert status_of(ok) == 200
-
-
-def test_deeply_nested_server_config_is_refused_or_kept_never_a_crash():
-    gw = make_gateway()
-    text = "x = " + "[" * 400 + "]" * 400
-    status, body = rpc(gw, "GetConfig", {"server": "grid", "version": "1", "config": text})
-    if "error" in body:  # Python < 3.12 runs out of recursion
-        assert body["error"]["code"] == -32600 and "cannot" in body["error"]["message"]
-    else:
-        assert tomllib.loads(body["result"]["config"])["x"] == tomllib.loads(text)["x"]
-
-
-@pytest.mark.parametrize("config_text, words", [
-    ("x = 1" + "0" * 5000, "cannot be used"),
-    ("x = 0x" + "f" * 4000, "cannot be written back"),
-    ("a = 1\n" + "#" * (og.MAX_SERVER_CONFIG + 1), "at most"),
-])
-def test_unusable_server_configs_are_refused_clearly(config_text, words):
-    gw = make_gateway()
-    err = error(gw, "GetConfig", {"server": "grid", "version": "1", "config": config_text})
-    assert err["code"] == -32600 and words in err["message"], err
-
-
-def test_collision_closes_stay_single_and_bounded_under_notification_reports():
-    gw = make_gateway(max_queued_tasks=5)
-    report(gw, SFU1, rooms=[room("ns", "r", "c")])
-    with_room = {"public_endpoint": SFU2, "version": "1", "load": 0, "clients": 0,
-                 "rooms": [room("ns", "r", "c")]}
-    without = dict(with_room, rooms=[])
-    for _ in range(50):
-        rpc(gw, "sfu.Report", with_room, request_id=None)
-        rpc(gw, "sfu.Report", without, request_id=None)
-    assert len(gw.grid.servers[SFU2].tasks) == 1
-
-
-def test_a_full_queue_takes_no_collision_close():
-    gw = make_gateway(max_queued_tasks=1)
-    report(gw, SFU2, rooms=[room("ns", "own", "c")])
-    gw.grid.servers[SFU2].tasks.append({"task": "RoomUpdate", "id": ["ns", "own"], "user_data": []})
-    report(gw, SFU1, rooms=[room("ns", "r", "c")])
-    params = {"public_endpoint": SFU2, "version": "1", "load": 0, "clients": 0,
-              "rooms": [room("ns", "own", "c"), room("ns", "r", "c")]}
-    rpc(gw, "sfu.Report", params, request_id=None)
-    assert len(gw.grid.servers[SFU2].tasks) == 1
-
-
-def test_login_token_lifetime_must_be_whole_seconds():
-    with pytest.raises(og.ConfigError, match="login_token_lifetime"):
-        og.Config(login_token_lifetime=60.5)
-
-
-def test_config_defaults_are_not_shared():
-    first = og.Config()
-    first.internal_users["eve"] = "pw"
-    first.customers.append({"id": "x"})
-    assert og.Config().internal_users == {} and og.Config().customers == []
-
-
-def test_ban_time_is_bounded():
-    gw = make_gateway()
-    report(gw, SFU1, rooms=[room("custom-ns", "lobby", "odinref")])
-    err = error(gw, "RoomClose", {"room_id": "lobby", "ban_time": 1e20}, token=admin_token())
-    assert "ban_time" in err["data"]["fieldErrors"]
-
-
-def test_reported_rooms_with_too_long_names_are_left_out_of_usage(caplog):
-    gw = make_gateway()
-    with caplog.at_level(logging.WARNING, logger="odin_gateway"):
-        report(gw, SFU1, rooms=[room("ns", "x" * 300, "c", peers=4), room("ns", "ok", "c")])
-    assert "at most 255 bytes" in caplog.text
-    assert gw.grid.usage_of("c") == (1, 1) and len(gw.grid.rooms) == 1
-
-
-def test_server_keys_treat_lone_surrogates_as_room_hashes_do():
-    master = base64.b64decode(og.DEFAULT_MASTER_KEY)
-    assert og.derive_server_key(master, "h\ud800").kid == og.derive_server_key(master, "h\ufffd").kid
-    assert og.room_hash("ns", "h\ud800") == og.room_hash("ns", "h\ufffd")
-
-
-def test_metrics_survive_odd_customer_ids():
-    gw = make_gateway()
-    report(gw, SFU1, rooms=[room("ns", "r", "\ud800")])
-    response = get(gw, "/metrics")
-    assert response.status == 200
-    assert sample_value(parse_metrics(response.body.decode()), "odin_gateway_customer_rooms",
-                        customer="\ufffd") == 1
-
-
-def test_the_maintenance_timer_runs_while_serving():
-    gw = og.Gateway(og.Config(update_interval=0.05, disable_timeout=0.1))
-    with og.serve_in_thread(gateway=gw) as server:
-        og.FakeServer(server.url + "/internal", SFU1).report()
-        deadline = time.monotonic() + 10
-        while not server.call(lambda: gw.grid.servers[SFU1].disabled):  # no report for 0.1 s
-            assert time.monotonic() < deadline, "the timer did not disable the silent server"
-            time.sleep(0.02)
-
-
-def test_a_pinned_server_must_be_enabled():
-    clock = Clock()
-    gw = make_gateway(clock)
-    report(gw, SFU1)
-    clock.advance(8)
-    report(gw, SFU2)
-    gw.tick()
-    pinned = token(room_id="p", internal={"server": SFU1}, now=clock.now)
-    assert error(gw, "Connect", {}, token=pinned)["message"] == "no server to assign room too"
-
-
-@pytest.mark.parametrize("internal", ["sfu-1", {"server": 5}, []])
-def test_the_internal_claim_is_validated(internal):
-    gw = make_gateway()
-    report(gw, SFU1)
-    err = error(gw, "Connect", {}, token=token(internal=internal))
-    assert "internal" in err["data"]["fieldErrors"]
-
-
-def test_loads_below_zero_count_as_zero():
-    gw = make_gateway(customers=[], seed=1)
-    report(gw, SFU1, load=-5.0)
-    report(gw, SFU2, load=0.0)
-    assert gw.grid.servers[SFU1].estimated_load() == gw.grid.servers[SFU2].estimated_load() == 0.0
-    for placement in ("balanced", "random"):
-        gw.config = gw.config.replace(placement=placement)
-        picks = {result(gw, "Connect", {}, token=token(KEY_UNKNOWN, "%s%d" % (placement, i)))["address"]
-                 for i in range(20)}
-        assert picks == {SFU1, SFU2}
-
-
-def test_a_removed_servers_fresh_rooms_go_with_it():
-    clock = Clock()
-    gw = make_gateway(clock, disable_timeout=50, remove_timeout=60)
-    report(gw, SFU1)
-    clock.advance(40)
-    report(gw, SFU2, load=1.0)
-    result(gw, "Connect", {}, token=token(room_id="fresh", now=clock.now, internal={"server": SFU1}))
-    clock.advance(20)  # SFU1 silent for 60 s; the room is only 20 s old
-    report(gw, SFU2, load=1.0)
-    gw.tick()
-    assert SFU1 not in gw.grid.servers
-    assert all(entry.server != SFU1 for entry in gw.grid.rooms.values())
-
-
-def test_info_shows_queue_lengths():
-    gw = make_gateway()
-    report(gw, SFU1, rooms=[room("custom-ns", "lobby", "odinref")])
-    result(gw, "RoomClose", {"room_id": "lobby"}, token=admin_token())
-    assert result(gw, "Info")["servers"][0]["tasks"] == 1
-
-
-def test_authorization_keys_must_be_an_array():
-    gw = make_gateway()
-    err = error(gw, "GetConfig", {"server": "grid", "version": "1", "config": "[authorization]\nkeys = 5\n"})
-    assert "authorization.keys must be an array" in err["message"]
-
-
-def test_a_report_refreshes_the_rooms_customer():
-    gw = make_gateway()
-    report(gw, SFU1, rooms=[room("ns", "r", "old")])
-    report(gw, SFU1, rooms=[room("ns", "r", "new")])
-    assert result(gw, "Info")["rooms"][0]["customer"] == "new"
-
-
-def test_benchmark_parts_run():
-    # A smoke run of the benchmark's in-process parts (the benchmark asserts nothing).
-    sys.path.insert(0, str(HERE / "bench"))
-    try:
-        import bench
-    finally:
-        sys.path.remove(str(HERE / "bench"))
-    assert bench.placement("balanced", [0.3] * 10, seeds=2)[0][0] == 1.0
-    assert bench.region_placement(rooms_per_region=10, seeds=1)[0] == 1.0
-    assert bench.connect_cost(10, bench.make_tokens(5)) > 0
-    first, again, size = bench.time_report(100)
-    assert first > 0 and size > 1000
-    assert min(bench.connect_with_feed(5, 1)) > 0
-    repeat, longest, floor, first, first_hold = bench.repeated_report_ms(100)
-    assert repeat >= longest > 0 and floor > 0 and first >= first_hold > 0
-
-
-def test_serve_is_the_default_command_and_can_be_named():
-    named = run_cli("serve", "--help")
-    assert named.returncode == 0 and "--privatekey" in named.stdout
-    assert run_cli("--help").stdout == named.stdout
-
-
-# ---------------------------------------------------------------------------
-# Regressions found by the second review
-# ---------------------------------------------------------------------------
-
-
-def server_side_open(server_port, client_port):
-    wanted = ":%04X" % server_port, ":%04X" % client_port
-    with open("/proc/net/tcp") as table:
-        return any(f[1].endswith(wanted[0]) and f[2].endswith(wanted[1]) and f[3] == "01"
-                   for f in (line.split() for line in table.readlines()[1:]))
-
-
-def big_answer_gateway(**settings):
-    gw = make_gateway(**settings)
-    real = gw.handle_http
-    big = og.Response(200, b"x" * 6_000_000)
-    gw.handle_http = lambda m, t, h, b, r="127.0.0.1", **o: big if t == "/big" else real(m, t, h, b, r, **o)
-    return gw
-
-
-@needs_proc
-def test_an_unread_answer_does_not_keep_its_connection_or_the_stop():
-    gw = big_answer_gateway(write_timeout=0.3, shutdown_timeout=0.3)
-    with og.serve_in_thread(gateway=gw) as server:
-        sock = socket.create_connection(("127.0.0.1", server.port), timeout=5)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
-        sock.sendall(b"GET /big HTTP/1.1\r\nConnection: close\r\n\r\n")  # and never read
-        client_port = sock.getsockname()[1]
-        deadline = time.monotonic() + 10
-        while server_side_open(server.port, client_port):
-            assert time.monotonic() < deadline, "the gateway kept the unread connection"
-            time.sleep(0.05)
-        second = socket.create_connection(("127.0.0.1", server.port), timeout=5)
-        second.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
-        second.sendall(b"GET /big HTTP/1.1\r\n\r\n")  # keep-alive, never read
-        wait_until_server_read(second, server.port)
-        started = time.monotonic()
-    assert time.monotonic() - started < 5  # the stop does not wait for the reader
-    sock.close()
-    second.close()
-
-
-def report_request(rooms, hostname="127.0.0.1:4433"):
-    body = json.dumps({"jsonrpc": "2.0", "method": "sfu.Report", "id": 1, "params": {
-        "public_endpoint": hostname, "version": "1", "load": 0, "clients": 0,
-        "rooms": [room("ns", "room-%06d-%s" % (i, "u" * 36), "c") for i in range(rooms)]}}).encode()
-    return b"POST /internal HTTP/1.1\r\nConnection: close\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body)
-
-
-def test_reports_have_their_own_body_limit_and_a_refused_one_is_logged(caplog):
-    big = report_request(12_000)  # about 2 MiB: over max_body_bytes, as 10,000 UUID rooms are
-    assert len(big) > DEFAULTS.max_body_bytes
-    with running() as server:
-        assert status_of(exchange(server.port, big)) == 200
-    with caplog.at_level(logging.WARNING, logger="odin_gateway"):
-        with running(make_gateway(max_internal_body_bytes=100_000)) as server:
-            assert status_of(exchange(server.port, report_request(1))) == 200
-            assert status_of(exchange(server.port, big)) == 413
-    (line,) = [line for line in json_log_lines(caplog) if line.get("event") == "report_refused"]
-    assert line["servers"] == ["127.0.0.1:4433"] and line["limit"] == 100_000
-    assert "127.0.0.1" in line["message"] and "max_internal_body_bytes" in line["message"]
-
-
-def test_clients_that_never_read_cannot_stall_others_or_grow_memory():
-    # A 20 MB answer per client (the kernel takes a few MB of each); 30 MB may
-    # wait for their clients in all.
-    gw = make_gateway(max_unsent_bytes=30_000_000, write_timeout=30)
-    real, big = gw.handle_http, og.Response(200, b"x" * 20_000_000)
-    gw.handle_http = lambda m, t, h, b, r="127.0.0.1", **o: big if t == "/big" else real(m, t, h, b, r, **o)
-    with running(gw) as server:
-        greedy = []
-        for _ in range(4):
-            sock = socket.create_connection(("127.0.0.1", server.port), timeout=5)
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
-            sock.sendall(b"GET /big HTTP/1.1\r\n\r\n")  # and never read
-            wait_until_server_read(sock, server.port)
-            greedy.append(sock)
-            assert server.call(lambda: server.server.unsent) <= 30_000_000
-        # The others are answered meanwhile; the answers beyond the budget are 503.
-        ok = exchange(server.port, b"POST /internal HTTP/1.1\r\nConnection: close\r\n"
-                                   b"Content-Length: %d\r\n\r\n%s" % (len(INFO_BODY), INFO_BODY))
-        assert status_of(ok) == 200
-        statuses = [status_of(sock.recv(100)) for sock in greedy]
-        assert statuses[0] == 200 and 503 in statuses
-        for sock in greedy:
-            sock.close()
-
-def test_a_connection_close_answer_survives_more_input_behind_it():
-    gw = big_answer_gateway()
-    with og.serve_in_thread(gateway=gw) as server, \
-            socket.create_connection(("127.0.0.1", server.port), timeout=10) as sock:
-        sock.sendall(b"GET /big HTTP/1.1\r\nConnection: close\r\n\r\n" + b"y" * 1_000_000)
-        received = bytearray()
-        while True:
-            chunk = sock.recv(1 << 20)  # ConnectionResetError here was the bug
-            if not chunk:
-                break
-            received += chunk
-    head, _, body = bytes(received).partition(b"\r\n\r\n")
-    assert status_of(head) == 200 and len(body) == 6_000_000
-
-
-def test_a_hanging_sync_update_function_does_not_hold_up_the_stop():
-    called, release_it = threading.Event(), threading.Event()
-
-    def hangs():
-        called.set()
-        release_it.wait(30)
-        return []
-
-    gw = make_gateway(customers=[], customer_api={"update_function": hangs},
-                      customer_update_timeout=0.2)
-    try:
-        with og.serve_in_thread(gateway=gw):
-            assert called.wait(10)
-            started = time.monotonic()
-        assert time.monotonic() - started < 5
-    finally:
-        release_it.set()
-
-
-def test_reload_refuses_when_the_started_config_file_is_gone(tmp_path):
-    path = tmp_path / "c.py"
-    path.write_text("port = 7100\n")
-    args = og.build_parser().parse_args(["--config", str(path)])
-    assert og.reload_config(args, True).port == 7100
-    path.unlink()
-    with pytest.raises(og.ConfigError, match="no such file"):
-        og.reload_config(args, True)
-    path.mkdir()
-    with pytest.raises(og.ConfigError, match="is a directory"):
-        og.reload_config(args, True)
-
-
-def test_rooms_sharing_a_base_name_each_count_their_peers():
-    gw = make_gateway()
-    report(gw, SFU1, rooms=[room("acme", "match{42}red", "acme", peers=3),
-                            room("acme", "match{42}blue", "acme", peers=4)])
-    assert gw.grid.usage_of("acme") == (7, 2)
-
-
-def test_the_rpc_client_ignores_proxy_settings(monkeypatch):
-    monkeypatch.setenv("http_proxy", "http://127.0.0.1:9")
-    monkeypatch.setenv("HTTP_PROXY", "http://127.0.0.1:9")
-    with og.serve_in_thread(og.Config()) as server:
-        assert og.RpcClient(server.url + "/internal").call("Info")["servers"] == []
-
-
-def test_fractional_peers_are_refused():
-    gw = make_gateway()
-    params = {"public_endpoint": SFU1, "version": "1", "load": 0, "clients": 0,
-              "rooms": [dict(room("ns", "r", "c"), peers=0.5)]}
-    assert "rooms" in error(gw, "sfu.Report", params)["data"]["fieldErrors"]
-
-
-@pytest.mark.parametrize("settings, secret", [
-    ({"master_key": "s3cret-not-base64!"}, "s3cret"),
-    ({"internal_users": {"ops": 5, "x:y": "hunter2"}}, "hunter2"),
-])
-def test_config_errors_do_not_show_secrets(settings, secret):
-    with pytest.raises(og.ConfigError) as caught:
-        og.Config(**settings)
-    assert secret not in str(caught.value) and "<hidden>" in str(caught.value)
-
-
-def test_error_answers_are_counted_by_path_and_logged(caplog):
-    with caplog.at_level(logging.INFO, logger="odin_gateway"):
-        with running(make_gateway(access_log=True)) as server:
-            exchange(server.port, b"POST / HTTP/1.1\r\nContent-Length: 9999999\r\n\r\n")
-            too_large = parse_metrics(og.render_metrics(server.gateway))
-        with running(make_gateway(access_log=True, max_connections=1)) as server:
-            with socket.create_connection(("127.0.0.1", server.port), timeout=5) as held:
-                held.sendall(b"OPTIONS / HTTP/1.1\r\n\r\n")
-                assert status_of(held.recv(65536)) == 200  # held is the one connection served
-                assert status_of(exchange(server.port, b"OPTIONS / HTTP/1.1\r\n\r\n")) == 503
-            refused_one = parse_metrics(og.render_metrics(server.gateway))
-    assert sample_value(too_large, "odin_gateway_http_responses_total", path="/", status="4xx") == 1
-    assert sample_value(refused_one, "odin_gateway_http_responses_total", path="invalid",
-                        status="5xx") == 1
-    statuses = [line["status"] for line in json_log_lines(caplog) if line.get("event") == "request"]
-    assert 413 in statuses and 503 in statuses
-
-
-def test_dynamic_keys_keep_the_gateway_closed_after_customer_api_is_removed():
-    gw = make_gateway(customers=[], customer_api={"update_function": lambda: []})
-    assert gw.set_customers([TINY_CUSTOMER])
-    gw.reload(gw.config.replace(customer_api=None))
-    assert not gw.everything_goes
-    assert rpc(gw, "Connect", {}, token=token(KEY_UNKNOWN))[0] == 401
-
-
-@pytest.mark.parametrize("seed", range(25))
-def test_usage_accounting_matches_a_recount_from_scratch(seed):
-    rng = random.Random(seed)
-    clock = Clock()
-    gw = make_gateway(clock, customers=[])
-    hostnames = ["s%d:4433" % i for i in range(3)]
-    customers = ["c%d" % i for i in range(3)]
-
-    def expected():
-        totals = {}
-        for server in gw.grid.servers.values():
-            if server.disabled:
-                continue
-            for share in (server.usage, server.pending):
-                for customer, (peers, rooms) in share.items():
-                    counts = totals.setdefault(customer, [0, 0])
-                    counts[0] += peers
-                    counts[1] += rooms
-        return {c: tuple(v) for c, v in totals.items() if v != [0, 0]}
-
-    for _ in range(120):
-        action = rng.random()
-        hostname = rng.choice(hostnames)
-        if action < 0.35:
-            rooms = [room(c, "r%d" % rng.randrange(6), c, peers=rng.randrange(4))
-                     for c in rng.sample(customers, rng.randrange(4))]
-            params = {"public_endpoint": hostname, "version": "1", "load": rng.random(),
-                      "clients": 0, "rooms": rooms}
-            rpc(gw, "sfu.Report", params, request_id=rng.choice([1, None]))
-        elif action < 0.75 and gw.grid.servers:
-            rpc(gw, "Connect", {}, token=token(KEY_UNKNOWN, "r%d" % rng.randrange(6), now=clock.now))
-        elif action < 0.85 and hostname in gw.grid.servers:
-            result(gw, "Drain", {"hostname": hostname, "draining": rng.random() < 0.5})
-        else:
-            clock.advance(rng.choice([1, 4, 8, 700]))
-            gw.tick()
-        assert gw.grid.usage == expected()
-        assert all(peers >= 0 and rooms >= 0 for peers, rooms in gw.grid.usage.values())
