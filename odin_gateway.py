@@ -3408,6 +3408,8 @@ class Gateway:
         self.on_change: List[Callable[[], None]] = []
         self.warmed = False  # the warm-up has begun once (a second listener does not restart it)
         self.metrics = Metrics()
+        # (namespace, room name) -> room_hash: a room's peers all ask for it (bounded, ROOM_HASH_CACHE).
+        self.room_hashes: Dict[Tuple[str, str], str] = {}
         # The cluster link (cluster mode, while serving): the handlers ask it
         # whether Redis is up, and hand it ClusterSteps through the HTTP layer.
         self.cluster: Optional[ClusterLink] = None
@@ -3578,10 +3580,11 @@ class Gateway:
         peers, rooms = self.grid.usage_of(licensee.customer_id)
         self._check_limit(licensee, licensee.peer_limit, peers, "peers")  # every Connect
 
-        digest, (namespace, room_name) = _connect_room(auth)
+        digest, (namespace, room_name) = _connect_room(auth, self.room_hashes)
         link = self.cluster
-        if link is not None and link.up and (licensee.peer_limit is not None
-                                             or licensee.room_limit is not None):
+        if link is None or not link.up:  # one gateway: the limits were just checked
+            return self._connect_to(auth, digest, namespace, room_name, pinned, claimed_region)
+        if licensee.peer_limit is not None or licensee.room_limit is not None:
             # Limits across gateways: first apply every placement published before
             # now (a barrier), then check and place, one Connect of the customer at a
             # time here; the placement is published before the answer.
@@ -3631,7 +3634,7 @@ class Gateway:
         now = self.clock()
         # The room limit limits rooms (PROTOCOL.md 5.3): a Connect to a room that
         # lives on an answering server opens none, so only a new room is refused.
-        if self.grid.server_of(digest, now) is None:
+        if licensee.room_limit is not None and self.grid.server_of(digest, now) is None:
             self._check_limit(licensee, licensee.room_limit,
                               self.grid.usage_of(licensee.customer_id)[1], "rooms")
         region, pool = self.labels_of(licensee.customer_id)  # a token cannot choose a pool
@@ -3909,7 +3912,7 @@ class Gateway:
         if not self.warming_up(now):
             return None
         try:
-            digest, _ = _connect_room(auth)
+            digest, _ = _connect_room(auth, self.room_hashes)
         except RpcError:  # Connect itself refuses it
             return None
         if digest in self.grid.rooms or not _calls_method(body, "Connect"):
@@ -4195,8 +4198,14 @@ def _has_steps(answers: List[dict]) -> bool:
 OPERATIONS_PATHS = ("/health", "/ready", "/metrics", "/status", "/status.json")
 
 
-def _connect_room(auth: Authorization) -> Tuple[str, Tuple[str, str]]:
-    """The hash and id of the room a Connect with these claims joins (section 7.3 step 3)."""
+#: Most room hashes a gateway keeps computed (Gateway.room_hashes).
+ROOM_HASH_CACHE = 4096
+
+
+def _connect_room(auth: Authorization, hashes: Optional[Dict[Tuple[str, str], str]] = None
+                  ) -> Tuple[str, Tuple[str, str]]:
+    """The hash and id of the room a Connect with these claims joins (section 7.3
+    step 3); hashes, if given, keeps the hashes computed (bounded)."""
     rid = auth.claims.get("rid")
     namespace = auth.namespace if auth.namespace is not None else auth.licensee.customer_id
     if isinstance(rid, list):
@@ -4207,10 +4216,18 @@ def _connect_room(auth: Authorization) -> Tuple[str, Tuple[str, str]]:
         room_name = rid[-1]
     else:
         room_name = rid
-    try:
-        return room_hash(namespace, room_name), (namespace, room_name)
-    except ValueError as err:
-        raise refused(str(err)) from err
+    room = (namespace, room_name)
+    digest = hashes.get(room) if hashes is not None else None
+    if digest is None:
+        try:
+            digest = room_hash(namespace, room_name)
+        except ValueError as err:
+            raise refused(str(err)) from err
+        if hashes is not None:
+            if len(hashes) >= ROOM_HASH_CACHE:
+                hashes.clear()
+            hashes[room] = digest
+    return digest, room
 
 
 def _calls_method(body: bytes, method: str) -> bool:
@@ -4271,6 +4288,12 @@ CONNECT_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0
 METRIC_PATHS = ("/", "/internal", "/metrics", "/health", "/ready", "/status", "/status.json")
 
 
+#: count_response's key for a target that is exactly one of METRIC_PATHS (read-only).
+_RESPONSE_KEYS = types.MappingProxyType({
+    (path, status): (path, "%dxx" % (status // 100))
+    for path in METRIC_PATHS for status in (200, 204, 400, 401, 403, 404, 405, 413, 500, 503)})
+
+
 class Metrics:
     """Counters the HTTP layer and the RPC methods feed (RPC calls live in Gateway.stats)."""
 
@@ -4283,9 +4306,11 @@ class Metrics:
         self.placed = {tier: 0 for tier in PLACEMENT_TIERS}  # new rooms by placement tier
 
     def count_response(self, target: Optional[str], status: int) -> None:
-        path = (target or "").split("?", 1)[0]
-        key = (path if path in METRIC_PATHS else "other" if target else "invalid",
-               "%dxx" % (status // 100))
+        key = _RESPONSE_KEYS.get((target, status))  # the usual ones, looked up
+        if key is None:
+            path = (target or "").split("?", 1)[0]
+            key = (path if path in METRIC_PATHS else "other" if target else "invalid",
+                   "%dxx" % (status // 100))
         self.responses[key] = self.responses.get(key, 0) + 1
 
     def observe_connect(self, seconds: float) -> None:

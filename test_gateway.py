@@ -711,6 +711,29 @@ def test_connect_answers_are_written_exactly_as_dump_json_writes_them():
     assert og.answer_json(error) == og.dump_json(error)
 
 
+def test_room_hashes_kept_by_connect_are_the_hashes_room_hash_computes():
+    # Connect keeps the hashes it computed (Gateway.room_hashes): the same
+    # answer or refusal as computing them anew, for any room name.
+    hashes = {}
+    names = ODD_STRINGS + ["x" * 256, "{" + "y" * 300 + "}z", "match{42}red", "match{42}blue"]
+    for namespace in ("custom-ns", "caf\u00e9", "\ud800", "n" * 256):
+        for rid in names + [[name] for name in names] + [["lobby", "{1}a"], []]:
+            auth = og.Authorization(og.Licensee("odinref"), namespace, {"rid": rid})
+            for _ in range(2):  # computed, then kept
+                try:
+                    expected = og._connect_room(auth)
+                except og.RpcError as err:
+                    with pytest.raises(og.RpcError) as kept:
+                        og._connect_room(auth, hashes)
+                    assert (kept.value.code, str(kept.value)) == (err.code, str(err))
+                else:
+                    assert og._connect_room(auth, hashes) == expected
+    assert 0 < len(hashes) <= og.ROOM_HASH_CACHE
+    many = {("n", "room-%d" % i): "h" for i in range(og.ROOM_HASH_CACHE)}
+    og._connect_room(og.Authorization(og.Licensee("c"), "n", {"rid": "new"}), many)
+    assert len(many) == 1  # full: emptied, then the new one kept
+
+
 def test_room_token_lifetime_follows_config():
     gw = make_gateway(login_token_lifetime=60)
     report(gw, SFU1)
@@ -4662,6 +4685,24 @@ def test_missing_credentials_get_one_answer_on_every_protected_path():
         assert response.json() == {"jsonrpc": "2.0", "error": {
             "code": -32700, "message": "invalid or missing authorization"}, "id": None}
     assert all(("WWW-Authenticate", 'Basic realm="odin-gateway"') in r.headers for r in answers[1:])
+
+
+def test_usual_response_counts_are_keyed_as_any_other():
+    # count_response looks the usual (target, status) pairs up: the same key
+    # the general rule gives them.
+    looked_up, computed = og.Metrics(), og.Metrics()
+    for (target, status) in og._RESPONSE_KEYS:
+        looked_up.count_response(target, status)
+        path = target.split("?", 1)[0]
+        key = (path if path in og.METRIC_PATHS else "other", "%dxx" % (status // 100))
+        computed.responses[key] = computed.responses.get(key, 0) + 1
+    assert looked_up.responses == computed.responses
+    for target in ("/?x=1", "/nope", "", None, "/internal?"):
+        metrics = og.Metrics()
+        metrics.count_response(target, 200)
+        assert list(metrics.responses) == [
+            ("/" if target == "/?x=1" else "/internal" if target == "/internal?" else
+             "other" if target else "invalid", "2xx")]
 
 
 def test_metrics_are_protected_like_internal():
