@@ -915,6 +915,8 @@ def split_authorization(header: Optional[str]) -> Tuple[str, str]:
     silently ignored the rest).
     """
     parts = (header or "").split(" ")
+    if len(parts) == 2 and parts[0] and parts[1] and parts[1].isprintable():
+        return parts[0], parts[1]  # the usual: printable text after one space has no whitespace
     scheme, credentials = parts[0], parts[1] if len(parts) > 1 else ""
     if not scheme or not credentials:
         raise TokenError("missing authorization")
@@ -3577,8 +3579,9 @@ class Gateway:
             raise invalid_fields(problems, "invalid claims in token")
 
         licensee = auth.licensee
-        peers, rooms = self.grid.usage_of(licensee.customer_id)
-        self._check_limit(licensee, licensee.peer_limit, peers, "peers")  # every Connect
+        if licensee.peer_limit is not None:  # every Connect
+            self._check_limit(licensee, licensee.peer_limit,
+                              self.grid.usage_of(licensee.customer_id)[0], "peers")
 
         digest, (namespace, room_name) = _connect_room(auth, self.room_hashes)
         link = self.cluster
@@ -4007,13 +4010,14 @@ class Gateway:
     def _call(self, methods: Tuple[str, ...], request: Any, auth: Optional[Authorization],
               remote: str) -> Optional[dict]:
         """The response object for one request, or None for a notification."""
-        if not isinstance(request, dict) or not _is_request_id(request.get("id")):
-            return {"jsonrpc": "2.0", "error": {"code": INVALID_REQUEST, "message": "Invalid Request"},
-                    "id": None}
+        request_id = request.get("id") if isinstance(request, dict) else False
+        if request_id.__class__ is not int:  # the usual id: an int, valid as it is
+            if not _is_request_id(request_id):
+                return {"jsonrpc": "2.0", "error": {"code": INVALID_REQUEST,
+                                                   "message": "Invalid Request"}, "id": None}
+            if isinstance(request_id, float):
+                request_id = int(request_id)
         notification = "id" not in request
-        request_id = request.get("id")
-        if isinstance(request_id, float):
-            request_id = int(request_id)
         method = request.get("method")
         try:
             if (request.get("jsonrpc") != "2.0" or not isinstance(method, str)
@@ -4077,13 +4081,13 @@ class Gateway:
         stopping: the server that received it is stopping (/ready says so);
         parsed: the body's JSON, if already parsed (load_json_in_steps).
         """
-        path = target.split("?", 1)[0]
-        if path in OPERATIONS_PATHS:
-            return self._operations(method, path, headers, stopping)
+        path = target.split("?", 1)[0] if "?" in target else target
         if path == "/":
             methods = self.PUBLIC_METHODS
         elif path == "/internal":
             methods = self.INTERNAL_METHODS
+        elif path in OPERATIONS_PATHS:
+            return self._operations(method, path, headers, stopping)
         else:
             return Response(404, _error_body(PARSE_ERROR, "not found"))
         if method == "OPTIONS":
@@ -6819,15 +6823,18 @@ class GatewayServer:
         the warm-up (Postponed: asked again when the gateway changes); an
         answer that acknowledges what the state file must hold waits until
         it is on disk; an Info call waits for its turn."""
-        if _lists_grid(request.target, request.body):
-            return self._in_turn(request, remote)
-        if (len(request.body) > 2 * JSON_STEP_CHARS and request.method == "POST"
-                and request.target.split("?", 1)[0] == "/internal"
-                and self.gateway.may_call_internal(request.headers)):
-            return self._parsed_in_steps(request, remote)
+        if request.target != "/":  # a client's call ("/") neither lists the grid nor reports
+            if _lists_grid(request.target, request.body):
+                return self._in_turn(request, remote)
+            if (len(request.body) > 2 * JSON_STEP_CHARS and request.method == "POST"
+                    and request.target.split("?", 1)[0] == "/internal"
+                    and self.gateway.may_call_internal(request.headers)):
+                return self._parsed_in_steps(request, remote)
         saved = self.gateway.saved
         acknowledged = saved.acknowledged if saved is not None else 0
         response = handle_request(self.gateway, request, remote, self.stopping)
+        if response.__class__ is Response and saved is None:
+            return response  # the usual: nothing to wait for
         if isinstance(response, Postponed):
             return self._when_changed(request, remote, response) if not self.stopping else _plain(response)
         if response.__class__ is not Response:  # cluster steps: Redis first (ClusterLink.complete)

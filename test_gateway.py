@@ -4392,6 +4392,29 @@ def test_fuzz_room_claims_template_matches_js_json(uid, rid, name, nbf):
     assert og.room_claims_json(uid, name, rid, name, uid, nbf + 300, nbf) == og.js_json(claims)
 
 
+def _split_by_the_rule(header):
+    """split_authorization's general rule, without its shortcut for the usual header."""
+    parts = (header or "").split(" ")
+    scheme, credentials = parts[0], parts[1] if len(parts) > 1 else ""
+    if not scheme or not credentials:
+        raise og.TokenError("missing authorization")
+    if len(parts) > 2 or re.search(r"\s", credentials):
+        raise og.TokenError("invalid authorization")
+    return scheme, credentials
+
+
+@FUZZ
+@given(st.text(alphabet=" \t\n\x0b\x1c\x85\xa0\u2028\u3000\x00\x7fBeaRr.=-_x\U0001f600",
+               max_size=12) | st.none())
+def test_fuzz_split_authorization_shortcut_follows_the_rule(header):
+    def outcome(split):
+        try:
+            return split(header)
+        except og.TokenError as err:
+            return str(err)
+    assert outcome(og.split_authorization) == outcome(_split_by_the_rule)
+
+
 def _headers_line_by_line(block, max_headers):
     """parse_headers's general path: every line matched on its own."""
     lines = block[:-2].split("\r\n")
