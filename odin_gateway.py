@@ -4081,6 +4081,8 @@ class Gateway:
             methods = self.PUBLIC_METHODS
         elif path == "/internal":
             methods = self.INTERNAL_METHODS
+        elif path == "*":  # OPTIONS * (the framing lets no other method have it): the server
+            return Response(200, headers=[("Allow", "GET, HEAD, POST, OPTIONS")])
         else:
             return Response(404, _error_body(PARSE_ERROR, "not found"))
         if method == "OPTIONS":
@@ -4090,8 +4092,7 @@ class Gateway:
                 return Response(200, headers=[("Access-Control-Allow-Private-Network", "true")])
             return Response(200)
         if method != "POST":
-            return Response(405, _error_body(INVALID_REQUEST, "method not allowed: use POST"),
-                            [("Allow", "POST, OPTIONS")])
+            return _method_not_allowed(method, "POST", "POST, OPTIONS")
 
         header = headers.get("authorization", "")
         auth: Optional[Authorization] = None
@@ -4147,8 +4148,7 @@ class Gateway:
         """GET /health, /ready and /metrics: for load balancers and Prometheus;
         /status and /status.json: for people."""
         if method not in ("GET", "HEAD"):
-            return Response(405, _error_body(INVALID_REQUEST, "method not allowed: use GET"),
-                            [("Allow", "GET, HEAD")])
+            return _method_not_allowed(method, "GET", "GET, HEAD")
         if path == "/health":
             return Response(200, dump_json({"status": "ok"}))
         if path == "/ready":
@@ -4233,6 +4233,21 @@ def _missing_credentials(basic: bool) -> Response:
     """
     return Response(401, _error_body(PARSE_ERROR, "invalid or missing authorization"),
                     [("WWW-Authenticate", 'Basic realm="odin-gateway"')] if basic else None)
+
+
+#: The methods HTTP defines (RFC 9110 section 9, RFC 5789); methods are case-sensitive.
+HTTP_METHODS = frozenset(("GET", "HEAD", "POST", "PUT", "DELETE", "CONNECT", "OPTIONS", "TRACE",
+                          "PATCH"))
+
+
+def _method_not_allowed(method: str, use: str, allow: str) -> Response:
+    """405 with Allow for a method HTTP defines, 501 for one it does not (RFC 9110
+    sections 9.1 and 15.6.2: "GET" in lower case is such a method)."""
+    if method not in HTTP_METHODS:
+        return Response(501, _error_body(INVALID_REQUEST, "method not implemented: use " + use),
+                        [("Allow", allow)])
+    return Response(405, _error_body(INVALID_REQUEST, "method not allowed: use " + use),
+                    [("Allow", allow)])
 
 
 def _counted(count: int, noun: str) -> str:
@@ -4848,6 +4863,17 @@ _VERSION_RE = re.compile(r"HTTP/(\d)\.(\d)")
 #: it (NUL, TAB, DEL) is a malformed request line, not a path to look up.
 _TARGET_RE = re.compile(r"[\x21-\x7e]+")
 _CONTENT_LENGTH_RE = re.compile(r"[0-9]+")
+#: A request target in absolute-form (RFC 9112 section 3.2.2), as a proxy
+#: would send it: the request is routed by its path (and query), which is
+#: "/" when the URI has none. The authority is not checked against Host.
+_ABSOLUTE_FORM_RE = re.compile(r"[Hh][Tt][Tt][Pp][Ss]?://[^/?#]*([^#]*)")
+#: A Host header's value: uri-host [":" port] (RFC 9110 section 7.2; RFC 3986:
+#: an IP literal in brackets or a reg-name, which may be empty).
+_HOST_RE = re.compile(r"(?:\[[0-9A-Za-z._~!$&'()*+,;=:%-]+\]|[0-9A-Za-z._~!$&'()*+,;=%-]*)"
+                      r"(?::[0-9]*)?")
+#: Empty lines before a request line: ignored (RFC 9112 section 2.2), as a
+#: keep-alive client may send a stray CRLF after a body.
+_EMPTY_LINES_RE = re.compile(rb"(?:\r\n)+")
 #: A chunk size line without its CRLF: the size (as h11: more hex digits than
 #: 2**64 needs is not a size; larger ones get 413), then extensions, unread.
 #: Nothing before the size, and no CR, LF or NUL anywhere in the line.
@@ -4855,6 +4881,7 @@ _CHUNK_LINE_RE = re.compile(rb"([0-9A-Fa-f]{1,20})[ \t]*(?:;[^\r\n\x00]*)?")
 _REASONS = {200: "OK", 204: "No Content", 400: "Bad Request", 401: "Unauthorized",
             403: "Forbidden", 404: "Not Found", 405: "Method Not Allowed",
             408: "Request Timeout", 413: "Content Too Large", 414: "URI Too Long",
+            417: "Expectation Failed",
             431: "Request Header Fields Too Large", 500: "Internal Server Error",
             501: "Not Implemented", 503: "Service Unavailable",
             505: "HTTP Version Not Supported"}
@@ -4905,8 +4932,14 @@ class Request:
         if connection is None:
             self.keep_alive = version >= (1, 1)
         else:
+            # A list of tokens (RFC 9110 section 7.6.1): "close" closes; HTTP/1.0
+            # keeps the connection only when asked with "keep-alive".
             connection = connection.lower()
-            self.keep_alive = "close" not in connection if version >= (1, 1) else "keep-alive" in connection
+            if connection == "keep-alive" or connection == "close":
+                self.keep_alive = connection == "keep-alive"
+            else:
+                tokens = {token.strip(" \t") for token in connection.split(",")}
+                self.keep_alive = "close" not in tokens and (version >= (1, 1) or "keep-alive" in tokens)
 
 
 def parse_request_line(line: bytes) -> Tuple[str, str, Tuple[int, int]]:
@@ -4920,7 +4953,24 @@ def parse_request_line(line: bytes) -> Tuple[str, str, Tuple[int, int]]:
         raise HttpError(400, "malformed request line")
     if match.group(1) != "1":
         raise HttpError(505, "HTTP version not supported: use HTTP/1.1")
+    if target[0] != "/":
+        target = origin_form(method, target)
     return method, target, (1, int(match.group(2)))
+
+
+def origin_form(method: str, target: str) -> str:
+    """The path and query a request target not in origin-form names (RFC 9112
+    section 3.2): an absolute-form target is routed by its path, "*" is only
+    for OPTIONS (the server as a whole); anything else is refused."""
+    absolute = _ABSOLUTE_FORM_RE.fullmatch(target)
+    if absolute is not None:
+        path = absolute.group(1)
+        return path if path.startswith("/") else "/" + path
+    if target == "*" and method == "OPTIONS":
+        return target
+    if method == "CONNECT":  # authority-form: asks for a tunnel, as from a proxy
+        raise HttpError(501, "CONNECT is not supported: this is not a proxy")
+    raise HttpError(400, "malformed request target: %s" % printable(target, 40))
 
 
 def parse_header_line(line: str, headers: Dict[str, str]) -> None:
@@ -4997,10 +5047,17 @@ def body_length(headers: Dict[str, str]) -> Optional[int]:
     """Content-Length as an int, None for a chunked body; HttpError otherwise."""
     encoding = headers.get("transfer-encoding")
     if encoding is not None:
-        if encoding.lower() != "chunked" or "content-length" in headers:
-            raise HttpError(501 if encoding.lower() != "chunked" else 400,
-                            "unsupported Transfer-Encoding: %s" % printable(encoding, 40))
-        return None
+        if "content-length" in headers:  # a smuggling attempt, or a broken proxy
+            raise HttpError(400, "both Transfer-Encoding and Content-Length")
+        if encoding.lower() == "chunked":
+            return None
+        # RFC 9112 section 6.3: a request whose codings do not end in chunked
+        # (once) has no reliable length: 400. A coding we do not know: 501.
+        codings = [coding.strip(" \t").lower() for coding in encoding.split(",")]
+        if codings[-1] != "chunked" or "chunked" in codings[:-1]:
+            raise HttpError(400, "Transfer-Encoding must end in chunked, once: %s"
+                            % printable(encoding, 40))
+        raise HttpError(501, "unsupported Transfer-Encoding: %s" % printable(encoding, 40))
     text = headers.get("content-length", "0")
     if text.isdigit() and text.isascii() and len(text) <= 15:  # [0-9]{1,15}, quickly
         return int(text)
@@ -5080,7 +5137,7 @@ class HttpFraming:
 
     __slots__ = ("limits", "date", "lines", "buffer", "start", "eof", "phase", "scanned",
                  "request", "length", "continue_sent", "chunk_pos", "chunk_left", "chunks",
-                 "in_trailer")
+                 "in_trailer", "host")
 
     def __init__(self, limits: Config, *, date: Optional[Callable[[], bytes]] = None,
                  request_lines: Optional[Dict[bytes, Tuple[str, str, Tuple[int, int]]]] = None):
@@ -5102,6 +5159,7 @@ class HttpFraming:
         self.chunk_left: Optional[int] = None
         self.chunks = bytearray()
         self.in_trailer = False
+        self.host: Optional[str] = None  # the last Host value found well-formed
 
     def feed(self, data: bytes) -> None:
         if self.start >= len(self.buffer):
@@ -5172,12 +5230,16 @@ class HttpFraming:
                     return CLOSED
                 return NEED_DATA
             self.phase = "head"
+            if buffer[start] == 13:  # CR: an empty line, or the start of one
+                return self._skip_empty_lines()
             self._refuse_early(limits)
             if self.eof:
                 raise HttpError(400, "connection closed inside the request")
             self.scanned = max(start, len(buffer) - 3)
             return NEED_DATA
         line_end = buffer.find(b"\r\n", start, end + 2)
+        if line_end == start:
+            return self._skip_empty_lines()
         line = bytes(buffer[start:line_end])
         if len(line) > limits.max_request_line:
             raise HttpError(414, "request line too long (limit %d bytes)" % limits.max_request_line)
@@ -5199,6 +5261,17 @@ class HttpFraming:
             except HttpError as err:
                 err.target = target
                 raise
+        host = headers.get("host")
+        if host is None:
+            if version >= (1, 1):
+                raise HttpError(400, "missing Host header (HTTP/1.1 requires one)", target)
+        elif host != self.host:  # a connection's requests usually name one host: checked once
+            if not _HOST_RE.fullmatch(host):
+                raise HttpError(400, "malformed Host header: %s" % printable(host, 40), target)
+            self.host = host
+        expect = headers.get("expect")
+        if expect is not None and expect.lower() != "100-continue":  # RFC 9110 section 10.1.1
+            raise HttpError(417, "unsupported expectation: %s" % printable(expect, 40), target)
         self.start = self.scanned = end + 4
         self.phase = "body"
         self.request = Request(method, target, version, headers)
@@ -5213,6 +5286,19 @@ class HttpFraming:
             if version < (1, 1):  # its framing is suspect: close after it (RFC 9112 6.1)
                 self.request.keep_alive = False
         return None
+
+    def _skip_empty_lines(self) -> Any:
+        """Drop the empty lines (CRLF) before a request line, then read on (RFC 9112
+        section 2.2: a keep-alive client may send a stray CRLF after a body). The
+        head's deadline runs meanwhile, so they cannot hold a connection open."""
+        skipped = _EMPTY_LINES_RE.match(self.buffer, self.start)
+        if skipped is None:
+            if self.start + 1 == len(self.buffer) and not self.eof:
+                return NEED_DATA  # a CR whose LF is on its way
+            raise HttpError(400, "malformed request line")
+        self.start = skipped.end()
+        self.phase = "head"
+        return self._head()
 
     def body_limit(self, target: str) -> int:
         """Largest body for target: servers' reports to /internal may be far larger

@@ -1627,7 +1627,7 @@ def test_warmup_setting_is_validated():
 
 def _send_connect(port, room_id="lobby"):
     sock = socket.create_connection(("127.0.0.1", port), timeout=5)
-    sock.sendall(b"POST / HTTP/1.1\r\nConnection: close\r\nAuthorization: Bearer %s\r\n"
+    sock.sendall(b"POST / HTTP/1.1\r\nHost: x\r\nConnection: close\r\nAuthorization: Bearer %s\r\n"
                  b"Content-Length: %d\r\n\r\n%s" % (token(room_id=room_id).encode(),
                                                    len(CONNECT_BODY), CONNECT_BODY))
     return sock
@@ -2135,6 +2135,15 @@ def test_other_methods_are_405_with_allow(method):
     assert response.status == 405 and ("Allow", "POST, OPTIONS") in response.headers
 
 
+@pytest.mark.parametrize("method, path, allow", [
+    ("FOO", "/", "POST, OPTIONS"), ("get", "/health", "GET, HEAD"), ("BREW", "/internal", "POST, OPTIONS")])
+def test_methods_http_does_not_define_are_501(method, path, allow):
+    # RFC 9110 section 9.1: unknown methods are not implemented (405 is for known ones).
+    response = make_gateway().handle_http(method, path, {}, b"")
+    assert response.status == 501 and ("Allow", allow) in response.headers
+    assert response.json()["error"]["message"].startswith("method not implemented: use ")
+
+
 def test_query_strings_are_ignored():
     assert post(make_gateway(), {"jsonrpc": "2.0", "method": "Info", "id": 1}, path="/internal?x=1")[0] == 200
 
@@ -2237,7 +2246,7 @@ def feed(framing_state, data):
 
 def test_framing_reads_pipelined_requests_with_and_without_bodies():
     state = framing()
-    state.feed(b"POST /internal HTTP/1.1\r\nContent-Length: 2\r\n\r\n{}"
+    state.feed(b"POST /internal HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\n\r\n{}"
                b"GET /health HTTP/1.1\r\nHost: x\r\n\r\nPOST / HT")
     first, second = state.next_event(), state.next_event()
     assert (first.method, first.target, first.body, first.keep_alive) == ("POST", "/internal", b"{}", True)
@@ -2246,8 +2255,8 @@ def test_framing_reads_pipelined_requests_with_and_without_bodies():
 
 
 @pytest.mark.parametrize("head, keep_alive", [
-    (b"GET / HTTP/1.1\r\n", True),
-    (b"GET / HTTP/1.1\r\nConnection: close\r\n", False),
+    (b"GET / HTTP/1.1\r\nHost: x\r\n", True),
+    (b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n", False),
     (b"GET / HTTP/1.0\r\n", False),
     (b"GET / HTTP/1.0\r\nConnection: keep-alive\r\n", True),
 ])
@@ -2266,19 +2275,19 @@ def test_framing_decides_keep_alive(head, keep_alive):
 
 def test_framing_answers_head_without_the_body():
     state = framing()
-    data = state.answer(feed(state, b"HEAD /health HTTP/1.1\r\n\r\n"), og.Response(200, b'{"a":1}'))
+    data = state.answer(feed(state, b"HEAD /health HTTP/1.1\r\nHost: x\r\n\r\n"), og.Response(200, b'{"a":1}'))
     head, _, body = data.partition(b"\r\n\r\n")
     assert b"Content-Length: 7" in head and body == b""
 
 
 def test_framing_asks_for_the_body_with_100_continue_once():
     state = framing()
-    assert feed(state, b"POST /internal HTTP/1.1\r\nExpect: 100-continue\r\n"
+    assert feed(state, b"POST /internal HTTP/1.1\r\nHost: x\r\nExpect: 100-continue\r\n"
                        b"Content-Length: 2\r\n\r\n") is og.CONTINUE
     assert state.next_event() is og.NEED_DATA and state.phase == "body"
     assert feed(state, b"{}").body == b"{}"
     whole = framing()  # the body came with the head: nothing to ask for
-    assert feed(whole, b"POST / HTTP/1.1\r\nExpect: 100-continue\r\nContent-Length: 2\r\n\r\n{}").body == b"{}"
+    assert feed(whole, b"POST / HTTP/1.1\r\nHost: x\r\nExpect: 100-continue\r\nContent-Length: 2\r\n\r\n{}").body == b"{}"
 
 
 def test_an_http_1_0_expectation_of_100_continue_is_ignored():
@@ -2296,8 +2305,8 @@ def test_an_http_1_0_request_with_transfer_encoding_closes_the_connection():
 
 
 def test_framing_reads_chunked_bodies_in_any_pieces():
-    data = (b"POST /internal HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n"
-            b"3\r\nabc\r\n2;ext=1\r\nde\r\n0\r\nTrailer: x\r\n\r\nGET / HTTP/1.1\r\n\r\n")
+    data = (b"POST /internal HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n"
+            b"3\r\nabc\r\n2;ext=1\r\nde\r\n0\r\nTrailer: x\r\n\r\nGET / HTTP/1.1\r\nHost: x\r\n\r\n")
     for pieces in (1, 7, len(data)):
         events = frame(data, pieces)
         assert [e.body for e in events] == [b"abcde", b""]
@@ -2306,7 +2315,7 @@ def test_framing_reads_chunked_bodies_in_any_pieces():
 @pytest.mark.parametrize("line", [b"\t2", b" 2", b"2\r;x", b"\x0b2", b"2\x0c", b"2;a\x00", b"0x2", b"2 x"])
 def test_a_chunk_size_line_is_a_size_then_extensions(line):
     # As h11: it was stripped of any whitespace (a bare CR included) and read.
-    data = b"POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n%s\r\n{}\r\n0\r\n\r\n" % line
+    data = b"POST / HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n%s\r\n{}\r\n0\r\n\r\n" % line
     (event,) = frame(data)
     assert (event.status, event.message) == (400, "malformed chunk size")
 
@@ -2315,7 +2324,7 @@ def test_a_chunk_size_line_is_a_size_then_extensions(line):
                                      b"T: a\x00b"])
 def test_a_trailer_line_must_be_a_field_line(trailer):
     # As h11 (RFC 9112 section 7.1.2): it was dropped unread, whatever it held.
-    data = (b"POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n2\r\n{}\r\n0\r\n"
+    data = (b"POST / HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n2\r\n{}\r\n0\r\n"
             b"T: 1\r\n%s\r\nHost: x\r\n\r\n" % trailer)
     for pieces in (1, len(data)):
         (event,) = frame(data, pieces)
@@ -2323,18 +2332,18 @@ def test_a_trailer_line_must_be_a_field_line(trailer):
 
 
 @pytest.mark.parametrize("data, settings, status", [
-    (b"POST / HTTP/1.1\r\nContent-Length: 11\r\n\r\n", {"max_body_bytes": 10}, 413),
-    (b"POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n8\r\n", {"max_body_bytes": 7}, 413),
-    (b"POST /internal HTTP/1.1\r\nContent-Length: 11\r\n\r\n", {"max_internal_body_bytes": 10}, 413),
+    (b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 11\r\n\r\n", {"max_body_bytes": 10}, 413),
+    (b"POST / HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n8\r\n", {"max_body_bytes": 7}, 413),
+    (b"POST /internal HTTP/1.1\r\nHost: x\r\nContent-Length: 11\r\n\r\n", {"max_internal_body_bytes": 10}, 413),
     # Sizes too large to be read as numbers are still sizes: 413, not 400.
-    (b"POST / HTTP/1.1\r\nContent-Length: 99999999999999999999999\r\n\r\n", {}, 413),
-    (b"POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\nffffffffffffffff\r\n", {}, 413),
-    (b"POST / HTTP/1.1\r\nX: " + b"y" * 100 + b"\r\n\r\n", {"max_head_bytes": 64}, 431),
-    (b"POST / HTTP/1.1\r\nX: " + b"y" * 100, {"max_head_bytes": 64}, 431),
-    (b"POST / HTTP/1.1\r\nA: 1\r\nB: 2\r\n\r\n", {"max_headers": 1}, 431),
-    (b"POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n1;" + b"x" * 20 + b"\r\n",
+    (b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 99999999999999999999999\r\n\r\n", {}, 413),
+    (b"POST / HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\nffffffffffffffff\r\n", {}, 413),
+    (b"POST / HTTP/1.1\r\nHost: x\r\nX: " + b"y" * 100 + b"\r\n\r\n", {"max_head_bytes": 64}, 431),
+    (b"POST / HTTP/1.1\r\nHost: x\r\nX: " + b"y" * 100, {"max_head_bytes": 64}, 431),
+    (b"POST / HTTP/1.1\r\nHost: x\r\nA: 1\r\nB: 2\r\n\r\n", {"max_headers": 1}, 431),
+    (b"POST / HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n1;" + b"x" * 20 + b"\r\n",
      {"max_chunk_line": 10}, 400),
-    (b"POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n0\r\nT: " + b"y" * 100,
+    (b"POST / HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n0\r\nT: " + b"y" * 100,
      {"max_head_bytes": 64}, 431),
 ])
 def test_framing_limits_get_their_status(data, settings, status):
@@ -2345,13 +2354,13 @@ def test_framing_limits_get_their_status(data, settings, status):
 def test_sizes_with_leading_zeros_are_read():
     for head in (b"Content-Length: 0000000000000000002\r\n\r\n{}",
                  b"Transfer-Encoding: chunked\r\n\r\n00000000000002\r\n{}\r\n0\r\n\r\n"):
-        assert feed(framing(), b"POST / HTTP/1.1\r\n" + head).body == b"{}"
+        assert feed(framing(), b"POST / HTTP/1.1\r\nHost: x\r\n" + head).body == b"{}"
 
 
 def test_a_report_may_be_larger_than_a_client_body():
     body = b"x" * 2000
     state = framing(max_body_bytes=1000)
-    assert feed(state, b"POST /internal HTTP/1.1\r\nContent-Length: 2000\r\n\r\n" + body).body == body
+    assert feed(state, b"POST /internal HTTP/1.1\r\nHost: x\r\nContent-Length: 2000\r\n\r\n" + body).body == body
 
 
 @pytest.mark.parametrize("data", [
@@ -2359,7 +2368,8 @@ def test_a_report_may_be_larger_than_a_client_body():
     b"\x00",
     b" GET / HTTP/1.1",
     b"GE\x7fT",
-    b"\r\n",
+    b"\r\n\x16\x03",  # empty lines before a request line are skipped; not what follows
+    b"\r\n\n",
 ])
 def test_bytes_that_cannot_start_a_request_are_refused_at_once(data):
     # Not after read_timeout with a 408: no more bytes could make them a request.
@@ -2372,9 +2382,9 @@ def test_bytes_that_cannot_start_a_request_are_refused_at_once(data):
     b"GET /health HTTP/1.1\n\n",  # bare LF throughout (printf | nc): no CRLF CRLF ever comes
     b"GET /health HTTP/1.1\r\nHost: x\n\n",
     b"GET /health HTTP/1.1\rHost: x\r\r",  # bare CR
-    b"GET /health HTTP/1.1\r\nX: a\x00",
-    b"POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n2\nab\n0\n\n",
-    b"POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n0\r\nT: x\n\n",
+    b"GET /health HTTP/1.1\r\nHost: x\r\nX: a\x00",
+    b"POST / HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n2\nab\n0\n\n",
+    b"POST / HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n0\r\nT: x\n\n",
 ])
 @pytest.mark.parametrize("pieces", [1, 3, 1000])
 def test_lines_not_ending_in_crlf_are_refused_at_once(data, pieces):
@@ -2416,7 +2426,7 @@ def test_eof_between_requests_closes_and_inside_one_is_400():
     state.feed_eof()
     assert state.next_event() is og.CLOSED
     state = framing()
-    state.feed(b"POST / HTTP/1.1\r\nContent-Length: 5\r\n\r\n{")
+    state.feed(b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\n\r\n{")
     assert state.next_event() is og.NEED_DATA
     state.feed_eof()
     assert state.next_event().status == 400
@@ -2424,9 +2434,169 @@ def test_eof_between_requests_closes_and_inside_one_is_400():
 
 def test_a_reload_changes_the_limits_of_the_next_request():
     state = framing()
-    assert feed(state, b"POST / HTTP/1.1\r\nContent-Length: 20\r\n\r\n" + b"x" * 20).body
+    assert feed(state, b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 20\r\n\r\n" + b"x" * 20).body
     state.limits = og.Config(max_body_bytes=10)
-    assert feed(state, b"POST / HTTP/1.1\r\nContent-Length: 20\r\n\r\n").status == 413
+    assert feed(state, b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 20\r\n\r\n").status == 413
+
+
+@pytest.mark.parametrize("head, status", [
+    (b"GET /health HTTP/1.1\r\n", 400),  # RFC 9112 section 3.2: HTTP/1.1 requires Host
+    (b"GET /health HTTP/1.1\r\nHost: a\r\nHost: b\r\n", 400),
+    (b"GET /health HTTP/1.1\r\nHost: a b\r\n", 400),  # not uri-host [":" port]
+    (b"GET /health HTTP/1.1\r\nHost: a/b\r\n", 400),
+    (b"GET /health HTTP/1.1\r\nHost: a:x\r\n", 400),
+    (b"GET /health HTTP/1.0\r\n", None),  # HTTP/1.0 may leave it out
+    (b"GET /health HTTP/1.1\r\nHost:\r\n", None),  # empty: a target without authority
+    (b"GET /health HTTP/1.1\r\nHost: gateway.example.com:8080\r\n", None),
+    (b"GET /health HTTP/1.1\r\nHost: [::1]:8080\r\n", None),
+    (b"GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\n", None),
+])
+def test_an_http_1_1_request_needs_one_well_formed_host(head, status):
+    event = feed(framing(), head + b"\r\n")
+    if status is None:
+        assert event.target == "/health"
+    else:
+        assert (event.status, event.message.split(" ")[:2]) in (
+            (400, ["missing", "Host"]), (400, ["duplicate", "host"]), (400, ["malformed", "Host"]))
+
+
+def test_each_host_of_a_connection_is_checked():
+    state = framing()
+    assert feed(state, b"GET /health HTTP/1.1\r\nHost: a\r\n\r\n").target == "/health"
+    assert feed(state, b"GET /health HTTP/1.1\r\nHost: a\r\n\r\n").target == "/health"
+    assert feed(state, b"GET /health HTTP/1.1\r\nHost: a\x80\r\n\r\n").status == 400
+
+
+@pytest.mark.parametrize("target, routed", [
+    # RFC 9112 section 3.2.2: a server MUST accept absolute-form; routed by its path.
+    (b"http://gateway.example.com/internal", "/internal"),
+    (b"HTTPS://gateway.example.com:443/?a=1", "/?a=1"),
+    (b"http://gateway.example.com", "/"),
+    (b"http://gateway.example.com?a=1", "/?a=1"),
+    (b"http://user@[::1]:80/health", "/health"),
+])
+def test_an_absolute_form_target_is_routed_by_its_path(target, routed):
+    event = feed(framing(), b"GET %s HTTP/1.1\r\nHost: other\r\n\r\n" % target)
+    assert event.target == routed
+
+
+def test_an_absolute_form_report_has_the_report_body_limit():
+    body = b"x" * 2000
+    state = framing(max_body_bytes=1000)
+    event = feed(state, b"POST http://gw/internal HTTP/1.1\r\nHost: gw\r\nContent-Length: 2000\r\n\r\n"
+                 + body)
+    assert (event.target, event.body) == ("/internal", body)
+
+
+@pytest.mark.parametrize("line, status, message", [
+    (b"OPTIONS * HTTP/1.1", None, "*"),  # asterisk-form: only OPTIONS
+    (b"GET * HTTP/1.1", 400, "malformed request target: *"),
+    (b"GET health HTTP/1.1", 400, "malformed request target: health"),
+    (b"GET ftp://x/health HTTP/1.1", 400, "malformed request target: ftp://x/health"),
+    (b"CONNECT gateway.example.com:443 HTTP/1.1", 501,
+     "CONNECT is not supported: this is not a proxy"),  # authority-form
+])
+def test_request_targets_not_in_origin_form(line, status, message):
+    event = feed(framing(), line + b"\r\nHost: x\r\n\r\n")
+    if status is None:
+        assert event.target == message
+    else:
+        assert (event.status, event.message) == (status, message)
+
+
+def test_options_asterisk_is_answered_for_the_whole_server():
+    response = make_gateway().handle_http("OPTIONS", "*", {}, b"")
+    assert response.status == 200 and ("Allow", "GET, HEAD, POST, OPTIONS") in response.headers
+
+
+@pytest.mark.parametrize("data", [
+    b"\r\nGET /health HTTP/1.1\r\nHost: x\r\n\r\n",
+    b"\r\n\r\n\r\nGET /health HTTP/1.1\r\nHost: x\r\n\r\n",
+])
+@pytest.mark.parametrize("pieces", [1, 3, 100])
+def test_empty_lines_before_a_request_line_are_ignored(data, pieces):
+    # RFC 9112 section 2.2 (a keep-alive client may send a CRLF after a body).
+    events = frame(data, pieces)
+    assert [(e.method, e.target) for e in events] == [("GET", "/health")]
+
+
+def test_a_stray_crlf_after_a_body_is_ignored():
+    state = framing()
+    first = feed(state, b"POST /internal HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\n\r\n{}\r\n")
+    assert first.body == b"{}" and state.next_event() is og.NEED_DATA
+    assert state.phase == "head"  # the head's deadline bounds a client sending only CRLFs
+    assert feed(state, b"\r") is og.NEED_DATA  # its LF follows
+    second = feed(state, b"\nGET /health HTTP/1.1\r\nHost: x\r\n\r\n")
+    assert second.target == "/health"
+    state.feed(b"\r\n")
+    state.feed_eof()
+    assert state.next_event() is og.CLOSED
+
+
+@pytest.mark.parametrize("encoding, status, message", [
+    (b"chunked", None, None),
+    (b"Chunked", None, None),
+    # RFC 9112 section 6.3: codings not ending in chunked leave the length unknown: 400.
+    (b"gzip", 400, "Transfer-Encoding must end in chunked, once: gzip"),
+    (b"identity", 400, "Transfer-Encoding must end in chunked, once: identity"),
+    (b"chunked, gzip", 400, "Transfer-Encoding must end in chunked, once: chunked, gzip"),
+    (b"chunked, chunked", 400, "Transfer-Encoding must end in chunked, once: chunked, chunked"),
+    (b"", 400, "Transfer-Encoding must end in chunked, once: "),
+    # A coding we do not know, before chunked: 501 (RFC 9112 section 6.1).
+    (b"gzip, chunked", 501, "unsupported Transfer-Encoding: gzip, chunked"),
+])
+def test_transfer_codings_must_end_in_chunked(encoding, status, message):
+    event = feed(framing(), b"POST / HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: %s\r\n\r\n0\r\n\r\n"
+                 % encoding)
+    if status is None:
+        assert event.body == b""
+    else:
+        assert (event.status, event.message) == (status, message)
+
+
+@pytest.mark.parametrize("headers", [
+    b"Content-Length: 5\r\nTransfer-Encoding: chunked\r\n",
+    b"Transfer-Encoding: chunked\r\nContent-Length: 5\r\n",
+    b"Transfer-Encoding: chunked\r\nTransfer-Encoding: chunked\r\n",
+    b"Content-Length: 5\r\nContent-Length: 6\r\n",
+])
+def test_ambiguous_body_lengths_are_refused(headers):
+    # Request smuggling: a front proxy could read another length than we do.
+    event = feed(framing(), b"POST / HTTP/1.1\r\nHost: x\r\n%s\r\n0\r\n\r\n" % headers)
+    assert event.status == 400 and event.message in (
+        "both Transfer-Encoding and Content-Length", "duplicate transfer-encoding header",
+        "conflicting Content-Length headers")
+
+
+@pytest.mark.parametrize("expect, event", [
+    (b"100-continue", og.CONTINUE),
+    (b"100-Continue", og.CONTINUE),
+    (b"200-ok", 417),  # RFC 9110 section 10.1.1
+    (b"100-continue, x", 417),
+])
+def test_an_expectation_other_than_100_continue_is_417(expect, event):
+    got = feed(framing(), b"POST / HTTP/1.1\r\nHost: x\r\nExpect: %s\r\nContent-Length: 2\r\n\r\n" % expect)
+    if event == 417:
+        assert (got.status, got.message) == (417, "unsupported expectation: " + expect.decode())
+        assert b"417 Expectation Failed" in framing().error(got)
+    else:
+        assert got is event
+
+
+@pytest.mark.parametrize("version, connection, keep_alive", [
+    (b"1.1", b"Upgrade, Close", False),
+    (b"1.1", b"close ,foo", False),
+    (b"1.1", b"x-close", True),  # a token, not a substring
+    (b"1.1", b"closed", True),
+    (b"1.0", b"Keep-Alive", True),
+    (b"1.0", b"foo, keep-alive", True),
+    (b"1.0", b"no-keep-alive", False),
+    (b"1.0", b"keep-alive, close", False),
+])
+def test_the_connection_header_is_a_list_of_tokens(version, connection, keep_alive):
+    request = feed(framing(), b"GET /health HTTP/%s\r\nHost: x\r\nConnection: %s\r\n\r\n"
+                   % (version, connection))
+    assert request.keep_alive is keep_alive
 
 
 def test_the_date_header_is_formatted_once_a_second_per_server():
@@ -2542,9 +2712,9 @@ def test_the_first_byte_deadline_is_first_byte_timeout():
 
 @pytest.mark.parametrize("first, then, deadline, seconds", [
     # head_timeout counts from the first byte of a request ...
-    (b"POST /internal HTTP/1.1\r\n", b"X-Slow: ", "head", 2),
+    (b"POST /internal HTTP/1.1\r\nHost: x\r\n", b"X-Slow: ", "head", 2),
     # ... body_timeout from the end of its head.
-    (b"POST /internal HTTP/1.1\r\n", b"Content-Length: 5\r\n\r\n{", "body", 3),
+    (b"POST /internal HTTP/1.1\r\nHost: x\r\n", b"Content-Length: 5\r\n\r\n{", "body", 3),
 ])
 def test_the_head_and_body_deadlines_are_their_settings(first, then, deadline, seconds):
     loop, connection, transport = connection_by_hand()
@@ -2558,7 +2728,7 @@ def test_the_head_and_body_deadlines_are_their_settings(first, then, deadline, s
 
 def test_the_idle_deadline_is_keep_alive_timeout_after_each_answer():
     loop, connection, transport = connection_by_hand()
-    connection.data_received(b"OPTIONS / HTTP/1.1\r\n\r\n")
+    connection.data_received(b"OPTIONS / HTTP/1.1\r\nHost: x\r\n\r\n")
     loop.advance(0)  # this iteration's answers go out
     answered = transport.written
     assert status_of(answered) == 200 and connection.deadline == "idle"
@@ -2571,7 +2741,7 @@ def test_the_write_and_stop_deadlines_are_write_and_shutdown_timeout():
     assert connection.deadline == "write" and passes_at(loop, transport, 5)
     assert transport.ended == "aborted"
     loop, connection, transport = connection_by_hand()
-    connection.data_received(b"POST /internal HTTP/1.1\r\n")
+    connection.data_received(b"POST /internal HTTP/1.1\r\nHost: x\r\n")
     connection.arm("stop")  # what GatewayServer.stop does with a request in flight
     assert passes_at(loop, transport, 6) and transport.ended == "aborted"
 
@@ -3168,7 +3338,7 @@ def test_keep_alive_serves_many_requests_on_one_connection():
 
 
 @pytest.mark.parametrize("head", [
-    b"POST /internal HTTP/1.1\r\nConnection: close\r\n",
+    b"POST /internal HTTP/1.1\r\nHost: x\r\nConnection: close\r\n",
     b"POST /internal HTTP/1.0\r\n",
 ])
 def test_connection_close_and_http_1_0(head):
@@ -3183,14 +3353,14 @@ def test_chunked_request_bodies_are_read():
     body = b"%x\r\n%s\r\n%x;ext=1\r\n%s\r\n0\r\nTrailer: x\r\n\r\n" % (
         half, INFO_BODY[:half], len(INFO_BODY) - half, INFO_BODY[half:])
     with running() as server:
-        data = exchange(server.port, b"POST /internal HTTP/1.1\r\nTransfer-Encoding: chunked\r\n"
+        data = exchange(server.port, b"POST /internal HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n"
                                      b"Connection: close\r\n\r\n" + body)
     assert status_of(data) == 200 and b'"servers":[]' in data
 
 
 def test_expect_100_continue():
     with running() as server, socket.create_connection(("127.0.0.1", server.port), timeout=5) as sock:
-        sock.sendall(b"POST /internal HTTP/1.1\r\nExpect: 100-continue\r\nConnection: close\r\n"
+        sock.sendall(b"POST /internal HTTP/1.1\r\nHost: x\r\nExpect: 100-continue\r\nConnection: close\r\n"
                      b"Content-Length: %d\r\n\r\n" % len(INFO_BODY))
         assert sock.recv(100).startswith(b"HTTP/1.1 100 Continue\r\n\r\n")
         sock.sendall(INFO_BODY)
@@ -3200,8 +3370,8 @@ def test_expect_100_continue():
 
 def test_every_response_carries_the_cors_headers_and_a_date():
     with running() as server:
-        for request in (b"OPTIONS / HTTP/1.1\r\n", b"GET /nope HTTP/1.1\r\n",
-                        b"POST / HTTP/1.1\r\nContent-Length: 0\r\n"):
+        for request in (b"OPTIONS / HTTP/1.1\r\nHost: x\r\n", b"GET /nope HTTP/1.1\r\nHost: x\r\n",
+                        b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\n"):
             data = exchange(server.port, request + b"Connection: close\r\n\r\n")
             head = data.split(b"\r\n\r\n")[0].decode().lower()
             for name, value in GATEWAY_HEADERS.items():
@@ -3211,7 +3381,7 @@ def test_every_response_carries_the_cors_headers_and_a_date():
 
 def test_head_gets_405_without_a_body():
     with running() as server:
-        data = exchange(server.port, b"HEAD /internal HTTP/1.1\r\nConnection: close\r\n\r\n")
+        data = exchange(server.port, b"HEAD /internal HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
     head, _, body = data.partition(b"\r\n\r\n")
     assert status_of(data) == 405 and b"Allow: POST, OPTIONS" in head and body == b""
 
@@ -3219,29 +3389,29 @@ def test_head_gets_405_without_a_body():
 def test_notification_answers_204_without_content_type():
     body = b'{"jsonrpc":"2.0","method":"Info"}'
     with running() as server:
-        data = exchange(server.port, b"POST /internal HTTP/1.1\r\nConnection: close\r\n"
+        data = exchange(server.port, b"POST /internal HTTP/1.1\r\nHost: x\r\nConnection: close\r\n"
                                      b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
     assert status_of(data) == 204
     assert b"\r\nContent-Type:" not in data and b"\r\nContent-Length:" not in data
 
 
 @pytest.mark.parametrize("request_bytes, status", [
-    (b"POST / HTTP/1.1\r\nContent-Length: 2000000\r\n\r\n", 413),
-    (b"POST /" + b"a" * (DEFAULTS.max_request_line + 10) + b" HTTP/1.1\r\n\r\n", 414),
-    (b"POST /internal HTTP/1.1\r\n" + b"".join(b"X-%d: y\r\n" % i for i in range(DEFAULTS.max_headers + 1))
+    (b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 2000000\r\n\r\n", 413),
+    (b"POST /" + b"a" * (DEFAULTS.max_request_line + 10) + b" HTTP/1.1\r\nHost: x\r\n\r\n", 414),
+    (b"POST /internal HTTP/1.1\r\nHost: x\r\n" + b"".join(b"X-%d: y\r\n" % i for i in range(DEFAULTS.max_headers + 1))
      + b"\r\n", 431),
-    (b"POST /internal HTTP/1.1\r\nX-Big: " + b"y" * DEFAULTS.max_head_bytes + b"\r\n\r\n", 431),
-    (b"POST /internal HTTP/1.1\r\nContent-Length: +5\r\n\r\n", 400),
-    (b"POST /internal HTTP/1.1\r\nContent-Length: -1\r\n\r\n", 400),
-    (b"POST /internal HTTP/1.1\r\nContent-Length: 5\r\nContent-Length: 6\r\n\r\n", 400),
-    (b"POST /internal HTTP/1.1\r\nContent-Length: \xd9\xa3\r\n\r\n", 400),
-    (b"POST /internal HTTP/1.1\r\nTransfer-Encoding: gzip\r\n\r\n", 501),
+    (b"POST /internal HTTP/1.1\r\nHost: x\r\nX-Big: " + b"y" * DEFAULTS.max_head_bytes + b"\r\n\r\n", 431),
+    (b"POST /internal HTTP/1.1\r\nHost: x\r\nContent-Length: +5\r\n\r\n", 400),
+    (b"POST /internal HTTP/1.1\r\nHost: x\r\nContent-Length: -1\r\n\r\n", 400),
+    (b"POST /internal HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\nContent-Length: 6\r\n\r\n", 400),
+    (b"POST /internal HTTP/1.1\r\nHost: x\r\nContent-Length: \xd9\xa3\r\n\r\n", 400),
+    (b"POST /internal HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: gzip, chunked\r\n\r\n", 501),
     (b"POST /internal HTTP/2.0\r\n\r\n", 505),
     (b"POST /internal\r\n\r\n", 400),
     (b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03" + os.urandom(64) + b"\r\n\r\n", 400),
-    (b"POST /internal HTTP/1.1\r\n folded: x\r\n\r\n", 400),
-    (b"POST /internal HTTP/1.1\r\nBad Name: x\r\n\r\n", 400),
-    (b"POST /internal HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n", 400),
+    (b"POST /internal HTTP/1.1\r\nHost: x\r\n folded: x\r\n\r\n", 400),
+    (b"POST /internal HTTP/1.1\r\nHost: x\r\nBad Name: x\r\n\r\n", 400),
+    (b"POST /internal HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n", 400),
 ])
 def test_malformed_or_oversized_requests_get_their_status_and_are_closed(request_bytes, status):
     with running() as server:
@@ -3250,7 +3420,7 @@ def test_malformed_or_oversized_requests_get_their_status_and_are_closed(request
         assert b"Connection: close" in data
         assert json.loads(data.split(b"\r\n\r\n", 1)[1])["error"]["message"]
         # The server still serves others.
-        ok = exchange(server.port, b"POST /internal HTTP/1.1\r\nConnection: close\r\n"
+        ok = exchange(server.port, b"POST /internal HTTP/1.1\r\nHost: x\r\nConnection: close\r\n"
                                    b"Content-Length: %d\r\n\r\n%s" % (len(INFO_BODY), INFO_BODY))
         assert status_of(ok) == 200
 
@@ -3266,7 +3436,7 @@ def test_a_client_that_pipelines_and_never_reads_holds_up_little_memory():
         sock.settimeout(0.5)
         with contextlib.suppress(socket.timeout):  # the server stops reading it
             for _ in range(40):
-                sock.sendall(b"GET /health HTTP/1.1\r\n\r\n" * 10000)
+                sock.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n" * 10000)
         (connection,) = server.server.connections
         held = server.call(lambda: connection.transport.get_write_buffer_size()
                            + sum(map(len, connection.out)))
@@ -3275,7 +3445,7 @@ def test_a_client_that_pipelines_and_never_reads_holds_up_little_memory():
 
 def test_413_reaches_a_client_that_keeps_sending_its_body():
     with running() as server, socket.create_connection(("127.0.0.1", server.port), timeout=5) as sock:
-        sock.sendall(b"POST / HTTP/1.1\r\nContent-Length: 3000000\r\n\r\n")
+        sock.sendall(b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 3000000\r\n\r\n")
         with contextlib.suppress(OSError):
             for _ in range(48):
                 sock.sendall(b"x" * 65536)  # the body the gateway refuses to read
@@ -3285,7 +3455,7 @@ def test_413_reaches_a_client_that_keeps_sending_its_body():
 
 def test_identical_duplicate_content_length_is_accepted():
     with running() as server:
-        data = exchange(server.port, b"POST /internal HTTP/1.1\r\nConnection: close\r\n"
+        data = exchange(server.port, b"POST /internal HTTP/1.1\r\nHost: x\r\nConnection: close\r\n"
                                      b"Content-Length: %d\r\nContent-Length: %d\r\n\r\n%s"
                                      % (len(INFO_BODY), len(INFO_BODY), INFO_BODY))
     assert status_of(data) == 200
@@ -3326,8 +3496,8 @@ def test_info_calls_take_turns_and_connects_run_between_them():
 
 def test_a_slow_client_is_cut_off_while_others_are_served():
     with running(make_gateway(read_timeout=0.3)) as server, socket.create_connection(("127.0.0.1", server.port), timeout=5) as slow:
-        slow.sendall(b"POST /internal HTTP/1.1\r\nX-Slow: ")
-        ok = exchange(server.port, b"POST /internal HTTP/1.1\r\nConnection: close\r\n"
+        slow.sendall(b"POST /internal HTTP/1.1\r\nHost: x\r\nX-Slow: ")
+        ok = exchange(server.port, b"POST /internal HTTP/1.1\r\nHost: x\r\nConnection: close\r\n"
                                    b"Content-Length: %d\r\n\r\n%s" % (len(INFO_BODY), INFO_BODY))
         assert status_of(ok) == 200
         started = time.monotonic()
@@ -3339,13 +3509,13 @@ def test_connections_beyond_the_cap_get_503_and_the_others_are_served():
     with running(make_gateway(max_connections=2)) as server:
         held = [socket.create_connection(("127.0.0.1", server.port), timeout=5) for _ in range(2)]
         for sock in held:  # make sure both are being served before the third arrives
-            sock.sendall(b"OPTIONS / HTTP/1.1\r\n\r\n")
+            sock.sendall(b"OPTIONS / HTTP/1.1\r\nHost: x\r\n\r\n")
             assert status_of(sock.recv(65536)) == 200
-        refused_data = exchange(server.port, b"OPTIONS / HTTP/1.1\r\n\r\n")
+        refused_data = exchange(server.port, b"OPTIONS / HTTP/1.1\r\nHost: x\r\n\r\n")
         assert status_of(refused_data) == 503 and b"too many connections" in refused_data
         held[0].close()
         deadline = time.monotonic() + 5
-        while status_of(exchange(server.port, b"OPTIONS / HTTP/1.1\r\nConnection: close\r\n\r\n")) != 200:
+        while status_of(exchange(server.port, b"OPTIONS / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")) != 200:
             assert time.monotonic() < deadline  # the closed one's slot frees up
         held[1].close()
 
@@ -3356,13 +3526,13 @@ def test_limits_are_settings_of_each_gateway():
     status, body = post(small, [{"jsonrpc": "2.0", "method": "Info", "id": 1}] * 2)
     assert "at most 1 requests" in body["error"]["message"]
     with running(small) as server:
-        data = exchange(server.port, b"POST / HTTP/1.1\r\nContent-Length: 11\r\n\r\n")
+        data = exchange(server.port, b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 11\r\n\r\n")
         assert status_of(data) == 413
 
 
 def test_idle_keep_alive_connections_are_closed():
     with running(make_gateway(keep_alive_timeout=0.2)) as server, socket.create_connection(("127.0.0.1", server.port), timeout=5) as idle:
-        idle.sendall(b"OPTIONS / HTTP/1.1\r\n\r\n")
+        idle.sendall(b"OPTIONS / HTTP/1.1\r\nHost: x\r\n\r\n")
         assert status_of(idle.recv(65536)) == 200
         assert idle.recv(10) == b""  # closed by the server without a response
 
@@ -3387,9 +3557,9 @@ def test_an_internal_error_answers_500_and_the_server_keeps_serving(monkeypatch,
 
     monkeypatch.setattr(gw, "handle_http", flaky)
     with running(gw) as server, caplog.at_level(logging.ERROR, logger="odin_gateway"):
-        data = exchange(server.port, b"POST /crash HTTP/1.1\r\nConnection: close\r\n\r\n")
+        data = exchange(server.port, b"POST /crash HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
         assert status_of(data) == 500 and b'"Internal error"' in data and b"bug" not in data
-        assert status_of(exchange(server.port, b"OPTIONS / HTTP/1.1\r\nConnection: close\r\n\r\n")) == 200
+        assert status_of(exchange(server.port, b"OPTIONS / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")) == 200
     assert "RuntimeError: bug" in caplog.text
 
 
@@ -3414,9 +3584,9 @@ def test_an_answer_the_gateway_awaits_holds_up_no_other_connection():
         gw, release = gateway_answering_wait_later()
         async with gw.serve() as server:
             waiting_reader, waiting = await asyncio.open_connection("127.0.0.1", server.port)
-            waiting.write(b"GET /wait HTTP/1.1\r\n\r\nGET /health HTTP/1.1\r\nConnection: close\r\n\r\n")
+            waiting.write(b"GET /wait HTTP/1.1\r\nHost: x\r\n\r\nGET /health HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
             reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
-            writer.write(b"GET /health HTTP/1.1\r\nConnection: close\r\n\r\n")
+            writer.write(b"GET /health HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
             other = await reader.read()
             release.set()
             both = await waiting_reader.read()  # the awaited answer first, then the next one
@@ -3437,7 +3607,7 @@ def test_a_stop_lets_an_answer_the_gateway_awaits_finish():
         server = og.GatewayServer(gw)
         await server.start()
         reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
-        writer.write(b"GET /wait HTTP/1.1\r\n\r\n")
+        writer.write(b"GET /wait HTTP/1.1\r\nHost: x\r\n\r\n")
         while not any(connection.waiting for connection in server.connections):
             await asyncio.sleep(0)
         stopping = asyncio.ensure_future(server.stop())
@@ -3478,7 +3648,7 @@ def test_async_serve_binds_port_zero_and_reports_the_url():
         gw = make_gateway()
         async with gw.serve("127.0.0.1", 0) as server:
             reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
-            writer.write(b"OPTIONS / HTTP/1.1\r\nConnection: close\r\n\r\n")
+            writer.write(b"OPTIONS / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
             data = await reader.read()
             writer.close()
             return server.url, data
@@ -3506,7 +3676,7 @@ def test_a_long_request_line_gets_414_before_its_end():
 def test_a_408_is_logged_with_the_time_the_request_took(caplog):
     with caplog.at_level(logging.INFO, logger="odin_gateway"):
         with running(make_gateway(read_timeout=0.3, access_log=True)) as server:
-            data = exchange(server.port, b"POST /internal HTTP/1.1\r\nContent-Length: 5\r\n\r\n{")
+            data = exchange(server.port, b"POST /internal HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\n\r\n{")
     assert status_of(data) == 408
     (line,) = [line for line in json_log_lines(caplog) if line.get("status") == 408]
     assert line["duration_ms"] >= 250 and line["target"] == "/internal"
@@ -3516,10 +3686,10 @@ def test_refused_connections_are_logged_as_one_summary(caplog):
     with caplog.at_level(logging.WARNING, logger="odin_gateway"):
         with running(make_gateway(max_connections=1)) as server, \
                 socket.create_connection(("127.0.0.1", server.port), timeout=5) as held:
-            held.sendall(b"OPTIONS / HTTP/1.1\r\n\r\n")
+            held.sendall(b"OPTIONS / HTTP/1.1\r\nHost: x\r\n\r\n")
             assert status_of(held.recv(65536)) == 200
             for _ in range(3):
-                assert status_of(exchange(server.port, b"OPTIONS / HTTP/1.1\r\n\r\n")) == 503
+                assert status_of(exchange(server.port, b"OPTIONS / HTTP/1.1\r\nHost: x\r\n\r\n")) == 503
             server.call(server.server._log_summary)  # the interval's end, without waiting for it
     lines = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
     assert lines == ["refused 3 connections in the last 10 s: 1 connections open (max_connections 1)"]
@@ -3548,7 +3718,7 @@ def test_a_stop_does_not_wait_shutdown_timeout_for_connections_already_answered(
     with socket.create_connection(("127.0.0.1", server.port), timeout=5) as refused, \
             socket.create_connection(("127.0.0.1", server.port), timeout=5) as answered:
         refused.sendall(b"\x16\x03\x01 junk")
-        answered.sendall(b"GET /health HTTP/1.1\r\nConnection: close\r\n\r\n")
+        answered.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
         assert status_of(refused.recv(65536)) == 400 and status_of(answered.recv(65536)) == 200
         started = time.monotonic()
         server.stop()
@@ -3563,7 +3733,7 @@ def test_stopping_one_of_two_servers_leaves_the_other_serving():
             async with gw.serve():
                 pass  # the second server stops
             reader, writer = await asyncio.open_connection("127.0.0.1", first.port)
-            writer.write(b"GET /ready HTTP/1.1\r\nConnection: close\r\n\r\n")
+            writer.write(b"GET /ready HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
             data = await reader.read()
             writer.close()
             return data
@@ -3652,14 +3822,14 @@ def test_a_client_that_never_reads_loses_its_connection():
     gw = make_gateway(write_timeout=0.3, max_connections=2)
     with running(gw) as server, socket.create_connection(("127.0.0.1", server.port), timeout=5) as greedy:
         greedy.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
-        request = b"POST /internal HTTP/1.1\r\nContent-Length: %d\r\n\r\n%s" % (len(INFO_BODY), INFO_BODY)
+        request = b"POST /internal HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n%s" % (len(INFO_BODY), INFO_BODY)
         greedy.settimeout(0.05)
         deadline = time.monotonic() + 10
         with contextlib.suppress(OSError):  # send, never read, until the gateway gives up on it
             while time.monotonic() < deadline:
                 greedy.sendall(request * 50)
         assert time.monotonic() < deadline, "the gateway kept the unread connection open"
-        ok = exchange(server.port, b"OPTIONS / HTTP/1.1\r\nConnection: close\r\n\r\n")
+        ok = exchange(server.port, b"OPTIONS / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
         assert status_of(ok) == 200
 
 
@@ -3684,7 +3854,7 @@ def test_an_unread_answer_does_not_keep_its_connection_or_the_stop():
     with og.serve_in_thread(gateway=gw) as server:
         sock = socket.create_connection(("127.0.0.1", server.port), timeout=5)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
-        sock.sendall(b"GET /big HTTP/1.1\r\nConnection: close\r\n\r\n")  # and never read
+        sock.sendall(b"GET /big HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")  # and never read
         client_port = sock.getsockname()[1]
         deadline = time.monotonic() + 10
         while server_side_open(server.port, client_port):
@@ -3692,7 +3862,7 @@ def test_an_unread_answer_does_not_keep_its_connection_or_the_stop():
             time.sleep(0.05)
         second = socket.create_connection(("127.0.0.1", server.port), timeout=5)
         second.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
-        second.sendall(b"GET /big HTTP/1.1\r\n\r\n")  # keep-alive, never read
+        second.sendall(b"GET /big HTTP/1.1\r\nHost: x\r\n\r\n")  # keep-alive, never read
         wait_until_server_read(second, server.port)
         started = time.monotonic()
     assert time.monotonic() - started < 5  # the stop does not wait for the reader
@@ -3704,7 +3874,7 @@ def report_request(rooms, hostname="127.0.0.1:4433"):
     body = json.dumps({"jsonrpc": "2.0", "method": "sfu.Report", "id": 1, "params": {
         "public_endpoint": hostname, "version": "1", "load": 0, "clients": 0,
         "rooms": [room("ns", "room-%06d-%s" % (i, "u" * 36), "c") for i in range(rooms)]}}).encode()
-    return b"POST /internal HTTP/1.1\r\nConnection: close\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body)
+    return b"POST /internal HTTP/1.1\r\nHost: x\r\nConnection: close\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body)
 
 
 def test_reports_have_their_own_body_limit_and_a_refused_one_is_logged(caplog):
@@ -3732,12 +3902,12 @@ def test_clients_that_never_read_cannot_stall_others_or_grow_memory():
         for _ in range(4):
             sock = socket.create_connection(("127.0.0.1", server.port), timeout=5)
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
-            sock.sendall(b"GET /big HTTP/1.1\r\n\r\n")  # and never read
+            sock.sendall(b"GET /big HTTP/1.1\r\nHost: x\r\n\r\n")  # and never read
             wait_until_server_read(sock, server.port)
             greedy.append(sock)
             assert server.call(lambda: server.server.unsent) <= 30_000_000
         # The others are answered meanwhile; the answers beyond the budget are 503.
-        ok = exchange(server.port, b"POST /internal HTTP/1.1\r\nConnection: close\r\n"
+        ok = exchange(server.port, b"POST /internal HTTP/1.1\r\nHost: x\r\nConnection: close\r\n"
                                    b"Content-Length: %d\r\n\r\n%s" % (len(INFO_BODY), INFO_BODY))
         assert status_of(ok) == 200
         statuses = [status_of(sock.recv(100)) for sock in greedy]
@@ -3750,7 +3920,7 @@ def test_a_connection_close_answer_survives_more_input_behind_it():
     gw = big_answer_gateway()
     with og.serve_in_thread(gateway=gw) as server, \
             socket.create_connection(("127.0.0.1", server.port), timeout=10) as sock:
-        sock.sendall(b"GET /big HTTP/1.1\r\nConnection: close\r\n\r\n" + b"y" * 1_000_000)
+        sock.sendall(b"GET /big HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n" + b"y" * 1_000_000)
         received = bytearray()
         while True:
             chunk = sock.recv(1 << 20)  # ConnectionResetError here was the bug
@@ -3793,7 +3963,7 @@ def test_https(certificate):
         connection.close()
         # A plain-text client on the TLS port is dropped, and the server carries on.
         with socket.create_connection(("127.0.0.1", server.port), timeout=5) as plain:
-            plain.sendall(b"POST /internal HTTP/1.1\r\n\r\n")
+            plain.sendall(b"POST /internal HTTP/1.1\r\nHost: x\r\n\r\n")
             assert not plain.recv(100).startswith(b"HTTP/1.1 200")
 
 
@@ -4034,7 +4204,7 @@ def test_the_gateway_runs_from_the_command_line_and_stops_on_sigterm(tmp_path):
                         "no customers configured"):
             assert any(warning in entry["message"] and entry["level"] == "WARNING" for entry in lines)
         port = int(lines[-1]["message"].rsplit(":", 1)[1])
-        data = exchange(port, b"POST /internal HTTP/1.1\r\nConnection: close\r\n"
+        data = exchange(port, b"POST /internal HTTP/1.1\r\nHost: x\r\nConnection: close\r\n"
                               b"Content-Length: %d\r\n\r\n%s" % (len(INFO_BODY), INFO_BODY))
         assert status_of(data) == 200
         process.send_signal(signal.SIGTERM)
@@ -4440,7 +4610,7 @@ def _outcome(events):
 
 @FUZZ
 @given(st.binary(max_size=300) | st.builds(
-    lambda method, target, headers: b"%s %s HTTP/1.1\r\n%s\r\n" % (method, target, headers),
+    lambda method, target, headers: b"%s %s HTTP/1.1\r\nHost: x\r\n%s\r\n" % (method, target, headers),
     st.sampled_from([b"POST", b"GET", b"P\x00ST", b""]), st.binary(max_size=30),
     st.binary(max_size=200)), st.integers(1, 50))
 def test_fuzz_request_framing(data, pieces):
@@ -4448,7 +4618,7 @@ def test_fuzz_request_framing(data, pieces):
     for events in (frame(data), frame(data, pieces)):
         for index, event in enumerate(events):
             if isinstance(event, og.HttpError):
-                assert event.status in (400, 413, 414, 431, 501, 505) and event.message
+                assert event.status in (400, 413, 414, 417, 431, 501, 505) and event.message
                 assert index == len(events) - 1  # nothing after a refusal
             elif event is not og.CONTINUE:
                 assert event.method and event.target and event.version in ((1, 0), (1, 1))
@@ -4511,7 +4681,7 @@ def wait_until_server_read(sock, server_port):
 def test_sigterm_lets_a_request_in_flight_finish(tmp_path):
     with gateway_process(tmp_path) as (process, port):
         with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
-            sock.sendall(b"POST /internal HTTP/1.1\r\nContent-Length: %d\r\n\r\n%s"
+            sock.sendall(b"POST /internal HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n%s"
                          % (len(INFO_BODY), INFO_BODY[:10]))
             wait_until_server_read(sock, port)
             process.send_signal(signal.SIGTERM)
@@ -4528,7 +4698,7 @@ def test_sigterm_lets_a_request_in_flight_finish(tmp_path):
 def test_a_second_signal_exits_at_once(tmp_path):
     with gateway_process(tmp_path, "shutdown_timeout = 60\n") as (process, port):
         with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
-            sock.sendall(b"POST /internal HTTP/1.1\r\nContent-Length: 100\r\n\r\n{")
+            sock.sendall(b"POST /internal HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\n{")
             wait_until_server_read(sock, port)
             process.send_signal(signal.SIGTERM)
             for line in process.stderr:  # the first signal is taken: a graceful stop begins
@@ -4552,13 +4722,13 @@ def test_max_connections_is_clamped_to_the_open_file_limit(tmp_path):
         held, statuses = [], []
         for _ in range(100):
             sock = socket.create_connection(("127.0.0.1", port), timeout=10)
-            sock.sendall(b"OPTIONS / HTTP/1.1\r\n\r\n")
+            sock.sendall(b"OPTIONS / HTTP/1.1\r\nHost: x\r\n\r\n")
             statuses.append(status_of(sock.recv(65536)))
             held.append(sock) if statuses[-1] == 200 else sock.close()
         assert statuses.count(200) == serving and statuses.count(503) == 100 - serving
         for sock in held:
             sock.close()
-        ok = exchange(port, b"OPTIONS / HTTP/1.1\r\nConnection: close\r\n\r\n", timeout=10)
+        ok = exchange(port, b"OPTIONS / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n", timeout=10)
         assert status_of(ok) == 200
 
 
@@ -4641,8 +4811,8 @@ def test_metrics_follow_the_prometheus_text_format():
 
 def test_http_responses_are_counted_by_path_and_class():
     with running() as server:
-        for request in (b"OPTIONS / HTTP/1.1\r\n", b"GET /nope/secret-room HTTP/1.1\r\n",
-                        b"GET /health HTTP/1.1\r\n", b"BAD\r\n"):
+        for request in (b"OPTIONS / HTTP/1.1\r\nHost: x\r\n", b"GET /nope/secret-room HTTP/1.1\r\nHost: x\r\n",
+                        b"GET /health HTTP/1.1\r\nHost: x\r\n", b"BAD\r\n"):
             exchange(server.port, request + b"Connection: close\r\n\r\n")
         families = parse_metrics(og.render_metrics(server.gateway))
     count = lambda **labels: sample_value(families, "odin_gateway_http_responses_total", **labels)  # noqa: E731
@@ -4721,8 +4891,8 @@ def test_limit_refusals_are_logged_with_fields(caplog):
 def test_access_log(caplog):
     with caplog.at_level(logging.INFO, logger="odin_gateway"):
         with running(make_gateway(access_log=True)) as server:
-            exchange(server.port, b"OPTIONS /?q=1 HTTP/1.1\r\nConnection: close\r\n\r\n")
-            exchange(server.port, b"OPTIONS /?q=\x1b[31m HTTP/1.1\r\nConnection: close\r\n\r\n")
+            exchange(server.port, b"OPTIONS /?q=1 HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+            exchange(server.port, b"OPTIONS /?q=\x1b[31m HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
     requests = [line for line in json_log_lines(caplog) if line.get("event") == "request"]
     assert [(line["method"], line["status"]) for line in requests] == [("OPTIONS", 200), ("-", 400)]
     assert not any("\x1b" in line["message"] for line in requests)  # no control byte reaches the log
@@ -4767,7 +4937,7 @@ def test_sighup_reloads_the_config_file_and_refuses_a_broken_one(tmp_path):
     with gateway_process(tmp_path, "customers = %r\nwarmup = 0\n" % [TINY_CUSTOMER]) as (process, port):
         def connect_status(access_key):
             body = json.dumps({"jsonrpc": "2.0", "method": "Connect", "params": {}, "id": 1}).encode()
-            return status_of(exchange(port, b"POST / HTTP/1.1\r\nConnection: close\r\nAuthorization: "
+            return status_of(exchange(port, b"POST / HTTP/1.1\r\nHost: x\r\nConnection: close\r\nAuthorization: "
                                             b"Bearer %s\r\nContent-Length: %d\r\n\r\n%s" % (
                                                 token(access_key, now=time.time()).encode(),
                                                 len(body), body)))
@@ -4901,13 +5071,13 @@ def test_reload_refuses_when_the_started_config_file_is_gone(tmp_path):
 def test_error_answers_are_counted_by_path_and_logged(caplog):
     with caplog.at_level(logging.INFO, logger="odin_gateway"):
         with running(make_gateway(access_log=True)) as server:
-            exchange(server.port, b"POST / HTTP/1.1\r\nContent-Length: 9999999\r\n\r\n")
+            exchange(server.port, b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 9999999\r\n\r\n")
             too_large = parse_metrics(og.render_metrics(server.gateway))
         with running(make_gateway(access_log=True, max_connections=1)) as server:
             with socket.create_connection(("127.0.0.1", server.port), timeout=5) as held:
-                held.sendall(b"OPTIONS / HTTP/1.1\r\n\r\n")
+                held.sendall(b"OPTIONS / HTTP/1.1\r\nHost: x\r\n\r\n")
                 assert status_of(held.recv(65536)) == 200  # held is the one connection served
-                assert status_of(exchange(server.port, b"OPTIONS / HTTP/1.1\r\n\r\n")) == 503
+                assert status_of(exchange(server.port, b"OPTIONS / HTTP/1.1\r\nHost: x\r\n\r\n")) == 503
             refused_one = parse_metrics(og.render_metrics(server.gateway))
     assert sample_value(too_large, "odin_gateway_http_responses_total", path="/", status="4xx") == 1
     assert sample_value(refused_one, "odin_gateway_http_responses_total", path="invalid",
