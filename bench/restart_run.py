@@ -29,8 +29,9 @@ and counts:
 
 - misroutes: Connect answers naming a server other than the room's real
   host, for a room that host had reported (its report answered) before the
-  Connect was sent; also, apart, answers that did not follow a placement the
-  gateway had made and the client had joined, before its host reported it;
+  Connect was sent; and apart, for a room its host had not yet reported (a
+  room the gateway placed there a moment ago, or one the server had before
+  the gateway first started);
 - live closes: RoomClose tasks that the gateway itself queued (a collision)
   delivered to a room's real host while the room lived there;
 - lost tasks: admin tasks answered {} that no server ever received;
@@ -147,7 +148,7 @@ class Counts:
         self.connect_errors: Dict[str, int] = {}
         self.misroutes = 0  # to another server than a reported room's host
         self.misroute_examples: List[str] = []
-        self.unkept_placements = 0  # to another server than a placed (joined, unreported) room's host
+        self.early_misroutes = 0  # to another server than the host of a room it has not yet reported
         self.live_closes = 0  # collision RoomCloses delivered to a live room's real host
         self.live_close_examples: List[str] = []
         self.duplicate_closes = 0  # collision RoomCloses of a second copy (after a misroute)
@@ -166,14 +167,19 @@ class Counts:
 class SimServer:
     """A simulated ODIN server: its rooms (name -> [peers, generation]) and its report loop."""
 
-    def __init__(self, world: "World", hostname: str, filler: int):
+    def __init__(self, world: "World", hostname: str, old_rooms: int):
         self.world = world
         self.hostname = hostname
         self.rooms: Dict[str, List[int]] = {}
-        for index in range(filler):  # rooms of a big server, there from the start, never empty
-            name = "rbig-%s-%d" % (hostname.split(".")[0], index)
+        # Rooms it had before the gateway first started (a big server has
+        # thousands): the gateway learns them from its reports. Their peers
+        # stay; Connects join some of them too.
+        for index in range(old_rooms):
+            name = "rold-%s-%d" % (hostname.split(".")[0], index)
             self.rooms[name] = [1 + index % 5, world.next_generation()]
             world.hosts[name] = (hostname, self.rooms[name][1])
+            if index < 50:
+                world.old.append(name)
         self.http = Http(world.port, timeout=10)
 
     def report_body(self) -> Tuple[dict, List[Tuple[str, int]]]:
@@ -263,7 +269,8 @@ class World:
         self.counts = Counts()
         self.hosts: Dict[str, Tuple[str, int]] = {}  # room -> (its real host, that copy's generation)
         self.confirmed: Set[str] = set()  # rooms whose host has reported them (answer received)
-        self.live: Set[str] = set()  # Connect's rooms that live somewhere (not the big servers' filler)
+        self.live: Set[str] = set()  # rooms opened by Connect that live somewhere
+        self.old: List[str] = []  # some of the rooms the servers had before the gateway started
         self.servers: Dict[str, SimServer] = {}
         self.generation = 0
         self.room_number = 0
@@ -320,7 +327,10 @@ async def connect_client(world: World, tokens: Tokens, pause: float) -> None:
     http = Http(world.port, timeout=30)  # a Connect may wait out the warm-up
     rng, counts = world.rng, world.counts
     while not world.load_stop:
-        if world.live and rng.random() < 0.7:
+        pick = rng.random()
+        if pick < 0.15:
+            room = rng.choice(world.old)
+        elif world.live and pick < 0.7:
             room = rng.choice(sorted(world.live)) if len(world.live) < 50 else rng.choice(tuple(world.live))
         else:
             room = world.new_room()
@@ -347,7 +357,10 @@ async def connect_client(world: World, tokens: Tokens, pause: float) -> None:
                     counts.misroute_examples.append("%s: answered %s, lives on %s (%s)" % (
                         room, address, host[0], world.phase))
             else:
-                counts.unkept_placements += 1
+                counts.early_misroutes += 1
+                if len(counts.misroute_examples) < 5:
+                    counts.misroute_examples.append("%s: answered %s, lives on %s, not yet reported (%s)"
+                                                    % (room, address, host[0], world.phase))
         server = world.servers.get(address)
         if server is not None:
             server.join(room)
@@ -359,7 +372,10 @@ async def admin_client(world: World, tokens: Tokens, pause: float) -> None:
     http = Http(world.port, timeout=10)
     rng, counts = world.rng, world.counts
     while not world.admin_stop:
-        rooms = tuple(world.confirmed & world.live)
+        if rng.random() < 0.1:
+            rooms = tuple(name for name in world.old if name in world.confirmed)
+        else:
+            rooms = tuple(world.confirmed & world.live)
         if not rooms:
             await asyncio.sleep(0.1)
             continue
@@ -505,12 +521,13 @@ async def run_variant(saved: bool, seconds: float, kills: List[int], options: An
     world = World(port, interval, rng)
     for index in range(options.servers):
         hostname = "sfu-%02d.example.com:4433" % index
-        world.servers[hostname] = SimServer(world, hostname, options.big_rooms if index < 2 else 0)
+        world.servers[hostname] = SimServer(
+            world, hostname, options.big_rooms if index < options.big_servers else 20)
     tokens = Tokens(access_key)
     gateway.start()
     await gateway.answering()
+    # The fleet is there when the gateway starts: servers with rooms, and clients.
     tasks = [asyncio.ensure_future(server.run()) for server in world.servers.values()]
-    await asyncio.sleep(interval * 1.5)  # every server has reported once: the fleet is running
     tasks += [asyncio.ensure_future(connect_client(world, tokens, options.pause)) for _ in range(options.clients)]
     tasks += [asyncio.ensure_future(admin_client(world, tokens, options.pause * 4)) for _ in range(options.admins)]
     tasks += [asyncio.ensure_future(slow_info_reader(world, 4096, 0.05)) for _ in range(options.readers)]
@@ -518,13 +535,16 @@ async def run_variant(saved: bool, seconds: float, kills: List[int], options: An
     try:
         world.phase = "under load"
         for number, signum in enumerate(kills):
-            await asyncio.sleep(seconds / (len(kills) + 1) * rng.uniform(0.7, 1.3))
+            if number == 0:  # the first start dies before every server has reported (a crash loop)
+                await asyncio.sleep(interval * rng.uniform(0.2, 0.8))
+            else:
+                await asyncio.sleep(seconds / len(kills) * rng.uniform(0.7, 1.3))
             name = signal.Signals(signum).name
             world.phase = "after %s #%d" % (name, number + 1)
             await gateway.stop(signum)
             gateway.start()  # at once, like a supervisor
             counts.restarts.append((name, await gateway.answering()))
-        await asyncio.sleep(seconds / (len(kills) + 1))
+        await asyncio.sleep(seconds / len(kills))
         world.phase = "settling"
         world.admin_stop = True
         await asyncio.sleep(interval * 4)  # every task acknowledged reaches its server
@@ -546,7 +566,7 @@ def verdicts(counts: Counts, saved: bool) -> List[Tuple[str, int, bool, str]]:
     duplicates = sum(1 for times in counts.delivered.values() if times > 1)
     return [
         ("misrouted Connects (room reported by its host)", counts.misroutes, True, ""),
-        ("Connects not sent where they were placed", counts.unkept_placements, True, ""),
+        ("misrouted Connects (room not yet reported)", counts.early_misroutes, True, ""),
         ("RoomCloses sent to live rooms", counts.live_closes, True, ""),
         ("acknowledged tasks lost", lost, saved,
          "" if saved else "allowed without state_file: a stop or kill loses the queued tasks"),
@@ -586,24 +606,27 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument("--variant", choices=("state", "nostate", "both"), default="both")
     parser.add_argument("--seconds", type=float, help="load time per variant (default 24, quick 6)")
     parser.add_argument("--seed", type=int, default=11)
+    parser.add_argument("--interval", type=float, default=1.0, help="update_interval of the run")
+    parser.add_argument("--big-rooms", type=int, help="rooms of each big server (default 4,000, quick 1,000)")
+    parser.add_argument("--big-servers", type=int, default=2, help="servers with big reports")
     options = parser.parse_args(argv)
-    options.interval = 1.0
     if options.quick:
         seconds = options.seconds or 6
         kills = [signal.SIGKILL, signal.SIGTERM]
-        options.servers, options.big_rooms, options.clients, options.admins, options.readers = 6, 1000, 6, 2, 2
+        options.servers, options.default_big, options.clients, options.admins, options.readers = 6, 1000, 6, 2, 2
     else:
         seconds = options.seconds or 24
         kills = [signal.SIGKILL, signal.SIGKILL, signal.SIGTERM, signal.SIGKILL]
-        options.servers, options.big_rooms, options.clients, options.admins, options.readers = 12, 4000, 12, 3, 4
+        options.servers, options.default_big, options.clients, options.admins, options.readers = 12, 4000, 12, 3, 4
     options.pause = 0.02
+    options.big_rooms = options.big_rooms if options.big_rooms is not None else options.default_big
     try:
         print("uptime: %s" % subprocess.check_output(["uptime"], text=True).strip())
     except (OSError, subprocess.CalledProcessError):
         pass
-    print("%d servers (2 with %d rooms), %d Connect clients, %d admin clients, %d slow Info readers; "
+    print("%d servers (%d with %d rooms), %d Connect clients, %d admin clients, %d slow Info readers; "
           "update_interval %.0f s; %.0f s of load per variant, kills: %s" % (
-              options.servers, options.big_rooms, options.clients, options.admins, options.readers,
+              options.servers, options.big_servers, options.big_rooms, options.clients, options.admins, options.readers,
               options.interval, seconds, ", ".join(signal.Signals(k).name for k in kills)))
     variants = [("state", True), ("nostate", False)]
     held = True
