@@ -5838,6 +5838,30 @@ def test_redis_killed_and_restarted_empty_the_gateways_serve_then_resync(redis_s
         assert fired.count("cluster_down") == 1 and fired.count("cluster_up") == 2  # joined, resynced
 
 
+def test_without_redis_two_gateways_place_a_new_room_on_the_same_server(redis_server):
+    # Found by bench/cluster_run.py: while Redis was down each gateway placed new
+    # rooms by its own loads, so the two clients of one new room, sent to both
+    # gateways, met on different servers. Placed by the room's hash instead, they
+    # agree, also while one gateway knows Redis is back and the other does not yet.
+    hosts = [SFU1, SFU2, "sfu-3:4433", "sfu-4:4433", "sfu-5:4433"]
+    with cluster_gateway(redis_server, cluster_heartbeat=1) as a, \
+            cluster_gateway(redis_server, cluster_heartbeat=60) as b:  # b learns only by failing
+        for hostname in hosts:
+            http_report(a, hostname)
+        eventually(b, lambda: len(b.gateway.grid.servers) == len(hosts))
+        redis_server.kill()
+        assert connect(b, "first") == connect(a, "first")  # b finds Redis gone by this one
+        eventually(a, lambda: not a.gateway.cluster.up)
+        assert not b.call(lambda: b.gateway.cluster.up)
+        for n in range(12):
+            assert connect(a, "alone-%d" % n) == connect(b, "alone-%d" % n)
+        redis_server.start()
+        eventually(a, lambda: a.gateway.cluster.up)  # b still serves alone
+        for n in range(6):
+            assert connect(a, "back-%d" % n) == connect(b, "back-%d" % n)
+        assert not b.call(lambda: b.gateway.cluster.up)
+
+
 @pytest.mark.parametrize("persist", [False, True], ids=["restarted-empty", "restarted-with-aof"])
 def test_a_task_acknowledged_before_redis_restarts_is_delivered_once(redis_server, persist):
     redis_server.kill()
