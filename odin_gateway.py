@@ -2060,6 +2060,11 @@ class Server:
     def takes_rooms(self) -> bool:
         return not (self.disabled or self.draining or self.reported_draining)
 
+    @property
+    def draining_by_anyone(self) -> bool:
+        """Draining, as Info and Drain report it: by an operator or by its own report."""
+        return self.draining or self.reported_draining
+
     def peer_load(self) -> float:
         """The load one more peer adds, estimated from the server's own report."""
         clients, load = self.report["clients"], self.report["load"]
@@ -2701,6 +2706,14 @@ class Grid:
         from that moment, whatever the phase of the maintenance tick (which only
         makes it official)."""
         return not server.disabled and now - server.last_seen < self.config.disable_timeout
+
+    def state(self, server: Server, now: float) -> str:
+        """"enabled" (takes new rooms), "draining" (serves its rooms, takes no new
+        ones) or "disabled" (by the tick, or silent for disable_timeout: out from
+        that moment, as answering() says). What /metrics and /status both show."""
+        if not self.answering(server, now):
+            return "disabled"
+        return "enabled" if server.takes_rooms else "draining"
 
     def candidates(self, now: float) -> List[Server]:
         """The servers that take new rooms now: answering and not draining."""
@@ -3836,7 +3849,7 @@ class Gateway:
             self.grid.note_server(server)
             self.event("server_draining" if draining else "server_undrained", hostname=hostname,
                        by="operator")
-        return {"hostname": hostname, "draining": server.draining or server.reported_draining}
+        return {"hostname": hostname, "draining": server.draining_by_anyone}
 
     def rpc_explain(self, call: Call, params: dict) -> dict:
         """Where a new room of a customer would go now, and why; changes nothing."""
@@ -3868,7 +3881,7 @@ class Gateway:
         p.check()
         servers = [{
             "hostname": s.hostname, "address": s.hostname, "version": s.version,
-            "disabled": s.disabled, "draining": s.draining or s.reported_draining,
+            "disabled": s.disabled, "draining": s.draining_by_anyone,
             "keyId": s.key.kid, "report": s.report_json() if pages is True else s.report,
             "firstSeen": iso_time(s.first_seen), "lastSeen": iso_time(s.last_seen),
             "tasks": len(s.tasks), "region": s.region, "pools": list(s.pools),
@@ -4379,19 +4392,15 @@ def process_start_time() -> Optional[float]:
         return None
 
 
-def _server_state(server: Server) -> str:
-    return "disabled" if server.disabled else "enabled" if server.takes_rooms else "draining"
-
-
-def _servers_by_state(servers: Any, groups_of: Callable[[Server], Any],
+def _servers_by_state(grid: Grid, now: float, groups_of: Callable[[Server], Any],
                       always: Tuple[str, ...] = ("",)) -> List[Tuple[str, Dict[str, int]]]:
     """(group, {state: servers}) for each group (region, pool) a server is in,
     sorted; the groups always (zeros) when there is none."""
     counts: Dict[str, Dict[str, int]] = {}
-    for server in servers:
+    for server in grid.servers.values():
+        state = grid.state(server, now)
         for group in groups_of(server):
             by_state = counts.setdefault(group, {})
-            state = _server_state(server)
             by_state[state] = by_state.get(state, 0) + 1
     if not counts:
         counts = {group: {} for group in always}
@@ -4442,12 +4451,12 @@ def render_metrics(gateway: Gateway) -> str:
            "Media servers by state and region: enabled (taking rooms), draining (serving its "
            "rooms, no new ones), disabled (silent); region \"\" for servers without one.",
            [({"state": state, "region": region}, count)
-            for region, counts in _servers_by_state(grid.servers.values(), lambda s: [s.region or ""])
+            for region, counts in _servers_by_state(grid, now, lambda s: [s.region or ""])
             for state, count in counts.items()])
     family("odin_gateway_pool_servers", "gauge",
            "Media servers of each pool by state (a server may be in several pools).",
            [({"pool": pool, "state": state}, count)
-            for pool, counts in _servers_by_state(grid.servers.values(), lambda s: s.pools, ())
+            for pool, counts in _servers_by_state(grid, now, lambda s: s.pools, ())
             for state, count in counts.items()])
     family("odin_gateway_rooms_placed_total", "counter",
            "New rooms placed, by the tier of the placement rule: in_region (the room's region), "
@@ -4579,9 +4588,8 @@ def _clip(value: Any, limit: int = STATUS_TEXT) -> Any:
 
 
 def _status_state(grid: Grid, server: Server, now: float) -> str:
-    if not grid.answering(server, now):  # silent for disable_timeout: disabled from then on
-        return "disabled"
-    return "taking rooms" if server.takes_rooms else "draining"
+    state = grid.state(server, now)
+    return "taking rooms" if state == "enabled" else state
 
 
 def status_data(gateway: Gateway) -> dict:

@@ -5400,6 +5400,23 @@ def test_an_age_past_update_interval_is_amber_and_past_disable_timeout_disabled(
     assert [s["state"] for s in og.status_data(gw)["servers"]] == ["disabled", "disabled"]
 
 
+def test_metrics_and_status_agree_on_a_server_that_has_just_gone_silent():
+    clock = Clock()
+    gw = status_gateway(clock)  # SFU1 taking rooms, SFU2 drained
+
+    def states():
+        families = parse_metrics(og.render_metrics(gw))
+        metrics = {state: sample_value(families, "odin_gateway_servers", state=state, region="")
+                   for state in ("enabled", "draining", "disabled")}
+        return metrics, sorted(s["state"] for s in og.status_data(gw)["servers"])
+
+    assert states() == ({"enabled": 1, "draining": 1, "disabled": 0}, ["draining", "taking rooms"])
+    clock.advance(8)  # past disable_timeout, before the tick: out from this moment, both say
+    assert states() == ({"enabled": 0, "draining": 0, "disabled": 2}, ["disabled", "disabled"])
+    gw.tick()
+    assert states() == ({"enabled": 0, "draining": 0, "disabled": 2}, ["disabled", "disabled"])
+
+
 def test_status_is_protected_like_metrics():
     gw = status_gateway()
     gw.reload(gw.config.replace(internal_users={"ops": "secret"}))
@@ -5675,6 +5692,19 @@ def test_a_server_may_drain_itself_in_its_report():
     assert get(gw, "/ready").status == 503
     report(gw, SFU1)  # no flag: taking rooms again
     assert result(gw, "Connect", {}, token=token(KEY_UNKNOWN))["address"] == SFU1
+
+
+def test_info_and_drain_say_draining_whoever_drains():
+    gw = make_gateway(customers=[])
+    params = {"public_endpoint": SFU1, "version": "1", "load": 0, "clients": 0, "rooms": []}
+    result(gw, "sfu.Report", dict(params, draining=True))
+    server = gw.grid.servers[SFU1]
+    assert server.draining_by_anyone and not server.draining
+    # The operator's undrain leaves the server's own wish: still draining, both say.
+    assert result(gw, "Drain", {"hostname": SFU1, "draining": False})["draining"] is True
+    assert result(gw, "Info")["servers"][0]["draining"] is True
+    result(gw, "sfu.Report", params)
+    assert not server.draining_by_anyone and result(gw, "Info")["servers"][0]["draining"] is False
 
 
 def test_drain_errors():
