@@ -446,11 +446,18 @@ _ROOMS_ARRAY = re.compile(r'"rooms"[ \t\n\r]*:[ \t\n\r]*\[')
 _BETWEEN_OBJECTS = re.compile(r'\}[ \t\n\r]*,[ \t\n\r]*\{')
 
 
-def load_json_in_steps(data: bytes) -> Generator[None, None, Any]:
+def load_json_in_steps(data: bytes, read_rooms: Optional[Callable[[str, int], Generator[None, None, Any]]]
+                       = None) -> Generator[None, None, Any]:
     """load_json(data) as a generator: it yields between the steps of a long
-    rooms array and returns the value (ValueError as load_json raises it)."""
+    rooms array and returns the value (ValueError as load_json raises it).
+    read_rooms: read_rooms_in_steps for the text and where its rooms array
+    starts, to try before parsing (its value, unless None)."""
     text = data.decode("utf-8")
     found = _ROOMS_ARRAY.search(text)
+    if found is not None and read_rooms is not None:
+        value = yield from read_rooms(text, found.end())
+        if value is not None:
+            return value
     if found is None or len(text) - found.end() < 2 * JSON_STEP_CHARS:
         return _parse_json(text)
     rooms: List[Any] = []
@@ -468,14 +475,120 @@ def load_json_in_steps(data: bytes) -> Generator[None, None, Any]:
         rooms.extend(piece)
         start = cut.end() - 1  # the next object's "{"
         yield
-    marker = "\0" + os.urandom(8).hex()  # what no sender can guess
-    value = _parse_json(text[:found.end()] + '"\\u0000%s",' % marker[1:] + text[start:])
+    value, marker = _parse_marked(text, found.end(), start, ",")
     params = value.get("params") if isinstance(value, dict) else None
     listed = params.get("rooms") if isinstance(params, dict) else None
     if not (isinstance(listed, list) and listed and listed[0] == marker):
         return _parse_json(text)
     rooms.extend(listed[1:])
     params["rooms"] = rooms
+    return value
+
+
+def _parse_marked(text: str, start: int, end: int, glue: str = "") -> Tuple[Any, str]:
+    """(JSON of text with text[start:end] replaced by an unguessable string
+    and glue, that string): where the string lands in the value tells where
+    the replaced text stood."""
+    marker = "\0" + os.urandom(8).hex()  # what no sender can guess
+    return _parse_json(text[:start] + '"\\u0000%s"' % marker[1:] + glue + text[end:]), marker
+
+
+# A server reports its rooms every few seconds, and each report mostly
+# repeats the one before: only the rooms' ages always change, their peers
+# now and then. So a report's rooms array in the form servers write it,
+#     [{"id": [ns, name], "customer": c, "age": {"secs": s, "nanos": n}, "peers": p}, ...]
+# (with any JSON whitespace, strings without escapes, integers of at most 18
+# digits), is read from its text: cut at the ages, the text between two ages
+# (a seam: the end of one room, its peers, and the start of the next, its id
+# and customer) is compared with the seams of the same server's previous
+# report, and only new seams are matched against the grammar above; the
+# ages are the only numbers converted. Exact: each piece matches a regular
+# grammar that JSON reads one way only (no escapes, every key once, numbers
+# int() reads as json.loads does), and the rest of the body is parsed by
+# json.loads with a marker where the array was, as above. Anything else
+# (another order of keys, an escape, a float, a seam that does not match)
+# is parsed by json.loads as before.
+
+#: The methods whose rooms are read from the text (read_rooms_in_steps).
+REPORT_METHODS = ("sfu.Report", "SubmitReport")
+_W = r"[ \t\n\r]*"  # JSON's whitespace (\s is more)
+_STRING = r'"([^"\\\x00-\x1f]*)"'  # a string without escapes, its text captured
+_INTEGER = r"(0|[1-9][0-9]{0,17})"
+_ROOM_START = _W.join(("", r"\{", '"id"', ":", r"\[", _STRING, ",", _STRING, r"\]", ",", '"customer"', ":",
+                       _STRING, ",", ""))
+_ROOM_END = _W.join(("", ",", '"peers"', ":", _INTEGER, r"\}"))
+_AGE_TEXT = re.compile(_W.join(('"age"', ":", r"\{", '"secs"', ":", _INTEGER, ",", '"nanos"', ":",
+                                _INTEGER, r"\}")))
+_FIRST_SEAM = re.compile(_ROOM_START)
+_SEAM = re.compile(_ROOM_END + _W + "," + _ROOM_START)
+_LAST_SEAM = re.compile(_ROOM_END + _W + r"\]")
+
+
+class RoomsText:
+    """A report's rooms read from its text (read_rooms_in_steps): their
+    columns (RoomColumns), and its seams with what each says, to read the
+    server's next report by: (seams, ids and customers of the rooms they
+    start, peers of the rooms they end)."""
+
+    __slots__ = ("columns", "seams")
+
+    def __init__(self, columns: "RoomColumns", seams: Tuple[List[str], list, list, list]):
+        self.columns = columns
+        self.seams = seams
+
+
+def read_rooms_in_steps(text: str, start: int, previous_of: Callable[[dict], Optional[RoomsText]]
+                        ) -> Generator[None, None, Any]:
+    """The JSON value of text, a report whose rooms array starts at start
+    (just after its "["), with params["rooms"] a RoomsText; None if the text
+    is not in that form. Yields between steps. previous_of(params): what the
+    reporting server's previous report read (its seams are not matched again)."""
+    parts: List[str] = []  # seam, secs, nanos, seam, ..., seam
+    position = start
+    while True:  # cut at the ages, about JSON_STEP_CHARS at a time
+        cut = _AGE_TEXT.search(text, position + JSON_STEP_CHARS)
+        parts += _AGE_TEXT.split(text[position:cut.start() if cut else len(text)])
+        if cut is None:
+            break
+        parts += cut.groups()
+        position = cut.end()
+        yield
+    texts, secs, nanos = parts[0::3], parts[1::3], parts[2::3]
+    first, last = _FIRST_SEAM.fullmatch(texts[0]), _LAST_SEAM.match(texts[-1])
+    if not secs or first is None or last is None:
+        return None
+    try:  # the rest of the body, the array replaced by a marker
+        value, marker = _parse_marked(text, start - 1, len(text) - len(texts[-1]) + last.end())
+    except ValueError:
+        return None
+    params = value.get("params") if isinstance(value, dict) else None
+    if not (isinstance(params, dict) and params.get("rooms") == marker
+            and value.get("method") in REPORT_METHODS):
+        return None
+    seams = texts[1:-1]
+    previous = previous_of(params)
+    known = previous.seams if previous is not None else ([], [], [], [])
+    if seams == known[0]:  # compared in C: no room came, went, or changed its peers
+        ids, customers, peers = known[1:]
+    else:  # the seams known already say what they said; the others are matched
+        rows = list(map(dict(zip(known[0], itertools.count())).get, seams))
+        ids, customers, peers = list(known[1]), list(known[2]), list(known[3])
+        for count, index in enumerate([index for index, row in enumerate(rows) if row is None], 1):
+            seam = _SEAM.fullmatch(seams[index])
+            if seam is None:
+                return None
+            ended, namespace, name, customer = seam.groups()
+            rows[index] = len(ids)
+            ids.append((namespace, name))
+            customers.append(customer)
+            peers.append(int(ended))
+            if count % PREPARE_STEP_ROOMS == 0:
+                yield
+        ids, customers, peers = (list(map(column.__getitem__, rows)) for column in (ids, customers, peers))
+    namespace, name, customer = first.groups()
+    columns = ([(namespace, name)] + ids, [customer] + customers,
+               list(zip(map(int, secs), map(int, nanos))), peers + [int(last.group(1))])
+    params["rooms"] = RoomsText(columns, (seams, ids, customers, peers))
     return value
 
 
@@ -2013,7 +2126,7 @@ class Server:
     __slots__ = ("hostname", "version", "disabled", "draining", "reported_draining", "report",
                  "reported_rooms", "first_seen", "last_seen", "tasks", "key", "room_hashes",
                  "room_keys", "closing", "usage", "pending", "pending_peers", "changes", "integrated",
-                 "region", "pools")
+                 "region", "pools", "rooms_text")
 
     def __init__(self, hostname: str, key: SigningKey, now: float):
         self.hostname = hostname
@@ -2045,6 +2158,8 @@ class Server:
         # Labels for placement: from server_labels, else from its own report.
         self.region: Optional[str] = None
         self.pools: Tuple[str, ...] = ()
+        # Its last report's rooms as read from the text (read_rooms_in_steps), if they were.
+        self.rooms_text: Optional[RoomsText] = None
 
     @property
     def load(self) -> float:
@@ -2403,7 +2518,7 @@ class Grid:
 
     # -- reports ------------------------------------------------------------
 
-    def prepare_rooms(self, hostname: str, rooms: List[Any]) -> Iterator[None]:
+    def prepare_rooms(self, hostname: str, rooms: Union[List[Any], RoomsText]) -> Iterator[None]:
         """Hash the rooms of a coming report that are new to its server, in
         steps of PREPARE_STEP_ROOMS (yielding between them): pure work that
         the report's integration then finds done. The grid does not change
@@ -2412,10 +2527,15 @@ class Grid:
         server = self.servers.get(hostname)
         known = server.room_keys if server is not None else {}
         prepared, orders = self.prepared, self.prepared_order
+        if isinstance(rooms, RoomsText):  # their ids, those it does not know (in C)
+            same = server.integrated if server is not None else None
+            if same is not None and same[0] == rooms.columns[0]:  # the ids of the last report
+                return
+            rooms = list(itertools.filterfalse(known.__contains__, rooms.columns[0]))
         for start in range(0, len(rooms), PREPARE_STEP_ROOMS):
             for room in rooms[start:start + PREPARE_STEP_ROOMS]:
-                room_id = room.get("id") if isinstance(room, dict) else None
-                if not (isinstance(room_id, list) and len(room_id) == 2):
+                room_id = room.get("id") if isinstance(room, dict) else room
+                if not (isinstance(room_id, (list, tuple)) and len(room_id) == 2):
                     continue
                 key = tuple(room_id)
                 if key in known or key in prepared or not all(isinstance(part, str) for part in key):
@@ -3187,7 +3307,7 @@ def _want_server_kind(value: Any) -> Optional[str]:
 
 
 def _want_list(value: Any) -> Optional[str]:
-    return None if isinstance(value, list) else "must be an array of rooms"
+    return None if isinstance(value, (list, RoomsText)) else "must be an array of rooms"
 
 
 def _want_rooms(value: Any) -> Optional[str]:
@@ -3284,6 +3404,13 @@ class Call:
         self.auth = auth
         self.remote = remote  # the default hostname of a server calling from there
         self.notification = notification
+
+
+def _reporter(params: dict, remote: str) -> str:
+    """The hostname of the server that sends a report (its rooms may still be
+    unchecked): its public_endpoint, else the one its address gives."""
+    endpoint = params.get("public_endpoint")
+    return endpoint if isinstance(endpoint, str) and endpoint else remote_hostname(remote)
 
 
 def remote_hostname(address: str) -> str:
@@ -3735,7 +3862,7 @@ class Gateway:
         load = p.take("load", _want_number)
         clients = p.take("clients", _want_number)
         rooms = p.take("rooms", _want_list)
-        columns = room_columns(rooms)
+        columns = rooms.columns if isinstance(rooms, RoomsText) else room_columns(rooms)
         if columns is None and "rooms" not in p.problems:
             p.problems["rooms"] = _want_rooms(rooms) or "must be an array of rooms"
         draining = p.take("draining", _want_bool, False)
@@ -3753,8 +3880,9 @@ class Gateway:
             report["pools"] = pools
         hostname = endpoint or remote_hostname(call.remote)
         before = self.grid.servers.get(hostname)
-        gone = set(before.room_hashes) if before is not None else set()
+        gone = set(before.room_hashes) if before is not None and self.cluster is not None else set()
         server = self.grid.report(hostname, version, report, self.clock(), columns)
+        server.rooms_text = rooms if isinstance(rooms, RoomsText) else None
         if self.warm_until:  # rooms that Connects wait for may have arrived
             self._changed()
         if self.cluster is not None:
@@ -3771,15 +3899,21 @@ class Gateway:
     def prepare_report(self, request: Any, remote: str) -> Iterator[None]:
         """If request (parsed JSON) is a report, the work its rooms need that
         can be done in steps beforehand (Grid.prepare_rooms); else nothing."""
-        if not (isinstance(request, dict) and request.get("method") in ("sfu.Report", "SubmitReport")):
+        if not (isinstance(request, dict) and request.get("method") in REPORT_METHODS):
             return iter(())
         params = request.get("params")
         rooms = params.get("rooms") if isinstance(params, dict) else None
-        if not isinstance(rooms, list):
+        if not isinstance(rooms, (list, RoomsText)):
             return iter(())
-        endpoint = params.get("public_endpoint")  # type: ignore[union-attr]
-        hostname = endpoint if isinstance(endpoint, str) and endpoint else remote_hostname(remote)
-        return self.grid.prepare_rooms(hostname, rooms)
+        return self.grid.prepare_rooms(_reporter(params, remote), rooms)  # type: ignore[arg-type]
+
+    def parse_in_steps(self, body: bytes, remote: str) -> Generator[None, None, Any]:
+        """load_json_in_steps for a body sent to /internal: a report's rooms
+        are read from the text, by its server's previous report (read_rooms_in_steps)."""
+        def previous_of(params: dict) -> Optional[RoomsText]:
+            server = self.grid.servers.get(_reporter(params, remote))
+            return server.rooms_text if server is not None else None
+        return load_json_in_steps(body, lambda text, start: read_rooms_in_steps(text, start, previous_of))
 
     def rpc_drain(self, call: Call, params: dict) -> dict:
         """Drain a server (no new rooms; its rooms stay and are served) or undrain it."""
@@ -4118,6 +4252,8 @@ class Gateway:
             postponed = self._postpone(auth, body)  # type: ignore[arg-type]
             if postponed is not None:
                 return postponed
+        if parsed is _UNPARSED and path == "/internal":  # a report is read by its previous one
+            parsed = _finish_steps(self.parse_in_steps(body, remote))
         status, response_body = self.dispatch(methods, body, auth, remote, parsed)
         if isinstance(response_body, PendingAnswers):
             # Cluster mode: an awaitable answer (the server awaits it, serving others meanwhile).
@@ -4185,6 +4321,18 @@ class Gateway:
             return Response(200, dump_json(status_data(self)))
         return Response(200, render_metrics(self).encode("utf-8"),
                         content_type="text/plain; version=0.0.4; charset=utf-8")
+
+
+def _finish_steps(steps: Generator[None, None, Any]) -> Any:
+    """What a parse in steps returns, all steps taken at once; _UNPARSED if
+    it raises (dispatch then answers the parse error)."""
+    try:
+        while True:
+            next(steps)
+    except StopIteration as done:
+        return done.value
+    except (ValueError, RecursionError):
+        return _UNPARSED
 
 
 def _has_steps(answers: List[dict]) -> bool:
@@ -6838,7 +6986,7 @@ class GatewayServer:
             self.collector_paused = True
         self.big_reports += 1
         try:
-            steps = load_json_in_steps(request.body)
+            steps = self.gateway.parse_in_steps(request.body, remote)
             parsed: Any = _UNPARSED  # unparseable: handle_request answers the parse error
             try:
                 while True:

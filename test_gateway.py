@@ -1337,14 +1337,118 @@ def test_a_malformed_big_report_is_refused_as_json_refuses_it(damage, monkeypatc
     assert isinstance(_steps(broken)[0], ValueError)
 
 
+def _read_and_loaded(gw, body):
+    """(what Gateway.parse_in_steps makes of body, what load_json makes of it,
+    whether the first read the rooms from the text), each a repr: ValueError,
+    or the value with report rooms as columns."""
+    read = []
+
+    def shown(parse):
+        try:
+            value = parse()
+        except ValueError:
+            return "ValueError"
+        params = value.get("params") if isinstance(value, dict) else None
+        rooms = params.get("rooms") if isinstance(params, dict) else None
+        if isinstance(rooms, og.RoomsText):
+            read.append(True)
+            params["rooms"] = ("columns", rooms.columns)
+        elif isinstance(rooms, list) and og.room_columns(rooms) is not None:
+            params["rooms"] = ("columns", og.room_columns(rooms))
+        return repr(value)  # repr: 1 and 1.0, lists and tuples differ
+    return (shown(lambda: _finished(gw.parse_in_steps(body, "127.0.0.1"))), shown(lambda: og.load_json(body)),
+            bool(read))
+
+
+def _finished(steps):
+    try:
+        while True:
+            next(steps)
+    except StopIteration as done:
+        return done.value
+
+
+def _aged_rooms(count, seconds=60, prefix="r"):
+    return [dict(room("ns", "%s%d" % (prefix, i), "c", i % 4), age={"secs": seconds + i, "nanos": 7 * i})
+            for i in range(count)]
+
+
+def test_a_repeated_report_is_read_from_its_text_by_the_previous_one(monkeypatch):
+    clock = Clock()
+    gw = make_gateway(clock)
+    report(gw, SFU1, rooms=_aged_rooms(50))
+    first = gw.grid.servers[SFU1].rooms_text
+    assert first is not None and len(first.seams[0]) == 49
+    clock.advance(5)
+    rooms = _aged_rooms(50, seconds=65)
+    rooms[10]["peers"] = 9  # one seam changed: only it is matched against the grammar
+    matched = []
+    original = og._SEAM
+
+    class Watched:
+        def fullmatch(self, text):
+            matched.append(text)
+            return original.fullmatch(text)
+    monkeypatch.setattr(og, "_SEAM", Watched())
+    report(gw, SFU1, rooms=rooms)
+    assert matched == [', "peers": 9}, {"id": ["ns", "r11"], "customer": "c", ']
+    server = gw.grid.servers[SFU1]
+    assert server.report_json()["rooms"] == rooms and server.usage == {"c": [sum(r["peers"] for r in rooms), 50]}
+    assert all(gw.grid.rooms[og.room_hash("ns", "r%d" % i)].updated == clock.now for i in range(50))
+
+
+#: What one byte of a valid report is replaced by (or preceded by) in the tests below.
+HOSTILE_BYTES = [b'"', b"\\", b" ", b"\n", b"\t", b"\r", b"\x00", b"\x1f", b"\x7f", b"x", b"0", b"9", b"-",
+                 b".", b"e", b"E", b"+", b",", b"{", b"}", b"[", b"]", b":", b"", "\u00e9".encode(),
+                 "\u2028".encode(), "\U0001f600".encode(), b"\xff", b"\\u0041", b"\\\"", b"1e400", b"NaN",
+                 b"-Infinity", b"01", b"1.0", b"1e2", b"123456789012345678", b"1234567890123456789",
+                 b'"age": {"secs": 1, "nanos": 2}, ', b'"peers": 3, ', b'"id": ["a", "b"], ', b"null"]
+
+
+@pytest.mark.parametrize("separators", [(", ", ": "), (",", ":")])
+def test_a_report_one_byte_off_is_read_as_json_reads_it(separators):
+    """Every byte of a report already read, replaced by (and preceded by) each
+    hostile byte: the text reading refuses exactly what json.loads refuses and
+    reads the rest as it does."""
+    gw = make_gateway()
+    body = _report_body(_aged_rooms(2), separators=separators)
+    assert gw.handle_http("POST", "/internal", {}, body, "127.0.0.1").status == 200
+    assert gw.grid.servers[SFU1].rooms_text is not None  # its seams are known now
+    read = 0
+    for position in range(len(body)):
+        for hostile in HOSTILE_BYTES:
+            for mutant in (body[:position] + hostile + body[position + 1:], body[:position] + hostile + body[position:]):
+                fast, slow, from_text = _read_and_loaded(gw, mutant)
+                assert fast == slow, mutant
+                read += from_text
+    assert read > 1000, read  # many were read from the text, not only refused
+
+
+@pytest.mark.parametrize("hostile", HOSTILE_BYTES)
+def test_a_report_off_by_one_byte_in_every_room_is_read_as_json_reads_it(hostile):
+    gw = make_gateway()
+    rooms = _aged_rooms(40)
+    body = _report_body(rooms, separators=(", ", ": "))
+    assert gw.handle_http("POST", "/internal", {}, body, "127.0.0.1").status == 200
+    start = body.index(b'{"id"')
+    size = body.index(b'{"id"', start + 1) - start  # the rooms differ in length by a digit at most
+    for offset in range(0, size, 3):
+        mutant = bytearray(body)
+        for index in reversed(range(len(rooms))):  # the same byte of every room
+            place = body.index(b'{"id": ["ns", "r%d"]' % index) + offset
+            mutant[place:place + 1] = hostile
+        fast, slow, _ = _read_and_loaded(gw, bytes(mutant))
+        assert fast == slow, bytes(mutant)
+
+
 def test_a_big_report_lets_other_requests_run_while_it_is_parsed(monkeypatch):
     monkeypatch.setattr(og, "JSON_STEP_CHARS", 1000)
     original, others_ran = og.load_json_in_steps, []
 
-    def watched(data):
+    def watched(data, *rest):
         ran = []
         asyncio.get_running_loop().call_soon(ran.append, True)  # runs only if the parse yields
-        value = yield from original(data)
+        value = yield from original(data, *rest)
         others_ran.append(bool(ran))
         return value
     monkeypatch.setattr(og, "load_json_in_steps", watched)
@@ -1359,9 +1463,9 @@ def test_only_a_report_admitted_to_internal_is_parsed_in_steps(monkeypatch):
     parsed_in_steps = []
     original = og.load_json_in_steps
 
-    def watched(data):
+    def watched(data, *rest):
         parsed_in_steps.append(len(data))
-        return (yield from original(data))
+        return (yield from original(data, *rest))
     monkeypatch.setattr(og, "load_json_in_steps", watched)
     gw = make_gateway(internal_users={"sfu": "pass:word"})
     body = _report_body([room("ns", "r%d" % i, "c") for i in range(200)])
@@ -4358,6 +4462,55 @@ def test_fuzz_dispatch_answers_only_json_rpc(request_value):
 def test_fuzz_dispatch_survives_arbitrary_bytes(body):
     status, answer = make_gateway().dispatch(og.Gateway.INTERNAL_METHODS, body, None, "127.0.0.1")
     assert status in (200, 204, 400)
+
+
+# Rooms mostly as servers write them (read from the text), now and then not.
+_PLAIN_ROOM = st.tuples(
+    st.sampled_from(["ns", "n s", "\u00e9\U0001f600"]), st.sampled_from(["a", "b", "c", "", "\u2028", "x" * 300]),
+    st.sampled_from(["c1", "c2"]), st.integers(0, 3), st.integers(0, 10 ** 6), st.integers(0, 999_999_999))
+_ODD_ROOM = st.tuples(
+    st.just("ns"), st.sampled_from(["a", 'q"uote', 'r},{"id":["ns","b"]']), st.sampled_from(["c1", "back\\slash"]),
+    st.sampled_from([1, 10 ** 18, 0.5, -1]), st.sampled_from([1, 1.5, -1, 10 ** 18 - 1, 10 ** 19]), st.just(0))
+_TEXT_ROOMS = st.lists(st.tuples(st.integers(0, 5), _PLAIN_ROOM, _ODD_ROOM).map(
+    lambda pick: pick[2] if pick[0] == 0 else pick[1]), max_size=6)
+_TEXT_REPORTS = st.lists(st.tuples(
+    st.sampled_from([SFU1, SFU2]),
+    st.none() | _TEXT_ROOMS,  # None: the server's previous rooms, 5 s older
+    st.sampled_from([(",", ":"), (", ", ": "), (" ,\n ", " :\t")]),
+    st.none() | st.none() | st.tuples(st.integers(0, 10 ** 6), st.sampled_from(HOSTILE_BYTES))),
+    max_size=8)
+
+
+@FUZZ
+@given(_TEXT_REPORTS)
+def test_fuzz_reports_read_from_their_text_leave_the_grid_as_json_would(reports):
+    """A sequence of reports (repeats, changes, hostile bytes) handled by a
+    gateway that reads rooms from the text and by one that parses every report
+    with json.loads: the same answers, grid, reports and usage."""
+    clock = Clock()
+    fast, full = make_gateway(clock), make_gateway(clock)
+    full.parse_in_steps = lambda body, remote: og.load_json_in_steps(body)
+    last = {}
+    for hostname, rooms, separators, hostile in reports:
+        clock.advance(5)
+        if rooms is None:
+            rooms = [(ns, name, customer, peers, secs + 5 if isinstance(secs, int) else secs, nanos)
+                     for ns, name, customer, peers, secs, nanos in last.get(hostname, [])]
+        last[hostname] = rooms
+        body = json.dumps({"jsonrpc": "2.0", "method": "sfu.Report", "id": 1, "params": {
+            "public_endpoint": hostname, "version": "1", "load": 0.5, "clients": 3, "rooms": [
+                {"id": [ns, name], "customer": customer, "age": {"secs": secs, "nanos": nanos}, "peers": peers}
+                for ns, name, customer, peers, secs, nanos in rooms]}},
+            separators=separators, ensure_ascii=False).encode()
+        if hostile is not None:
+            position = hostile[0] % len(body)
+            body = body[:position] + hostile[1] + body[position + 1:]
+        answers = [gw.handle_http("POST", "/internal", {}, body, "127.0.0.1") for gw in (fast, full)]
+        assert answers[0].status == answers[1].status and answers[0].body == answers[1].body
+        assert sorted(map(repr, og.grid_records(fast.grid))) == sorted(map(repr, og.grid_records(full.grid)))
+        assert repr({h: s.report_json() for h, s in fast.grid.servers.items()}) == repr(
+            {h: s.report_json() for h, s in full.grid.servers.items()})
+        assert fast.grid.usage == full.grid.usage
 
 
 @given(st.text(max_size=30), st.text(max_size=30) | st.lists(st.text(max_size=10), max_size=3),
