@@ -5365,6 +5365,13 @@ class HttpFraming:
 #                                 by the gateway that accepted the call, before it
 #                                 answers; taken whole, atomically, by the gateway that
 #                                 takes the server's next report; EX remove_timeout.
+#   odin:taken            hash    "<report id>\n<host>" -> the tasks a report took, one
+#                                 JSON entry a line, until its answer is written (then
+#                                 deleted) or not sent (then handed back to the front of
+#                                 odin:tasks:<host>); the entries of a gateway that is no
+#                                 longer a member are handed back by the others.
+#   odin:cancelled:<id>   string  a report whose take was handed back before it ran
+#                                 (its call timed out): it takes nothing; EX remove_timeout.
 #   odin:taskids:<host>   set     ids of the tasks ever queued there: a task sent again
 #                                 after a call that timed out (but may have run) is
 #                                 not queued twice; EX remove_timeout.
@@ -5412,6 +5419,53 @@ redis.call('EXPIRE', KEYS[1], ARGV[3])
 redis.call('EXPIRE', KEYS[2], ARGV[3])
 return 1
 """
+# Take a server's tasks for a report (report id <member>|<n>), keeping them in
+# odin:taken until the answer is written. KEYS: odin:tasks:<host>, odin:taken,
+# odin:cancelled:<report id>; ARGV: the field "<report id>\n<host>". The tasks.
+_TAKE_SCRIPT = """
+if redis.call('EXISTS', KEYS[3]) == 1 then return {} end
+local tasks = redis.call('LRANGE', KEYS[1], 0, -1)
+if #tasks > 0 then
+  redis.call('DEL', KEYS[1])
+  redis.call('HSET', KEYS[2], ARGV[1], table.concat(tasks, '\\n'))
+end
+return tasks
+"""
+# Tasks taken for a report whose answer was not sent, back to the front of
+# their queue; if the take has not run yet, it never will. KEYS: as _TAKE_SCRIPT;
+# ARGV: the field, the TTL of the cancellation. How many came back.
+_GIVE_BACK_SCRIPT = """
+local taken = redis.call('HGET', KEYS[2], ARGV[1])
+if not taken then
+  redis.call('SET', KEYS[3], '1', 'EX', ARGV[2])
+  return 0
+end
+local entries = {}
+for entry in string.gmatch(taken, '[^\\n]+') do table.insert(entries, entry) end
+for i = #entries, 1, -1 do redis.call('LPUSH', KEYS[1], entries[i]) end
+redis.call('HDEL', KEYS[2], ARGV[1])
+return #entries
+"""
+# The tasks taken by gateways that are no longer members (killed between the
+# take and the answer), back to their queues. KEYS: odin:taken, odin:members;
+# ARGV: the key prefix. How many reports' tasks came back.
+_SWEEP_SCRIPT = """
+local count = 0
+for _, field in ipairs(redis.call('HKEYS', KEYS[1])) do
+  local report, host = string.match(field, '^([^\\n]*)\\n(.*)$')
+  local member = report and string.match(report, '^(.*)|[^|]*$')
+  if member and not redis.call('ZSCORE', KEYS[2], member) then
+    local entries = {}
+    for entry in string.gmatch(redis.call('HGET', KEYS[1], field), '[^\\n]+') do
+      table.insert(entries, entry)
+    end
+    for i = #entries, 1, -1 do redis.call('LPUSH', ARGV[1] .. 'tasks:' .. host, entries[i]) end
+    redis.call('HDEL', KEYS[1], field)
+    count = count + 1
+  end
+end
+return count
+"""
 # A heartbeat: this member is alive (Redis time), silent ones are dropped;
 # the members. KEYS: odin:members; ARGV: member id, seconds of silence allowed.
 _HEARTBEAT_SCRIPT = """
@@ -5438,6 +5492,12 @@ def _aclose(client: Any) -> Any:
     return client.aclose() if hasattr(client, "aclose") else client.close()
 
 
+def _script_in(pipe: Any, script: Any, keys: List[str], args: List[Any]) -> None:
+    """Add a call of a registered script to a pipeline (loaded first if Redis lacks it)."""
+    pipe.scripts.add(script)
+    pipe.evalsha(script.sha, len(keys), *keys, *args)
+
+
 def _claim_record(room: Room) -> dict:
     return {"id": list(room.id), "customer": room.customer, "server": room.server,
             "updated": room.updated}
@@ -5445,6 +5505,18 @@ def _claim_record(room: Room) -> dict:
 
 class _Unreachable(Exception):
     """Redis did not answer within cluster_timeout (or refused the connection)."""
+
+
+class TakenAnswer(Response):
+    """An answer carrying tasks taken from Redis: settle(sent) is called once it is
+    written (sent) or cannot be (its connection is gone), so that the link confirms
+    the take or hands the tasks back."""
+
+    __slots__ = ("settle",)
+
+    def __init__(self, response: Response, settle: Callable[[bool], None]):
+        super().__init__(response.status, response.body, response.headers, response.content_type)
+        self.settle = settle
 
 
 class ClusterLink:
@@ -5475,6 +5547,9 @@ class ClusterLink:
         self._claim = self.redis.register_script(_CLAIM_SCRIPT)
         self._queue = self.redis.register_script(_TASK_SCRIPT)
         self._heartbeat = self.redis.register_script(_HEARTBEAT_SCRIPT)
+        self._take = self.redis.register_script(_TAKE_SCRIPT)
+        self._give_back = self.redis.register_script(_GIVE_BACK_SCRIPT)
+        self._sweep = self.redis.register_script(_SWEEP_SCRIPT)
         self.up = False
         self.loaded = False
         self.members: List[str] = []
@@ -5484,6 +5559,10 @@ class ClusterLink:
         self._serials: Dict[str, asyncio.Lock] = {}  # customer -> its Connects' turn here
         self._sending = asyncio.Lock()  # one batch of placements at a time
         self._task_count = 0
+        self._report_count = 0
+        # Takes of reports' tasks (fields of odin:taken) -> (hostname, whether the
+        # answer was sent; None until it is written or known unsent).
+        self._takes: Dict[str, Tuple[str, Optional[bool]]] = {}
         # Tasks this gateway queued in Redis, until delivered: id -> (hostname, task, since).
         self._undelivered: Dict[str, Tuple[str, dict, float]] = {}
         self._delivered: List[str] = []  # ids of tasks delivered here, to tell the others
@@ -5573,7 +5652,10 @@ class ClusterLink:
         if not self.up:
             await self._resync()
         else:
+            await self._settle_takes()
             await self._push_held_tasks()
+            await self._call(self._sweep(keys=[self.key("taken"), self.key("members")],
+                                         args=[CLUSTER_PREFIX]))
 
     async def _resync(self) -> None:
         """Subscribe, flush what was held while Redis was down, load the shared state."""
@@ -5619,6 +5701,7 @@ class ClusterLink:
         empty, or this gateway served alone meanwhile): newer server records, room
         claims nobody else made, and the admin tasks held here."""
         grid, config = self.gateway.grid, self.gateway.config
+        await self._settle_takes()
         stored = await self._call(self.redis.hgetall(self.key("servers")))
         pipe = self.redis.pipeline(transaction=False)
         for hostname, server in grid.servers.items():
@@ -5821,10 +5904,13 @@ class ClusterLink:
             return None  # held: written when Redis is back (_flush_held)
         grid = self.gateway.grid
 
-        def finish(tasks: Optional[List[dict]]) -> dict:
+        def finish(taken: Optional[Tuple[str, List[dict]]]) -> dict:
             if not answered:
                 return {"tasks": []}
-            return {"tasks": grid.take_tasks(server) + (tasks or [])}
+            tasks = grid.take_tasks(server)
+            if taken is not None:
+                tasks += taken[1]
+            return {"tasks": tasks}
 
         return ClusterStep("report", (server, gone, answered), finish)
 
@@ -5834,9 +5920,9 @@ class ClusterLink:
                 "report": server.report_json(), "first_seen": server.first_seen,
                 "last_seen": server.last_seen}
 
-    def _store_report(self, server: Server, gone: set, take_tasks: bool) -> Any:
+    def _store_report(self, server: Server, gone: set, take: Optional[str]) -> Any:
         """A transaction that stores a server's report, refreshes its rooms' claims,
-        clears its future usage and (take_tasks) takes its queued tasks."""
+        clears its future usage and (take: a field of odin:taken) takes its queued tasks."""
         grid, config = self.gateway.grid, self.gateway.config
         hostname = server.hostname
         record = self._server_record(server)
@@ -5852,22 +5938,55 @@ class ClusterLink:
         for digest in gone:
             pipe.delete(self.key("room", digest))
         pipe.publish(self.key("events"), self._event("report", record=record))
-        if take_tasks:
-            pipe.lrange(self.key("tasks", hostname), 0, -1)
-            pipe.delete(self.key("tasks", hostname))
+        if take is not None:
+            _script_in(pipe, self._take, self._take_keys(take), [take])
         return pipe
+
+    def _take_keys(self, field: str) -> List[str]:
+        report_id, hostname = field.split("\n", 1)
+        return [self.key("tasks", hostname), self.key("taken"), self.key("cancelled", report_id)]
 
     async def complete(self, pending: PendingAnswers) -> Response:
         """Do the answers' steps (together, each under the deadline) and finish them."""
         steps = [answer["result"] for answer in pending.answers
                  if isinstance(answer.get("result"), ClusterStep)]
-        results = await asyncio.gather(*(self._settle(step) for step in steps),
+        takes: List[str] = []  # the reports' takes, settled once the answer is written
+        results = await asyncio.gather(*(self._settle(step, takes) for step in steps),
                                        return_exceptions=True)
-        return self.gateway.finish_steps(pending, list(results))
+        response = self.gateway.finish_steps(pending, list(results))
+        if not takes:
+            return response
+        return TakenAnswer(response, functools.partial(self._answered, takes))
 
-    async def _settle(self, step: ClusterStep) -> Any:
+    def _answered(self, takes: List[str], sent: bool) -> None:
+        """The answer with these takes' tasks was written (sent) or not: confirm them
+        in Redis, or hand them back (now, or at the next heartbeat if this fails)."""
+        for field in takes:
+            self._takes[field] = (self._takes[field][0], sent)
+        asyncio.ensure_future(self._settle_takes())
+
+    async def _settle_takes(self) -> None:
+        """Confirm the takes whose answers were written; hand the others back."""
+        fields = [field for field, (_host, sent) in self._takes.items() if sent is not None]
+        if not fields or not self.up:
+            return
+        pipe = self.redis.pipeline(transaction=False)
+        for field in fields:
+            hostname, sent = self._takes[field]
+            if sent:
+                pipe.hdel(self.key("taken"), field)
+            else:
+                _script_in(pipe, self._give_back, self._take_keys(field),
+                           [field, int(self.gateway.config.remove_timeout)])
+        with contextlib.suppress(_Unreachable):
+            await self._call(pipe.execute())
+            for field in fields:
+                self._takes.pop(field, None)
+
+    async def _settle(self, step: ClusterStep, takes: List[str]) -> Any:
         """Perform a step and finish it, and the steps its finish returns; a serial
-        step holds its lock until its placements are published."""
+        step holds its lock until its placements are published. (takes: where a
+        report's take of tasks is noted.)"""
         lock = None
         if step.serial is not None:
             lock = self._serials.setdefault(step.serial, asyncio.Lock())
@@ -5875,7 +5994,10 @@ class ClusterLink:
         try:
             result: Any = step
             while isinstance(result, ClusterStep):
-                result = result.finish(await self._perform(result))
+                if result.operation == "report":
+                    result = result.finish(await self._perform_report(*result.args, takes))
+                else:
+                    result = result.finish(await self._perform(result))
             if lock is not None:
                 with contextlib.suppress(_Unreachable):  # then the others learn it at the next report
                     await self._send_placed()
@@ -5971,19 +6093,36 @@ class ClusterLink:
                 if host == hostname and task_id not in present:
                     await self._push_task(hostname, task_id, task)
 
-    async def _perform_report(self, server: Server, gone: set, answered: bool) -> Optional[List[dict]]:
+    async def _perform_report(self, server: Server, gone: set, answered: bool,
+                              takes: List[str]) -> Optional[Tuple[str, List[dict]]]:
+        """The report stored in Redis, and (answered) the tasks it took, kept in
+        odin:taken until the answer is written; None if Redis did not answer in time
+        (then a take that may still run is handed back)."""
         if not self.up:
-            raise _Unreachable("down")
-        results = await self._call(self._store_report(server, gone, answered).execute())
-        if not answered:
-            return []
-        entries = [load_json(raw) for raw in results[-2]]
+            return None
+        take = None
+        if answered:
+            self._report_count += 1
+            take = "%s|%d\n%s" % (self.member, self._report_count, server.hostname)
+        try:
+            results = await self._call(self._store_report(server, gone, take).execute())
+        except _Unreachable:
+            if take is not None:  # the take may still run: hand it back, not on this request's time
+                self._takes[take] = (server.hostname, False)
+                asyncio.ensure_future(self._settle_takes())
+            return None
+        if take is None:
+            return None
+        entries = [load_json(raw) for raw in results[-1]]
+        if entries:
+            self._takes[take] = (server.hostname, None)
+            takes.append(take)
         if entries:  # delivered: the gateways that accepted them may forget them
             for entry in entries:
                 self._undelivered.pop(entry["id"], None)
             self._delivered.extend(entry["id"] for entry in entries)
             self._wake.set()
-        return [entry["task"] for entry in entries]
+        return take, [entry["task"] for entry in entries]
 
     def drained(self, hostname: str, draining: bool) -> None:
         """An operator drained (or undrained) a server here: tell the others."""
@@ -6467,13 +6606,18 @@ class Connection(asyncio.Protocol):
     def _respond_later(self, request: Request, future: "asyncio.Future[Response]") -> None:
         """An answer that was awaited (other connections were served meanwhile)."""
         self.waiting = False
-        if self.transport is None:
-            return
         try:
             response = future.result()
         except Exception:  # a bug: answer, log once, keep the process serving
             response = _internal_error(request)
+        settle = getattr(response, "settle", None)  # a TakenAnswer: tasks taken from Redis
+        if self.transport is None:
+            if settle is not None:
+                settle(False)
+            return
         self._answer(request, response)
+        if settle is not None:
+            settle(True)
         if not (self.closing or self.writing_paused or self.pending is not None):
             self._unblock()
 

@@ -5783,6 +5783,48 @@ def test_a_task_held_after_one_slow_call_moves_to_redis_at_the_next_heartbeat(re
         assert http_report(b, SFU1)["tasks"] == [] and http_report(a, SFU1)["tasks"] == []
 
 
+def test_a_report_whose_redis_call_times_out_hands_the_tasks_it_took_back(redis_server):
+    # The report's transaction, stalled past the deadline, runs when Redis wakes up
+    # and takes the server's task, though the answer went out without it: the take
+    # is handed back (the tasks stay in odin:taken until the answer is written),
+    # and the next report, through the other gateway, delivers the task.
+    lobby = [room(NS, "lobby", NS)]
+    with cluster_gateway(redis_server, cluster_heartbeat=60, cluster_timeout=0.2) as a, \
+            cluster_gateway(redis_server) as b:
+        http_report(a, SFU1, rooms=lobby)
+        eventually(b, knows_server(b))
+        assert admin(b, "RoomUpdate", {"room_id": "lobby", "user_data": [7]}) == {}
+        redis_server.pause()
+        try:
+            assert http_report(a, SFU1, rooms=lobby)["tasks"] == []
+        finally:
+            redis_server.resume()
+        assert a.call(lambda: a.gateway.cluster.up)  # slow, not down
+        asyncio.run_coroutine_threadsafe(a.gateway.cluster.beat(), a.loop).result(timeout=5)
+        tasks = http_report(b, SFU1, rooms=lobby)["tasks"]
+        assert [t["user_data"] for t in tasks] == [[7]]
+        assert http_report(a, SFU1, rooms=lobby)["tasks"] == []
+        assert redis_server.client().hlen("odin:taken") == 0  # b's answer was written: confirmed
+
+
+def test_tasks_taken_by_a_gateway_that_died_before_answering_are_handed_back(redis_server):
+    # A gateway killed between the take and the answer leaves its take in
+    # odin:taken under its member id; once it is no longer a member, the next
+    # heartbeat of another gateway puts the tasks back in front of the queue.
+    entry = json.dumps({"id": "x:1", "task": {"task": "RoomUpdate", "id": [NS, "lobby"],
+                                              "user_data": [1]}}, separators=(",", ":"))
+    with cluster_gateway(redis_server) as a:
+        http_report(a, SFU1, rooms=[room(NS, "lobby", NS)])
+        assert admin(a, "RoomUpdate", {"room_id": "lobby", "user_data": [2]}) == {}
+        client = redis_server.client()
+        client.hset("odin:taken", "dead-member-1-abc|4\n" + SFU1, entry)
+        client.hset("odin:taken", a.gateway.cluster.member + "|999\n" + SFU1, entry)  # alive: kept
+        asyncio.run_coroutine_threadsafe(a.gateway.cluster.beat(), a.loop).result(timeout=5)
+        assert client.hkeys("odin:taken") == [a.gateway.cluster.member + "|999\n" + SFU1]
+        tasks = http_report(a, SFU1, rooms=[room(NS, "lobby", NS)])["tasks"]
+        assert [t["user_data"] for t in tasks] == [[1], [2]]
+
+
 def test_redis_killed_and_restarted_empty_the_gateways_serve_then_resync(redis_server, caplog):
     with cluster_gateway(redis_server) as a, cluster_gateway(redis_server) as b:
         http_report(a, SFU1, rooms=[room(NS, "lobby", NS)])
