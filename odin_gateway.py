@@ -2340,6 +2340,10 @@ class Grid:
         # rooms of servers silent for a token's lifetime, the only ones that
         # can expire (a reported room is refreshed by every report).
         self.placed: set = set()
+        # Every server's rooms are known: a warm-up ended (or was turned off)
+        # since a start without saved state, or the state restored says so.
+        # A state saved before that must not spare the next start its warm-up.
+        self.complete = False
         self.frozen_rooms = 0  # rooms when the collector last froze the grid (handle_request)
         # Hashes (and their sort keys) of the rooms of a big report, worked out
         # in steps before it is integrated (prepare_rooms); used up by the report.
@@ -2384,6 +2388,12 @@ class Grid:
             if index < len(self._sorted) and self._sorted[index] == digest:
                 del self._sorted[index]
         self._note(["unroom", digest])
+
+    def set_complete(self) -> None:
+        """Every server's rooms are known from now on (see complete)."""
+        if not self.complete:
+            self.complete = True
+            self._note(["complete"])
 
     def note_server(self, server: Server) -> None:
         self._note(["server", server.hostname, server.version, server.disabled, server.draining])
@@ -2835,6 +2845,7 @@ class Grid:
 #   ["task", hostname, task]                            queued for the server
 #   ["sent", hostname, count]                           its first count tasks were delivered
 #   ["usage", hostname, {customer: [peers, rooms]}]     its last report's usage by customer
+#   ["complete"]                                        every server's rooms are known (Grid.complete)
 
 #: The first line of a state file: its format and version.
 STATE_HEADER = ["odin-gateway-state", 1]
@@ -2853,6 +2864,7 @@ _RECORD_SHAPES: Dict[str, Tuple[type, ...]] = {
     "task": (str, dict),
     "sent": (str, int),
     "usage": (str, dict),
+    "complete": (),
 }
 
 
@@ -2878,6 +2890,8 @@ def record_problem(record: Any) -> Optional[str]:
 
 def grid_records(grid: Grid) -> Iterator[list]:
     """The grid's state as records (a snapshot): servers, their rooms, their tasks."""
+    if grid.complete:
+        yield ["complete"]
     for server in grid.servers.values():
         yield ["server", server.hostname, server.version, server.disabled, server.draining]
         if server.usage:
@@ -2897,6 +2911,9 @@ def apply_record(grid: Grid, record: list, now: float) -> None:
     disable_timeout later, as always.
     """
     kind = record[0]
+    if kind == "complete":
+        grid.complete = True
+        return
     if kind == "room":
         _, digest, namespace, name, customer, hostname, updated, reported = record
         server = grid.servers.get(hostname)
@@ -3079,9 +3096,10 @@ class SavedState:
                 apply_record(grid, record, now)
             grid._recount()  # the usage of the servers as restored, enabled or not
             restored = True
-            log.info("state restored from %s: %d servers, %d rooms, %d tasks", path,
+            log.info("state restored from %s: %d servers, %d rooms, %d tasks%s", path,
                      len(grid.servers), len(grid.rooms),
                      sum(len(server.tasks) for server in grid.servers.values()),
+                     "" if grid.complete else " (saved during a warm-up: warming up again)",
                      extra=fields("state_restored", path=path, servers=len(grid.servers),
                                   rooms=len(grid.rooms)))
         self.resume()
@@ -3418,7 +3436,7 @@ class Gateway:
         self.stats: Dict[str, List[int]] = {}  # method -> [success, failure, rejected]
         # Clock time the warm-up ends (0: not warming up); see begin_warmup.
         self.warm_until = 0.0
-        self.state_restored = False  # started with saved state: no warm-up needed
+        self.state_restored = False  # started with saved state (complete or not: Grid.complete)
         self.saved: Optional[SavedState] = None  # the state_file, once opened
         # Added by the I/O layer: called when Postponed requests may be answered.
         self.on_change: List[Callable[[], None]] = []
@@ -3902,11 +3920,15 @@ class Gateway:
         (setting warmup), a Connect for a room no server has reported waits,
         so that every server can report its rooms before new ones are placed;
         otherwise a room that lives on a server yet to report would be placed
-        on another one. Skipped when the gateway started with saved state."""
+        on another one. Skipped when the gateway started with saved state that
+        knew every server's rooms (Grid.complete): not with the state of a
+        gateway that died during its own warm-up."""
         seconds = self.config.warmup
         if seconds is None:
             seconds = self.config.update_interval + WARMUP_MARGIN
-        if seconds <= 0 or self.state_restored or self.warmed:
+        if seconds <= 0:
+            self.grid.set_complete()
+        if seconds <= 0 or self.grid.complete or self.warmed:
             return
         self.warmed = True
         self.warm_until = self.clock() + seconds
@@ -3916,6 +3938,7 @@ class Gateway:
         """True during the warm-up; ends it (waking the waiting requests) when its time is up."""
         if self.warm_until and now >= self.warm_until:
             self.warm_until = 0.0
+            self.grid.set_complete()
             self.event("warmup_over", now)
             self._changed()
         return self.warm_until > 0
