@@ -5416,6 +5416,8 @@ CLUSTER_PREFIX = "odin:"
 CLUSTER_BATCH_DELAY = 0.005
 #: Rooms loaded per round trip when the state is loaded.
 CLUSTER_LOAD_BATCH = 1000
+#: Ids of delivered tasks a gateway remembers for a Redis that restarts empty.
+CLUSTER_RECENT_DELIVERIES = 100_000
 
 # Claim a new room unless a live server owns it already: one atomic step.
 # KEYS: odin:room:<hash>, odin:seen, odin:events; ARGV: the claim, the oldest
@@ -5516,9 +5518,8 @@ def _aclose(client: Any) -> Any:
 
 
 def _script_in(pipe: Any, script: Any, keys: List[str], args: List[Any]) -> None:
-    """Add a call of a registered script to a pipeline (loaded first if Redis lacks it)."""
-    pipe.scripts.add(script)
-    pipe.evalsha(script.sha, len(keys), *keys, *args)
+    """Add a call of a registered script to a pipeline."""
+    pipe.eval(script.script, len(keys), *keys, *args)  # EVAL: no round trip to load it
 
 
 def _claim_record(room: Room) -> dict:
@@ -5589,6 +5590,10 @@ class ClusterLink:
         # Tasks this gateway queued in Redis, until delivered: id -> (hostname, task, since).
         self._undelivered: Dict[str, Tuple[str, dict, float]] = {}
         self._delivered: List[str] = []  # ids of tasks delivered here, to tell the others
+        # Ids of the tasks delivered here lately (-> hostname), told to a Redis that
+        # restarted (_restore_delivered); the requeue waits until then (_requeue_at).
+        self._recent: Dict[str, str] = {}
+        self._requeue_at: Optional[float] = None
         # Tasks whose call timed out while the link stayed up: id -> (hostname, task).
         self._unsure: Dict[str, Tuple[str, dict]] = {}
         self._redis_run: Optional[str] = None  # Redis's run_id: it changes when Redis restarts
@@ -5741,34 +5746,43 @@ class ClusterLink:
         await self._call(pipe.execute())
         run = (await self._call(self.redis.info("server")))["run_id"]
         if self._redis_run is not None and run != self._redis_run:
-            await self._requeue_lost_tasks()
+            # A new Redis: what it lost is queued again, once every gateway had a
+            # heartbeat's time to say which tasks it delivered (so those are not).
+            await self._restore_delivered()
+            self._requeue_at = self.gateway.clock() + 2 * config.cluster_heartbeat
         self._redis_run = run
         await self._push_held_tasks()
 
     async def _push_held_tasks(self) -> None:
         """Move the admin tasks held here (accepted while Redis did not answer) to Redis,
-        where any gateway can deliver them. Each leaves the local queue before it is sent,
-        so that a report answered meanwhile cannot deliver it twice. A task whose call
-        timed out goes again under its id: queued once, whether or not the first ran."""
-        for task_id, (hostname, task) in list(self._unsure.items()):
-            outcome = await self._push_task(hostname, task_id, task)
+        where any gateway can deliver them, in one round trip. Each gets its id and leaves
+        the local queue before it is sent, so that a report answered here cannot deliver
+        it too; a task whose call failed (it may have reached Redis) goes again under its
+        id: queued once, whether or not the first ran. A task Redis finds no room for
+        stays held here."""
+        waiting = self._requeue_at is not None and self.gateway.clock() < self._requeue_at
+        if self._requeue_at is not None and not waiting:
+            self._requeue_at = None
+            await self._requeue_lost_tasks()
+        grid = self.gateway.grid
+        fresh = {}  # never sent: these need not wait for _requeue_at
+        for server in grid.servers.values():
+            for task in server.tasks:
+                fresh[self._new_task_id()] = (server.hostname, task)
+            server.tasks.clear()
+        self._unsure.update(fresh)
+        pushing = list((fresh if waiting else self._unsure).items())
+        if not pushing:
+            return
+        outcomes = await self._push_tasks([(host, task_id, task) for task_id, (host, task) in pushing])
+        for (task_id, (hostname, task)), outcome in zip(pushing, outcomes):
             del self._unsure[task_id]
-            held = self.gateway.grid.servers.get(hostname)
+            held = grid.servers.get(hostname)
             if outcome == "full" and held is not None:
-                held.tasks.append(task)  # not in Redis: held here like the others
-        for server in list(self.gateway.grid.servers.values()):
-            while server.tasks:
-                task = server.tasks.pop(0)
-                try:
-                    outcome = await self._push_task(server.hostname, self._new_task_id(), task)
-                except _Unreachable:
-                    server.tasks.insert(0, task)
-                    raise
-                if outcome == "full":
-                    server.tasks.insert(0, task)
-                    log.warning("cluster: task queue of %s is full in Redis; %d held tasks stay "
-                                "here", printable(server.hostname), len(server.tasks))
-                    break
+                held.tasks.append(task)
+        if "full" in outcomes:
+            log.warning("cluster: task queues full in Redis; %d held tasks stay here",
+                        outcomes.count("full"))
 
     async def _load(self) -> None:
         """Apply the shared state to the replica: servers, drains, future usage, rooms."""
@@ -5916,7 +5930,11 @@ class ClusterLink:
                 "drain", hostname=hostname, draining=draining))
         if delivered:
             pipe.publish(self.key("events"), self._event("delivered", ids=delivered))
-        await self._call(pipe.execute())
+        try:
+            await self._call(pipe.execute())
+        except _Unreachable:
+            self._delivered[:0] = delivered  # the others must hear of them: next batch
+            raise
 
     # -- steps: what must be in Redis before an answer ------------------------
 
@@ -6079,10 +6097,9 @@ class ClusterLink:
         try:
             return await self._push_task(hostname, task_id, task)
         except _Unreachable:
-            if not self.up:
-                raise
-            # Slow, not down: Redis may still run the call. Sent again under the same
-            # id at the next heartbeat (queued once), never delivered from here.
+            # Redis may have run the call (slow, or the connection broke after it was
+            # sent): sent again under the same id once Redis answers (queued once),
+            # never delivered from here.
             self._unsure[task_id] = (hostname, task)
             return "queued"
 
@@ -6091,17 +6108,38 @@ class ClusterLink:
         return "%s:%d" % (self.member, self._task_count)
 
     async def _push_task(self, hostname: str, task_id: str, task: dict) -> str:
-        """Queue a task in Redis ("queued", or "full"); kept here too until a gateway
-        says it delivered it, so a Redis that restarts empty gets it again."""
+        return (await self._push_tasks([(hostname, task_id, task)]))[0]
+
+    async def _push_tasks(self, items: List[Tuple[str, str, dict]]) -> List[str]:
+        """Queue tasks (hostname, id, task) in Redis in one round trip: each "queued"
+        (now, or before under its id) or "full". Kept here too until a gateway says it
+        delivered it, so a Redis that restarts empty gets it again."""
         config = self.gateway.config
-        entry = _compact_json({"id": task_id, "task": task})
-        queued = await self._call(self._queue(
-            keys=[self.key("tasks", hostname), self.key("taskids", hostname)],
-            args=[entry, config.max_queued_tasks, int(config.remove_timeout), task_id]))
-        if not queued:
-            return "full"
-        self._undelivered[task_id] = (hostname, task, self.gateway.clock())
-        return "queued"
+        pipe = self.redis.pipeline(transaction=False)
+        for hostname, task_id, task in items:
+            _script_in(pipe, self._queue, [self.key("tasks", hostname), self.key("taskids", hostname)],
+                       [_compact_json({"id": task_id, "task": task}), config.max_queued_tasks,
+                        int(config.remove_timeout), task_id])
+        results = await self._call(pipe.execute())
+        now = self.gateway.clock()
+        for (hostname, task_id, task), queued in zip(items, results):
+            if queued:
+                self._undelivered[task_id] = (hostname, task, now)
+        return ["queued" if queued else "full" for queued in results]
+
+    async def _restore_delivered(self) -> None:
+        """Tell a new Redis the ids of the tasks delivered here lately, so that the gateway
+        that accepted one does not queue it again (the task script skips known ids)."""
+        by_host: Dict[str, List[str]] = {}
+        for task_id, hostname in self._recent.items():
+            by_host.setdefault(hostname, []).append(task_id)
+        if not by_host:
+            return
+        pipe = self.redis.pipeline(transaction=False)
+        for hostname, ids in by_host.items():
+            pipe.sadd(self.key("taskids", hostname), *ids)
+            pipe.expire(self.key("taskids", hostname), int(self.gateway.config.remove_timeout))
+        await self._call(pipe.execute())
 
     async def _requeue_lost_tasks(self) -> None:
         """After Redis restarted: queue again the tasks accepted here that it lost."""
@@ -6109,12 +6147,18 @@ class ClusterLink:
         for task_id, (_host, _task, since) in list(self._undelivered.items()):
             if now - since >= config.remove_timeout:  # its server is forgotten by now
                 del self._undelivered[task_id]
-        for hostname in sorted({host for host, _task, _since in self._undelivered.values()}):
-            present = {load_json(raw)["id"] for raw in await self._call(
-                self.redis.lrange(self.key("tasks", hostname), 0, -1))}
-            for task_id, (host, task, _since) in list(self._undelivered.items()):
-                if host == hostname and task_id not in present:
-                    await self._push_task(hostname, task_id, task)
+        hosts = sorted({host for host, _task, _since in self._undelivered.values()})
+        if not hosts:
+            return
+        pipe = self.redis.pipeline(transaction=False)
+        for hostname in hosts:
+            pipe.lrange(self.key("tasks", hostname), 0, -1)
+        present = {load_json(raw)["id"] for entries in await self._call(pipe.execute())
+                   for raw in entries}
+        lost = [(host, task_id, task) for task_id, (host, task, _since) in self._undelivered.items()
+                if task_id not in present]
+        if lost:
+            await self._push_tasks(lost)
 
     async def _perform_report(self, server: Server, gone: set, answered: bool,
                               takes: List[str]) -> Optional[Tuple[str, List[dict]]]:
@@ -6143,6 +6187,9 @@ class ClusterLink:
         if entries:  # delivered: the gateways that accepted them may forget them
             for entry in entries:
                 self._undelivered.pop(entry["id"], None)
+                self._recent[entry["id"]] = server.hostname
+            while len(self._recent) > CLUSTER_RECENT_DELIVERIES:
+                del self._recent[next(iter(self._recent))]
             self._delivered.extend(entry["id"] for entry in entries)
             self._wake.set()
         return take, [entry["task"] for entry in entries]

@@ -5810,6 +5810,32 @@ def test_a_task_held_after_one_slow_call_moves_to_redis_at_the_next_heartbeat(re
         assert http_report(b, SFU1)["tasks"] == [] and http_report(a, SFU1)["tasks"] == []
 
 
+def test_an_admin_call_whose_connection_breaks_after_redis_ran_it_is_delivered_once(redis_server):
+    # The connection breaks after Redis queued the task but before its answer came
+    # back: the task is sent again under its id when Redis answers (queued once),
+    # not held as a new task that would be queued beside the first.
+    lobby = [room(NS, "lobby", NS)]
+    with cluster_gateway(redis_server) as a:
+        http_report(a, SFU1, rooms=lobby)
+        link = a.gateway.cluster
+        push = link._push_tasks
+
+        async def ran_then_broke(items):
+            await push(items)
+            link._down(ConnectionError("Connection closed by server."))
+            raise og._Unreachable("Connection closed by server.")
+
+        link._push_tasks = ran_then_broke
+        try:
+            assert admin(a, "RoomUpdate", {"room_id": "lobby", "user_data": [5]}) == {}
+        finally:
+            del link._push_tasks
+        eventually(a, lambda: a.gateway.cluster.up)  # resynced: sent again under its id
+        tasks = http_report(a, SFU1, rooms=lobby)["tasks"]
+        assert [t["user_data"] for t in tasks] == [[5]]
+        assert http_report(a, SFU1, rooms=lobby)["tasks"] == []
+
+
 def test_a_report_whose_redis_call_times_out_hands_the_tasks_it_took_back(redis_server):
     # The report's transaction, stalled past the deadline, runs when Redis wakes up
     # and takes the server's task, though the answer went out without it: the take
@@ -5918,10 +5944,35 @@ def test_a_task_acknowledged_before_redis_restarts_is_delivered_once(redis_serve
         redis_server.start()
         eventually(a, lambda: a.gateway.cluster.up)
         eventually(b, lambda: b.gateway.cluster.up)
+        # Queued again once every gateway had two heartbeats to say what it delivered.
+        eventually(a, lambda: a.gateway.cluster._requeue_at is None)
         assert [t["task"] for t in http_report(b, SFU1)["tasks"]] == ["RoomClose"]
         assert http_report(a, SFU1)["tasks"] == [] and http_report(b, SFU1)["tasks"] == []
         # Delivered: a forgets it, so a later Redis restart brings nothing back.
         eventually(a, lambda: not a.gateway.cluster._undelivered)
+
+
+def test_a_task_delivered_before_redis_restarts_empty_is_not_queued_again(redis_server):
+    # Found by bench/cluster_run.py: the gateway that accepted a task had not
+    # heard that another delivered it (the word was lost with Redis), and queued
+    # it again in the new Redis. Now the deliverer tells the new Redis what it
+    # delivered, and the requeue waits two heartbeats for that.
+    lobby = [room(NS, "lobby", NS)]
+    with cluster_gateway(redis_server, cluster_heartbeat=0.5) as a, cluster_gateway(redis_server) as b:
+        http_report(a, SFU1, rooms=lobby)
+        eventually(b, knows_server(b))
+        assert admin(a, "RoomClose", {"room_id": "lobby"}) == {}
+        accepted = a.call(lambda: dict(a.gateway.cluster._undelivered))
+        assert [t["task"] for t in http_report(b, SFU1, rooms=lobby)["tasks"]] == ["RoomClose"]
+        eventually(a, lambda: not a.gateway.cluster._undelivered)
+        a.call(lambda: a.gateway.cluster._undelivered.update(accepted))  # as if the word was lost
+        redis_server.kill()
+        eventually(a, lambda: not a.gateway.cluster.up)
+        eventually(b, lambda: not b.gateway.cluster.up)
+        redis_server.start()
+        eventually(a, lambda: a.gateway.cluster.up)
+        eventually(a, lambda: a.gateway.cluster._requeue_at is None)
+        assert http_report(b, SFU1, rooms=lobby)["tasks"] == []
 
 
 def test_a_drain_through_one_gateway_holds_on_every_gateway(redis_server):
