@@ -1938,6 +1938,14 @@ EVENT_KINDS: Dict[str, Tuple[int, str]] = {
                                  "{members} members"),
     "cluster_down": (logging.ERROR, "cluster: Redis unreachable ({reason}); serving from this "
                                     "gateway's replica until it answers again"),
+    "cluster_member_joined": (logging.INFO, "cluster: member {member} joined ({members} members)"),
+    "cluster_member_left": (logging.INFO, "cluster: member {member} left: stopped, or no heartbeat "
+                                          "for {silence:g} s ({members} members)"),
+    # The supervisor logs a worker's start and death itself (it sees both, even
+    # a worker that cannot start); the worker's feed records them unlogged.
+    "worker_started": (logging.DEBUG, "worker {worker} of {workers} started (pid {pid})"),
+    "worker_restarted": (logging.DEBUG, "worker {worker} restarted (pid {pid}): pid {died_pid} "
+                                        "{died} after {lived:.1f} s"),
     "listening": (logging.INFO, "listening on {url}"),
     "stopping": (logging.INFO, "stopping: finishing requests in flight"),
     "stopped": (logging.INFO, "stopped listening on {url}"),
@@ -5542,6 +5550,12 @@ class ClusterLink:
             args=[self.member, 3 * self.gateway.config.cluster_heartbeat]), heartbeat=True)
         members = sorted(m.decode() if isinstance(m, bytes) else m for m in members)
         if members != self.members:
+            if self.members:  # not this gateway's first view of the cluster
+                for member in sorted(set(self.members) - set(members) - {self.member}):
+                    self.gateway.event("cluster_member_left", member=member, members=len(members),
+                                       silence=3 * self.gateway.config.cluster_heartbeat)
+                for member in sorted(set(members) - set(self.members) - {self.member}):
+                    self.gateway.event("cluster_member_joined", member=member, members=len(members))
             self.members = members
             self.changed.set()
         if not self.up:
@@ -7555,11 +7569,17 @@ def _short(value: Any, limit: int = 100) -> str:
 
 
 class JsonFormatter(logging.Formatter):
-    """One JSON object per line: time, level, logger, message (and traceback)."""
+    """One JSON object per line: time, level, logger, (worker,) message (and traceback)."""
+
+    def __init__(self, worker: Optional[int] = None) -> None:
+        super().__init__()
+        self.worker = worker  # with workers, each worker's lines say which one wrote them
 
     def format(self, record: logging.LogRecord) -> str:
         entry = {"time": iso_time(record.created), "level": record.levelname,
                  "logger": record.name, "message": record.getMessage()}
+        if self.worker is not None:
+            entry["worker"] = self.worker
         if hasattr(record, "event"):
             entry["event"] = record.event
             for name, value in record.fields.items():
@@ -7570,19 +7590,23 @@ class JsonFormatter(logging.Formatter):
 
 
 class PrettyFormatter(logging.Formatter):
-    """A line for people: UTC time with its Z (as the JSON lines), level, message."""
+    """A line for people: UTC time with its Z (as the JSON lines), level, (worker,) message."""
 
-    def __init__(self) -> None:
-        super().__init__("%(asctime)s %(levelname)-7s %(message)s")
+    def __init__(self, worker: Optional[int] = None) -> None:
+        super().__init__("%(asctime)s %(levelname)-7s " + (
+            "" if worker is None else "worker %d: " % worker) + "%(message)s")
 
     def formatTime(self, record: logging.LogRecord, datefmt: Optional[str] = None) -> str:
         return iso_time(record.created)
 
 
 def configure_logging(level: str, fmt: str, stream: Any = None) -> None:
-    """Send odin_gateway's log to stderr in the chosen format (main() only)."""
+    """Send odin_gateway's log to stderr in the chosen format (main() only); a worker's
+    lines carry its number (the workers of one box share the supervisor's stderr)."""
     handler = logging.StreamHandler(stream or sys.stderr)
-    handler.setFormatter(JsonFormatter() if fmt == "json" else PrettyFormatter())
+    number = os.environ.get(WORKER_ENV)
+    worker = int(number) if number and number.isdigit() else None
+    handler.setFormatter(JsonFormatter(worker) if fmt == "json" else PrettyFormatter(worker))
     log.handlers[:] = [handler]
     log.setLevel(level)
     log.propagate = False
@@ -7955,6 +7979,8 @@ def _printing(command: Callable[[Any], int], args: Any) -> int:
 
 #: Set in a worker's environment: its number (the supervisor does not set it for itself).
 WORKER_ENV = "ODIN_GATEWAY_WORKER"
+#: Set in a restarted worker's environment: how the worker it replaces ended (JSON).
+WORKER_REPLACES_ENV = "ODIN_GATEWAY_WORKER_REPLACES"
 #: Seconds a worker must live for an immediate restart; one that dies sooner waits this long.
 WORKER_RESTART_DELAY = 1.0
 
@@ -7969,6 +7995,29 @@ def _reserve_port(host: str) -> socket.socket:
     return sock
 
 
+def _ended(status: int) -> str:
+    """How a process ended, from its wait status: "was killed by SIGKILL", "exited with status 1"."""
+    import signal
+
+    if os.WIFSIGNALED(status):
+        number = os.WTERMSIG(status)
+        try:
+            return "was killed by %s" % signal.Signals(number).name
+        except ValueError:
+            return "was killed by signal %d" % number
+    return "exited with status %d" % os.WEXITSTATUS(status)
+
+
+def record_worker_start(gateway: Gateway, number: int) -> None:
+    """A worker's start, and how the worker it replaces ended, in its own event feed."""
+    gateway.event("worker_started", worker=number, workers=gateway.config.workers, pid=os.getpid())
+    replaces = os.environ.get(WORKER_REPLACES_ENV)
+    if replaces:
+        died = json.loads(replaces)
+        gateway.event("worker_restarted", worker=number, pid=os.getpid(), died_pid=died["pid"],
+                      died=died["died"], lived=died["lived"])
+
+
 def run_workers(config: Config, argv: List[str]) -> int:
     """Supervise config.workers gateway processes sharing config.port; the exit status."""
     import signal
@@ -7976,6 +8025,13 @@ def run_workers(config: Config, argv: List[str]) -> int:
     if not hasattr(socket, "SO_REUSEPORT"):
         log.error("workers: this system has no SO_REUSEPORT; run one process per port instead")
         return 2
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    if config.workers > cores:
+        # Affinity is inherited: workers started under taskset (or in a cpuset) share its cores.
+        log.warning("workers = %d, but this process may run on %d core%s only (its CPU affinity: "
+                    "taskset, numactl or a cpuset); the workers share %s", config.workers, cores,
+                    "" if cores == 1 else "s", "it" if cores == 1 else "them",
+                    extra=fields("workers_share_cores", workers=config.workers, cores=cores))
     port, held = config.port, None
     if port == 0:
         held = _reserve_port(config.host)
@@ -7984,11 +8040,21 @@ def run_workers(config: Config, argv: List[str]) -> int:
     workers: Dict[int, "subprocess.Popen[bytes]"] = {}
     started: Dict[int, float] = {}
     stopping: List[int] = []
+    passed: List[Tuple[int, set]] = []  # each signal passed on, and the workers it reached
 
-    def start(number: int) -> None:
+    def start(number: int, replaces: Optional[dict] = None) -> None:
         env = dict(os.environ, **{WORKER_ENV: str(number)})
+        env.pop(WORKER_REPLACES_ENV, None)
+        if replaces is not None:
+            env[WORKER_REPLACES_ENV] = _compact_json(replaces)
+        seen = len(passed)
         # A session of its own: a terminal's Ctrl-C reaches the supervisor only, which passes it on.
         workers[number] = subprocess.Popen(command, env=env, start_new_session=True)
+        # A signal passed on while it started missed it (a stop would wait for it for ever).
+        for signum, reached in passed[seen:]:
+            if number not in reached:
+                with contextlib.suppress(ProcessLookupError):
+                    workers[number].send_signal(signum)
         started[number] = time.monotonic()
         log.info("worker %d started (pid %d)", number, workers[number].pid,
                  extra=fields("worker_started", worker=number, pid=workers[number].pid))
@@ -7996,15 +8062,18 @@ def run_workers(config: Config, argv: List[str]) -> int:
     def pass_on(signum: int, _frame: Any) -> None:
         if signum != getattr(signal, "SIGHUP", None):
             stopping.append(signum)
+        signum = signal.SIGTERM if signum == signal.SIGINT else signum
+        passed.append((signum, set(workers)))
         for process in workers.values():
             with contextlib.suppress(ProcessLookupError):
-                process.send_signal(signal.SIGTERM if signum == signal.SIGINT else signum)
+                process.send_signal(signum)
 
     handled = [signal.SIGTERM, signal.SIGINT] + ([signal.SIGHUP] if hasattr(signal, "SIGHUP") else [])
     previous = {signum: signal.signal(signum, pass_on) for signum in handled}
     try:
         for number in range(1, config.workers + 1):
-            start(number)
+            if not stopping:
+                start(number)
         while workers:
             pid, status = os.wait()  # returns after a signal handler, too (PEP 475)
             number = next((n for n, p in workers.items() if p.pid == pid), None)
@@ -8014,13 +8083,14 @@ def run_workers(config: Config, argv: List[str]) -> int:
             if stopping:
                 continue
             lived = time.monotonic() - started[number]
-            log.error("worker %d (pid %d) died (status %s) after %.1f s; restarting it", number,
-                      pid, status, lived, extra=fields("worker_died", worker=number, pid=pid,
-                                                       status=status))
+            died = _ended(status)
+            log.error("worker %d (pid %d) %s after %.1f s; restarting it", number, pid, died, lived,
+                      extra=fields("worker_died", worker=number, pid=pid, status=status, died=died,
+                                   lived=round(lived, 3)))
             if lived < WORKER_RESTART_DELAY:
                 time.sleep(WORKER_RESTART_DELAY)  # a worker that cannot start must not spin
             if not stopping:
-                start(number)
+                start(number, {"pid": pid, "died": died, "lived": round(lived, 3)})
     finally:
         for signum, handler in previous.items():
             signal.signal(signum, handler)
@@ -8076,9 +8146,11 @@ def main(argv: Optional[List[str]] = None) -> int:
     if config.workers > 1 and worker is None:
         log.info("odin_gateway %s: starting %d workers", __version__, config.workers)
         return run_workers(config, given)
-    log.info("odin_gateway %s (config: %s)%s: %s", __version__,
+    log.info("odin_gateway %s (config: %s): %s", __version__,  # a worker's lines say which
              config.source if config.source != "Config()" else "built-in defaults",
-             " worker %s" % worker if worker else "", gateway.customer_counts())
+             gateway.customer_counts())
+    if worker:
+        record_worker_start(gateway, int(worker))
     warn_about_exposure(gateway)
     tune_collector()
     try:

@@ -5052,9 +5052,11 @@ def test_every_event_kind_is_fired_by_the_action_that_causes_it():
 
     fired = set(kinds(gw)) | set(kinds(tiny))
     # config_reload_refused and stopping come from signals: see the SIGHUP and SIGTERM tests;
-    # cluster_up and cluster_down from Redis: see the cluster tests.
-    assert set(og.EVENT_KINDS) - fired == {"config_reload_refused", "stopping", "cluster_up",
-                                           "cluster_down"}
+    # cluster_up, cluster_down and cluster_member_* from Redis: see the cluster tests;
+    # worker_* from a supervisor: see the workers tests.
+    assert set(og.EVENT_KINDS) - fired == {
+        "config_reload_refused", "stopping", "cluster_up", "cluster_down", "cluster_member_joined",
+        "cluster_member_left", "worker_started", "worker_restarted"}
 
 
 def test_log_lines_are_the_feed_records(caplog):
@@ -5851,6 +5853,22 @@ def test_members_are_listed_and_a_stopped_member_is_dropped(redis_server):
         eventually(a, lambda: a.gateway.cluster.members == [a.gateway.cluster.member])
 
 
+def test_a_member_that_joins_or_leaves_is_an_event_on_the_others(redis_server):
+    # A worker's death shows in the feed of the workers that survive it (Events, /status).
+    def kinds(server):
+        return [(e["kind"], e.get("member")) for e in server.gateway.events.events
+                if e["kind"].startswith("cluster_member")]
+
+    with cluster_gateway(redis_server) as a:
+        with cluster_gateway(redis_server) as b:
+            member_b = b.gateway.cluster.member
+            eventually(a, lambda: member_b in a.gateway.cluster.members)
+            assert kinds(b) == []  # its first view of the cluster is not news
+        eventually(a, lambda: len(a.gateway.cluster.members) == 1)
+        assert a.call(lambda: kinds(a)) == [("cluster_member_joined", member_b),
+                                            ("cluster_member_left", member_b)]
+
+
 def test_a_gateway_that_joins_is_not_ready_before_the_state_is_loaded(redis_server):
     with cluster_gateway(redis_server) as a:
         for index in range(2):
@@ -5998,14 +6016,31 @@ def test_workers_share_the_port_get_every_signal_and_are_restarted(tmp_path, red
 
     try:
         pids = [record["pid"] for record in wait_for("worker_started", 2)]
-        ports = {int(r["message"].rsplit(":", 1)[1]) for r in wait_for("listening on ", 2)}
+        listening = wait_for("listening on ", 2)
+        assert sorted(record["worker"] for record in listening) == [1, 2]  # who wrote each line
+        ports = {int(r["message"].rsplit(":", 1)[1]) for r in listening}
         assert len(ports) == 1  # one port, two processes
         url = "http://127.0.0.1:%d" % ports.pop()
+        wait_for("cluster_member_joined")  # the first saw the second join: each knows the other
         os.kill(pids[0], signal.SIGKILL)
-        assert wait_for("worker_died")[0]["pid"] == pids[0]
+        died = wait_for("worker_died")[0]
+        assert (died["pid"], died["died"]) == (pids[0], "was killed by SIGKILL")
         restarted = wait_for("worker_started")[0]["pid"]
         wait_for("listening on ")
         wait_until_ready_or_no_server(url)
+        # Each worker's feed (Events, /status): the new one says whom it replaced, the
+        # other saw the dead member leave and the new one join.
+        feeds = {}
+        deadline = time.monotonic() + 20
+        while len(feeds) < 2 or "cluster_member_joined" not in feeds.get(pids[1], {}):
+            assert time.monotonic() < deadline, feeds
+            events = og.RpcClient(url + "/internal").call("Events")["events"]  # a new connection
+            start = next(e for e in events if e["kind"] == "worker_started")
+            feeds[start["pid"]] = {e["kind"]: e for e in events}
+        assert feeds[restarted]["worker_restarted"]["died_pid"] == pids[0]
+        assert feeds[restarted]["worker_restarted"]["died"] == "was killed by SIGKILL"
+        assert {"cluster_member_left", "cluster_member_joined"} <= set(feeds[pids[1]])
+        assert "worker_restarted" not in feeds[pids[1]]
         supervisor.send_signal(signal.SIGHUP)  # reaches both workers
         assert len(wait_for("config_reloaded", 2)) == 2
         supervisor.send_signal(signal.SIGTERM)
@@ -6014,10 +6049,40 @@ def test_workers_share_the_port_get_every_signal_and_are_restarted(tmp_path, red
             with pytest.raises(ProcessLookupError):
                 os.kill(pid, 0)
     finally:
-        if supervisor.poll() is None:
+        stop_supervisor(supervisor)
+
+
+def stop_supervisor(supervisor):
+    """Stop a --workers supervisor and its workers (a kill would leave them running)."""
+    if supervisor.poll() is None:
+        supervisor.terminate()
+        try:
+            supervisor.wait(timeout=30)
+        except subprocess.TimeoutExpired:
             supervisor.kill()
             supervisor.wait()
-        supervisor.stderr.close()
+    supervisor.stderr.close()
+
+
+@pytest.mark.skipif(not hasattr(os, "sched_setaffinity"), reason="CPU affinity is Linux's")
+def test_workers_on_fewer_cores_than_workers_say_so(tmp_path, redis_server):
+    # Workers inherit the supervisor's CPU affinity: under taskset -c 0, two workers share one core.
+    path = tmp_path / "gateway_config.py"
+    path.write_text("host = '127.0.0.1'\nport = 0\nlog_format = 'json'\nworkers = 2\n"
+                    "cluster = %r\n" % redis_server.url)
+    supervisor = subprocess.Popen([sys.executable, str(HERE / "odin_gateway.py"), "--config",
+                                   str(path)], stderr=subprocess.PIPE, text=True, cwd=str(tmp_path),
+                                  preexec_fn=lambda: os.sched_setaffinity(0, {0}))
+    try:
+        for line in supervisor.stderr:
+            record = json.loads(line)
+            if record.get("event") in ("workers_share_cores", "worker_started"):
+                break
+        assert record["event"] == "workers_share_cores", record
+        assert (record["workers"], record["cores"]) == (2, 1)
+        assert "taskset" in record["message"]
+    finally:
+        stop_supervisor(supervisor)
 
 
 def test_workers_need_a_cluster():
