@@ -2210,7 +2210,7 @@ class Placement:
 
 def place_room(taking: List[Server], *, pool: Optional[str], region: Optional[str],
                pinned: Optional[str], region_fallback: Dict[str, List[str]], rule: str,
-               rng: random.Random) -> Placement:
+               rng: random.Random, room_key: str = "") -> Placement:
     """The placement rule for a new room (README: "Regions and pools"), among
     the servers taking rooms now (answering, not draining).
 
@@ -2222,7 +2222,8 @@ def place_room(taking: List[Server], *, pool: Optional[str], region: Optional[st
        without a region, every candidate. The first tier with a server that
        is not estimated full is used; when all are full, every candidate.
     3. The pick within the tier: "balanced", the least estimated load (ties
-       at random); "random", the original's draw weighted by 1 - load.
+       at random); "random", the original's draw weighted by 1 - load;
+       "hashed" (a cluster gateway without Redis), by room_key alone.
     """
     placement = Placement(region, pool)
     # 1. Candidates.
@@ -2271,7 +2272,7 @@ def place_room(taking: List[Server], *, pool: Optional[str], region: Optional[st
     else:
         why_tier = "%s; so any region" % "; ".join(skipped)
     # 3. The pick within the tier.
-    placement.server, why_pick = _pick_in_tier(tiers[placement.used][2], rule, rng)
+    placement.server, why_pick = _pick_in_tier(tiers[placement.used][2], rule, rng, room_key)
     placement.reason = "%s; %s" % (why_tier, why_pick)
     return placement
 
@@ -2283,10 +2284,18 @@ def _pool_allows(server: Server, pool: Optional[str]) -> bool:
 
 
 def _pick_in_tier(members: List[Tuple[Server, float]], rule: str,
-                  rng: random.Random) -> Tuple[Server, str]:
+                  rng: random.Random, room_key: str = "") -> Tuple[Server, str]:
     """The server for a room among a tier's candidates, and why it."""
     if len(members) == 1:
         return members[0][0], "the only candidate"
+    if rule == "hashed":
+        # Rendezvous hashing: the same room gets the same server on every gateway
+        # that knows the same candidates, with no one to ask (ClusterLink, Redis down).
+        def weight(server: Server) -> bytes:
+            return hashlib.blake2b(("%s\0%s" % (room_key, server.hostname)).encode("utf-8"),
+                                   digest_size=8).digest()
+        return (max((server for server, _load in members), key=weight),
+                "by the room's hash among %d, as every gateway without Redis picks" % len(members))
     if rule == "random":
         weights = [1.0 - min(max(load, 0.0), 1.0) for _server, load in members]
         why = "drawn at random, weighted by free capacity (1 - load), among %d" % len(members)
@@ -2327,6 +2336,10 @@ class Grid:
         # Cluster hook: called with (hostname, customer, new_room) for every
         # peer Connect places, so the cluster link can share future usage.
         self.on_placed: Optional[Callable[[str, str, int], None]] = None
+        # Cluster: True while this gateway places new rooms without Redis (and
+        # shortly after it returns): then every gateway picks a room's server by
+        # the room's hash, so that they agree without asking (ClusterLink).
+        self.placing_alone = False
         # Called with (record, acknowledged) for every change worth saving
         # (section "Saved state"); None: nobody saves the state.
         self.journal: Optional[Callable[[list, bool], None]] = None
@@ -2335,6 +2348,10 @@ class Grid:
         # rooms of servers silent for a token's lifetime, the only ones that
         # can expire (a reported room is refreshed by every report).
         self.placed: set = set()
+        # Every server's rooms are known: a warm-up ended (or was turned off)
+        # since a start without saved state, or the state restored says so.
+        # A state saved before that must not spare the next start its warm-up.
+        self.complete = False
         self.frozen_rooms = 0  # rooms when the collector last froze the grid (handle_request)
         # Hashes (and their sort keys) of the rooms of a big report, worked out
         # in steps before it is integrated (prepare_rooms); used up by the report.
@@ -2379,6 +2396,12 @@ class Grid:
             if index < len(self._sorted) and self._sorted[index] == digest:
                 del self._sorted[index]
         self._note(["unroom", digest])
+
+    def set_complete(self) -> None:
+        """Every server's rooms are known from now on (see complete)."""
+        if not self.complete:
+            self.complete = True
+            self._note(["complete"])
 
     def note_server(self, server: Server) -> None:
         self._note(["server", server.hostname, server.version, server.disabled, server.draining])
@@ -2655,7 +2678,7 @@ class Grid:
         room = self.rooms.get(digest)
         if server is None:
             moved_from = room.server if room is not None else None
-            server = self._place(room_id, customer, pinned, region, pool, now, moved_from)
+            server = self._place(room_id, customer, pinned, region, pool, now, moved_from, digest)
         new_here = room is None or room.server != server.hostname
         if room is None:
             self._map(digest, Room(room_id, customer, server.hostname, now), acknowledged=True)
@@ -2698,11 +2721,13 @@ class Grid:
         return server if server is not None and self.answering(server, now) else None
 
     def place(self, *, pool: Optional[str], region: Optional[str], pinned: Optional[str],
-              now: float, rng: random.Random) -> Placement:
-        """The placement rule (place_room) over this grid's servers and settings."""
+              now: float, rng: random.Random, digest: str = "") -> Placement:
+        """The placement rule (place_room) over this grid's servers and settings
+        (digest: the room's hash, for the pick of a gateway placing alone)."""
         return place_room(self.candidates(now), pool=pool, region=region, pinned=pinned,
-                          region_fallback=self.config.region_fallback, rule=self.config.placement,
-                          rng=rng)
+                          region_fallback=self.config.region_fallback,
+                          rule="hashed" if self.placing_alone else self.config.placement,
+                          rng=rng, room_key=digest)
 
     # -- cluster replica (see ClusterLink) -------------------------------------
 
@@ -2736,10 +2761,11 @@ class Grid:
 
     def _place(self, room_id: Tuple[str, str], customer: str, pinned: Optional[str],
                region: Optional[str], pool: Optional[str], now: float,
-               moved_from: Optional[str] = None) -> Server:
+               moved_from: Optional[str] = None, digest: str = "") -> Server:
         """A server for a new room (or one whose server is gone: moved_from), counted
         by tier and recorded as a room_placed event; refused if none."""
-        placement = self.place(pool=pool, region=region, pinned=pinned, now=now, rng=self._gateway.rng)
+        placement = self.place(pool=pool, region=region, pinned=pinned, now=now, rng=self._gateway.rng,
+                               digest=digest)
         server, tier = placement.server, placement.tier
         if server is None or tier is None:
             if log.isEnabledFor(logging.DEBUG):
@@ -2827,6 +2853,7 @@ class Grid:
 #   ["task", hostname, task]                            queued for the server
 #   ["sent", hostname, count]                           its first count tasks were delivered
 #   ["usage", hostname, {customer: [peers, rooms]}]     its last report's usage by customer
+#   ["complete"]                                        every server's rooms are known (Grid.complete)
 
 #: The first line of a state file: its format and version.
 STATE_HEADER = ["odin-gateway-state", 1]
@@ -2845,6 +2872,7 @@ _RECORD_SHAPES: Dict[str, Tuple[type, ...]] = {
     "task": (str, dict),
     "sent": (str, int),
     "usage": (str, dict),
+    "complete": (),
 }
 
 
@@ -2870,6 +2898,8 @@ def record_problem(record: Any) -> Optional[str]:
 
 def grid_records(grid: Grid) -> Iterator[list]:
     """The grid's state as records (a snapshot): servers, their rooms, their tasks."""
+    if grid.complete:
+        yield ["complete"]
     for server in grid.servers.values():
         yield ["server", server.hostname, server.version, server.disabled, server.draining]
         if server.usage:
@@ -2889,6 +2919,9 @@ def apply_record(grid: Grid, record: list, now: float) -> None:
     disable_timeout later, as always.
     """
     kind = record[0]
+    if kind == "complete":
+        grid.complete = True
+        return
     if kind == "room":
         _, digest, namespace, name, customer, hostname, updated, reported = record
         server = grid.servers.get(hostname)
@@ -3071,9 +3104,10 @@ class SavedState:
                 apply_record(grid, record, now)
             grid._recount()  # the usage of the servers as restored, enabled or not
             restored = True
-            log.info("state restored from %s: %d servers, %d rooms, %d tasks", path,
+            log.info("state restored from %s: %d servers, %d rooms, %d tasks%s", path,
                      len(grid.servers), len(grid.rooms),
                      sum(len(server.tasks) for server in grid.servers.values()),
+                     "" if grid.complete else " (saved during a warm-up: warming up again)",
                      extra=fields("state_restored", path=path, servers=len(grid.servers),
                                   rooms=len(grid.rooms)))
         self.resume()
@@ -3410,7 +3444,7 @@ class Gateway:
         self.stats: Dict[str, List[int]] = {}  # method -> [success, failure, rejected]
         # Clock time the warm-up ends (0: not warming up); see begin_warmup.
         self.warm_until = 0.0
-        self.state_restored = False  # started with saved state: no warm-up needed
+        self.state_restored = False  # started with saved state (complete or not: Grid.complete)
         self.saved: Optional[SavedState] = None  # the state_file, once opened
         # Added by the I/O layer: called when Postponed requests may be answered.
         self.on_change: List[Callable[[], None]] = []
@@ -3612,23 +3646,28 @@ class Gateway:
             self._check_limit(licensee, licensee.room_limit, rooms, "rooms")
             region, pool = self.labels_of(licensee.customer_id)
             placement = self.grid.place(pool=pool, region=claimed_region or region, pinned=pinned,
-                                        now=now, rng=self.rng)
+                                        now=now, rng=self.rng, digest=digest)
             if placement.server is None:
                 raise placement.refusal()
             record = {"id": [namespace, room_name], "customer": licensee.customer_id,
                       "server": placement.server.hostname, "updated": now}
             return ClusterStep("claim", (digest, record), functools.partial(
-                self._connect_claimed, auth, digest, namespace, room_name, pinned, claimed_region))
+                self._connect_claimed, auth, digest, namespace, room_name, pinned, claimed_region,
+                record["server"]))
         return self._connect_to(auth, digest, namespace, room_name, pinned, claimed_region)
 
     def _connect_claimed(self, auth: Authorization, digest: str, namespace: str, room_name: str,
-                         pinned: Optional[str], claimed_region: Optional[str],
+                         pinned: Optional[str], claimed_region: Optional[str], attempted: str,
                          claimed: Optional[dict]) -> dict:
         """Connect's answer once Redis said who has the new room. Claimed by this gateway:
         placed here on the claimed server (and counted as a new room here); by another: the
-        link mapped it there. None: Redis was unreachable, the room is placed here alone."""
+        link mapped it there. None: Redis was unreachable, the room is placed here alone: on
+        the server it tried to claim if Redis was only slow (the claim may still run), else
+        by the pick of a gateway without Redis."""
         if claimed is not None and claimed["won"]:
             pinned = claimed["server"]
+        elif claimed is None and self.cluster is not None and self.cluster.up:
+            pinned = attempted
         return self._connect_to(auth, digest, namespace, room_name, pinned, claimed_region)
 
     def _connect_to(self, auth: Authorization, digest: str, namespace: str, room_name: str,
@@ -3889,11 +3928,15 @@ class Gateway:
         (setting warmup), a Connect for a room no server has reported waits,
         so that every server can report its rooms before new ones are placed;
         otherwise a room that lives on a server yet to report would be placed
-        on another one. Skipped when the gateway started with saved state."""
+        on another one. Skipped when the gateway started with saved state that
+        knew every server's rooms (Grid.complete): not with the state of a
+        gateway that died during its own warm-up."""
         seconds = self.config.warmup
         if seconds is None:
             seconds = self.config.update_interval + WARMUP_MARGIN
-        if seconds <= 0 or self.state_restored or self.warmed:
+        if seconds <= 0:
+            self.grid.set_complete()
+        if seconds <= 0 or self.grid.complete or self.warmed:
             return
         self.warmed = True
         self.warm_until = self.clock() + seconds
@@ -3903,6 +3946,7 @@ class Gateway:
         """True during the warm-up; ends it (waking the waiting requests) when its time is up."""
         if self.warm_until and now >= self.warm_until:
             self.warm_until = 0.0
+            self.grid.set_complete()
             self.event("warmup_over", now)
             self._changed()
         return self.warm_until > 0
@@ -5363,7 +5407,8 @@ class HttpFraming:
 #                                 others apply to their replicas as it happens.
 #
 # When Redis cannot be reached, each gateway serves from its replica (mapped
-# rooms as mapped, new rooms placed locally, admin tasks and reports held),
+# rooms as mapped, new rooms placed locally by their hash so that the
+# gateways agree without Redis, admin tasks and reports held),
 # says so once in the log, in Info and in odin_gateway_cluster_up; when
 # Redis answers again it flushes what it held, then reloads the whole state.
 
@@ -5482,7 +5527,9 @@ class ClusterLink:
         self._reader: Optional[asyncio.Task] = None
         self._loops: List[asyncio.Task] = []
         self._stopping = False
+        self._settling: Optional[asyncio.TimerHandle] = None
         gateway.grid.on_placed = self._on_placed
+        gateway.grid.placing_alone = True  # until the state is loaded
 
     def key(self, *parts: str) -> str:
         return CLUSTER_PREFIX + ":".join(parts)
@@ -5510,6 +5557,7 @@ class ClusterLink:
             with contextlib.suppress(*self._errors):
                 await asyncio.wait_for(_aclose(client), self.gateway.config.cluster_timeout)
         self.gateway.grid.on_placed = None
+        self._place_alone(False)
 
     async def _call(self, awaitable: Any, *, heartbeat: bool = False) -> Any:
         """Await one Redis call under the deadline; _Unreachable if it fails. A lost
@@ -5525,6 +5573,7 @@ class ClusterLink:
     def _down(self, err: BaseException) -> None:
         if self.up:
             self.up = False
+            self._place_alone(True)
             self.gateway.event("cluster_down", reason="%s: %s" % (type(err).__name__, err))
             self.changed.set()
             if self._reader is not None:
@@ -5574,6 +5623,11 @@ class ClusterLink:
         first = not self.loaded
         self.up = self.loaded = True
         self.changed.set()
+        if first:
+            self._place_alone(False)
+        else:  # until the other gateways have seen Redis back too (a heartbeat each)
+            self._settling = asyncio.get_running_loop().call_later(
+                2 * self.gateway.config.cluster_heartbeat, self._place_alone, False)
         grid = self.gateway.grid
         if first and grid.servers and self.gateway.warm_until:
             # The cluster's state is this gateway's state: no blind interval to wait out.
@@ -5582,6 +5636,14 @@ class ClusterLink:
             self.gateway._changed()
         self.gateway.event("cluster_up", how="joined" if first else "resynced",
                            servers=len(grid.servers), rooms=len(grid.rooms), members=len(self.members))
+
+    def _place_alone(self, alone: bool) -> None:
+        """Whether new rooms are placed by their hash (Grid.placing_alone): while Redis is
+        down, and two heartbeats after it is back, when the other gateways may not know yet."""
+        if self._settling is not None:
+            self._settling.cancel()
+            self._settling = None
+        self.gateway.grid.placing_alone = alone
 
     async def _close_pubsub(self) -> None:
         pubsub, self._pubsub = self._pubsub, None

@@ -1696,8 +1696,9 @@ def saved_gateway(path, clock=None, **settings):
 def test_saved_state_brings_back_rooms_placements_and_tasks(tmp_path):
     clock = Clock()
     path = tmp_path / "state.jsonl"
-    first = saved_gateway(path, clock)
-    assert not first.state_restored  # no file yet: a first start warms up
+    first = saved_gateway(path, clock, warmup=0)
+    assert not first.state_restored  # no file yet: a first start warms up (here: turned off)
+    first.begin_warmup()
     report(first, SFU1, rooms=[room("custom-ns", "reported", "odinref")])
     report(first, SFU2, load=0.5)
     placed = result(first, "Connect", {}, token=token(room_id="placed"))["address"]
@@ -1711,7 +1712,7 @@ def test_saved_state_brings_back_rooms_placements_and_tasks(tmp_path):
     second = saved_gateway(path, clock)
     assert second.state_restored
     second.begin_warmup()
-    assert second.warm_until == 0  # known state: no warm-up
+    assert second.warm_until == 0  # known state (the first was past its warm-up): no warm-up
     assert [r for r in og.grid_records(second.grid) if r[0] != "room"] == [
         r for r in snapshot if r[0] != "room"]
     rooms = {r[1]: r for r in og.grid_records(second.grid) if r[0] == "room"}
@@ -1723,6 +1724,32 @@ def test_saved_state_brings_back_rooms_placements_and_tasks(tmp_path):
     second.saved.flush()
     third = saved_gateway(path, clock)
     assert report(third, SFU1) == [] and report(third, SFU2) == []  # delivered: not again
+
+
+def test_the_state_of_a_gateway_killed_during_its_warmup_does_not_spare_the_next_one_its_warmup(
+        tmp_path):
+    clock = Clock()
+    path = tmp_path / "state.jsonl"
+    first = saved_gateway(path, clock)
+    first.begin_warmup()
+    report(first, SFU1, rooms=[room("custom-ns", "a", "odinref")])
+    result(first, "Connect", {}, token=token(room_id="a"))
+    first.saved.flush()  # then killed: SFU2, which hosts "b", never reported to it
+    clock.advance(1)
+    second = saved_gateway(path, clock)
+    assert second.state_restored
+    second.begin_warmup()
+    assert second.warm_until == NOW + 8  # a warm-up again, with what was saved
+    assert result(second, "Connect", {}, token=token(room_id="a", now=clock()))["address"] == SFU1
+    assert isinstance(connect_response(second, "b"), og.Postponed)  # not placed on SFU1 blindly
+    report(second, SFU2, rooms=[room("custom-ns", "b", "odinref")])
+    assert result(second, "Connect", {}, token=token(room_id="b", now=clock()))["address"] == SFU2
+    clock.advance(7)
+    second.tick()  # the warm-up is over: from now on its state knows every server's rooms
+    second.saved.flush()
+    third = saved_gateway(path, clock)
+    third.begin_warmup()
+    assert third.warm_until == 0
 
 
 def test_saved_state_is_compacted_and_stays_exact(tmp_path, monkeypatch):
@@ -5811,6 +5838,30 @@ def test_redis_killed_and_restarted_empty_the_gateways_serve_then_resync(redis_s
         assert len(down_logs) <= 2  # once per gateway, not once per call
         fired = a.call(lambda: kinds(a.gateway))
         assert fired.count("cluster_down") == 1 and fired.count("cluster_up") == 2  # joined, resynced
+
+
+def test_without_redis_two_gateways_place_a_new_room_on_the_same_server(redis_server):
+    # Found by bench/cluster_run.py: while Redis was down each gateway placed new
+    # rooms by its own loads, so the two clients of one new room, sent to both
+    # gateways, met on different servers. Placed by the room's hash instead, they
+    # agree, also while one gateway knows Redis is back and the other does not yet.
+    hosts = [SFU1, SFU2, "sfu-3:4433", "sfu-4:4433", "sfu-5:4433"]
+    with cluster_gateway(redis_server, cluster_heartbeat=1) as a, \
+            cluster_gateway(redis_server, cluster_heartbeat=60) as b:  # b learns only by failing
+        for hostname in hosts:
+            http_report(a, hostname)
+        eventually(b, lambda: len(b.gateway.grid.servers) == len(hosts))
+        redis_server.kill()
+        assert connect(b, "first") == connect(a, "first")  # b finds Redis gone by this one
+        eventually(a, lambda: not a.gateway.cluster.up)
+        assert not b.call(lambda: b.gateway.cluster.up)
+        for n in range(12):
+            assert connect(a, "alone-%d" % n) == connect(b, "alone-%d" % n)
+        redis_server.start()
+        eventually(a, lambda: a.gateway.cluster.up)  # b still serves alone
+        for n in range(6):
+            assert connect(a, "back-%d" % n) == connect(b, "back-%d" % n)
+        assert not b.call(lambda: b.gateway.cluster.up)
 
 
 @pytest.mark.parametrize("persist", [False, True], ids=["restarted-empty", "restarted-with-aof"])
