@@ -986,10 +986,13 @@ class Authorizer:
             if aud != "gateway" and not (isinstance(aud, list) and "gateway" in aud):
                 raise TokenError("token audience does not match")
         exp, nbf = get("exp", _MISSING), get("nbf", _MISSING)
-        if exp is not _MISSING and not _is_safe_integer(exp):
-            raise TokenError("invalid exp in token")
-        if nbf is not _MISSING and not _is_safe_integer(nbf):
-            raise TokenError("invalid nbf in token")
+        if not (exp.__class__ is int and nbf.__class__ is int  # the usual: both safe, known at once
+                and -MAX_SAFE_INTEGER <= exp <= MAX_SAFE_INTEGER
+                and -MAX_SAFE_INTEGER <= nbf <= MAX_SAFE_INTEGER):
+            if exp is not _MISSING and not _is_safe_integer(exp):
+                raise TokenError("invalid exp in token")
+            if nbf is not _MISSING and not _is_safe_integer(nbf):
+                raise TokenError("invalid nbf in token")
         if exp is not _MISSING and now - exp > TOKEN_LEEWAY:
             raise TokenError("token has expired")
         if nbf is not _MISSING and nbf - now > TOKEN_LEEWAY:
@@ -2823,7 +2826,9 @@ class Grid:
                 self._map(digest, room)
         new_room = 1 if new_here and digest not in server.room_hashes else 0
         for totals in (server.pending, self.pending):  # the server is enabled: it counts
-            counts = totals.setdefault(customer, [0, 0])
+            counts = totals.get(customer)
+            if counts is None:
+                counts = totals[customer] = [0, 0]
             counts[0] += 1
             counts[1] += new_room
         server.pending_peers += 1

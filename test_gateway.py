@@ -348,6 +348,38 @@ def test_token_verdicts(case, mode):
     assert auth.claims == expected["claimSet"]
 
 
+def test_exp_and_nbf_of_every_kind_get_the_general_verdict():
+    # verify_token takes two safe integers at once: every other pair gets the
+    # general checks, in the documented order.
+    gw = make_gateway(Clock(NOW))
+    key = og.SigningKey(og.access_key_seed(KEY_A), 1)
+    big = og.MAX_SAFE_INTEGER
+    values = [int(NOW), int(NOW) - 301, int(NOW) + 301, big, big + 1, -big, -big - 1, True,
+              float(NOW), NOW + 0.5, str(int(NOW)), None, "missing"]
+
+    def rule(exp, nbf):
+        for name, value in (("exp", exp), ("nbf", nbf)):
+            if value != "missing" and not og._is_safe_integer(value):
+                return "invalid %s in token" % name
+        if exp != "missing" and int(NOW) - exp > og.TOKEN_LEEWAY:
+            return "token has expired"
+        if nbf != "missing" and nbf - int(NOW) > og.TOKEN_LEEWAY:
+            return "token not yet valid"
+        return "accepted"
+
+    for exp, nbf in itertools.product(values, values):
+        claims = {"rid": "lobby", "uid": "alice"}
+        claims.update({name: value for name, value in (("exp", exp), ("nbf", nbf))
+                       if value != "missing"})
+        try:
+            gw.authorizer.verify_token(og.encode_jwt(claims, key), int(NOW),
+                                       required_claims=("rid", "uid"))
+            verdict = "accepted"
+        except og.TokenError as err:
+            verdict = str(err)
+        assert verdict == rule(exp, nbf), (exp, nbf)
+
+
 def test_every_improved_verdict_names_a_real_case():
     ids = {case["id"] for case in VERDICTS["cases"]}
     assert set(IMPROVED_VERDICTS) <= ids
