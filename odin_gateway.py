@@ -5146,6 +5146,9 @@ _HEADER_NAMES = types.MappingProxyType({spelling: name for name in (
     for spelling in (name, name.title(), name.upper())})
 #: Most distinct request lines a server remembers parsed (clients repeat theirs).
 REQUEST_LINE_CACHE = 256
+#: Most distinct header lines a server remembers parsed (Host, Content-Type and
+#: Content-Length lines repeat; Authorization lines, which hold tokens, are not kept).
+HEADER_LINE_CACHE = 256
 
 
 class HttpError(GatewayError):
@@ -5239,9 +5242,11 @@ def _add_header(headers: Dict[str, str], name: str, value: str) -> None:
     headers[name] = value
 
 
-def parse_headers(block: str, max_headers: int) -> Dict[str, str]:
+def parse_headers(block: str, max_headers: int,
+                  known: Optional[Dict[str, Tuple[str, str]]] = None) -> Dict[str, str]:
     """The header fields of a head (latin-1 text after the request line, each
-    line ending in CRLF), keyed by lower-case name; HttpError if malformed."""
+    line ending in CRLF), keyed by lower-case name; HttpError if malformed.
+    known, if given, keeps the field of each well-formed line (HEADER_LINE_CACHE)."""
     headers: Dict[str, str] = {}
     lines = block[:-2].split("\r\n")
     if (len(lines) <= max_headers and block.count("\n") == len(lines) == block.count("\r")
@@ -5250,15 +5255,22 @@ def parse_headers(block: str, max_headers: int) -> Dict[str, str]:
         # line is well-formed when a token and a colon begin it (the usual
         # names are looked up, not matched). Anything else: the checks below.
         for line in lines:
-            name, colon, value = line.partition(":")
-            lower = _HEADER_NAMES.get(name)
-            if lower is None:
-                if not colon or not _TOKEN_RE.fullmatch(name):
+            field = known.get(line) if known is not None else None
+            if field is None:
+                name, colon, value = line.partition(":")
+                lower = _HEADER_NAMES.get(name)
+                if lower is None:
+                    if not colon or not _TOKEN_RE.fullmatch(name):
+                        break
+                    lower = name.lower()
+                elif not colon:
                     break
-                lower = name.lower()
-            elif not colon:
-                break
-            value = value.strip(" \t")
+                field = (lower, value.strip(" \t"))
+                if known is not None and lower != "authorization":
+                    if len(known) >= HEADER_LINE_CACHE:
+                        known.clear()
+                    known[line] = field
+            lower, value = field
             if lower in headers:
                 _add_header(headers, lower, value)
             else:
@@ -5379,13 +5391,15 @@ class HttpFraming:
 
     __slots__ = ("limits", "date", "lines", "buffer", "start", "eof", "phase", "scanned",
                  "request", "length", "continue_sent", "chunk_pos", "chunk_left", "chunks",
-                 "in_trailer", "host")
+                 "in_trailer", "host", "header_lines")
 
     def __init__(self, limits: Config, *, date: Optional[Callable[[], bytes]] = None,
-                 request_lines: Optional[Dict[bytes, Tuple[str, str, Tuple[int, int]]]] = None):
+                 request_lines: Optional[Dict[bytes, Tuple[str, str, Tuple[int, int]]]] = None,
+                 header_lines: Optional[Dict[str, Tuple[str, str]]] = None):
         self.limits = limits
         self.date = date or HttpDate()
         self.lines = request_lines if request_lines is not None else {}
+        self.header_lines = header_lines if header_lines is not None else {}
         # Bytes received and not yet consumed: buffer[start:]. A request that
         # arrives whole is parsed from the bytes as received (no copy); a
         # request in pieces is gathered in a bytearray.
@@ -5499,7 +5513,7 @@ class HttpFraming:
         if line_end < end:
             try:
                 headers = parse_headers(buffer[line_end + 2:end + 2].decode("latin-1"),
-                                        limits.max_headers)
+                                        limits.max_headers, self.header_lines)
             except HttpError as err:
                 err.target = target
                 raise
@@ -6864,7 +6878,8 @@ class Connection(asyncio.Protocol):
         if hasattr(transport, "max_size"):  # selector transports: bytes read at once
             transport.max_size = config.receive_size
         transport.set_write_buffer_limits(high=config.max_write_buffer)
-        self.framing = HttpFraming(config, date=server.date, request_lines=server.request_lines)
+        self.framing = HttpFraming(config, date=server.date, request_lines=server.request_lines,
+                                   header_lines=server.header_lines)
         self.arm("first byte")
 
     def data_received(self, data: bytes) -> None:
@@ -7139,6 +7154,7 @@ class GatewayServer:
         self.batch = self.last_batch = 0  # answers of this and of the last loop iteration
         self.date = HttpDate()
         self.request_lines: Dict[bytes, Tuple[str, str, Tuple[int, int]]] = {}
+        self.header_lines: Dict[str, Tuple[str, str]] = {}
         self.file_budget = gateway.config.max_connections
         self.refused_count = 0
         self.accept_errors = 0

@@ -4828,8 +4828,27 @@ def test_fuzz_header_lines_fast_split_matches_the_general_path(lines, max_header
     block = "".join(line + "\r\n" for line in lines)
     if "\r\n\r\n" in block:  # not a head's header block: the blank line ends the head
         return
-    assert _headers_outcome(og.parse_headers, block, max_headers) == _headers_outcome(
-        _headers_line_by_line, block, max_headers)
+    expected = _headers_outcome(_headers_line_by_line, block, max_headers)
+    assert _headers_outcome(og.parse_headers, block, max_headers) == expected
+    # With the lines parsed before kept (as a server keeps them), the same again.
+    known = {}
+    kept = functools.partial(og.parse_headers, known=known)
+    assert _headers_outcome(kept, block, max_headers) == expected
+    assert _headers_outcome(kept, block, max_headers) == expected
+    assert all(field[0] != "authorization" for field in known.values())
+
+
+def test_header_lines_kept_are_bounded_and_parsed_as_new_ones():
+    known = {("X-N%d: v" % i): ("x-n%d" % i, "v") for i in range(og.HEADER_LINE_CACHE)}
+    block = "Host: a\r\nAuthorization: Bearer t\r\nX-N1: v\r\n"
+    assert og.parse_headers(block, 10, known) == {"host": "a", "authorization": "Bearer t",
+                                                  "x-n1": "v"}
+    assert known == {"Host: a": ("host", "a"), "X-N1: v": ("x-n1", "v")}  # full: emptied first
+    # A server keeps them across its connections.
+    framing = og.HttpFraming(og.Config(), header_lines=known)
+    framing.feed(b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 0\r\n\r\n")
+    assert framing.next_event().headers == {"host": "a", "content-length": "0"}
+    assert "Content-Length: 0" in known
 
 
 @FUZZ
