@@ -711,6 +711,29 @@ def test_connect_answers_are_written_exactly_as_dump_json_writes_them():
     assert og.answer_json(error) == og.dump_json(error)
 
 
+def test_room_hashes_kept_by_connect_are_the_hashes_room_hash_computes():
+    # Connect keeps the hashes it computed (Gateway.room_hashes): the same
+    # answer or refusal as computing them anew, for any room name.
+    hashes = {}
+    names = ODD_STRINGS + ["x" * 256, "{" + "y" * 300 + "}z", "match{42}red", "match{42}blue"]
+    for namespace in ("custom-ns", "caf\u00e9", "\ud800", "n" * 256):
+        for rid in names + [[name] for name in names] + [["lobby", "{1}a"], []]:
+            auth = og.Authorization(og.Licensee("odinref"), namespace, {"rid": rid})
+            for _ in range(2):  # computed, then kept
+                try:
+                    expected = og._connect_room(auth)
+                except og.RpcError as err:
+                    with pytest.raises(og.RpcError) as kept:
+                        og._connect_room(auth, hashes)
+                    assert (kept.value.code, str(kept.value)) == (err.code, str(err))
+                else:
+                    assert og._connect_room(auth, hashes) == expected
+    assert 0 < len(hashes) <= og.ROOM_HASH_CACHE
+    many = {("n", "room-%d" % i): "h" for i in range(og.ROOM_HASH_CACHE)}
+    og._connect_room(og.Authorization(og.Licensee("c"), "n", {"rid": "new"}), many)
+    assert len(many) == 1  # full: emptied, then the new one kept
+
+
 def test_room_token_lifetime_follows_config():
     gw = make_gateway(login_token_lifetime=60)
     report(gw, SFU1)
@@ -1337,14 +1360,118 @@ def test_a_malformed_big_report_is_refused_as_json_refuses_it(damage, monkeypatc
     assert isinstance(_steps(broken)[0], ValueError)
 
 
+def _read_and_loaded(gw, body):
+    """(what Gateway.parse_in_steps makes of body, what load_json makes of it,
+    whether the first read the rooms from the text), each a repr: ValueError,
+    or the value with report rooms as columns."""
+    read = []
+
+    def shown(parse):
+        try:
+            value = parse()
+        except ValueError:
+            return "ValueError"
+        params = value.get("params") if isinstance(value, dict) else None
+        rooms = params.get("rooms") if isinstance(params, dict) else None
+        if isinstance(rooms, og.RoomsText):
+            read.append(True)
+            params["rooms"] = ("columns", rooms.columns)
+        elif isinstance(rooms, list) and og.room_columns(rooms) is not None:
+            params["rooms"] = ("columns", og.room_columns(rooms))
+        return repr(value)  # repr: 1 and 1.0, lists and tuples differ
+    return (shown(lambda: _finished(gw.parse_in_steps(body, "127.0.0.1"))), shown(lambda: og.load_json(body)),
+            bool(read))
+
+
+def _finished(steps):
+    try:
+        while True:
+            next(steps)
+    except StopIteration as done:
+        return done.value
+
+
+def _aged_rooms(count, seconds=60, prefix="r"):
+    return [dict(room("ns", "%s%d" % (prefix, i), "c", i % 4), age={"secs": seconds + i, "nanos": 7 * i})
+            for i in range(count)]
+
+
+def test_a_repeated_report_is_read_from_its_text_by_the_previous_one(monkeypatch):
+    clock = Clock()
+    gw = make_gateway(clock)
+    report(gw, SFU1, rooms=_aged_rooms(50))
+    first = gw.grid.servers[SFU1].rooms_text
+    assert first is not None and len(first.seams[0]) == 49
+    clock.advance(5)
+    rooms = _aged_rooms(50, seconds=65)
+    rooms[10]["peers"] = 9  # one seam changed: only it is matched against the grammar
+    matched = []
+    original = og._SEAM
+
+    class Watched:
+        def fullmatch(self, text):
+            matched.append(text)
+            return original.fullmatch(text)
+    monkeypatch.setattr(og, "_SEAM", Watched())
+    report(gw, SFU1, rooms=rooms)
+    assert matched == [', "peers": 9}, {"id": ["ns", "r11"], "customer": "c", ']
+    server = gw.grid.servers[SFU1]
+    assert server.report_json()["rooms"] == rooms and server.usage == {"c": [sum(r["peers"] for r in rooms), 50]}
+    assert all(gw.grid.rooms[og.room_hash("ns", "r%d" % i)].updated == clock.now for i in range(50))
+
+
+#: What one byte of a valid report is replaced by (or preceded by) in the tests below.
+HOSTILE_BYTES = [b'"', b"\\", b" ", b"\n", b"\t", b"\r", b"\x00", b"\x1f", b"\x7f", b"x", b"0", b"9", b"-",
+                 b".", b"e", b"E", b"+", b",", b"{", b"}", b"[", b"]", b":", b"", "\u00e9".encode(),
+                 "\u2028".encode(), "\U0001f600".encode(), b"\xff", b"\\u0041", b"\\\"", b"1e400", b"NaN",
+                 b"-Infinity", b"01", b"1.0", b"1e2", b"123456789012345678", b"1234567890123456789",
+                 b'"age": {"secs": 1, "nanos": 2}, ', b'"peers": 3, ', b'"id": ["a", "b"], ', b"null"]
+
+
+@pytest.mark.parametrize("separators", [(", ", ": "), (",", ":")])
+def test_a_report_one_byte_off_is_read_as_json_reads_it(separators):
+    """Every byte of a report already read, replaced by (and preceded by) each
+    hostile byte: the text reading refuses exactly what json.loads refuses and
+    reads the rest as it does."""
+    gw = make_gateway()
+    body = _report_body(_aged_rooms(2), separators=separators)
+    assert gw.handle_http("POST", "/internal", {}, body, "127.0.0.1").status == 200
+    assert gw.grid.servers[SFU1].rooms_text is not None  # its seams are known now
+    read = 0
+    for position in range(len(body)):
+        for hostile in HOSTILE_BYTES:
+            for mutant in (body[:position] + hostile + body[position + 1:], body[:position] + hostile + body[position:]):
+                fast, slow, from_text = _read_and_loaded(gw, mutant)
+                assert fast == slow, mutant
+                read += from_text
+    assert read > 1000, read  # many were read from the text, not only refused
+
+
+@pytest.mark.parametrize("hostile", HOSTILE_BYTES)
+def test_a_report_off_by_one_byte_in_every_room_is_read_as_json_reads_it(hostile):
+    gw = make_gateway()
+    rooms = _aged_rooms(40)
+    body = _report_body(rooms, separators=(", ", ": "))
+    assert gw.handle_http("POST", "/internal", {}, body, "127.0.0.1").status == 200
+    start = body.index(b'{"id"')
+    size = body.index(b'{"id"', start + 1) - start  # the rooms differ in length by a digit at most
+    for offset in range(0, size, 3):
+        mutant = bytearray(body)
+        for index in reversed(range(len(rooms))):  # the same byte of every room
+            place = body.index(b'{"id": ["ns", "r%d"]' % index) + offset
+            mutant[place:place + 1] = hostile
+        fast, slow, _ = _read_and_loaded(gw, bytes(mutant))
+        assert fast == slow, bytes(mutant)
+
+
 def test_a_big_report_lets_other_requests_run_while_it_is_parsed(monkeypatch):
     monkeypatch.setattr(og, "JSON_STEP_CHARS", 1000)
     original, others_ran = og.load_json_in_steps, []
 
-    def watched(data):
+    def watched(data, *rest):
         ran = []
         asyncio.get_running_loop().call_soon(ran.append, True)  # runs only if the parse yields
-        value = yield from original(data)
+        value = yield from original(data, *rest)
         others_ran.append(bool(ran))
         return value
     monkeypatch.setattr(og, "load_json_in_steps", watched)
@@ -1359,9 +1486,9 @@ def test_only_a_report_admitted_to_internal_is_parsed_in_steps(monkeypatch):
     parsed_in_steps = []
     original = og.load_json_in_steps
 
-    def watched(data):
+    def watched(data, *rest):
         parsed_in_steps.append(len(data))
-        return (yield from original(data))
+        return (yield from original(data, *rest))
     monkeypatch.setattr(og, "load_json_in_steps", watched)
     gw = make_gateway(internal_users={"sfu": "pass:word"})
     body = _report_body([room("ns", "r%d" % i, "c") for i in range(200)])
@@ -4559,6 +4686,55 @@ def test_fuzz_dispatch_survives_arbitrary_bytes(body):
     assert status in (200, 204, 400)
 
 
+# Rooms mostly as servers write them (read from the text), now and then not.
+_PLAIN_ROOM = st.tuples(
+    st.sampled_from(["ns", "n s", "\u00e9\U0001f600"]), st.sampled_from(["a", "b", "c", "", "\u2028", "x" * 300]),
+    st.sampled_from(["c1", "c2"]), st.integers(0, 3), st.integers(0, 10 ** 6), st.integers(0, 999_999_999))
+_ODD_ROOM = st.tuples(
+    st.just("ns"), st.sampled_from(["a", 'q"uote', 'r},{"id":["ns","b"]']), st.sampled_from(["c1", "back\\slash"]),
+    st.sampled_from([1, 10 ** 18, 0.5, -1]), st.sampled_from([1, 1.5, -1, 10 ** 18 - 1, 10 ** 19]), st.just(0))
+_TEXT_ROOMS = st.lists(st.tuples(st.integers(0, 5), _PLAIN_ROOM, _ODD_ROOM).map(
+    lambda pick: pick[2] if pick[0] == 0 else pick[1]), max_size=6)
+_TEXT_REPORTS = st.lists(st.tuples(
+    st.sampled_from([SFU1, SFU2]),
+    st.none() | _TEXT_ROOMS,  # None: the server's previous rooms, 5 s older
+    st.sampled_from([(",", ":"), (", ", ": "), (" ,\n ", " :\t")]),
+    st.none() | st.none() | st.tuples(st.integers(0, 10 ** 6), st.sampled_from(HOSTILE_BYTES))),
+    max_size=8)
+
+
+@FUZZ
+@given(_TEXT_REPORTS)
+def test_fuzz_reports_read_from_their_text_leave_the_grid_as_json_would(reports):
+    """A sequence of reports (repeats, changes, hostile bytes) handled by a
+    gateway that reads rooms from the text and by one that parses every report
+    with json.loads: the same answers, grid, reports and usage."""
+    clock = Clock()
+    fast, full = make_gateway(clock), make_gateway(clock)
+    full.parse_in_steps = lambda body, remote: og.load_json_in_steps(body)
+    last = {}
+    for hostname, rooms, separators, hostile in reports:
+        clock.advance(5)
+        if rooms is None:
+            rooms = [(ns, name, customer, peers, secs + 5 if isinstance(secs, int) else secs, nanos)
+                     for ns, name, customer, peers, secs, nanos in last.get(hostname, [])]
+        last[hostname] = rooms
+        body = json.dumps({"jsonrpc": "2.0", "method": "sfu.Report", "id": 1, "params": {
+            "public_endpoint": hostname, "version": "1", "load": 0.5, "clients": 3, "rooms": [
+                {"id": [ns, name], "customer": customer, "age": {"secs": secs, "nanos": nanos}, "peers": peers}
+                for ns, name, customer, peers, secs, nanos in rooms]}},
+            separators=separators, ensure_ascii=False).encode()
+        if hostile is not None:
+            position = hostile[0] % len(body)
+            body = body[:position] + hostile[1] + body[position + 1:]
+        answers = [gw.handle_http("POST", "/internal", {}, body, "127.0.0.1") for gw in (fast, full)]
+        assert answers[0].status == answers[1].status and answers[0].body == answers[1].body
+        assert sorted(map(repr, og.grid_records(fast.grid))) == sorted(map(repr, og.grid_records(full.grid)))
+        assert repr({h: s.report_json() for h, s in fast.grid.servers.items()}) == repr(
+            {h: s.report_json() for h, s in full.grid.servers.items()})
+        assert fast.grid.usage == full.grid.usage
+
+
 @given(st.text(max_size=30), st.text(max_size=30) | st.lists(st.text(max_size=10), max_size=3),
        st.text(max_size=30), st.integers(0, 2 ** 53 - 1))
 @FUZZ
@@ -4861,6 +5037,24 @@ def test_missing_credentials_get_one_answer_on_every_protected_path():
         assert response.json() == {"jsonrpc": "2.0", "error": {
             "code": -32700, "message": "invalid or missing authorization"}, "id": None}
     assert all(("WWW-Authenticate", 'Basic realm="odin-gateway"') in r.headers for r in answers[1:])
+
+
+def test_usual_response_counts_are_keyed_as_any_other():
+    # count_response looks the usual (target, status) pairs up: the same key
+    # the general rule gives them.
+    looked_up, computed = og.Metrics(), og.Metrics()
+    for (target, status) in og._RESPONSE_KEYS:
+        looked_up.count_response(target, status)
+        path = target.split("?", 1)[0]
+        key = (path if path in og.METRIC_PATHS else "other", "%dxx" % (status // 100))
+        computed.responses[key] = computed.responses.get(key, 0) + 1
+    assert looked_up.responses == computed.responses
+    for target in ("/?x=1", "/nope", "", None, "/internal?"):
+        metrics = og.Metrics()
+        metrics.count_response(target, 200)
+        assert list(metrics.responses) == [
+            ("/" if target == "/?x=1" else "/internal" if target == "/internal?" else
+             "other" if target else "invalid", "2xx")]
 
 
 def test_metrics_are_protected_like_internal():
@@ -5251,9 +5445,11 @@ def test_every_event_kind_is_fired_by_the_action_that_causes_it():
 
     fired = set(kinds(gw)) | set(kinds(tiny))
     # config_reload_refused and stopping come from signals: see the SIGHUP and SIGTERM tests;
-    # cluster_up and cluster_down from Redis: see the cluster tests.
-    assert set(og.EVENT_KINDS) - fired == {"config_reload_refused", "stopping", "cluster_up",
-                                           "cluster_down"}
+    # cluster_up, cluster_down and cluster_member_* from Redis: see the cluster tests;
+    # worker_* from a supervisor: see the workers tests.
+    assert set(og.EVENT_KINDS) - fired == {
+        "config_reload_refused", "stopping", "cluster_up", "cluster_down", "cluster_member_joined",
+        "cluster_member_left", "worker_started", "worker_restarted"}
 
 
 def test_log_lines_are_the_feed_records(caplog):
@@ -6012,6 +6208,74 @@ def test_a_task_held_after_one_slow_call_moves_to_redis_at_the_next_heartbeat(re
         assert http_report(b, SFU1)["tasks"] == [] and http_report(a, SFU1)["tasks"] == []
 
 
+def test_an_admin_call_whose_connection_breaks_after_redis_ran_it_is_delivered_once(redis_server):
+    # The connection breaks after Redis queued the task but before its answer came
+    # back: the task is sent again under its id when Redis answers (queued once),
+    # not held as a new task that would be queued beside the first.
+    lobby = [room(NS, "lobby", NS)]
+    with cluster_gateway(redis_server) as a:
+        http_report(a, SFU1, rooms=lobby)
+        link = a.gateway.cluster
+        push = link._push_tasks
+
+        async def ran_then_broke(items):
+            await push(items)
+            link._down(ConnectionError("Connection closed by server."))
+            raise og._Unreachable("Connection closed by server.")
+
+        link._push_tasks = ran_then_broke
+        try:
+            assert admin(a, "RoomUpdate", {"room_id": "lobby", "user_data": [5]}) == {}
+        finally:
+            del link._push_tasks
+        eventually(a, lambda: a.gateway.cluster.up)  # resynced: sent again under its id
+        tasks = http_report(a, SFU1, rooms=lobby)["tasks"]
+        assert [t["user_data"] for t in tasks] == [[5]]
+        assert http_report(a, SFU1, rooms=lobby)["tasks"] == []
+
+
+def test_a_report_whose_redis_call_times_out_hands_the_tasks_it_took_back(redis_server):
+    # The report's transaction, stalled past the deadline, runs when Redis wakes up
+    # and takes the server's task, though the answer went out without it: the take
+    # is handed back (the tasks stay in odin:taken until the answer is written),
+    # and the next report, through the other gateway, delivers the task.
+    lobby = [room(NS, "lobby", NS)]
+    with cluster_gateway(redis_server, cluster_heartbeat=60, cluster_timeout=0.2) as a, \
+            cluster_gateway(redis_server) as b:
+        http_report(a, SFU1, rooms=lobby)
+        eventually(b, knows_server(b))
+        assert admin(b, "RoomUpdate", {"room_id": "lobby", "user_data": [7]}) == {}
+        redis_server.pause()
+        try:
+            assert http_report(a, SFU1, rooms=lobby)["tasks"] == []
+        finally:
+            redis_server.resume()
+        assert a.call(lambda: a.gateway.cluster.up)  # slow, not down
+        asyncio.run_coroutine_threadsafe(a.gateway.cluster.beat(), a.loop).result(timeout=5)
+        tasks = http_report(b, SFU1, rooms=lobby)["tasks"]
+        assert [t["user_data"] for t in tasks] == [[7]]
+        assert http_report(a, SFU1, rooms=lobby)["tasks"] == []
+        assert redis_server.client().hlen("odin:taken") == 0  # b's answer was written: confirmed
+
+
+def test_tasks_taken_by_a_gateway_that_died_before_answering_are_handed_back(redis_server):
+    # A gateway killed between the take and the answer leaves its take in
+    # odin:taken under its member id; once it is no longer a member, the next
+    # heartbeat of another gateway puts the tasks back in front of the queue.
+    entry = json.dumps({"id": "x:1", "task": {"task": "RoomUpdate", "id": [NS, "lobby"],
+                                              "user_data": [1]}}, separators=(",", ":"))
+    with cluster_gateway(redis_server) as a:
+        http_report(a, SFU1, rooms=[room(NS, "lobby", NS)])
+        assert admin(a, "RoomUpdate", {"room_id": "lobby", "user_data": [2]}) == {}
+        client = redis_server.client()
+        client.hset("odin:taken", "dead-member-1-abc|4\n" + SFU1, entry)
+        client.hset("odin:taken", a.gateway.cluster.member + "|999\n" + SFU1, entry)  # alive: kept
+        asyncio.run_coroutine_threadsafe(a.gateway.cluster.beat(), a.loop).result(timeout=5)
+        assert client.hkeys("odin:taken") == [a.gateway.cluster.member + "|999\n" + SFU1]
+        tasks = http_report(a, SFU1, rooms=[room(NS, "lobby", NS)])["tasks"]
+        assert [t["user_data"] for t in tasks] == [[1], [2]]
+
+
 def test_redis_killed_and_restarted_empty_the_gateways_serve_then_resync(redis_server, caplog):
     with cluster_gateway(redis_server) as a, cluster_gateway(redis_server) as b:
         http_report(a, SFU1, rooms=[room(NS, "lobby", NS)])
@@ -6078,10 +6342,35 @@ def test_a_task_acknowledged_before_redis_restarts_is_delivered_once(redis_serve
         redis_server.start()
         eventually(a, lambda: a.gateway.cluster.up)
         eventually(b, lambda: b.gateway.cluster.up)
+        # Queued again once every gateway had two heartbeats to say what it delivered.
+        eventually(a, lambda: a.gateway.cluster._requeue_at is None)
         assert [t["task"] for t in http_report(b, SFU1)["tasks"]] == ["RoomClose"]
         assert http_report(a, SFU1)["tasks"] == [] and http_report(b, SFU1)["tasks"] == []
         # Delivered: a forgets it, so a later Redis restart brings nothing back.
         eventually(a, lambda: not a.gateway.cluster._undelivered)
+
+
+def test_a_task_delivered_before_redis_restarts_empty_is_not_queued_again(redis_server):
+    # Found by bench/cluster_run.py: the gateway that accepted a task had not
+    # heard that another delivered it (the word was lost with Redis), and queued
+    # it again in the new Redis. Now the deliverer tells the new Redis what it
+    # delivered, and the requeue waits two heartbeats for that.
+    lobby = [room(NS, "lobby", NS)]
+    with cluster_gateway(redis_server, cluster_heartbeat=0.5) as a, cluster_gateway(redis_server) as b:
+        http_report(a, SFU1, rooms=lobby)
+        eventually(b, knows_server(b))
+        assert admin(a, "RoomClose", {"room_id": "lobby"}) == {}
+        accepted = a.call(lambda: dict(a.gateway.cluster._undelivered))
+        assert [t["task"] for t in http_report(b, SFU1, rooms=lobby)["tasks"]] == ["RoomClose"]
+        eventually(a, lambda: not a.gateway.cluster._undelivered)
+        a.call(lambda: a.gateway.cluster._undelivered.update(accepted))  # as if the word was lost
+        redis_server.kill()
+        eventually(a, lambda: not a.gateway.cluster.up)
+        eventually(b, lambda: not b.gateway.cluster.up)
+        redis_server.start()
+        eventually(a, lambda: a.gateway.cluster.up)
+        eventually(a, lambda: a.gateway.cluster._requeue_at is None)
+        assert http_report(b, SFU1, rooms=lobby)["tasks"] == []
 
 
 def test_a_drain_through_one_gateway_holds_on_every_gateway(redis_server):
@@ -6102,6 +6391,22 @@ def test_members_are_listed_and_a_stopped_member_is_dropped(redis_server):
             member_b = b.gateway.cluster.member
             eventually(a, lambda: member_b in a.gateway.cluster.members)
         eventually(a, lambda: a.gateway.cluster.members == [a.gateway.cluster.member])
+
+
+def test_a_member_that_joins_or_leaves_is_an_event_on_the_others(redis_server):
+    # A worker's death shows in the feed of the workers that survive it (Events, /status).
+    def kinds(server):
+        return [(e["kind"], e.get("member")) for e in server.gateway.events.events
+                if e["kind"].startswith("cluster_member")]
+
+    with cluster_gateway(redis_server) as a:
+        with cluster_gateway(redis_server) as b:
+            member_b = b.gateway.cluster.member
+            eventually(a, lambda: member_b in a.gateway.cluster.members)
+            assert kinds(b) == []  # its first view of the cluster is not news
+        eventually(a, lambda: len(a.gateway.cluster.members) == 1)
+        assert a.call(lambda: kinds(a)) == [("cluster_member_joined", member_b),
+                                            ("cluster_member_left", member_b)]
 
 
 def test_a_gateway_that_joins_is_not_ready_before_the_state_is_loaded(redis_server):
@@ -6251,14 +6556,31 @@ def test_workers_share_the_port_get_every_signal_and_are_restarted(tmp_path, red
 
     try:
         pids = [record["pid"] for record in wait_for("worker_started", 2)]
-        ports = {int(r["message"].rsplit(":", 1)[1]) for r in wait_for("listening on ", 2)}
+        listening = wait_for("listening on ", 2)
+        assert sorted(record["worker"] for record in listening) == [1, 2]  # who wrote each line
+        ports = {int(r["message"].rsplit(":", 1)[1]) for r in listening}
         assert len(ports) == 1  # one port, two processes
         url = "http://127.0.0.1:%d" % ports.pop()
+        wait_for("cluster_member_joined")  # the first saw the second join: each knows the other
         os.kill(pids[0], signal.SIGKILL)
-        assert wait_for("worker_died")[0]["pid"] == pids[0]
+        died = wait_for("worker_died")[0]
+        assert (died["pid"], died["died"]) == (pids[0], "was killed by SIGKILL")
         restarted = wait_for("worker_started")[0]["pid"]
         wait_for("listening on ")
         wait_until_ready_or_no_server(url)
+        # Each worker's feed (Events, /status): the new one says whom it replaced, the
+        # other saw the dead member leave and the new one join.
+        feeds = {}
+        deadline = time.monotonic() + 20
+        while len(feeds) < 2 or "cluster_member_joined" not in feeds.get(pids[1], {}):
+            assert time.monotonic() < deadline, feeds
+            events = og.RpcClient(url + "/internal").call("Events")["events"]  # a new connection
+            start = next(e for e in events if e["kind"] == "worker_started")
+            feeds[start["pid"]] = {e["kind"]: e for e in events}
+        assert feeds[restarted]["worker_restarted"]["died_pid"] == pids[0]
+        assert feeds[restarted]["worker_restarted"]["died"] == "was killed by SIGKILL"
+        assert {"cluster_member_left", "cluster_member_joined"} <= set(feeds[pids[1]])
+        assert "worker_restarted" not in feeds[pids[1]]
         supervisor.send_signal(signal.SIGHUP)  # reaches both workers
         assert len(wait_for("config_reloaded", 2)) == 2
         supervisor.send_signal(signal.SIGTERM)
@@ -6267,10 +6589,40 @@ def test_workers_share_the_port_get_every_signal_and_are_restarted(tmp_path, red
             with pytest.raises(ProcessLookupError):
                 os.kill(pid, 0)
     finally:
-        if supervisor.poll() is None:
+        stop_supervisor(supervisor)
+
+
+def stop_supervisor(supervisor):
+    """Stop a --workers supervisor and its workers (a kill would leave them running)."""
+    if supervisor.poll() is None:
+        supervisor.terminate()
+        try:
+            supervisor.wait(timeout=30)
+        except subprocess.TimeoutExpired:
             supervisor.kill()
             supervisor.wait()
-        supervisor.stderr.close()
+    supervisor.stderr.close()
+
+
+@pytest.mark.skipif(not hasattr(os, "sched_setaffinity"), reason="CPU affinity is Linux's")
+def test_workers_on_fewer_cores_than_workers_say_so(tmp_path, redis_server):
+    # Workers inherit the supervisor's CPU affinity: under taskset -c 0, two workers share one core.
+    path = tmp_path / "gateway_config.py"
+    path.write_text("host = '127.0.0.1'\nport = 0\nlog_format = 'json'\nworkers = 2\n"
+                    "cluster = %r\n" % redis_server.url)
+    supervisor = subprocess.Popen([sys.executable, str(HERE / "odin_gateway.py"), "--config",
+                                   str(path)], stderr=subprocess.PIPE, text=True, cwd=str(tmp_path),
+                                  preexec_fn=lambda: os.sched_setaffinity(0, {0}))
+    try:
+        for line in supervisor.stderr:
+            record = json.loads(line)
+            if record.get("event") in ("workers_share_cores", "worker_started"):
+                break
+        assert record["event"] == "workers_share_cores", record
+        assert (record["workers"], record["cores"]) == (2, 1)
+        assert "taskset" in record["message"]
+    finally:
+        stop_supervisor(supervisor)
 
 
 def test_workers_need_a_cluster():

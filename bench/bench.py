@@ -661,7 +661,7 @@ def report_in_steps(gw, body):
     hashed in steps, then integrated, the collector paused throughout):
     (whole time, the longest the loop is held at once), in seconds."""
     request = og.Request("POST", "/internal", (1, 1), {}, body)
-    steps, parts = og.load_json_in_steps(body), []
+    steps, parts = gw.parse_in_steps(body, "127.0.0.1"), []
     gc.disable()
     started = time.perf_counter()
     while True:
