@@ -5195,7 +5195,7 @@ def parse_request_line(line: bytes) -> Tuple[str, str, Tuple[int, int]]:
         raise HttpError(400, "malformed request line")
     if match.group(1) != "1":
         raise HttpError(505, "HTTP version not supported: use HTTP/1.1")
-    if target[0] != "/":
+    if target[0] != "/" or "#" in target:
         target = origin_form(method, target)
     return method, target, (1, int(match.group(2)))
 
@@ -5203,7 +5203,8 @@ def parse_request_line(line: bytes) -> Tuple[str, str, Tuple[int, int]]:
 def origin_form(method: str, target: str) -> str:
     """The path and query a request target not in origin-form names (RFC 9112
     section 3.2): an absolute-form target is routed by its path, "*" is only
-    for OPTIONS (the server as a whole); anything else is refused."""
+    for OPTIONS (the server as a whole); anything else (a fragment, which
+    clients never send, included) is refused."""
     absolute = _ABSOLUTE_FORM_RE.fullmatch(target)
     if absolute is not None:
         path = absolute.group(1)

@@ -2678,6 +2678,8 @@ def test_an_absolute_form_report_has_the_report_body_limit():
     (b"OPTIONS * HTTP/1.1", None, "*"),  # asterisk-form: only OPTIONS
     (b"GET * HTTP/1.1", 400, "malformed request target: *"),
     (b"GET health HTTP/1.1", 400, "malformed request target: health"),
+    (b"GET /health#top HTTP/1.1", 400, "malformed request target: /health#top"),
+    (b"GET http://x/health#top HTTP/1.1", 400, "malformed request target: http://x/health#top"),
     (b"GET ftp://x/health HTTP/1.1", 400, "malformed request target: ftp://x/health"),
     (b"CONNECT gateway.example.com:443 HTTP/1.1", 501,
      "CONNECT is not supported: this is not a proxy"),  # authority-form
