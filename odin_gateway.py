@@ -2450,7 +2450,14 @@ class Grid:
         # Called with (record, acknowledged) for every change worth saving
         # (section "Saved state"); None: nobody saves the state.
         self.journal: Optional[Callable[[list, bool], None]] = None
-        self._sorted: Optional[List[str]] = None  # room hashes in order, for Info's pages
+        # Room hashes in order, for Info's pages (rooms_after), from the first
+        # page on. Kept in batches, not hash by hash (each insertion or deletion
+        # moves the rest of the list: seconds for a big report's rooms): hashes
+        # mapped since wait in _unsorted; hashes unmapped stay, counted in
+        # _stale, until a quarter of the list is stale (pages skip them).
+        self._sorted: Optional[List[str]] = None
+        self._unsorted: set = set()
+        self._stale = 0
         # Hashes of the rooms placed by Connect and not yet reported: with the
         # rooms of servers silent for a token's lifetime, the only ones that
         # can expire (a reported room is refreshed by every report).
@@ -2483,7 +2490,7 @@ class Grid:
         old = self.rooms.get(digest)
         if old is None:
             if self._sorted is not None:
-                bisect.insort(self._sorted, digest)
+                self._unsorted.add(digest)
         elif old is not room:
             self._touch(old.server)
         self.rooms[digest] = room
@@ -2499,9 +2506,10 @@ class Grid:
         self._touch(self.rooms.pop(digest).server)
         self.placed.discard(digest)
         if self._sorted is not None:
-            index = bisect.bisect_left(self._sorted, digest)
-            if index < len(self._sorted) and self._sorted[index] == digest:
-                del self._sorted[index]
+            if digest in self._unsorted:
+                self._unsorted.discard(digest)
+            else:
+                self._stale += 1
         self._note(["unroom", digest])
 
     def set_complete(self) -> None:
@@ -2515,10 +2523,28 @@ class Grid:
 
     def rooms_after(self, after: str, limit: int) -> List[str]:
         """At most limit room hashes that sort after after (Info's pages)."""
-        if self._sorted is None:  # kept up to date from the first page on
-            self._sorted = sorted(self.rooms)
-        start = bisect.bisect_right(self._sorted, after)
-        return self._sorted[start:start + limit]
+        order, rooms = self._sorted, self.rooms
+        if order is None:
+            order, self._unsorted = sorted(rooms), set()
+        elif self._stale > len(order) // 4:  # the gone (and twice listed) out, in one pass
+            order = [digest for digest, _ in itertools.groupby(order) if digest in rooms]
+        if self._unsorted:
+            if len(self._unsorted) < 100:
+                for digest in self._unsorted:
+                    bisect.insort(order, digest)
+            else:  # timsort merges a sorted run with the new ones in about len(order) steps
+                order += self._unsorted
+                order.sort()
+        if order is not self._sorted:
+            self._stale = 0
+        self._sorted, self._unsorted = order, set()
+        page: List[str] = []
+        for digest in itertools.islice(order, bisect.bisect_right(order, after), None):
+            if len(page) >= limit:
+                break
+            if digest in rooms and (not page or digest != page[-1]):  # a hash unmapped and mapped again: twice
+                page.append(digest)
+        return page
 
     @property
     def config(self) -> Config:

@@ -2096,6 +2096,25 @@ def test_info_pages_through_the_rooms_in_hash_order():
     assert len(first["rooms"]) == 25 and first["next"] is None  # default limit 1,000
 
 
+def test_info_pages_stay_exact_while_rooms_come_and_go_in_bulk():
+    """The order Info pages by is kept in batches: rooms mapped since wait
+    apart, rooms gone are skipped until they are many; no page shows them."""
+    gw, rng = make_gateway(), random.Random(7)
+    names = ["r%d" % i for i in range(300)]
+    hosts = [SFU1, SFU2, "sfu-3.example.com:4433"]
+    for step in range(60):
+        count = rng.choice([0, 1, 5, 150, 300])
+        report(gw, rng.choice(hosts), rooms=[room("ns", name, "c") for name in rng.sample(names, count)])
+        if step % 3 == 0:
+            limit, after, listed = rng.choice([1, 7, 1000]), "", []
+            while after is not None:
+                page = result(gw, "Info", {"rooms": {"after": after, "limit": limit}})
+                listed += [r["hash"] for r in page["rooms"]]
+                after = page["next"]
+            assert listed == sorted(gw.grid.rooms)
+    assert gw.grid._stale <= len(gw.grid._sorted) // 4 + 300
+
+
 def test_info_without_rooms_is_small():
     gw = make_gateway()
     report(gw, SFU1, rooms=[room("ns", "r%d" % i, "c") for i in range(5)])
