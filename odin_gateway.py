@@ -497,8 +497,8 @@ def _parse_marked(text: str, start: int, end: int, glue: str = "") -> Tuple[Any,
 # repeats the one before: only the rooms' ages always change, their peers
 # now and then. So a report's rooms array in the form servers write it,
 #     [{"id": [ns, name], "customer": c, "age": {"secs": s, "nanos": n}, "peers": p}, ...]
-# (with any JSON whitespace, strings without escapes, integers of at most 18
-# digits), is read from its text: cut at the ages, the text between two ages
+# (strings without escapes, integers of at most 18 digits, whitespace as
+# servers write it), is read from its text: cut at the ages, the text between two ages
 # (a seam: the end of one room, its peers, and the start of the next, its id
 # and customer) is compared with the seams of the same server's previous
 # report, and only new seams are matched against the grammar above; the
@@ -517,8 +517,10 @@ _INTEGER = r"(0|[1-9][0-9]{0,17})"
 _ROOM_START = _W.join(("", r"\{", '"id"', ":", r"\[", _STRING, ",", _STRING, r"\]", ",", '"customer"', ":",
                        _STRING, ",", ""))
 _ROOM_END = _W.join(("", ",", '"peers"', ":", _INTEGER, r"\}"))
-_AGE_TEXT = re.compile(_W.join(('"age"', ":", r"\{", '"secs"', ":", _INTEGER, ",", '"nanos"', ":",
-                                _INTEGER, r"\}")))
+# (Ages as JSON.stringify, serde_json or json.dumps write them: a space
+# after the colons and commas or none; JSON's every whitespace costs a
+# quarter more, and the odd report is parsed by json.loads.)
+_AGE_TEXT = re.compile(" ?".join(('"age":', r"\{", '"secs":', _INTEGER + ",", '"nanos":', _INTEGER + r"\}")))
 _FIRST_SEAM = re.compile(_ROOM_START)
 _SEAM = re.compile(_ROOM_END + _W + "," + _ROOM_START)
 _LAST_SEAM = re.compile(_ROOM_END + _W + r"\]")
