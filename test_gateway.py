@@ -1291,8 +1291,15 @@ def _report_body(rooms, *, separators=(",", ":"), **extra):
                       separators=separators).encode()
 
 
-def _steps(data):
-    """(value or the ValueError raised, how many times the parse yielded)."""
+def _steps(data, read_after=None):
+    """(value or the ValueError raised, how many times the parse yielded).
+    read_after: a body a gateway handles first; data, as that gateway reads
+    it (rooms from the text), must then be what json.loads makes of it."""
+    if read_after is not None:
+        gw = make_gateway()
+        gw.handle_http("POST", "/internal", {}, read_after, "127.0.0.1")  # its text known, if a report
+        fast, slow, _ = _read_and_loaded(gw, data)
+        assert fast == slow
     steps, count = og.load_json_in_steps(data), 0
     try:
         while True:
@@ -1318,23 +1325,25 @@ ODD_ROOMS = [room("ns", 'r%d},{"id":[' % i if i % 20 == 9 else "r%d" % i, "c") f
     (_report_body(PLAIN_ROOMS)[:-2] + b',"rooms":[]}}', True),  # a duplicate key: the last one counts
     (b"[" + _report_body(PLAIN_ROOMS) + b"]", True),
 ])
-def test_a_big_report_parsed_in_steps_is_what_json_makes_of_it(body, stepped, monkeypatch):
+@pytest.mark.parametrize("read_rooms", [False, True])
+def test_a_big_report_parsed_in_steps_is_what_json_makes_of_it(body, stepped, read_rooms, monkeypatch):
     monkeypatch.setattr(og, "JSON_STEP_CHARS", 300)
-    value, steps = _steps(body)
+    value, steps = _steps(body, body if read_rooms else None)
     assert value == og.load_json(body)
     assert steps > 0 or not stepped
 
 
 @pytest.mark.parametrize("damage", [(b"},{", b"},,{"), (b"}]", b"},]"), (b"},{", b"}{"),
                                     (b'"peers":1', b'"peers":01'), (b'"c"', b'"\\x"')])
-def test_a_malformed_big_report_is_refused_as_json_refuses_it(damage, monkeypatch):
+@pytest.mark.parametrize("read_rooms", [False, True])
+def test_a_malformed_big_report_is_refused_as_json_refuses_it(damage, read_rooms, monkeypatch):
     monkeypatch.setattr(og, "JSON_STEP_CHARS", 300)
     body = _report_body([room("ns", "r%d" % i, "c") for i in range(60)])
     broken = body.replace(damage[0], damage[1])
     assert broken != body
     with pytest.raises(ValueError):
         og.load_json(broken)
-    assert isinstance(_steps(broken)[0], ValueError)
+    assert isinstance(_steps(broken, body if read_rooms else None)[0], ValueError)
 
 
 def _read_and_loaded(gw, body):
