@@ -497,8 +497,8 @@ def _parse_marked(text: str, start: int, end: int, glue: str = "") -> Tuple[Any,
 # repeats the one before: only the rooms' ages always change, their peers
 # now and then. So a report's rooms array in the form servers write it,
 #     [{"id": [ns, name], "customer": c, "age": {"secs": s, "nanos": n}, "peers": p}, ...]
-# (with any JSON whitespace, strings without escapes, integers of at most 18
-# digits), is read from its text: cut at the ages, the text between two ages
+# (strings without escapes, integers of at most 18 digits, whitespace as
+# servers write it), is read from its text: cut at the ages, the text between two ages
 # (a seam: the end of one room, its peers, and the start of the next, its id
 # and customer) is compared with the seams of the same server's previous
 # report, and only new seams are matched against the grammar above; the
@@ -517,8 +517,10 @@ _INTEGER = r"(0|[1-9][0-9]{0,17})"
 _ROOM_START = _W.join(("", r"\{", '"id"', ":", r"\[", _STRING, ",", _STRING, r"\]", ",", '"customer"', ":",
                        _STRING, ",", ""))
 _ROOM_END = _W.join(("", ",", '"peers"', ":", _INTEGER, r"\}"))
-_AGE_TEXT = re.compile(_W.join(('"age"', ":", r"\{", '"secs"', ":", _INTEGER, ",", '"nanos"', ":",
-                                _INTEGER, r"\}")))
+# (Ages as JSON.stringify, serde_json or json.dumps write them: a space
+# after the colons and commas or none; JSON's every whitespace costs a
+# quarter more, and the odd report is parsed by json.loads.)
+_AGE_TEXT = re.compile(" ?".join(('"age":', r"\{", '"secs":', _INTEGER + ",", '"nanos":', _INTEGER + r"\}")))
 _FIRST_SEAM = re.compile(_ROOM_START)
 _SEAM = re.compile(_ROOM_END + _W + "," + _ROOM_START)
 _LAST_SEAM = re.compile(_ROOM_END + _W + r"\]")
@@ -2468,7 +2470,14 @@ class Grid:
         # Called with (record, acknowledged) for every change worth saving
         # (section "Saved state"); None: nobody saves the state.
         self.journal: Optional[Callable[[list, bool], None]] = None
-        self._sorted: Optional[List[str]] = None  # room hashes in order, for Info's pages
+        # Room hashes in order, for Info's pages (rooms_after), from the first
+        # page on. Kept in batches, not hash by hash (each insertion or deletion
+        # moves the rest of the list: seconds for a big report's rooms): hashes
+        # mapped since wait in _unsorted; hashes unmapped stay, counted in
+        # _stale, until a quarter of the list is stale (pages skip them).
+        self._sorted: Optional[List[str]] = None
+        self._unsorted: set = set()
+        self._stale = 0
         # Hashes of the rooms placed by Connect and not yet reported: with the
         # rooms of servers silent for a token's lifetime, the only ones that
         # can expire (a reported room is refreshed by every report).
@@ -2501,7 +2510,7 @@ class Grid:
         old = self.rooms.get(digest)
         if old is None:
             if self._sorted is not None:
-                bisect.insort(self._sorted, digest)
+                self._unsorted.add(digest)
         elif old is not room:
             self._touch(old.server)
         self.rooms[digest] = room
@@ -2517,9 +2526,10 @@ class Grid:
         self._touch(self.rooms.pop(digest).server)
         self.placed.discard(digest)
         if self._sorted is not None:
-            index = bisect.bisect_left(self._sorted, digest)
-            if index < len(self._sorted) and self._sorted[index] == digest:
-                del self._sorted[index]
+            if digest in self._unsorted:
+                self._unsorted.discard(digest)
+            else:
+                self._stale += 1
         self._note(["unroom", digest])
 
     def set_complete(self) -> None:
@@ -2533,10 +2543,28 @@ class Grid:
 
     def rooms_after(self, after: str, limit: int) -> List[str]:
         """At most limit room hashes that sort after after (Info's pages)."""
-        if self._sorted is None:  # kept up to date from the first page on
-            self._sorted = sorted(self.rooms)
-        start = bisect.bisect_right(self._sorted, after)
-        return self._sorted[start:start + limit]
+        order, rooms = self._sorted, self.rooms
+        if order is None:
+            order, self._unsorted = sorted(rooms), set()
+        elif self._stale > len(order) // 4:  # the gone (and twice listed) out, in one pass
+            order = [digest for digest, _ in itertools.groupby(order) if digest in rooms]
+        if self._unsorted:
+            if len(self._unsorted) < 100:
+                for digest in self._unsorted:
+                    bisect.insort(order, digest)
+            else:  # timsort merges a sorted run with the new ones in about len(order) steps
+                order += self._unsorted
+                order.sort()
+        if order is not self._sorted:
+            self._stale = 0
+        self._sorted, self._unsorted = order, set()
+        page: List[str] = []
+        for digest in itertools.islice(order, bisect.bisect_right(order, after), None):
+            if len(page) >= limit:
+                break
+            if digest in rooms and (not page or digest != page[-1]):  # a hash unmapped and mapped again: twice
+                page.append(digest)
+        return page
 
     @property
     def config(self) -> Config:

@@ -1346,8 +1346,15 @@ def _report_body(rooms, *, separators=(",", ":"), **extra):
                       separators=separators).encode()
 
 
-def _steps(data):
-    """(value or the ValueError raised, how many times the parse yielded)."""
+def _steps(data, read_after=None):
+    """(value or the ValueError raised, how many times the parse yielded).
+    read_after: a body a gateway handles first; data, as that gateway reads
+    it (rooms from the text), must then be what json.loads makes of it."""
+    if read_after is not None:
+        gw = make_gateway()
+        gw.handle_http("POST", "/internal", {}, read_after, "127.0.0.1")  # its text known, if a report
+        fast, slow, _ = _read_and_loaded(gw, data)
+        assert fast == slow
     steps, count = og.load_json_in_steps(data), 0
     try:
         while True:
@@ -1373,23 +1380,25 @@ ODD_ROOMS = [room("ns", 'r%d},{"id":[' % i if i % 20 == 9 else "r%d" % i, "c") f
     (_report_body(PLAIN_ROOMS)[:-2] + b',"rooms":[]}}', True),  # a duplicate key: the last one counts
     (b"[" + _report_body(PLAIN_ROOMS) + b"]", True),
 ])
-def test_a_big_report_parsed_in_steps_is_what_json_makes_of_it(body, stepped, monkeypatch):
+@pytest.mark.parametrize("read_rooms", [False, True])
+def test_a_big_report_parsed_in_steps_is_what_json_makes_of_it(body, stepped, read_rooms, monkeypatch):
     monkeypatch.setattr(og, "JSON_STEP_CHARS", 300)
-    value, steps = _steps(body)
+    value, steps = _steps(body, body if read_rooms else None)
     assert value == og.load_json(body)
     assert steps > 0 or not stepped
 
 
 @pytest.mark.parametrize("damage", [(b"},{", b"},,{"), (b"}]", b"},]"), (b"},{", b"}{"),
                                     (b'"peers":1', b'"peers":01'), (b'"c"', b'"\\x"')])
-def test_a_malformed_big_report_is_refused_as_json_refuses_it(damage, monkeypatch):
+@pytest.mark.parametrize("read_rooms", [False, True])
+def test_a_malformed_big_report_is_refused_as_json_refuses_it(damage, read_rooms, monkeypatch):
     monkeypatch.setattr(og, "JSON_STEP_CHARS", 300)
     body = _report_body([room("ns", "r%d" % i, "c") for i in range(60)])
     broken = body.replace(damage[0], damage[1])
     assert broken != body
     with pytest.raises(ValueError):
         og.load_json(broken)
-    assert isinstance(_steps(broken)[0], ValueError)
+    assert isinstance(_steps(broken, body if read_rooms else None)[0], ValueError)
 
 
 def _read_and_loaded(gw, body):
@@ -2149,6 +2158,25 @@ def test_info_pages_through_the_rooms_in_hash_order():
     assert set(listed) >= set(gw.grid.rooms) - set(pages[0])
     first = result(gw, "Info", {"rooms": {}})
     assert len(first["rooms"]) == 25 and first["next"] is None  # default limit 1,000
+
+
+def test_info_pages_stay_exact_while_rooms_come_and_go_in_bulk():
+    """The order Info pages by is kept in batches: rooms mapped since wait
+    apart, rooms gone are skipped until they are many; no page shows them."""
+    gw, rng = make_gateway(), random.Random(7)
+    names = ["r%d" % i for i in range(300)]
+    hosts = [SFU1, SFU2, "sfu-3.example.com:4433"]
+    for step in range(60):
+        count = rng.choice([0, 1, 5, 150, 300])
+        report(gw, rng.choice(hosts), rooms=[room("ns", name, "c") for name in rng.sample(names, count)])
+        if step % 3 == 0:
+            limit, after, listed = rng.choice([1, 7, 1000]), "", []
+            while after is not None:
+                page = result(gw, "Info", {"rooms": {"after": after, "limit": limit}})
+                listed += [r["hash"] for r in page["rooms"]]
+                after = page["next"]
+            assert listed == sorted(gw.grid.rooms)
+    assert gw.grid._stale <= len(gw.grid._sorted) // 4 + 300
 
 
 def test_info_without_rooms_is_small():
