@@ -511,8 +511,8 @@ async def run_variant(saved: bool, seconds: float, kills: List[int], options: An
         "update_interval": interval,
         # Reports are answered late under this load on a shared machine; a server
         # disabled for that would move its rooms (which is right, but not what this
-        # run is about), so it gets four intervals.
-        "disable_timeout": 4 * interval,
+        # run is about), so it gets four intervals unless told otherwise.
+        "disable_timeout": options.disable_after * interval,
         "shutdown_timeout": 2,
     }
     if saved:
@@ -609,14 +609,19 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument("--interval", type=float, default=1.0, help="update_interval of the run")
     parser.add_argument("--big-rooms", type=int, help="rooms of each big server (default 4,000, quick 1,000)")
     parser.add_argument("--big-servers", type=int, default=2, help="servers with big reports")
+    parser.add_argument("--kills", type=int, help="SIGKILLs per variant (one SIGTERM besides; "
+                        "default 3, quick 1)")
+    parser.add_argument("--disable-after", type=float, default=4.0,
+                        help="disable_timeout in update_intervals (the default config has 1.5)")
     options = parser.parse_args(argv)
     if options.quick:
         seconds = options.seconds or 6
-        kills = [signal.SIGKILL, signal.SIGTERM]
+        kills = [signal.SIGKILL] * (1 if options.kills is None else options.kills) + [signal.SIGTERM]
         options.servers, options.default_big, options.clients, options.admins, options.readers = 6, 1000, 6, 2, 2
     else:
         seconds = options.seconds or 24
-        kills = [signal.SIGKILL, signal.SIGKILL, signal.SIGTERM, signal.SIGKILL]
+        kills = [signal.SIGKILL] * (3 if options.kills is None else options.kills)
+        kills.insert(min(2, len(kills)), signal.SIGTERM)
         options.servers, options.default_big, options.clients, options.admins, options.readers = 12, 4000, 12, 3, 4
     options.pause = 0.02
     options.big_rooms = options.big_rooms if options.big_rooms is not None else options.default_big
