@@ -29,11 +29,15 @@ On one machine it:
    clients fetch every page of a 100,000-room Info; each with its target.
 6. with redis-server installed (and redis-py), the cluster: Connect/s at 64
    connections of one process alone against one process in cluster mode
-   (gateway on core 0, load generator and redis-server on core 1), of
-   --workers 2 against --workers 1 (both unpinned, the load generator and
-   redis-server on the same two cores), the time a report takes to reach
-   another gateway (p50/p99), and the time a gateway that starts needs to
-   be ready with 10,000 rooms in the cluster.
+   (gateway on core 0, load generator and redis-server on core 1), and of
+   --workers 2 against --workers 1 (the workers on every core, beside the
+   load generator and redis-server, which stay on core 1); runs alternate,
+   three of each, and each prints the CPU the gateway used per Connect, the
+   cores the load generator, redis-server and the rest of the machine used,
+   and the connections each worker got; then the ratio that the CPU figures
+   allow on this box; the time a report takes to reach another gateway
+   (p50/p99), and the time a gateway that starts needs to be ready with
+   10,000 rooms in the cluster.
 
     python bench/bench.py --cluster-only   # just part 6
 """
@@ -126,11 +130,21 @@ def cpu_seconds(pid):
         return None
 
 
-def run_wrk(port, connections, seconds, script):
-    out = subprocess.run(
+def run_wrk(port, connections, seconds, script, usage=None):
+    """wrk's figures (rate, p50 ms, p99 ms, errors, requests); usage["cpu"]: the CPU
+    seconds wrk itself used (its own rusage, taken when it is reaped)."""
+    wrk = subprocess.Popen(
         ["taskset", "-c", str(CLIENT_CORE), "wrk", "-t1", "-c%d" % connections, "-d%ds" % seconds,
          "--latency", "-s", script, "http://127.0.0.1:%d/" % port],
-        capture_output=True, text=True, check=True).stdout
+        stdout=subprocess.PIPE, text=True)
+    out = wrk.stdout.read()
+    _pid, status, rusage = os.wait4(wrk.pid, 0)
+    wrk.returncode = os.waitstatus_to_exitcode(status)
+    wrk.stdout.close()
+    if wrk.returncode:
+        raise RuntimeError("wrk failed (status %s)" % wrk.returncode)
+    if usage is not None:
+        usage["cpu"] = rusage.ru_utime + rusage.ru_stime
     rate = float(out.split("Requests/sec:")[1].split()[0])
     requests = int(re.search(r"(\d+) requests in", out).group(1))
 
@@ -209,10 +223,13 @@ def start_gateway(tmp, settings="", pinned=True, port=None):
         # warmup = 0: the load starts at once, as on a gateway that has run for a while.
         out.write("host = '127.0.0.1'\nport = %d\nlog_level = 'WARNING'\nlog_format = 'json'\n"
                   "customers = %r\nwarmup = 0\n" % (port or 0, [CUSTOMER]) + settings)
-    code = ("import os, sys; os.sched_setaffinity(0, {%d}) if %r and hasattr(os, 'sched_setaffinity') "
+    # Unpinned is every core, said explicitly: this process may be pinned to the
+    # load generator's core by now, and a child inherits that (workers included).
+    cores = {SERVER_CORE} if pinned else set(range(os.cpu_count()))
+    code = ("import os, sys; os.sched_setaffinity(0, %r) if hasattr(os, 'sched_setaffinity') "
             "else None; sys.path.insert(0, %r); import odin_gateway; "
             "sys.exit(odin_gateway.main(['--config', %r]))" % (
-                SERVER_CORE, pinned, os.path.dirname(HERE), config))
+                cores, os.path.dirname(HERE), config))
     process = subprocess.Popen([sys.executable, "-c", code], stderr=subprocess.PIPE, text=True,
                                env=dict(os.environ, PYTHONDONTWRITEBYTECODE="1"))
     # The gateway logs warnings only; ask the OS which port it bound.
@@ -324,7 +341,7 @@ def hostile_clients(port, idle, slow, stop):
     held = []
     for _ in range(idle):
         sock = socket.create_connection(("127.0.0.1", port))
-        sock.sendall(b"OPTIONS / HTTP/1.1\r\n\r\n")
+        sock.sendall(b"OPTIONS / HTTP/1.1\r\nHost: x\r\n\r\n")
         sock.recv(65536)
         held.append(sock)
     trickling = [None] * slow
@@ -333,7 +350,7 @@ def hostile_clients(port, idle, slow, stop):
             try:
                 if sock is None:
                     sock = trickling[index] = socket.create_connection(("127.0.0.1", port))
-                    sock.sendall(b"POST / HTTP/1.1\r\n")
+                    sock.sendall(b"POST / HTTP/1.1\r\nHost: x\r\n")
                 sock.sendall(b"X-Slow: 1\r\n")
             except OSError:  # cut off after read_timeout: come back
                 sock.close()
@@ -644,7 +661,7 @@ def report_in_steps(gw, body):
     hashed in steps, then integrated, the collector paused throughout):
     (whole time, the longest the loop is held at once), in seconds."""
     request = og.Request("POST", "/internal", (1, 1), {}, body)
-    steps, parts = og.load_json_in_steps(body), []
+    steps, parts = gw.parse_in_steps(body, "127.0.0.1"), []
     gc.disable()
     started = time.perf_counter()
     while True:
@@ -736,19 +753,84 @@ def start_redis(tmp, core):
     return process, "redis://127.0.0.1:%d/0" % port
 
 
-def connect_rate(tmp, generate_for, settings="", pinned=True, connections=64, seconds=5):
-    port = free_port() if "workers" in settings else None
-    process, port = start_gateway(tmp, settings, pinned=pinned, port=port)
-    import threading
+def _children(pid):
+    """The child processes of pid (Linux /proc), e.g. a supervisor's workers."""
+    try:
+        with open("/proc/%d/task/%d/children" % (pid, pid)) as listing:
+            return [int(child) for child in listing.read().split()]
+    except OSError:
+        return []
+
+
+def _machine_busy():
+    """CPU seconds all cores together have been busy since boot (Linux /proc/stat), or None."""
+    try:
+        with open("/proc/stat") as stat:
+            ticks = [int(value) for value in stat.readline().split()[1:9]]
+    except (OSError, ValueError):
+        return None
+    return (sum(ticks) - ticks[3] - ticks[4]) / os.sysconf("SC_CLK_TCK")  # less idle and iowait
+
+
+def _connections_of(port, pids, state="established"):
+    """Sockets on port (in state) held by each of pids (ss)."""
+    out = subprocess.run(["ss", "-tnpH", "state", state, "( sport = :%d )" % port],
+                         capture_output=True, text=True).stdout
+    return [out.count("pid=%d," % pid) for pid in pids]
+
+
+def gateway_run(tmp, load, settings, redis_pid, seconds, pinned=True, workers=1):
+    """Connect/s of one gateway (workers processes) at 64 connections, with the CPU
+    each process used: its workers, the load generator, redis-server, the machine."""
+    process, port = start_gateway(tmp, settings, pinned=pinned, port=free_port())
     stop = threading.Event()
     reporter = threading.Thread(target=keep_reporting, args=(port, stop), daemon=True)
     reporter.start()
     try:
-        return generate_for(port)(connections, seconds)
+        pids = [process.pid]
+        if workers > 1:
+            deadline = time.monotonic() + 20
+            while len(pids) < workers or 0 in _connections_of(port, pids, "listening"):
+                if time.monotonic() > deadline:
+                    raise RuntimeError("the workers did not start")
+                time.sleep(0.05)
+                pids = _children(process.pid)
+        # Warm: every worker has claimed or adopted the rooms before the window.
+        load(port, 64, 1, {})
+        split = {}
+        sampler = threading.Timer(seconds / 2, lambda: split.update(zip(pids, _connections_of(port, pids))))
+        sampler.start()
+        usage = {}
+        before = [cpu_seconds(pid) for pid in pids + [redis_pid]], _machine_busy(), time.monotonic()
+        figures = load(port, 64, seconds, usage)
+        after = [cpu_seconds(pid) for pid in pids + [redis_pid]], _machine_busy(), time.monotonic()
+        sampler.join()
     finally:
         stop.set()
         process.terminate()
         process.wait()
+    cpu = [b - a for a, b in zip(before[0], after[0])]
+    elapsed = after[2] - before[2]
+    return {"rate": figures[0], "requests": figures[4], "workers_cpu": cpu[:-1], "redis_cpu": cpu[-1],
+            "load_cpu": usage.get("cpu", 0.0), "elapsed": elapsed,
+            "busy": after[1] - before[1] if before[1] is not None else None,
+            "connections": [split.get(pid, 0) for pid in pids]}
+
+
+def _run_line(name, run):
+    """One run's figures: Connect/s, CPU per Connect, cores used by whom."""
+    elapsed, ours = run["elapsed"], sum(run["workers_cpu"])
+    rest = "" if run["busy"] is None else ", the rest of the machine %.2f" % (
+        (run["busy"] - ours - run["load_cpu"] - run["redis_cpu"]) / elapsed)
+    return ("    %-11s %6.0f Connect/s, %3.0f us CPU/Connect in the gateway (%.2f cores; "
+            "connections %s); cores used by wrk %.2f, redis-server %.2f%s" % (
+                name, run["rate"], ours / run["requests"] * 1e6, ours / elapsed,
+                "+".join(map(str, run["connections"])), run["load_cpu"] / elapsed,
+                run["redis_cpu"] / elapsed, rest))
+
+
+def _per_connect(runs):
+    return statistics.median(sum(run["workers_cpu"]) / run["requests"] for run in runs)
 
 
 async def _propagation(url, reports):
@@ -777,7 +859,7 @@ async def _propagation(url, reports):
                 "public_endpoint": "sfu:4433", "version": version, "load": 0.1, "clients": 0,
                 "rooms": rooms_report(10)}}).encode()
             started = time.perf_counter()
-            writer.write(b"POST /internal HTTP/1.1\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body))
+            writer.write(b"POST /internal HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body))
             head = await reader.readuntil(b"\r\n\r\n")
             await reader.readexactly(int(head.split(b"Content-Length: ")[1].split(b"\r\n")[0]))
             times.append(await asyncio.wait_for(arrived[version], 5) - started)
@@ -820,22 +902,55 @@ def cluster_part(tmp, seconds, tokens, script, use_wrk, quick=False):
         return
     redis_process, url = start_redis(tmp, CLIENT_CORE)
     try:
-        def pinned_load(port):
-            return (lambda c, s: run_wrk(port, c, s, script)) if use_wrk else (
-                lambda c, s: run_own(port, c, s, tokens))
+        def load(port, connections, seconds, usage):
+            if use_wrk:
+                return run_wrk(port, connections, seconds, script, usage)
+            started = time.process_time()  # our own generator runs in this process
+            figures = run_own(port, connections, seconds, tokens)
+            usage["cpu"] = time.process_time() - started
+            return figures
 
-        print("\nCluster (redis-server and the load generator on core %d):" % CLIENT_CORE)
-        alone = connect_rate(tmp, pinned_load, seconds=seconds)
-        clustered = connect_rate(tmp, pinned_load, "cluster = %r\n" % url, seconds=seconds)
-        print("  Connect/s at 64 connections, gateway on core %d: alone %.0f, cluster %.0f "
-              "(ratio %.2f)" % (SERVER_CORE, alone[0], clustered[0], clustered[0] / alone[0]))
-        one = connect_rate(tmp, pinned_load, "cluster = %r\nworkers = 1\n" % url, pinned=False,
-                           seconds=seconds)
-        two = connect_rate(tmp, pinned_load, "cluster = %r\nworkers = 2\n" % url, pinned=False,
-                           seconds=seconds)
-        print("  Connect/s at 64 connections, gateway unpinned: --workers 1 %.0f, --workers 2 %.0f "
-              "(ratio %.2f; the load generator and redis-server share the 2 cores)"
-              % (one[0], two[0], two[0] / one[0]))
+        seconds = 1 if quick else 5
+        pairs = 1 if quick else 3  # runs alternate, so that other load hits both sides alike
+        print("\nCluster: 64 connections, 1,000 rotating tokens; the load generator (%s -t1) and "
+              "redis-server pinned to core %d; %d s windows after 1 s of warm-up; load average "
+              "%.2f" % ("wrk" if use_wrk else "own", CLIENT_CORE, seconds, os.getloadavg()[0]))
+        print("  one process alone against one process in cluster mode, both pinned to core %d:"
+              % SERVER_CORE)
+        runs = {"alone": [], "cluster": []}
+        for _ in range(pairs):
+            for name, settings in (("alone", ""), ("cluster", "cluster = %r\n" % url)):
+                runs[name].append(gateway_run(tmp, load, settings, redis_process.pid, seconds))
+                print(_run_line(name, runs[name][-1]))
+        ratios = [c["rate"] / a["rate"] for a, c in zip(runs["alone"], runs["cluster"])]
+        ratio = statistics.median(ratios)
+        print("  cluster / alone: Connect/s %.2f (target >= 0.8; each pair %s) %s; CPU per Connect "
+              "%.0f us alone, %.0f us in cluster mode" % (
+                  ratio, " ".join("%.2f" % r for r in ratios), "met" if ratio >= 0.8 else "NOT MET",
+                  _per_connect(runs["alone"]) * 1e6, _per_connect(runs["cluster"]) * 1e6))
+        print("  --workers 1 against --workers 2, the gateway on every core (its workers unpinned, "
+              "beside the load generator and redis-server):")
+        runs = {1: [], 2: []}
+        for _ in range(pairs):
+            for workers in (1, 2):
+                runs[workers].append(gateway_run(
+                    tmp, load, "cluster = %r\nworkers = %d\n" % (url, workers), redis_process.pid,
+                    seconds, pinned=False, workers=workers))
+                print(_run_line("--workers %d" % workers, runs[workers][-1]))
+        ratios = [two["rate"] / one["rate"] for one, two in zip(runs[1], runs[2])]
+        raw = statistics.median(ratios)
+        one_cpu, two_cpu = _per_connect(runs[1]), _per_connect(runs[2])
+        beside = statistics.median((run["load_cpu"] + run["redis_cpu"]) / run["elapsed"]
+                                   for run in runs[2])
+        print("  --workers 2 / --workers 1: Connect/s %.2f (target >= 1.7; each pair %s) %s" % (
+            raw, " ".join("%.2f" % r for r in ratios), "met" if raw >= 1.7 else "NOT MET"))
+        print("    CPU per Connect in the gateway: %.0f us with 1 worker, %.0f us with 2 (%.2fx)" % (
+            one_cpu * 1e6, two_cpu * 1e6, two_cpu / one_cpu))
+        print("    wrk and redis-server use %.2f cores at the 2-worker rate, which leaves the workers "
+              "%.2f cores: the ratio that follows from CPU time is (2 - %.2f) x %.0f / %.0f = %.2f; "
+              "with the load generator on another box, 2 x %.0f / %.0f = %.2f" % (
+                  beside, 2 - beside, beside, one_cpu * 1e6, two_cpu * 1e6,
+                  (2 - beside) * one_cpu / two_cpu, one_cpu * 1e6, two_cpu * 1e6, 2 * one_cpu / two_cpu))
         p50, p99 = asyncio.run(_propagation(url, 50 if quick else 500))
         print("  a report reaches another gateway: p50 %.2f ms, p99 %.2f ms" % (p50 * 1000, p99 * 1000))
         rooms = 1000 if quick else 10000
