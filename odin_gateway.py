@@ -3240,6 +3240,10 @@ class SavedState:
                      extra=fields("state_restored", path=path, servers=len(grid.servers),
                                   rooms=len(grid.rooms)))
         self.resume()
+        if restored:  # no server could report while the state was loaded and written anew
+            seen = gateway.clock()
+            for server in grid.servers.values():
+                server.last_seen = max(server.last_seen, seen)
         return restored
 
     def resume(self) -> None:

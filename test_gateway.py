@@ -1879,6 +1879,25 @@ def test_the_state_of_a_gateway_killed_during_its_warmup_does_not_spare_the_next
     assert third.warm_until == 0
 
 
+def test_servers_restored_from_a_big_state_count_as_seen_once_it_is_loaded(tmp_path, monkeypatch):
+    clock = Clock()
+    path = tmp_path / "state.jsonl"
+    first = saved_gateway(path, clock, warmup=0)
+    first.begin_warmup()
+    report(first, SFU1, rooms=[room("custom-ns", "lobby", "odinref")])
+    report(first, SFU2)
+    first.saved.flush()
+    read = og.StateFile.read
+
+    def slow_read(self):  # a state of many rooms takes its time to load
+        clock.advance(3)
+        return read(self)
+    monkeypatch.setattr(og.StateFile, "read", slow_read)
+    second = saved_gateway(path, clock)
+    clock.advance(og.Config().disable_timeout - 0.5)  # SFU1's next report is on its way
+    assert result(second, "Connect", {}, token=token(now=clock()))["address"] == SFU1
+
+
 def test_saved_state_is_compacted_and_stays_exact(tmp_path, monkeypatch):
     monkeypatch.setattr(og, "STATE_COMPACT_BYTES", 2000)
     path = tmp_path / "state.jsonl"
