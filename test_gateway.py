@@ -5295,6 +5295,28 @@ def test_benchmark_parts_run():
     assert repeat >= longest > 0 and floor > 0 and first >= first_hold > 0
 
 
+def test_the_restart_run_knows_each_admin_task_it_made_from_a_collision():
+    # bench/restart_run.py (too slow for the suite even with --quick) counts lost and
+    # doubled tasks, and RoomCloses sent to live rooms, by the number each admin call
+    # carries: the tasks the gateway delivers must give that number back.
+    sys.path.insert(0, str(HERE / "bench"))
+    try:
+        import restart_run
+    finally:
+        sys.path.remove(str(HERE / "bench"))
+    gw = make_gateway()
+    report(gw, SFU1, rooms=[room("custom-ns", "lobby", "odinref")])
+    calls = [("RoomSendMessage", {"user_id": "u", "message": list((70000).to_bytes(4, "big"))}),
+             ("RoomUpdate", {"user_data": list((70001).to_bytes(4, "big"))}),
+             ("RoomBanClient", {"user_id": "ban-70002", "ban_time": 0}),
+             ("RoomClose", {"ban_time": restart_run.ADMIN_CLOSE_BASE + 70003})]
+    for method, params in calls:
+        assert result(gw, method, dict(params, room_id="lobby"), token=admin_token()) == {}
+    tasks = report(gw, SFU1, rooms=[room("custom-ns", "lobby", "odinref")])
+    tasks += report(gw, SFU2, rooms=[room("custom-ns", "lobby", "odinref")])  # a collision
+    assert [restart_run.World.task_number(task) for task in tasks] == [70000, 70001, 70002, 70003, None]
+
+
 def test_reload_refuses_when_the_started_config_file_is_gone(tmp_path):
     path = tmp_path / "c.py"
     path.write_text("port = 7100\n")
