@@ -2505,7 +2505,14 @@ class Grid:
             server.changes += 1
 
     def _map(self, digest: str, room: Room, acknowledged: bool = False) -> None:
-        """Map (or remap) a room; acknowledged: a Connect answers with it.
+        """Map (or remap) a room and journal it; acknowledged: a Connect answers with it."""
+        self.put_room(digest, room)
+        if self.journal is not None:
+            self.journal(["room", digest, room.id[0], room.id[1], room.customer, room.server,
+                          int(room.updated), room.reported], acknowledged)
+
+    def put_room(self, digest: str, room: Room) -> None:
+        """Map (or remap) a room, unjournaled (apply_record replays a record with it).
         (A caller that moves a Room object to another server touches the old one.)"""
         old = self.rooms.get(digest)
         if old is None:
@@ -2518,9 +2525,6 @@ class Grid:
             self.placed.discard(digest)
         else:
             self.placed.add(digest)
-        if self.journal is not None:
-            self.journal(["room", digest, room.id[0], room.id[1], room.customer, room.server,
-                          int(room.updated), room.reported], acknowledged)
 
     def _unmap(self, digest: str) -> None:
         self._touch(self.rooms.pop(digest).server)
@@ -2853,13 +2857,7 @@ class Grid:
                 # it does not expire early after a restart (no report refreshes it).
                 self._map(digest, room)
         new_room = 1 if new_here and digest not in server.room_hashes else 0
-        for totals in (server.pending, self.pending):  # the server is enabled: it counts
-            counts = totals.get(customer)
-            if counts is None:
-                counts = totals[customer] = [0, 0]
-            counts[0] += 1
-            counts[1] += new_room
-        server.pending_peers += 1
+        self._count_pending(server, customer, 1, new_room)
         if self.on_placed is not None:
             self.on_placed(server.hostname, customer, new_room)
         return server
@@ -2918,14 +2916,18 @@ class Grid:
     def add_pending(self, hostname: str, customer: str, peers: int, rooms: int) -> None:
         """Usage another gateway placed on a server since its last report."""
         server = self.servers.get(hostname)
-        if server is None:
-            return
-        self._account(server, -1)
-        counts = server.pending.setdefault(customer, [0, 0])
-        counts[0] += peers
-        counts[1] += rooms
+        if server is not None:
+            self._count_pending(server, customer, peers, rooms)
+
+    def _count_pending(self, server: Server, customer: str, peers: int, rooms: int) -> None:
+        """Count usage placed on a server since its report (in the totals too while it is enabled)."""
+        for totals in (server.pending,) if server.disabled else (server.pending, self.pending):
+            counts = totals.get(customer)
+            if counts is None:  # not setdefault: that builds a list on every Connect
+                counts = totals[customer] = [0, 0]
+            counts[0] += peers
+            counts[1] += rooms
         server.pending_peers += peers
-        self._account(server, +1)
 
     def _place(self, room_id: Tuple[str, str], customer: str, pinned: Optional[str],
                region: Optional[str], pool: Optional[str], now: float,
@@ -3095,16 +3097,10 @@ def apply_record(grid: Grid, record: list, now: float) -> None:
         server = grid.servers.get(hostname)
         if server is None:
             return  # its server was forgotten: so is the room
-        grid._sorted = None
-        if digest in grid.rooms:
-            grid._touch(grid.rooms[digest].server)
-        grid.rooms[digest] = Room((namespace, name), customer, hostname,
-                                  max(updated, now) if reported else updated, reported)
+        grid.put_room(digest, Room((namespace, name), customer, hostname,
+                                   max(updated, now) if reported else updated, reported))
         if reported:
             server.room_hashes.add(digest)
-            grid.placed.discard(digest)
-        else:
-            grid.placed.add(digest)
         return
     if kind == "unroom":
         room = grid.rooms.pop(record[1], None)
@@ -3279,6 +3275,10 @@ class SavedState:
                      extra=fields("state_restored", path=path, servers=len(grid.servers),
                                   rooms=len(grid.rooms)))
         self.resume()
+        if restored:  # no server could report while the state was loaded and written anew
+            seen = gateway.clock()
+            for server in grid.servers.values():
+                server.last_seen = max(server.last_seen, seen)
         return restored
 
     def resume(self) -> None:

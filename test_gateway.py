@@ -1920,6 +1920,25 @@ def test_the_state_of_a_gateway_killed_during_its_warmup_does_not_spare_the_next
     assert third.warm_until == 0
 
 
+def test_servers_restored_from_a_big_state_count_as_seen_once_it_is_loaded(tmp_path, monkeypatch):
+    clock = Clock()
+    path = tmp_path / "state.jsonl"
+    first = saved_gateway(path, clock, warmup=0)
+    first.begin_warmup()
+    report(first, SFU1, rooms=[room("custom-ns", "lobby", "odinref")])
+    report(first, SFU2)
+    first.saved.flush()
+    read = og.StateFile.read
+
+    def slow_read(self):  # a state of many rooms takes its time to load
+        clock.advance(3)
+        return read(self)
+    monkeypatch.setattr(og.StateFile, "read", slow_read)
+    second = saved_gateway(path, clock)
+    clock.advance(og.Config().disable_timeout - 0.5)  # SFU1's next report is on its way
+    assert result(second, "Connect", {}, token=token(now=clock()))["address"] == SFU1
+
+
 def test_saved_state_is_compacted_and_stays_exact(tmp_path, monkeypatch):
     monkeypatch.setattr(og, "STATE_COMPACT_BYTES", 2000)
     path = tmp_path / "state.jsonl"
@@ -5359,6 +5378,28 @@ def test_benchmark_parts_run():
     assert min(bench.connect_with_feed(5, 1)) > 0
     repeat, longest, floor, first, first_hold = bench.repeated_report_ms(100)
     assert repeat >= longest > 0 and floor > 0 and first >= first_hold > 0
+
+
+def test_the_restart_run_knows_each_admin_task_it_made_from_a_collision():
+    # bench/restart_run.py (too slow for the suite even with --quick) counts lost and
+    # doubled tasks, and RoomCloses sent to live rooms, by the number each admin call
+    # carries: the tasks the gateway delivers must give that number back.
+    sys.path.insert(0, str(HERE / "bench"))
+    try:
+        import restart_run
+    finally:
+        sys.path.remove(str(HERE / "bench"))
+    gw = make_gateway()
+    report(gw, SFU1, rooms=[room("custom-ns", "lobby", "odinref")])
+    calls = [("RoomSendMessage", {"user_id": "u", "message": list((70000).to_bytes(4, "big"))}),
+             ("RoomUpdate", {"user_data": list((70001).to_bytes(4, "big"))}),
+             ("RoomBanClient", {"user_id": "ban-70002", "ban_time": 0}),
+             ("RoomClose", {"ban_time": restart_run.ADMIN_CLOSE_BASE + 70003})]
+    for method, params in calls:
+        assert result(gw, method, dict(params, room_id="lobby"), token=admin_token()) == {}
+    tasks = report(gw, SFU1, rooms=[room("custom-ns", "lobby", "odinref")])
+    tasks += report(gw, SFU2, rooms=[room("custom-ns", "lobby", "odinref")])  # a collision
+    assert [restart_run.World.task_number(task) for task in tasks] == [70000, 70001, 70002, 70003, None]
 
 
 def test_reload_refuses_when_the_started_config_file_is_gone(tmp_path):
