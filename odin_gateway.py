@@ -2377,8 +2377,7 @@ class Grid:
         else:
             self.placed.add(digest)
         if self.journal is not None:
-            self.journal(["room", digest, room.id[0], room.id[1], room.customer, room.server,
-                          int(room.updated), room.reported], acknowledged)
+            self.journal(room_record(digest, room), acknowledged)
 
     def _unmap(self, digest: str) -> None:
         self._touch(self.rooms.pop(digest).server)
@@ -2723,11 +2722,15 @@ class Grid:
 
     # -- cluster replica (see ClusterLink) -------------------------------------
 
-    def adopt_room(self, digest: str, record: dict, now: float, *, force: bool = False) -> None:
-        """Map a room as another gateway (or Redis) says; force: even over a live local mapping."""
+    def adopt_room(self, record: list, now: float, *, force: bool = False) -> None:
+        """Map a room as its claim in Redis (a "room" record) says; force: even over a
+        live local mapping. Placed, as far as this replica knows, until its server's
+        report (applied here too) confirms it."""
+        digest, room = record_room(record)
         if force or self.server_of(digest, now) is None:
-            self._map(digest, Room(tuple(record["id"]), record["customer"], record["server"],
-                                   min(now, record["updated"])))
+            room.updated = min(now, room.updated)
+            room.reported = False
+            self._map(digest, room)
 
     def set_pending(self, hostname: str, usage: Dict[str, List[int]]) -> None:
         """A server's usage placed since its last report, as the cluster counted it."""
@@ -2834,8 +2837,11 @@ class Grid:
 # records: JSON arrays, one kind each. The grid emits one for each change
 # (Grid.journal); grid_records() writes a whole grid as records and
 # apply_record() replays one, so a snapshot followed by the changes since
-# rebuilds the grid. The state file holds exactly that; a cluster link can
-# carry the same records.
+# rebuilds the grid. The state file holds exactly that. In cluster mode a
+# room's claim in Redis is its "room" record too, built by room_record and
+# read by record_room for both. (A task is the same dict in both, queued in
+# Redis with an id; a server record in Redis holds its whole last report,
+# which the state file does not need: it is rebuilt from the next reports.)
 #
 #   ["server", hostname, version, disabled, draining]   added, or one of these changed
 #   ["forget", hostname]                                removed, with its rooms
@@ -2899,8 +2905,20 @@ def grid_records(grid: Grid) -> Iterator[list]:
         for task in server.tasks:
             yield ["task", server.hostname, task]
     for digest, room in grid.rooms.items():
-        yield ["room", digest, room.id[0], room.id[1], room.customer, room.server, int(room.updated),
-               room.reported]
+        yield room_record(digest, room)
+
+
+def room_record(digest: str, room: Room) -> list:
+    """A room's mapping as a "room" record: in the state file, and (the same JSON)
+    as the room's claim in Redis (odin:room:<hash>, see ClusterLink)."""
+    return ["room", digest, room.id[0], room.id[1], room.customer, room.server, int(room.updated),
+            room.reported]
+
+
+def record_room(record: list) -> Tuple[str, Room]:
+    """The hash and Room of a "room" record (from the state file, or a claim in Redis)."""
+    _, digest, namespace, name, customer, hostname, updated, reported = record
+    return digest, Room((namespace, name), customer, hostname, updated, reported)
 
 
 def apply_record(grid: Grid, record: list, now: float) -> None:
@@ -2915,16 +2933,17 @@ def apply_record(grid: Grid, record: list, now: float) -> None:
         grid.complete = True
         return
     if kind == "room":
-        _, digest, namespace, name, customer, hostname, updated, reported = record
-        server = grid.servers.get(hostname)
+        digest, room = record_room(record)
+        server = grid.servers.get(room.server)
         if server is None:
             return  # its server was forgotten: so is the room
         grid._sorted = None
         if digest in grid.rooms:
             grid._touch(grid.rooms[digest].server)
-        grid.rooms[digest] = Room((namespace, name), customer, hostname,
-                                  max(updated, now) if reported else updated, reported)
-        if reported:
+        if room.reported:
+            room.updated = max(room.updated, now)
+        grid.rooms[digest] = room
+        if room.reported:
             server.room_hashes.add(digest)
             grid.placed.discard(digest)
         else:
@@ -3641,11 +3660,12 @@ class Gateway:
                                         now=now, rng=self.rng, digest=digest)
             if placement.server is None:
                 raise placement.refusal()
-            record = {"id": [namespace, room_name], "customer": licensee.customer_id,
-                      "server": placement.server.hostname, "updated": now}
+            hostname = placement.server.hostname
+            record = room_record(digest, Room((namespace, room_name), licensee.customer_id,
+                                              hostname, now))
             return ClusterStep("claim", (digest, record), functools.partial(
                 self._connect_claimed, auth, digest, namespace, room_name, pinned, claimed_region,
-                record["server"]))
+                hostname))
         return self._connect_to(auth, digest, namespace, room_name, pinned, claimed_region)
 
     def _connect_claimed(self, auth: Authorization, digest: str, namespace: str, room_name: str,
@@ -5376,7 +5396,8 @@ class HttpFraming:
 #                                 record silent for remove_timeout is deleted by
 #                                 the next gateway that loads the state.
 #   odin:seen             hash    hostname -> last_seen (what the claim script reads).
-#   odin:room:<hash>      string  JSON claim {id, customer, server, updated}; set once
+#   odin:room:<hash>      string  the room's claim: its "room" record, as in the state
+#                                 file (room_record/record_room build and read both); set once
 #                                 (atomically, by the claim script) by the gateway
 #                                 that places a new room, refreshed by the gateway
 #                                 taking its server's report, deleted when the room
@@ -5403,7 +5424,9 @@ class HttpFraming:
 #                                 every heartbeat drops members silent for 3 heartbeats.
 #   odin:events           pub/sub JSON {"from": member, "type": "report" | "claim" |
 #                                 "placed" | "drain" | "delivered", ...}: what the
-#                                 others apply to their replicas as it happens.
+#                                 others apply to their replicas as it happens (a
+#                                 report "held": written back after an outage, so it
+#                                 took no tasks).
 #
 # When Redis cannot be reached, each gateway serves from its replica (mapped
 # rooms as mapped, new rooms placed locally by their hash so that the
@@ -5420,12 +5443,13 @@ CLUSTER_LOAD_BATCH = 1000
 CLUSTER_RECENT_DELIVERIES = 100_000
 
 # Claim a new room unless a live server owns it already: one atomic step.
-# KEYS: odin:room:<hash>, odin:seen, odin:events; ARGV: the claim, the oldest
+# KEYS: odin:room:<hash>, odin:seen, odin:events; ARGV: the claim (a "room"
+# record: its 6th element is the server), the oldest
 # last_seen of a live server, its TTL, the event to publish if it is taken.
 _CLAIM_SCRIPT = """
 local current = redis.call('GET', KEYS[1])
 if current then
-  local seen = redis.call('HGET', KEYS[2], cjson.decode(current)['server'])
+  local seen = redis.call('HGET', KEYS[2], cjson.decode(current)[6])
   if seen and tonumber(seen) >= tonumber(ARGV[2]) then return current end
 end
 redis.call('SET', KEYS[1], ARGV[1], 'EX', ARGV[3])
@@ -5522,11 +5546,6 @@ def _script_in(pipe: Any, script: Any, keys: List[str], args: List[Any]) -> None
     pipe.eval(script.script, len(keys), *keys, *args)  # EVAL: no round trip to load it
 
 
-def _claim_record(room: Room) -> dict:
-    return {"id": list(room.id), "customer": room.customer, "server": room.server,
-            "updated": room.updated}
-
-
 class _Unreachable(Exception):
     """Redis did not answer within cluster_timeout (or refused the connection)."""
 
@@ -5594,6 +5613,9 @@ class ClusterLink:
         # restarted (_restore_delivered); the requeue waits until then (_requeue_at).
         self._recent: Dict[str, str] = {}
         self._requeue_at: Optional[float] = None
+        # hostname -> last_seen of its newest report known to be stored in Redis: a
+        # report stored after a task was queued took it (_requeue_lost_tasks).
+        self._stored_seen: Dict[str, float] = {}
         # Tasks whose call timed out while the link stayed up: id -> (hostname, task).
         self._unsure: Dict[str, Tuple[str, dict]] = {}
         self._redis_run: Optional[str] = None  # Redis's run_id: it changes when Redis restarts
@@ -5687,6 +5709,9 @@ class ClusterLink:
 
     async def _resync(self) -> None:
         """Subscribe, flush what was held while Redis was down, load the shared state."""
+        # Pooled connections to a Redis that went away are broken: each would take
+        # the link down again at its first use after the resync.
+        await self._call(self.redis.connection_pool.disconnect())
         await self._close_pubsub()
         self._pubsub = self._events_redis.pubsub(ignore_subscribe_messages=True)
         await self._call(self._pubsub.subscribe(self.key("events")))
@@ -5738,11 +5763,12 @@ class ClusterLink:
                 record = self._server_record(server)
                 pipe.hset(self.key("servers"), hostname, _compact_json(record))
                 pipe.hset(self.key("seen"), hostname, repr(server.last_seen))
-                pipe.publish(self.key("events"), self._event("report", record=record))
+                pipe.publish(self.key("events"), self._event("report", record=record, held=True))
         ttl = int(config.login_token_lifetime)
         for digest, room in grid.rooms.items():
             if room.server in grid.servers:
-                pipe.set(self.key("room", digest), _compact_json(_claim_record(room)), nx=True, ex=ttl)
+                pipe.set(self.key("room", digest), _compact_json(room_record(digest, room)), nx=True,
+                         ex=ttl)
         await self._call(pipe.execute())
         run = (await self._call(self.redis.info("server")))["run_id"]
         if self._redis_run is not None and run != self._redis_run:
@@ -5816,14 +5842,15 @@ class ClusterLink:
                 values = await self._call(self.redis.mget(keys))
                 for key, raw in zip(keys, values):
                     if raw is not None:
-                        grid.adopt_room(key.decode()[len(self.key("room", "")):], load_json(raw), now)
+                        grid.adopt_room(load_json(raw), now)
             if not cursor:
                 break
 
     def _apply_report(self, record: dict) -> None:
         """A server record taken by another gateway (or loaded), applied to the replica."""
         grid = self.gateway.grid
-        known = grid.servers.get(record["hostname"])
+        hostname = record["hostname"]
+        known = grid.servers.get(hostname)
         if known is not None and known.last_seen > record["last_seen"]:
             return  # this replica has a newer report already
         server = grid.report(record["hostname"], record["version"], record["report"],
@@ -5856,9 +5883,13 @@ class ClusterLink:
         """Another gateway's event (_read_events skips this one's own before parsing)."""
         grid, kind = self.gateway.grid, event.get("type")
         if kind == "report":
-            self._apply_report(event["record"])
+            record = event["record"]
+            if not event.get("held"):  # stored by its report's transaction (which took the tasks)
+                self._stored_seen[record["hostname"]] = max(
+                    self._stored_seen.get(record["hostname"], 0.0), record["last_seen"])
+            self._apply_report(record)
         elif kind == "claim":
-            grid.adopt_room(event["hash"], event["room"], self.gateway.clock())
+            grid.adopt_room(event["room"], self.gateway.clock())
         elif kind == "placed":
             for hostname, customer, peers, rooms in event["items"]:
                 grid.add_pending(hostname, customer, peers, rooms)
@@ -5975,7 +6006,7 @@ class ClusterLink:
         for digest in server.room_hashes:
             room = grid.rooms.get(digest)
             if room is not None and room.server == hostname:
-                pipe.set(self.key("room", digest), _compact_json(_claim_record(room)), ex=ttl)
+                pipe.set(self.key("room", digest), _compact_json(room_record(digest, room)), ex=ttl)
         for digest in gone:
             pipe.delete(self.key("room", digest))
         pipe.publish(self.key("events"), self._event("report", record=record))
@@ -6078,17 +6109,18 @@ class ClusterLink:
         raw = await self._call(self._claim(  # if it fails: placed here, claimed when Redis is back
             keys=[self.key("room", digest), self.key("seen"), self.key("events")],
             args=[_compact_json(record), repr(now - config.disable_timeout),
-                  int(config.login_token_lifetime), self._event("claim", hash=digest, room=record)]))
+                  int(config.login_token_lifetime), self._event("claim", room=record)]))
         claimed = load_json(raw)
+        server = record_room(claimed)[1].server
         if claimed == record:  # ours: Connect maps it, and counts it as a new room
-            return {"won": True, "server": record["server"]}
+            return {"won": True, "server": server}
         grid = gateway.grid
-        if claimed["server"] not in grid.servers:  # its report has not reached us yet
-            found = await self._call(self.redis.hget(self.key("servers"), claimed["server"]))
+        if server not in grid.servers:  # its report has not reached us yet
+            found = await self._call(self.redis.hget(self.key("servers"), server))
             if found is not None:
                 self._apply_report(load_json(found))
-        grid.adopt_room(digest, claimed, gateway.clock(), force=True)
-        return {"won": False, "server": claimed["server"]}
+        grid.adopt_room(claimed, gateway.clock(), force=True)
+        return {"won": False, "server": server}
 
     async def _perform_task(self, hostname: str, task: dict) -> Optional[str]:
         if not self.up:
@@ -6142,10 +6174,11 @@ class ClusterLink:
         await self._call(pipe.execute())
 
     async def _requeue_lost_tasks(self) -> None:
-        """After Redis restarted: queue again the tasks accepted here that it lost."""
+        """After Redis restarted: queue again the tasks accepted here that it lost (not
+        those a report of their server stored after them took, though word of it was lost)."""
         config, now = self.gateway.config, self.gateway.clock()
-        for task_id, (_host, _task, since) in list(self._undelivered.items()):
-            if now - since >= config.remove_timeout:  # its server is forgotten by now
+        for task_id, (host, _task, since) in list(self._undelivered.items()):
+            if now - since >= config.remove_timeout or since < self._stored_seen.get(host, 0.0):
                 del self._undelivered[task_id]
         hosts = sorted({host for host, _task, _since in self._undelivered.values()})
         if not hosts:
@@ -6173,6 +6206,7 @@ class ClusterLink:
             take = "%s|%d\n%s" % (self.member, self._report_count, server.hostname)
         try:
             results = await self._call(self._store_report(server, gone, take).execute())
+            self._stored_seen[server.hostname] = server.last_seen
         except _Unreachable:
             if take is not None:  # the take may still run: hand it back, not on this request's time
                 self._takes[take] = (server.hostname, False)

@@ -5705,13 +5705,28 @@ def test_concurrent_connects_for_a_new_room_through_two_gateways_get_one_server(
         eventually(a, lambda: a.gateway.grid.rooms[digest].server == answers["room-0"][0])
 
 
+def test_a_rooms_claim_in_redis_is_its_state_file_record(redis_server, tmp_path):
+    # One function builds a room's mapping for the state file and for Redis, and
+    # one reads it back (issue #11: the cluster makes the same promise through Redis).
+    path = str(tmp_path / "state")
+    with cluster_gateway(redis_server, state_file=path) as a:
+        http_report(a, SFU1)
+        assert connect(a, "placed") == SFU1
+        digest = og.room_hash(NS, "placed")
+        claim = json.loads(redis_server.client().get("odin:room:" + digest))
+        records = [r for r in og.StateFile(path).read() if r[:2] == ["room", digest]]
+        assert claim[0] == "room" and og.record_problem(claim) is None
+        assert claim[:6] + claim[7:] == records[-1][:6] + records[-1][7:]  # (updated: whole seconds)
+        assert a.call(lambda: og.room_record(digest, a.gateway.grid.rooms[digest]))[:6] == claim[:6]
+
+
 def test_a_reported_room_keeps_its_claim_and_a_collision_closes_the_copy(redis_server):
     with cluster_gateway(redis_server) as a, cluster_gateway(redis_server) as b:
         http_report(a, SFU1, rooms=[room(NS, "r1", NS)])
         http_report(a, SFU2)
         eventually(b, lambda: len(b.gateway.grid.servers) == 2)
         claim = redis_server.client().get("odin:room:" + og.room_hash(NS, "r1"))
-        assert json.loads(claim)["server"] == SFU1
+        assert og.record_room(json.loads(claim))[1].server == SFU1
         assert connect(b, "r1") == SFU1
         # SFU2 reports the same room through b: the first owner keeps it.
         tasks = http_report(b, SFU2, rooms=[room(NS, "r1", NS)])["tasks"]
@@ -5899,7 +5914,7 @@ def test_redis_killed_and_restarted_empty_the_gateways_serve_then_resync(redis_s
         client = redis_server.client()
         assert client.llen("odin:tasks:" + SFU1) == 1 and client.hexists("odin:servers", SFU1)
         claim = client.get("odin:room:" + og.room_hash(NS, "brand-new"))  # placed here meanwhile
-        assert claim is not None and json.loads(claim)["server"] == SFU1
+        assert claim is not None and og.record_room(json.loads(claim))[1].server == SFU1
         assert [t["task"] for t in http_report(b, SFU1)["tasks"]] == ["RoomClose"]
         assert len(down_logs) <= 2  # once per gateway, not once per call
         fired = a.call(lambda: kinds(a.gateway))
@@ -5952,6 +5967,25 @@ def test_a_task_acknowledged_before_redis_restarts_is_delivered_once(redis_serve
         eventually(a, lambda: not a.gateway.cluster._undelivered)
 
 
+def delivered_by_b_unheard_by_a(a, b, lobby):
+    """a accepts a RoomClose, b's report delivers it, and a acts as if the word of
+    the delivery had been lost with Redis."""
+    assert admin(a, "RoomClose", {"room_id": "lobby"}) == {}
+    accepted = a.call(lambda: dict(a.gateway.cluster._undelivered))
+    assert [t["task"] for t in http_report(b, SFU1, rooms=lobby)["tasks"]] == ["RoomClose"]
+    eventually(a, lambda: not a.gateway.cluster._undelivered)
+    a.call(lambda: a.gateway.cluster._undelivered.update(accepted))
+
+
+def redis_restarted_empty(redis_server, a):
+    """Kill Redis, start it empty, and wait until a has queued again what it lost."""
+    redis_server.kill()
+    eventually(a, lambda: not a.gateway.cluster.up)
+    redis_server.start()
+    eventually(a, lambda: a.gateway.cluster.up)
+    eventually(a, lambda: a.gateway.cluster._requeue_at is None)
+
+
 def test_a_task_delivered_before_redis_restarts_empty_is_not_queued_again(redis_server):
     # Found by bench/cluster_run.py: the gateway that accepted a task had not
     # heard that another delivered it (the word was lost with Redis), and queued
@@ -5961,18 +5995,24 @@ def test_a_task_delivered_before_redis_restarts_empty_is_not_queued_again(redis_
     with cluster_gateway(redis_server, cluster_heartbeat=0.5) as a, cluster_gateway(redis_server) as b:
         http_report(a, SFU1, rooms=lobby)
         eventually(b, knows_server(b))
-        assert admin(a, "RoomClose", {"room_id": "lobby"}) == {}
-        accepted = a.call(lambda: dict(a.gateway.cluster._undelivered))
-        assert [t["task"] for t in http_report(b, SFU1, rooms=lobby)["tasks"]] == ["RoomClose"]
-        eventually(a, lambda: not a.gateway.cluster._undelivered)
-        a.call(lambda: a.gateway.cluster._undelivered.update(accepted))  # as if the word was lost
-        redis_server.kill()
-        eventually(a, lambda: not a.gateway.cluster.up)
-        eventually(b, lambda: not b.gateway.cluster.up)
-        redis_server.start()
-        eventually(a, lambda: a.gateway.cluster.up)
-        eventually(a, lambda: a.gateway.cluster._requeue_at is None)
+        delivered_by_b_unheard_by_a(a, b, lobby)
+        a.call(lambda: a.gateway.cluster._stored_seen.clear())  # nor did a hear of b's report
+        redis_restarted_empty(redis_server, a)
         assert http_report(b, SFU1, rooms=lobby)["tasks"] == []
+
+
+def test_a_task_a_report_took_is_not_queued_again_when_its_deliverer_is_gone(redis_server):
+    # Found by bench/cluster_run.py: word of a delivery lost with Redis, and the
+    # gateway that delivered it gone too (nobody restores its id). The report that
+    # took the task was stored after the task was queued: so it took it.
+    lobby = [room(NS, "lobby", NS)]
+    with cluster_gateway(redis_server) as a:
+        http_report(a, SFU1, rooms=lobby)
+        with cluster_gateway(redis_server) as b:
+            eventually(b, knows_server(b))
+            delivered_by_b_unheard_by_a(a, b, lobby)
+        redis_restarted_empty(redis_server, a)
+        assert http_report(a, SFU1, rooms=lobby)["tasks"] == []
 
 
 def test_a_drain_through_one_gateway_holds_on_every_gateway(redis_server):

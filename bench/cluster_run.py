@@ -196,7 +196,7 @@ class Front:
         with self.lock:
             self.turn += 1
             order = self.gateways[self.turn % 2:] + self.gateways[:self.turn % 2]
-        order = [g for g in order if up[g.name]] + [g for g in order if not up[g.name]]
+        order = [g for g in order if up[g.name]]  # as a load balancer: none up, no call
         for gateway in order:
             connection = http.client.HTTPConnection("127.0.0.1", gateway.port, timeout=timeout)
             try:
@@ -222,6 +222,7 @@ class Fleet:
         self.lock = threading.Lock()
         self.rooms = {host: {} for host in SERVERS}  # host -> {(namespace, name): [customer, peers]}
         self.delivered = {}  # task number -> times delivered
+        self.first_delivery = {}  # task number -> where and when
         self.acknowledged = set()
         self.split = []
         self.closed_live = []
@@ -264,7 +265,11 @@ class Fleet:
                     number = int.from_bytes(bytes(task["user_data"]), "big")
                     self.delivered[number] = self.delivered.get(number, 0) + 1
                     if self.delivered[number] == 2:
-                        log("TWICE task %d (to %s via %s)" % (number, host, via))
+                        log("TWICE task %d (to %s via %s; first %s)" % (
+                            number, host, via, self.first_delivery[number]))
+                    else:
+                        self.first_delivery[number] = "to %s via %s at %.3f" % (
+                            host, via, time.monotonic() - STARTED)
                 elif task["task"] == "RoomClose":
                     key = tuple(task["id"])
                     if key in self.rooms[host]:
