@@ -446,11 +446,18 @@ _ROOMS_ARRAY = re.compile(r'"rooms"[ \t\n\r]*:[ \t\n\r]*\[')
 _BETWEEN_OBJECTS = re.compile(r'\}[ \t\n\r]*,[ \t\n\r]*\{')
 
 
-def load_json_in_steps(data: bytes) -> Generator[None, None, Any]:
+def load_json_in_steps(data: bytes, read_rooms: Optional[Callable[[str, int], Generator[None, None, Any]]]
+                       = None) -> Generator[None, None, Any]:
     """load_json(data) as a generator: it yields between the steps of a long
-    rooms array and returns the value (ValueError as load_json raises it)."""
+    rooms array and returns the value (ValueError as load_json raises it).
+    read_rooms: read_rooms_in_steps for the text and where its rooms array
+    starts, to try before parsing (its value, unless None)."""
     text = data.decode("utf-8")
     found = _ROOMS_ARRAY.search(text)
+    if found is not None and read_rooms is not None:
+        value = yield from read_rooms(text, found.end())
+        if value is not None:
+            return value
     if found is None or len(text) - found.end() < 2 * JSON_STEP_CHARS:
         return _parse_json(text)
     rooms: List[Any] = []
@@ -468,14 +475,120 @@ def load_json_in_steps(data: bytes) -> Generator[None, None, Any]:
         rooms.extend(piece)
         start = cut.end() - 1  # the next object's "{"
         yield
-    marker = "\0" + os.urandom(8).hex()  # what no sender can guess
-    value = _parse_json(text[:found.end()] + '"\\u0000%s",' % marker[1:] + text[start:])
+    value, marker = _parse_marked(text, found.end(), start, ",")
     params = value.get("params") if isinstance(value, dict) else None
     listed = params.get("rooms") if isinstance(params, dict) else None
     if not (isinstance(listed, list) and listed and listed[0] == marker):
         return _parse_json(text)
     rooms.extend(listed[1:])
     params["rooms"] = rooms
+    return value
+
+
+def _parse_marked(text: str, start: int, end: int, glue: str = "") -> Tuple[Any, str]:
+    """(JSON of text with text[start:end] replaced by an unguessable string
+    and glue, that string): where the string lands in the value tells where
+    the replaced text stood."""
+    marker = "\0" + os.urandom(8).hex()  # what no sender can guess
+    return _parse_json(text[:start] + '"\\u0000%s"' % marker[1:] + glue + text[end:]), marker
+
+
+# A server reports its rooms every few seconds, and each report mostly
+# repeats the one before: only the rooms' ages always change, their peers
+# now and then. So a report's rooms array in the form servers write it,
+#     [{"id": [ns, name], "customer": c, "age": {"secs": s, "nanos": n}, "peers": p}, ...]
+# (with any JSON whitespace, strings without escapes, integers of at most 18
+# digits), is read from its text: cut at the ages, the text between two ages
+# (a seam: the end of one room, its peers, and the start of the next, its id
+# and customer) is compared with the seams of the same server's previous
+# report, and only new seams are matched against the grammar above; the
+# ages are the only numbers converted. Exact: each piece matches a regular
+# grammar that JSON reads one way only (no escapes, every key once, numbers
+# int() reads as json.loads does), and the rest of the body is parsed by
+# json.loads with a marker where the array was, as above. Anything else
+# (another order of keys, an escape, a float, a seam that does not match)
+# is parsed by json.loads as before.
+
+#: The methods whose rooms are read from the text (read_rooms_in_steps).
+REPORT_METHODS = ("sfu.Report", "SubmitReport")
+_W = r"[ \t\n\r]*"  # JSON's whitespace (\s is more)
+_STRING = r'"([^"\\\x00-\x1f]*)"'  # a string without escapes, its text captured
+_INTEGER = r"(0|[1-9][0-9]{0,17})"
+_ROOM_START = _W.join(("", r"\{", '"id"', ":", r"\[", _STRING, ",", _STRING, r"\]", ",", '"customer"', ":",
+                       _STRING, ",", ""))
+_ROOM_END = _W.join(("", ",", '"peers"', ":", _INTEGER, r"\}"))
+_AGE_TEXT = re.compile(_W.join(('"age"', ":", r"\{", '"secs"', ":", _INTEGER, ",", '"nanos"', ":",
+                                _INTEGER, r"\}")))
+_FIRST_SEAM = re.compile(_ROOM_START)
+_SEAM = re.compile(_ROOM_END + _W + "," + _ROOM_START)
+_LAST_SEAM = re.compile(_ROOM_END + _W + r"\]")
+
+
+class RoomsText:
+    """A report's rooms read from its text (read_rooms_in_steps): their
+    columns (RoomColumns), and its seams with what each says, to read the
+    server's next report by: (seams, ids and customers of the rooms they
+    start, peers of the rooms they end)."""
+
+    __slots__ = ("columns", "seams")
+
+    def __init__(self, columns: "RoomColumns", seams: Tuple[List[str], list, list, list]):
+        self.columns = columns
+        self.seams = seams
+
+
+def read_rooms_in_steps(text: str, start: int, previous_of: Callable[[dict], Optional[RoomsText]]
+                        ) -> Generator[None, None, Any]:
+    """The JSON value of text, a report whose rooms array starts at start
+    (just after its "["), with params["rooms"] a RoomsText; None if the text
+    is not in that form. Yields between steps. previous_of(params): what the
+    reporting server's previous report read (its seams are not matched again)."""
+    parts: List[str] = []  # seam, secs, nanos, seam, ..., seam
+    position = start
+    while True:  # cut at the ages, about JSON_STEP_CHARS at a time
+        cut = _AGE_TEXT.search(text, position + JSON_STEP_CHARS)
+        parts += _AGE_TEXT.split(text[position:cut.start() if cut else len(text)])
+        if cut is None:
+            break
+        parts += cut.groups()
+        position = cut.end()
+        yield
+    texts, secs, nanos = parts[0::3], parts[1::3], parts[2::3]
+    first, last = _FIRST_SEAM.fullmatch(texts[0]), _LAST_SEAM.match(texts[-1])
+    if not secs or first is None or last is None:
+        return None
+    try:  # the rest of the body, the array replaced by a marker
+        value, marker = _parse_marked(text, start - 1, len(text) - len(texts[-1]) + last.end())
+    except ValueError:
+        return None
+    params = value.get("params") if isinstance(value, dict) else None
+    if not (isinstance(params, dict) and params.get("rooms") == marker
+            and value.get("method") in REPORT_METHODS):
+        return None
+    seams = texts[1:-1]
+    previous = previous_of(params)
+    known = previous.seams if previous is not None else ([], [], [], [])
+    if seams == known[0]:  # compared in C: no room came, went, or changed its peers
+        ids, customers, peers = known[1:]
+    else:  # the seams known already say what they said; the others are matched
+        rows = list(map(dict(zip(known[0], itertools.count())).get, seams))
+        ids, customers, peers = list(known[1]), list(known[2]), list(known[3])
+        for count, index in enumerate([index for index, row in enumerate(rows) if row is None], 1):
+            seam = _SEAM.fullmatch(seams[index])
+            if seam is None:
+                return None
+            ended, namespace, name, customer = seam.groups()
+            rows[index] = len(ids)
+            ids.append((namespace, name))
+            customers.append(customer)
+            peers.append(int(ended))
+            if count % PREPARE_STEP_ROOMS == 0:
+                yield
+        ids, customers, peers = (list(map(column.__getitem__, rows)) for column in (ids, customers, peers))
+    namespace, name, customer = first.groups()
+    columns = ([(namespace, name)] + ids, [customer] + customers,
+               list(zip(map(int, secs), map(int, nanos))), peers + [int(last.group(1))])
+    params["rooms"] = RoomsText(columns, (seams, ids, customers, peers))
     return value
 
 
@@ -1938,6 +2051,14 @@ EVENT_KINDS: Dict[str, Tuple[int, str]] = {
                                  "{members} members"),
     "cluster_down": (logging.ERROR, "cluster: Redis unreachable ({reason}); serving from this "
                                     "gateway's replica until it answers again"),
+    "cluster_member_joined": (logging.INFO, "cluster: member {member} joined ({members} members)"),
+    "cluster_member_left": (logging.INFO, "cluster: member {member} left: stopped, or no heartbeat "
+                                          "for {silence:g} s ({members} members)"),
+    # The supervisor logs a worker's start and death itself (it sees both, even
+    # a worker that cannot start); the worker's feed records them unlogged.
+    "worker_started": (logging.DEBUG, "worker {worker} of {workers} started (pid {pid})"),
+    "worker_restarted": (logging.DEBUG, "worker {worker} restarted (pid {pid}): pid {died_pid} "
+                                        "{died} after {lived:.1f} s"),
     "listening": (logging.INFO, "listening on {url}"),
     "stopping": (logging.INFO, "stopping: finishing requests in flight"),
     "stopped": (logging.INFO, "stopped listening on {url}"),
@@ -2013,7 +2134,7 @@ class Server:
     __slots__ = ("hostname", "version", "disabled", "draining", "reported_draining", "report",
                  "reported_rooms", "first_seen", "last_seen", "tasks", "key", "room_hashes",
                  "room_keys", "closing", "usage", "pending", "pending_peers", "changes", "integrated",
-                 "region", "pools")
+                 "region", "pools", "rooms_text")
 
     def __init__(self, hostname: str, key: SigningKey, now: float):
         self.hostname = hostname
@@ -2045,6 +2166,8 @@ class Server:
         # Labels for placement: from server_labels, else from its own report.
         self.region: Optional[str] = None
         self.pools: Tuple[str, ...] = ()
+        # Its last report's rooms as read from the text (read_rooms_in_steps), if they were.
+        self.rooms_text: Optional[RoomsText] = None
 
     @property
     def load(self) -> float:
@@ -2059,6 +2182,11 @@ class Server:
     @property
     def takes_rooms(self) -> bool:
         return not (self.disabled or self.draining or self.reported_draining)
+
+    @property
+    def draining_by_anyone(self) -> bool:
+        """Draining, as Info and Drain report it: by an operator or by its own report."""
+        return self.draining or self.reported_draining
 
     def peer_load(self) -> float:
         """The load one more peer adds, estimated from the server's own report."""
@@ -2425,7 +2553,7 @@ class Grid:
 
     # -- reports ------------------------------------------------------------
 
-    def prepare_rooms(self, hostname: str, rooms: List[Any]) -> Iterator[None]:
+    def prepare_rooms(self, hostname: str, rooms: Union[List[Any], RoomsText]) -> Iterator[None]:
         """Hash the rooms of a coming report that are new to its server, in
         steps of PREPARE_STEP_ROOMS (yielding between them): pure work that
         the report's integration then finds done. The grid does not change
@@ -2434,10 +2562,15 @@ class Grid:
         server = self.servers.get(hostname)
         known = server.room_keys if server is not None else {}
         prepared, orders = self.prepared, self.prepared_order
+        if isinstance(rooms, RoomsText):  # their ids, those it does not know (in C)
+            same = server.integrated if server is not None else None
+            if same is not None and same[0] == rooms.columns[0]:  # the ids of the last report
+                return
+            rooms = list(itertools.filterfalse(known.__contains__, rooms.columns[0]))
         for start in range(0, len(rooms), PREPARE_STEP_ROOMS):
             for room in rooms[start:start + PREPARE_STEP_ROOMS]:
-                room_id = room.get("id") if isinstance(room, dict) else None
-                if not (isinstance(room_id, list) and len(room_id) == 2):
+                room_id = room.get("id") if isinstance(room, dict) else room
+                if not (isinstance(room_id, (list, tuple)) and len(room_id) == 2):
                     continue
                 key = tuple(room_id)
                 if key in known or key in prepared or not all(isinstance(part, str) for part in key):
@@ -2700,6 +2833,14 @@ class Grid:
         from that moment, whatever the phase of the maintenance tick (which only
         makes it official)."""
         return not server.disabled and now - server.last_seen < self.config.disable_timeout
+
+    def state(self, server: Server, now: float) -> str:
+        """"enabled" (takes new rooms), "draining" (serves its rooms, takes no new
+        ones) or "disabled" (by the tick, or silent for disable_timeout: out from
+        that moment, as answering() says). What /metrics and /status both show."""
+        if not self.answering(server, now):
+            return "disabled"
+        return "enabled" if server.takes_rooms else "draining"
 
     def candidates(self, now: float) -> List[Server]:
         """The servers that take new rooms now: answering and not draining."""
@@ -3240,7 +3381,7 @@ def _want_server_kind(value: Any) -> Optional[str]:
 
 
 def _want_list(value: Any) -> Optional[str]:
-    return None if isinstance(value, list) else "must be an array of rooms"
+    return None if isinstance(value, (list, RoomsText)) else "must be an array of rooms"
 
 
 def _want_rooms(value: Any) -> Optional[str]:
@@ -3337,6 +3478,13 @@ class Call:
         self.auth = auth
         self.remote = remote  # the default hostname of a server calling from there
         self.notification = notification
+
+
+def _reporter(params: dict, remote: str) -> str:
+    """The hostname of the server that sends a report (its rooms may still be
+    unchecked): its public_endpoint, else the one its address gives."""
+    endpoint = params.get("public_endpoint")
+    return endpoint if isinstance(endpoint, str) and endpoint else remote_hostname(remote)
 
 
 def remote_hostname(address: str) -> str:
@@ -3461,6 +3609,8 @@ class Gateway:
         self.on_change: List[Callable[[], None]] = []
         self.warmed = False  # the warm-up has begun once (a second listener does not restart it)
         self.metrics = Metrics()
+        # (namespace, room name) -> room_hash: a room's peers all ask for it (bounded, ROOM_HASH_CACHE).
+        self.room_hashes: Dict[Tuple[str, str], str] = {}
         # The cluster link (cluster mode, while serving): the handlers ask it
         # whether Redis is up, and hand it ClusterSteps through the HTTP layer.
         self.cluster: Optional[ClusterLink] = None
@@ -3631,10 +3781,11 @@ class Gateway:
         peers, rooms = self.grid.usage_of(licensee.customer_id)
         self._check_limit(licensee, licensee.peer_limit, peers, "peers")  # every Connect
 
-        digest, (namespace, room_name) = _connect_room(auth)
+        digest, (namespace, room_name) = _connect_room(auth, self.room_hashes)
         link = self.cluster
-        if link is not None and link.up and (licensee.peer_limit is not None
-                                             or licensee.room_limit is not None):
+        if link is None or not link.up:  # one gateway: the limits were just checked
+            return self._connect_to(auth, digest, namespace, room_name, pinned, claimed_region)
+        if licensee.peer_limit is not None or licensee.room_limit is not None:
             # Limits across gateways: first apply every placement published before
             # now (a barrier), then check and place, one Connect of the customer at a
             # time here; the placement is published before the answer.
@@ -3690,7 +3841,7 @@ class Gateway:
         now = self.clock()
         # The room limit limits rooms (PROTOCOL.md 5.3): a Connect to a room that
         # lives on an answering server opens none, so only a new room is refused.
-        if self.grid.server_of(digest, now) is None:
+        if licensee.room_limit is not None and self.grid.server_of(digest, now) is None:
             self._check_limit(licensee, licensee.room_limit,
                               self.grid.usage_of(licensee.customer_id)[1], "rooms")
         region, pool = self.labels_of(licensee.customer_id)  # a token cannot choose a pool
@@ -3794,7 +3945,7 @@ class Gateway:
         load = p.take("load", _want_number)
         clients = p.take("clients", _want_number)
         rooms = p.take("rooms", _want_list)
-        columns = room_columns(rooms)
+        columns = rooms.columns if isinstance(rooms, RoomsText) else room_columns(rooms)
         if columns is None and "rooms" not in p.problems:
             p.problems["rooms"] = _want_rooms(rooms) or "must be an array of rooms"
         draining = p.take("draining", _want_bool, False)
@@ -3812,8 +3963,9 @@ class Gateway:
             report["pools"] = pools
         hostname = endpoint or remote_hostname(call.remote)
         before = self.grid.servers.get(hostname)
-        gone = set(before.room_hashes) if before is not None else set()
+        gone = set(before.room_hashes) if before is not None and self.cluster is not None else set()
         server = self.grid.report(hostname, version, report, self.clock(), columns)
+        server.rooms_text = rooms if isinstance(rooms, RoomsText) else None
         if self.warm_until:  # rooms that Connects wait for may have arrived
             self._changed()
         if self.cluster is not None:
@@ -3830,15 +3982,21 @@ class Gateway:
     def prepare_report(self, request: Any, remote: str) -> Iterator[None]:
         """If request (parsed JSON) is a report, the work its rooms need that
         can be done in steps beforehand (Grid.prepare_rooms); else nothing."""
-        if not (isinstance(request, dict) and request.get("method") in ("sfu.Report", "SubmitReport")):
+        if not (isinstance(request, dict) and request.get("method") in REPORT_METHODS):
             return iter(())
         params = request.get("params")
         rooms = params.get("rooms") if isinstance(params, dict) else None
-        if not isinstance(rooms, list):
+        if not isinstance(rooms, (list, RoomsText)):
             return iter(())
-        endpoint = params.get("public_endpoint")  # type: ignore[union-attr]
-        hostname = endpoint if isinstance(endpoint, str) and endpoint else remote_hostname(remote)
-        return self.grid.prepare_rooms(hostname, rooms)
+        return self.grid.prepare_rooms(_reporter(params, remote), rooms)  # type: ignore[arg-type]
+
+    def parse_in_steps(self, body: bytes, remote: str) -> Generator[None, None, Any]:
+        """load_json_in_steps for a body sent to /internal: a report's rooms
+        are read from the text, by its server's previous report (read_rooms_in_steps)."""
+        def previous_of(params: dict) -> Optional[RoomsText]:
+            server = self.grid.servers.get(_reporter(params, remote))
+            return server.rooms_text if server is not None else None
+        return load_json_in_steps(body, lambda text, start: read_rooms_in_steps(text, start, previous_of))
 
     def rpc_drain(self, call: Call, params: dict) -> dict:
         """Drain a server (no new rooms; its rooms stay and are served) or undrain it."""
@@ -3856,7 +4014,7 @@ class Gateway:
             self.grid.note_server(server)
             self.event("server_draining" if draining else "server_undrained", hostname=hostname,
                        by="operator")
-        return {"hostname": hostname, "draining": server.draining or server.reported_draining}
+        return {"hostname": hostname, "draining": server.draining_by_anyone}
 
     def rpc_explain(self, call: Call, params: dict) -> dict:
         """Where a new room of a customer would go now, and why; changes nothing."""
@@ -3888,7 +4046,7 @@ class Gateway:
         p.check()
         servers = [{
             "hostname": s.hostname, "address": s.hostname, "version": s.version,
-            "disabled": s.disabled, "draining": s.draining or s.reported_draining,
+            "disabled": s.disabled, "draining": s.draining_by_anyone,
             "keyId": s.key.kid, "report": s.report_json() if pages is True else s.report,
             "firstSeen": iso_time(s.first_seen), "lastSeen": iso_time(s.last_seen),
             "tasks": len(s.tasks), "region": s.region, "pools": list(s.pools),
@@ -3973,7 +4131,7 @@ class Gateway:
         if not self.warming_up(now):
             return None
         try:
-            digest, _ = _connect_room(auth)
+            digest, _ = _connect_room(auth, self.room_hashes)
         except RpcError:  # Connect itself refuses it
             return None
         if digest in self.grid.rooms or not _calls_method(body, "Connect"):
@@ -4145,6 +4303,8 @@ class Gateway:
             methods = self.PUBLIC_METHODS
         elif path == "/internal":
             methods = self.INTERNAL_METHODS
+        elif path == "*":  # OPTIONS * (the framing lets no other method have it): the server
+            return Response(200, headers=[("Allow", "GET, HEAD, POST, OPTIONS")])
         else:
             return Response(404, _error_body(PARSE_ERROR, "not found"))
         if method == "OPTIONS":
@@ -4154,8 +4314,7 @@ class Gateway:
                 return Response(200, headers=[("Access-Control-Allow-Private-Network", "true")])
             return Response(200)
         if method != "POST":
-            return Response(405, _error_body(INVALID_REQUEST, "method not allowed: use POST"),
-                            [("Allow", "POST, OPTIONS")])
+            return _method_not_allowed(method, "POST", "POST, OPTIONS")
 
         header = headers.get("authorization", "")
         auth: Optional[Authorization] = None
@@ -4182,6 +4341,8 @@ class Gateway:
             postponed = self._postpone(auth, body)  # type: ignore[arg-type]
             if postponed is not None:
                 return postponed
+        if parsed is _UNPARSED and path == "/internal":  # a report is read by its previous one
+            parsed = _finish_steps(self.parse_in_steps(body, remote))
         status, response_body = self.dispatch(methods, body, auth, remote, parsed)
         if isinstance(response_body, PendingAnswers):
             # Cluster mode: an awaitable answer (the server awaits it, serving others meanwhile).
@@ -4211,8 +4372,7 @@ class Gateway:
         """GET /health, /ready and /metrics: for load balancers and Prometheus;
         /status and /status.json: for people."""
         if method not in ("GET", "HEAD"):
-            return Response(405, _error_body(INVALID_REQUEST, "method not allowed: use GET"),
-                            [("Allow", "GET, HEAD")])
+            return _method_not_allowed(method, "GET", "GET, HEAD")
         if path == "/health":
             return Response(200, dump_json({"status": "ok"}))
         if path == "/ready":
@@ -4251,6 +4411,18 @@ class Gateway:
                         content_type="text/plain; version=0.0.4; charset=utf-8")
 
 
+def _finish_steps(steps: Generator[None, None, Any]) -> Any:
+    """What a parse in steps returns, all steps taken at once; _UNPARSED if
+    it raises (dispatch then answers the parse error)."""
+    try:
+        while True:
+            next(steps)
+    except StopIteration as done:
+        return done.value
+    except (ValueError, RecursionError):
+        return _UNPARSED
+
+
 def _has_steps(answers: List[dict]) -> bool:
     return any(isinstance(answer.get("result"), ClusterStep) for answer in answers)
 
@@ -4259,8 +4431,14 @@ def _has_steps(answers: List[dict]) -> bool:
 OPERATIONS_PATHS = ("/health", "/ready", "/metrics", "/status", "/status.json")
 
 
-def _connect_room(auth: Authorization) -> Tuple[str, Tuple[str, str]]:
-    """The hash and id of the room a Connect with these claims joins (section 7.3 step 3)."""
+#: Most room hashes a gateway keeps computed (Gateway.room_hashes).
+ROOM_HASH_CACHE = 4096
+
+
+def _connect_room(auth: Authorization, hashes: Optional[Dict[Tuple[str, str], str]] = None
+                  ) -> Tuple[str, Tuple[str, str]]:
+    """The hash and id of the room a Connect with these claims joins (section 7.3
+    step 3); hashes, if given, keeps the hashes computed (bounded)."""
     rid = auth.claims.get("rid")
     namespace = auth.namespace if auth.namespace is not None else auth.licensee.customer_id
     if isinstance(rid, list):
@@ -4271,10 +4449,18 @@ def _connect_room(auth: Authorization) -> Tuple[str, Tuple[str, str]]:
         room_name = rid[-1]
     else:
         room_name = rid
-    try:
-        return room_hash(namespace, room_name), (namespace, room_name)
-    except ValueError as err:
-        raise refused(str(err)) from err
+    room = (namespace, room_name)
+    digest = hashes.get(room) if hashes is not None else None
+    if digest is None:
+        try:
+            digest = room_hash(namespace, room_name)
+        except ValueError as err:
+            raise refused(str(err)) from err
+        if hashes is not None:
+            if len(hashes) >= ROOM_HASH_CACHE:
+                hashes.clear()
+            hashes[room] = digest
+    return digest, room
 
 
 def _calls_method(body: bytes, method: str) -> bool:
@@ -4297,6 +4483,21 @@ def _missing_credentials(basic: bool) -> Response:
     """
     return Response(401, _error_body(PARSE_ERROR, "invalid or missing authorization"),
                     [("WWW-Authenticate", 'Basic realm="odin-gateway"')] if basic else None)
+
+
+#: The methods HTTP defines (RFC 9110 section 9, RFC 5789); methods are case-sensitive.
+HTTP_METHODS = frozenset(("GET", "HEAD", "POST", "PUT", "DELETE", "CONNECT", "OPTIONS", "TRACE",
+                          "PATCH"))
+
+
+def _method_not_allowed(method: str, use: str, allow: str) -> Response:
+    """405 with Allow for a method HTTP defines, 501 for one it does not (RFC 9110
+    sections 9.1 and 15.6.2: "GET" in lower case is such a method)."""
+    if method not in HTTP_METHODS:
+        return Response(501, _error_body(INVALID_REQUEST, "method not implemented: use " + use),
+                        [("Allow", allow)])
+    return Response(405, _error_body(INVALID_REQUEST, "method not allowed: use " + use),
+                    [("Allow", allow)])
 
 
 def _counted(count: int, noun: str) -> str:
@@ -4335,6 +4536,12 @@ CONNECT_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0
 METRIC_PATHS = ("/", "/internal", "/metrics", "/health", "/ready", "/status", "/status.json")
 
 
+#: count_response's key for a target that is exactly one of METRIC_PATHS (read-only).
+_RESPONSE_KEYS = types.MappingProxyType({
+    (path, status): (path, "%dxx" % (status // 100))
+    for path in METRIC_PATHS for status in (200, 204, 400, 401, 403, 404, 405, 413, 500, 503)})
+
+
 class Metrics:
     """Counters the HTTP layer and the RPC methods feed (RPC calls live in Gateway.stats)."""
 
@@ -4347,9 +4554,11 @@ class Metrics:
         self.placed = {tier: 0 for tier in PLACEMENT_TIERS}  # new rooms by placement tier
 
     def count_response(self, target: Optional[str], status: int) -> None:
-        path = (target or "").split("?", 1)[0]
-        key = (path if path in METRIC_PATHS else "other" if target else "invalid",
-               "%dxx" % (status // 100))
+        key = _RESPONSE_KEYS.get((target, status))  # the usual ones, looked up
+        if key is None:
+            path = (target or "").split("?", 1)[0]
+            key = (path if path in METRIC_PATHS else "other" if target else "invalid",
+                   "%dxx" % (status // 100))
         self.responses[key] = self.responses.get(key, 0) + 1
 
     def observe_connect(self, seconds: float) -> None:
@@ -4384,19 +4593,15 @@ def process_start_time() -> Optional[float]:
         return None
 
 
-def _server_state(server: Server) -> str:
-    return "disabled" if server.disabled else "enabled" if server.takes_rooms else "draining"
-
-
-def _servers_by_state(servers: Any, groups_of: Callable[[Server], Any],
+def _servers_by_state(grid: Grid, now: float, groups_of: Callable[[Server], Any],
                       always: Tuple[str, ...] = ("",)) -> List[Tuple[str, Dict[str, int]]]:
     """(group, {state: servers}) for each group (region, pool) a server is in,
     sorted; the groups always (zeros) when there is none."""
     counts: Dict[str, Dict[str, int]] = {}
-    for server in servers:
+    for server in grid.servers.values():
+        state = grid.state(server, now)
         for group in groups_of(server):
             by_state = counts.setdefault(group, {})
-            state = _server_state(server)
             by_state[state] = by_state.get(state, 0) + 1
     if not counts:
         counts = {group: {} for group in always}
@@ -4447,12 +4652,12 @@ def render_metrics(gateway: Gateway) -> str:
            "Media servers by state and region: enabled (taking rooms), draining (serving its "
            "rooms, no new ones), disabled (silent); region \"\" for servers without one.",
            [({"state": state, "region": region}, count)
-            for region, counts in _servers_by_state(grid.servers.values(), lambda s: [s.region or ""])
+            for region, counts in _servers_by_state(grid, now, lambda s: [s.region or ""])
             for state, count in counts.items()])
     family("odin_gateway_pool_servers", "gauge",
            "Media servers of each pool by state (a server may be in several pools).",
            [({"pool": pool, "state": state}, count)
-            for pool, counts in _servers_by_state(grid.servers.values(), lambda s: s.pools, ())
+            for pool, counts in _servers_by_state(grid, now, lambda s: s.pools, ())
             for state, count in counts.items()])
     family("odin_gateway_rooms_placed_total", "counter",
            "New rooms placed, by the tier of the placement rule: in_region (the room's region), "
@@ -4584,9 +4789,8 @@ def _clip(value: Any, limit: int = STATUS_TEXT) -> Any:
 
 
 def _status_state(grid: Grid, server: Server, now: float) -> str:
-    if not grid.answering(server, now):  # silent for disable_timeout: disabled from then on
-        return "disabled"
-    return "taking rooms" if server.takes_rooms else "draining"
+    state = grid.state(server, now)
+    return "taking rooms" if state == "enabled" else state
 
 
 def status_data(gateway: Gateway) -> dict:
@@ -4912,6 +5116,17 @@ _VERSION_RE = re.compile(r"HTTP/(\d)\.(\d)")
 #: it (NUL, TAB, DEL) is a malformed request line, not a path to look up.
 _TARGET_RE = re.compile(r"[\x21-\x7e]+")
 _CONTENT_LENGTH_RE = re.compile(r"[0-9]+")
+#: A request target in absolute-form (RFC 9112 section 3.2.2), as a proxy
+#: would send it: the request is routed by its path (and query), which is
+#: "/" when the URI has none. The authority is not checked against Host.
+_ABSOLUTE_FORM_RE = re.compile(r"[Hh][Tt][Tt][Pp][Ss]?://[^/?#]*([^#]*)")
+#: A Host header's value: uri-host [":" port] (RFC 9110 section 7.2; RFC 3986:
+#: an IP literal in brackets or a reg-name, which may be empty).
+_HOST_RE = re.compile(r"(?:\[[0-9A-Za-z._~!$&'()*+,;=:%-]+\]|[0-9A-Za-z._~!$&'()*+,;=%-]*)"
+                      r"(?::[0-9]*)?")
+#: Empty lines before a request line: ignored (RFC 9112 section 2.2), as a
+#: keep-alive client may send a stray CRLF after a body.
+_EMPTY_LINES_RE = re.compile(rb"(?:\r\n)+")
 #: A chunk size line without its CRLF: the size (as h11: more hex digits than
 #: 2**64 needs is not a size; larger ones get 413), then extensions, unread.
 #: Nothing before the size, and no CR, LF or NUL anywhere in the line.
@@ -4919,6 +5134,7 @@ _CHUNK_LINE_RE = re.compile(rb"([0-9A-Fa-f]{1,20})[ \t]*(?:;[^\r\n\x00]*)?")
 _REASONS = {200: "OK", 204: "No Content", 400: "Bad Request", 401: "Unauthorized",
             403: "Forbidden", 404: "Not Found", 405: "Method Not Allowed",
             408: "Request Timeout", 413: "Content Too Large", 414: "URI Too Long",
+            417: "Expectation Failed",
             431: "Request Header Fields Too Large", 500: "Internal Server Error",
             501: "Not Implemented", 503: "Service Unavailable",
             505: "HTTP Version Not Supported"}
@@ -4969,8 +5185,14 @@ class Request:
         if connection is None:
             self.keep_alive = version >= (1, 1)
         else:
+            # A list of tokens (RFC 9110 section 7.6.1): "close" closes; HTTP/1.0
+            # keeps the connection only when asked with "keep-alive".
             connection = connection.lower()
-            self.keep_alive = "close" not in connection if version >= (1, 1) else "keep-alive" in connection
+            if connection == "keep-alive" or connection == "close":
+                self.keep_alive = connection == "keep-alive"
+            else:
+                tokens = {token.strip(" \t") for token in connection.split(",")}
+                self.keep_alive = "close" not in tokens and (version >= (1, 1) or "keep-alive" in tokens)
 
 
 def parse_request_line(line: bytes) -> Tuple[str, str, Tuple[int, int]]:
@@ -4984,7 +5206,24 @@ def parse_request_line(line: bytes) -> Tuple[str, str, Tuple[int, int]]:
         raise HttpError(400, "malformed request line")
     if match.group(1) != "1":
         raise HttpError(505, "HTTP version not supported: use HTTP/1.1")
+    if target[0] != "/":
+        target = origin_form(method, target)
     return method, target, (1, int(match.group(2)))
+
+
+def origin_form(method: str, target: str) -> str:
+    """The path and query a request target not in origin-form names (RFC 9112
+    section 3.2): an absolute-form target is routed by its path, "*" is only
+    for OPTIONS (the server as a whole); anything else is refused."""
+    absolute = _ABSOLUTE_FORM_RE.fullmatch(target)
+    if absolute is not None:
+        path = absolute.group(1)
+        return path if path.startswith("/") else "/" + path
+    if target == "*" and method == "OPTIONS":
+        return target
+    if method == "CONNECT":  # authority-form: asks for a tunnel, as from a proxy
+        raise HttpError(501, "CONNECT is not supported: this is not a proxy")
+    raise HttpError(400, "malformed request target: %s" % printable(target, 40))
 
 
 def parse_header_line(line: str, headers: Dict[str, str]) -> None:
@@ -5061,10 +5300,17 @@ def body_length(headers: Dict[str, str]) -> Optional[int]:
     """Content-Length as an int, None for a chunked body; HttpError otherwise."""
     encoding = headers.get("transfer-encoding")
     if encoding is not None:
-        if encoding.lower() != "chunked" or "content-length" in headers:
-            raise HttpError(501 if encoding.lower() != "chunked" else 400,
-                            "unsupported Transfer-Encoding: %s" % printable(encoding, 40))
-        return None
+        if "content-length" in headers:  # a smuggling attempt, or a broken proxy
+            raise HttpError(400, "both Transfer-Encoding and Content-Length")
+        if encoding.lower() == "chunked":
+            return None
+        # RFC 9112 section 6.3: a request whose codings do not end in chunked
+        # (once) has no reliable length: 400. A coding we do not know: 501.
+        codings = [coding.strip(" \t").lower() for coding in encoding.split(",")]
+        if codings[-1] != "chunked" or "chunked" in codings[:-1]:
+            raise HttpError(400, "Transfer-Encoding must end in chunked, once: %s"
+                            % printable(encoding, 40))
+        raise HttpError(501, "unsupported Transfer-Encoding: %s" % printable(encoding, 40))
     text = headers.get("content-length", "0")
     if text.isdigit() and text.isascii() and len(text) <= 15:  # [0-9]{1,15}, quickly
         return int(text)
@@ -5144,7 +5390,7 @@ class HttpFraming:
 
     __slots__ = ("limits", "date", "lines", "buffer", "start", "eof", "phase", "scanned",
                  "request", "length", "continue_sent", "chunk_pos", "chunk_left", "chunks",
-                 "in_trailer")
+                 "in_trailer", "host")
 
     def __init__(self, limits: Config, *, date: Optional[Callable[[], bytes]] = None,
                  request_lines: Optional[Dict[bytes, Tuple[str, str, Tuple[int, int]]]] = None):
@@ -5166,6 +5412,7 @@ class HttpFraming:
         self.chunk_left: Optional[int] = None
         self.chunks = bytearray()
         self.in_trailer = False
+        self.host: Optional[str] = None  # the last Host value found well-formed
 
     def feed(self, data: bytes) -> None:
         if self.start >= len(self.buffer):
@@ -5236,12 +5483,16 @@ class HttpFraming:
                     return CLOSED
                 return NEED_DATA
             self.phase = "head"
+            if buffer[start] == 13:  # CR: an empty line, or the start of one
+                return self._skip_empty_lines()
             self._refuse_early(limits)
             if self.eof:
                 raise HttpError(400, "connection closed inside the request")
             self.scanned = max(start, len(buffer) - 3)
             return NEED_DATA
         line_end = buffer.find(b"\r\n", start, end + 2)
+        if line_end == start:
+            return self._skip_empty_lines()
         line = bytes(buffer[start:line_end])
         if len(line) > limits.max_request_line:
             raise HttpError(414, "request line too long (limit %d bytes)" % limits.max_request_line)
@@ -5263,6 +5514,17 @@ class HttpFraming:
             except HttpError as err:
                 err.target = target
                 raise
+        host = headers.get("host")
+        if host is None:
+            if version >= (1, 1):
+                raise HttpError(400, "missing Host header (HTTP/1.1 requires one)", target)
+        elif host != self.host:  # a connection's requests usually name one host: checked once
+            if not _HOST_RE.fullmatch(host):
+                raise HttpError(400, "malformed Host header: %s" % printable(host, 40), target)
+            self.host = host
+        expect = headers.get("expect")
+        if expect is not None and expect.lower() != "100-continue":  # RFC 9110 section 10.1.1
+            raise HttpError(417, "unsupported expectation: %s" % printable(expect, 40), target)
         self.start = self.scanned = end + 4
         self.phase = "body"
         self.request = Request(method, target, version, headers)
@@ -5277,6 +5539,19 @@ class HttpFraming:
             if version < (1, 1):  # its framing is suspect: close after it (RFC 9112 6.1)
                 self.request.keep_alive = False
         return None
+
+    def _skip_empty_lines(self) -> Any:
+        """Drop the empty lines (CRLF) before a request line, then read on (RFC 9112
+        section 2.2: a keep-alive client may send a stray CRLF after a body). The
+        head's deadline runs meanwhile, so they cannot hold a connection open."""
+        skipped = _EMPTY_LINES_RE.match(self.buffer, self.start)
+        if skipped is None:
+            if self.start + 1 == len(self.buffer) and not self.eof:
+                return NEED_DATA  # a CR whose LF is on its way
+            raise HttpError(400, "malformed request line")
+        self.start = skipped.end()
+        self.phase = "head"
+        return self._head()
 
     def body_limit(self, target: str) -> int:
         """Largest body for target: servers' reports to /internal may be far larger
@@ -5697,6 +5972,12 @@ class ClusterLink:
             args=[self.member, 3 * self.gateway.config.cluster_heartbeat]), heartbeat=True)
         members = sorted(m.decode() if isinstance(m, bytes) else m for m in members)
         if members != self.members:
+            if self.members:  # not this gateway's first view of the cluster
+                for member in sorted(set(self.members) - set(members) - {self.member}):
+                    self.gateway.event("cluster_member_left", member=member, members=len(members),
+                                       silence=3 * self.gateway.config.cluster_heartbeat)
+                for member in sorted(set(members) - set(self.members) - {self.member}):
+                    self.gateway.event("cluster_member_joined", member=member, members=len(members))
             self.members = members
             self.changed.set()
         if not self.up:
@@ -7125,7 +7406,7 @@ class GatewayServer:
             self.collector_paused = True
         self.big_reports += 1
         try:
-            steps = load_json_in_steps(request.body)
+            steps = self.gateway.parse_in_steps(request.body, remote)
             parsed: Any = _UNPARSED  # unparseable: handle_request answers the parse error
             try:
                 while True:
@@ -7842,11 +8123,17 @@ def _short(value: Any, limit: int = 100) -> str:
 
 
 class JsonFormatter(logging.Formatter):
-    """One JSON object per line: time, level, logger, message (and traceback)."""
+    """One JSON object per line: time, level, logger, (worker,) message (and traceback)."""
+
+    def __init__(self, worker: Optional[int] = None) -> None:
+        super().__init__()
+        self.worker = worker  # with workers, each worker's lines say which one wrote them
 
     def format(self, record: logging.LogRecord) -> str:
         entry = {"time": iso_time(record.created), "level": record.levelname,
                  "logger": record.name, "message": record.getMessage()}
+        if self.worker is not None:
+            entry["worker"] = self.worker
         if hasattr(record, "event"):
             entry["event"] = record.event
             for name, value in record.fields.items():
@@ -7857,19 +8144,23 @@ class JsonFormatter(logging.Formatter):
 
 
 class PrettyFormatter(logging.Formatter):
-    """A line for people: UTC time with its Z (as the JSON lines), level, message."""
+    """A line for people: UTC time with its Z (as the JSON lines), level, (worker,) message."""
 
-    def __init__(self) -> None:
-        super().__init__("%(asctime)s %(levelname)-7s %(message)s")
+    def __init__(self, worker: Optional[int] = None) -> None:
+        super().__init__("%(asctime)s %(levelname)-7s " + (
+            "" if worker is None else "worker %d: " % worker) + "%(message)s")
 
     def formatTime(self, record: logging.LogRecord, datefmt: Optional[str] = None) -> str:
         return iso_time(record.created)
 
 
 def configure_logging(level: str, fmt: str, stream: Any = None) -> None:
-    """Send odin_gateway's log to stderr in the chosen format (main() only)."""
+    """Send odin_gateway's log to stderr in the chosen format (main() only); a worker's
+    lines carry its number (the workers of one box share the supervisor's stderr)."""
     handler = logging.StreamHandler(stream or sys.stderr)
-    handler.setFormatter(JsonFormatter() if fmt == "json" else PrettyFormatter())
+    number = os.environ.get(WORKER_ENV)
+    worker = int(number) if number and number.isdigit() else None
+    handler.setFormatter(JsonFormatter(worker) if fmt == "json" else PrettyFormatter(worker))
     log.handlers[:] = [handler]
     log.setLevel(level)
     log.propagate = False
@@ -8242,6 +8533,8 @@ def _printing(command: Callable[[Any], int], args: Any) -> int:
 
 #: Set in a worker's environment: its number (the supervisor does not set it for itself).
 WORKER_ENV = "ODIN_GATEWAY_WORKER"
+#: Set in a restarted worker's environment: how the worker it replaces ended (JSON).
+WORKER_REPLACES_ENV = "ODIN_GATEWAY_WORKER_REPLACES"
 #: Seconds a worker must live for an immediate restart; one that dies sooner waits this long.
 WORKER_RESTART_DELAY = 1.0
 
@@ -8256,6 +8549,29 @@ def _reserve_port(host: str) -> socket.socket:
     return sock
 
 
+def _ended(status: int) -> str:
+    """How a process ended, from its wait status: "was killed by SIGKILL", "exited with status 1"."""
+    import signal
+
+    if os.WIFSIGNALED(status):
+        number = os.WTERMSIG(status)
+        try:
+            return "was killed by %s" % signal.Signals(number).name
+        except ValueError:
+            return "was killed by signal %d" % number
+    return "exited with status %d" % os.WEXITSTATUS(status)
+
+
+def record_worker_start(gateway: Gateway, number: int) -> None:
+    """A worker's start, and how the worker it replaces ended, in its own event feed."""
+    gateway.event("worker_started", worker=number, workers=gateway.config.workers, pid=os.getpid())
+    replaces = os.environ.get(WORKER_REPLACES_ENV)
+    if replaces:
+        died = json.loads(replaces)
+        gateway.event("worker_restarted", worker=number, pid=os.getpid(), died_pid=died["pid"],
+                      died=died["died"], lived=died["lived"])
+
+
 def run_workers(config: Config, argv: List[str]) -> int:
     """Supervise config.workers gateway processes sharing config.port; the exit status."""
     import signal
@@ -8263,6 +8579,13 @@ def run_workers(config: Config, argv: List[str]) -> int:
     if not hasattr(socket, "SO_REUSEPORT"):
         log.error("workers: this system has no SO_REUSEPORT; run one process per port instead")
         return 2
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    if config.workers > cores:
+        # Affinity is inherited: workers started under taskset (or in a cpuset) share its cores.
+        log.warning("workers = %d, but this process may run on %d core%s only (its CPU affinity: "
+                    "taskset, numactl or a cpuset); the workers share %s", config.workers, cores,
+                    "" if cores == 1 else "s", "it" if cores == 1 else "them",
+                    extra=fields("workers_share_cores", workers=config.workers, cores=cores))
     port, held = config.port, None
     if port == 0:
         held = _reserve_port(config.host)
@@ -8271,11 +8594,21 @@ def run_workers(config: Config, argv: List[str]) -> int:
     workers: Dict[int, "subprocess.Popen[bytes]"] = {}
     started: Dict[int, float] = {}
     stopping: List[int] = []
+    passed: List[Tuple[int, set]] = []  # each signal passed on, and the workers it reached
 
-    def start(number: int) -> None:
+    def start(number: int, replaces: Optional[dict] = None) -> None:
         env = dict(os.environ, **{WORKER_ENV: str(number)})
+        env.pop(WORKER_REPLACES_ENV, None)
+        if replaces is not None:
+            env[WORKER_REPLACES_ENV] = _compact_json(replaces)
+        seen = len(passed)
         # A session of its own: a terminal's Ctrl-C reaches the supervisor only, which passes it on.
         workers[number] = subprocess.Popen(command, env=env, start_new_session=True)
+        # A signal passed on while it started missed it (a stop would wait for it for ever).
+        for signum, reached in passed[seen:]:
+            if number not in reached:
+                with contextlib.suppress(ProcessLookupError):
+                    workers[number].send_signal(signum)
         started[number] = time.monotonic()
         log.info("worker %d started (pid %d)", number, workers[number].pid,
                  extra=fields("worker_started", worker=number, pid=workers[number].pid))
@@ -8283,15 +8616,18 @@ def run_workers(config: Config, argv: List[str]) -> int:
     def pass_on(signum: int, _frame: Any) -> None:
         if signum != getattr(signal, "SIGHUP", None):
             stopping.append(signum)
+        signum = signal.SIGTERM if signum == signal.SIGINT else signum
+        passed.append((signum, set(workers)))
         for process in workers.values():
             with contextlib.suppress(ProcessLookupError):
-                process.send_signal(signal.SIGTERM if signum == signal.SIGINT else signum)
+                process.send_signal(signum)
 
     handled = [signal.SIGTERM, signal.SIGINT] + ([signal.SIGHUP] if hasattr(signal, "SIGHUP") else [])
     previous = {signum: signal.signal(signum, pass_on) for signum in handled}
     try:
         for number in range(1, config.workers + 1):
-            start(number)
+            if not stopping:
+                start(number)
         while workers:
             pid, status = os.wait()  # returns after a signal handler, too (PEP 475)
             number = next((n for n, p in workers.items() if p.pid == pid), None)
@@ -8301,13 +8637,14 @@ def run_workers(config: Config, argv: List[str]) -> int:
             if stopping:
                 continue
             lived = time.monotonic() - started[number]
-            log.error("worker %d (pid %d) died (status %s) after %.1f s; restarting it", number,
-                      pid, status, lived, extra=fields("worker_died", worker=number, pid=pid,
-                                                       status=status))
+            died = _ended(status)
+            log.error("worker %d (pid %d) %s after %.1f s; restarting it", number, pid, died, lived,
+                      extra=fields("worker_died", worker=number, pid=pid, status=status, died=died,
+                                   lived=round(lived, 3)))
             if lived < WORKER_RESTART_DELAY:
                 time.sleep(WORKER_RESTART_DELAY)  # a worker that cannot start must not spin
             if not stopping:
-                start(number)
+                start(number, {"pid": pid, "died": died, "lived": round(lived, 3)})
     finally:
         for signum, handler in previous.items():
             signal.signal(signum, handler)
@@ -8363,9 +8700,11 @@ def main(argv: Optional[List[str]] = None) -> int:
     if config.workers > 1 and worker is None:
         log.info("odin_gateway %s: starting %d workers", __version__, config.workers)
         return run_workers(config, given)
-    log.info("odin_gateway %s (config: %s)%s: %s", __version__,
+    log.info("odin_gateway %s (config: %s): %s", __version__,  # a worker's lines say which
              config.source if config.source != "Config()" else "built-in defaults",
-             " worker %s" % worker if worker else "", gateway.customer_counts())
+             gateway.customer_counts())
+    if worker:
+        record_worker_start(gateway, int(worker))
     warn_about_exposure(gateway)
     tune_collector()
     try:
