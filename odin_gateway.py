@@ -2460,6 +2460,7 @@ class Grid:
         # shortly after it returns): then every gateway picks a room's server by
         # the room's hash, so that they agree without asking (ClusterLink).
         self.placing_alone = False
+        self.gateways_alone = 1  # the gateways placing alone meanwhile (see limit_usage)
         # Called with (record, acknowledged) for every change worth saving
         # (section "Saved state"); None: nobody saves the state.
         self.journal: Optional[Callable[[list, bool], None]] = None
@@ -2651,6 +2652,17 @@ class Grid:
         pending = self.pending.get(customer, (0, 0))
         return reported[0] + pending[0], reported[1] + pending[1]
 
+    def limit_usage(self, customer: str) -> Tuple[int, int]:
+        """usage_of() as limits count it: a cluster gateway without Redis, which cannot
+        see the others' placements, counts its own placements since the reports once
+        for every gateway (gateways_alone), as if each had placed as many."""
+        if self.gateways_alone == 1:
+            return self.usage_of(customer)
+        reported = self.reported.get(customer, (0, 0))
+        pending = self.pending.get(customer, (0, 0))
+        shares = self.gateways_alone
+        return reported[0] + shares * pending[0], reported[1] + shares * pending[1]
+
     @property
     def usage(self) -> Dict[str, Tuple[int, int]]:
         """(peers, rooms) per customer, as usage_of() counts them."""
@@ -2831,8 +2843,10 @@ class Grid:
     def answering(self, server: Server, now: float) -> bool:
         """Not disabled, and not silent for disable_timeout: a silent server is out
         from that moment, whatever the phase of the maintenance tick (which only
-        makes it official)."""
-        return not server.disabled and now - server.last_seen < self.config.disable_timeout
+        makes it official). While a cluster gateway is without Redis (gateways_alone),
+        a server silent here may be reporting to another gateway: it stays in."""
+        return not server.disabled and (now - server.last_seen < self.config.disable_timeout
+                                        or self.gateways_alone > 1)
 
     def state(self, server: Server, now: float) -> str:
         """"enabled" (takes new rooms), "draining" (serves its rooms, takes no new
@@ -2929,7 +2943,7 @@ class Grid:
                 rooms = self._remove(server)
                 self._gateway.event("server_removed", now, hostname=server.hostname, silent=silent,
                                     rooms=rooms)
-            elif silent >= config.disable_timeout and not server.disabled:
+            elif silent >= config.disable_timeout and not server.disabled and self.gateways_alone == 1:
                 self._account(server, -1)
                 server.disabled = True
                 self.note_server(server)
@@ -3778,7 +3792,7 @@ class Gateway:
             raise invalid_fields(problems, "invalid claims in token")
 
         licensee = auth.licensee
-        peers, rooms = self.grid.usage_of(licensee.customer_id)
+        peers, rooms = self.grid.limit_usage(licensee.customer_id)
         self._check_limit(licensee, licensee.peer_limit, peers, "peers")  # every Connect
 
         digest, (namespace, room_name) = _connect_room(auth, self.room_hashes)
@@ -3799,7 +3813,7 @@ class Gateway:
                          _barrier: Any = None) -> Any:
         """Connect past its claims: the limits, then the room's server or a claim for it."""
         licensee = auth.licensee
-        peers, rooms = self.grid.usage_of(licensee.customer_id)
+        peers, rooms = self.grid.limit_usage(licensee.customer_id)
         self._check_limit(licensee, licensee.peer_limit, peers, "peers")
         now = self.clock()
         link = self.cluster
@@ -3843,7 +3857,7 @@ class Gateway:
         # lives on an answering server opens none, so only a new room is refused.
         if licensee.room_limit is not None and self.grid.server_of(digest, now) is None:
             self._check_limit(licensee, licensee.room_limit,
-                              self.grid.usage_of(licensee.customer_id)[1], "rooms")
+                              self.grid.limit_usage(licensee.customer_id)[1], "rooms")
         region, pool = self.labels_of(licensee.customer_id)  # a token cannot choose a pool
         server = self.grid.assign(digest, (namespace, room_name), licensee.customer_id, pinned, now,
                                   region=claimed_region or region, pool=pool)
@@ -5699,9 +5713,7 @@ class HttpFraming:
 #                                 every heartbeat drops members silent for 3 heartbeats.
 #   odin:events           pub/sub JSON {"from": member, "type": "report" | "claim" |
 #                                 "placed" | "drain" | "delivered", ...}: what the
-#                                 others apply to their replicas as it happens (a
-#                                 report "held": written back after an outage, so it
-#                                 took no tasks).
+#                                 others apply to their replicas as it happens.
 #
 # When Redis cannot be reached, each gateway serves from its replica (mapped
 # rooms as mapped, new rooms placed locally by their hash so that the
@@ -5888,9 +5900,6 @@ class ClusterLink:
         # restarted (_restore_delivered); the requeue waits until then (_requeue_at).
         self._recent: Dict[str, str] = {}
         self._requeue_at: Optional[float] = None
-        # hostname -> last_seen of its newest report known to be stored in Redis: a
-        # report stored after a task was queued took it (_requeue_lost_tasks).
-        self._stored_seen: Dict[str, float] = {}
         # Tasks whose call timed out while the link stayed up: id -> (hostname, task).
         self._unsure: Dict[str, Tuple[str, dict]] = {}
         self._redis_run: Optional[str] = None  # Redis's run_id: it changes when Redis restarts
@@ -6001,6 +6010,7 @@ class ClusterLink:
         self._reader = asyncio.ensure_future(self._read_events(self._pubsub))
         first = not self.loaded
         self.up = self.loaded = True
+        self.gateway.grid.gateways_alone = 1
         self.changed.set()
         if first:
             self._place_alone(False)
@@ -6023,6 +6033,8 @@ class ClusterLink:
             self._settling.cancel()
             self._settling = None
         self.gateway.grid.placing_alone = alone
+        # Limits: Redis is down, so every member may be placing rooms unseen.
+        self.gateway.grid.gateways_alone = max(1, len(self.members)) if alone and not self.up else 1
 
     async def _close_pubsub(self) -> None:
         pubsub, self._pubsub = self._pubsub, None
@@ -6044,7 +6056,7 @@ class ClusterLink:
                 record = self._server_record(server)
                 pipe.hset(self.key("servers"), hostname, _compact_json(record))
                 pipe.hset(self.key("seen"), hostname, repr(server.last_seen))
-                pipe.publish(self.key("events"), self._event("report", record=record, held=True))
+                pipe.publish(self.key("events"), self._event("report", record=record))
         ttl = int(config.login_token_lifetime)
         for digest, room in grid.rooms.items():
             if room.server in grid.servers:
@@ -6164,11 +6176,7 @@ class ClusterLink:
         """Another gateway's event (_read_events skips this one's own before parsing)."""
         grid, kind = self.gateway.grid, event.get("type")
         if kind == "report":
-            record = event["record"]
-            if not event.get("held"):  # stored by its report's transaction (which took the tasks)
-                self._stored_seen[record["hostname"]] = max(
-                    self._stored_seen.get(record["hostname"], 0.0), record["last_seen"])
-            self._apply_report(record)
+            self._apply_report(event["record"])
         elif kind == "claim":
             grid.adopt_room(event["room"], self.gateway.clock())
         elif kind == "placed":
@@ -6455,11 +6463,10 @@ class ClusterLink:
         await self._call(pipe.execute())
 
     async def _requeue_lost_tasks(self) -> None:
-        """After Redis restarted: queue again the tasks accepted here that it lost (not
-        those a report of their server stored after them took, though word of it was lost)."""
+        """After Redis restarted: queue again the tasks accepted here that it lost."""
         config, now = self.gateway.config, self.gateway.clock()
-        for task_id, (host, _task, since) in list(self._undelivered.items()):
-            if now - since >= config.remove_timeout or since < self._stored_seen.get(host, 0.0):
+        for task_id, (_host, _task, since) in list(self._undelivered.items()):
+            if now - since >= config.remove_timeout:  # its server is forgotten by now
                 del self._undelivered[task_id]
         hosts = sorted({host for host, _task, _since in self._undelivered.values()})
         if not hosts:
@@ -6487,7 +6494,6 @@ class ClusterLink:
             take = "%s|%d\n%s" % (self.member, self._report_count, server.hostname)
         try:
             results = await self._call(self._store_report(server, gone, take).execute())
-            self._stored_seen[server.hostname] = server.last_seen
         except _Unreachable:
             if take is not None:  # the take may still run: hand it back, not on this request's time
                 self._takes[take] = (server.hostname, False)

@@ -123,7 +123,7 @@ class GatewayProcess:
              "access_keys": [{"public_key": og.public_jwk(LIMITED_KEY)}]}]
         with open(os.path.join(self.directory, "gateway_config.py"), "w") as config:
             config.write("host = '127.0.0.1'\nport = %d\nlog_format = 'json'\ncluster = %r\n"
-                         "cluster_heartbeat = 0.2\nupdate_interval = %r\ndisable_timeout = %r\n"
+                         "cluster_heartbeat = 0.5\nupdate_interval = %r\ndisable_timeout = %r\n"
                          "master_key = %r\ncustomers = %r\n" % (
                              self.port, redis_url, UPDATE_INTERVAL, 4 * UPDATE_INTERVAL,
                              MASTER_KEY, customers))
@@ -224,6 +224,7 @@ class Fleet:
         self.delivered = {}  # task number -> times delivered
         self.first_delivery = {}  # task number -> where and when
         self.acknowledged = set()
+        self.accepted = {}  # task number -> by which gateway, when, for which room
         self.split = []
         self.closed_live = []
         self.limited_admitted = {"peers": 0, "rooms": set()}
@@ -359,6 +360,8 @@ def client_loop(front, fleet, number, stop):
             with fleet.lock:
                 if answer is not None and answer.get("result") == {}:
                     fleet.acknowledged.add(task_number)
+                    fleet.accepted[task_number] = "by %s at %.3f for %s" % (
+                        via, time.monotonic() - STARTED, key)
                     fleet.counts["admin"] += 1
                 else:
                     if not fleet.counts["admin_failed"]:
@@ -453,8 +456,8 @@ def main() -> int:
     print(json.dumps(dict(fleet.counts, acknowledged=len(fleet.acknowledged),
                           delivered=len(fleet.delivered),
                           limited_peers=fleet.limited_admitted["peers"], limited_rooms=limited_rooms)))
-    if lost:
-        print("lost tasks:", lost[:20])
+    for number in lost[:20]:
+        print("lost task %d: accepted %s" % (number, fleet.accepted[number]))
     if twice:
         print("tasks delivered twice:", twice[:20])
     for split in fleet.split[:10]:
