@@ -2467,6 +2467,7 @@ class Grid:
         # shortly after it returns): then every gateway picks a room's server by
         # the room's hash, so that they agree without asking (ClusterLink).
         self.placing_alone = False
+        self.gateways_alone = 1  # the gateways placing alone meanwhile (see limit_usage)
         # Called with (record, acknowledged) for every change worth saving
         # (section "Saved state"); None: nobody saves the state.
         self.journal: Optional[Callable[[list, bool], None]] = None
@@ -2508,8 +2509,7 @@ class Grid:
         """Map (or remap) a room and journal it; acknowledged: a Connect answers with it."""
         self.put_room(digest, room)
         if self.journal is not None:
-            self.journal(["room", digest, room.id[0], room.id[1], room.customer, room.server,
-                          int(room.updated), room.reported], acknowledged)
+            self.journal(room_record(digest, room), acknowledged)
 
     def put_room(self, digest: str, room: Room) -> None:
         """Map (or remap) a room, unjournaled (apply_record replays a record with it).
@@ -2689,6 +2689,17 @@ class Grid:
         pending = self.pending.get(customer, (0, 0))
         return reported[0] + pending[0], reported[1] + pending[1]
 
+    def limit_usage(self, customer: str) -> Tuple[int, int]:
+        """usage_of() as limits count it: a cluster gateway without Redis, which cannot
+        see the others' placements, counts its own placements since the reports once
+        for every gateway (gateways_alone), as if each had placed as many."""
+        if self.gateways_alone == 1:
+            return self.usage_of(customer)
+        reported = self.reported.get(customer, (0, 0))
+        pending = self.pending.get(customer, (0, 0))
+        shares = self.gateways_alone
+        return reported[0] + shares * pending[0], reported[1] + shares * pending[1]
+
     @property
     def usage(self) -> Dict[str, Tuple[int, int]]:
         """(peers, rooms) per customer, as usage_of() counts them."""
@@ -2865,8 +2876,10 @@ class Grid:
     def answering(self, server: Server, now: float) -> bool:
         """Not disabled, and not silent for disable_timeout: a silent server is out
         from that moment, whatever the phase of the maintenance tick (which only
-        makes it official)."""
-        return not server.disabled and now - server.last_seen < self.config.disable_timeout
+        makes it official). While a cluster gateway is without Redis (gateways_alone),
+        a server silent here may be reporting to another gateway: it stays in."""
+        return not server.disabled and (now - server.last_seen < self.config.disable_timeout
+                                        or self.gateways_alone > 1)
 
     def state(self, server: Server, now: float) -> str:
         """"enabled" (takes new rooms), "draining" (serves its rooms, takes no new
@@ -2897,11 +2910,15 @@ class Grid:
 
     # -- cluster replica (see ClusterLink) -------------------------------------
 
-    def adopt_room(self, digest: str, record: dict, now: float, *, force: bool = False) -> None:
-        """Map a room as another gateway (or Redis) says; force: even over a live local mapping."""
+    def adopt_room(self, record: list, now: float, *, force: bool = False) -> None:
+        """Map a room as its claim in Redis (a "room" record) says; force: even over a
+        live local mapping. Placed, as far as this replica knows, until its server's
+        report (applied here too) confirms it."""
+        digest, room = record_room(record)
         if force or self.server_of(digest, now) is None:
-            self._map(digest, Room(tuple(record["id"]), record["customer"], record["server"],
-                                   min(now, record["updated"])))
+            room.updated = min(now, room.updated)
+            room.reported = False
+            self._map(digest, room)
 
     def set_pending(self, hostname: str, usage: Dict[str, List[int]]) -> None:
         """A server's usage placed since its last report, as the cluster counted it."""
@@ -2963,7 +2980,7 @@ class Grid:
                 rooms = self._remove(server)
                 self._gateway.event("server_removed", now, hostname=server.hostname, silent=silent,
                                     rooms=rooms)
-            elif silent >= config.disable_timeout and not server.disabled:
+            elif silent >= config.disable_timeout and not server.disabled and self.gateways_alone == 1:
                 self._account(server, -1)
                 server.disabled = True
                 self.note_server(server)
@@ -3012,8 +3029,11 @@ class Grid:
 # records: JSON arrays, one kind each. The grid emits one for each change
 # (Grid.journal); grid_records() writes a whole grid as records and
 # apply_record() replays one, so a snapshot followed by the changes since
-# rebuilds the grid. The state file holds exactly that; a cluster link can
-# carry the same records.
+# rebuilds the grid. The state file holds exactly that. In cluster mode a
+# room's claim in Redis is its "room" record too, built by room_record and
+# read by record_room for both. (A task is the same dict in both, queued in
+# Redis with an id; a server record in Redis holds its whole last report,
+# which the state file does not need: it is rebuilt from the next reports.)
 #
 #   ["server", hostname, version, disabled, draining]   added, or one of these changed
 #   ["forget", hostname]                                removed, with its rooms
@@ -3077,8 +3097,20 @@ def grid_records(grid: Grid) -> Iterator[list]:
         for task in server.tasks:
             yield ["task", server.hostname, task]
     for digest, room in grid.rooms.items():
-        yield ["room", digest, room.id[0], room.id[1], room.customer, room.server, int(room.updated),
-               room.reported]
+        yield room_record(digest, room)
+
+
+def room_record(digest: str, room: Room) -> list:
+    """A room's mapping as a "room" record: in the state file, and (the same JSON)
+    as the room's claim in Redis (odin:room:<hash>, see ClusterLink)."""
+    return ["room", digest, room.id[0], room.id[1], room.customer, room.server, int(room.updated),
+            room.reported]
+
+
+def record_room(record: list) -> Tuple[str, Room]:
+    """The hash and Room of a "room" record (from the state file, or a claim in Redis)."""
+    _, digest, namespace, name, customer, hostname, updated, reported = record
+    return digest, Room((namespace, name), customer, hostname, updated, reported)
 
 
 def apply_record(grid: Grid, record: list, now: float) -> None:
@@ -3093,13 +3125,14 @@ def apply_record(grid: Grid, record: list, now: float) -> None:
         grid.complete = True
         return
     if kind == "room":
-        _, digest, namespace, name, customer, hostname, updated, reported = record
-        server = grid.servers.get(hostname)
+        digest, room = record_room(record)
+        server = grid.servers.get(room.server)
         if server is None:
             return  # its server was forgotten: so is the room
-        grid.put_room(digest, Room((namespace, name), customer, hostname,
-                                   max(updated, now) if reported else updated, reported))
-        if reported:
+        if room.reported:
+            room.updated = max(room.updated, now)
+        grid.put_room(digest, room)
+        if room.reported:
             server.room_hashes.add(digest)
         return
     if kind == "unroom":
@@ -3796,7 +3829,7 @@ class Gateway:
         licensee = auth.licensee
         if licensee.peer_limit is not None:  # every Connect
             self._check_limit(licensee, licensee.peer_limit,
-                              self.grid.usage_of(licensee.customer_id)[0], "peers")
+                              self.grid.limit_usage(licensee.customer_id)[0], "peers")
 
         digest, (namespace, room_name) = _connect_room(auth, self.room_hashes)
         link = self.cluster
@@ -3816,7 +3849,7 @@ class Gateway:
                          _barrier: Any = None) -> Any:
         """Connect past its claims: the limits, then the room's server or a claim for it."""
         licensee = auth.licensee
-        peers, rooms = self.grid.usage_of(licensee.customer_id)
+        peers, rooms = self.grid.limit_usage(licensee.customer_id)
         self._check_limit(licensee, licensee.peer_limit, peers, "peers")
         now = self.clock()
         link = self.cluster
@@ -3828,11 +3861,12 @@ class Gateway:
                                         now=now, rng=self.rng, digest=digest)
             if placement.server is None:
                 raise placement.refusal()
-            record = {"id": [namespace, room_name], "customer": licensee.customer_id,
-                      "server": placement.server.hostname, "updated": now}
+            hostname = placement.server.hostname
+            record = room_record(digest, Room((namespace, room_name), licensee.customer_id,
+                                              hostname, now))
             return ClusterStep("claim", (digest, record), functools.partial(
                 self._connect_claimed, auth, digest, namespace, room_name, pinned, claimed_region,
-                record["server"]))
+                hostname))
         return self._connect_to(auth, digest, namespace, room_name, pinned, claimed_region)
 
     def _connect_claimed(self, auth: Authorization, digest: str, namespace: str, room_name: str,
@@ -3859,7 +3893,7 @@ class Gateway:
         # lives on an answering server opens none, so only a new room is refused.
         if licensee.room_limit is not None and self.grid.server_of(digest, now) is None:
             self._check_limit(licensee, licensee.room_limit,
-                              self.grid.usage_of(licensee.customer_id)[1], "rooms")
+                              self.grid.limit_usage(licensee.customer_id)[1], "rooms")
         region, pool = self.labels_of(licensee.customer_id)  # a token cannot choose a pool
         server = self.grid.assign(digest, (namespace, room_name), licensee.customer_id, pinned, now,
                                   region=claimed_region or region, pool=pool)
@@ -5689,7 +5723,8 @@ class HttpFraming:
 #                                 record silent for remove_timeout is deleted by
 #                                 the next gateway that loads the state.
 #   odin:seen             hash    hostname -> last_seen (what the claim script reads).
-#   odin:room:<hash>      string  JSON claim {id, customer, server, updated}; set once
+#   odin:room:<hash>      string  the room's claim: its "room" record, as in the state
+#                                 file (room_record/record_room build and read both); set once
 #                                 (atomically, by the claim script) by the gateway
 #                                 that places a new room, refreshed by the gateway
 #                                 taking its server's report, deleted when the room
@@ -5733,12 +5768,13 @@ CLUSTER_LOAD_BATCH = 1000
 CLUSTER_RECENT_DELIVERIES = 100_000
 
 # Claim a new room unless a live server owns it already: one atomic step.
-# KEYS: odin:room:<hash>, odin:seen, odin:events; ARGV: the claim, the oldest
+# KEYS: odin:room:<hash>, odin:seen, odin:events; ARGV: the claim (a "room"
+# record: its 6th element is the server), the oldest
 # last_seen of a live server, its TTL, the event to publish if it is taken.
 _CLAIM_SCRIPT = """
 local current = redis.call('GET', KEYS[1])
 if current then
-  local seen = redis.call('HGET', KEYS[2], cjson.decode(current)['server'])
+  local seen = redis.call('HGET', KEYS[2], cjson.decode(current)[6])
   if seen and tonumber(seen) >= tonumber(ARGV[2]) then return current end
 end
 redis.call('SET', KEYS[1], ARGV[1], 'EX', ARGV[3])
@@ -5833,11 +5869,6 @@ def _aclose(client: Any) -> Any:
 def _script_in(pipe: Any, script: Any, keys: List[str], args: List[Any]) -> None:
     """Add a call of a registered script to a pipeline."""
     pipe.eval(script.script, len(keys), *keys, *args)  # EVAL: no round trip to load it
-
-
-def _claim_record(room: Room) -> dict:
-    return {"id": list(room.id), "customer": room.customer, "server": room.server,
-            "updated": room.updated}
 
 
 class _Unreachable(Exception):
@@ -6006,6 +6037,9 @@ class ClusterLink:
 
     async def _resync(self) -> None:
         """Subscribe, flush what was held while Redis was down, load the shared state."""
+        # Pooled connections to a Redis that went away are broken: each would take
+        # the link down again at its first use after the resync.
+        await self._call(self.redis.connection_pool.disconnect())
         await self._close_pubsub()
         self._pubsub = self._events_redis.pubsub(ignore_subscribe_messages=True)
         await self._call(self._pubsub.subscribe(self.key("events")))
@@ -6014,6 +6048,7 @@ class ClusterLink:
         self._reader = asyncio.ensure_future(self._read_events(self._pubsub))
         first = not self.loaded
         self.up = self.loaded = True
+        self.gateway.grid.gateways_alone = 1
         self.changed.set()
         if first:
             self._place_alone(False)
@@ -6036,6 +6071,8 @@ class ClusterLink:
             self._settling.cancel()
             self._settling = None
         self.gateway.grid.placing_alone = alone
+        # Limits: Redis is down, so every member may be placing rooms unseen.
+        self.gateway.grid.gateways_alone = max(1, len(self.members)) if alone and not self.up else 1
 
     async def _close_pubsub(self) -> None:
         pubsub, self._pubsub = self._pubsub, None
@@ -6061,7 +6098,8 @@ class ClusterLink:
         ttl = int(config.login_token_lifetime)
         for digest, room in grid.rooms.items():
             if room.server in grid.servers:
-                pipe.set(self.key("room", digest), _compact_json(_claim_record(room)), nx=True, ex=ttl)
+                pipe.set(self.key("room", digest), _compact_json(room_record(digest, room)), nx=True,
+                         ex=ttl)
         await self._call(pipe.execute())
         run = (await self._call(self.redis.info("server")))["run_id"]
         if self._redis_run is not None and run != self._redis_run:
@@ -6135,14 +6173,15 @@ class ClusterLink:
                 values = await self._call(self.redis.mget(keys))
                 for key, raw in zip(keys, values):
                     if raw is not None:
-                        grid.adopt_room(key.decode()[len(self.key("room", "")):], load_json(raw), now)
+                        grid.adopt_room(load_json(raw), now)
             if not cursor:
                 break
 
     def _apply_report(self, record: dict) -> None:
         """A server record taken by another gateway (or loaded), applied to the replica."""
         grid = self.gateway.grid
-        known = grid.servers.get(record["hostname"])
+        hostname = record["hostname"]
+        known = grid.servers.get(hostname)
         if known is not None and known.last_seen > record["last_seen"]:
             return  # this replica has a newer report already
         server = grid.report(record["hostname"], record["version"], record["report"],
@@ -6177,7 +6216,7 @@ class ClusterLink:
         if kind == "report":
             self._apply_report(event["record"])
         elif kind == "claim":
-            grid.adopt_room(event["hash"], event["room"], self.gateway.clock())
+            grid.adopt_room(event["room"], self.gateway.clock())
         elif kind == "placed":
             for hostname, customer, peers, rooms in event["items"]:
                 grid.add_pending(hostname, customer, peers, rooms)
@@ -6294,7 +6333,7 @@ class ClusterLink:
         for digest in server.room_hashes:
             room = grid.rooms.get(digest)
             if room is not None and room.server == hostname:
-                pipe.set(self.key("room", digest), _compact_json(_claim_record(room)), ex=ttl)
+                pipe.set(self.key("room", digest), _compact_json(room_record(digest, room)), ex=ttl)
         for digest in gone:
             pipe.delete(self.key("room", digest))
         pipe.publish(self.key("events"), self._event("report", record=record))
@@ -6397,17 +6436,18 @@ class ClusterLink:
         raw = await self._call(self._claim(  # if it fails: placed here, claimed when Redis is back
             keys=[self.key("room", digest), self.key("seen"), self.key("events")],
             args=[_compact_json(record), repr(now - config.disable_timeout),
-                  int(config.login_token_lifetime), self._event("claim", hash=digest, room=record)]))
+                  int(config.login_token_lifetime), self._event("claim", room=record)]))
         claimed = load_json(raw)
+        server = record_room(claimed)[1].server
         if claimed == record:  # ours: Connect maps it, and counts it as a new room
-            return {"won": True, "server": record["server"]}
+            return {"won": True, "server": server}
         grid = gateway.grid
-        if claimed["server"] not in grid.servers:  # its report has not reached us yet
-            found = await self._call(self.redis.hget(self.key("servers"), claimed["server"]))
+        if server not in grid.servers:  # its report has not reached us yet
+            found = await self._call(self.redis.hget(self.key("servers"), server))
             if found is not None:
                 self._apply_report(load_json(found))
-        grid.adopt_room(digest, claimed, gateway.clock(), force=True)
-        return {"won": False, "server": claimed["server"]}
+        grid.adopt_room(claimed, gateway.clock(), force=True)
+        return {"won": False, "server": server}
 
     async def _perform_task(self, hostname: str, task: dict) -> Optional[str]:
         if not self.up:

@@ -6158,11 +6158,11 @@ def eventually(server, predicate, timeout=5.0):
 
 
 @contextlib.contextmanager
-def cluster_gateway(redis_server, wait=True, **settings):
+def cluster_gateway(redis_server, wait=True, clock=time.time, **settings):
     settings.setdefault("customers", cluster_customers())
     settings.setdefault("cluster_heartbeat", 0.1)
     settings.setdefault("warmup", 0)  # (a gateway that loads servers from Redis ends it anyway)
-    gw = og.Gateway(og.Config(cluster=redis_server.url, **settings))
+    gw = og.Gateway(og.Config(cluster=redis_server.url, **settings), clock=clock)
     with og.serve_in_thread(gateway=gw) as server:
         if wait:
             eventually(server, lambda: gw.cluster.loaded)
@@ -6227,13 +6227,28 @@ def test_concurrent_connects_for_a_new_room_through_two_gateways_get_one_server(
         eventually(a, lambda: a.gateway.grid.rooms[digest].server == answers["room-0"][0])
 
 
+def test_a_rooms_claim_in_redis_is_its_state_file_record(redis_server, tmp_path):
+    # One function builds a room's mapping for the state file and for Redis, and
+    # one reads it back (issue #11: the cluster makes the same promise through Redis).
+    path = str(tmp_path / "state")
+    with cluster_gateway(redis_server, state_file=path) as a:
+        http_report(a, SFU1)
+        assert connect(a, "placed") == SFU1
+        digest = og.room_hash(NS, "placed")
+        claim = json.loads(redis_server.client().get("odin:room:" + digest))
+        records = [r for r in og.StateFile(path).read() if r[:2] == ["room", digest]]
+        assert claim[0] == "room" and og.record_problem(claim) is None
+        assert claim[:6] + claim[7:] == records[-1][:6] + records[-1][7:]  # (updated: whole seconds)
+        assert a.call(lambda: og.room_record(digest, a.gateway.grid.rooms[digest]))[:6] == claim[:6]
+
+
 def test_a_reported_room_keeps_its_claim_and_a_collision_closes_the_copy(redis_server):
     with cluster_gateway(redis_server) as a, cluster_gateway(redis_server) as b:
         http_report(a, SFU1, rooms=[room(NS, "r1", NS)])
         http_report(a, SFU2)
         eventually(b, lambda: len(b.gateway.grid.servers) == 2)
         claim = redis_server.client().get("odin:room:" + og.room_hash(NS, "r1"))
-        assert json.loads(claim)["server"] == SFU1
+        assert og.record_room(json.loads(claim))[1].server == SFU1
         assert connect(b, "r1") == SFU1
         # SFU2 reports the same room through b: the first owner keeps it.
         tasks = http_report(b, SFU2, rooms=[room(NS, "r1", NS)])["tasks"]
@@ -6421,7 +6436,7 @@ def test_redis_killed_and_restarted_empty_the_gateways_serve_then_resync(redis_s
         client = redis_server.client()
         assert client.llen("odin:tasks:" + SFU1) == 1 and client.hexists("odin:servers", SFU1)
         claim = client.get("odin:room:" + og.room_hash(NS, "brand-new"))  # placed here meanwhile
-        assert claim is not None and json.loads(claim)["server"] == SFU1
+        assert claim is not None and og.record_room(json.loads(claim))[1].server == SFU1
         assert [t["task"] for t in http_report(b, SFU1)["tasks"]] == ["RoomClose"]
         assert len(down_logs) <= 2  # once per gateway, not once per call
         fired = a.call(lambda: kinds(a.gateway))
@@ -6452,6 +6467,32 @@ def test_without_redis_two_gateways_place_a_new_room_on_the_same_server(redis_se
         assert not b.call(lambda: b.gateway.cluster.up)
 
 
+def test_without_redis_a_server_reporting_to_the_other_gateway_stays_in(redis_server):
+    # Found by bench/cluster_run.py: without Redis, a gateway the balancer sent
+    # no report of a server for disable_timeout disabled it, and moved its rooms
+    # to other servers (split). Alone, it cannot tell silence from reports that
+    # go elsewhere, so it keeps the server until Redis says.
+    later = [0.0]
+    with cluster_gateway(redis_server) as a, \
+            cluster_gateway(redis_server, clock=lambda: time.time() + later[0]) as b:
+        http_report(a, SFU1, rooms=[room(NS, "r1", NS)])
+        http_report(a, SFU2)
+        eventually(b, lambda: len(b.gateway.grid.servers) == 2)
+        eventually(b, lambda: len(b.gateway.cluster.members) == 2)
+        redis_server.kill()
+        eventually(a, lambda: not a.gateway.cluster.up)
+        eventually(b, lambda: not b.gateway.cluster.up)
+        later[0] = 2 * b.gateway.config.disable_timeout  # their reports all went to a
+        b.tick()
+        assert b.call(lambda: [s.disabled for s in b.gateway.grid.servers.values()]) == [False] * 2
+        assert connect(b, "r1") == SFU1
+        assert connect(b, "new") == connect(a, "new")
+        redis_server.start()
+        eventually(b, lambda: b.gateway.cluster.up)
+        b.tick()  # Redis says when they last reported: (b's clock is) long ago
+        assert b.call(lambda: [s.disabled for s in b.gateway.grid.servers.values()]) == [True] * 2
+
+
 @pytest.mark.parametrize("persist", [False, True], ids=["restarted-empty", "restarted-with-aof"])
 def test_a_task_acknowledged_before_redis_restarts_is_delivered_once(redis_server, persist):
     redis_server.kill()
@@ -6474,6 +6515,25 @@ def test_a_task_acknowledged_before_redis_restarts_is_delivered_once(redis_serve
         eventually(a, lambda: not a.gateway.cluster._undelivered)
 
 
+def delivered_by_b_unheard_by_a(a, b, lobby):
+    """a accepts a RoomClose, b's report delivers it, and a acts as if the word of
+    the delivery had been lost with Redis."""
+    assert admin(a, "RoomClose", {"room_id": "lobby"}) == {}
+    accepted = a.call(lambda: dict(a.gateway.cluster._undelivered))
+    assert [t["task"] for t in http_report(b, SFU1, rooms=lobby)["tasks"]] == ["RoomClose"]
+    eventually(a, lambda: not a.gateway.cluster._undelivered)
+    a.call(lambda: a.gateway.cluster._undelivered.update(accepted))
+
+
+def redis_restarted_empty(redis_server, a):
+    """Kill Redis, start it empty, and wait until a has queued again what it lost."""
+    redis_server.kill()
+    eventually(a, lambda: not a.gateway.cluster.up)
+    redis_server.start()
+    eventually(a, lambda: a.gateway.cluster.up)
+    eventually(a, lambda: a.gateway.cluster._requeue_at is None)
+
+
 def test_a_task_delivered_before_redis_restarts_empty_is_not_queued_again(redis_server):
     # Found by bench/cluster_run.py: the gateway that accepted a task had not
     # heard that another delivered it (the word was lost with Redis), and queued
@@ -6483,17 +6543,8 @@ def test_a_task_delivered_before_redis_restarts_empty_is_not_queued_again(redis_
     with cluster_gateway(redis_server, cluster_heartbeat=0.5) as a, cluster_gateway(redis_server) as b:
         http_report(a, SFU1, rooms=lobby)
         eventually(b, knows_server(b))
-        assert admin(a, "RoomClose", {"room_id": "lobby"}) == {}
-        accepted = a.call(lambda: dict(a.gateway.cluster._undelivered))
-        assert [t["task"] for t in http_report(b, SFU1, rooms=lobby)["tasks"]] == ["RoomClose"]
-        eventually(a, lambda: not a.gateway.cluster._undelivered)
-        a.call(lambda: a.gateway.cluster._undelivered.update(accepted))  # as if the word was lost
-        redis_server.kill()
-        eventually(a, lambda: not a.gateway.cluster.up)
-        eventually(b, lambda: not b.gateway.cluster.up)
-        redis_server.start()
-        eventually(a, lambda: a.gateway.cluster.up)
-        eventually(a, lambda: a.gateway.cluster._requeue_at is None)
+        delivered_by_b_unheard_by_a(a, b, lobby)
+        redis_restarted_empty(redis_server, a)
         assert http_report(b, SFU1, rooms=lobby)["tasks"] == []
 
 
@@ -6602,6 +6653,27 @@ def test_sequential_connects_through_different_gateways_never_overrun_a_limit(re
         assert rooms == [True] * 4 + [False] * 4
         peers = [admitted((b, a)[i % 2], "r0", "p%d" % i, key) for i in range(6)]
         assert peers == [True] * 3 + [False] * 3
+
+
+def test_without_redis_two_gateways_together_do_not_overrun_a_limit(redis_server):
+    # Found by bench/cluster_run.py: without Redis each gateway saw only its own
+    # Connects, so each admitted up to the limit. Now each counts its own
+    # placements since the reports once per member, as if each placed as many.
+    key, customers = limited_customer(peers=4, rooms=None)
+    with cluster_gateway(redis_server, customers=customers) as a, \
+            cluster_gateway(redis_server, customers=customers) as b:
+        http_report(a, SFU1)
+        eventually(b, knows_server(b))
+        eventually(a, lambda: len(a.gateway.cluster.members) == 2)
+        eventually(b, lambda: len(b.gateway.cluster.members) == 2)
+        redis_server.kill()
+        eventually(a, lambda: not a.gateway.cluster.up)
+        eventually(b, lambda: not b.gateway.cluster.up)
+        peers = [admitted((a, b)[i % 2], "r0", "p%d" % i, key) for i in range(8)]
+        assert peers.count(True) == 4, peers
+        redis_server.start()
+        eventually(a, lambda: a.gateway.cluster.up)
+        assert a.call(lambda: a.gateway.grid.gateways_alone) == 1
 
 
 def test_a_concurrent_burst_overruns_a_limit_by_at_most_one_per_other_gateway(redis_server):
