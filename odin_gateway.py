@@ -446,11 +446,18 @@ _ROOMS_ARRAY = re.compile(r'"rooms"[ \t\n\r]*:[ \t\n\r]*\[')
 _BETWEEN_OBJECTS = re.compile(r'\}[ \t\n\r]*,[ \t\n\r]*\{')
 
 
-def load_json_in_steps(data: bytes) -> Generator[None, None, Any]:
+def load_json_in_steps(data: bytes, read_rooms: Optional[Callable[[str, int], Generator[None, None, Any]]]
+                       = None) -> Generator[None, None, Any]:
     """load_json(data) as a generator: it yields between the steps of a long
-    rooms array and returns the value (ValueError as load_json raises it)."""
+    rooms array and returns the value (ValueError as load_json raises it).
+    read_rooms: read_rooms_in_steps for the text and where its rooms array
+    starts, to try before parsing (its value, unless None)."""
     text = data.decode("utf-8")
     found = _ROOMS_ARRAY.search(text)
+    if found is not None and read_rooms is not None:
+        value = yield from read_rooms(text, found.end())
+        if value is not None:
+            return value
     if found is None or len(text) - found.end() < 2 * JSON_STEP_CHARS:
         return _parse_json(text)
     rooms: List[Any] = []
@@ -468,14 +475,120 @@ def load_json_in_steps(data: bytes) -> Generator[None, None, Any]:
         rooms.extend(piece)
         start = cut.end() - 1  # the next object's "{"
         yield
-    marker = "\0" + os.urandom(8).hex()  # what no sender can guess
-    value = _parse_json(text[:found.end()] + '"\\u0000%s",' % marker[1:] + text[start:])
+    value, marker = _parse_marked(text, found.end(), start, ",")
     params = value.get("params") if isinstance(value, dict) else None
     listed = params.get("rooms") if isinstance(params, dict) else None
     if not (isinstance(listed, list) and listed and listed[0] == marker):
         return _parse_json(text)
     rooms.extend(listed[1:])
     params["rooms"] = rooms
+    return value
+
+
+def _parse_marked(text: str, start: int, end: int, glue: str = "") -> Tuple[Any, str]:
+    """(JSON of text with text[start:end] replaced by an unguessable string
+    and glue, that string): where the string lands in the value tells where
+    the replaced text stood."""
+    marker = "\0" + os.urandom(8).hex()  # what no sender can guess
+    return _parse_json(text[:start] + '"\\u0000%s"' % marker[1:] + glue + text[end:]), marker
+
+
+# A server reports its rooms every few seconds, and each report mostly
+# repeats the one before: only the rooms' ages always change, their peers
+# now and then. So a report's rooms array in the form servers write it,
+#     [{"id": [ns, name], "customer": c, "age": {"secs": s, "nanos": n}, "peers": p}, ...]
+# (with any JSON whitespace, strings without escapes, integers of at most 18
+# digits), is read from its text: cut at the ages, the text between two ages
+# (a seam: the end of one room, its peers, and the start of the next, its id
+# and customer) is compared with the seams of the same server's previous
+# report, and only new seams are matched against the grammar above; the
+# ages are the only numbers converted. Exact: each piece matches a regular
+# grammar that JSON reads one way only (no escapes, every key once, numbers
+# int() reads as json.loads does), and the rest of the body is parsed by
+# json.loads with a marker where the array was, as above. Anything else
+# (another order of keys, an escape, a float, a seam that does not match)
+# is parsed by json.loads as before.
+
+#: The methods whose rooms are read from the text (read_rooms_in_steps).
+REPORT_METHODS = ("sfu.Report", "SubmitReport")
+_W = r"[ \t\n\r]*"  # JSON's whitespace (\s is more)
+_STRING = r'"([^"\\\x00-\x1f]*)"'  # a string without escapes, its text captured
+_INTEGER = r"(0|[1-9][0-9]{0,17})"
+_ROOM_START = _W.join(("", r"\{", '"id"', ":", r"\[", _STRING, ",", _STRING, r"\]", ",", '"customer"', ":",
+                       _STRING, ",", ""))
+_ROOM_END = _W.join(("", ",", '"peers"', ":", _INTEGER, r"\}"))
+_AGE_TEXT = re.compile(_W.join(('"age"', ":", r"\{", '"secs"', ":", _INTEGER, ",", '"nanos"', ":",
+                                _INTEGER, r"\}")))
+_FIRST_SEAM = re.compile(_ROOM_START)
+_SEAM = re.compile(_ROOM_END + _W + "," + _ROOM_START)
+_LAST_SEAM = re.compile(_ROOM_END + _W + r"\]")
+
+
+class RoomsText:
+    """A report's rooms read from its text (read_rooms_in_steps): their
+    columns (RoomColumns), and its seams with what each says, to read the
+    server's next report by: (seams, ids and customers of the rooms they
+    start, peers of the rooms they end)."""
+
+    __slots__ = ("columns", "seams")
+
+    def __init__(self, columns: "RoomColumns", seams: Tuple[List[str], list, list, list]):
+        self.columns = columns
+        self.seams = seams
+
+
+def read_rooms_in_steps(text: str, start: int, previous_of: Callable[[dict], Optional[RoomsText]]
+                        ) -> Generator[None, None, Any]:
+    """The JSON value of text, a report whose rooms array starts at start
+    (just after its "["), with params["rooms"] a RoomsText; None if the text
+    is not in that form. Yields between steps. previous_of(params): what the
+    reporting server's previous report read (its seams are not matched again)."""
+    parts: List[str] = []  # seam, secs, nanos, seam, ..., seam
+    position = start
+    while True:  # cut at the ages, about JSON_STEP_CHARS at a time
+        cut = _AGE_TEXT.search(text, position + JSON_STEP_CHARS)
+        parts += _AGE_TEXT.split(text[position:cut.start() if cut else len(text)])
+        if cut is None:
+            break
+        parts += cut.groups()
+        position = cut.end()
+        yield
+    texts, secs, nanos = parts[0::3], parts[1::3], parts[2::3]
+    first, last = _FIRST_SEAM.fullmatch(texts[0]), _LAST_SEAM.match(texts[-1])
+    if not secs or first is None or last is None:
+        return None
+    try:  # the rest of the body, the array replaced by a marker
+        value, marker = _parse_marked(text, start - 1, len(text) - len(texts[-1]) + last.end())
+    except ValueError:
+        return None
+    params = value.get("params") if isinstance(value, dict) else None
+    if not (isinstance(params, dict) and params.get("rooms") == marker
+            and value.get("method") in REPORT_METHODS):
+        return None
+    seams = texts[1:-1]
+    previous = previous_of(params)
+    known = previous.seams if previous is not None else ([], [], [], [])
+    if seams == known[0]:  # compared in C: no room came, went, or changed its peers
+        ids, customers, peers = known[1:]
+    else:  # the seams known already say what they said; the others are matched
+        rows = list(map(dict(zip(known[0], itertools.count())).get, seams))
+        ids, customers, peers = list(known[1]), list(known[2]), list(known[3])
+        for count, index in enumerate([index for index, row in enumerate(rows) if row is None], 1):
+            seam = _SEAM.fullmatch(seams[index])
+            if seam is None:
+                return None
+            ended, namespace, name, customer = seam.groups()
+            rows[index] = len(ids)
+            ids.append((namespace, name))
+            customers.append(customer)
+            peers.append(int(ended))
+            if count % PREPARE_STEP_ROOMS == 0:
+                yield
+        ids, customers, peers = (list(map(column.__getitem__, rows)) for column in (ids, customers, peers))
+    namespace, name, customer = first.groups()
+    columns = ([(namespace, name)] + ids, [customer] + customers,
+               list(zip(map(int, secs), map(int, nanos))), peers + [int(last.group(1))])
+    params["rooms"] = RoomsText(columns, (seams, ids, customers, peers))
     return value
 
 
@@ -2022,7 +2135,7 @@ class Server:
     __slots__ = ("hostname", "version", "disabled", "draining", "reported_draining", "report",
                  "reported_rooms", "first_seen", "last_seen", "tasks", "key", "room_hashes",
                  "room_keys", "closing", "usage", "pending", "pending_peers", "changes", "integrated",
-                 "region", "pools")
+                 "region", "pools", "rooms_text")
 
     def __init__(self, hostname: str, key: SigningKey, now: float):
         self.hostname = hostname
@@ -2054,6 +2167,8 @@ class Server:
         # Labels for placement: from server_labels, else from its own report.
         self.region: Optional[str] = None
         self.pools: Tuple[str, ...] = ()
+        # Its last report's rooms as read from the text (read_rooms_in_steps), if they were.
+        self.rooms_text: Optional[RoomsText] = None
 
     @property
     def load(self) -> float:
@@ -2068,6 +2183,11 @@ class Server:
     @property
     def takes_rooms(self) -> bool:
         return not (self.disabled or self.draining or self.reported_draining)
+
+    @property
+    def draining_by_anyone(self) -> bool:
+        """Draining, as Info and Drain report it: by an operator or by its own report."""
+        return self.draining or self.reported_draining
 
     def peer_load(self) -> float:
         """The load one more peer adds, estimated from the server's own report."""
@@ -2435,7 +2555,7 @@ class Grid:
 
     # -- reports ------------------------------------------------------------
 
-    def prepare_rooms(self, hostname: str, rooms: List[Any]) -> Iterator[None]:
+    def prepare_rooms(self, hostname: str, rooms: Union[List[Any], RoomsText]) -> Iterator[None]:
         """Hash the rooms of a coming report that are new to its server, in
         steps of PREPARE_STEP_ROOMS (yielding between them): pure work that
         the report's integration then finds done. The grid does not change
@@ -2444,10 +2564,15 @@ class Grid:
         server = self.servers.get(hostname)
         known = server.room_keys if server is not None else {}
         prepared, orders = self.prepared, self.prepared_order
+        if isinstance(rooms, RoomsText):  # their ids, those it does not know (in C)
+            same = server.integrated if server is not None else None
+            if same is not None and same[0] == rooms.columns[0]:  # the ids of the last report
+                return
+            rooms = list(itertools.filterfalse(known.__contains__, rooms.columns[0]))
         for start in range(0, len(rooms), PREPARE_STEP_ROOMS):
             for room in rooms[start:start + PREPARE_STEP_ROOMS]:
-                room_id = room.get("id") if isinstance(room, dict) else None
-                if not (isinstance(room_id, list) and len(room_id) == 2):
+                room_id = room.get("id") if isinstance(room, dict) else room
+                if not (isinstance(room_id, (list, tuple)) and len(room_id) == 2):
                     continue
                 key = tuple(room_id)
                 if key in known or key in prepared or not all(isinstance(part, str) for part in key):
@@ -2710,6 +2835,14 @@ class Grid:
         from that moment, whatever the phase of the maintenance tick (which only
         makes it official)."""
         return not server.disabled and now - server.last_seen < self.config.disable_timeout
+
+    def state(self, server: Server, now: float) -> str:
+        """"enabled" (takes new rooms), "draining" (serves its rooms, takes no new
+        ones) or "disabled" (by the tick, or silent for disable_timeout: out from
+        that moment, as answering() says). What /metrics and /status both show."""
+        if not self.answering(server, now):
+            return "disabled"
+        return "enabled" if server.takes_rooms else "draining"
 
     def candidates(self, now: float) -> List[Server]:
         """The servers that take new rooms now: answering and not draining."""
@@ -3230,7 +3363,7 @@ def _want_server_kind(value: Any) -> Optional[str]:
 
 
 def _want_list(value: Any) -> Optional[str]:
-    return None if isinstance(value, list) else "must be an array of rooms"
+    return None if isinstance(value, (list, RoomsText)) else "must be an array of rooms"
 
 
 def _want_rooms(value: Any) -> Optional[str]:
@@ -3327,6 +3460,13 @@ class Call:
         self.auth = auth
         self.remote = remote  # the default hostname of a server calling from there
         self.notification = notification
+
+
+def _reporter(params: dict, remote: str) -> str:
+    """The hostname of the server that sends a report (its rooms may still be
+    unchecked): its public_endpoint, else the one its address gives."""
+    endpoint = params.get("public_endpoint")
+    return endpoint if isinstance(endpoint, str) and endpoint else remote_hostname(remote)
 
 
 def remote_hostname(address: str) -> str:
@@ -3451,6 +3591,8 @@ class Gateway:
         self.on_change: List[Callable[[], None]] = []
         self.warmed = False  # the warm-up has begun once (a second listener does not restart it)
         self.metrics = Metrics()
+        # (namespace, room name) -> room_hash: a room's peers all ask for it (bounded, ROOM_HASH_CACHE).
+        self.room_hashes: Dict[Tuple[str, str], str] = {}
         # The cluster link (cluster mode, while serving): the handlers ask it
         # whether Redis is up, and hand it ClusterSteps through the HTTP layer.
         self.cluster: Optional[ClusterLink] = None
@@ -3621,10 +3763,11 @@ class Gateway:
         peers, rooms = self.grid.usage_of(licensee.customer_id)
         self._check_limit(licensee, licensee.peer_limit, peers, "peers")  # every Connect
 
-        digest, (namespace, room_name) = _connect_room(auth)
+        digest, (namespace, room_name) = _connect_room(auth, self.room_hashes)
         link = self.cluster
-        if link is not None and link.up and (licensee.peer_limit is not None
-                                             or licensee.room_limit is not None):
+        if link is None or not link.up:  # one gateway: the limits were just checked
+            return self._connect_to(auth, digest, namespace, room_name, pinned, claimed_region)
+        if licensee.peer_limit is not None or licensee.room_limit is not None:
             # Limits across gateways: first apply every placement published before
             # now (a barrier), then check and place, one Connect of the customer at a
             # time here; the placement is published before the answer.
@@ -3679,7 +3822,7 @@ class Gateway:
         now = self.clock()
         # The room limit limits rooms (PROTOCOL.md 5.3): a Connect to a room that
         # lives on an answering server opens none, so only a new room is refused.
-        if self.grid.server_of(digest, now) is None:
+        if licensee.room_limit is not None and self.grid.server_of(digest, now) is None:
             self._check_limit(licensee, licensee.room_limit,
                               self.grid.usage_of(licensee.customer_id)[1], "rooms")
         region, pool = self.labels_of(licensee.customer_id)  # a token cannot choose a pool
@@ -3783,7 +3926,7 @@ class Gateway:
         load = p.take("load", _want_number)
         clients = p.take("clients", _want_number)
         rooms = p.take("rooms", _want_list)
-        columns = room_columns(rooms)
+        columns = rooms.columns if isinstance(rooms, RoomsText) else room_columns(rooms)
         if columns is None and "rooms" not in p.problems:
             p.problems["rooms"] = _want_rooms(rooms) or "must be an array of rooms"
         draining = p.take("draining", _want_bool, False)
@@ -3801,8 +3944,9 @@ class Gateway:
             report["pools"] = pools
         hostname = endpoint or remote_hostname(call.remote)
         before = self.grid.servers.get(hostname)
-        gone = set(before.room_hashes) if before is not None else set()
+        gone = set(before.room_hashes) if before is not None and self.cluster is not None else set()
         server = self.grid.report(hostname, version, report, self.clock(), columns)
+        server.rooms_text = rooms if isinstance(rooms, RoomsText) else None
         if self.warm_until:  # rooms that Connects wait for may have arrived
             self._changed()
         if self.cluster is not None:
@@ -3819,15 +3963,21 @@ class Gateway:
     def prepare_report(self, request: Any, remote: str) -> Iterator[None]:
         """If request (parsed JSON) is a report, the work its rooms need that
         can be done in steps beforehand (Grid.prepare_rooms); else nothing."""
-        if not (isinstance(request, dict) and request.get("method") in ("sfu.Report", "SubmitReport")):
+        if not (isinstance(request, dict) and request.get("method") in REPORT_METHODS):
             return iter(())
         params = request.get("params")
         rooms = params.get("rooms") if isinstance(params, dict) else None
-        if not isinstance(rooms, list):
+        if not isinstance(rooms, (list, RoomsText)):
             return iter(())
-        endpoint = params.get("public_endpoint")  # type: ignore[union-attr]
-        hostname = endpoint if isinstance(endpoint, str) and endpoint else remote_hostname(remote)
-        return self.grid.prepare_rooms(hostname, rooms)
+        return self.grid.prepare_rooms(_reporter(params, remote), rooms)  # type: ignore[arg-type]
+
+    def parse_in_steps(self, body: bytes, remote: str) -> Generator[None, None, Any]:
+        """load_json_in_steps for a body sent to /internal: a report's rooms
+        are read from the text, by its server's previous report (read_rooms_in_steps)."""
+        def previous_of(params: dict) -> Optional[RoomsText]:
+            server = self.grid.servers.get(_reporter(params, remote))
+            return server.rooms_text if server is not None else None
+        return load_json_in_steps(body, lambda text, start: read_rooms_in_steps(text, start, previous_of))
 
     def rpc_drain(self, call: Call, params: dict) -> dict:
         """Drain a server (no new rooms; its rooms stay and are served) or undrain it."""
@@ -3845,7 +3995,7 @@ class Gateway:
             self.grid.note_server(server)
             self.event("server_draining" if draining else "server_undrained", hostname=hostname,
                        by="operator")
-        return {"hostname": hostname, "draining": server.draining or server.reported_draining}
+        return {"hostname": hostname, "draining": server.draining_by_anyone}
 
     def rpc_explain(self, call: Call, params: dict) -> dict:
         """Where a new room of a customer would go now, and why; changes nothing."""
@@ -3877,7 +4027,7 @@ class Gateway:
         p.check()
         servers = [{
             "hostname": s.hostname, "address": s.hostname, "version": s.version,
-            "disabled": s.disabled, "draining": s.draining or s.reported_draining,
+            "disabled": s.disabled, "draining": s.draining_by_anyone,
             "keyId": s.key.kid, "report": s.report_json() if pages is True else s.report,
             "firstSeen": iso_time(s.first_seen), "lastSeen": iso_time(s.last_seen),
             "tasks": len(s.tasks), "region": s.region, "pools": list(s.pools),
@@ -3962,7 +4112,7 @@ class Gateway:
         if not self.warming_up(now):
             return None
         try:
-            digest, _ = _connect_room(auth)
+            digest, _ = _connect_room(auth, self.room_hashes)
         except RpcError:  # Connect itself refuses it
             return None
         if digest in self.grid.rooms or not _calls_method(body, "Connect"):
@@ -4134,6 +4284,8 @@ class Gateway:
             methods = self.PUBLIC_METHODS
         elif path == "/internal":
             methods = self.INTERNAL_METHODS
+        elif path == "*":  # OPTIONS * (the framing lets no other method have it): the server
+            return Response(200, headers=[("Allow", "GET, HEAD, POST, OPTIONS")])
         else:
             return Response(404, _error_body(PARSE_ERROR, "not found"))
         if method == "OPTIONS":
@@ -4143,8 +4295,7 @@ class Gateway:
                 return Response(200, headers=[("Access-Control-Allow-Private-Network", "true")])
             return Response(200)
         if method != "POST":
-            return Response(405, _error_body(INVALID_REQUEST, "method not allowed: use POST"),
-                            [("Allow", "POST, OPTIONS")])
+            return _method_not_allowed(method, "POST", "POST, OPTIONS")
 
         header = headers.get("authorization", "")
         auth: Optional[Authorization] = None
@@ -4171,6 +4322,8 @@ class Gateway:
             postponed = self._postpone(auth, body)  # type: ignore[arg-type]
             if postponed is not None:
                 return postponed
+        if parsed is _UNPARSED and path == "/internal":  # a report is read by its previous one
+            parsed = _finish_steps(self.parse_in_steps(body, remote))
         status, response_body = self.dispatch(methods, body, auth, remote, parsed)
         if isinstance(response_body, PendingAnswers):
             # Cluster mode: an awaitable answer (the server awaits it, serving others meanwhile).
@@ -4200,8 +4353,7 @@ class Gateway:
         """GET /health, /ready and /metrics: for load balancers and Prometheus;
         /status and /status.json: for people."""
         if method not in ("GET", "HEAD"):
-            return Response(405, _error_body(INVALID_REQUEST, "method not allowed: use GET"),
-                            [("Allow", "GET, HEAD")])
+            return _method_not_allowed(method, "GET", "GET, HEAD")
         if path == "/health":
             return Response(200, dump_json({"status": "ok"}))
         if path == "/ready":
@@ -4240,6 +4392,18 @@ class Gateway:
                         content_type="text/plain; version=0.0.4; charset=utf-8")
 
 
+def _finish_steps(steps: Generator[None, None, Any]) -> Any:
+    """What a parse in steps returns, all steps taken at once; _UNPARSED if
+    it raises (dispatch then answers the parse error)."""
+    try:
+        while True:
+            next(steps)
+    except StopIteration as done:
+        return done.value
+    except (ValueError, RecursionError):
+        return _UNPARSED
+
+
 def _has_steps(answers: List[dict]) -> bool:
     return any(isinstance(answer.get("result"), ClusterStep) for answer in answers)
 
@@ -4248,8 +4412,14 @@ def _has_steps(answers: List[dict]) -> bool:
 OPERATIONS_PATHS = ("/health", "/ready", "/metrics", "/status", "/status.json")
 
 
-def _connect_room(auth: Authorization) -> Tuple[str, Tuple[str, str]]:
-    """The hash and id of the room a Connect with these claims joins (section 7.3 step 3)."""
+#: Most room hashes a gateway keeps computed (Gateway.room_hashes).
+ROOM_HASH_CACHE = 4096
+
+
+def _connect_room(auth: Authorization, hashes: Optional[Dict[Tuple[str, str], str]] = None
+                  ) -> Tuple[str, Tuple[str, str]]:
+    """The hash and id of the room a Connect with these claims joins (section 7.3
+    step 3); hashes, if given, keeps the hashes computed (bounded)."""
     rid = auth.claims.get("rid")
     namespace = auth.namespace if auth.namespace is not None else auth.licensee.customer_id
     if isinstance(rid, list):
@@ -4260,10 +4430,18 @@ def _connect_room(auth: Authorization) -> Tuple[str, Tuple[str, str]]:
         room_name = rid[-1]
     else:
         room_name = rid
-    try:
-        return room_hash(namespace, room_name), (namespace, room_name)
-    except ValueError as err:
-        raise refused(str(err)) from err
+    room = (namespace, room_name)
+    digest = hashes.get(room) if hashes is not None else None
+    if digest is None:
+        try:
+            digest = room_hash(namespace, room_name)
+        except ValueError as err:
+            raise refused(str(err)) from err
+        if hashes is not None:
+            if len(hashes) >= ROOM_HASH_CACHE:
+                hashes.clear()
+            hashes[room] = digest
+    return digest, room
 
 
 def _calls_method(body: bytes, method: str) -> bool:
@@ -4286,6 +4464,21 @@ def _missing_credentials(basic: bool) -> Response:
     """
     return Response(401, _error_body(PARSE_ERROR, "invalid or missing authorization"),
                     [("WWW-Authenticate", 'Basic realm="odin-gateway"')] if basic else None)
+
+
+#: The methods HTTP defines (RFC 9110 section 9, RFC 5789); methods are case-sensitive.
+HTTP_METHODS = frozenset(("GET", "HEAD", "POST", "PUT", "DELETE", "CONNECT", "OPTIONS", "TRACE",
+                          "PATCH"))
+
+
+def _method_not_allowed(method: str, use: str, allow: str) -> Response:
+    """405 with Allow for a method HTTP defines, 501 for one it does not (RFC 9110
+    sections 9.1 and 15.6.2: "GET" in lower case is such a method)."""
+    if method not in HTTP_METHODS:
+        return Response(501, _error_body(INVALID_REQUEST, "method not implemented: use " + use),
+                        [("Allow", allow)])
+    return Response(405, _error_body(INVALID_REQUEST, "method not allowed: use " + use),
+                    [("Allow", allow)])
 
 
 def _counted(count: int, noun: str) -> str:
@@ -4324,6 +4517,12 @@ CONNECT_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0
 METRIC_PATHS = ("/", "/internal", "/metrics", "/health", "/ready", "/status", "/status.json")
 
 
+#: count_response's key for a target that is exactly one of METRIC_PATHS (read-only).
+_RESPONSE_KEYS = types.MappingProxyType({
+    (path, status): (path, "%dxx" % (status // 100))
+    for path in METRIC_PATHS for status in (200, 204, 400, 401, 403, 404, 405, 413, 500, 503)})
+
+
 class Metrics:
     """Counters the HTTP layer and the RPC methods feed (RPC calls live in Gateway.stats)."""
 
@@ -4336,9 +4535,11 @@ class Metrics:
         self.placed = {tier: 0 for tier in PLACEMENT_TIERS}  # new rooms by placement tier
 
     def count_response(self, target: Optional[str], status: int) -> None:
-        path = (target or "").split("?", 1)[0]
-        key = (path if path in METRIC_PATHS else "other" if target else "invalid",
-               "%dxx" % (status // 100))
+        key = _RESPONSE_KEYS.get((target, status))  # the usual ones, looked up
+        if key is None:
+            path = (target or "").split("?", 1)[0]
+            key = (path if path in METRIC_PATHS else "other" if target else "invalid",
+                   "%dxx" % (status // 100))
         self.responses[key] = self.responses.get(key, 0) + 1
 
     def observe_connect(self, seconds: float) -> None:
@@ -4373,19 +4574,15 @@ def process_start_time() -> Optional[float]:
         return None
 
 
-def _server_state(server: Server) -> str:
-    return "disabled" if server.disabled else "enabled" if server.takes_rooms else "draining"
-
-
-def _servers_by_state(servers: Any, groups_of: Callable[[Server], Any],
+def _servers_by_state(grid: Grid, now: float, groups_of: Callable[[Server], Any],
                       always: Tuple[str, ...] = ("",)) -> List[Tuple[str, Dict[str, int]]]:
     """(group, {state: servers}) for each group (region, pool) a server is in,
     sorted; the groups always (zeros) when there is none."""
     counts: Dict[str, Dict[str, int]] = {}
-    for server in servers:
+    for server in grid.servers.values():
+        state = grid.state(server, now)
         for group in groups_of(server):
             by_state = counts.setdefault(group, {})
-            state = _server_state(server)
             by_state[state] = by_state.get(state, 0) + 1
     if not counts:
         counts = {group: {} for group in always}
@@ -4436,12 +4633,12 @@ def render_metrics(gateway: Gateway) -> str:
            "Media servers by state and region: enabled (taking rooms), draining (serving its "
            "rooms, no new ones), disabled (silent); region \"\" for servers without one.",
            [({"state": state, "region": region}, count)
-            for region, counts in _servers_by_state(grid.servers.values(), lambda s: [s.region or ""])
+            for region, counts in _servers_by_state(grid, now, lambda s: [s.region or ""])
             for state, count in counts.items()])
     family("odin_gateway_pool_servers", "gauge",
            "Media servers of each pool by state (a server may be in several pools).",
            [({"pool": pool, "state": state}, count)
-            for pool, counts in _servers_by_state(grid.servers.values(), lambda s: s.pools, ())
+            for pool, counts in _servers_by_state(grid, now, lambda s: s.pools, ())
             for state, count in counts.items()])
     family("odin_gateway_rooms_placed_total", "counter",
            "New rooms placed, by the tier of the placement rule: in_region (the room's region), "
@@ -4573,9 +4770,8 @@ def _clip(value: Any, limit: int = STATUS_TEXT) -> Any:
 
 
 def _status_state(grid: Grid, server: Server, now: float) -> str:
-    if not grid.answering(server, now):  # silent for disable_timeout: disabled from then on
-        return "disabled"
-    return "taking rooms" if server.takes_rooms else "draining"
+    state = grid.state(server, now)
+    return "taking rooms" if state == "enabled" else state
 
 
 def status_data(gateway: Gateway) -> dict:
@@ -4901,6 +5097,17 @@ _VERSION_RE = re.compile(r"HTTP/(\d)\.(\d)")
 #: it (NUL, TAB, DEL) is a malformed request line, not a path to look up.
 _TARGET_RE = re.compile(r"[\x21-\x7e]+")
 _CONTENT_LENGTH_RE = re.compile(r"[0-9]+")
+#: A request target in absolute-form (RFC 9112 section 3.2.2), as a proxy
+#: would send it: the request is routed by its path (and query), which is
+#: "/" when the URI has none. The authority is not checked against Host.
+_ABSOLUTE_FORM_RE = re.compile(r"[Hh][Tt][Tt][Pp][Ss]?://[^/?#]*([^#]*)")
+#: A Host header's value: uri-host [":" port] (RFC 9110 section 7.2; RFC 3986:
+#: an IP literal in brackets or a reg-name, which may be empty).
+_HOST_RE = re.compile(r"(?:\[[0-9A-Za-z._~!$&'()*+,;=:%-]+\]|[0-9A-Za-z._~!$&'()*+,;=%-]*)"
+                      r"(?::[0-9]*)?")
+#: Empty lines before a request line: ignored (RFC 9112 section 2.2), as a
+#: keep-alive client may send a stray CRLF after a body.
+_EMPTY_LINES_RE = re.compile(rb"(?:\r\n)+")
 #: A chunk size line without its CRLF: the size (as h11: more hex digits than
 #: 2**64 needs is not a size; larger ones get 413), then extensions, unread.
 #: Nothing before the size, and no CR, LF or NUL anywhere in the line.
@@ -4908,6 +5115,7 @@ _CHUNK_LINE_RE = re.compile(rb"([0-9A-Fa-f]{1,20})[ \t]*(?:;[^\r\n\x00]*)?")
 _REASONS = {200: "OK", 204: "No Content", 400: "Bad Request", 401: "Unauthorized",
             403: "Forbidden", 404: "Not Found", 405: "Method Not Allowed",
             408: "Request Timeout", 413: "Content Too Large", 414: "URI Too Long",
+            417: "Expectation Failed",
             431: "Request Header Fields Too Large", 500: "Internal Server Error",
             501: "Not Implemented", 503: "Service Unavailable",
             505: "HTTP Version Not Supported"}
@@ -4958,8 +5166,14 @@ class Request:
         if connection is None:
             self.keep_alive = version >= (1, 1)
         else:
+            # A list of tokens (RFC 9110 section 7.6.1): "close" closes; HTTP/1.0
+            # keeps the connection only when asked with "keep-alive".
             connection = connection.lower()
-            self.keep_alive = "close" not in connection if version >= (1, 1) else "keep-alive" in connection
+            if connection == "keep-alive" or connection == "close":
+                self.keep_alive = connection == "keep-alive"
+            else:
+                tokens = {token.strip(" \t") for token in connection.split(",")}
+                self.keep_alive = "close" not in tokens and (version >= (1, 1) or "keep-alive" in tokens)
 
 
 def parse_request_line(line: bytes) -> Tuple[str, str, Tuple[int, int]]:
@@ -4973,7 +5187,24 @@ def parse_request_line(line: bytes) -> Tuple[str, str, Tuple[int, int]]:
         raise HttpError(400, "malformed request line")
     if match.group(1) != "1":
         raise HttpError(505, "HTTP version not supported: use HTTP/1.1")
+    if target[0] != "/":
+        target = origin_form(method, target)
     return method, target, (1, int(match.group(2)))
+
+
+def origin_form(method: str, target: str) -> str:
+    """The path and query a request target not in origin-form names (RFC 9112
+    section 3.2): an absolute-form target is routed by its path, "*" is only
+    for OPTIONS (the server as a whole); anything else is refused."""
+    absolute = _ABSOLUTE_FORM_RE.fullmatch(target)
+    if absolute is not None:
+        path = absolute.group(1)
+        return path if path.startswith("/") else "/" + path
+    if target == "*" and method == "OPTIONS":
+        return target
+    if method == "CONNECT":  # authority-form: asks for a tunnel, as from a proxy
+        raise HttpError(501, "CONNECT is not supported: this is not a proxy")
+    raise HttpError(400, "malformed request target: %s" % printable(target, 40))
 
 
 def parse_header_line(line: str, headers: Dict[str, str]) -> None:
@@ -5050,10 +5281,17 @@ def body_length(headers: Dict[str, str]) -> Optional[int]:
     """Content-Length as an int, None for a chunked body; HttpError otherwise."""
     encoding = headers.get("transfer-encoding")
     if encoding is not None:
-        if encoding.lower() != "chunked" or "content-length" in headers:
-            raise HttpError(501 if encoding.lower() != "chunked" else 400,
-                            "unsupported Transfer-Encoding: %s" % printable(encoding, 40))
-        return None
+        if "content-length" in headers:  # a smuggling attempt, or a broken proxy
+            raise HttpError(400, "both Transfer-Encoding and Content-Length")
+        if encoding.lower() == "chunked":
+            return None
+        # RFC 9112 section 6.3: a request whose codings do not end in chunked
+        # (once) has no reliable length: 400. A coding we do not know: 501.
+        codings = [coding.strip(" \t").lower() for coding in encoding.split(",")]
+        if codings[-1] != "chunked" or "chunked" in codings[:-1]:
+            raise HttpError(400, "Transfer-Encoding must end in chunked, once: %s"
+                            % printable(encoding, 40))
+        raise HttpError(501, "unsupported Transfer-Encoding: %s" % printable(encoding, 40))
     text = headers.get("content-length", "0")
     if text.isdigit() and text.isascii() and len(text) <= 15:  # [0-9]{1,15}, quickly
         return int(text)
@@ -5133,7 +5371,7 @@ class HttpFraming:
 
     __slots__ = ("limits", "date", "lines", "buffer", "start", "eof", "phase", "scanned",
                  "request", "length", "continue_sent", "chunk_pos", "chunk_left", "chunks",
-                 "in_trailer")
+                 "in_trailer", "host")
 
     def __init__(self, limits: Config, *, date: Optional[Callable[[], bytes]] = None,
                  request_lines: Optional[Dict[bytes, Tuple[str, str, Tuple[int, int]]]] = None):
@@ -5155,6 +5393,7 @@ class HttpFraming:
         self.chunk_left: Optional[int] = None
         self.chunks = bytearray()
         self.in_trailer = False
+        self.host: Optional[str] = None  # the last Host value found well-formed
 
     def feed(self, data: bytes) -> None:
         if self.start >= len(self.buffer):
@@ -5225,12 +5464,16 @@ class HttpFraming:
                     return CLOSED
                 return NEED_DATA
             self.phase = "head"
+            if buffer[start] == 13:  # CR: an empty line, or the start of one
+                return self._skip_empty_lines()
             self._refuse_early(limits)
             if self.eof:
                 raise HttpError(400, "connection closed inside the request")
             self.scanned = max(start, len(buffer) - 3)
             return NEED_DATA
         line_end = buffer.find(b"\r\n", start, end + 2)
+        if line_end == start:
+            return self._skip_empty_lines()
         line = bytes(buffer[start:line_end])
         if len(line) > limits.max_request_line:
             raise HttpError(414, "request line too long (limit %d bytes)" % limits.max_request_line)
@@ -5252,6 +5495,17 @@ class HttpFraming:
             except HttpError as err:
                 err.target = target
                 raise
+        host = headers.get("host")
+        if host is None:
+            if version >= (1, 1):
+                raise HttpError(400, "missing Host header (HTTP/1.1 requires one)", target)
+        elif host != self.host:  # a connection's requests usually name one host: checked once
+            if not _HOST_RE.fullmatch(host):
+                raise HttpError(400, "malformed Host header: %s" % printable(host, 40), target)
+            self.host = host
+        expect = headers.get("expect")
+        if expect is not None and expect.lower() != "100-continue":  # RFC 9110 section 10.1.1
+            raise HttpError(417, "unsupported expectation: %s" % printable(expect, 40), target)
         self.start = self.scanned = end + 4
         self.phase = "body"
         self.request = Request(method, target, version, headers)
@@ -5266,6 +5520,19 @@ class HttpFraming:
             if version < (1, 1):  # its framing is suspect: close after it (RFC 9112 6.1)
                 self.request.keep_alive = False
         return None
+
+    def _skip_empty_lines(self) -> Any:
+        """Drop the empty lines (CRLF) before a request line, then read on (RFC 9112
+        section 2.2: a keep-alive client may send a stray CRLF after a body). The
+        head's deadline runs meanwhile, so they cannot hold a connection open."""
+        skipped = _EMPTY_LINES_RE.match(self.buffer, self.start)
+        if skipped is None:
+            if self.start + 1 == len(self.buffer) and not self.eof:
+                return NEED_DATA  # a CR whose LF is on its way
+            raise HttpError(400, "malformed request line")
+        self.start = skipped.end()
+        self.phase = "head"
+        return self._head()
 
     def body_limit(self, target: str) -> int:
         """Largest body for target: servers' reports to /internal may be far larger
@@ -5397,6 +5664,13 @@ class HttpFraming:
 #                                 by the gateway that accepted the call, before it
 #                                 answers; taken whole, atomically, by the gateway that
 #                                 takes the server's next report; EX remove_timeout.
+#   odin:taken            hash    "<report id>\n<host>" -> the tasks a report took, one
+#                                 JSON entry a line, until its answer is written (then
+#                                 deleted) or not sent (then handed back to the front of
+#                                 odin:tasks:<host>); the entries of a gateway that is no
+#                                 longer a member are handed back by the others.
+#   odin:cancelled:<id>   string  a report whose take was handed back before it ran
+#                                 (its call timed out): it takes nothing; EX remove_timeout.
 #   odin:taskids:<host>   set     ids of the tasks ever queued there: a task sent again
 #                                 after a call that timed out (but may have run) is
 #                                 not queued twice; EX remove_timeout.
@@ -5418,6 +5692,8 @@ CLUSTER_PREFIX = "odin:"
 CLUSTER_BATCH_DELAY = 0.005
 #: Rooms loaded per round trip when the state is loaded.
 CLUSTER_LOAD_BATCH = 1000
+#: Ids of delivered tasks a gateway remembers for a Redis that restarts empty.
+CLUSTER_RECENT_DELIVERIES = 100_000
 
 # Claim a new room unless a live server owns it already: one atomic step.
 # KEYS: odin:room:<hash>, odin:seen, odin:events; ARGV: the claim, the oldest
@@ -5443,6 +5719,53 @@ redis.call('SADD', KEYS[2], ARGV[4])
 redis.call('EXPIRE', KEYS[1], ARGV[3])
 redis.call('EXPIRE', KEYS[2], ARGV[3])
 return 1
+"""
+# Take a server's tasks for a report (report id <member>|<n>), keeping them in
+# odin:taken until the answer is written. KEYS: odin:tasks:<host>, odin:taken,
+# odin:cancelled:<report id>; ARGV: the field "<report id>\n<host>". The tasks.
+_TAKE_SCRIPT = """
+if redis.call('EXISTS', KEYS[3]) == 1 then return {} end
+local tasks = redis.call('LRANGE', KEYS[1], 0, -1)
+if #tasks > 0 then
+  redis.call('DEL', KEYS[1])
+  redis.call('HSET', KEYS[2], ARGV[1], table.concat(tasks, '\\n'))
+end
+return tasks
+"""
+# Tasks taken for a report whose answer was not sent, back to the front of
+# their queue; if the take has not run yet, it never will. KEYS: as _TAKE_SCRIPT;
+# ARGV: the field, the TTL of the cancellation. How many came back.
+_GIVE_BACK_SCRIPT = """
+local taken = redis.call('HGET', KEYS[2], ARGV[1])
+if not taken then
+  redis.call('SET', KEYS[3], '1', 'EX', ARGV[2])
+  return 0
+end
+local entries = {}
+for entry in string.gmatch(taken, '[^\\n]+') do table.insert(entries, entry) end
+for i = #entries, 1, -1 do redis.call('LPUSH', KEYS[1], entries[i]) end
+redis.call('HDEL', KEYS[2], ARGV[1])
+return #entries
+"""
+# The tasks taken by gateways that are no longer members (killed between the
+# take and the answer), back to their queues. KEYS: odin:taken, odin:members;
+# ARGV: the key prefix. How many reports' tasks came back.
+_SWEEP_SCRIPT = """
+local count = 0
+for _, field in ipairs(redis.call('HKEYS', KEYS[1])) do
+  local report, host = string.match(field, '^([^\\n]*)\\n(.*)$')
+  local member = report and string.match(report, '^(.*)|[^|]*$')
+  if member and not redis.call('ZSCORE', KEYS[2], member) then
+    local entries = {}
+    for entry in string.gmatch(redis.call('HGET', KEYS[1], field), '[^\\n]+') do
+      table.insert(entries, entry)
+    end
+    for i = #entries, 1, -1 do redis.call('LPUSH', ARGV[1] .. 'tasks:' .. host, entries[i]) end
+    redis.call('HDEL', KEYS[1], field)
+    count = count + 1
+  end
+end
+return count
 """
 # A heartbeat: this member is alive (Redis time), silent ones are dropped;
 # the members. KEYS: odin:members; ARGV: member id, seconds of silence allowed.
@@ -5470,6 +5793,11 @@ def _aclose(client: Any) -> Any:
     return client.aclose() if hasattr(client, "aclose") else client.close()
 
 
+def _script_in(pipe: Any, script: Any, keys: List[str], args: List[Any]) -> None:
+    """Add a call of a registered script to a pipeline."""
+    pipe.eval(script.script, len(keys), *keys, *args)  # EVAL: no round trip to load it
+
+
 def _claim_record(room: Room) -> dict:
     return {"id": list(room.id), "customer": room.customer, "server": room.server,
             "updated": room.updated}
@@ -5477,6 +5805,18 @@ def _claim_record(room: Room) -> dict:
 
 class _Unreachable(Exception):
     """Redis did not answer within cluster_timeout (or refused the connection)."""
+
+
+class TakenAnswer(Response):
+    """An answer carrying tasks taken from Redis: settle(sent) is called once it is
+    written (sent) or cannot be (its connection is gone), so that the link confirms
+    the take or hands the tasks back."""
+
+    __slots__ = ("settle",)
+
+    def __init__(self, response: Response, settle: Callable[[bool], None]):
+        super().__init__(response.status, response.body, response.headers, response.content_type)
+        self.settle = settle
 
 
 class ClusterLink:
@@ -5507,6 +5847,9 @@ class ClusterLink:
         self._claim = self.redis.register_script(_CLAIM_SCRIPT)
         self._queue = self.redis.register_script(_TASK_SCRIPT)
         self._heartbeat = self.redis.register_script(_HEARTBEAT_SCRIPT)
+        self._take = self.redis.register_script(_TAKE_SCRIPT)
+        self._give_back = self.redis.register_script(_GIVE_BACK_SCRIPT)
+        self._sweep = self.redis.register_script(_SWEEP_SCRIPT)
         self.up = False
         self.loaded = False
         self.members: List[str] = []
@@ -5516,9 +5859,17 @@ class ClusterLink:
         self._serials: Dict[str, asyncio.Lock] = {}  # customer -> its Connects' turn here
         self._sending = asyncio.Lock()  # one batch of placements at a time
         self._task_count = 0
+        self._report_count = 0
+        # Takes of reports' tasks (fields of odin:taken) -> (hostname, whether the
+        # answer was sent; None until it is written or known unsent).
+        self._takes: Dict[str, Tuple[str, Optional[bool]]] = {}
         # Tasks this gateway queued in Redis, until delivered: id -> (hostname, task, since).
         self._undelivered: Dict[str, Tuple[str, dict, float]] = {}
         self._delivered: List[str] = []  # ids of tasks delivered here, to tell the others
+        # Ids of the tasks delivered here lately (-> hostname), told to a Redis that
+        # restarted (_restore_delivered); the requeue waits until then (_requeue_at).
+        self._recent: Dict[str, str] = {}
+        self._requeue_at: Optional[float] = None
         # Tasks whose call timed out while the link stayed up: id -> (hostname, task).
         self._unsure: Dict[str, Tuple[str, dict]] = {}
         self._redis_run: Optional[str] = None  # Redis's run_id: it changes when Redis restarts
@@ -5611,7 +5962,10 @@ class ClusterLink:
         if not self.up:
             await self._resync()
         else:
+            await self._settle_takes()
             await self._push_held_tasks()
+            await self._call(self._sweep(keys=[self.key("taken"), self.key("members")],
+                                         args=[CLUSTER_PREFIX]))
 
     async def _resync(self) -> None:
         """Subscribe, flush what was held while Redis was down, load the shared state."""
@@ -5657,6 +6011,7 @@ class ClusterLink:
         empty, or this gateway served alone meanwhile): newer server records, room
         claims nobody else made, and the admin tasks held here."""
         grid, config = self.gateway.grid, self.gateway.config
+        await self._settle_takes()
         stored = await self._call(self.redis.hgetall(self.key("servers")))
         pipe = self.redis.pipeline(transaction=False)
         for hostname, server in grid.servers.items():
@@ -5673,34 +6028,43 @@ class ClusterLink:
         await self._call(pipe.execute())
         run = (await self._call(self.redis.info("server")))["run_id"]
         if self._redis_run is not None and run != self._redis_run:
-            await self._requeue_lost_tasks()
+            # A new Redis: what it lost is queued again, once every gateway had a
+            # heartbeat's time to say which tasks it delivered (so those are not).
+            await self._restore_delivered()
+            self._requeue_at = self.gateway.clock() + 2 * config.cluster_heartbeat
         self._redis_run = run
         await self._push_held_tasks()
 
     async def _push_held_tasks(self) -> None:
         """Move the admin tasks held here (accepted while Redis did not answer) to Redis,
-        where any gateway can deliver them. Each leaves the local queue before it is sent,
-        so that a report answered meanwhile cannot deliver it twice. A task whose call
-        timed out goes again under its id: queued once, whether or not the first ran."""
-        for task_id, (hostname, task) in list(self._unsure.items()):
-            outcome = await self._push_task(hostname, task_id, task)
+        where any gateway can deliver them, in one round trip. Each gets its id and leaves
+        the local queue before it is sent, so that a report answered here cannot deliver
+        it too; a task whose call failed (it may have reached Redis) goes again under its
+        id: queued once, whether or not the first ran. A task Redis finds no room for
+        stays held here."""
+        waiting = self._requeue_at is not None and self.gateway.clock() < self._requeue_at
+        if self._requeue_at is not None and not waiting:
+            self._requeue_at = None
+            await self._requeue_lost_tasks()
+        grid = self.gateway.grid
+        fresh = {}  # never sent: these need not wait for _requeue_at
+        for server in grid.servers.values():
+            for task in server.tasks:
+                fresh[self._new_task_id()] = (server.hostname, task)
+            server.tasks.clear()
+        self._unsure.update(fresh)
+        pushing = list((fresh if waiting else self._unsure).items())
+        if not pushing:
+            return
+        outcomes = await self._push_tasks([(host, task_id, task) for task_id, (host, task) in pushing])
+        for (task_id, (hostname, task)), outcome in zip(pushing, outcomes):
             del self._unsure[task_id]
-            held = self.gateway.grid.servers.get(hostname)
+            held = grid.servers.get(hostname)
             if outcome == "full" and held is not None:
-                held.tasks.append(task)  # not in Redis: held here like the others
-        for server in list(self.gateway.grid.servers.values()):
-            while server.tasks:
-                task = server.tasks.pop(0)
-                try:
-                    outcome = await self._push_task(server.hostname, self._new_task_id(), task)
-                except _Unreachable:
-                    server.tasks.insert(0, task)
-                    raise
-                if outcome == "full":
-                    server.tasks.insert(0, task)
-                    log.warning("cluster: task queue of %s is full in Redis; %d held tasks stay "
-                                "here", printable(server.hostname), len(server.tasks))
-                    break
+                held.tasks.append(task)
+        if "full" in outcomes:
+            log.warning("cluster: task queues full in Redis; %d held tasks stay here",
+                        outcomes.count("full"))
 
     async def _load(self) -> None:
         """Apply the shared state to the replica: servers, drains, future usage, rooms."""
@@ -5848,7 +6212,11 @@ class ClusterLink:
                 "drain", hostname=hostname, draining=draining))
         if delivered:
             pipe.publish(self.key("events"), self._event("delivered", ids=delivered))
-        await self._call(pipe.execute())
+        try:
+            await self._call(pipe.execute())
+        except _Unreachable:
+            self._delivered[:0] = delivered  # the others must hear of them: next batch
+            raise
 
     # -- steps: what must be in Redis before an answer ------------------------
 
@@ -5859,10 +6227,13 @@ class ClusterLink:
             return None  # held: written when Redis is back (_flush_held)
         grid = self.gateway.grid
 
-        def finish(tasks: Optional[List[dict]]) -> dict:
+        def finish(taken: Optional[Tuple[str, List[dict]]]) -> dict:
             if not answered:
                 return {"tasks": []}
-            return {"tasks": grid.take_tasks(server) + (tasks or [])}
+            tasks = grid.take_tasks(server)
+            if taken is not None:
+                tasks += taken[1]
+            return {"tasks": tasks}
 
         return ClusterStep("report", (server, gone, answered), finish)
 
@@ -5872,9 +6243,9 @@ class ClusterLink:
                 "report": server.report_json(), "first_seen": server.first_seen,
                 "last_seen": server.last_seen}
 
-    def _store_report(self, server: Server, gone: set, take_tasks: bool) -> Any:
+    def _store_report(self, server: Server, gone: set, take: Optional[str]) -> Any:
         """A transaction that stores a server's report, refreshes its rooms' claims,
-        clears its future usage and (take_tasks) takes its queued tasks."""
+        clears its future usage and (take: a field of odin:taken) takes its queued tasks."""
         grid, config = self.gateway.grid, self.gateway.config
         hostname = server.hostname
         record = self._server_record(server)
@@ -5890,22 +6261,55 @@ class ClusterLink:
         for digest in gone:
             pipe.delete(self.key("room", digest))
         pipe.publish(self.key("events"), self._event("report", record=record))
-        if take_tasks:
-            pipe.lrange(self.key("tasks", hostname), 0, -1)
-            pipe.delete(self.key("tasks", hostname))
+        if take is not None:
+            _script_in(pipe, self._take, self._take_keys(take), [take])
         return pipe
+
+    def _take_keys(self, field: str) -> List[str]:
+        report_id, hostname = field.split("\n", 1)
+        return [self.key("tasks", hostname), self.key("taken"), self.key("cancelled", report_id)]
 
     async def complete(self, pending: PendingAnswers) -> Response:
         """Do the answers' steps (together, each under the deadline) and finish them."""
         steps = [answer["result"] for answer in pending.answers
                  if isinstance(answer.get("result"), ClusterStep)]
-        results = await asyncio.gather(*(self._settle(step) for step in steps),
+        takes: List[str] = []  # the reports' takes, settled once the answer is written
+        results = await asyncio.gather(*(self._settle(step, takes) for step in steps),
                                        return_exceptions=True)
-        return self.gateway.finish_steps(pending, list(results))
+        response = self.gateway.finish_steps(pending, list(results))
+        if not takes:
+            return response
+        return TakenAnswer(response, functools.partial(self._answered, takes))
 
-    async def _settle(self, step: ClusterStep) -> Any:
+    def _answered(self, takes: List[str], sent: bool) -> None:
+        """The answer with these takes' tasks was written (sent) or not: confirm them
+        in Redis, or hand them back (now, or at the next heartbeat if this fails)."""
+        for field in takes:
+            self._takes[field] = (self._takes[field][0], sent)
+        asyncio.ensure_future(self._settle_takes())
+
+    async def _settle_takes(self) -> None:
+        """Confirm the takes whose answers were written; hand the others back."""
+        fields = [field for field, (_host, sent) in self._takes.items() if sent is not None]
+        if not fields or not self.up:
+            return
+        pipe = self.redis.pipeline(transaction=False)
+        for field in fields:
+            hostname, sent = self._takes[field]
+            if sent:
+                pipe.hdel(self.key("taken"), field)
+            else:
+                _script_in(pipe, self._give_back, self._take_keys(field),
+                           [field, int(self.gateway.config.remove_timeout)])
+        with contextlib.suppress(_Unreachable):
+            await self._call(pipe.execute())
+            for field in fields:
+                self._takes.pop(field, None)
+
+    async def _settle(self, step: ClusterStep, takes: List[str]) -> Any:
         """Perform a step and finish it, and the steps its finish returns; a serial
-        step holds its lock until its placements are published."""
+        step holds its lock until its placements are published. (takes: where a
+        report's take of tasks is noted.)"""
         lock = None
         if step.serial is not None:
             lock = self._serials.setdefault(step.serial, asyncio.Lock())
@@ -5913,7 +6317,10 @@ class ClusterLink:
         try:
             result: Any = step
             while isinstance(result, ClusterStep):
-                result = result.finish(await self._perform(result))
+                if result.operation == "report":
+                    result = result.finish(await self._perform_report(*result.args, takes))
+                else:
+                    result = result.finish(await self._perform(result))
             if lock is not None:
                 with contextlib.suppress(_Unreachable):  # then the others learn it at the next report
                     await self._send_placed()
@@ -5972,10 +6379,9 @@ class ClusterLink:
         try:
             return await self._push_task(hostname, task_id, task)
         except _Unreachable:
-            if not self.up:
-                raise
-            # Slow, not down: Redis may still run the call. Sent again under the same
-            # id at the next heartbeat (queued once), never delivered from here.
+            # Redis may have run the call (slow, or the connection broke after it was
+            # sent): sent again under the same id once Redis answers (queued once),
+            # never delivered from here.
             self._unsure[task_id] = (hostname, task)
             return "queued"
 
@@ -5984,17 +6390,38 @@ class ClusterLink:
         return "%s:%d" % (self.member, self._task_count)
 
     async def _push_task(self, hostname: str, task_id: str, task: dict) -> str:
-        """Queue a task in Redis ("queued", or "full"); kept here too until a gateway
-        says it delivered it, so a Redis that restarts empty gets it again."""
+        return (await self._push_tasks([(hostname, task_id, task)]))[0]
+
+    async def _push_tasks(self, items: List[Tuple[str, str, dict]]) -> List[str]:
+        """Queue tasks (hostname, id, task) in Redis in one round trip: each "queued"
+        (now, or before under its id) or "full". Kept here too until a gateway says it
+        delivered it, so a Redis that restarts empty gets it again."""
         config = self.gateway.config
-        entry = _compact_json({"id": task_id, "task": task})
-        queued = await self._call(self._queue(
-            keys=[self.key("tasks", hostname), self.key("taskids", hostname)],
-            args=[entry, config.max_queued_tasks, int(config.remove_timeout), task_id]))
-        if not queued:
-            return "full"
-        self._undelivered[task_id] = (hostname, task, self.gateway.clock())
-        return "queued"
+        pipe = self.redis.pipeline(transaction=False)
+        for hostname, task_id, task in items:
+            _script_in(pipe, self._queue, [self.key("tasks", hostname), self.key("taskids", hostname)],
+                       [_compact_json({"id": task_id, "task": task}), config.max_queued_tasks,
+                        int(config.remove_timeout), task_id])
+        results = await self._call(pipe.execute())
+        now = self.gateway.clock()
+        for (hostname, task_id, task), queued in zip(items, results):
+            if queued:
+                self._undelivered[task_id] = (hostname, task, now)
+        return ["queued" if queued else "full" for queued in results]
+
+    async def _restore_delivered(self) -> None:
+        """Tell a new Redis the ids of the tasks delivered here lately, so that the gateway
+        that accepted one does not queue it again (the task script skips known ids)."""
+        by_host: Dict[str, List[str]] = {}
+        for task_id, hostname in self._recent.items():
+            by_host.setdefault(hostname, []).append(task_id)
+        if not by_host:
+            return
+        pipe = self.redis.pipeline(transaction=False)
+        for hostname, ids in by_host.items():
+            pipe.sadd(self.key("taskids", hostname), *ids)
+            pipe.expire(self.key("taskids", hostname), int(self.gateway.config.remove_timeout))
+        await self._call(pipe.execute())
 
     async def _requeue_lost_tasks(self) -> None:
         """After Redis restarted: queue again the tasks accepted here that it lost."""
@@ -6002,26 +6429,52 @@ class ClusterLink:
         for task_id, (_host, _task, since) in list(self._undelivered.items()):
             if now - since >= config.remove_timeout:  # its server is forgotten by now
                 del self._undelivered[task_id]
-        for hostname in sorted({host for host, _task, _since in self._undelivered.values()}):
-            present = {load_json(raw)["id"] for raw in await self._call(
-                self.redis.lrange(self.key("tasks", hostname), 0, -1))}
-            for task_id, (host, task, _since) in list(self._undelivered.items()):
-                if host == hostname and task_id not in present:
-                    await self._push_task(hostname, task_id, task)
+        hosts = sorted({host for host, _task, _since in self._undelivered.values()})
+        if not hosts:
+            return
+        pipe = self.redis.pipeline(transaction=False)
+        for hostname in hosts:
+            pipe.lrange(self.key("tasks", hostname), 0, -1)
+        present = {load_json(raw)["id"] for entries in await self._call(pipe.execute())
+                   for raw in entries}
+        lost = [(host, task_id, task) for task_id, (host, task, _since) in self._undelivered.items()
+                if task_id not in present]
+        if lost:
+            await self._push_tasks(lost)
 
-    async def _perform_report(self, server: Server, gone: set, answered: bool) -> Optional[List[dict]]:
+    async def _perform_report(self, server: Server, gone: set, answered: bool,
+                              takes: List[str]) -> Optional[Tuple[str, List[dict]]]:
+        """The report stored in Redis, and (answered) the tasks it took, kept in
+        odin:taken until the answer is written; None if Redis did not answer in time
+        (then a take that may still run is handed back)."""
         if not self.up:
-            raise _Unreachable("down")
-        results = await self._call(self._store_report(server, gone, answered).execute())
-        if not answered:
-            return []
-        entries = [load_json(raw) for raw in results[-2]]
+            return None
+        take = None
+        if answered:
+            self._report_count += 1
+            take = "%s|%d\n%s" % (self.member, self._report_count, server.hostname)
+        try:
+            results = await self._call(self._store_report(server, gone, take).execute())
+        except _Unreachable:
+            if take is not None:  # the take may still run: hand it back, not on this request's time
+                self._takes[take] = (server.hostname, False)
+                asyncio.ensure_future(self._settle_takes())
+            return None
+        if take is None:
+            return None
+        entries = [load_json(raw) for raw in results[-1]]
+        if entries:
+            self._takes[take] = (server.hostname, None)
+            takes.append(take)
         if entries:  # delivered: the gateways that accepted them may forget them
             for entry in entries:
                 self._undelivered.pop(entry["id"], None)
+                self._recent[entry["id"]] = server.hostname
+            while len(self._recent) > CLUSTER_RECENT_DELIVERIES:
+                del self._recent[next(iter(self._recent))]
             self._delivered.extend(entry["id"] for entry in entries)
             self._wake.set()
-        return [entry["task"] for entry in entries]
+        return take, [entry["task"] for entry in entries]
 
     def drained(self, hostname: str, draining: bool) -> None:
         """An operator drained (or undrained) a server here: tell the others."""
@@ -6505,13 +6958,18 @@ class Connection(asyncio.Protocol):
     def _respond_later(self, request: Request, future: "asyncio.Future[Response]") -> None:
         """An answer that was awaited (other connections were served meanwhile)."""
         self.waiting = False
-        if self.transport is None:
-            return
         try:
             response = future.result()
         except Exception:  # a bug: answer, log once, keep the process serving
             response = _internal_error(request)
+        settle = getattr(response, "settle", None)  # a TakenAnswer: tasks taken from Redis
+        if self.transport is None:
+            if settle is not None:
+                settle(False)
+            return
         self._answer(request, response)
+        if settle is not None:
+            settle(True)
         if not (self.closing or self.writing_paused or self.pending is not None):
             self._unblock()
 
@@ -6915,7 +7373,7 @@ class GatewayServer:
             self.collector_paused = True
         self.big_reports += 1
         try:
-            steps = load_json_in_steps(request.body)
+            steps = self.gateway.parse_in_steps(request.body, remote)
             parsed: Any = _UNPARSED  # unparseable: handle_request answers the parse error
             try:
                 while True:

@@ -711,6 +711,29 @@ def test_connect_answers_are_written_exactly_as_dump_json_writes_them():
     assert og.answer_json(error) == og.dump_json(error)
 
 
+def test_room_hashes_kept_by_connect_are_the_hashes_room_hash_computes():
+    # Connect keeps the hashes it computed (Gateway.room_hashes): the same
+    # answer or refusal as computing them anew, for any room name.
+    hashes = {}
+    names = ODD_STRINGS + ["x" * 256, "{" + "y" * 300 + "}z", "match{42}red", "match{42}blue"]
+    for namespace in ("custom-ns", "caf\u00e9", "\ud800", "n" * 256):
+        for rid in names + [[name] for name in names] + [["lobby", "{1}a"], []]:
+            auth = og.Authorization(og.Licensee("odinref"), namespace, {"rid": rid})
+            for _ in range(2):  # computed, then kept
+                try:
+                    expected = og._connect_room(auth)
+                except og.RpcError as err:
+                    with pytest.raises(og.RpcError) as kept:
+                        og._connect_room(auth, hashes)
+                    assert (kept.value.code, str(kept.value)) == (err.code, str(err))
+                else:
+                    assert og._connect_room(auth, hashes) == expected
+    assert 0 < len(hashes) <= og.ROOM_HASH_CACHE
+    many = {("n", "room-%d" % i): "h" for i in range(og.ROOM_HASH_CACHE)}
+    og._connect_room(og.Authorization(og.Licensee("c"), "n", {"rid": "new"}), many)
+    assert len(many) == 1  # full: emptied, then the new one kept
+
+
 def test_room_token_lifetime_follows_config():
     gw = make_gateway(login_token_lifetime=60)
     report(gw, SFU1)
@@ -1337,14 +1360,118 @@ def test_a_malformed_big_report_is_refused_as_json_refuses_it(damage, monkeypatc
     assert isinstance(_steps(broken)[0], ValueError)
 
 
+def _read_and_loaded(gw, body):
+    """(what Gateway.parse_in_steps makes of body, what load_json makes of it,
+    whether the first read the rooms from the text), each a repr: ValueError,
+    or the value with report rooms as columns."""
+    read = []
+
+    def shown(parse):
+        try:
+            value = parse()
+        except ValueError:
+            return "ValueError"
+        params = value.get("params") if isinstance(value, dict) else None
+        rooms = params.get("rooms") if isinstance(params, dict) else None
+        if isinstance(rooms, og.RoomsText):
+            read.append(True)
+            params["rooms"] = ("columns", rooms.columns)
+        elif isinstance(rooms, list) and og.room_columns(rooms) is not None:
+            params["rooms"] = ("columns", og.room_columns(rooms))
+        return repr(value)  # repr: 1 and 1.0, lists and tuples differ
+    return (shown(lambda: _finished(gw.parse_in_steps(body, "127.0.0.1"))), shown(lambda: og.load_json(body)),
+            bool(read))
+
+
+def _finished(steps):
+    try:
+        while True:
+            next(steps)
+    except StopIteration as done:
+        return done.value
+
+
+def _aged_rooms(count, seconds=60, prefix="r"):
+    return [dict(room("ns", "%s%d" % (prefix, i), "c", i % 4), age={"secs": seconds + i, "nanos": 7 * i})
+            for i in range(count)]
+
+
+def test_a_repeated_report_is_read_from_its_text_by_the_previous_one(monkeypatch):
+    clock = Clock()
+    gw = make_gateway(clock)
+    report(gw, SFU1, rooms=_aged_rooms(50))
+    first = gw.grid.servers[SFU1].rooms_text
+    assert first is not None and len(first.seams[0]) == 49
+    clock.advance(5)
+    rooms = _aged_rooms(50, seconds=65)
+    rooms[10]["peers"] = 9  # one seam changed: only it is matched against the grammar
+    matched = []
+    original = og._SEAM
+
+    class Watched:
+        def fullmatch(self, text):
+            matched.append(text)
+            return original.fullmatch(text)
+    monkeypatch.setattr(og, "_SEAM", Watched())
+    report(gw, SFU1, rooms=rooms)
+    assert matched == [', "peers": 9}, {"id": ["ns", "r11"], "customer": "c", ']
+    server = gw.grid.servers[SFU1]
+    assert server.report_json()["rooms"] == rooms and server.usage == {"c": [sum(r["peers"] for r in rooms), 50]}
+    assert all(gw.grid.rooms[og.room_hash("ns", "r%d" % i)].updated == clock.now for i in range(50))
+
+
+#: What one byte of a valid report is replaced by (or preceded by) in the tests below.
+HOSTILE_BYTES = [b'"', b"\\", b" ", b"\n", b"\t", b"\r", b"\x00", b"\x1f", b"\x7f", b"x", b"0", b"9", b"-",
+                 b".", b"e", b"E", b"+", b",", b"{", b"}", b"[", b"]", b":", b"", "\u00e9".encode(),
+                 "\u2028".encode(), "\U0001f600".encode(), b"\xff", b"\\u0041", b"\\\"", b"1e400", b"NaN",
+                 b"-Infinity", b"01", b"1.0", b"1e2", b"123456789012345678", b"1234567890123456789",
+                 b'"age": {"secs": 1, "nanos": 2}, ', b'"peers": 3, ', b'"id": ["a", "b"], ', b"null"]
+
+
+@pytest.mark.parametrize("separators", [(", ", ": "), (",", ":")])
+def test_a_report_one_byte_off_is_read_as_json_reads_it(separators):
+    """Every byte of a report already read, replaced by (and preceded by) each
+    hostile byte: the text reading refuses exactly what json.loads refuses and
+    reads the rest as it does."""
+    gw = make_gateway()
+    body = _report_body(_aged_rooms(2), separators=separators)
+    assert gw.handle_http("POST", "/internal", {}, body, "127.0.0.1").status == 200
+    assert gw.grid.servers[SFU1].rooms_text is not None  # its seams are known now
+    read = 0
+    for position in range(len(body)):
+        for hostile in HOSTILE_BYTES:
+            for mutant in (body[:position] + hostile + body[position + 1:], body[:position] + hostile + body[position:]):
+                fast, slow, from_text = _read_and_loaded(gw, mutant)
+                assert fast == slow, mutant
+                read += from_text
+    assert read > 1000, read  # many were read from the text, not only refused
+
+
+@pytest.mark.parametrize("hostile", HOSTILE_BYTES)
+def test_a_report_off_by_one_byte_in_every_room_is_read_as_json_reads_it(hostile):
+    gw = make_gateway()
+    rooms = _aged_rooms(40)
+    body = _report_body(rooms, separators=(", ", ": "))
+    assert gw.handle_http("POST", "/internal", {}, body, "127.0.0.1").status == 200
+    start = body.index(b'{"id"')
+    size = body.index(b'{"id"', start + 1) - start  # the rooms differ in length by a digit at most
+    for offset in range(0, size, 3):
+        mutant = bytearray(body)
+        for index in reversed(range(len(rooms))):  # the same byte of every room
+            place = body.index(b'{"id": ["ns", "r%d"]' % index) + offset
+            mutant[place:place + 1] = hostile
+        fast, slow, _ = _read_and_loaded(gw, bytes(mutant))
+        assert fast == slow, bytes(mutant)
+
+
 def test_a_big_report_lets_other_requests_run_while_it_is_parsed(monkeypatch):
     monkeypatch.setattr(og, "JSON_STEP_CHARS", 1000)
     original, others_ran = og.load_json_in_steps, []
 
-    def watched(data):
+    def watched(data, *rest):
         ran = []
         asyncio.get_running_loop().call_soon(ran.append, True)  # runs only if the parse yields
-        value = yield from original(data)
+        value = yield from original(data, *rest)
         others_ran.append(bool(ran))
         return value
     monkeypatch.setattr(og, "load_json_in_steps", watched)
@@ -1359,9 +1486,9 @@ def test_only_a_report_admitted_to_internal_is_parsed_in_steps(monkeypatch):
     parsed_in_steps = []
     original = og.load_json_in_steps
 
-    def watched(data):
+    def watched(data, *rest):
         parsed_in_steps.append(len(data))
-        return (yield from original(data))
+        return (yield from original(data, *rest))
     monkeypatch.setattr(og, "load_json_in_steps", watched)
     gw = make_gateway(internal_users={"sfu": "pass:word"})
     body = _report_body([room("ns", "r%d" % i, "c") for i in range(200)])
@@ -1627,7 +1754,7 @@ def test_warmup_setting_is_validated():
 
 def _send_connect(port, room_id="lobby"):
     sock = socket.create_connection(("127.0.0.1", port), timeout=5)
-    sock.sendall(b"POST / HTTP/1.1\r\nConnection: close\r\nAuthorization: Bearer %s\r\n"
+    sock.sendall(b"POST / HTTP/1.1\r\nHost: x\r\nConnection: close\r\nAuthorization: Bearer %s\r\n"
                  b"Content-Length: %d\r\n\r\n%s" % (token(room_id=room_id).encode(),
                                                    len(CONNECT_BODY), CONNECT_BODY))
     return sock
@@ -2162,6 +2289,15 @@ def test_other_methods_are_405_with_allow(method):
     assert response.status == 405 and ("Allow", "POST, OPTIONS") in response.headers
 
 
+@pytest.mark.parametrize("method, path, allow", [
+    ("FOO", "/", "POST, OPTIONS"), ("get", "/health", "GET, HEAD"), ("BREW", "/internal", "POST, OPTIONS")])
+def test_methods_http_does_not_define_are_501(method, path, allow):
+    # RFC 9110 section 9.1: unknown methods are not implemented (405 is for known ones).
+    response = make_gateway().handle_http(method, path, {}, b"")
+    assert response.status == 501 and ("Allow", allow) in response.headers
+    assert response.json()["error"]["message"].startswith("method not implemented: use ")
+
+
 def test_query_strings_are_ignored():
     assert post(make_gateway(), {"jsonrpc": "2.0", "method": "Info", "id": 1}, path="/internal?x=1")[0] == 200
 
@@ -2264,7 +2400,7 @@ def feed(framing_state, data):
 
 def test_framing_reads_pipelined_requests_with_and_without_bodies():
     state = framing()
-    state.feed(b"POST /internal HTTP/1.1\r\nContent-Length: 2\r\n\r\n{}"
+    state.feed(b"POST /internal HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\n\r\n{}"
                b"GET /health HTTP/1.1\r\nHost: x\r\n\r\nPOST / HT")
     first, second = state.next_event(), state.next_event()
     assert (first.method, first.target, first.body, first.keep_alive) == ("POST", "/internal", b"{}", True)
@@ -2273,8 +2409,8 @@ def test_framing_reads_pipelined_requests_with_and_without_bodies():
 
 
 @pytest.mark.parametrize("head, keep_alive", [
-    (b"GET / HTTP/1.1\r\n", True),
-    (b"GET / HTTP/1.1\r\nConnection: close\r\n", False),
+    (b"GET / HTTP/1.1\r\nHost: x\r\n", True),
+    (b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n", False),
     (b"GET / HTTP/1.0\r\n", False),
     (b"GET / HTTP/1.0\r\nConnection: keep-alive\r\n", True),
 ])
@@ -2293,19 +2429,19 @@ def test_framing_decides_keep_alive(head, keep_alive):
 
 def test_framing_answers_head_without_the_body():
     state = framing()
-    data = state.answer(feed(state, b"HEAD /health HTTP/1.1\r\n\r\n"), og.Response(200, b'{"a":1}'))
+    data = state.answer(feed(state, b"HEAD /health HTTP/1.1\r\nHost: x\r\n\r\n"), og.Response(200, b'{"a":1}'))
     head, _, body = data.partition(b"\r\n\r\n")
     assert b"Content-Length: 7" in head and body == b""
 
 
 def test_framing_asks_for_the_body_with_100_continue_once():
     state = framing()
-    assert feed(state, b"POST /internal HTTP/1.1\r\nExpect: 100-continue\r\n"
+    assert feed(state, b"POST /internal HTTP/1.1\r\nHost: x\r\nExpect: 100-continue\r\n"
                        b"Content-Length: 2\r\n\r\n") is og.CONTINUE
     assert state.next_event() is og.NEED_DATA and state.phase == "body"
     assert feed(state, b"{}").body == b"{}"
     whole = framing()  # the body came with the head: nothing to ask for
-    assert feed(whole, b"POST / HTTP/1.1\r\nExpect: 100-continue\r\nContent-Length: 2\r\n\r\n{}").body == b"{}"
+    assert feed(whole, b"POST / HTTP/1.1\r\nHost: x\r\nExpect: 100-continue\r\nContent-Length: 2\r\n\r\n{}").body == b"{}"
 
 
 def test_an_http_1_0_expectation_of_100_continue_is_ignored():
@@ -2323,8 +2459,8 @@ def test_an_http_1_0_request_with_transfer_encoding_closes_the_connection():
 
 
 def test_framing_reads_chunked_bodies_in_any_pieces():
-    data = (b"POST /internal HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n"
-            b"3\r\nabc\r\n2;ext=1\r\nde\r\n0\r\nTrailer: x\r\n\r\nGET / HTTP/1.1\r\n\r\n")
+    data = (b"POST /internal HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n"
+            b"3\r\nabc\r\n2;ext=1\r\nde\r\n0\r\nTrailer: x\r\n\r\nGET / HTTP/1.1\r\nHost: x\r\n\r\n")
     for pieces in (1, 7, len(data)):
         events = frame(data, pieces)
         assert [e.body for e in events] == [b"abcde", b""]
@@ -2333,7 +2469,7 @@ def test_framing_reads_chunked_bodies_in_any_pieces():
 @pytest.mark.parametrize("line", [b"\t2", b" 2", b"2\r;x", b"\x0b2", b"2\x0c", b"2;a\x00", b"0x2", b"2 x"])
 def test_a_chunk_size_line_is_a_size_then_extensions(line):
     # As h11: it was stripped of any whitespace (a bare CR included) and read.
-    data = b"POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n%s\r\n{}\r\n0\r\n\r\n" % line
+    data = b"POST / HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n%s\r\n{}\r\n0\r\n\r\n" % line
     (event,) = frame(data)
     assert (event.status, event.message) == (400, "malformed chunk size")
 
@@ -2342,7 +2478,7 @@ def test_a_chunk_size_line_is_a_size_then_extensions(line):
                                      b"T: a\x00b"])
 def test_a_trailer_line_must_be_a_field_line(trailer):
     # As h11 (RFC 9112 section 7.1.2): it was dropped unread, whatever it held.
-    data = (b"POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n2\r\n{}\r\n0\r\n"
+    data = (b"POST / HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n2\r\n{}\r\n0\r\n"
             b"T: 1\r\n%s\r\nHost: x\r\n\r\n" % trailer)
     for pieces in (1, len(data)):
         (event,) = frame(data, pieces)
@@ -2350,18 +2486,18 @@ def test_a_trailer_line_must_be_a_field_line(trailer):
 
 
 @pytest.mark.parametrize("data, settings, status", [
-    (b"POST / HTTP/1.1\r\nContent-Length: 11\r\n\r\n", {"max_body_bytes": 10}, 413),
-    (b"POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n8\r\n", {"max_body_bytes": 7}, 413),
-    (b"POST /internal HTTP/1.1\r\nContent-Length: 11\r\n\r\n", {"max_internal_body_bytes": 10}, 413),
+    (b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 11\r\n\r\n", {"max_body_bytes": 10}, 413),
+    (b"POST / HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n8\r\n", {"max_body_bytes": 7}, 413),
+    (b"POST /internal HTTP/1.1\r\nHost: x\r\nContent-Length: 11\r\n\r\n", {"max_internal_body_bytes": 10}, 413),
     # Sizes too large to be read as numbers are still sizes: 413, not 400.
-    (b"POST / HTTP/1.1\r\nContent-Length: 99999999999999999999999\r\n\r\n", {}, 413),
-    (b"POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\nffffffffffffffff\r\n", {}, 413),
-    (b"POST / HTTP/1.1\r\nX: " + b"y" * 100 + b"\r\n\r\n", {"max_head_bytes": 64}, 431),
-    (b"POST / HTTP/1.1\r\nX: " + b"y" * 100, {"max_head_bytes": 64}, 431),
-    (b"POST / HTTP/1.1\r\nA: 1\r\nB: 2\r\n\r\n", {"max_headers": 1}, 431),
-    (b"POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n1;" + b"x" * 20 + b"\r\n",
+    (b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 99999999999999999999999\r\n\r\n", {}, 413),
+    (b"POST / HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\nffffffffffffffff\r\n", {}, 413),
+    (b"POST / HTTP/1.1\r\nHost: x\r\nX: " + b"y" * 100 + b"\r\n\r\n", {"max_head_bytes": 64}, 431),
+    (b"POST / HTTP/1.1\r\nHost: x\r\nX: " + b"y" * 100, {"max_head_bytes": 64}, 431),
+    (b"POST / HTTP/1.1\r\nHost: x\r\nA: 1\r\nB: 2\r\n\r\n", {"max_headers": 1}, 431),
+    (b"POST / HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n1;" + b"x" * 20 + b"\r\n",
      {"max_chunk_line": 10}, 400),
-    (b"POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n0\r\nT: " + b"y" * 100,
+    (b"POST / HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n0\r\nT: " + b"y" * 100,
      {"max_head_bytes": 64}, 431),
 ])
 def test_framing_limits_get_their_status(data, settings, status):
@@ -2372,13 +2508,13 @@ def test_framing_limits_get_their_status(data, settings, status):
 def test_sizes_with_leading_zeros_are_read():
     for head in (b"Content-Length: 0000000000000000002\r\n\r\n{}",
                  b"Transfer-Encoding: chunked\r\n\r\n00000000000002\r\n{}\r\n0\r\n\r\n"):
-        assert feed(framing(), b"POST / HTTP/1.1\r\n" + head).body == b"{}"
+        assert feed(framing(), b"POST / HTTP/1.1\r\nHost: x\r\n" + head).body == b"{}"
 
 
 def test_a_report_may_be_larger_than_a_client_body():
     body = b"x" * 2000
     state = framing(max_body_bytes=1000)
-    assert feed(state, b"POST /internal HTTP/1.1\r\nContent-Length: 2000\r\n\r\n" + body).body == body
+    assert feed(state, b"POST /internal HTTP/1.1\r\nHost: x\r\nContent-Length: 2000\r\n\r\n" + body).body == body
 
 
 @pytest.mark.parametrize("data", [
@@ -2386,7 +2522,8 @@ def test_a_report_may_be_larger_than_a_client_body():
     b"\x00",
     b" GET / HTTP/1.1",
     b"GE\x7fT",
-    b"\r\n",
+    b"\r\n\x16\x03",  # empty lines before a request line are skipped; not what follows
+    b"\r\n\n",
 ])
 def test_bytes_that_cannot_start_a_request_are_refused_at_once(data):
     # Not after read_timeout with a 408: no more bytes could make them a request.
@@ -2399,9 +2536,9 @@ def test_bytes_that_cannot_start_a_request_are_refused_at_once(data):
     b"GET /health HTTP/1.1\n\n",  # bare LF throughout (printf | nc): no CRLF CRLF ever comes
     b"GET /health HTTP/1.1\r\nHost: x\n\n",
     b"GET /health HTTP/1.1\rHost: x\r\r",  # bare CR
-    b"GET /health HTTP/1.1\r\nX: a\x00",
-    b"POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n2\nab\n0\n\n",
-    b"POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n0\r\nT: x\n\n",
+    b"GET /health HTTP/1.1\r\nHost: x\r\nX: a\x00",
+    b"POST / HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n2\nab\n0\n\n",
+    b"POST / HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n0\r\nT: x\n\n",
 ])
 @pytest.mark.parametrize("pieces", [1, 3, 1000])
 def test_lines_not_ending_in_crlf_are_refused_at_once(data, pieces):
@@ -2443,7 +2580,7 @@ def test_eof_between_requests_closes_and_inside_one_is_400():
     state.feed_eof()
     assert state.next_event() is og.CLOSED
     state = framing()
-    state.feed(b"POST / HTTP/1.1\r\nContent-Length: 5\r\n\r\n{")
+    state.feed(b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\n\r\n{")
     assert state.next_event() is og.NEED_DATA
     state.feed_eof()
     assert state.next_event().status == 400
@@ -2451,9 +2588,169 @@ def test_eof_between_requests_closes_and_inside_one_is_400():
 
 def test_a_reload_changes_the_limits_of_the_next_request():
     state = framing()
-    assert feed(state, b"POST / HTTP/1.1\r\nContent-Length: 20\r\n\r\n" + b"x" * 20).body
+    assert feed(state, b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 20\r\n\r\n" + b"x" * 20).body
     state.limits = og.Config(max_body_bytes=10)
-    assert feed(state, b"POST / HTTP/1.1\r\nContent-Length: 20\r\n\r\n").status == 413
+    assert feed(state, b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 20\r\n\r\n").status == 413
+
+
+@pytest.mark.parametrize("head, status", [
+    (b"GET /health HTTP/1.1\r\n", 400),  # RFC 9112 section 3.2: HTTP/1.1 requires Host
+    (b"GET /health HTTP/1.1\r\nHost: a\r\nHost: b\r\n", 400),
+    (b"GET /health HTTP/1.1\r\nHost: a b\r\n", 400),  # not uri-host [":" port]
+    (b"GET /health HTTP/1.1\r\nHost: a/b\r\n", 400),
+    (b"GET /health HTTP/1.1\r\nHost: a:x\r\n", 400),
+    (b"GET /health HTTP/1.0\r\n", None),  # HTTP/1.0 may leave it out
+    (b"GET /health HTTP/1.1\r\nHost:\r\n", None),  # empty: a target without authority
+    (b"GET /health HTTP/1.1\r\nHost: gateway.example.com:8080\r\n", None),
+    (b"GET /health HTTP/1.1\r\nHost: [::1]:8080\r\n", None),
+    (b"GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\n", None),
+])
+def test_an_http_1_1_request_needs_one_well_formed_host(head, status):
+    event = feed(framing(), head + b"\r\n")
+    if status is None:
+        assert event.target == "/health"
+    else:
+        assert (event.status, event.message.split(" ")[:2]) in (
+            (400, ["missing", "Host"]), (400, ["duplicate", "host"]), (400, ["malformed", "Host"]))
+
+
+def test_each_host_of_a_connection_is_checked():
+    state = framing()
+    assert feed(state, b"GET /health HTTP/1.1\r\nHost: a\r\n\r\n").target == "/health"
+    assert feed(state, b"GET /health HTTP/1.1\r\nHost: a\r\n\r\n").target == "/health"
+    assert feed(state, b"GET /health HTTP/1.1\r\nHost: a\x80\r\n\r\n").status == 400
+
+
+@pytest.mark.parametrize("target, routed", [
+    # RFC 9112 section 3.2.2: a server MUST accept absolute-form; routed by its path.
+    (b"http://gateway.example.com/internal", "/internal"),
+    (b"HTTPS://gateway.example.com:443/?a=1", "/?a=1"),
+    (b"http://gateway.example.com", "/"),
+    (b"http://gateway.example.com?a=1", "/?a=1"),
+    (b"http://user@[::1]:80/health", "/health"),
+])
+def test_an_absolute_form_target_is_routed_by_its_path(target, routed):
+    event = feed(framing(), b"GET %s HTTP/1.1\r\nHost: other\r\n\r\n" % target)
+    assert event.target == routed
+
+
+def test_an_absolute_form_report_has_the_report_body_limit():
+    body = b"x" * 2000
+    state = framing(max_body_bytes=1000)
+    event = feed(state, b"POST http://gw/internal HTTP/1.1\r\nHost: gw\r\nContent-Length: 2000\r\n\r\n"
+                 + body)
+    assert (event.target, event.body) == ("/internal", body)
+
+
+@pytest.mark.parametrize("line, status, message", [
+    (b"OPTIONS * HTTP/1.1", None, "*"),  # asterisk-form: only OPTIONS
+    (b"GET * HTTP/1.1", 400, "malformed request target: *"),
+    (b"GET health HTTP/1.1", 400, "malformed request target: health"),
+    (b"GET ftp://x/health HTTP/1.1", 400, "malformed request target: ftp://x/health"),
+    (b"CONNECT gateway.example.com:443 HTTP/1.1", 501,
+     "CONNECT is not supported: this is not a proxy"),  # authority-form
+])
+def test_request_targets_not_in_origin_form(line, status, message):
+    event = feed(framing(), line + b"\r\nHost: x\r\n\r\n")
+    if status is None:
+        assert event.target == message
+    else:
+        assert (event.status, event.message) == (status, message)
+
+
+def test_options_asterisk_is_answered_for_the_whole_server():
+    response = make_gateway().handle_http("OPTIONS", "*", {}, b"")
+    assert response.status == 200 and ("Allow", "GET, HEAD, POST, OPTIONS") in response.headers
+
+
+@pytest.mark.parametrize("data", [
+    b"\r\nGET /health HTTP/1.1\r\nHost: x\r\n\r\n",
+    b"\r\n\r\n\r\nGET /health HTTP/1.1\r\nHost: x\r\n\r\n",
+])
+@pytest.mark.parametrize("pieces", [1, 3, 100])
+def test_empty_lines_before_a_request_line_are_ignored(data, pieces):
+    # RFC 9112 section 2.2 (a keep-alive client may send a CRLF after a body).
+    events = frame(data, pieces)
+    assert [(e.method, e.target) for e in events] == [("GET", "/health")]
+
+
+def test_a_stray_crlf_after_a_body_is_ignored():
+    state = framing()
+    first = feed(state, b"POST /internal HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\n\r\n{}\r\n")
+    assert first.body == b"{}" and state.next_event() is og.NEED_DATA
+    assert state.phase == "head"  # the head's deadline bounds a client sending only CRLFs
+    assert feed(state, b"\r") is og.NEED_DATA  # its LF follows
+    second = feed(state, b"\nGET /health HTTP/1.1\r\nHost: x\r\n\r\n")
+    assert second.target == "/health"
+    state.feed(b"\r\n")
+    state.feed_eof()
+    assert state.next_event() is og.CLOSED
+
+
+@pytest.mark.parametrize("encoding, status, message", [
+    (b"chunked", None, None),
+    (b"Chunked", None, None),
+    # RFC 9112 section 6.3: codings not ending in chunked leave the length unknown: 400.
+    (b"gzip", 400, "Transfer-Encoding must end in chunked, once: gzip"),
+    (b"identity", 400, "Transfer-Encoding must end in chunked, once: identity"),
+    (b"chunked, gzip", 400, "Transfer-Encoding must end in chunked, once: chunked, gzip"),
+    (b"chunked, chunked", 400, "Transfer-Encoding must end in chunked, once: chunked, chunked"),
+    (b"", 400, "Transfer-Encoding must end in chunked, once: "),
+    # A coding we do not know, before chunked: 501 (RFC 9112 section 6.1).
+    (b"gzip, chunked", 501, "unsupported Transfer-Encoding: gzip, chunked"),
+])
+def test_transfer_codings_must_end_in_chunked(encoding, status, message):
+    event = feed(framing(), b"POST / HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: %s\r\n\r\n0\r\n\r\n"
+                 % encoding)
+    if status is None:
+        assert event.body == b""
+    else:
+        assert (event.status, event.message) == (status, message)
+
+
+@pytest.mark.parametrize("headers", [
+    b"Content-Length: 5\r\nTransfer-Encoding: chunked\r\n",
+    b"Transfer-Encoding: chunked\r\nContent-Length: 5\r\n",
+    b"Transfer-Encoding: chunked\r\nTransfer-Encoding: chunked\r\n",
+    b"Content-Length: 5\r\nContent-Length: 6\r\n",
+])
+def test_ambiguous_body_lengths_are_refused(headers):
+    # Request smuggling: a front proxy could read another length than we do.
+    event = feed(framing(), b"POST / HTTP/1.1\r\nHost: x\r\n%s\r\n0\r\n\r\n" % headers)
+    assert event.status == 400 and event.message in (
+        "both Transfer-Encoding and Content-Length", "duplicate transfer-encoding header",
+        "conflicting Content-Length headers")
+
+
+@pytest.mark.parametrize("expect, event", [
+    (b"100-continue", og.CONTINUE),
+    (b"100-Continue", og.CONTINUE),
+    (b"200-ok", 417),  # RFC 9110 section 10.1.1
+    (b"100-continue, x", 417),
+])
+def test_an_expectation_other_than_100_continue_is_417(expect, event):
+    got = feed(framing(), b"POST / HTTP/1.1\r\nHost: x\r\nExpect: %s\r\nContent-Length: 2\r\n\r\n" % expect)
+    if event == 417:
+        assert (got.status, got.message) == (417, "unsupported expectation: " + expect.decode())
+        assert b"417 Expectation Failed" in framing().error(got)
+    else:
+        assert got is event
+
+
+@pytest.mark.parametrize("version, connection, keep_alive", [
+    (b"1.1", b"Upgrade, Close", False),
+    (b"1.1", b"close ,foo", False),
+    (b"1.1", b"x-close", True),  # a token, not a substring
+    (b"1.1", b"closed", True),
+    (b"1.0", b"Keep-Alive", True),
+    (b"1.0", b"foo, keep-alive", True),
+    (b"1.0", b"no-keep-alive", False),
+    (b"1.0", b"keep-alive, close", False),
+])
+def test_the_connection_header_is_a_list_of_tokens(version, connection, keep_alive):
+    request = feed(framing(), b"GET /health HTTP/%s\r\nHost: x\r\nConnection: %s\r\n\r\n"
+                   % (version, connection))
+    assert request.keep_alive is keep_alive
 
 
 def test_the_date_header_is_formatted_once_a_second_per_server():
@@ -2569,9 +2866,9 @@ def test_the_first_byte_deadline_is_first_byte_timeout():
 
 @pytest.mark.parametrize("first, then, deadline, seconds", [
     # head_timeout counts from the first byte of a request ...
-    (b"POST /internal HTTP/1.1\r\n", b"X-Slow: ", "head", 2),
+    (b"POST /internal HTTP/1.1\r\nHost: x\r\n", b"X-Slow: ", "head", 2),
     # ... body_timeout from the end of its head.
-    (b"POST /internal HTTP/1.1\r\n", b"Content-Length: 5\r\n\r\n{", "body", 3),
+    (b"POST /internal HTTP/1.1\r\nHost: x\r\n", b"Content-Length: 5\r\n\r\n{", "body", 3),
 ])
 def test_the_head_and_body_deadlines_are_their_settings(first, then, deadline, seconds):
     loop, connection, transport = connection_by_hand()
@@ -2585,7 +2882,7 @@ def test_the_head_and_body_deadlines_are_their_settings(first, then, deadline, s
 
 def test_the_idle_deadline_is_keep_alive_timeout_after_each_answer():
     loop, connection, transport = connection_by_hand()
-    connection.data_received(b"OPTIONS / HTTP/1.1\r\n\r\n")
+    connection.data_received(b"OPTIONS / HTTP/1.1\r\nHost: x\r\n\r\n")
     loop.advance(0)  # this iteration's answers go out
     answered = transport.written
     assert status_of(answered) == 200 and connection.deadline == "idle"
@@ -2598,7 +2895,7 @@ def test_the_write_and_stop_deadlines_are_write_and_shutdown_timeout():
     assert connection.deadline == "write" and passes_at(loop, transport, 5)
     assert transport.ended == "aborted"
     loop, connection, transport = connection_by_hand()
-    connection.data_received(b"POST /internal HTTP/1.1\r\n")
+    connection.data_received(b"POST /internal HTTP/1.1\r\nHost: x\r\n")
     connection.arm("stop")  # what GatewayServer.stop does with a request in flight
     assert passes_at(loop, transport, 6) and transport.ended == "aborted"
 
@@ -3195,7 +3492,7 @@ def test_keep_alive_serves_many_requests_on_one_connection():
 
 
 @pytest.mark.parametrize("head", [
-    b"POST /internal HTTP/1.1\r\nConnection: close\r\n",
+    b"POST /internal HTTP/1.1\r\nHost: x\r\nConnection: close\r\n",
     b"POST /internal HTTP/1.0\r\n",
 ])
 def test_connection_close_and_http_1_0(head):
@@ -3210,14 +3507,14 @@ def test_chunked_request_bodies_are_read():
     body = b"%x\r\n%s\r\n%x;ext=1\r\n%s\r\n0\r\nTrailer: x\r\n\r\n" % (
         half, INFO_BODY[:half], len(INFO_BODY) - half, INFO_BODY[half:])
     with running() as server:
-        data = exchange(server.port, b"POST /internal HTTP/1.1\r\nTransfer-Encoding: chunked\r\n"
+        data = exchange(server.port, b"POST /internal HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n"
                                      b"Connection: close\r\n\r\n" + body)
     assert status_of(data) == 200 and b'"servers":[]' in data
 
 
 def test_expect_100_continue():
     with running() as server, socket.create_connection(("127.0.0.1", server.port), timeout=5) as sock:
-        sock.sendall(b"POST /internal HTTP/1.1\r\nExpect: 100-continue\r\nConnection: close\r\n"
+        sock.sendall(b"POST /internal HTTP/1.1\r\nHost: x\r\nExpect: 100-continue\r\nConnection: close\r\n"
                      b"Content-Length: %d\r\n\r\n" % len(INFO_BODY))
         assert sock.recv(100).startswith(b"HTTP/1.1 100 Continue\r\n\r\n")
         sock.sendall(INFO_BODY)
@@ -3227,8 +3524,8 @@ def test_expect_100_continue():
 
 def test_every_response_carries_the_cors_headers_and_a_date():
     with running() as server:
-        for request in (b"OPTIONS / HTTP/1.1\r\n", b"GET /nope HTTP/1.1\r\n",
-                        b"POST / HTTP/1.1\r\nContent-Length: 0\r\n"):
+        for request in (b"OPTIONS / HTTP/1.1\r\nHost: x\r\n", b"GET /nope HTTP/1.1\r\nHost: x\r\n",
+                        b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\n"):
             data = exchange(server.port, request + b"Connection: close\r\n\r\n")
             head = data.split(b"\r\n\r\n")[0].decode().lower()
             for name, value in GATEWAY_HEADERS.items():
@@ -3238,7 +3535,7 @@ def test_every_response_carries_the_cors_headers_and_a_date():
 
 def test_head_gets_405_without_a_body():
     with running() as server:
-        data = exchange(server.port, b"HEAD /internal HTTP/1.1\r\nConnection: close\r\n\r\n")
+        data = exchange(server.port, b"HEAD /internal HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
     head, _, body = data.partition(b"\r\n\r\n")
     assert status_of(data) == 405 and b"Allow: POST, OPTIONS" in head and body == b""
 
@@ -3246,29 +3543,29 @@ def test_head_gets_405_without_a_body():
 def test_notification_answers_204_without_content_type():
     body = b'{"jsonrpc":"2.0","method":"Info"}'
     with running() as server:
-        data = exchange(server.port, b"POST /internal HTTP/1.1\r\nConnection: close\r\n"
+        data = exchange(server.port, b"POST /internal HTTP/1.1\r\nHost: x\r\nConnection: close\r\n"
                                      b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
     assert status_of(data) == 204
     assert b"\r\nContent-Type:" not in data and b"\r\nContent-Length:" not in data
 
 
 @pytest.mark.parametrize("request_bytes, status", [
-    (b"POST / HTTP/1.1\r\nContent-Length: 2000000\r\n\r\n", 413),
-    (b"POST /" + b"a" * (DEFAULTS.max_request_line + 10) + b" HTTP/1.1\r\n\r\n", 414),
-    (b"POST /internal HTTP/1.1\r\n" + b"".join(b"X-%d: y\r\n" % i for i in range(DEFAULTS.max_headers + 1))
+    (b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 2000000\r\n\r\n", 413),
+    (b"POST /" + b"a" * (DEFAULTS.max_request_line + 10) + b" HTTP/1.1\r\nHost: x\r\n\r\n", 414),
+    (b"POST /internal HTTP/1.1\r\nHost: x\r\n" + b"".join(b"X-%d: y\r\n" % i for i in range(DEFAULTS.max_headers + 1))
      + b"\r\n", 431),
-    (b"POST /internal HTTP/1.1\r\nX-Big: " + b"y" * DEFAULTS.max_head_bytes + b"\r\n\r\n", 431),
-    (b"POST /internal HTTP/1.1\r\nContent-Length: +5\r\n\r\n", 400),
-    (b"POST /internal HTTP/1.1\r\nContent-Length: -1\r\n\r\n", 400),
-    (b"POST /internal HTTP/1.1\r\nContent-Length: 5\r\nContent-Length: 6\r\n\r\n", 400),
-    (b"POST /internal HTTP/1.1\r\nContent-Length: \xd9\xa3\r\n\r\n", 400),
-    (b"POST /internal HTTP/1.1\r\nTransfer-Encoding: gzip\r\n\r\n", 501),
+    (b"POST /internal HTTP/1.1\r\nHost: x\r\nX-Big: " + b"y" * DEFAULTS.max_head_bytes + b"\r\n\r\n", 431),
+    (b"POST /internal HTTP/1.1\r\nHost: x\r\nContent-Length: +5\r\n\r\n", 400),
+    (b"POST /internal HTTP/1.1\r\nHost: x\r\nContent-Length: -1\r\n\r\n", 400),
+    (b"POST /internal HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\nContent-Length: 6\r\n\r\n", 400),
+    (b"POST /internal HTTP/1.1\r\nHost: x\r\nContent-Length: \xd9\xa3\r\n\r\n", 400),
+    (b"POST /internal HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: gzip, chunked\r\n\r\n", 501),
     (b"POST /internal HTTP/2.0\r\n\r\n", 505),
     (b"POST /internal\r\n\r\n", 400),
     (b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03" + os.urandom(64) + b"\r\n\r\n", 400),
-    (b"POST /internal HTTP/1.1\r\n folded: x\r\n\r\n", 400),
-    (b"POST /internal HTTP/1.1\r\nBad Name: x\r\n\r\n", 400),
-    (b"POST /internal HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n", 400),
+    (b"POST /internal HTTP/1.1\r\nHost: x\r\n folded: x\r\n\r\n", 400),
+    (b"POST /internal HTTP/1.1\r\nHost: x\r\nBad Name: x\r\n\r\n", 400),
+    (b"POST /internal HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n", 400),
 ])
 def test_malformed_or_oversized_requests_get_their_status_and_are_closed(request_bytes, status):
     with running() as server:
@@ -3277,7 +3574,7 @@ def test_malformed_or_oversized_requests_get_their_status_and_are_closed(request
         assert b"Connection: close" in data
         assert json.loads(data.split(b"\r\n\r\n", 1)[1])["error"]["message"]
         # The server still serves others.
-        ok = exchange(server.port, b"POST /internal HTTP/1.1\r\nConnection: close\r\n"
+        ok = exchange(server.port, b"POST /internal HTTP/1.1\r\nHost: x\r\nConnection: close\r\n"
                                    b"Content-Length: %d\r\n\r\n%s" % (len(INFO_BODY), INFO_BODY))
         assert status_of(ok) == 200
 
@@ -3293,7 +3590,7 @@ def test_a_client_that_pipelines_and_never_reads_holds_up_little_memory():
         sock.settimeout(0.5)
         with contextlib.suppress(socket.timeout):  # the server stops reading it
             for _ in range(40):
-                sock.sendall(b"GET /health HTTP/1.1\r\n\r\n" * 10000)
+                sock.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n" * 10000)
         (connection,) = server.server.connections
         held = server.call(lambda: connection.transport.get_write_buffer_size()
                            + sum(map(len, connection.out)))
@@ -3302,7 +3599,7 @@ def test_a_client_that_pipelines_and_never_reads_holds_up_little_memory():
 
 def test_413_reaches_a_client_that_keeps_sending_its_body():
     with running() as server, socket.create_connection(("127.0.0.1", server.port), timeout=5) as sock:
-        sock.sendall(b"POST / HTTP/1.1\r\nContent-Length: 3000000\r\n\r\n")
+        sock.sendall(b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 3000000\r\n\r\n")
         with contextlib.suppress(OSError):
             for _ in range(48):
                 sock.sendall(b"x" * 65536)  # the body the gateway refuses to read
@@ -3312,7 +3609,7 @@ def test_413_reaches_a_client_that_keeps_sending_its_body():
 
 def test_identical_duplicate_content_length_is_accepted():
     with running() as server:
-        data = exchange(server.port, b"POST /internal HTTP/1.1\r\nConnection: close\r\n"
+        data = exchange(server.port, b"POST /internal HTTP/1.1\r\nHost: x\r\nConnection: close\r\n"
                                      b"Content-Length: %d\r\nContent-Length: %d\r\n\r\n%s"
                                      % (len(INFO_BODY), len(INFO_BODY), INFO_BODY))
     assert status_of(data) == 200
@@ -3353,8 +3650,8 @@ def test_info_calls_take_turns_and_connects_run_between_them():
 
 def test_a_slow_client_is_cut_off_while_others_are_served():
     with running(make_gateway(read_timeout=0.3)) as server, socket.create_connection(("127.0.0.1", server.port), timeout=5) as slow:
-        slow.sendall(b"POST /internal HTTP/1.1\r\nX-Slow: ")
-        ok = exchange(server.port, b"POST /internal HTTP/1.1\r\nConnection: close\r\n"
+        slow.sendall(b"POST /internal HTTP/1.1\r\nHost: x\r\nX-Slow: ")
+        ok = exchange(server.port, b"POST /internal HTTP/1.1\r\nHost: x\r\nConnection: close\r\n"
                                    b"Content-Length: %d\r\n\r\n%s" % (len(INFO_BODY), INFO_BODY))
         assert status_of(ok) == 200
         started = time.monotonic()
@@ -3366,13 +3663,13 @@ def test_connections_beyond_the_cap_get_503_and_the_others_are_served():
     with running(make_gateway(max_connections=2)) as server:
         held = [socket.create_connection(("127.0.0.1", server.port), timeout=5) for _ in range(2)]
         for sock in held:  # make sure both are being served before the third arrives
-            sock.sendall(b"OPTIONS / HTTP/1.1\r\n\r\n")
+            sock.sendall(b"OPTIONS / HTTP/1.1\r\nHost: x\r\n\r\n")
             assert status_of(sock.recv(65536)) == 200
-        refused_data = exchange(server.port, b"OPTIONS / HTTP/1.1\r\n\r\n")
+        refused_data = exchange(server.port, b"OPTIONS / HTTP/1.1\r\nHost: x\r\n\r\n")
         assert status_of(refused_data) == 503 and b"too many connections" in refused_data
         held[0].close()
         deadline = time.monotonic() + 5
-        while status_of(exchange(server.port, b"OPTIONS / HTTP/1.1\r\nConnection: close\r\n\r\n")) != 200:
+        while status_of(exchange(server.port, b"OPTIONS / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")) != 200:
             assert time.monotonic() < deadline  # the closed one's slot frees up
         held[1].close()
 
@@ -3383,13 +3680,13 @@ def test_limits_are_settings_of_each_gateway():
     status, body = post(small, [{"jsonrpc": "2.0", "method": "Info", "id": 1}] * 2)
     assert "at most 1 requests" in body["error"]["message"]
     with running(small) as server:
-        data = exchange(server.port, b"POST / HTTP/1.1\r\nContent-Length: 11\r\n\r\n")
+        data = exchange(server.port, b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 11\r\n\r\n")
         assert status_of(data) == 413
 
 
 def test_idle_keep_alive_connections_are_closed():
     with running(make_gateway(keep_alive_timeout=0.2)) as server, socket.create_connection(("127.0.0.1", server.port), timeout=5) as idle:
-        idle.sendall(b"OPTIONS / HTTP/1.1\r\n\r\n")
+        idle.sendall(b"OPTIONS / HTTP/1.1\r\nHost: x\r\n\r\n")
         assert status_of(idle.recv(65536)) == 200
         assert idle.recv(10) == b""  # closed by the server without a response
 
@@ -3414,9 +3711,9 @@ def test_an_internal_error_answers_500_and_the_server_keeps_serving(monkeypatch,
 
     monkeypatch.setattr(gw, "handle_http", flaky)
     with running(gw) as server, caplog.at_level(logging.ERROR, logger="odin_gateway"):
-        data = exchange(server.port, b"POST /crash HTTP/1.1\r\nConnection: close\r\n\r\n")
+        data = exchange(server.port, b"POST /crash HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
         assert status_of(data) == 500 and b'"Internal error"' in data and b"bug" not in data
-        assert status_of(exchange(server.port, b"OPTIONS / HTTP/1.1\r\nConnection: close\r\n\r\n")) == 200
+        assert status_of(exchange(server.port, b"OPTIONS / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")) == 200
     assert "RuntimeError: bug" in caplog.text
 
 
@@ -3441,9 +3738,9 @@ def test_an_answer_the_gateway_awaits_holds_up_no_other_connection():
         gw, release = gateway_answering_wait_later()
         async with gw.serve() as server:
             waiting_reader, waiting = await asyncio.open_connection("127.0.0.1", server.port)
-            waiting.write(b"GET /wait HTTP/1.1\r\n\r\nGET /health HTTP/1.1\r\nConnection: close\r\n\r\n")
+            waiting.write(b"GET /wait HTTP/1.1\r\nHost: x\r\n\r\nGET /health HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
             reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
-            writer.write(b"GET /health HTTP/1.1\r\nConnection: close\r\n\r\n")
+            writer.write(b"GET /health HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
             other = await reader.read()
             release.set()
             both = await waiting_reader.read()  # the awaited answer first, then the next one
@@ -3464,7 +3761,7 @@ def test_a_stop_lets_an_answer_the_gateway_awaits_finish():
         server = og.GatewayServer(gw)
         await server.start()
         reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
-        writer.write(b"GET /wait HTTP/1.1\r\n\r\n")
+        writer.write(b"GET /wait HTTP/1.1\r\nHost: x\r\n\r\n")
         while not any(connection.waiting for connection in server.connections):
             await asyncio.sleep(0)
         stopping = asyncio.ensure_future(server.stop())
@@ -3505,7 +3802,7 @@ def test_async_serve_binds_port_zero_and_reports_the_url():
         gw = make_gateway()
         async with gw.serve("127.0.0.1", 0) as server:
             reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
-            writer.write(b"OPTIONS / HTTP/1.1\r\nConnection: close\r\n\r\n")
+            writer.write(b"OPTIONS / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
             data = await reader.read()
             writer.close()
             return server.url, data
@@ -3533,7 +3830,7 @@ def test_a_long_request_line_gets_414_before_its_end():
 def test_a_408_is_logged_with_the_time_the_request_took(caplog):
     with caplog.at_level(logging.INFO, logger="odin_gateway"):
         with running(make_gateway(read_timeout=0.3, access_log=True)) as server:
-            data = exchange(server.port, b"POST /internal HTTP/1.1\r\nContent-Length: 5\r\n\r\n{")
+            data = exchange(server.port, b"POST /internal HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\n\r\n{")
     assert status_of(data) == 408
     (line,) = [line for line in json_log_lines(caplog) if line.get("status") == 408]
     assert line["duration_ms"] >= 250 and line["target"] == "/internal"
@@ -3543,10 +3840,10 @@ def test_refused_connections_are_logged_as_one_summary(caplog):
     with caplog.at_level(logging.WARNING, logger="odin_gateway"):
         with running(make_gateway(max_connections=1)) as server, \
                 socket.create_connection(("127.0.0.1", server.port), timeout=5) as held:
-            held.sendall(b"OPTIONS / HTTP/1.1\r\n\r\n")
+            held.sendall(b"OPTIONS / HTTP/1.1\r\nHost: x\r\n\r\n")
             assert status_of(held.recv(65536)) == 200
             for _ in range(3):
-                assert status_of(exchange(server.port, b"OPTIONS / HTTP/1.1\r\n\r\n")) == 503
+                assert status_of(exchange(server.port, b"OPTIONS / HTTP/1.1\r\nHost: x\r\n\r\n")) == 503
             server.call(server.server._log_summary)  # the interval's end, without waiting for it
     lines = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
     assert lines == ["refused 3 connections in the last 10 s: 1 connections open (max_connections 1)"]
@@ -3575,7 +3872,7 @@ def test_a_stop_does_not_wait_shutdown_timeout_for_connections_already_answered(
     with socket.create_connection(("127.0.0.1", server.port), timeout=5) as refused, \
             socket.create_connection(("127.0.0.1", server.port), timeout=5) as answered:
         refused.sendall(b"\x16\x03\x01 junk")
-        answered.sendall(b"GET /health HTTP/1.1\r\nConnection: close\r\n\r\n")
+        answered.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
         assert status_of(refused.recv(65536)) == 400 and status_of(answered.recv(65536)) == 200
         started = time.monotonic()
         server.stop()
@@ -3590,7 +3887,7 @@ def test_stopping_one_of_two_servers_leaves_the_other_serving():
             async with gw.serve():
                 pass  # the second server stops
             reader, writer = await asyncio.open_connection("127.0.0.1", first.port)
-            writer.write(b"GET /ready HTTP/1.1\r\nConnection: close\r\n\r\n")
+            writer.write(b"GET /ready HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
             data = await reader.read()
             writer.close()
             return data
@@ -3679,14 +3976,14 @@ def test_a_client_that_never_reads_loses_its_connection():
     gw = make_gateway(write_timeout=0.3, max_connections=2)
     with running(gw) as server, socket.create_connection(("127.0.0.1", server.port), timeout=5) as greedy:
         greedy.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
-        request = b"POST /internal HTTP/1.1\r\nContent-Length: %d\r\n\r\n%s" % (len(INFO_BODY), INFO_BODY)
+        request = b"POST /internal HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n%s" % (len(INFO_BODY), INFO_BODY)
         greedy.settimeout(0.05)
         deadline = time.monotonic() + 10
         with contextlib.suppress(OSError):  # send, never read, until the gateway gives up on it
             while time.monotonic() < deadline:
                 greedy.sendall(request * 50)
         assert time.monotonic() < deadline, "the gateway kept the unread connection open"
-        ok = exchange(server.port, b"OPTIONS / HTTP/1.1\r\nConnection: close\r\n\r\n")
+        ok = exchange(server.port, b"OPTIONS / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
         assert status_of(ok) == 200
 
 
@@ -3711,7 +4008,7 @@ def test_an_unread_answer_does_not_keep_its_connection_or_the_stop():
     with og.serve_in_thread(gateway=gw) as server:
         sock = socket.create_connection(("127.0.0.1", server.port), timeout=5)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
-        sock.sendall(b"GET /big HTTP/1.1\r\nConnection: close\r\n\r\n")  # and never read
+        sock.sendall(b"GET /big HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")  # and never read
         client_port = sock.getsockname()[1]
         deadline = time.monotonic() + 10
         while server_side_open(server.port, client_port):
@@ -3719,7 +4016,7 @@ def test_an_unread_answer_does_not_keep_its_connection_or_the_stop():
             time.sleep(0.05)
         second = socket.create_connection(("127.0.0.1", server.port), timeout=5)
         second.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
-        second.sendall(b"GET /big HTTP/1.1\r\n\r\n")  # keep-alive, never read
+        second.sendall(b"GET /big HTTP/1.1\r\nHost: x\r\n\r\n")  # keep-alive, never read
         wait_until_server_read(second, server.port)
         started = time.monotonic()
     assert time.monotonic() - started < 5  # the stop does not wait for the reader
@@ -3731,7 +4028,7 @@ def report_request(rooms, hostname="127.0.0.1:4433"):
     body = json.dumps({"jsonrpc": "2.0", "method": "sfu.Report", "id": 1, "params": {
         "public_endpoint": hostname, "version": "1", "load": 0, "clients": 0,
         "rooms": [room("ns", "room-%06d-%s" % (i, "u" * 36), "c") for i in range(rooms)]}}).encode()
-    return b"POST /internal HTTP/1.1\r\nConnection: close\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body)
+    return b"POST /internal HTTP/1.1\r\nHost: x\r\nConnection: close\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body)
 
 
 def test_reports_have_their_own_body_limit_and_a_refused_one_is_logged(caplog):
@@ -3759,12 +4056,12 @@ def test_clients_that_never_read_cannot_stall_others_or_grow_memory():
         for _ in range(4):
             sock = socket.create_connection(("127.0.0.1", server.port), timeout=5)
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
-            sock.sendall(b"GET /big HTTP/1.1\r\n\r\n")  # and never read
+            sock.sendall(b"GET /big HTTP/1.1\r\nHost: x\r\n\r\n")  # and never read
             wait_until_server_read(sock, server.port)
             greedy.append(sock)
             assert server.call(lambda: server.server.unsent) <= 30_000_000
         # The others are answered meanwhile; the answers beyond the budget are 503.
-        ok = exchange(server.port, b"POST /internal HTTP/1.1\r\nConnection: close\r\n"
+        ok = exchange(server.port, b"POST /internal HTTP/1.1\r\nHost: x\r\nConnection: close\r\n"
                                    b"Content-Length: %d\r\n\r\n%s" % (len(INFO_BODY), INFO_BODY))
         assert status_of(ok) == 200
         statuses = [status_of(sock.recv(100)) for sock in greedy]
@@ -3777,7 +4074,7 @@ def test_a_connection_close_answer_survives_more_input_behind_it():
     gw = big_answer_gateway()
     with og.serve_in_thread(gateway=gw) as server, \
             socket.create_connection(("127.0.0.1", server.port), timeout=10) as sock:
-        sock.sendall(b"GET /big HTTP/1.1\r\nConnection: close\r\n\r\n" + b"y" * 1_000_000)
+        sock.sendall(b"GET /big HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n" + b"y" * 1_000_000)
         received = bytearray()
         while True:
             chunk = sock.recv(1 << 20)  # ConnectionResetError here was the bug
@@ -3820,7 +4117,7 @@ def test_https(certificate):
         connection.close()
         # A plain-text client on the TLS port is dropped, and the server carries on.
         with socket.create_connection(("127.0.0.1", server.port), timeout=5) as plain:
-            plain.sendall(b"POST /internal HTTP/1.1\r\n\r\n")
+            plain.sendall(b"POST /internal HTTP/1.1\r\nHost: x\r\n\r\n")
             assert not plain.recv(100).startswith(b"HTTP/1.1 200")
 
 
@@ -4061,7 +4358,7 @@ def test_the_gateway_runs_from_the_command_line_and_stops_on_sigterm(tmp_path):
                         "no customers configured"):
             assert any(warning in entry["message"] and entry["level"] == "WARNING" for entry in lines)
         port = int(lines[-1]["message"].rsplit(":", 1)[1])
-        data = exchange(port, b"POST /internal HTTP/1.1\r\nConnection: close\r\n"
+        data = exchange(port, b"POST /internal HTTP/1.1\r\nHost: x\r\nConnection: close\r\n"
                               b"Content-Length: %d\r\n\r\n%s" % (len(INFO_BODY), INFO_BODY))
         assert status_of(data) == 200
         process.send_signal(signal.SIGTERM)
@@ -4387,6 +4684,55 @@ def test_fuzz_dispatch_survives_arbitrary_bytes(body):
     assert status in (200, 204, 400)
 
 
+# Rooms mostly as servers write them (read from the text), now and then not.
+_PLAIN_ROOM = st.tuples(
+    st.sampled_from(["ns", "n s", "\u00e9\U0001f600"]), st.sampled_from(["a", "b", "c", "", "\u2028", "x" * 300]),
+    st.sampled_from(["c1", "c2"]), st.integers(0, 3), st.integers(0, 10 ** 6), st.integers(0, 999_999_999))
+_ODD_ROOM = st.tuples(
+    st.just("ns"), st.sampled_from(["a", 'q"uote', 'r},{"id":["ns","b"]']), st.sampled_from(["c1", "back\\slash"]),
+    st.sampled_from([1, 10 ** 18, 0.5, -1]), st.sampled_from([1, 1.5, -1, 10 ** 18 - 1, 10 ** 19]), st.just(0))
+_TEXT_ROOMS = st.lists(st.tuples(st.integers(0, 5), _PLAIN_ROOM, _ODD_ROOM).map(
+    lambda pick: pick[2] if pick[0] == 0 else pick[1]), max_size=6)
+_TEXT_REPORTS = st.lists(st.tuples(
+    st.sampled_from([SFU1, SFU2]),
+    st.none() | _TEXT_ROOMS,  # None: the server's previous rooms, 5 s older
+    st.sampled_from([(",", ":"), (", ", ": "), (" ,\n ", " :\t")]),
+    st.none() | st.none() | st.tuples(st.integers(0, 10 ** 6), st.sampled_from(HOSTILE_BYTES))),
+    max_size=8)
+
+
+@FUZZ
+@given(_TEXT_REPORTS)
+def test_fuzz_reports_read_from_their_text_leave_the_grid_as_json_would(reports):
+    """A sequence of reports (repeats, changes, hostile bytes) handled by a
+    gateway that reads rooms from the text and by one that parses every report
+    with json.loads: the same answers, grid, reports and usage."""
+    clock = Clock()
+    fast, full = make_gateway(clock), make_gateway(clock)
+    full.parse_in_steps = lambda body, remote: og.load_json_in_steps(body)
+    last = {}
+    for hostname, rooms, separators, hostile in reports:
+        clock.advance(5)
+        if rooms is None:
+            rooms = [(ns, name, customer, peers, secs + 5 if isinstance(secs, int) else secs, nanos)
+                     for ns, name, customer, peers, secs, nanos in last.get(hostname, [])]
+        last[hostname] = rooms
+        body = json.dumps({"jsonrpc": "2.0", "method": "sfu.Report", "id": 1, "params": {
+            "public_endpoint": hostname, "version": "1", "load": 0.5, "clients": 3, "rooms": [
+                {"id": [ns, name], "customer": customer, "age": {"secs": secs, "nanos": nanos}, "peers": peers}
+                for ns, name, customer, peers, secs, nanos in rooms]}},
+            separators=separators, ensure_ascii=False).encode()
+        if hostile is not None:
+            position = hostile[0] % len(body)
+            body = body[:position] + hostile[1] + body[position + 1:]
+        answers = [gw.handle_http("POST", "/internal", {}, body, "127.0.0.1") for gw in (fast, full)]
+        assert answers[0].status == answers[1].status and answers[0].body == answers[1].body
+        assert sorted(map(repr, og.grid_records(fast.grid))) == sorted(map(repr, og.grid_records(full.grid)))
+        assert repr({h: s.report_json() for h, s in fast.grid.servers.items()}) == repr(
+            {h: s.report_json() for h, s in full.grid.servers.items()})
+        assert fast.grid.usage == full.grid.usage
+
+
 @given(st.text(max_size=30), st.text(max_size=30) | st.lists(st.text(max_size=10), max_size=3),
        st.text(max_size=30), st.integers(0, 2 ** 53 - 1))
 @FUZZ
@@ -4467,7 +4813,7 @@ def _outcome(events):
 
 @FUZZ
 @given(st.binary(max_size=300) | st.builds(
-    lambda method, target, headers: b"%s %s HTTP/1.1\r\n%s\r\n" % (method, target, headers),
+    lambda method, target, headers: b"%s %s HTTP/1.1\r\nHost: x\r\n%s\r\n" % (method, target, headers),
     st.sampled_from([b"POST", b"GET", b"P\x00ST", b""]), st.binary(max_size=30),
     st.binary(max_size=200)), st.integers(1, 50))
 def test_fuzz_request_framing(data, pieces):
@@ -4475,7 +4821,7 @@ def test_fuzz_request_framing(data, pieces):
     for events in (frame(data), frame(data, pieces)):
         for index, event in enumerate(events):
             if isinstance(event, og.HttpError):
-                assert event.status in (400, 413, 414, 431, 501, 505) and event.message
+                assert event.status in (400, 413, 414, 417, 431, 501, 505) and event.message
                 assert index == len(events) - 1  # nothing after a refusal
             elif event is not og.CONTINUE:
                 assert event.method and event.target and event.version in ((1, 0), (1, 1))
@@ -4538,7 +4884,7 @@ def wait_until_server_read(sock, server_port):
 def test_sigterm_lets_a_request_in_flight_finish(tmp_path):
     with gateway_process(tmp_path) as (process, port):
         with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
-            sock.sendall(b"POST /internal HTTP/1.1\r\nContent-Length: %d\r\n\r\n%s"
+            sock.sendall(b"POST /internal HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n%s"
                          % (len(INFO_BODY), INFO_BODY[:10]))
             wait_until_server_read(sock, port)
             process.send_signal(signal.SIGTERM)
@@ -4555,7 +4901,7 @@ def test_sigterm_lets_a_request_in_flight_finish(tmp_path):
 def test_a_second_signal_exits_at_once(tmp_path):
     with gateway_process(tmp_path, "shutdown_timeout = 60\n") as (process, port):
         with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
-            sock.sendall(b"POST /internal HTTP/1.1\r\nContent-Length: 100\r\n\r\n{")
+            sock.sendall(b"POST /internal HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\n{")
             wait_until_server_read(sock, port)
             process.send_signal(signal.SIGTERM)
             for line in process.stderr:  # the first signal is taken: a graceful stop begins
@@ -4579,13 +4925,13 @@ def test_max_connections_is_clamped_to_the_open_file_limit(tmp_path):
         held, statuses = [], []
         for _ in range(100):
             sock = socket.create_connection(("127.0.0.1", port), timeout=10)
-            sock.sendall(b"OPTIONS / HTTP/1.1\r\n\r\n")
+            sock.sendall(b"OPTIONS / HTTP/1.1\r\nHost: x\r\n\r\n")
             statuses.append(status_of(sock.recv(65536)))
             held.append(sock) if statuses[-1] == 200 else sock.close()
         assert statuses.count(200) == serving and statuses.count(503) == 100 - serving
         for sock in held:
             sock.close()
-        ok = exchange(port, b"OPTIONS / HTTP/1.1\r\nConnection: close\r\n\r\n", timeout=10)
+        ok = exchange(port, b"OPTIONS / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n", timeout=10)
         assert status_of(ok) == 200
 
 
@@ -4668,8 +5014,8 @@ def test_metrics_follow_the_prometheus_text_format():
 
 def test_http_responses_are_counted_by_path_and_class():
     with running() as server:
-        for request in (b"OPTIONS / HTTP/1.1\r\n", b"GET /nope/secret-room HTTP/1.1\r\n",
-                        b"GET /health HTTP/1.1\r\n", b"BAD\r\n"):
+        for request in (b"OPTIONS / HTTP/1.1\r\nHost: x\r\n", b"GET /nope/secret-room HTTP/1.1\r\nHost: x\r\n",
+                        b"GET /health HTTP/1.1\r\nHost: x\r\n", b"BAD\r\n"):
             exchange(server.port, request + b"Connection: close\r\n\r\n")
         families = parse_metrics(og.render_metrics(server.gateway))
     count = lambda **labels: sample_value(families, "odin_gateway_http_responses_total", **labels)  # noqa: E731
@@ -4689,6 +5035,24 @@ def test_missing_credentials_get_one_answer_on_every_protected_path():
         assert response.json() == {"jsonrpc": "2.0", "error": {
             "code": -32700, "message": "invalid or missing authorization"}, "id": None}
     assert all(("WWW-Authenticate", 'Basic realm="odin-gateway"') in r.headers for r in answers[1:])
+
+
+def test_usual_response_counts_are_keyed_as_any_other():
+    # count_response looks the usual (target, status) pairs up: the same key
+    # the general rule gives them.
+    looked_up, computed = og.Metrics(), og.Metrics()
+    for (target, status) in og._RESPONSE_KEYS:
+        looked_up.count_response(target, status)
+        path = target.split("?", 1)[0]
+        key = (path if path in og.METRIC_PATHS else "other", "%dxx" % (status // 100))
+        computed.responses[key] = computed.responses.get(key, 0) + 1
+    assert looked_up.responses == computed.responses
+    for target in ("/?x=1", "/nope", "", None, "/internal?"):
+        metrics = og.Metrics()
+        metrics.count_response(target, 200)
+        assert list(metrics.responses) == [
+            ("/" if target == "/?x=1" else "/internal" if target == "/internal?" else
+             "other" if target else "invalid", "2xx")]
 
 
 def test_metrics_are_protected_like_internal():
@@ -4748,8 +5112,8 @@ def test_limit_refusals_are_logged_with_fields(caplog):
 def test_access_log(caplog):
     with caplog.at_level(logging.INFO, logger="odin_gateway"):
         with running(make_gateway(access_log=True)) as server:
-            exchange(server.port, b"OPTIONS /?q=1 HTTP/1.1\r\nConnection: close\r\n\r\n")
-            exchange(server.port, b"OPTIONS /?q=\x1b[31m HTTP/1.1\r\nConnection: close\r\n\r\n")
+            exchange(server.port, b"OPTIONS /?q=1 HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+            exchange(server.port, b"OPTIONS /?q=\x1b[31m HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
     requests = [line for line in json_log_lines(caplog) if line.get("event") == "request"]
     assert [(line["method"], line["status"]) for line in requests] == [("OPTIONS", 200), ("-", 400)]
     assert not any("\x1b" in line["message"] for line in requests)  # no control byte reaches the log
@@ -4794,7 +5158,7 @@ def test_sighup_reloads_the_config_file_and_refuses_a_broken_one(tmp_path):
     with gateway_process(tmp_path, "customers = %r\nwarmup = 0\n" % [TINY_CUSTOMER]) as (process, port):
         def connect_status(access_key):
             body = json.dumps({"jsonrpc": "2.0", "method": "Connect", "params": {}, "id": 1}).encode()
-            return status_of(exchange(port, b"POST / HTTP/1.1\r\nConnection: close\r\nAuthorization: "
+            return status_of(exchange(port, b"POST / HTTP/1.1\r\nHost: x\r\nConnection: close\r\nAuthorization: "
                                             b"Bearer %s\r\nContent-Length: %d\r\n\r\n%s" % (
                                                 token(access_key, now=time.time()).encode(),
                                                 len(body), body)))
@@ -4928,13 +5292,13 @@ def test_reload_refuses_when_the_started_config_file_is_gone(tmp_path):
 def test_error_answers_are_counted_by_path_and_logged(caplog):
     with caplog.at_level(logging.INFO, logger="odin_gateway"):
         with running(make_gateway(access_log=True)) as server:
-            exchange(server.port, b"POST / HTTP/1.1\r\nContent-Length: 9999999\r\n\r\n")
+            exchange(server.port, b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 9999999\r\n\r\n")
             too_large = parse_metrics(og.render_metrics(server.gateway))
         with running(make_gateway(access_log=True, max_connections=1)) as server:
             with socket.create_connection(("127.0.0.1", server.port), timeout=5) as held:
-                held.sendall(b"OPTIONS / HTTP/1.1\r\n\r\n")
+                held.sendall(b"OPTIONS / HTTP/1.1\r\nHost: x\r\n\r\n")
                 assert status_of(held.recv(65536)) == 200  # held is the one connection served
-                assert status_of(exchange(server.port, b"OPTIONS / HTTP/1.1\r\n\r\n")) == 503
+                assert status_of(exchange(server.port, b"OPTIONS / HTTP/1.1\r\nHost: x\r\n\r\n")) == 503
             refused_one = parse_metrics(og.render_metrics(server.gateway))
     assert sample_value(too_large, "odin_gateway_http_responses_total", path="/", status="4xx") == 1
     assert sample_value(refused_one, "odin_gateway_http_responses_total", path="invalid",
@@ -5232,6 +5596,23 @@ def test_an_age_past_update_interval_is_amber_and_past_disable_timeout_disabled(
     assert [s["state"] for s in og.status_data(gw)["servers"]] == ["disabled", "disabled"]
 
 
+def test_metrics_and_status_agree_on_a_server_that_has_just_gone_silent():
+    clock = Clock()
+    gw = status_gateway(clock)  # SFU1 taking rooms, SFU2 drained
+
+    def states():
+        families = parse_metrics(og.render_metrics(gw))
+        metrics = {state: sample_value(families, "odin_gateway_servers", state=state, region="")
+                   for state in ("enabled", "draining", "disabled")}
+        return metrics, sorted(s["state"] for s in og.status_data(gw)["servers"])
+
+    assert states() == ({"enabled": 1, "draining": 1, "disabled": 0}, ["draining", "taking rooms"])
+    clock.advance(8)  # past disable_timeout, before the tick: out from this moment, both say
+    assert states() == ({"enabled": 0, "draining": 0, "disabled": 2}, ["disabled", "disabled"])
+    gw.tick()
+    assert states() == ({"enabled": 0, "draining": 0, "disabled": 2}, ["disabled", "disabled"])
+
+
 def test_status_is_protected_like_metrics():
     gw = status_gateway()
     gw.reload(gw.config.replace(internal_users={"ops": "secret"}))
@@ -5507,6 +5888,19 @@ def test_a_server_may_drain_itself_in_its_report():
     assert get(gw, "/ready").status == 503
     report(gw, SFU1)  # no flag: taking rooms again
     assert result(gw, "Connect", {}, token=token(KEY_UNKNOWN))["address"] == SFU1
+
+
+def test_info_and_drain_say_draining_whoever_drains():
+    gw = make_gateway(customers=[])
+    params = {"public_endpoint": SFU1, "version": "1", "load": 0, "clients": 0, "rooms": []}
+    result(gw, "sfu.Report", dict(params, draining=True))
+    server = gw.grid.servers[SFU1]
+    assert server.draining_by_anyone and not server.draining
+    # The operator's undrain leaves the server's own wish: still draining, both say.
+    assert result(gw, "Drain", {"hostname": SFU1, "draining": False})["draining"] is True
+    assert result(gw, "Info")["servers"][0]["draining"] is True
+    result(gw, "sfu.Report", params)
+    assert not server.draining_by_anyone and result(gw, "Info")["servers"][0]["draining"] is False
 
 
 def test_drain_errors():
@@ -5812,6 +6206,74 @@ def test_a_task_held_after_one_slow_call_moves_to_redis_at_the_next_heartbeat(re
         assert http_report(b, SFU1)["tasks"] == [] and http_report(a, SFU1)["tasks"] == []
 
 
+def test_an_admin_call_whose_connection_breaks_after_redis_ran_it_is_delivered_once(redis_server):
+    # The connection breaks after Redis queued the task but before its answer came
+    # back: the task is sent again under its id when Redis answers (queued once),
+    # not held as a new task that would be queued beside the first.
+    lobby = [room(NS, "lobby", NS)]
+    with cluster_gateway(redis_server) as a:
+        http_report(a, SFU1, rooms=lobby)
+        link = a.gateway.cluster
+        push = link._push_tasks
+
+        async def ran_then_broke(items):
+            await push(items)
+            link._down(ConnectionError("Connection closed by server."))
+            raise og._Unreachable("Connection closed by server.")
+
+        link._push_tasks = ran_then_broke
+        try:
+            assert admin(a, "RoomUpdate", {"room_id": "lobby", "user_data": [5]}) == {}
+        finally:
+            del link._push_tasks
+        eventually(a, lambda: a.gateway.cluster.up)  # resynced: sent again under its id
+        tasks = http_report(a, SFU1, rooms=lobby)["tasks"]
+        assert [t["user_data"] for t in tasks] == [[5]]
+        assert http_report(a, SFU1, rooms=lobby)["tasks"] == []
+
+
+def test_a_report_whose_redis_call_times_out_hands_the_tasks_it_took_back(redis_server):
+    # The report's transaction, stalled past the deadline, runs when Redis wakes up
+    # and takes the server's task, though the answer went out without it: the take
+    # is handed back (the tasks stay in odin:taken until the answer is written),
+    # and the next report, through the other gateway, delivers the task.
+    lobby = [room(NS, "lobby", NS)]
+    with cluster_gateway(redis_server, cluster_heartbeat=60, cluster_timeout=0.2) as a, \
+            cluster_gateway(redis_server) as b:
+        http_report(a, SFU1, rooms=lobby)
+        eventually(b, knows_server(b))
+        assert admin(b, "RoomUpdate", {"room_id": "lobby", "user_data": [7]}) == {}
+        redis_server.pause()
+        try:
+            assert http_report(a, SFU1, rooms=lobby)["tasks"] == []
+        finally:
+            redis_server.resume()
+        assert a.call(lambda: a.gateway.cluster.up)  # slow, not down
+        asyncio.run_coroutine_threadsafe(a.gateway.cluster.beat(), a.loop).result(timeout=5)
+        tasks = http_report(b, SFU1, rooms=lobby)["tasks"]
+        assert [t["user_data"] for t in tasks] == [[7]]
+        assert http_report(a, SFU1, rooms=lobby)["tasks"] == []
+        assert redis_server.client().hlen("odin:taken") == 0  # b's answer was written: confirmed
+
+
+def test_tasks_taken_by_a_gateway_that_died_before_answering_are_handed_back(redis_server):
+    # A gateway killed between the take and the answer leaves its take in
+    # odin:taken under its member id; once it is no longer a member, the next
+    # heartbeat of another gateway puts the tasks back in front of the queue.
+    entry = json.dumps({"id": "x:1", "task": {"task": "RoomUpdate", "id": [NS, "lobby"],
+                                              "user_data": [1]}}, separators=(",", ":"))
+    with cluster_gateway(redis_server) as a:
+        http_report(a, SFU1, rooms=[room(NS, "lobby", NS)])
+        assert admin(a, "RoomUpdate", {"room_id": "lobby", "user_data": [2]}) == {}
+        client = redis_server.client()
+        client.hset("odin:taken", "dead-member-1-abc|4\n" + SFU1, entry)
+        client.hset("odin:taken", a.gateway.cluster.member + "|999\n" + SFU1, entry)  # alive: kept
+        asyncio.run_coroutine_threadsafe(a.gateway.cluster.beat(), a.loop).result(timeout=5)
+        assert client.hkeys("odin:taken") == [a.gateway.cluster.member + "|999\n" + SFU1]
+        tasks = http_report(a, SFU1, rooms=[room(NS, "lobby", NS)])["tasks"]
+        assert [t["user_data"] for t in tasks] == [[1], [2]]
+
+
 def test_redis_killed_and_restarted_empty_the_gateways_serve_then_resync(redis_server, caplog):
     with cluster_gateway(redis_server) as a, cluster_gateway(redis_server) as b:
         http_report(a, SFU1, rooms=[room(NS, "lobby", NS)])
@@ -5878,10 +6340,35 @@ def test_a_task_acknowledged_before_redis_restarts_is_delivered_once(redis_serve
         redis_server.start()
         eventually(a, lambda: a.gateway.cluster.up)
         eventually(b, lambda: b.gateway.cluster.up)
+        # Queued again once every gateway had two heartbeats to say what it delivered.
+        eventually(a, lambda: a.gateway.cluster._requeue_at is None)
         assert [t["task"] for t in http_report(b, SFU1)["tasks"]] == ["RoomClose"]
         assert http_report(a, SFU1)["tasks"] == [] and http_report(b, SFU1)["tasks"] == []
         # Delivered: a forgets it, so a later Redis restart brings nothing back.
         eventually(a, lambda: not a.gateway.cluster._undelivered)
+
+
+def test_a_task_delivered_before_redis_restarts_empty_is_not_queued_again(redis_server):
+    # Found by bench/cluster_run.py: the gateway that accepted a task had not
+    # heard that another delivered it (the word was lost with Redis), and queued
+    # it again in the new Redis. Now the deliverer tells the new Redis what it
+    # delivered, and the requeue waits two heartbeats for that.
+    lobby = [room(NS, "lobby", NS)]
+    with cluster_gateway(redis_server, cluster_heartbeat=0.5) as a, cluster_gateway(redis_server) as b:
+        http_report(a, SFU1, rooms=lobby)
+        eventually(b, knows_server(b))
+        assert admin(a, "RoomClose", {"room_id": "lobby"}) == {}
+        accepted = a.call(lambda: dict(a.gateway.cluster._undelivered))
+        assert [t["task"] for t in http_report(b, SFU1, rooms=lobby)["tasks"]] == ["RoomClose"]
+        eventually(a, lambda: not a.gateway.cluster._undelivered)
+        a.call(lambda: a.gateway.cluster._undelivered.update(accepted))  # as if the word was lost
+        redis_server.kill()
+        eventually(a, lambda: not a.gateway.cluster.up)
+        eventually(b, lambda: not b.gateway.cluster.up)
+        redis_server.start()
+        eventually(a, lambda: a.gateway.cluster.up)
+        eventually(a, lambda: a.gateway.cluster._requeue_at is None)
+        assert http_report(b, SFU1, rooms=lobby)["tasks"] == []
 
 
 def test_a_drain_through_one_gateway_holds_on_every_gateway(redis_server):

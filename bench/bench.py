@@ -341,7 +341,7 @@ def hostile_clients(port, idle, slow, stop):
     held = []
     for _ in range(idle):
         sock = socket.create_connection(("127.0.0.1", port))
-        sock.sendall(b"OPTIONS / HTTP/1.1\r\n\r\n")
+        sock.sendall(b"OPTIONS / HTTP/1.1\r\nHost: x\r\n\r\n")
         sock.recv(65536)
         held.append(sock)
     trickling = [None] * slow
@@ -350,7 +350,7 @@ def hostile_clients(port, idle, slow, stop):
             try:
                 if sock is None:
                     sock = trickling[index] = socket.create_connection(("127.0.0.1", port))
-                    sock.sendall(b"POST / HTTP/1.1\r\n")
+                    sock.sendall(b"POST / HTTP/1.1\r\nHost: x\r\n")
                 sock.sendall(b"X-Slow: 1\r\n")
             except OSError:  # cut off after read_timeout: come back
                 sock.close()
@@ -661,7 +661,7 @@ def report_in_steps(gw, body):
     hashed in steps, then integrated, the collector paused throughout):
     (whole time, the longest the loop is held at once), in seconds."""
     request = og.Request("POST", "/internal", (1, 1), {}, body)
-    steps, parts = og.load_json_in_steps(body), []
+    steps, parts = gw.parse_in_steps(body, "127.0.0.1"), []
     gc.disable()
     started = time.perf_counter()
     while True:
@@ -859,7 +859,7 @@ async def _propagation(url, reports):
                 "public_endpoint": "sfu:4433", "version": version, "load": 0.1, "clients": 0,
                 "rooms": rooms_report(10)}}).encode()
             started = time.perf_counter()
-            writer.write(b"POST /internal HTTP/1.1\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body))
+            writer.write(b"POST /internal HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body))
             head = await reader.readuntil(b"\r\n\r\n")
             await reader.readexactly(int(head.split(b"Content-Length: ")[1].split(b"\r\n")[0]))
             times.append(await asyncio.wait_for(arrived[version], 5) - started)
