@@ -1539,7 +1539,8 @@ class Config:
     state_file: Optional[str] = setting(
         None, _state_file,
         "a file for what a restart or crash must not lose (admin tasks not yet delivered, where "
-        "every room lives); `None`: nothing is saved. See [Restarts](#restarts)", reload=False)
+        "every room lives); `None`: nothing is saved; with `workers`, worker N saves to this path "
+        "plus `.workerN`. See [Restarts](#restarts)", reload=False)
     access_log: bool = setting(False, _boolean, "log one line per HTTP request", flag="--access-log")
     placement: str = setting(
         "balanced", _one_of("balanced", "random"),
@@ -8504,6 +8505,10 @@ def load_config(args: Any, environ: Optional[Dict[str, str]] = None) -> Config:
         if name in overrides and not config.ssl:
             raise ConfigError("%s without --ssl (or ssl = True in the config): the gateway would "
                               "serve plain HTTP" % overrides[name][0])
+    worker = environ.get(WORKER_ENV)
+    if worker and config.state_file is not None:
+        # Each worker saves its own replica: two processes writing one journal lose lines.
+        config = config.replace(state_file="%s.worker%s" % (config.state_file, worker))
     return config
 
 
@@ -8735,7 +8740,8 @@ def main(argv: Optional[List[str]] = None) -> int:
             import_redis()
         ssl_context = _ssl_context(config) if config.ssl else None
         gateway = Gateway(config)
-        gateway.open_state(discard_unreadable=args.discard_unreadable_state)
+        if config.workers == 1 or os.environ.get(WORKER_ENV):  # a supervisor keeps no state
+            gateway.open_state(discard_unreadable=args.discard_unreadable_state)
     except ConfigError as err:
         print("odin_gateway: %s" % err, file=sys.stderr)
         return 2

@@ -6734,8 +6734,10 @@ def test_sigkill_of_the_gateway_that_accepted_a_task_loses_nothing(tmp_path, red
 
 def test_workers_share_the_port_get_every_signal_and_are_restarted(tmp_path, redis_server):
     path = tmp_path / "gateway_config.py"
+    state = tmp_path / "state"
     path.write_text("host = '127.0.0.1'\nport = 0\nlog_format = 'json'\nworkers = 2\n"
-                    "cluster = %r\ncluster_heartbeat = 0.1\n" % redis_server.url)
+                    "cluster = %r\ncluster_heartbeat = 0.1\nstate_file = %r\n"
+                    % (redis_server.url, str(state)))
     supervisor = subprocess.Popen([sys.executable, str(HERE / "odin_gateway.py"), "--config",
                                    str(path)], stderr=subprocess.PIPE, text=True, cwd=str(tmp_path))
     lines = iter(supervisor.stderr)
@@ -6757,6 +6759,8 @@ def test_workers_share_the_port_get_every_signal_and_are_restarted(tmp_path, red
         ports = {int(r["message"].rsplit(":", 1)[1]) for r in listening}
         assert len(ports) == 1  # one port, two processes
         url = "http://127.0.0.1:%d" % ports.pop()
+        # Each worker saves its own replica; one journal written by two processes loses lines.
+        assert sorted(p.name for p in tmp_path.glob("state*")) == ["state.worker1", "state.worker2"]
         wait_for("cluster_member_joined")  # the first saw the second join: each knows the other
         os.kill(pids[0], signal.SIGKILL)
         died = wait_for("worker_died")[0]
