@@ -5209,9 +5209,10 @@ _HEADER_NAMES = types.MappingProxyType({spelling: name for name in (
     for spelling in (name, name.title(), name.upper())})
 #: Most distinct request lines a server remembers parsed (clients repeat theirs).
 REQUEST_LINE_CACHE = 256
-#: Most distinct header lines a server remembers parsed (Host, Content-Type and
-#: Content-Length lines repeat; Authorization lines, which hold tokens, are not kept).
-HEADER_LINE_CACHE = 256
+#: Most distinct header lines a server remembers parsed, and the longest it keeps
+#: (Host, Content-Type and Content-Length lines repeat; Authorization lines, which
+#: hold tokens, are not kept; long lines would make the cache big).
+HEADER_LINE_CACHE, HEADER_LINE_KEPT = 256, 200
 
 
 class HttpError(GatewayError):
@@ -5330,7 +5331,8 @@ def parse_headers(block: str, max_headers: int,
                 elif not colon:
                     break
                 field = (lower, value.strip(" \t"))
-                if known is not None and lower != "authorization":
+                if (known is not None and lower != "authorization"
+                        and len(line) <= HEADER_LINE_KEPT):
                     if len(known) >= HEADER_LINE_CACHE:
                         known.clear()
                     known[line] = field

@@ -4893,6 +4893,9 @@ def test_header_lines_kept_are_bounded_and_parsed_as_new_ones():
     assert og.parse_headers(block, 10, known) == {"host": "a", "authorization": "Bearer t",
                                                   "x-n1": "v"}
     assert known == {"Host: a": ("host", "a"), "X-N1: v": ("x-n1", "v")}  # full: emptied first
+    long_line = "X-Long: " + "v" * og.HEADER_LINE_KEPT
+    assert og.parse_headers(long_line + "\r\n", 10, known) == {"x-long": "v" * og.HEADER_LINE_KEPT}
+    assert long_line not in known
     # A server keeps them across its connections.
     framing = og.HttpFraming(og.Config(), header_lines=known)
     framing.feed(b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 0\r\n\r\n")
