@@ -2680,8 +2680,8 @@ def test_a_stray_crlf_after_a_body_is_ignored():
     state = framing()
     first = feed(state, b"POST /internal HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\n\r\n{}\r\n")
     assert first.body == b"{}" and state.next_event() is og.NEED_DATA
-    assert state.phase == "head"  # the head's deadline bounds a client sending only CRLFs
-    assert feed(state, b"\r") is og.NEED_DATA  # its LF follows
+    assert state.phase == "idle"  # not yet a head: its deadline (408) starts with the request line
+    assert feed(state, b"\r") is og.NEED_DATA and state.phase == "idle"  # its LF follows
     second = feed(state, b"\nGET /health HTTP/1.1\r\nHost: x\r\n\r\n")
     assert second.target == "/health"
     state.feed(b"\r\n")
@@ -2889,6 +2889,19 @@ def test_the_idle_deadline_is_keep_alive_timeout_after_each_answer():
     answered = transport.written
     assert status_of(answered) == 200 and connection.deadline == "idle"
     assert passes_at(loop, transport, 4) and transport.written == answered
+
+
+def test_a_stray_crlf_after_an_answer_leaves_the_connection_idle():
+    # Not a head begun (408 after head_timeout): the idle deadline still runs.
+    loop, connection, transport = connection_by_hand()
+    connection.data_received(b"POST /internal HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\n\r\n[]\r\n")
+    loop.advance(0)
+    answered = transport.written
+    assert status_of(answered) == 200 and connection.deadline == "idle"
+    loop.advance(3)
+    connection.data_received(b"\r\n")
+    assert connection.deadline == "idle" and passes_at(loop, transport, 4)
+    assert transport.written == answered  # closed when idle, without a 408
 
 
 def test_the_write_and_stop_deadlines_are_write_and_shutdown_timeout():
