@@ -7148,7 +7148,11 @@ class Connection(asyncio.Protocol):
             self.arm("linger")
             transport.close()
             return
-        transport.write_eof()
+        try:
+            transport.write_eof()
+        except OSError:  # reset while its answer waited (ENOTCONN): nothing to linger for
+            transport.abort()
+            return
         self.lingering = True
         self.arm("linger")
         if self.reading_paused:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
+import errno
 import functools
 import html.parser
 import io
@@ -2981,6 +2982,20 @@ def test_a_stray_crlf_after_an_answer_leaves_the_connection_idle():
     connection.data_received(b"\r\n")
     assert connection.deadline == "idle" and passes_at(loop, transport, 4)
     assert transport.written == answered  # closed when idle, without a 408
+
+
+def test_a_client_gone_before_its_last_answer_is_dropped_at_once():
+    # Seen at a stop: clients that asked during the warm-up and left got their
+    # 503, the half-close raised ENOTCONN out of the callback, and the stop
+    # waited shutdown_timeout for connections nobody would close.
+    loop, connection, transport = connection_by_hand()
+
+    def gone():
+        raise OSError(errno.ENOTCONN, "Transport endpoint is not connected")
+
+    transport.write_eof = gone
+    connection.data_received(b"OPTIONS / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+    assert status_of(transport.written) == 200 and transport.ended == "aborted"
 
 
 def test_the_write_and_stop_deadlines_are_write_and_shutdown_timeout():
