@@ -4945,7 +4945,9 @@ def _outcome(events):
 
 @FUZZ
 @given(st.binary(max_size=300) | st.builds(
-    lambda method, target, headers: b"%s %s HTTP/1.1\r\nHost: x\r\n%s\r\n" % (method, target, headers),
+    lambda empty, method, target, headers: b"%s%s %s HTTP/1.1\r\nHost: x\r\n%s\r\n" % (
+        empty, method, target, headers),
+    st.sampled_from([b"", b"\r\n", b"\r\n\r\n", b"\r"]),  # empty lines before it are skipped
     st.sampled_from([b"POST", b"GET", b"P\x00ST", b""]), st.binary(max_size=30),
     st.binary(max_size=200)), st.integers(1, 50))
 def test_fuzz_request_framing(data, pieces):
