@@ -5551,9 +5551,9 @@ class HttpFraming:
                     self.phase = "closed"
                     return CLOSED
                 return NEED_DATA
-            self.phase = "head"
             if buffer[start] == 13:  # CR: an empty line, or the start of one
                 return self._skip_empty_lines()
+            self.phase = "head"
             self._refuse_early(limits)
             if self.eof:
                 raise HttpError(400, "connection closed inside the request")
@@ -5612,14 +5612,15 @@ class HttpFraming:
     def _skip_empty_lines(self) -> Any:
         """Drop the empty lines (CRLF) before a request line, then read on (RFC 9112
         section 2.2: a keep-alive client may send a stray CRLF after a body). The
-        head's deadline runs meanwhile, so they cannot hold a connection open."""
+        phase stays: an idle connection stays idle (empty lines hold it no longer
+        than a request each keep_alive_timeout would), a new one keeps its
+        first-byte deadline."""
         skipped = _EMPTY_LINES_RE.match(self.buffer, self.start)
         if skipped is None:
             if self.start + 1 == len(self.buffer) and not self.eof:
                 return NEED_DATA  # a CR whose LF is on its way
             raise HttpError(400, "malformed request line")
         self.start = skipped.end()
-        self.phase = "head"
         return self._head()
 
     def body_limit(self, target: str) -> int:
@@ -7164,7 +7165,11 @@ class Connection(asyncio.Protocol):
             self.arm("linger")
             transport.close()
             return
-        transport.write_eof()
+        try:
+            transport.write_eof()
+        except OSError:  # reset while its answer waited (ENOTCONN): nothing to linger for
+            transport.abort()
+            return
         self.lingering = True
         self.arm("linger")
         if self.reading_paused:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
+import errno
 import functools
 import html.parser
 import io
@@ -2759,8 +2760,8 @@ def test_a_stray_crlf_after_a_body_is_ignored():
     state = framing()
     first = feed(state, b"POST /internal HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\n\r\n{}\r\n")
     assert first.body == b"{}" and state.next_event() is og.NEED_DATA
-    assert state.phase == "head"  # the head's deadline bounds a client sending only CRLFs
-    assert feed(state, b"\r") is og.NEED_DATA  # its LF follows
+    assert state.phase == "idle"  # not yet a head: its deadline (408) starts with the request line
+    assert feed(state, b"\r") is og.NEED_DATA and state.phase == "idle"  # its LF follows
     second = feed(state, b"\nGET /health HTTP/1.1\r\nHost: x\r\n\r\n")
     assert second.target == "/health"
     state.feed(b"\r\n")
@@ -2968,6 +2969,33 @@ def test_the_idle_deadline_is_keep_alive_timeout_after_each_answer():
     answered = transport.written
     assert status_of(answered) == 200 and connection.deadline == "idle"
     assert passes_at(loop, transport, 4) and transport.written == answered
+
+
+def test_a_stray_crlf_after_an_answer_leaves_the_connection_idle():
+    # Not a head begun (408 after head_timeout): the idle deadline still runs.
+    loop, connection, transport = connection_by_hand()
+    connection.data_received(b"POST /internal HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\n\r\n[]\r\n")
+    loop.advance(0)
+    answered = transport.written
+    assert status_of(answered) == 200 and connection.deadline == "idle"
+    loop.advance(3)
+    connection.data_received(b"\r\n")
+    assert connection.deadline == "idle" and passes_at(loop, transport, 4)
+    assert transport.written == answered  # closed when idle, without a 408
+
+
+def test_a_client_gone_before_its_last_answer_is_dropped_at_once():
+    # Seen at a stop: clients that asked during the warm-up and left got their
+    # 503, the half-close raised ENOTCONN out of the callback, and the stop
+    # waited shutdown_timeout for connections nobody would close.
+    loop, connection, transport = connection_by_hand()
+
+    def gone():
+        raise OSError(errno.ENOTCONN, "Transport endpoint is not connected")
+
+    transport.write_eof = gone
+    connection.data_received(b"OPTIONS / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+    assert status_of(transport.written) == 200 and transport.ended == "aborted"
 
 
 def test_the_write_and_stop_deadlines_are_write_and_shutdown_timeout():
@@ -4939,7 +4967,9 @@ def _outcome(events):
 
 @FUZZ
 @given(st.binary(max_size=300) | st.builds(
-    lambda method, target, headers: b"%s %s HTTP/1.1\r\nHost: x\r\n%s\r\n" % (method, target, headers),
+    lambda empty, method, target, headers: b"%s%s %s HTTP/1.1\r\nHost: x\r\n%s\r\n" % (
+        empty, method, target, headers),
+    st.sampled_from([b"", b"\r\n", b"\r\n\r\n", b"\r"]),  # empty lines before it are skipped
     st.sampled_from([b"POST", b"GET", b"P\x00ST", b""]), st.binary(max_size=30),
     st.binary(max_size=200)), st.integers(1, 50))
 def test_fuzz_request_framing(data, pieces):
