@@ -1410,7 +1410,7 @@ def test_a_repeated_report_is_read_from_its_text_by_the_previous_one(monkeypatch
     gw = make_gateway(clock)
     report(gw, SFU1, rooms=_aged_rooms(50))
     first = gw.grid.servers[SFU1].rooms_text
-    assert first is not None and len(first.seams[0]) == 49
+    assert first is not None and len(first.seams.split("\0")) == 49
     clock.advance(5)
     rooms = _aged_rooms(50, seconds=65)
     rooms[10]["peers"] = 9  # one seam changed: only it is matched against the grammar
@@ -1427,6 +1427,18 @@ def test_a_repeated_report_is_read_from_its_text_by_the_previous_one(monkeypatch
     server = gw.grid.servers[SFU1]
     assert server.report_json()["rooms"] == rooms and server.usage == {"c": [sum(r["peers"] for r in rooms), 50]}
     assert all(gw.grid.rooms[og.room_hash("ns", "r%d" % i)].updated == clock.now for i in range(50))
+
+
+def test_a_report_whose_seams_join_as_the_previous_ones_is_still_refused():
+    """Seams are kept joined by NULs: a body with a NUL where an age was
+    joins to the same text, and must still be refused as JSON refuses it."""
+    gw = make_gateway()
+    body = _report_body(_aged_rooms(3), separators=(", ", ": "))
+    assert gw.handle_http("POST", "/internal", {}, body, "127.0.0.1").status == 200
+    age = re.search(rb'"age": \{"secs": 61, "nanos": 7\}', body)
+    forged = body[:age.start()] + b"\x00" + body[age.end():]
+    assert _read_and_loaded(gw, forged) == ("ValueError", "ValueError", False)
+    assert gw.handle_http("POST", "/internal", {}, forged, "127.0.0.1").status == 400
 
 
 #: What one byte of a valid report is replaced by (or preceded by) in the tests below.
