@@ -573,9 +573,8 @@ def read_rooms_in_steps(text: str, start: int, previous_of: Callable[[dict], Opt
     known, (ids, customers, _, peers) = (previous.seams, previous.columns) if previous else ("", ([],) * 4)
     # What the known seams say: the rooms they start (ids, customers), those they end (peers).
     ids, customers, peers = ids[1:], customers[1:], peers[:-1]
-    if len(seams) == len(ids) and joined == known:  # no room came, went, or changed its peers
-        pass
-    else:  # the seams known already say what they said; the others are matched
+    if len(seams) != len(ids) or joined != known:  # rooms came, went, or changed their peers:
+        # the seams known say what they said; the others are matched
         rows = list(map(dict(zip(known.split("\0") if ids else (), itertools.count())).get, seams))
         for count, index in enumerate([index for index, row in enumerate(rows) if row is None], 1):
             seam = _SEAM.fullmatch(seams[index])
