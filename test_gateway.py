@@ -1473,6 +1473,15 @@ def test_a_report_whose_seams_join_as_the_previous_ones_is_still_refused():
     assert gw.handle_http("POST", "/internal", {}, forged, "127.0.0.1").status == 400
 
 
+@pytest.mark.parametrize("method, read", [("sfu.Report", True), ("SubmitReport", True), ("Info", False),
+                                          ("GetConfig", False)])
+def test_only_a_reports_rooms_are_read_from_the_text(method, read):
+    gw = make_gateway()
+    body = _report_body(_aged_rooms(3)).replace(b'"sfu.Report"', json.dumps(method).encode())
+    fast, slow, from_text = _read_and_loaded(gw, body)
+    assert fast == slow and from_text is read
+
+
 #: What one byte of a valid report is replaced by (or preceded by) in the tests below.
 HOSTILE_BYTES = [b'"', b"\\", b" ", b"\n", b"\t", b"\r", b"\x00", b"\x1f", b"\x7f", b"x", b"0", b"9", b"-",
                  b".", b"e", b"E", b"+", b",", b"{", b"}", b"[", b"]", b":", b"", "\u00e9".encode(),
@@ -1481,11 +1490,13 @@ HOSTILE_BYTES = [b'"', b"\\", b" ", b"\n", b"\t", b"\r", b"\x00", b"\x1f", b"\x7
                  b'"age": {"secs": 1, "nanos": 2}, ', b'"peers": 3, ', b'"id": ["a", "b"], ', b"null"]
 
 
-@pytest.mark.parametrize("separators", [(", ", ": "), (",", ":")])
-def test_a_report_one_byte_off_is_read_as_json_reads_it(separators):
+@pytest.mark.parametrize("separators, step", [((", ", ": "), None), ((",", ":"), None), ((",", ":"), 40)])
+def test_a_report_one_byte_off_is_read_as_json_reads_it(separators, step, monkeypatch):
     """Every byte of a report already read, replaced by (and preceded by) each
     hostile byte: the text reading refuses exactly what json.loads refuses and
-    reads the rest as it does."""
+    reads the rest as it does (step: its text cut in steps of that many characters)."""
+    if step is not None:
+        monkeypatch.setattr(og, "JSON_STEP_CHARS", step)
     gw = make_gateway()
     body = _report_body(_aged_rooms(2), separators=separators)
     assert gw.handle_http("POST", "/internal", {}, body, "127.0.0.1").status == 200
