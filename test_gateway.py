@@ -1593,6 +1593,27 @@ def test_a_big_reports_new_rooms_are_hashed_in_steps_and_connects_run_between(mo
         r for r in og.grid_records(plain.grid) if r[0] == "room")
 
 
+def test_rooms_read_from_the_text_are_hashed_in_steps_before_the_report(monkeypatch):
+    monkeypatch.setattr(og, "PREPARE_STEP_ROOMS", 4)
+    gw = make_gateway()
+    rooms = _aged_rooms(10)
+    report(gw, SFU1, rooms=rooms[:2])
+    body = _report_body(rooms)
+    request = _finished(gw.parse_in_steps(body, "127.0.0.1"))
+    assert isinstance(request["params"]["rooms"], og.RoomsText)
+    assert sum(1 for _ in gw.prepare_report(request, "127.0.0.1")) == 2  # the 8 new rooms
+    assert len(gw.grid.prepared) == 8
+
+    def no_hashing(*key):
+        raise AssertionError("hashed again while integrating")
+    monkeypatch.setattr(og, "room_hash", no_hashing)
+    answer = gw.handle_http("POST", "/internal", {}, body, "127.0.0.1", parsed=request)
+    assert answer.json()["result"] == {"tasks": []}
+    assert gw.grid.prepared == {} and len(gw.grid.rooms) == 10
+    again = _finished(gw.parse_in_steps(body, "127.0.0.1"))  # nothing new to hash
+    assert list(gw.prepare_report(again, "127.0.0.1")) == []
+
+
 def test_collision_closes_stay_single_and_bounded_under_notification_reports():
     gw = make_gateway(max_queued_tasks=5)
     report(gw, SFU1, rooms=[room("ns", "r", "c")])
