@@ -2568,7 +2568,8 @@ class Grid:
         for digest in itertools.islice(order, bisect.bisect_right(order, after), None):
             if len(page) >= limit:
                 break
-            if digest in rooms and (not page or digest != page[-1]):  # a hash unmapped and mapped again: twice
+            # (a hash unmapped and mapped again is listed twice, side by side)
+            if digest in rooms and (not page or digest != page[-1]):
                 page.append(digest)
         return page
 

@@ -1457,7 +1457,8 @@ def test_a_repeated_report_is_read_from_its_text_by_the_previous_one(monkeypatch
     report(gw, SFU1, rooms=rooms)
     assert matched == [', "peers": 9}, {"id": ["ns", "r11"], "customer": "c", ']
     server = gw.grid.servers[SFU1]
-    assert server.report_json()["rooms"] == rooms and server.usage == {"c": [sum(r["peers"] for r in rooms), 50]}
+    assert server.report_json()["rooms"] == rooms
+    assert server.usage == {"c": [sum(r["peers"] for r in rooms), 50]}
     assert all(gw.grid.rooms[og.room_hash("ns", "r%d" % i)].updated == clock.now for i in range(50))
 
 
@@ -1504,7 +1505,8 @@ def test_a_report_one_byte_off_is_read_as_json_reads_it(separators, step, monkey
     read = 0
     for position in range(len(body)):
         for hostile in HOSTILE_BYTES:
-            for mutant in (body[:position] + hostile + body[position + 1:], body[:position] + hostile + body[position:]):
+            for mutant in (body[:position] + hostile + body[position + 1:],
+                           body[:position] + hostile + body[position:]):
                 fast, slow, from_text = _read_and_loaded(gw, mutant)
                 assert fast == slow, mutant
                 read += from_text
