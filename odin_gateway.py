@@ -528,13 +528,13 @@ _LAST_SEAM = re.compile(_ROOM_END + _W + r"\]")
 
 class RoomsText:
     """A report's rooms read from its text (read_rooms_in_steps): their
-    columns (RoomColumns), and its seams with what each says, to read the
-    server's next report by: (seams, ids and customers of the rooms they
-    start, peers of the rooms they end)."""
+    columns (RoomColumns), and its seams joined by NULs (which no seam holds;
+    one string costs half a list of them), to read the server's next report by.
+    Seam i starts room i + 1 and ends room i."""
 
     __slots__ = ("columns", "seams")
 
-    def __init__(self, columns: "RoomColumns", seams: Tuple[List[str], list, list, list]):
+    def __init__(self, columns: "RoomColumns", seams: str):
         self.columns = columns
         self.seams = seams
 
@@ -568,13 +568,14 @@ def read_rooms_in_steps(text: str, start: int, previous_of: Callable[[dict], Opt
             and value.get("method") in REPORT_METHODS):
         return None
     seams = texts[1:-1]
+    joined = "\0".join(seams)  # as many seams, and the same text: the same seams
     previous = previous_of(params)
-    known = previous.seams if previous is not None else ([], [], [], [])
-    if seams == known[0]:  # compared in C: no room came, went, or changed its peers
-        ids, customers, peers = known[1:]
-    else:  # the seams known already say what they said; the others are matched
-        rows = list(map(dict(zip(known[0], itertools.count())).get, seams))
-        ids, customers, peers = list(known[1]), list(known[2]), list(known[3])
+    known, (ids, customers, _, peers) = (previous.seams, previous.columns) if previous else ("", ([],) * 4)
+    # What the known seams say: the rooms they start (ids, customers), those they end (peers).
+    ids, customers, peers = ids[1:], customers[1:], peers[:-1]
+    if len(seams) != len(ids) or joined != known:  # rooms came, went, or changed their peers:
+        # the seams known say what they said; the others are matched
+        rows = list(map(dict(zip(known.split("\0") if ids else (), itertools.count())).get, seams))
         for count, index in enumerate([index for index, row in enumerate(rows) if row is None], 1):
             seam = _SEAM.fullmatch(seams[index])
             if seam is None:
@@ -590,7 +591,7 @@ def read_rooms_in_steps(text: str, start: int, previous_of: Callable[[dict], Opt
     namespace, name, customer = first.groups()
     columns = ([(namespace, name)] + ids, [customer] + customers,
                list(zip(map(int, secs), map(int, nanos))), peers + [int(last.group(1))])
-    params["rooms"] = RoomsText(columns, (seams, ids, customers, peers))
+    params["rooms"] = RoomsText(columns, joined)
     return value
 
 
@@ -2567,7 +2568,8 @@ class Grid:
         for digest in itertools.islice(order, bisect.bisect_right(order, after), None):
             if len(page) >= limit:
                 break
-            if digest in rooms and (not page or digest != page[-1]):  # a hash unmapped and mapped again: twice
+            # (a hash unmapped and mapped again is listed twice, side by side)
+            if digest in rooms and (not page or digest != page[-1]):
                 page.append(digest)
         return page
 

@@ -1443,7 +1443,7 @@ def test_a_repeated_report_is_read_from_its_text_by_the_previous_one(monkeypatch
     gw = make_gateway(clock)
     report(gw, SFU1, rooms=_aged_rooms(50))
     first = gw.grid.servers[SFU1].rooms_text
-    assert first is not None and len(first.seams[0]) == 49
+    assert first is not None and len(first.seams.split("\0")) == 49
     clock.advance(5)
     rooms = _aged_rooms(50, seconds=65)
     rooms[10]["peers"] = 9  # one seam changed: only it is matched against the grammar
@@ -1458,8 +1458,30 @@ def test_a_repeated_report_is_read_from_its_text_by_the_previous_one(monkeypatch
     report(gw, SFU1, rooms=rooms)
     assert matched == [', "peers": 9}, {"id": ["ns", "r11"], "customer": "c", ']
     server = gw.grid.servers[SFU1]
-    assert server.report_json()["rooms"] == rooms and server.usage == {"c": [sum(r["peers"] for r in rooms), 50]}
+    assert server.report_json()["rooms"] == rooms
+    assert server.usage == {"c": [sum(r["peers"] for r in rooms), 50]}
     assert all(gw.grid.rooms[og.room_hash("ns", "r%d" % i)].updated == clock.now for i in range(50))
+
+
+def test_a_report_whose_seams_join_as_the_previous_ones_is_still_refused():
+    """Seams are kept joined by NULs: a body with a NUL where an age was
+    joins to the same text, and must still be refused as JSON refuses it."""
+    gw = make_gateway()
+    body = _report_body(_aged_rooms(3), separators=(", ", ": "))
+    assert gw.handle_http("POST", "/internal", {}, body, "127.0.0.1").status == 200
+    age = re.search(rb'"age": \{"secs": 61, "nanos": 7\}', body)
+    forged = body[:age.start()] + b"\x00" + body[age.end():]
+    assert _read_and_loaded(gw, forged) == ("ValueError", "ValueError", False)
+    assert gw.handle_http("POST", "/internal", {}, forged, "127.0.0.1").status == 400
+
+
+@pytest.mark.parametrize("method, read", [("sfu.Report", True), ("SubmitReport", True), ("Info", False),
+                                          ("GetConfig", False)])
+def test_only_a_reports_rooms_are_read_from_the_text(method, read):
+    gw = make_gateway()
+    body = _report_body(_aged_rooms(3)).replace(b'"sfu.Report"', json.dumps(method).encode())
+    fast, slow, from_text = _read_and_loaded(gw, body)
+    assert fast == slow and from_text is read
 
 
 #: What one byte of a valid report is replaced by (or preceded by) in the tests below.
@@ -1470,11 +1492,13 @@ HOSTILE_BYTES = [b'"', b"\\", b" ", b"\n", b"\t", b"\r", b"\x00", b"\x1f", b"\x7
                  b'"age": {"secs": 1, "nanos": 2}, ', b'"peers": 3, ', b'"id": ["a", "b"], ', b"null"]
 
 
-@pytest.mark.parametrize("separators", [(", ", ": "), (",", ":")])
-def test_a_report_one_byte_off_is_read_as_json_reads_it(separators):
+@pytest.mark.parametrize("separators, step", [((", ", ": "), None), ((",", ":"), None), ((",", ":"), 40)])
+def test_a_report_one_byte_off_is_read_as_json_reads_it(separators, step, monkeypatch):
     """Every byte of a report already read, replaced by (and preceded by) each
     hostile byte: the text reading refuses exactly what json.loads refuses and
-    reads the rest as it does."""
+    reads the rest as it does (step: its text cut in steps of that many characters)."""
+    if step is not None:
+        monkeypatch.setattr(og, "JSON_STEP_CHARS", step)
     gw = make_gateway()
     body = _report_body(_aged_rooms(2), separators=separators)
     assert gw.handle_http("POST", "/internal", {}, body, "127.0.0.1").status == 200
@@ -1482,7 +1506,8 @@ def test_a_report_one_byte_off_is_read_as_json_reads_it(separators):
     read = 0
     for position in range(len(body)):
         for hostile in HOSTILE_BYTES:
-            for mutant in (body[:position] + hostile + body[position + 1:], body[:position] + hostile + body[position:]):
+            for mutant in (body[:position] + hostile + body[position + 1:],
+                           body[:position] + hostile + body[position:]):
                 fast, slow, from_text = _read_and_loaded(gw, mutant)
                 assert fast == slow, mutant
                 read += from_text
@@ -1569,6 +1594,27 @@ def test_a_big_reports_new_rooms_are_hashed_in_steps_and_connects_run_between(mo
     assert gw.grid.servers[SFU1].room_hashes == set(gw.grid.rooms)
     assert sorted(r for r in og.grid_records(gw.grid) if r[0] == "room") == sorted(
         r for r in og.grid_records(plain.grid) if r[0] == "room")
+
+
+def test_rooms_read_from_the_text_are_hashed_in_steps_before_the_report(monkeypatch):
+    monkeypatch.setattr(og, "PREPARE_STEP_ROOMS", 4)
+    gw = make_gateway()
+    rooms = _aged_rooms(10)
+    report(gw, SFU1, rooms=rooms[:2])
+    body = _report_body(rooms)
+    request = _finished(gw.parse_in_steps(body, "127.0.0.1"))
+    assert isinstance(request["params"]["rooms"], og.RoomsText)
+    assert sum(1 for _ in gw.prepare_report(request, "127.0.0.1")) == 2  # the 8 new rooms
+    assert len(gw.grid.prepared) == 8
+
+    def no_hashing(*key):
+        raise AssertionError("hashed again while integrating")
+    monkeypatch.setattr(og, "room_hash", no_hashing)
+    answer = gw.handle_http("POST", "/internal", {}, body, "127.0.0.1", parsed=request)
+    assert answer.json()["result"] == {"tasks": []}
+    assert gw.grid.prepared == {} and len(gw.grid.rooms) == 10
+    again = _finished(gw.parse_in_steps(body, "127.0.0.1"))  # nothing new to hash
+    assert list(gw.prepare_report(again, "127.0.0.1")) == []
 
 
 def test_collision_closes_stay_single_and_bounded_under_notification_reports():
