@@ -20,7 +20,8 @@ without, and drives it the way a fleet does:
 - admin calls (RoomClose, RoomBanClient, RoomSendMessage, RoomUpdate) on live
   rooms, each made unique so that its delivery can be recognised, and
   counted as acknowledged when answered {};
-- slow Info readers that read the room list a few kilobytes at a time;
+- slow Info readers that read the room list a few kilobytes at a time,
+  and others that ask for every room and read nothing;
 
 and kills the gateway several times under that load (SIGKILL, and SIGTERM:
 a planned restart), restarting it at once on the same port. Then it stops
@@ -416,9 +417,11 @@ async def admin_client(world: World, tokens: Tokens, pause: float) -> None:
     http.close()
 
 
-async def slow_info_reader(world: World, chunk: int, pause: float) -> None:
-    """Asks for a page of up to 5,000 rooms and reads the answer a little at a time."""
-    body = json.dumps({"jsonrpc": "2.0", "method": "Info", "params": {"rooms": {"limit": 5000}}, "id": 1})
+async def slow_info_reader(world: World, chunk: int, pause: Optional[float]) -> None:
+    """Asks for a page of up to 5,000 rooms and reads the answer a little at a time;
+    pause None: asks for every room and reads nothing for 20 s, then hangs up."""
+    rooms = {"limit": 5000} if pause is not None else True
+    body = json.dumps({"jsonrpc": "2.0", "method": "Info", "params": {"rooms": rooms}, "id": 1})
     request = ("POST /internal HTTP/1.1\r\nHost: gateway\r\nConnection: close\r\nContent-Length: %d\r\n\r\n%s"
                % (len(body), body)).encode()
     while not world.load_stop:
@@ -432,6 +435,12 @@ async def slow_info_reader(world: World, chunk: int, pause: float) -> None:
             sock = writer.get_extra_info("socket")
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, chunk)
             writer.write(request)
+            if pause is None:
+                for _ in range(200):
+                    if world.load_stop:
+                        break
+                    await asyncio.sleep(0.1)
+                continue
             while not world.load_stop:
                 data = await asyncio.wait_for(reader.read(chunk), 30)
                 if not data:
@@ -539,7 +548,8 @@ async def run_variant(saved: bool, seconds: float, kills: List[int], options: An
     tasks = [asyncio.ensure_future(server.run()) for server in world.servers.values()]
     tasks += [asyncio.ensure_future(connect_client(world, tokens, options.pause)) for _ in range(options.clients)]
     tasks += [asyncio.ensure_future(admin_client(world, tokens, options.pause * 4)) for _ in range(options.admins)]
-    tasks += [asyncio.ensure_future(slow_info_reader(world, 4096, 0.05)) for _ in range(options.readers)]
+    tasks += [asyncio.ensure_future(slow_info_reader(world, 4096, 0.05 if number % 2 else None))
+              for number in range(options.readers)]
     counts = world.counts
     try:
         world.phase = "under load"
