@@ -23,8 +23,10 @@ without, and drives it the way a fleet does:
 - slow Info readers that read the room list a few kilobytes at a time,
   and others that ask for every room and read nothing;
 
-and kills the gateway several times under that load (SIGKILL, and SIGTERM:
-a planned restart), restarting it at once on the same port. Then it stops
+and kills the gateway several times under that load (SIGKILL, the first
+one within the first update_interval, before every server has reported, as
+in a crash loop; and SIGTERM, a planned restart), restarting it at once on
+the same port (--quick: one of each, 6 s of load per variant). Then it stops
 the admin calls and the kills, lets every server report a few more times,
 and counts:
 
