@@ -52,9 +52,9 @@ The machine's load matters: a report answered later than disable_timeout
 (1.5 update_intervals, as by default; --disable-after) after the previous
 one moves its server's rooms, which the run counts as misroutes (compare
 with a run without restarts: --kills 0 --sigterms 0). It prints `uptime`
-before it starts. A simulated server does not retry a report that fails,
-not even one sent on a keep-alive connection the restart broke: it waits
-for its next update_interval.
+before it starts. A simulated server does not retry a report that fails
+(it waits for its next update_interval), but like common HTTP clients it
+opens a new connection when the gateway has closed the one it kept.
 """
 
 from __future__ import annotations
@@ -111,6 +111,8 @@ class Http:
             raise
 
     async def _post(self, path: str, body: dict, authorization: Optional[str]) -> Tuple[int, Any]:
+        if self.reader is not None and self.reader.at_eof():
+            self.close()  # the gateway closed it (or died) meanwhile: as HTTP clients do, a new one
         if self.writer is None:
             self.reader, self.writer = await asyncio.open_connection("127.0.0.1", self.port)
         data = json.dumps(body).encode()
