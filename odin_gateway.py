@@ -2470,6 +2470,10 @@ class Grid:
         # the room's hash, so that they agree without asking (ClusterLink).
         self.placing_alone = False
         self.gateways_alone = 1  # the gateways placing alone meanwhile (see limit_usage)
+        # Clock time until which no server counts as silent: set when saved state
+        # is restored, since each server may have lost a report to the restart
+        # (sent while the gateway was down, or on a connection the restart broke).
+        self.grace_until = 0.0
         # Called with (record, acknowledged) for every change worth saving
         # (section "Saved state"); None: nobody saves the state.
         self.journal: Optional[Callable[[list, bool], None]] = None
@@ -2880,9 +2884,10 @@ class Grid:
         """Not disabled, and not silent for disable_timeout: a silent server is out
         from that moment, whatever the phase of the maintenance tick (which only
         makes it official). While a cluster gateway is without Redis (gateways_alone),
-        a server silent here may be reporting to another gateway: it stays in."""
+        a server silent here may be reporting to another gateway: it stays in; and
+        so it does after a restart from saved state, until grace_until."""
         return not server.disabled and (now - server.last_seen < self.config.disable_timeout
-                                        or self.gateways_alone > 1)
+                                        or self.gateways_alone > 1 or now < self.grace_until)
 
     def state(self, server: Server, now: float) -> str:
         """"enabled" (takes new rooms), "draining" (serves its rooms, takes no new
@@ -2983,7 +2988,8 @@ class Grid:
                 rooms = self._remove(server)
                 self._gateway.event("server_removed", now, hostname=server.hostname, silent=silent,
                                     rooms=rooms)
-            elif silent >= config.disable_timeout and not server.disabled and self.gateways_alone == 1:
+            elif (silent >= config.disable_timeout and not server.disabled and self.gateways_alone == 1
+                  and now >= self.grace_until):
                 self._account(server, -1)
                 server.disabled = True
                 self.note_server(server)
@@ -3315,6 +3321,10 @@ class SavedState:
             seen = gateway.clock()
             for server in grid.servers.values():
                 server.last_seen = max(server.last_seen, seen)
+            # and each may have lost a report to the restart: the next one is
+            # due an update_interval later; silent from then on is silent.
+            config = gateway.config
+            grid.grace_until = seen + config.update_interval + config.disable_timeout
         return restored
 
     def resume(self) -> None:

@@ -1986,6 +1986,26 @@ def test_servers_restored_from_a_big_state_count_as_seen_once_it_is_loaded(tmp_p
     assert result(second, "Connect", {}, token=token(now=clock()))["address"] == SFU1
 
 
+def test_a_server_that_lost_a_report_to_the_restart_keeps_its_rooms(tmp_path):
+    clock = Clock()
+    path = tmp_path / "state.jsonl"
+    first = saved_gateway(path, clock, warmup=0)
+    first.begin_warmup()
+    report(first, SFU1, rooms=[room("custom-ns", "lobby", "odinref")])
+    first.saved.flush()  # killed at once: SFU1's next report (5 s later) finds no gateway,
+    clock.advance(1)  # or a connection the kill broke, and the one after comes 10 s later
+    second = saved_gateway(path, clock)
+    clock.advance(12)
+    report(second, SFU2)
+    second.tick()
+    assert result(second, "Connect", {}, token=token(now=clock()))["address"] == SFU1
+    assert not second.grid.servers[SFU1].disabled
+    clock.advance(0.5)  # one report more than that lost: silent, as always
+    second.tick()
+    assert second.grid.servers[SFU1].disabled
+    assert result(second, "Connect", {}, token=token(now=clock()))["address"] == SFU2
+
+
 def test_saved_state_is_compacted_and_stays_exact(tmp_path, monkeypatch):
     monkeypatch.setattr(og, "STATE_COMPACT_BYTES", 2000)
     path = tmp_path / "state.jsonl"
