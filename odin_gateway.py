@@ -5890,6 +5890,7 @@ class ClusterLink:
         self._sending = asyncio.Lock()  # one batch of placements at a time
         self._task_count = 0
         self._report_count = 0
+        self._slow_beats = 0  # heartbeats in a row that got no answer in time
         # Takes of reports' tasks (fields of odin:taken) -> (hostname, whether the
         # answer was sent; None until it is written or known unsent).
         self._takes: Dict[str, Tuple[str, Optional[bool]]] = {}
@@ -5943,14 +5944,21 @@ class ClusterLink:
 
     async def _call(self, awaitable: Any, *, heartbeat: bool = False) -> Any:
         """Await one Redis call under the deadline; _Unreachable if it fails. A lost
-        connection takes the link down at once; a slow answer only when the heartbeat
-        is slow too (one slow call under load must not cost a resync)."""
+        connection takes the link down at once; a slow answer only when two heartbeats
+        in a row are slow too (one slow call, or beat, under load must not cost a resync,
+        nor send the gateways placing rooms each its own way)."""
         try:
-            return await asyncio.wait_for(awaitable, self.gateway.config.cluster_timeout)
+            answer = await asyncio.wait_for(awaitable, self.gateway.config.cluster_timeout)
         except self._errors as err:
-            if heartbeat or not isinstance(err, self._timeouts):
+            slow = isinstance(err, self._timeouts)
+            if heartbeat and slow:
+                self._slow_beats += 1
+            if not slow or self._slow_beats >= 2:
                 self._down(err)
             raise _Unreachable(str(err)) from err
+        if heartbeat:
+            self._slow_beats = 0
+        return answer
 
     def _down(self, err: BaseException) -> None:
         if self.up:
