@@ -497,8 +497,8 @@ def _parse_marked(text: str, start: int, end: int, glue: str = "") -> Tuple[Any,
 # repeats the one before: only the rooms' ages always change, their peers
 # now and then. So a report's rooms array in the form servers write it,
 #     [{"id": [ns, name], "customer": c, "age": {"secs": s, "nanos": n}, "peers": p}, ...]
-# (with any JSON whitespace, strings without escapes, integers of at most 18
-# digits), is read from its text: cut at the ages, the text between two ages
+# (strings without escapes, integers of at most 18 digits, whitespace as
+# servers write it), is read from its text: cut at the ages, the text between two ages
 # (a seam: the end of one room, its peers, and the start of the next, its id
 # and customer) is compared with the seams of the same server's previous
 # report, and only new seams are matched against the grammar above; the
@@ -517,8 +517,10 @@ _INTEGER = r"(0|[1-9][0-9]{0,17})"
 _ROOM_START = _W.join(("", r"\{", '"id"', ":", r"\[", _STRING, ",", _STRING, r"\]", ",", '"customer"', ":",
                        _STRING, ",", ""))
 _ROOM_END = _W.join(("", ",", '"peers"', ":", _INTEGER, r"\}"))
-_AGE_TEXT = re.compile(_W.join(('"age"', ":", r"\{", '"secs"', ":", _INTEGER, ",", '"nanos"', ":",
-                                _INTEGER, r"\}")))
+# (Ages as JSON.stringify, serde_json or json.dumps write them: a space
+# after the colons and commas or none; JSON's every whitespace costs a
+# quarter more, and the odd report is parsed by json.loads.)
+_AGE_TEXT = re.compile(" ?".join(('"age":', r"\{", '"secs":', _INTEGER + ",", '"nanos":', _INTEGER + r"\}")))
 _FIRST_SEAM = re.compile(_ROOM_START)
 _SEAM = re.compile(_ROOM_END + _W + "," + _ROOM_START)
 _LAST_SEAM = re.compile(_ROOM_END + _W + r"\]")
@@ -986,10 +988,13 @@ class Authorizer:
             if aud != "gateway" and not (isinstance(aud, list) and "gateway" in aud):
                 raise TokenError("token audience does not match")
         exp, nbf = get("exp", _MISSING), get("nbf", _MISSING)
-        if exp is not _MISSING and not _is_safe_integer(exp):
-            raise TokenError("invalid exp in token")
-        if nbf is not _MISSING and not _is_safe_integer(nbf):
-            raise TokenError("invalid nbf in token")
+        if not (exp.__class__ is int and nbf.__class__ is int  # the usual: both safe, known at once
+                and -MAX_SAFE_INTEGER <= exp <= MAX_SAFE_INTEGER
+                and -MAX_SAFE_INTEGER <= nbf <= MAX_SAFE_INTEGER):
+            if exp is not _MISSING and not _is_safe_integer(exp):
+                raise TokenError("invalid exp in token")
+            if nbf is not _MISSING and not _is_safe_integer(nbf):
+                raise TokenError("invalid nbf in token")
         if exp is not _MISSING and now - exp > TOKEN_LEEWAY:
             raise TokenError("token has expired")
         if nbf is not _MISSING and nbf - now > TOKEN_LEEWAY:
@@ -1028,6 +1033,8 @@ def split_authorization(header: Optional[str]) -> Tuple[str, str]:
     silently ignored the rest).
     """
     parts = (header or "").split(" ")
+    if len(parts) == 2 and parts[0] and parts[1] and parts[1].isprintable():
+        return parts[0], parts[1]  # the usual: printable text after one space has no whitespace
     scheme, credentials = parts[0], parts[1] if len(parts) > 1 else ""
     if not scheme or not credentials:
         raise TokenError("missing authorization")
@@ -1532,7 +1539,8 @@ class Config:
     state_file: Optional[str] = setting(
         None, _state_file,
         "a file for what a restart or crash must not lose (admin tasks not yet delivered, where "
-        "every room lives); `None`: nothing is saved. See [Restarts](#restarts)", reload=False)
+        "every room lives); `None`: nothing is saved; with `workers`, worker N saves to this path "
+        "plus `.workerN`. See [Restarts](#restarts)", reload=False)
     access_log: bool = setting(False, _boolean, "log one line per HTTP request", flag="--access-log")
     placement: str = setting(
         "balanced", _one_of("balanced", "random"),
@@ -2464,7 +2472,14 @@ class Grid:
         # Called with (record, acknowledged) for every change worth saving
         # (section "Saved state"); None: nobody saves the state.
         self.journal: Optional[Callable[[list, bool], None]] = None
-        self._sorted: Optional[List[str]] = None  # room hashes in order, for Info's pages
+        # Room hashes in order, for Info's pages (rooms_after), from the first
+        # page on. Kept in batches, not hash by hash (each insertion or deletion
+        # moves the rest of the list: seconds for a big report's rooms): hashes
+        # mapped since wait in _unsorted; hashes unmapped stay, counted in
+        # _stale, until a quarter of the list is stale (pages skip them).
+        self._sorted: Optional[List[str]] = None
+        self._unsorted: set = set()
+        self._stale = 0
         # Hashes of the rooms placed by Connect and not yet reported: with the
         # rooms of servers silent for a token's lifetime, the only ones that
         # can expire (a reported room is refreshed by every report).
@@ -2492,12 +2507,18 @@ class Grid:
             server.changes += 1
 
     def _map(self, digest: str, room: Room, acknowledged: bool = False) -> None:
-        """Map (or remap) a room; acknowledged: a Connect answers with it.
+        """Map (or remap) a room and journal it; acknowledged: a Connect answers with it."""
+        self.put_room(digest, room)
+        if self.journal is not None:
+            self.journal(room_record(digest, room), acknowledged)
+
+    def put_room(self, digest: str, room: Room) -> None:
+        """Map (or remap) a room, unjournaled (apply_record replays a record with it).
         (A caller that moves a Room object to another server touches the old one.)"""
         old = self.rooms.get(digest)
         if old is None:
             if self._sorted is not None:
-                bisect.insort(self._sorted, digest)
+                self._unsorted.add(digest)
         elif old is not room:
             self._touch(old.server)
         self.rooms[digest] = room
@@ -2505,16 +2526,15 @@ class Grid:
             self.placed.discard(digest)
         else:
             self.placed.add(digest)
-        if self.journal is not None:
-            self.journal(room_record(digest, room), acknowledged)
 
     def _unmap(self, digest: str) -> None:
         self._touch(self.rooms.pop(digest).server)
         self.placed.discard(digest)
         if self._sorted is not None:
-            index = bisect.bisect_left(self._sorted, digest)
-            if index < len(self._sorted) and self._sorted[index] == digest:
-                del self._sorted[index]
+            if digest in self._unsorted:
+                self._unsorted.discard(digest)
+            else:
+                self._stale += 1
         self._note(["unroom", digest])
 
     def set_complete(self) -> None:
@@ -2528,10 +2548,28 @@ class Grid:
 
     def rooms_after(self, after: str, limit: int) -> List[str]:
         """At most limit room hashes that sort after after (Info's pages)."""
-        if self._sorted is None:  # kept up to date from the first page on
-            self._sorted = sorted(self.rooms)
-        start = bisect.bisect_right(self._sorted, after)
-        return self._sorted[start:start + limit]
+        order, rooms = self._sorted, self.rooms
+        if order is None:
+            order, self._unsorted = sorted(rooms), set()
+        elif self._stale > len(order) // 4:  # the gone (and twice listed) out, in one pass
+            order = [digest for digest, _ in itertools.groupby(order) if digest in rooms]
+        if self._unsorted:
+            if len(self._unsorted) < 100:
+                for digest in self._unsorted:
+                    bisect.insort(order, digest)
+            else:  # timsort merges a sorted run with the new ones in about len(order) steps
+                order += self._unsorted
+                order.sort()
+        if order is not self._sorted:
+            self._stale = 0
+        self._sorted, self._unsorted = order, set()
+        page: List[str] = []
+        for digest in itertools.islice(order, bisect.bisect_right(order, after), None):
+            if len(page) >= limit:
+                break
+            if digest in rooms and (not page or digest != page[-1]):  # a hash unmapped and mapped again: twice
+                page.append(digest)
+        return page
 
     @property
     def config(self) -> Config:
@@ -2831,11 +2869,7 @@ class Grid:
                 # it does not expire early after a restart (no report refreshes it).
                 self._map(digest, room)
         new_room = 1 if new_here and digest not in server.room_hashes else 0
-        for totals in (server.pending, self.pending):  # the server is enabled: it counts
-            counts = totals.setdefault(customer, [0, 0])
-            counts[0] += 1
-            counts[1] += new_room
-        server.pending_peers += 1
+        self._count_pending(server, customer, 1, new_room)
         if self.on_placed is not None:
             self.on_placed(server.hostname, customer, new_room)
         return server
@@ -2900,14 +2934,18 @@ class Grid:
     def add_pending(self, hostname: str, customer: str, peers: int, rooms: int) -> None:
         """Usage another gateway placed on a server since its last report."""
         server = self.servers.get(hostname)
-        if server is None:
-            return
-        self._account(server, -1)
-        counts = server.pending.setdefault(customer, [0, 0])
-        counts[0] += peers
-        counts[1] += rooms
+        if server is not None:
+            self._count_pending(server, customer, peers, rooms)
+
+    def _count_pending(self, server: Server, customer: str, peers: int, rooms: int) -> None:
+        """Count usage placed on a server since its report (in the totals too while it is enabled)."""
+        for totals in (server.pending,) if server.disabled else (server.pending, self.pending):
+            counts = totals.get(customer)
+            if counts is None:  # not setdefault: that builds a list on every Connect
+                counts = totals[customer] = [0, 0]
+            counts[0] += peers
+            counts[1] += rooms
         server.pending_peers += peers
-        self._account(server, +1)
 
     def _place(self, room_id: Tuple[str, str], customer: str, pinned: Optional[str],
                region: Optional[str], pool: Optional[str], now: float,
@@ -3092,17 +3130,11 @@ def apply_record(grid: Grid, record: list, now: float) -> None:
         server = grid.servers.get(room.server)
         if server is None:
             return  # its server was forgotten: so is the room
-        grid._sorted = None
-        if digest in grid.rooms:
-            grid._touch(grid.rooms[digest].server)
         if room.reported:
             room.updated = max(room.updated, now)
-        grid.rooms[digest] = room
+        grid.put_room(digest, room)
         if room.reported:
             server.room_hashes.add(digest)
-            grid.placed.discard(digest)
-        else:
-            grid.placed.add(digest)
         return
     if kind == "unroom":
         room = grid.rooms.pop(record[1], None)
@@ -3277,6 +3309,10 @@ class SavedState:
                      extra=fields("state_restored", path=path, servers=len(grid.servers),
                                   rooms=len(grid.rooms)))
         self.resume()
+        if restored:  # no server could report while the state was loaded and written anew
+            seen = gateway.clock()
+            for server in grid.servers.values():
+                server.last_seen = max(server.last_seen, seen)
         return restored
 
     def resume(self) -> None:
@@ -3792,8 +3828,9 @@ class Gateway:
             raise invalid_fields(problems, "invalid claims in token")
 
         licensee = auth.licensee
-        peers, rooms = self.grid.limit_usage(licensee.customer_id)
-        self._check_limit(licensee, licensee.peer_limit, peers, "peers")  # every Connect
+        if licensee.peer_limit is not None:  # every Connect
+            self._check_limit(licensee, licensee.peer_limit,
+                              self.grid.limit_usage(licensee.customer_id)[0], "peers")
 
         digest, (namespace, room_name) = _connect_room(auth, self.room_hashes)
         link = self.cluster
@@ -4240,13 +4277,14 @@ class Gateway:
     def _call(self, methods: Tuple[str, ...], request: Any, auth: Optional[Authorization],
               remote: str) -> Optional[dict]:
         """The response object for one request, or None for a notification."""
-        if not isinstance(request, dict) or not _is_request_id(request.get("id")):
-            return {"jsonrpc": "2.0", "error": {"code": INVALID_REQUEST, "message": "Invalid Request"},
-                    "id": None}
+        request_id = request.get("id") if isinstance(request, dict) else False
+        if request_id.__class__ is not int:  # the usual id: an int, valid as it is
+            if not _is_request_id(request_id):
+                return {"jsonrpc": "2.0", "error": {"code": INVALID_REQUEST,
+                                                   "message": "Invalid Request"}, "id": None}
+            if isinstance(request_id, float):
+                request_id = int(request_id)
         notification = "id" not in request
-        request_id = request.get("id")
-        if isinstance(request_id, float):
-            request_id = int(request_id)
         method = request.get("method")
         try:
             if (request.get("jsonrpc") != "2.0" or not isinstance(method, str)
@@ -4310,13 +4348,13 @@ class Gateway:
         stopping: the server that received it is stopping (/ready says so);
         parsed: the body's JSON, if already parsed (load_json_in_steps).
         """
-        path = target.split("?", 1)[0]
-        if path in OPERATIONS_PATHS:
-            return self._operations(method, path, headers, stopping)
+        path = target.split("?", 1)[0] if "?" in target else target
         if path == "/":
             methods = self.PUBLIC_METHODS
         elif path == "/internal":
             methods = self.INTERNAL_METHODS
+        elif path in OPERATIONS_PATHS:
+            return self._operations(method, path, headers, stopping)
         elif path == "*":  # OPTIONS * (the framing lets no other method have it): the server
             return Response(200, headers=[("Allow", "GET, HEAD, POST, OPTIONS")])
         else:
@@ -5220,7 +5258,7 @@ def parse_request_line(line: bytes) -> Tuple[str, str, Tuple[int, int]]:
         raise HttpError(400, "malformed request line")
     if match.group(1) != "1":
         raise HttpError(505, "HTTP version not supported: use HTTP/1.1")
-    if target[0] != "/":
+    if target[0] != "/" or "#" in target:
         target = origin_form(method, target)
     return method, target, (1, int(match.group(2)))
 
@@ -5228,7 +5266,8 @@ def parse_request_line(line: bytes) -> Tuple[str, str, Tuple[int, int]]:
 def origin_form(method: str, target: str) -> str:
     """The path and query a request target not in origin-form names (RFC 9112
     section 3.2): an absolute-form target is routed by its path, "*" is only
-    for OPTIONS (the server as a whole); anything else is refused."""
+    for OPTIONS (the server as a whole); anything else (a fragment, which
+    clients never send, included) is refused."""
     absolute = _ABSOLUTE_FORM_RE.fullmatch(target)
     if absolute is not None:
         path = absolute.group(1)
@@ -7376,15 +7415,18 @@ class GatewayServer:
         the warm-up (Postponed: asked again when the gateway changes); an
         answer that acknowledges what the state file must hold waits until
         it is on disk; an Info call waits for its turn."""
-        if _lists_grid(request.target, request.body):
-            return self._in_turn(request, remote)
-        if (len(request.body) > 2 * JSON_STEP_CHARS and request.method == "POST"
-                and request.target.split("?", 1)[0] == "/internal"
-                and self.gateway.may_call_internal(request.headers)):
-            return self._parsed_in_steps(request, remote)
+        if request.target != "/":  # a client's call ("/") neither lists the grid nor reports
+            if _lists_grid(request.target, request.body):
+                return self._in_turn(request, remote)
+            if (len(request.body) > 2 * JSON_STEP_CHARS and request.method == "POST"
+                    and request.target.split("?", 1)[0] == "/internal"
+                    and self.gateway.may_call_internal(request.headers)):
+                return self._parsed_in_steps(request, remote)
         saved = self.gateway.saved
         acknowledged = saved.acknowledged if saved is not None else 0
         response = handle_request(self.gateway, request, remote, self.stopping)
+        if response.__class__ is Response and saved is None:
+            return response  # the usual: nothing to wait for
         if isinstance(response, Postponed):
             return self._when_changed(request, remote, response) if not self.stopping else _plain(response)
         if response.__class__ is not Response:  # cluster steps: Redis first (ClusterLink.complete)
@@ -8471,6 +8513,10 @@ def load_config(args: Any, environ: Optional[Dict[str, str]] = None) -> Config:
         if name in overrides and not config.ssl:
             raise ConfigError("%s without --ssl (or ssl = True in the config): the gateway would "
                               "serve plain HTTP" % overrides[name][0])
+    worker = environ.get(WORKER_ENV)
+    if worker and config.state_file is not None:
+        # Each worker saves its own replica: two processes writing one journal lose lines.
+        config = config.replace(state_file="%s.worker%s" % (config.state_file, worker))
     return config
 
 
@@ -8702,7 +8748,8 @@ def main(argv: Optional[List[str]] = None) -> int:
             import_redis()
         ssl_context = _ssl_context(config) if config.ssl else None
         gateway = Gateway(config)
-        gateway.open_state(discard_unreadable=args.discard_unreadable_state)
+        if config.workers == 1 or os.environ.get(WORKER_ENV):  # a supervisor keeps no state
+            gateway.open_state(discard_unreadable=args.discard_unreadable_state)
     except ConfigError as err:
         print("odin_gateway: %s" % err, file=sys.stderr)
         return 2

@@ -703,6 +703,39 @@ def repeated_report_ms(rooms):
         times, longest, floors, [f[0] for f in firsts], [f[1] for f in firsts]))
 
 
+def changed_report_ms(rooms, changed):
+    """In-process cost of a report repeating the previous one's rooms but for
+    changed of them (every other one with a peer more, the others replaced by
+    new rooms), ages 5 s older, handled as the server does: median of 5, ms."""
+    gw = og.Gateway(og.Config(customers=[CUSTOMER], max_body_bytes=64 * 1024 * 1024))
+
+    def body(step):
+        value = json.loads(report_body("sfu:4433", rooms, "r", 60 + 5 * step))
+        for count, index in enumerate(range(0, rooms, rooms // changed)):
+            room = value["params"]["rooms"][index]
+            if count % 2:
+                room["id"][1] = "new-%d-%d" % (step, index)
+            else:
+                room["peers"] += step
+        return json.dumps(value).encode()
+    bodies = [body(step) for step in range(6)]
+    report_in_steps(gw, bodies[0])
+    return statistics.median(report_in_steps(gw, body)[0] for body in bodies[1:]) * 1000
+
+
+def new_rooms_after_info_ms(rooms=100000, new=10000):
+    """In-process: into a grid of rooms rooms that Info has paged once, a first
+    report of new rooms, then a report without them: (whole, longest hold of
+    the loop) of each, ms."""
+    gw = og.Gateway(og.Config(customers=[CUSTOMER], max_body_bytes=64 * 1024 * 1024))
+    for index in range(rooms // new):
+        report_in_steps(gw, report_body("sfu-%d:4433" % index, new, "s%d" % index))
+    gw.rpc_info(og.Call(None, "127.0.0.1", False), {"rooms": {"limit": 1000}})
+    came = report_in_steps(gw, report_body("sfu-new:4433", new, "new"))
+    gone = report_in_steps(gw, report_body("sfu-new:4433", 0, "new"))
+    return tuple(seconds * 1000 for seconds in came + gone)
+
+
 def heavy_load(tmp, args, tokens):
     print("\nRestarts and heavy load (issue 11; load average %.2f):" % os.getloadavg()[0])
     pin(SERVER_CORE)
@@ -713,6 +746,10 @@ def heavy_load(tmp, args, tokens):
           % (repeat, floor, repeat - floor, longest))
     print("  sfu.Report of 10,000 new rooms: %.1f ms, the longest the loop is held at once: %.1f ms"
           % (first, first_hold))
+    print("  sfu.Report of 10,000 rooms repeating the previous one but for 100 (50 with a peer more, 50 "
+          "new rooms), ages 5 s older: %.1f ms" % changed_report_ms(10000, 100))
+    print("  into a 100,000-room grid whose Info was paged: 10,000 new rooms %.1f ms (the longest hold "
+          "%.1f ms); the same rooms gone %.1f ms (%.1f ms)" % new_rooms_after_info_ms())
     seconds = 6 if args.quick else 30
     p99, worst, count, sent = connect_under_big_reports(tmp, seconds, tokens)
     print("  Connect while 17 servers report 1,000 rooms and 3 report 10,000 every 5 s (%d s, "
@@ -817,15 +854,30 @@ def gateway_run(tmp, load, settings, redis_pid, seconds, pinned=True, workers=1)
             "connections": [split.get(pid, 0) for pid in pids]}
 
 
-def _run_line(name, run):
+def _rest(run):
+    """Cores the rest of the machine (other processes) used during a run, or None."""
+    if run["busy"] is None:
+        return None
+    return (run["busy"] - sum(run["workers_cpu"]) - run["load_cpu"] - run["redis_cpu"]) / run["elapsed"]
+
+
+def _disturbed(runs):
+    """A warning when other processes took CPU during the runs: the rates measure them too."""
+    rests = [_rest(run) for run in runs if _rest(run) is not None]
+    if rests and statistics.median(rests) > 0.25:
+        print("    (other processes used %.2f cores during these runs, the median: the Connect/s "
+              "ratios measure them too; the ratios from CPU time per Connect do not)"
+              % statistics.median(rests))
+
+
+def _run_line(name, run, generator):
     """One run's figures: Connect/s, CPU per Connect, cores used by whom."""
     elapsed, ours = run["elapsed"], sum(run["workers_cpu"])
-    rest = "" if run["busy"] is None else ", the rest of the machine %.2f" % (
-        (run["busy"] - ours - run["load_cpu"] - run["redis_cpu"]) / elapsed)
+    rest = "" if run["busy"] is None else ", the rest of the machine %.2f" % _rest(run)
     return ("    %-11s %6.0f Connect/s, %3.0f us CPU/Connect in the gateway (%.2f cores; "
-            "connections %s); cores used by wrk %.2f, redis-server %.2f%s" % (
+            "connections %s); cores used by %s %.2f, redis-server %.2f%s" % (
                 name, run["rate"], ours / run["requests"] * 1e6, ours / elapsed,
-                "+".join(map(str, run["connections"])), run["load_cpu"] / elapsed,
+                "+".join(map(str, run["connections"])), generator, run["load_cpu"] / elapsed,
                 run["redis_cpu"] / elapsed, rest))
 
 
@@ -910,6 +962,7 @@ def cluster_part(tmp, seconds, tokens, script, use_wrk, quick=False):
             usage["cpu"] = time.process_time() - started
             return figures
 
+        generator = "wrk" if use_wrk else "the load generator"
         seconds = 1 if quick else 5
         pairs = 1 if quick else 3  # runs alternate, so that other load hits both sides alike
         print("\nCluster: 64 connections, 1,000 rotating tokens; the load generator (%s -t1) and "
@@ -921,13 +974,16 @@ def cluster_part(tmp, seconds, tokens, script, use_wrk, quick=False):
         for _ in range(pairs):
             for name, settings in (("alone", ""), ("cluster", "cluster = %r\n" % url)):
                 runs[name].append(gateway_run(tmp, load, settings, redis_process.pid, seconds))
-                print(_run_line(name, runs[name][-1]))
+                print(_run_line(name, runs[name][-1], generator))
         ratios = [c["rate"] / a["rate"] for a, c in zip(runs["alone"], runs["cluster"])]
         ratio = statistics.median(ratios)
-        print("  cluster / alone: Connect/s %.2f (target >= 0.8; each pair %s) %s; CPU per Connect "
-              "%.0f us alone, %.0f us in cluster mode" % (
+        alone_cpu, cluster_cpu = _per_connect(runs["alone"]), _per_connect(runs["cluster"])
+        print("  cluster / alone: Connect/s %.2f, the median pair (target >= 0.8; each pair %s) %s;\n"
+              "    CPU per Connect %.0f us alone, %.0f us in cluster mode: the ratio that follows "
+              "from CPU time is %.2f" % (
                   ratio, " ".join("%.2f" % r for r in ratios), "met" if ratio >= 0.8 else "NOT MET",
-                  _per_connect(runs["alone"]) * 1e6, _per_connect(runs["cluster"]) * 1e6))
+                  alone_cpu * 1e6, cluster_cpu * 1e6, alone_cpu / cluster_cpu))
+        _disturbed(runs["alone"] + runs["cluster"])
         print("  --workers 1 against --workers 2, the gateway on every core (its workers unpinned, "
               "beside the load generator and redis-server):")
         runs = {1: [], 2: []}
@@ -936,21 +992,25 @@ def cluster_part(tmp, seconds, tokens, script, use_wrk, quick=False):
                 runs[workers].append(gateway_run(
                     tmp, load, "cluster = %r\nworkers = %d\n" % (url, workers), redis_process.pid,
                     seconds, pinned=False, workers=workers))
-                print(_run_line("--workers %d" % workers, runs[workers][-1]))
+                print(_run_line("--workers %d" % workers, runs[workers][-1], generator))
         ratios = [two["rate"] / one["rate"] for one, two in zip(runs[1], runs[2])]
         raw = statistics.median(ratios)
         one_cpu, two_cpu = _per_connect(runs[1]), _per_connect(runs[2])
-        beside = statistics.median((run["load_cpu"] + run["redis_cpu"]) / run["elapsed"]
+        beside = statistics.median((run["load_cpu"] + run["redis_cpu"]) / run["requests"]
                                    for run in runs[2])
-        print("  --workers 2 / --workers 1: Connect/s %.2f (target >= 1.7; each pair %s) %s" % (
+        print("  --workers 2 / --workers 1: Connect/s %.2f, the median pair (target >= 1.7; each "
+              "pair %s) %s" % (
             raw, " ".join("%.2f" % r for r in ratios), "met" if raw >= 1.7 else "NOT MET"))
-        print("    CPU per Connect in the gateway: %.0f us with 1 worker, %.0f us with 2 (%.2fx)" % (
-            one_cpu * 1e6, two_cpu * 1e6, two_cpu / one_cpu))
-        print("    wrk and redis-server use %.2f cores at the 2-worker rate, which leaves the workers "
-              "%.2f cores: the ratio that follows from CPU time is (2 - %.2f) x %.0f / %.0f = %.2f; "
+        print("    CPU per Connect in the gateway: %.0f us with 1 worker, %.0f us with 2 (%.2fx); %s "
+              "and redis-server: %.0f us per Connect" % (
+                  one_cpu * 1e6, two_cpu * 1e6, two_cpu / one_cpu, generator, beside * 1e6))
+        # One worker has a core of its own (the load fits on the other); two share both
+        # cores with the load generator and redis-server, which grow with the rate.
+        print("    the ratio that follows from CPU time: 2 x %.0f / (%.0f + %.0f) = %.2f on this box; "
               "with the load generator on another box, 2 x %.0f / %.0f = %.2f" % (
-                  beside, 2 - beside, beside, one_cpu * 1e6, two_cpu * 1e6,
-                  (2 - beside) * one_cpu / two_cpu, one_cpu * 1e6, two_cpu * 1e6, 2 * one_cpu / two_cpu))
+                  one_cpu * 1e6, two_cpu * 1e6, beside * 1e6, 2 * one_cpu / (two_cpu + beside),
+                  one_cpu * 1e6, two_cpu * 1e6, 2 * one_cpu / two_cpu))
+        _disturbed(runs[1] + runs[2])
         p50, p99 = asyncio.run(_propagation(url, 50 if quick else 500))
         print("  a report reaches another gateway: p50 %.2f ms, p99 %.2f ms" % (p50 * 1000, p99 * 1000))
         rooms = 1000 if quick else 10000
