@@ -5784,9 +5784,13 @@ return ARGV[1]
 """
 # Queue an admin task unless it was queued before (same id) or the server's
 # queue is full. KEYS: odin:tasks:<host>, odin:taskids:<host>; ARGV: the task,
-# the bound, the TTL, the task's id. 1: queued (now or before), 0: full.
+# the bound, the TTL, the task's id. 1: queued (now, or before and still there),
+# 2: queued before and taken since, 0: full.
 _TASK_SCRIPT = """
-if redis.call('SISMEMBER', KEYS[2], ARGV[4]) == 1 then return 1 end
+if redis.call('SISMEMBER', KEYS[2], ARGV[4]) == 1 then
+  if redis.call('LPOS', KEYS[1], ARGV[1]) then return 1 end
+  return 2
+end
 if redis.call('LLEN', KEYS[1]) >= tonumber(ARGV[2]) then return 0 end
 redis.call('RPUSH', KEYS[1], ARGV[1])
 redis.call('SADD', KEYS[2], ARGV[4])
@@ -6491,7 +6495,7 @@ class ClusterLink:
         results = await self._call(pipe.execute())
         now = self.gateway.clock()
         for (hostname, task_id, task), queued in zip(items, results):
-            if queued:
+            if queued == 1:  # (2: a report took it already: nothing to keep)
                 self._undelivered[task_id] = (hostname, task, now)
         return ["queued" if queued else "full" for queued in results]
 

@@ -6438,6 +6438,27 @@ def test_tasks_taken_by_a_gateway_that_died_before_answering_are_handed_back(red
         assert [t["user_data"] for t in tasks] == [[1], [2]]
 
 
+def test_a_task_sent_again_after_a_report_took_it_is_not_kept_for_a_requeue(redis_server):
+    # Found by bench/cluster_run.py: a slow admin call ran late, a report took its
+    # task, then the heartbeat sent it again under its id: known, so not queued,
+    # but kept as undelivered (the word of its delivery had come before), and
+    # queued again after Redis restarted empty: delivered twice.
+    lobby = [room(NS, "lobby", NS)]
+    with cluster_gateway(redis_server, cluster_heartbeat=60, cluster_timeout=0.2) as a, \
+            cluster_gateway(redis_server) as b:
+        http_report(a, SFU1, rooms=lobby)
+        eventually(b, knows_server(b))
+        redis_server.pause()
+        try:
+            assert admin(a, "RoomUpdate", {"room_id": "lobby", "user_data": [1]}) == {}
+        finally:
+            redis_server.resume()
+        assert [t["user_data"] for t in http_report(b, SFU1, rooms=lobby)["tasks"]] == [[1]]
+        eventually(a, lambda: not a.gateway.cluster._undelivered)
+        asyncio.run_coroutine_threadsafe(a.gateway.cluster.beat(), a.loop).result(timeout=5)
+        assert a.call(lambda: (a.gateway.cluster._unsure, a.gateway.cluster._undelivered)) == ({}, {})
+
+
 def test_redis_killed_and_restarted_empty_the_gateways_serve_then_resync(redis_server, caplog):
     with cluster_gateway(redis_server) as a, cluster_gateway(redis_server) as b:
         http_report(a, SFU1, rooms=[room(NS, "lobby", NS)])
