@@ -6061,7 +6061,6 @@ class ClusterLink:
         self._reader = asyncio.ensure_future(self._read_events(self._pubsub))
         first = not self.loaded
         self.up = self.loaded = True
-        self.gateway.grid.gateways_alone = 1
         self.changed.set()
         if first:
             self._place_alone(False)
@@ -6078,14 +6077,17 @@ class ClusterLink:
                            servers=len(grid.servers), rooms=len(grid.rooms), members=len(self.members))
 
     def _place_alone(self, alone: bool) -> None:
-        """Whether new rooms are placed by their hash (Grid.placing_alone): while Redis is
-        down, and two heartbeats after it is back, when the other gateways may not know yet."""
+        """Whether new rooms are placed by their hash (Grid.placing_alone), silent servers
+        kept and limits shared (Grid.gateways_alone): while Redis is down, and two
+        heartbeats after it is back, when the others may not have written back yet."""
         if self._settling is not None:
             self._settling.cancel()
             self._settling = None
         self.gateway.grid.placing_alone = alone
-        # Limits: Redis is down, so every member may be placing rooms unseen.
-        self.gateway.grid.gateways_alone = max(1, len(self.members)) if alone and not self.up else 1
+        if not alone:
+            self.gateway.grid.gateways_alone = 1
+        elif not self.up:  # every member may be placing rooms, and taking reports, unseen
+            self.gateway.grid.gateways_alone = max(1, len(self.members))
 
     async def _close_pubsub(self) -> None:
         pubsub, self._pubsub = self._pubsub, None

@@ -110,7 +110,7 @@ class Redis:
 
 
 class GatewayProcess:
-    def __init__(self, name: str, directory: str, redis_url: str):
+    def __init__(self, name: str, directory: str, redis_url: str, heartbeat: float):
         self.name = name
         self.directory = os.path.join(directory, name)
         os.mkdir(self.directory)
@@ -123,9 +123,9 @@ class GatewayProcess:
              "access_keys": [{"public_key": og.public_jwk(LIMITED_KEY)}]}]
         with open(os.path.join(self.directory, "gateway_config.py"), "w") as config:
             config.write("host = '127.0.0.1'\nport = %d\nlog_format = 'json'\ncluster = %r\n"
-                         "cluster_heartbeat = 0.5\nupdate_interval = %r\ndisable_timeout = %r\n"
+                         "cluster_heartbeat = %r\nupdate_interval = %r\ndisable_timeout = %r\n"
                          "master_key = %r\ncustomers = %r\n" % (
-                             self.port, redis_url, UPDATE_INTERVAL, 4 * UPDATE_INTERVAL,
+                             self.port, redis_url, heartbeat, UPDATE_INTERVAL, 4 * UPDATE_INTERVAL,
                              MASTER_KEY, customers))
         self.process = None
         self.log = None
@@ -383,6 +383,8 @@ def main() -> int:
     parser.add_argument("--quick", action="store_true", help="shorter phases")
     parser.add_argument("--clients", type=int, default=6, help="client threads")
     parser.add_argument("--seed", type=int, default=None)
+    parser.add_argument("--heartbeat", type=float, default=0.5,
+                        help="cluster_heartbeat of the gateways (update_interval is %s)" % UPDATE_INTERVAL)
     parser.add_argument("--keep", action="store_true", help="keep the temporary directory (logs)")
     args = parser.parse_args()
     if shutil.which("redis-server") is None:
@@ -395,7 +397,7 @@ def main() -> int:
     os.mkdir(redis_dir)
     redis = Redis(redis_dir)
     redis.start(keep_data=False)
-    gateways = [GatewayProcess(name, directory, redis.url) for name in ("A", "B")]
+    gateways = [GatewayProcess(name, directory, redis.url, args.heartbeat) for name in ("A", "B")]
     front = Front(gateways)
     fleet = Fleet()
     stop_clients, stop_servers = threading.Event(), threading.Event()
