@@ -5744,9 +5744,10 @@ class HttpFraming:
 #                                 longer a member are handed back by the others.
 #   odin:cancelled:<id>   string  a report whose take was handed back before it ran
 #                                 (its call timed out): it takes nothing; EX remove_timeout.
-#   odin:taskids:<host>   set     ids of the tasks ever queued there: a task sent again
-#                                 after a call that timed out (but may have run) is
-#                                 not queued twice; EX remove_timeout.
+#   odin:taskids:<host>   zset    id -> Redis time, of the tasks queued there within
+#                                 remove_timeout (older ones are dropped at each push):
+#                                 a task sent again after a call that failed (but may
+#                                 have run) is not queued twice; EX remove_timeout.
 #   odin:drained          hash    hostname -> "1": servers drained by an operator.
 #   odin:members          zset    member id -> Redis time of its last heartbeat;
 #                                 every heartbeat drops members silent for 3 heartbeats.
@@ -5787,13 +5788,15 @@ return ARGV[1]
 # the bound, the TTL, the task's id. 1: queued (now, or before and still there),
 # 2: queued before and taken since, 0: full.
 _TASK_SCRIPT = """
-if redis.call('SISMEMBER', KEYS[2], ARGV[4]) == 1 then
+local now = tonumber(redis.call('TIME')[1])
+redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', now - tonumber(ARGV[3]))
+if redis.call('ZSCORE', KEYS[2], ARGV[4]) then
   if redis.call('LPOS', KEYS[1], ARGV[1]) then return 1 end
   return 2
 end
 if redis.call('LLEN', KEYS[1]) >= tonumber(ARGV[2]) then return 0 end
 redis.call('RPUSH', KEYS[1], ARGV[1])
-redis.call('SADD', KEYS[2], ARGV[4])
+redis.call('ZADD', KEYS[2], now, ARGV[4])
 redis.call('EXPIRE', KEYS[1], ARGV[3])
 redis.call('EXPIRE', KEYS[2], ARGV[3])
 return 1
@@ -6511,7 +6514,7 @@ class ClusterLink:
             return
         pipe = self.redis.pipeline(transaction=False)
         for hostname, ids in by_host.items():
-            pipe.sadd(self.key("taskids", hostname), *ids)
+            pipe.zadd(self.key("taskids", hostname), dict.fromkeys(ids, int(self.gateway.clock())))
             pipe.expire(self.key("taskids", hostname), int(self.gateway.config.remove_timeout))
         await self._call(pipe.execute())
 

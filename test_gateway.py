@@ -6396,6 +6396,17 @@ def test_an_admin_call_whose_connection_breaks_after_redis_ran_it_is_delivered_o
         assert http_report(a, SFU1, rooms=lobby)["tasks"] == []
 
 
+def test_the_ids_of_queued_tasks_are_kept_for_remove_timeout_only(redis_server):
+    # Each admin task's id is kept so that a call sent again is queued once; the
+    # ids of a busy server's tasks must not pile up in Redis for ever.
+    with cluster_gateway(redis_server) as a:
+        http_report(a, SFU1, rooms=[room(NS, "lobby", NS)])
+        client = redis_server.client()
+        client.zadd("odin:taskids:" + SFU1, {"long-ago:1": 1})
+        assert admin(a, "RoomUpdate", {"room_id": "lobby", "user_data": [1]}) == {}
+        assert client.zrange("odin:taskids:" + SFU1, 0, -1) == [a.gateway.cluster.member + ":1"]
+
+
 def test_a_report_whose_redis_call_times_out_hands_the_tasks_it_took_back(redis_server):
     # The report's transaction, stalled past the deadline, runs when Redis wakes up
     # and takes the server's task, though the answer went out without it: the take
