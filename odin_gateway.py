@@ -3522,12 +3522,14 @@ def _task_duration(seconds: float) -> dict:
 class Call:
     """What a method handler knows about its call besides the params."""
 
-    __slots__ = ("auth", "remote", "notification")
+    __slots__ = ("auth", "remote", "notification", "request_id")
 
-    def __init__(self, auth: Optional[Authorization], remote: str, notification: bool):
+    def __init__(self, auth: Optional[Authorization], remote: str, notification: bool,
+                 request_id: Any = None):
         self.auth = auth
         self.remote = remote  # the default hostname of a server calling from there
         self.notification = notification
+        self.request_id = request_id  # the JSON-RPC id
 
 
 def _reporter(params: dict, remote: str) -> str:
@@ -3943,7 +3945,13 @@ class Gateway:
             task[name] = _task_duration(value) if name == "ban_time" else value
         if self.cluster is not None and self.cluster.up:
             # Answered {} only once the task is in Redis: any gateway can deliver it.
-            return ClusterStep("task", (server.hostname, task), functools.partial(
+            # The same request sent again (same token and id, e.g. through another
+            # gateway after the first died before answering) is the same task: queued once.
+            call_id = None
+            if not call.notification and call.auth is not None:
+                call_id = "call:" + hashlib.sha256(_compact_json(
+                    [call.auth.claims, call.request_id, task]).encode("utf-8")).hexdigest()[:32]
+            return ClusterStep("task", (server.hostname, task, call_id), functools.partial(
                 self._task_stored, server.hostname, task))
         self.grid.queue_task(server, task)
         return {}
@@ -4300,7 +4308,7 @@ class Gateway:
                 raise RpcError(INVALID_PARAMS, "Invalid params: params must be an object, not an array")
             if not isinstance(params, dict):
                 raise RpcError(INVALID_PARAMS, "Invalid params", "params must be an object")
-            result = self._run(method, Call(auth, remote, notification), params)
+            result = self._run(method, Call(auth, remote, notification, request_id), params)
         except RpcError as err:
             if notification:
                 return None
@@ -6467,10 +6475,10 @@ class ClusterLink:
         grid.adopt_room(claimed, gateway.clock(), force=True)
         return {"won": False, "server": server}
 
-    async def _perform_task(self, hostname: str, task: dict) -> Optional[str]:
+    async def _perform_task(self, hostname: str, task: dict, call_id: Optional[str]) -> Optional[str]:
         if not self.up:
             raise _Unreachable("down")
-        task_id = self._new_task_id()
+        task_id = call_id or self._new_task_id()
         try:
             return await self._push_task(hostname, task_id, task)
         except _Unreachable:

@@ -6404,7 +6404,27 @@ def test_the_ids_of_queued_tasks_are_kept_for_remove_timeout_only(redis_server):
         client = redis_server.client()
         client.zadd("odin:taskids:" + SFU1, {"long-ago:1": 1})
         assert admin(a, "RoomUpdate", {"room_id": "lobby", "user_data": [1]}) == {}
-        assert client.zrange("odin:taskids:" + SFU1, 0, -1) == [a.gateway.cluster.member + ":1"]
+        assert client.zrange("odin:taskids:" + SFU1, 0, -1) != ["long-ago:1"]
+        assert client.zcard("odin:taskids:" + SFU1) == 1
+
+
+def test_an_admin_request_sent_again_through_the_other_gateway_is_queued_once(redis_server):
+    # A client (or balancer) that sends the same request again after the first
+    # gateway died before it answered (maybe after it queued the task) must not
+    # get the task delivered twice; a new request (another id) is a new task.
+    lobby = [room(NS, "lobby", NS)]
+    with cluster_gateway(redis_server) as a, cluster_gateway(redis_server) as b:
+        http_report(a, SFU1, rooms=lobby)
+        eventually(b, knows_server(b))
+        token = og.create_token(OPEN_KEY, "lobby", "admin", subject="RoomUpdate")
+        params = {"room_id": "lobby", "user_data": [9]}
+        for gateway in (a, b):  # a fresh client each time: request id 1 both times
+            assert og.RpcClient(gateway.url + "/", token=token).call("RoomUpdate", params) == {}
+        client = og.RpcClient(b.url + "/", token=token)
+        client._next_id = 1  # the next call is request 2
+        assert client.call("RoomUpdate", params) == {}
+        tasks = http_report(b, SFU1, rooms=lobby)["tasks"]
+        assert [t["user_data"] for t in tasks] == [[9], [9]]
 
 
 def test_a_report_whose_redis_call_times_out_hands_the_tasks_it_took_back(redis_server):

@@ -320,7 +320,7 @@ def connect(front, fleet, key, customer, access_key, user):
     fleet.join(answer["result"]["address"], key, customer, via)
 
 
-def client_loop(front, fleet, number, stop):
+def client_loop(front, fleet, number, stop, retry):
     rng = random.Random(number)
     made = 0
     while not stop.is_set():
@@ -351,12 +351,16 @@ def client_loop(front, fleet, number, stop):
                 continue
             key = rng.choice(known)
             token = og.create_token(OPEN_KEY, key[1], "admin", subject="RoomUpdate")
-            try:
-                via, answer = front.call("/", rpc("RoomUpdate", {"room_id": key[1],
-                                                                 "user_data": list(task_number.to_bytes(4, "big"))}),
-                                         {"Authorization": "Bearer " + token})
-            except (Refused, OSError, ValueError):
-                answer = None
+            request = rpc("RoomUpdate", {"room_id": key[1],
+                                         "user_data": list(task_number.to_bytes(4, "big"))})
+            answer = None
+            for _attempt in range(2 if retry else 1):  # the same request again, if it failed
+                try:
+                    via, answer = front.call("/", request, {"Authorization": "Bearer " + token})
+                except (Refused, OSError, ValueError):
+                    continue
+                if answer is not None and "result" in answer:
+                    break
             with fleet.lock:
                 if answer is not None and answer.get("result") == {}:
                     fleet.acknowledged.add(task_number)
@@ -383,6 +387,8 @@ def main() -> int:
     parser.add_argument("--quick", action="store_true", help="shorter phases")
     parser.add_argument("--clients", type=int, default=6, help="client threads")
     parser.add_argument("--seed", type=int, default=None)
+    parser.add_argument("--retry-admin", action="store_true",
+                        help="send an admin call that failed once more, the same request")
     parser.add_argument("--heartbeat", type=float, default=0.5,
                         help="cluster_heartbeat of the gateways (update_interval is %s)" % UPDATE_INTERVAL)
     parser.add_argument("--keep", action="store_true", help="keep the temporary directory (logs)")
@@ -412,7 +418,8 @@ def main() -> int:
         for gateway in gateways:
             wait_ready(front, gateway.name)
         log("both gateways ready")
-        threads = [threading.Thread(target=client_loop, args=(front, fleet, n, stop_clients))
+        threads = [threading.Thread(target=client_loop, args=(front, fleet, n, stop_clients,
+                                                              args.retry_admin))
                    for n in range(args.clients)]
         for thread in threads:
             thread.start()
