@@ -3,8 +3,8 @@
 turn under load; counts what was lost. Prints the counts, exits 1 if any is
 not zero.
 
-    python bench/cluster_run.py            # about a minute
-    python bench/cluster_run.py --quick    # shorter phases
+    python bench/cluster_run.py            # about 40 s
+    python bench/cluster_run.py --quick    # shorter phases (about 15 s)
 
 It starts redis-server on a free port in a temporary directory and two
 gateway processes (python odin_gateway.py, cluster set, each on its own
