@@ -3534,12 +3534,14 @@ def _task_duration(seconds: float) -> dict:
 class Call:
     """What a method handler knows about its call besides the params."""
 
-    __slots__ = ("auth", "remote", "notification")
+    __slots__ = ("auth", "remote", "notification", "request_id")
 
-    def __init__(self, auth: Optional[Authorization], remote: str, notification: bool):
+    def __init__(self, auth: Optional[Authorization], remote: str, notification: bool,
+                 request_id: Any = None):
         self.auth = auth
         self.remote = remote  # the default hostname of a server calling from there
         self.notification = notification
+        self.request_id = request_id  # the JSON-RPC id
 
 
 def _reporter(params: dict, remote: str) -> str:
@@ -3955,7 +3957,13 @@ class Gateway:
             task[name] = _task_duration(value) if name == "ban_time" else value
         if self.cluster is not None and self.cluster.up:
             # Answered {} only once the task is in Redis: any gateway can deliver it.
-            return ClusterStep("task", (server.hostname, task), functools.partial(
+            # The same request sent again (same token and id, e.g. through another
+            # gateway after the first died before answering) is the same task: queued once.
+            call_id = None
+            if not call.notification and call.auth is not None:
+                call_id = "call:" + hashlib.sha256(_compact_json(
+                    [call.auth.claims, call.request_id, task]).encode("utf-8")).hexdigest()[:32]
+            return ClusterStep("task", (server.hostname, task, call_id), functools.partial(
                 self._task_stored, server.hostname, task))
         self.grid.queue_task(server, task)
         return {}
@@ -4312,7 +4320,7 @@ class Gateway:
                 raise RpcError(INVALID_PARAMS, "Invalid params: params must be an object, not an array")
             if not isinstance(params, dict):
                 raise RpcError(INVALID_PARAMS, "Invalid params", "params must be an object")
-            result = self._run(method, Call(auth, remote, notification), params)
+            result = self._run(method, Call(auth, remote, notification, request_id), params)
         except RpcError as err:
             if notification:
                 return None
@@ -5773,9 +5781,10 @@ class HttpFraming:
 #                                 longer a member are handed back by the others.
 #   odin:cancelled:<id>   string  a report whose take was handed back before it ran
 #                                 (its call timed out): it takes nothing; EX remove_timeout.
-#   odin:taskids:<host>   set     ids of the tasks ever queued there: a task sent again
-#                                 after a call that timed out (but may have run) is
-#                                 not queued twice; EX remove_timeout.
+#   odin:taskids:<host>   zset    id -> Redis time, of the tasks queued there within
+#                                 remove_timeout (older ones are dropped at each push):
+#                                 a task sent again after a call that failed (but may
+#                                 have run) is not queued twice; EX remove_timeout.
 #   odin:drained          hash    hostname -> "1": servers drained by an operator.
 #   odin:members          zset    member id -> Redis time of its last heartbeat;
 #                                 every heartbeat drops members silent for 3 heartbeats.
@@ -5813,12 +5822,18 @@ return ARGV[1]
 """
 # Queue an admin task unless it was queued before (same id) or the server's
 # queue is full. KEYS: odin:tasks:<host>, odin:taskids:<host>; ARGV: the task,
-# the bound, the TTL, the task's id. 1: queued (now or before), 0: full.
+# the bound, the TTL, the task's id. 1: queued (now, or before and still there),
+# 2: queued before and taken since, 0: full.
 _TASK_SCRIPT = """
-if redis.call('SISMEMBER', KEYS[2], ARGV[4]) == 1 then return 1 end
+local now = tonumber(redis.call('TIME')[1])
+redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', now - tonumber(ARGV[3]))
+if redis.call('ZSCORE', KEYS[2], ARGV[4]) then
+  if redis.call('LPOS', KEYS[1], ARGV[1]) then return 1 end
+  return 2
+end
 if redis.call('LLEN', KEYS[1]) >= tonumber(ARGV[2]) then return 0 end
 redis.call('RPUSH', KEYS[1], ARGV[1])
-redis.call('SADD', KEYS[2], ARGV[4])
+redis.call('ZADD', KEYS[2], now, ARGV[4])
 redis.call('EXPIRE', KEYS[1], ARGV[3])
 redis.call('EXPIRE', KEYS[2], ARGV[3])
 return 1
@@ -5958,6 +5973,7 @@ class ClusterLink:
         self._sending = asyncio.Lock()  # one batch of placements at a time
         self._task_count = 0
         self._report_count = 0
+        self._slow_beats = 0  # heartbeats in a row that got no answer in time
         # Takes of reports' tasks (fields of odin:taken) -> (hostname, whether the
         # answer was sent; None until it is written or known unsent).
         self._takes: Dict[str, Tuple[str, Optional[bool]]] = {}
@@ -6011,14 +6027,21 @@ class ClusterLink:
 
     async def _call(self, awaitable: Any, *, heartbeat: bool = False) -> Any:
         """Await one Redis call under the deadline; _Unreachable if it fails. A lost
-        connection takes the link down at once; a slow answer only when the heartbeat
-        is slow too (one slow call under load must not cost a resync)."""
+        connection takes the link down at once; a slow answer only when two heartbeats
+        in a row are slow too (one slow call, or beat, under load must not cost a resync,
+        nor send the gateways placing rooms each its own way)."""
         try:
-            return await asyncio.wait_for(awaitable, self.gateway.config.cluster_timeout)
+            answer = await asyncio.wait_for(awaitable, self.gateway.config.cluster_timeout)
         except self._errors as err:
-            if heartbeat or not isinstance(err, self._timeouts):
+            slow = isinstance(err, self._timeouts)
+            if heartbeat and slow:
+                self._slow_beats += 1
+            if not slow or self._slow_beats >= 2:
                 self._down(err)
             raise _Unreachable(str(err)) from err
+        if heartbeat:
+            self._slow_beats = 0
+        return answer
 
     def _down(self, err: BaseException) -> None:
         if self.up:
@@ -6078,7 +6101,6 @@ class ClusterLink:
         self._reader = asyncio.ensure_future(self._read_events(self._pubsub))
         first = not self.loaded
         self.up = self.loaded = True
-        self.gateway.grid.gateways_alone = 1
         self.changed.set()
         if first:
             self._place_alone(False)
@@ -6095,14 +6117,17 @@ class ClusterLink:
                            servers=len(grid.servers), rooms=len(grid.rooms), members=len(self.members))
 
     def _place_alone(self, alone: bool) -> None:
-        """Whether new rooms are placed by their hash (Grid.placing_alone): while Redis is
-        down, and two heartbeats after it is back, when the other gateways may not know yet."""
+        """Whether new rooms are placed by their hash (Grid.placing_alone), silent servers
+        kept and limits shared (Grid.gateways_alone): while Redis is down, and two
+        heartbeats after it is back, when the others may not have written back yet."""
         if self._settling is not None:
             self._settling.cancel()
             self._settling = None
         self.gateway.grid.placing_alone = alone
-        # Limits: Redis is down, so every member may be placing rooms unseen.
-        self.gateway.grid.gateways_alone = max(1, len(self.members)) if alone and not self.up else 1
+        if not alone:
+            self.gateway.grid.gateways_alone = 1
+        elif not self.up:  # every member may be placing rooms, and taking reports, unseen
+            self.gateway.grid.gateways_alone = max(1, len(self.members))
 
     async def _close_pubsub(self) -> None:
         pubsub, self._pubsub = self._pubsub, None
@@ -6479,10 +6504,10 @@ class ClusterLink:
         grid.adopt_room(claimed, gateway.clock(), force=True)
         return {"won": False, "server": server}
 
-    async def _perform_task(self, hostname: str, task: dict) -> Optional[str]:
+    async def _perform_task(self, hostname: str, task: dict, call_id: Optional[str]) -> Optional[str]:
         if not self.up:
             raise _Unreachable("down")
-        task_id = self._new_task_id()
+        task_id = call_id or self._new_task_id()
         try:
             return await self._push_task(hostname, task_id, task)
         except _Unreachable:
@@ -6512,7 +6537,7 @@ class ClusterLink:
         results = await self._call(pipe.execute())
         now = self.gateway.clock()
         for (hostname, task_id, task), queued in zip(items, results):
-            if queued:
+            if queued == 1:  # (2: a report took it already: nothing to keep)
                 self._undelivered[task_id] = (hostname, task, now)
         return ["queued" if queued else "full" for queued in results]
 
@@ -6526,7 +6551,7 @@ class ClusterLink:
             return
         pipe = self.redis.pipeline(transaction=False)
         for hostname, ids in by_host.items():
-            pipe.sadd(self.key("taskids", hostname), *ids)
+            pipe.zadd(self.key("taskids", hostname), dict.fromkeys(ids, int(self.gateway.clock())))
             pipe.expire(self.key("taskids", hostname), int(self.gateway.config.remove_timeout))
         await self._call(pipe.execute())
 
