@@ -497,8 +497,8 @@ def _parse_marked(text: str, start: int, end: int, glue: str = "") -> Tuple[Any,
 # repeats the one before: only the rooms' ages always change, their peers
 # now and then. So a report's rooms array in the form servers write it,
 #     [{"id": [ns, name], "customer": c, "age": {"secs": s, "nanos": n}, "peers": p}, ...]
-# (with any JSON whitespace, strings without escapes, integers of at most 18
-# digits), is read from its text: cut at the ages, the text between two ages
+# (strings without escapes, integers of at most 18 digits, whitespace as
+# servers write it), is read from its text: cut at the ages, the text between two ages
 # (a seam: the end of one room, its peers, and the start of the next, its id
 # and customer) is compared with the seams of the same server's previous
 # report, and only new seams are matched against the grammar above; the
@@ -517,8 +517,10 @@ _INTEGER = r"(0|[1-9][0-9]{0,17})"
 _ROOM_START = _W.join(("", r"\{", '"id"', ":", r"\[", _STRING, ",", _STRING, r"\]", ",", '"customer"', ":",
                        _STRING, ",", ""))
 _ROOM_END = _W.join(("", ",", '"peers"', ":", _INTEGER, r"\}"))
-_AGE_TEXT = re.compile(_W.join(('"age"', ":", r"\{", '"secs"', ":", _INTEGER, ",", '"nanos"', ":",
-                                _INTEGER, r"\}")))
+# (Ages as JSON.stringify, serde_json or json.dumps write them: a space
+# after the colons and commas or none; JSON's every whitespace costs a
+# quarter more, and the odd report is parsed by json.loads.)
+_AGE_TEXT = re.compile(" ?".join(('"age":', r"\{", '"secs":', _INTEGER + ",", '"nanos":', _INTEGER + r"\}")))
 _FIRST_SEAM = re.compile(_ROOM_START)
 _SEAM = re.compile(_ROOM_END + _W + "," + _ROOM_START)
 _LAST_SEAM = re.compile(_ROOM_END + _W + r"\]")
@@ -986,10 +988,13 @@ class Authorizer:
             if aud != "gateway" and not (isinstance(aud, list) and "gateway" in aud):
                 raise TokenError("token audience does not match")
         exp, nbf = get("exp", _MISSING), get("nbf", _MISSING)
-        if exp is not _MISSING and not _is_safe_integer(exp):
-            raise TokenError("invalid exp in token")
-        if nbf is not _MISSING and not _is_safe_integer(nbf):
-            raise TokenError("invalid nbf in token")
+        if not (exp.__class__ is int and nbf.__class__ is int  # the usual: both safe, known at once
+                and -MAX_SAFE_INTEGER <= exp <= MAX_SAFE_INTEGER
+                and -MAX_SAFE_INTEGER <= nbf <= MAX_SAFE_INTEGER):
+            if exp is not _MISSING and not _is_safe_integer(exp):
+                raise TokenError("invalid exp in token")
+            if nbf is not _MISSING and not _is_safe_integer(nbf):
+                raise TokenError("invalid nbf in token")
         if exp is not _MISSING and now - exp > TOKEN_LEEWAY:
             raise TokenError("token has expired")
         if nbf is not _MISSING and nbf - now > TOKEN_LEEWAY:
@@ -1028,6 +1033,8 @@ def split_authorization(header: Optional[str]) -> Tuple[str, str]:
     silently ignored the rest).
     """
     parts = (header or "").split(" ")
+    if len(parts) == 2 and parts[0] and parts[1] and parts[1].isprintable():
+        return parts[0], parts[1]  # the usual: printable text after one space has no whitespace
     scheme, credentials = parts[0], parts[1] if len(parts) > 1 else ""
     if not scheme or not credentials:
         raise TokenError("missing authorization")
@@ -2461,10 +2468,18 @@ class Grid:
         # shortly after it returns): then every gateway picks a room's server by
         # the room's hash, so that they agree without asking (ClusterLink).
         self.placing_alone = False
+        self.gateways_alone = 1  # the gateways placing alone meanwhile (see limit_usage)
         # Called with (record, acknowledged) for every change worth saving
         # (section "Saved state"); None: nobody saves the state.
         self.journal: Optional[Callable[[list, bool], None]] = None
-        self._sorted: Optional[List[str]] = None  # room hashes in order, for Info's pages
+        # Room hashes in order, for Info's pages (rooms_after), from the first
+        # page on. Kept in batches, not hash by hash (each insertion or deletion
+        # moves the rest of the list: seconds for a big report's rooms): hashes
+        # mapped since wait in _unsorted; hashes unmapped stay, counted in
+        # _stale, until a quarter of the list is stale (pages skip them).
+        self._sorted: Optional[List[str]] = None
+        self._unsorted: set = set()
+        self._stale = 0
         # Hashes of the rooms placed by Connect and not yet reported: with the
         # rooms of servers silent for a token's lifetime, the only ones that
         # can expire (a reported room is refreshed by every report).
@@ -2492,12 +2507,18 @@ class Grid:
             server.changes += 1
 
     def _map(self, digest: str, room: Room, acknowledged: bool = False) -> None:
-        """Map (or remap) a room; acknowledged: a Connect answers with it.
+        """Map (or remap) a room and journal it; acknowledged: a Connect answers with it."""
+        self.put_room(digest, room)
+        if self.journal is not None:
+            self.journal(room_record(digest, room), acknowledged)
+
+    def put_room(self, digest: str, room: Room) -> None:
+        """Map (or remap) a room, unjournaled (apply_record replays a record with it).
         (A caller that moves a Room object to another server touches the old one.)"""
         old = self.rooms.get(digest)
         if old is None:
             if self._sorted is not None:
-                bisect.insort(self._sorted, digest)
+                self._unsorted.add(digest)
         elif old is not room:
             self._touch(old.server)
         self.rooms[digest] = room
@@ -2505,17 +2526,15 @@ class Grid:
             self.placed.discard(digest)
         else:
             self.placed.add(digest)
-        if self.journal is not None:
-            self.journal(["room", digest, room.id[0], room.id[1], room.customer, room.server,
-                          int(room.updated), room.reported], acknowledged)
 
     def _unmap(self, digest: str) -> None:
         self._touch(self.rooms.pop(digest).server)
         self.placed.discard(digest)
         if self._sorted is not None:
-            index = bisect.bisect_left(self._sorted, digest)
-            if index < len(self._sorted) and self._sorted[index] == digest:
-                del self._sorted[index]
+            if digest in self._unsorted:
+                self._unsorted.discard(digest)
+            else:
+                self._stale += 1
         self._note(["unroom", digest])
 
     def set_complete(self) -> None:
@@ -2529,10 +2548,28 @@ class Grid:
 
     def rooms_after(self, after: str, limit: int) -> List[str]:
         """At most limit room hashes that sort after after (Info's pages)."""
-        if self._sorted is None:  # kept up to date from the first page on
-            self._sorted = sorted(self.rooms)
-        start = bisect.bisect_right(self._sorted, after)
-        return self._sorted[start:start + limit]
+        order, rooms = self._sorted, self.rooms
+        if order is None:
+            order, self._unsorted = sorted(rooms), set()
+        elif self._stale > len(order) // 4:  # the gone (and twice listed) out, in one pass
+            order = [digest for digest, _ in itertools.groupby(order) if digest in rooms]
+        if self._unsorted:
+            if len(self._unsorted) < 100:
+                for digest in self._unsorted:
+                    bisect.insort(order, digest)
+            else:  # timsort merges a sorted run with the new ones in about len(order) steps
+                order += self._unsorted
+                order.sort()
+        if order is not self._sorted:
+            self._stale = 0
+        self._sorted, self._unsorted = order, set()
+        page: List[str] = []
+        for digest in itertools.islice(order, bisect.bisect_right(order, after), None):
+            if len(page) >= limit:
+                break
+            if digest in rooms and (not page or digest != page[-1]):  # a hash unmapped and mapped again: twice
+                page.append(digest)
+        return page
 
     @property
     def config(self) -> Config:
@@ -2652,6 +2689,17 @@ class Grid:
         reported = self.reported.get(customer, (0, 0))
         pending = self.pending.get(customer, (0, 0))
         return reported[0] + pending[0], reported[1] + pending[1]
+
+    def limit_usage(self, customer: str) -> Tuple[int, int]:
+        """usage_of() as limits count it: a cluster gateway without Redis, which cannot
+        see the others' placements, counts its own placements since the reports once
+        for every gateway (gateways_alone), as if each had placed as many."""
+        if self.gateways_alone == 1:
+            return self.usage_of(customer)
+        reported = self.reported.get(customer, (0, 0))
+        pending = self.pending.get(customer, (0, 0))
+        shares = self.gateways_alone
+        return reported[0] + shares * pending[0], reported[1] + shares * pending[1]
 
     @property
     def usage(self) -> Dict[str, Tuple[int, int]]:
@@ -2821,11 +2869,7 @@ class Grid:
                 # it does not expire early after a restart (no report refreshes it).
                 self._map(digest, room)
         new_room = 1 if new_here and digest not in server.room_hashes else 0
-        for totals in (server.pending, self.pending):  # the server is enabled: it counts
-            counts = totals.setdefault(customer, [0, 0])
-            counts[0] += 1
-            counts[1] += new_room
-        server.pending_peers += 1
+        self._count_pending(server, customer, 1, new_room)
         if self.on_placed is not None:
             self.on_placed(server.hostname, customer, new_room)
         return server
@@ -2833,8 +2877,10 @@ class Grid:
     def answering(self, server: Server, now: float) -> bool:
         """Not disabled, and not silent for disable_timeout: a silent server is out
         from that moment, whatever the phase of the maintenance tick (which only
-        makes it official)."""
-        return not server.disabled and now - server.last_seen < self.config.disable_timeout
+        makes it official). While a cluster gateway is without Redis (gateways_alone),
+        a server silent here may be reporting to another gateway: it stays in."""
+        return not server.disabled and (now - server.last_seen < self.config.disable_timeout
+                                        or self.gateways_alone > 1)
 
     def state(self, server: Server, now: float) -> str:
         """"enabled" (takes new rooms), "draining" (serves its rooms, takes no new
@@ -2865,11 +2911,15 @@ class Grid:
 
     # -- cluster replica (see ClusterLink) -------------------------------------
 
-    def adopt_room(self, digest: str, record: dict, now: float, *, force: bool = False) -> None:
-        """Map a room as another gateway (or Redis) says; force: even over a live local mapping."""
+    def adopt_room(self, record: list, now: float, *, force: bool = False) -> None:
+        """Map a room as its claim in Redis (a "room" record) says; force: even over a
+        live local mapping. Placed, as far as this replica knows, until its server's
+        report (applied here too) confirms it."""
+        digest, room = record_room(record)
         if force or self.server_of(digest, now) is None:
-            self._map(digest, Room(tuple(record["id"]), record["customer"], record["server"],
-                                   min(now, record["updated"])))
+            room.updated = min(now, room.updated)
+            room.reported = False
+            self._map(digest, room)
 
     def set_pending(self, hostname: str, usage: Dict[str, List[int]]) -> None:
         """A server's usage placed since its last report, as the cluster counted it."""
@@ -2884,14 +2934,18 @@ class Grid:
     def add_pending(self, hostname: str, customer: str, peers: int, rooms: int) -> None:
         """Usage another gateway placed on a server since its last report."""
         server = self.servers.get(hostname)
-        if server is None:
-            return
-        self._account(server, -1)
-        counts = server.pending.setdefault(customer, [0, 0])
-        counts[0] += peers
-        counts[1] += rooms
+        if server is not None:
+            self._count_pending(server, customer, peers, rooms)
+
+    def _count_pending(self, server: Server, customer: str, peers: int, rooms: int) -> None:
+        """Count usage placed on a server since its report (in the totals too while it is enabled)."""
+        for totals in (server.pending,) if server.disabled else (server.pending, self.pending):
+            counts = totals.get(customer)
+            if counts is None:  # not setdefault: that builds a list on every Connect
+                counts = totals[customer] = [0, 0]
+            counts[0] += peers
+            counts[1] += rooms
         server.pending_peers += peers
-        self._account(server, +1)
 
     def _place(self, room_id: Tuple[str, str], customer: str, pinned: Optional[str],
                region: Optional[str], pool: Optional[str], now: float,
@@ -2927,7 +2981,7 @@ class Grid:
                 rooms = self._remove(server)
                 self._gateway.event("server_removed", now, hostname=server.hostname, silent=silent,
                                     rooms=rooms)
-            elif silent >= config.disable_timeout and not server.disabled:
+            elif silent >= config.disable_timeout and not server.disabled and self.gateways_alone == 1:
                 self._account(server, -1)
                 server.disabled = True
                 self.note_server(server)
@@ -2976,8 +3030,11 @@ class Grid:
 # records: JSON arrays, one kind each. The grid emits one for each change
 # (Grid.journal); grid_records() writes a whole grid as records and
 # apply_record() replays one, so a snapshot followed by the changes since
-# rebuilds the grid. The state file holds exactly that; a cluster link can
-# carry the same records.
+# rebuilds the grid. The state file holds exactly that. In cluster mode a
+# room's claim in Redis is its "room" record too, built by room_record and
+# read by record_room for both. (A task is the same dict in both, queued in
+# Redis with an id; a server record in Redis holds its whole last report,
+# which the state file does not need: it is rebuilt from the next reports.)
 #
 #   ["server", hostname, version, disabled, draining]   added, or one of these changed
 #   ["forget", hostname]                                removed, with its rooms
@@ -3041,8 +3098,20 @@ def grid_records(grid: Grid) -> Iterator[list]:
         for task in server.tasks:
             yield ["task", server.hostname, task]
     for digest, room in grid.rooms.items():
-        yield ["room", digest, room.id[0], room.id[1], room.customer, room.server, int(room.updated),
-               room.reported]
+        yield room_record(digest, room)
+
+
+def room_record(digest: str, room: Room) -> list:
+    """A room's mapping as a "room" record: in the state file, and (the same JSON)
+    as the room's claim in Redis (odin:room:<hash>, see ClusterLink)."""
+    return ["room", digest, room.id[0], room.id[1], room.customer, room.server, int(room.updated),
+            room.reported]
+
+
+def record_room(record: list) -> Tuple[str, Room]:
+    """The hash and Room of a "room" record (from the state file, or a claim in Redis)."""
+    _, digest, namespace, name, customer, hostname, updated, reported = record
+    return digest, Room((namespace, name), customer, hostname, updated, reported)
 
 
 def apply_record(grid: Grid, record: list, now: float) -> None:
@@ -3057,20 +3126,15 @@ def apply_record(grid: Grid, record: list, now: float) -> None:
         grid.complete = True
         return
     if kind == "room":
-        _, digest, namespace, name, customer, hostname, updated, reported = record
-        server = grid.servers.get(hostname)
+        digest, room = record_room(record)
+        server = grid.servers.get(room.server)
         if server is None:
             return  # its server was forgotten: so is the room
-        grid._sorted = None
-        if digest in grid.rooms:
-            grid._touch(grid.rooms[digest].server)
-        grid.rooms[digest] = Room((namespace, name), customer, hostname,
-                                  max(updated, now) if reported else updated, reported)
-        if reported:
+        if room.reported:
+            room.updated = max(room.updated, now)
+        grid.put_room(digest, room)
+        if room.reported:
             server.room_hashes.add(digest)
-            grid.placed.discard(digest)
-        else:
-            grid.placed.add(digest)
         return
     if kind == "unroom":
         room = grid.rooms.pop(record[1], None)
@@ -3245,6 +3309,10 @@ class SavedState:
                      extra=fields("state_restored", path=path, servers=len(grid.servers),
                                   rooms=len(grid.rooms)))
         self.resume()
+        if restored:  # no server could report while the state was loaded and written anew
+            seen = gateway.clock()
+            for server in grid.servers.values():
+                server.last_seen = max(server.last_seen, seen)
         return restored
 
     def resume(self) -> None:
@@ -3762,8 +3830,9 @@ class Gateway:
             raise invalid_fields(problems, "invalid claims in token")
 
         licensee = auth.licensee
-        peers, rooms = self.grid.usage_of(licensee.customer_id)
-        self._check_limit(licensee, licensee.peer_limit, peers, "peers")  # every Connect
+        if licensee.peer_limit is not None:  # every Connect
+            self._check_limit(licensee, licensee.peer_limit,
+                              self.grid.limit_usage(licensee.customer_id)[0], "peers")
 
         digest, (namespace, room_name) = _connect_room(auth, self.room_hashes)
         link = self.cluster
@@ -3783,7 +3852,7 @@ class Gateway:
                          _barrier: Any = None) -> Any:
         """Connect past its claims: the limits, then the room's server or a claim for it."""
         licensee = auth.licensee
-        peers, rooms = self.grid.usage_of(licensee.customer_id)
+        peers, rooms = self.grid.limit_usage(licensee.customer_id)
         self._check_limit(licensee, licensee.peer_limit, peers, "peers")
         now = self.clock()
         link = self.cluster
@@ -3795,11 +3864,12 @@ class Gateway:
                                         now=now, rng=self.rng, digest=digest)
             if placement.server is None:
                 raise placement.refusal()
-            record = {"id": [namespace, room_name], "customer": licensee.customer_id,
-                      "server": placement.server.hostname, "updated": now}
+            hostname = placement.server.hostname
+            record = room_record(digest, Room((namespace, room_name), licensee.customer_id,
+                                              hostname, now))
             return ClusterStep("claim", (digest, record), functools.partial(
                 self._connect_claimed, auth, digest, namespace, room_name, pinned, claimed_region,
-                record["server"]))
+                hostname))
         return self._connect_to(auth, digest, namespace, room_name, pinned, claimed_region)
 
     def _connect_claimed(self, auth: Authorization, digest: str, namespace: str, room_name: str,
@@ -3826,7 +3896,7 @@ class Gateway:
         # lives on an answering server opens none, so only a new room is refused.
         if licensee.room_limit is not None and self.grid.server_of(digest, now) is None:
             self._check_limit(licensee, licensee.room_limit,
-                              self.grid.usage_of(licensee.customer_id)[1], "rooms")
+                              self.grid.limit_usage(licensee.customer_id)[1], "rooms")
         region, pool = self.labels_of(licensee.customer_id)  # a token cannot choose a pool
         server = self.grid.assign(digest, (namespace, room_name), licensee.customer_id, pinned, now,
                                   region=claimed_region or region, pool=pool)
@@ -4209,13 +4279,14 @@ class Gateway:
     def _call(self, methods: Tuple[str, ...], request: Any, auth: Optional[Authorization],
               remote: str) -> Optional[dict]:
         """The response object for one request, or None for a notification."""
-        if not isinstance(request, dict) or not _is_request_id(request.get("id")):
-            return {"jsonrpc": "2.0", "error": {"code": INVALID_REQUEST, "message": "Invalid Request"},
-                    "id": None}
+        request_id = request.get("id") if isinstance(request, dict) else False
+        if request_id.__class__ is not int:  # the usual id: an int, valid as it is
+            if not _is_request_id(request_id):
+                return {"jsonrpc": "2.0", "error": {"code": INVALID_REQUEST,
+                                                   "message": "Invalid Request"}, "id": None}
+            if isinstance(request_id, float):
+                request_id = int(request_id)
         notification = "id" not in request
-        request_id = request.get("id")
-        if isinstance(request_id, float):
-            request_id = int(request_id)
         method = request.get("method")
         try:
             if (request.get("jsonrpc") != "2.0" or not isinstance(method, str)
@@ -4279,13 +4350,13 @@ class Gateway:
         stopping: the server that received it is stopping (/ready says so);
         parsed: the body's JSON, if already parsed (load_json_in_steps).
         """
-        path = target.split("?", 1)[0]
-        if path in OPERATIONS_PATHS:
-            return self._operations(method, path, headers, stopping)
+        path = target.split("?", 1)[0] if "?" in target else target
         if path == "/":
             methods = self.PUBLIC_METHODS
         elif path == "/internal":
             methods = self.INTERNAL_METHODS
+        elif path in OPERATIONS_PATHS:
+            return self._operations(method, path, headers, stopping)
         elif path == "*":  # OPTIONS * (the framing lets no other method have it): the server
             return Response(200, headers=[("Allow", "GET, HEAD, POST, OPTIONS")])
         else:
@@ -5189,7 +5260,7 @@ def parse_request_line(line: bytes) -> Tuple[str, str, Tuple[int, int]]:
         raise HttpError(400, "malformed request line")
     if match.group(1) != "1":
         raise HttpError(505, "HTTP version not supported: use HTTP/1.1")
-    if target[0] != "/":
+    if target[0] != "/" or "#" in target:
         target = origin_form(method, target)
     return method, target, (1, int(match.group(2)))
 
@@ -5197,7 +5268,8 @@ def parse_request_line(line: bytes) -> Tuple[str, str, Tuple[int, int]]:
 def origin_form(method: str, target: str) -> str:
     """The path and query a request target not in origin-form names (RFC 9112
     section 3.2): an absolute-form target is routed by its path, "*" is only
-    for OPTIONS (the server as a whole); anything else is refused."""
+    for OPTIONS (the server as a whole); anything else (a fragment, which
+    clients never send, included) is refused."""
     absolute = _ABSOLUTE_FORM_RE.fullmatch(target)
     if absolute is not None:
         path = absolute.group(1)
@@ -5654,7 +5726,8 @@ class HttpFraming:
 #                                 record silent for remove_timeout is deleted by
 #                                 the next gateway that loads the state.
 #   odin:seen             hash    hostname -> last_seen (what the claim script reads).
-#   odin:room:<hash>      string  JSON claim {id, customer, server, updated}; set once
+#   odin:room:<hash>      string  the room's claim: its "room" record, as in the state
+#                                 file (room_record/record_room build and read both); set once
 #                                 (atomically, by the claim script) by the gateway
 #                                 that places a new room, refreshed by the gateway
 #                                 taking its server's report, deleted when the room
@@ -5698,12 +5771,13 @@ CLUSTER_LOAD_BATCH = 1000
 CLUSTER_RECENT_DELIVERIES = 100_000
 
 # Claim a new room unless a live server owns it already: one atomic step.
-# KEYS: odin:room:<hash>, odin:seen, odin:events; ARGV: the claim, the oldest
+# KEYS: odin:room:<hash>, odin:seen, odin:events; ARGV: the claim (a "room"
+# record: its 6th element is the server), the oldest
 # last_seen of a live server, its TTL, the event to publish if it is taken.
 _CLAIM_SCRIPT = """
 local current = redis.call('GET', KEYS[1])
 if current then
-  local seen = redis.call('HGET', KEYS[2], cjson.decode(current)['server'])
+  local seen = redis.call('HGET', KEYS[2], cjson.decode(current)[6])
   if seen and tonumber(seen) >= tonumber(ARGV[2]) then return current end
 end
 redis.call('SET', KEYS[1], ARGV[1], 'EX', ARGV[3])
@@ -5798,11 +5872,6 @@ def _aclose(client: Any) -> Any:
 def _script_in(pipe: Any, script: Any, keys: List[str], args: List[Any]) -> None:
     """Add a call of a registered script to a pipeline."""
     pipe.eval(script.script, len(keys), *keys, *args)  # EVAL: no round trip to load it
-
-
-def _claim_record(room: Room) -> dict:
-    return {"id": list(room.id), "customer": room.customer, "server": room.server,
-            "updated": room.updated}
 
 
 class _Unreachable(Exception):
@@ -5971,6 +6040,9 @@ class ClusterLink:
 
     async def _resync(self) -> None:
         """Subscribe, flush what was held while Redis was down, load the shared state."""
+        # Pooled connections to a Redis that went away are broken: each would take
+        # the link down again at its first use after the resync.
+        await self._call(self.redis.connection_pool.disconnect())
         await self._close_pubsub()
         self._pubsub = self._events_redis.pubsub(ignore_subscribe_messages=True)
         await self._call(self._pubsub.subscribe(self.key("events")))
@@ -5979,6 +6051,7 @@ class ClusterLink:
         self._reader = asyncio.ensure_future(self._read_events(self._pubsub))
         first = not self.loaded
         self.up = self.loaded = True
+        self.gateway.grid.gateways_alone = 1
         self.changed.set()
         if first:
             self._place_alone(False)
@@ -6001,6 +6074,8 @@ class ClusterLink:
             self._settling.cancel()
             self._settling = None
         self.gateway.grid.placing_alone = alone
+        # Limits: Redis is down, so every member may be placing rooms unseen.
+        self.gateway.grid.gateways_alone = max(1, len(self.members)) if alone and not self.up else 1
 
     async def _close_pubsub(self) -> None:
         pubsub, self._pubsub = self._pubsub, None
@@ -6026,7 +6101,8 @@ class ClusterLink:
         ttl = int(config.login_token_lifetime)
         for digest, room in grid.rooms.items():
             if room.server in grid.servers:
-                pipe.set(self.key("room", digest), _compact_json(_claim_record(room)), nx=True, ex=ttl)
+                pipe.set(self.key("room", digest), _compact_json(room_record(digest, room)), nx=True,
+                         ex=ttl)
         await self._call(pipe.execute())
         run = (await self._call(self.redis.info("server")))["run_id"]
         if self._redis_run is not None and run != self._redis_run:
@@ -6100,14 +6176,15 @@ class ClusterLink:
                 values = await self._call(self.redis.mget(keys))
                 for key, raw in zip(keys, values):
                     if raw is not None:
-                        grid.adopt_room(key.decode()[len(self.key("room", "")):], load_json(raw), now)
+                        grid.adopt_room(load_json(raw), now)
             if not cursor:
                 break
 
     def _apply_report(self, record: dict) -> None:
         """A server record taken by another gateway (or loaded), applied to the replica."""
         grid = self.gateway.grid
-        known = grid.servers.get(record["hostname"])
+        hostname = record["hostname"]
+        known = grid.servers.get(hostname)
         if known is not None and known.last_seen > record["last_seen"]:
             return  # this replica has a newer report already
         server = grid.report(record["hostname"], record["version"], record["report"],
@@ -6142,7 +6219,7 @@ class ClusterLink:
         if kind == "report":
             self._apply_report(event["record"])
         elif kind == "claim":
-            grid.adopt_room(event["hash"], event["room"], self.gateway.clock())
+            grid.adopt_room(event["room"], self.gateway.clock())
         elif kind == "placed":
             for hostname, customer, peers, rooms in event["items"]:
                 grid.add_pending(hostname, customer, peers, rooms)
@@ -6259,7 +6336,7 @@ class ClusterLink:
         for digest in server.room_hashes:
             room = grid.rooms.get(digest)
             if room is not None and room.server == hostname:
-                pipe.set(self.key("room", digest), _compact_json(_claim_record(room)), ex=ttl)
+                pipe.set(self.key("room", digest), _compact_json(room_record(digest, room)), ex=ttl)
         for digest in gone:
             pipe.delete(self.key("room", digest))
         pipe.publish(self.key("events"), self._event("report", record=record))
@@ -6362,17 +6439,18 @@ class ClusterLink:
         raw = await self._call(self._claim(  # if it fails: placed here, claimed when Redis is back
             keys=[self.key("room", digest), self.key("seen"), self.key("events")],
             args=[_compact_json(record), repr(now - config.disable_timeout),
-                  int(config.login_token_lifetime), self._event("claim", hash=digest, room=record)]))
+                  int(config.login_token_lifetime), self._event("claim", room=record)]))
         claimed = load_json(raw)
+        server = record_room(claimed)[1].server
         if claimed == record:  # ours: Connect maps it, and counts it as a new room
-            return {"won": True, "server": record["server"]}
+            return {"won": True, "server": server}
         grid = gateway.grid
-        if claimed["server"] not in grid.servers:  # its report has not reached us yet
-            found = await self._call(self.redis.hget(self.key("servers"), claimed["server"]))
+        if server not in grid.servers:  # its report has not reached us yet
+            found = await self._call(self.redis.hget(self.key("servers"), server))
             if found is not None:
                 self._apply_report(load_json(found))
-        grid.adopt_room(digest, claimed, gateway.clock(), force=True)
-        return {"won": False, "server": claimed["server"]}
+        grid.adopt_room(claimed, gateway.clock(), force=True)
+        return {"won": False, "server": server}
 
     async def _perform_task(self, hostname: str, task: dict) -> Optional[str]:
         if not self.up:
@@ -7352,15 +7430,18 @@ class GatewayServer:
         the warm-up (Postponed: asked again when the gateway changes); an
         answer that acknowledges what the state file must hold waits until
         it is on disk; an Info call waits for its turn."""
-        if _lists_grid(request.target, request.body):
-            return self._in_turn(request, remote)
-        if (len(request.body) > 2 * JSON_STEP_CHARS and request.method == "POST"
-                and request.target.split("?", 1)[0] == "/internal"
-                and self.gateway.may_call_internal(request.headers)):
-            return self._parsed_in_steps(request, remote)
+        if request.target != "/":  # a client's call ("/") neither lists the grid nor reports
+            if _lists_grid(request.target, request.body):
+                return self._in_turn(request, remote)
+            if (len(request.body) > 2 * JSON_STEP_CHARS and request.method == "POST"
+                    and request.target.split("?", 1)[0] == "/internal"
+                    and self.gateway.may_call_internal(request.headers)):
+                return self._parsed_in_steps(request, remote)
         saved = self.gateway.saved
         acknowledged = saved.acknowledged if saved is not None else 0
         response = handle_request(self.gateway, request, remote, self.stopping)
+        if response.__class__ is Response and saved is None:
+            return response  # the usual: nothing to wait for
         if isinstance(response, Postponed):
             return self._when_changed(request, remote, response) if not self.stopping else _plain(response)
         if response.__class__ is not Response:  # cluster steps: Redis first (ClusterLink.complete)

@@ -703,6 +703,39 @@ def repeated_report_ms(rooms):
         times, longest, floors, [f[0] for f in firsts], [f[1] for f in firsts]))
 
 
+def changed_report_ms(rooms, changed):
+    """In-process cost of a report repeating the previous one's rooms but for
+    changed of them (every other one with a peer more, the others replaced by
+    new rooms), ages 5 s older, handled as the server does: median of 5, ms."""
+    gw = og.Gateway(og.Config(customers=[CUSTOMER], max_body_bytes=64 * 1024 * 1024))
+
+    def body(step):
+        value = json.loads(report_body("sfu:4433", rooms, "r", 60 + 5 * step))
+        for count, index in enumerate(range(0, rooms, rooms // changed)):
+            room = value["params"]["rooms"][index]
+            if count % 2:
+                room["id"][1] = "new-%d-%d" % (step, index)
+            else:
+                room["peers"] += step
+        return json.dumps(value).encode()
+    bodies = [body(step) for step in range(6)]
+    report_in_steps(gw, bodies[0])
+    return statistics.median(report_in_steps(gw, body)[0] for body in bodies[1:]) * 1000
+
+
+def new_rooms_after_info_ms(rooms=100000, new=10000):
+    """In-process: into a grid of rooms rooms that Info has paged once, a first
+    report of new rooms, then a report without them: (whole, longest hold of
+    the loop) of each, ms."""
+    gw = og.Gateway(og.Config(customers=[CUSTOMER], max_body_bytes=64 * 1024 * 1024))
+    for index in range(rooms // new):
+        report_in_steps(gw, report_body("sfu-%d:4433" % index, new, "s%d" % index))
+    gw.rpc_info(og.Call(None, "127.0.0.1", False), {"rooms": {"limit": 1000}})
+    came = report_in_steps(gw, report_body("sfu-new:4433", new, "new"))
+    gone = report_in_steps(gw, report_body("sfu-new:4433", 0, "new"))
+    return tuple(seconds * 1000 for seconds in came + gone)
+
+
 def heavy_load(tmp, args, tokens):
     print("\nRestarts and heavy load (issue 11; load average %.2f):" % os.getloadavg()[0])
     pin(SERVER_CORE)
@@ -713,6 +746,10 @@ def heavy_load(tmp, args, tokens):
           % (repeat, floor, repeat - floor, longest))
     print("  sfu.Report of 10,000 new rooms: %.1f ms, the longest the loop is held at once: %.1f ms"
           % (first, first_hold))
+    print("  sfu.Report of 10,000 rooms repeating the previous one but for 100 (50 with a peer more, 50 "
+          "new rooms), ages 5 s older: %.1f ms" % changed_report_ms(10000, 100))
+    print("  into a 100,000-room grid whose Info was paged: 10,000 new rooms %.1f ms (the longest hold "
+          "%.1f ms); the same rooms gone %.1f ms (%.1f ms)" % new_rooms_after_info_ms())
     seconds = 6 if args.quick else 30
     p99, worst, count, sent = connect_under_big_reports(tmp, seconds, tokens)
     print("  Connect while 17 servers report 1,000 rooms and 3 report 10,000 every 5 s (%d s, "

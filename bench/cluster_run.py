@@ -123,7 +123,7 @@ class GatewayProcess:
              "access_keys": [{"public_key": og.public_jwk(LIMITED_KEY)}]}]
         with open(os.path.join(self.directory, "gateway_config.py"), "w") as config:
             config.write("host = '127.0.0.1'\nport = %d\nlog_format = 'json'\ncluster = %r\n"
-                         "cluster_heartbeat = 0.2\nupdate_interval = %r\ndisable_timeout = %r\n"
+                         "cluster_heartbeat = 0.5\nupdate_interval = %r\ndisable_timeout = %r\n"
                          "master_key = %r\ncustomers = %r\n" % (
                              self.port, redis_url, UPDATE_INTERVAL, 4 * UPDATE_INTERVAL,
                              MASTER_KEY, customers))
@@ -196,7 +196,7 @@ class Front:
         with self.lock:
             self.turn += 1
             order = self.gateways[self.turn % 2:] + self.gateways[:self.turn % 2]
-        order = [g for g in order if up[g.name]] + [g for g in order if not up[g.name]]
+        order = [g for g in order if up[g.name]]  # as a load balancer: none up, no call
         for gateway in order:
             connection = http.client.HTTPConnection("127.0.0.1", gateway.port, timeout=timeout)
             try:
@@ -222,7 +222,9 @@ class Fleet:
         self.lock = threading.Lock()
         self.rooms = {host: {} for host in SERVERS}  # host -> {(namespace, name): [customer, peers]}
         self.delivered = {}  # task number -> times delivered
+        self.first_delivery = {}  # task number -> where and when
         self.acknowledged = set()
+        self.accepted = {}  # task number -> by which gateway, when, for which room
         self.split = []
         self.closed_live = []
         self.limited_admitted = {"peers": 0, "rooms": set()}
@@ -264,7 +266,11 @@ class Fleet:
                     number = int.from_bytes(bytes(task["user_data"]), "big")
                     self.delivered[number] = self.delivered.get(number, 0) + 1
                     if self.delivered[number] == 2:
-                        log("TWICE task %d (to %s via %s)" % (number, host, via))
+                        log("TWICE task %d (to %s via %s; first %s)" % (
+                            number, host, via, self.first_delivery[number]))
+                    else:
+                        self.first_delivery[number] = "to %s via %s at %.3f" % (
+                            host, via, time.monotonic() - STARTED)
                 elif task["task"] == "RoomClose":
                     key = tuple(task["id"])
                     if key in self.rooms[host]:
@@ -354,6 +360,8 @@ def client_loop(front, fleet, number, stop):
             with fleet.lock:
                 if answer is not None and answer.get("result") == {}:
                     fleet.acknowledged.add(task_number)
+                    fleet.accepted[task_number] = "by %s at %.3f for %s" % (
+                        via, time.monotonic() - STARTED, key)
                     fleet.counts["admin"] += 1
                 else:
                     if not fleet.counts["admin_failed"]:
@@ -448,8 +456,8 @@ def main() -> int:
     print(json.dumps(dict(fleet.counts, acknowledged=len(fleet.acknowledged),
                           delivered=len(fleet.delivered),
                           limited_peers=fleet.limited_admitted["peers"], limited_rooms=limited_rooms)))
-    if lost:
-        print("lost tasks:", lost[:20])
+    for number in lost[:20]:
+        print("lost task %d: accepted %s" % (number, fleet.accepted[number]))
     if twice:
         print("tasks delivered twice:", twice[:20])
     for split in fleet.split[:10]:

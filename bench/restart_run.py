@@ -2,7 +2,7 @@
 """Restart-and-load run of odin_gateway.py (issue #11): counts what a restart harms.
 
     python bench/restart_run.py            # both variants, about a minute
-    python bench/restart_run.py --quick    # a short run of both (about 20 s)
+    python bench/restart_run.py --quick    # a short run of both (about half a minute)
     python bench/restart_run.py --variant state --seconds 60 --seed 7
 
 It starts the gateway as a real process (`python odin_gateway.py` with a
@@ -45,9 +45,14 @@ rooms no server has reported yet), while tasks acknowledged before a kill
 (either signal: nothing is saved) may be lost. The script says which
 promises held and exits 1 if one did not.
 
-The machine's load matters (a report delayed past disable_timeout moves its
-server's rooms, which the run would count as misroutes): it prints
-`uptime` before it starts.
+The machine's load matters: a report answered later than disable_timeout
+after the previous one moves its server's rooms, which the run counts as
+misroutes. A restart costs each server the report it sent meanwhile, so
+its next one comes an update_interval after that: the run gives
+disable_timeout four update_intervals (--disable-after; the default config
+has 1.5, which on a loaded 2-core machine with 30,000 rooms can move
+rooms after a restart, and not without one: compare with --kills 0
+--sigterms 0). It prints `uptime` before it starts.
 """
 
 from __future__ import annotations
@@ -181,6 +186,7 @@ class SimServer:
             if index < 50:
                 world.old.append(name)
         self.http = Http(world.port, timeout=10)
+        self.answered = 0.0  # when its last report was answered (time.monotonic)
 
     def report_body(self) -> Tuple[dict, List[Tuple[str, int]]]:
         rooms = [{"id": [CUSTOMER, name], "customer": CUSTOMER, "age": {"secs": 5, "nanos": 0},
@@ -203,6 +209,7 @@ class SimServer:
             else:
                 if status == 200 and "result" in answer:
                     world.counts.reports += 1
+                    self.answered = time.monotonic()
                     for name, generation in listed:  # the gateway has seen them
                         if world.hosts.get(name) == (self.hostname, generation):
                             world.confirmed.add(name)
@@ -354,8 +361,10 @@ async def connect_client(world: World, tokens: Tokens, pause: float) -> None:
             if reported:
                 counts.misroutes += 1
                 if len(counts.misroute_examples) < 5:
-                    counts.misroute_examples.append("%s: answered %s, lives on %s (%s)" % (
-                        room, address, host[0], world.phase))
+                    counts.misroute_examples.append("%s: answered %s, lives on %s (%s; its last report "
+                                                    "answered %.2f s before)" % (
+                        room, address, host[0], world.phase,
+                        time.monotonic() - world.servers[host[0]].answered))
             else:
                 counts.early_misroutes += 1
                 if len(counts.misroute_examples) < 5:
@@ -511,8 +520,8 @@ async def run_variant(saved: bool, seconds: float, kills: List[int], options: An
         "update_interval": interval,
         # Reports are answered late under this load on a shared machine; a server
         # disabled for that would move its rooms (which is right, but not what this
-        # run is about), so it gets four intervals.
-        "disable_timeout": 4 * interval,
+        # run is about), so it gets four intervals unless told otherwise.
+        "disable_timeout": options.disable_after * interval,
         "shutdown_timeout": 2,
     }
     if saved:
@@ -544,7 +553,7 @@ async def run_variant(saved: bool, seconds: float, kills: List[int], options: An
             await gateway.stop(signum)
             gateway.start()  # at once, like a supervisor
             counts.restarts.append((name, await gateway.answering()))
-        await asyncio.sleep(seconds / len(kills))
+        await asyncio.sleep(seconds / max(1, len(kills)))
         world.phase = "settling"
         world.admin_stop = True
         await asyncio.sleep(interval * 4)  # every task acknowledged reaches its server
@@ -609,15 +618,21 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument("--interval", type=float, default=1.0, help="update_interval of the run")
     parser.add_argument("--big-rooms", type=int, help="rooms of each big server (default 4,000, quick 1,000)")
     parser.add_argument("--big-servers", type=int, default=2, help="servers with big reports")
+    parser.add_argument("--kills", type=int, help="SIGKILLs per variant (default 3, quick 1)")
+    parser.add_argument("--sigterms", type=int, default=1, help="SIGTERMs per variant, after the "
+                        "first two SIGKILLs (0 and --kills 0: a run without restarts, for comparison)")
+    parser.add_argument("--disable-after", type=float, default=4.0,
+                        help="disable_timeout in update_intervals (the default config has 1.5)")
     options = parser.parse_args(argv)
     if options.quick:
         seconds = options.seconds or 6
-        kills = [signal.SIGKILL, signal.SIGTERM]
+        kills = [signal.SIGKILL] * (1 if options.kills is None else options.kills)
         options.servers, options.default_big, options.clients, options.admins, options.readers = 6, 1000, 6, 2, 2
     else:
         seconds = options.seconds or 24
-        kills = [signal.SIGKILL, signal.SIGKILL, signal.SIGTERM, signal.SIGKILL]
+        kills = [signal.SIGKILL] * (3 if options.kills is None else options.kills)
         options.servers, options.default_big, options.clients, options.admins, options.readers = 12, 4000, 12, 3, 4
+    kills[2:2] = [signal.SIGTERM] * options.sigterms
     options.pause = 0.02
     options.big_rooms = options.big_rooms if options.big_rooms is not None else options.default_big
     try:
@@ -627,7 +642,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     print("%d servers (%d with %d rooms), %d Connect clients, %d admin clients, %d slow Info readers; "
           "update_interval %.0f s; %.0f s of load per variant, kills: %s" % (
               options.servers, options.big_servers, options.big_rooms, options.clients, options.admins, options.readers,
-              options.interval, seconds, ", ".join(signal.Signals(k).name for k in kills)))
+              options.interval, seconds, ", ".join(signal.Signals(k).name for k in kills) or "none"))
     variants = [("state", True), ("nostate", False)]
     held = True
     for name, saved in variants:
