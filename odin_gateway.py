@@ -3672,6 +3672,8 @@ class Gateway:
         # Added by the I/O layer: called when Postponed requests may be answered.
         self.on_change: List[Callable[[], None]] = []
         self.warmed = False  # the warm-up has begun once (a second listener does not restart it)
+        # The GatewayServers serving this gateway, oldest first: the first runs the timers.
+        self.servers: List[Any] = []
         self.metrics = Metrics()
         # (namespace, room name) -> room_hash: a room's peers all ask for it (bounded, ROOM_HASH_CACHE).
         self.room_hashes: Dict[Tuple[str, str], str] = {}
@@ -7273,7 +7275,8 @@ class GatewayServer:
         self.refused_count = 0
         self.accept_errors = 0
         self._summary: Optional[asyncio.TimerHandle] = None
-        self._timers: List[asyncio.Future] = []
+        self._timers: List[asyncio.Future] = []  # the gateway's timers, if this server runs them
+        self.owns_cluster = False  # this server made the gateway's ClusterLink (and stops it)
         self._signals: Dict[int, Any] = {}
         self._previous_exception_handler: Any = None
         self.force_exit: Callable[[int], Any] = os._exit
@@ -7286,7 +7289,12 @@ class GatewayServer:
         self.all_closed, self.stop_asked = asyncio.Event(), asyncio.Event()
         config = self.gateway.config
         if config.cluster is not None:
+            if self.gateway.cluster is not None:
+                raise RuntimeError("this gateway is in cluster mode and served already: its cluster "
+                                   "link (on the first server's loop) serves one server; run one "
+                                   "GatewayServer per cluster gateway")
             self.gateway.cluster = ClusterLink(self.gateway)  # ConfigError if redis-py is missing
+            self.owns_cluster = True
         self.file_budget = self._check_open_files(config.max_connections)
         somaxconn = kernel_somaxconn()
         if somaxconn is not None and somaxconn < config.backlog:
@@ -7316,13 +7324,21 @@ class GatewayServer:
         self.url = "%s://%s:%d" % ("https" if self.ssl else "http", host, self.port)
         self._previous_exception_handler = loop.get_exception_handler()
         loop.set_exception_handler(self._loop_exception)
-        self._timers = [asyncio.ensure_future(_maintenance_timer(self.gateway, self)),
-                        asyncio.ensure_future(_customer_timer(self.gateway))]
+        self.gateway.servers.append(self)
+        if self.gateway.servers[0] is self:
+            self._start_timers()
         self.gateway.on_change.append(self.changed.fire)
         self.gateway.begin_warmup()
         if self.gateway.cluster is not None:
             await self.gateway.cluster.start()
         self.gateway.event("listening", url=self.url)
+
+    def _start_timers(self) -> None:
+        """The gateway's timers, run by the first of its servers only: a second server
+        (HTTP beside HTTPS) would tick twice and call customer_api twice."""
+        if self in self.gateway.servers and not self._timers:
+            self._timers = [asyncio.ensure_future(_maintenance_timer(self.gateway, self)),
+                            asyncio.ensure_future(_customer_timer(self.gateway))]
 
     def _check_open_files(self, wanted: int) -> int:
         """Connections this process can hold open: raise the open-file limit for
@@ -7413,6 +7429,11 @@ class GatewayServer:
             self.gateway.on_change.remove(self.changed.fire)
         for timer in self._timers:
             timer.cancel()
+        if self in self.gateway.servers:
+            self.gateway.servers.remove(self)
+            if self._timers and self.gateway.servers:  # the next server runs them, on its loop
+                heir = self.gateway.servers[0]
+                heir.loop.call_soon_threadsafe(heir._start_timers)
         # A connection the loop has just accepted reaches its protocol a few
         # iterations later, and one in the listen queue is accepted soon:
         # closing the listener now would leave them half-made (their sockets
@@ -7443,9 +7464,11 @@ class GatewayServer:
         for listener in self.listeners:
             await listener.wait_closed()
         await asyncio.gather(*self._timers, return_exceptions=True)
-        if self.gateway.cluster is not None:
+        self._timers = []
+        if self.owns_cluster and self.gateway.cluster is not None:
             await self.gateway.cluster.stop()
             self.gateway.cluster = None
+        self.owns_cluster = False
         saved = self.gateway.saved
         if self.state_flush is not None:
             await self.state_flush.drain()

@@ -4071,6 +4071,35 @@ def test_stopping_one_of_two_servers_leaves_the_other_serving():
     assert status_of(data) == 200 and b'"ready"' in data
 
 
+def test_a_gateway_served_twice_runs_its_timers_once_and_hands_them_over():
+    # HTTP beside HTTPS: two servers, one gateway; each ran the timers, so the
+    # customer function was called twice per interval (and the grid ticked twice).
+    calls = []
+
+    async def update():
+        calls.append(1)
+        return []
+
+    async def settle():
+        for _ in range(20):  # a timer's first call is a few loop iterations away
+            await asyncio.sleep(0)
+
+    async def scenario():
+        gw = make_gateway(customers=[], customer_api={"update_function": update,
+                                                      "update_interval": 3600})
+        first, second = og.GatewayServer(gw), og.GatewayServer(gw)
+        await first.start()
+        await second.start()
+        await settle()
+        assert len(calls) == 1 and second._timers == []
+        await first.stop()  # the second server runs them from now on
+        await settle()
+        assert len(calls) == 2 and len(second._timers) == 2
+        await second.stop()
+
+    asyncio.run(scenario())
+
+
 def test_every_address_of_a_host_listens_on_the_same_port():
     sockets = og.create_listeners("", 0, 8)  # all IPv4 and all IPv6 addresses, where both exist
     try:
@@ -6788,6 +6817,16 @@ def test_members_are_listed_and_a_stopped_member_is_dropped(redis_server):
             member_b = b.gateway.cluster.member
             eventually(a, lambda: member_b in a.gateway.cluster.members)
         eventually(a, lambda: a.gateway.cluster.members == [a.gateway.cluster.member])
+
+
+def test_a_cluster_gateway_is_served_by_one_server_at_a_time(redis_server):
+    # A second server replaced the first one's cluster link, and its stop left the first
+    # serving without a cluster.
+    with cluster_gateway(redis_server) as a:
+        link = a.gateway.cluster
+        with pytest.raises(RuntimeError, match="cluster mode and served already"):
+            asyncio.run(og.GatewayServer(a.gateway).start())
+        assert a.gateway.cluster is link and a.call(lambda: link.up)
 
 
 def test_a_member_that_joins_or_leaves_is_an_event_on_the_others(redis_server):

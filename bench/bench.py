@@ -874,9 +874,10 @@ def _run_line(name, run, generator):
     """One run's figures: Connect/s, CPU per Connect, cores used by whom."""
     elapsed, ours = run["elapsed"], sum(run["workers_cpu"])
     rest = "" if run["busy"] is None else ", the rest of the machine %.2f" % _rest(run)
-    return ("    %-11s %6.0f Connect/s, %3.0f us CPU/Connect in the gateway (%.2f cores; "
+    return ("    %-11s %6.0f Connect/s, %3.0f us CPU/Connect in the gateway (cores %s; "
             "connections %s); cores used by %s %.2f, redis-server %.2f%s" % (
-                name, run["rate"], ours / run["requests"] * 1e6, ours / elapsed,
+                name, run["rate"], ours / run["requests"] * 1e6,
+                "+".join("%.2f" % (cpu / elapsed) for cpu in run["workers_cpu"]),
                 "+".join(map(str, run["connections"])), generator, run["load_cpu"] / elapsed,
                 run["redis_cpu"] / elapsed, rest))
 
