@@ -2533,14 +2533,24 @@ class Grid:
             self.placed.add(digest)
 
     def _unmap(self, digest: str) -> None:
-        self._touch(self.rooms.pop(digest).server)
+        """Unmap a room and journal it."""
+        self.drop_room(digest)
+        self._note(["unroom", digest])
+
+    def drop_room(self, digest: str) -> Optional[Room]:
+        """Unmap a room, unjournaled (apply_record replays an "unroom" record with it);
+        the room, None if it was not mapped. (Its server's room_hashes are the caller's.)"""
+        room = self.rooms.pop(digest, None)
+        if room is None:
+            return None
+        self._touch(room.server)
         self.placed.discard(digest)
         if self._sorted is not None:
             if digest in self._unsorted:
                 self._unsorted.discard(digest)
             else:
                 self._stale += 1
-        self._note(["unroom", digest])
+        return room
 
     def set_complete(self) -> None:
         """Every server's rooms are known from now on (see complete)."""
@@ -3145,12 +3155,9 @@ def apply_record(grid: Grid, record: list, now: float) -> None:
             server.room_hashes.add(digest)
         return
     if kind == "unroom":
-        room = grid.rooms.pop(record[1], None)
-        grid.placed.discard(record[1])
+        room = grid.drop_room(record[1])
         if room is not None and room.server in grid.servers:
             grid.servers[room.server].room_hashes.discard(record[1])
-            grid._touch(room.server)
-        grid._sorted = None
         return
     hostname = record[1]
     server = grid.servers.get(hostname)
