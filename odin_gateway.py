@@ -6248,7 +6248,7 @@ class ClusterLink:
         known = grid.servers.get(hostname)
         if known is not None and known.last_seen > record["last_seen"]:
             return  # this replica has a newer report already
-        server = grid.report(record["hostname"], record["version"], record["report"],
+        server = grid.report(hostname, record["version"], record["report"],
                              record["last_seen"], replica=True)
         if known is None:
             server.first_seen = record["first_seen"]
@@ -6605,9 +6605,9 @@ class ClusterLink:
             return None
         entries = [load_json(raw) for raw in results[-1]]
         if entries:
-            self._takes[take] = (server.hostname, None)
+            self._takes[take] = (server.hostname, None)  # settled once the answer is written
             takes.append(take)
-        if entries:  # delivered: the gateways that accepted them may forget them
+            # Delivered: the gateways that accepted them may forget them.
             for entry in entries:
                 self._undelivered.pop(entry["id"], None)
                 self._recent[entry["id"]] = server.hostname
