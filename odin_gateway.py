@@ -4195,11 +4195,16 @@ class Gateway:
     def warming_up(self, now: float) -> bool:
         """True during the warm-up; ends it (waking the waiting requests) when its time is up."""
         if self.warm_until and now >= self.warm_until:
-            self.warm_until = 0.0
-            self.grid.set_complete()
-            self.event("warmup_over", now)
-            self._changed()
+            self.end_warmup(now)
         return self.warm_until > 0
+
+    def end_warmup(self, now: Optional[float] = None) -> None:
+        """End the warm-up: every server's rooms are known (Grid.complete), the
+        waiting requests are woken."""
+        self.warm_until = 0.0
+        self.grid.set_complete()
+        self.event("warmup_over", now)
+        self._changed()
 
     def _changed(self) -> None:
         for hook in self.on_change:
@@ -6119,9 +6124,7 @@ class ClusterLink:
         grid = self.gateway.grid
         if first and grid.servers and self.gateway.warm_until:
             # The cluster's state is this gateway's state: no blind interval to wait out.
-            self.gateway.warm_until = 0.0
-            self.gateway.event("warmup_over")
-            self.gateway._changed()
+            self.gateway.end_warmup()
         self.gateway.event("cluster_up", how="joined" if first else "resynced",
                            servers=len(grid.servers), rooms=len(grid.rooms), members=len(self.members))
 

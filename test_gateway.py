@@ -6859,6 +6859,8 @@ def test_a_gateway_that_joins_is_not_ready_before_the_state_is_loaded(redis_serv
             redis_server.resume()
             eventually(b, lambda: b.gateway.cluster.loaded)
             assert len(b.gateway.grid.servers) == 2 and len(b.gateway.grid.rooms) == 101
+            # Ended as a warm-up ends: a state saved from now on spares a restart its warm-up.
+            assert b.call(lambda: (b.gateway.warm_until, b.gateway.grid.complete)) == (0.0, True)
             assert b.call(lambda: b.gateway.handle_http("GET", "/ready", {}, b"")).status == 200
 
 
