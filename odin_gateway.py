@@ -4215,6 +4215,8 @@ class Gateway:
         now = self.clock()
         if not self.warming_up(now):
             return None
+        if not _is_string_or_strings(auth.claims.get("rid")):
+            return None  # Connect itself refuses it (its room cannot be looked up)
         try:
             digest, _ = _connect_room(auth, self.room_hashes)
         except RpcError:  # Connect itself refuses it

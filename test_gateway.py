@@ -1813,6 +1813,20 @@ def test_warmup_postpones_connects_for_unreported_rooms_only():
     assert gw.handle_http("GET", "/ready", {}, b"").status == 200
 
 
+@pytest.mark.parametrize("rid", [5, None, {"x": 1}, [{"x": 1}], ["lobby", 5]])
+def test_a_connect_whose_rid_is_malformed_is_refused_as_ever_during_the_warmup(rid):
+    # The warm-up looks the room up before Connect checks the claims: a
+    # malformed rid must reach Connect's refusal, not break the lookup.
+    headers = {"authorization": "Bearer " + token(room_id=rid)}
+    warming, warm = make_gateway(), make_gateway(warmup=0)
+    warming.begin_warmup()
+    response = warming.handle_http("POST", "/", headers, CONNECT_BODY)
+    assert response.status == 200
+    assert response.json()["error"]["data"]["fieldErrors"] == {
+        "rid": ["must be a string or an array of strings"]}
+    assert response.body == warm.handle_http("POST", "/", headers, CONNECT_BODY).body
+
+
 def test_a_room_reported_during_the_warmup_is_answered_with_its_server():
     gw = make_gateway()
     gw.begin_warmup()
