@@ -8741,18 +8741,18 @@ def run_workers(config: Config, argv: List[str]) -> int:
     workers: Dict[int, "subprocess.Popen[bytes]"] = {}
     started: Dict[int, float] = {}
     stopping: List[int] = []
-    passed: List[Tuple[int, set]] = []  # each signal passed on, and the workers it reached
+    passed: List[Tuple[int, set]] = []  # signals passed on (and the workers they reached) since a start
 
     def start(number: int, replaces: Optional[dict] = None) -> None:
         env = dict(os.environ, **{WORKER_ENV: str(number)})
         env.pop(WORKER_REPLACES_ENV, None)
         if replaces is not None:
             env[WORKER_REPLACES_ENV] = _compact_json(replaces)
-        seen = len(passed)
+        passed.clear()  # (only those passed on while this worker starts matter)
         # A session of its own: a terminal's Ctrl-C reaches the supervisor only, which passes it on.
         workers[number] = subprocess.Popen(command, env=env, start_new_session=True)
         # A signal passed on while it started missed it (a stop would wait for it for ever).
-        for signum, reached in passed[seen:]:
+        for signum, reached in passed:
             if number not in reached:
                 with contextlib.suppress(ProcessLookupError):
                     workers[number].send_signal(signum)
