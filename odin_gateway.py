@@ -7572,6 +7572,8 @@ class GatewayServer:
                 self.collector_paused = False
                 gc.enable()
                 freeze_grown_grid(self.gateway.grid)
+        if response.__class__ is not Response:  # cluster steps: Redis first, as for any request
+            return await self._after_cluster(response, acknowledged)
         answer = self._after_saving(response, acknowledged)
         return answer if isinstance(answer, Response) else await answer
 

@@ -6588,6 +6588,24 @@ def test_an_admin_request_sent_again_through_the_other_gateway_is_queued_once(re
         assert [t["user_data"] for t in tasks] == [[9], [9]]
 
 
+def test_a_big_report_parsed_in_steps_takes_its_tasks_from_redis(redis_server, tmp_path, monkeypatch):
+    # A report big enough to be parsed in steps ends as any other in cluster
+    # mode: stored in Redis, its server's tasks taken (and, with a state file, saved).
+    monkeypatch.setattr(og, "JSON_STEP_CHARS", 300)
+    stepped = []
+    parse_big = og.GatewayServer._parsed_in_steps
+    monkeypatch.setattr(og.GatewayServer, "_parsed_in_steps",
+                        lambda server, *args: stepped.append(1) or parse_big(server, *args))
+    rooms = [room(NS, "lobby", NS)] + [room(NS, "r%d" % i, NS) for i in range(40)]
+    with cluster_gateway(redis_server, state_file=str(tmp_path / "state")) as a:
+        http_report(a, SFU1, rooms=rooms)
+        assert admin(a, "RoomUpdate", {"room_id": "lobby", "user_data": [3]}) == {}
+        tasks = http_report(a, SFU1, rooms=rooms)["tasks"]
+        assert len(stepped) == 2
+        assert [t["user_data"] for t in tasks] == [[3]]
+        assert redis_server.client().hlen("odin:taken") == 0  # the answer was written: confirmed
+
+
 def test_a_report_whose_redis_call_times_out_hands_the_tasks_it_took_back(redis_server):
     # The report's transaction, stalled past the deadline, runs when Redis wakes up
     # and takes the server's task, though the answer went out without it: the take
