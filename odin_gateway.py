@@ -6419,9 +6419,14 @@ class ClusterLink:
         steps = [answer["result"] for answer in pending.answers
                  if isinstance(answer.get("result"), ClusterStep)]
         takes: List[str] = []  # the reports' takes, settled once the answer is written
-        results = await asyncio.gather(*(self._settle(step, takes) for step in steps),
-                                       return_exceptions=True)
-        response = self.gateway.finish_steps(pending, list(results))
+        try:
+            results = await asyncio.gather(*(self._settle(step, takes) for step in steps),
+                                           return_exceptions=True)
+            response = self.gateway.finish_steps(pending, list(results))
+        except BaseException:  # no answer will carry the tasks taken: handed back
+            if takes:
+                self._answered(takes, False)
+            raise
         if not takes:
             return response
         return TakenAnswer(response, functools.partial(self._answered, takes))

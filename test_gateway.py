@@ -6630,6 +6630,22 @@ def test_a_report_whose_redis_call_times_out_hands_the_tasks_it_took_back(redis_
         assert redis_server.client().hlen("odin:taken") == 0  # b's answer was written: confirmed
 
 
+def test_tasks_taken_for_an_answer_that_fails_are_handed_back(redis_server, monkeypatch):
+    # A report's answer that cannot be made (a bug: an internal error) carries
+    # no tasks: those it took go back to the queue, for the next report.
+    with cluster_gateway(redis_server) as a:
+        http_report(a, SFU1, rooms=[room(NS, "lobby", NS)])
+        assert admin(a, "RoomUpdate", {"room_id": "lobby", "user_data": [5]}) == {}
+        finish = og.Gateway.finish_steps
+        monkeypatch.setattr(og.Gateway, "finish_steps", lambda *args: 1 / 0)
+        with pytest.raises(og.RpcError):
+            http_report(a, SFU1, rooms=[room(NS, "lobby", NS)])
+        monkeypatch.setattr(og.Gateway, "finish_steps", finish)
+        eventually(a, lambda: redis_server.client().hlen("odin:taken") == 0)
+        tasks = http_report(a, SFU1, rooms=[room(NS, "lobby", NS)])["tasks"]
+        assert [t["user_data"] for t in tasks] == [[5]]
+
+
 def test_tasks_taken_by_a_gateway_that_died_before_answering_are_handed_back(redis_server):
     # A gateway killed between the take and the answer leaves its take in
     # odin:taken under its member id; once it is no longer a member, the next
