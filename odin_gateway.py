@@ -1535,8 +1535,8 @@ class Config:
         "seconds a room token lives, and an unreported room is kept (more than `update_interval`)")
     warmup: Optional[float] = setting(
         None, _warmup,
-        "seconds after a start (without saved state) before rooms no server has reported are "
-        "placed; `None`: `update_interval` + 2 s; `0`: none. See [Restarts](#restarts)")
+        "seconds after a start (without state saved after a warm-up) before rooms no server has "
+        "reported are placed; `None`: `update_interval` + 2 s; `0`: none. See [Restarts](#restarts)")
     state_file: Optional[str] = setting(
         None, _state_file,
         "a file for what a restart or crash must not lose (admin tasks not yet delivered, where "
