@@ -4184,9 +4184,9 @@ class Gateway:
         seconds = self.config.warmup
         if seconds is None:
             seconds = self.config.update_interval + WARMUP_MARGIN
-        if seconds <= 0:
+        if seconds <= 0:  # no warm-up: the rooms are as known as they will be
             self.grid.set_complete()
-        if seconds <= 0 or self.grid.complete or self.warmed:
+        if self.grid.complete or self.warmed:
             return
         self.warmed = True
         self.warm_until = self.clock() + seconds
