@@ -7120,12 +7120,13 @@ class Connection(asyncio.Protocol):
                 INVALID_REQUEST, "too many answers wait to be read; try again later"))
         data = self.framing.answer(request, response,  # type: ignore[union-attr]
                                    stopping=server.stopping)
-        server.answered(self.remote, request.target, response.status, self.started,
-                        request.method, len(response.body))
         if self.framing.phase == "closed":  # type: ignore[union-attr]
             self._finish(data)
         else:
             self.send(data)
+        # Counted (and logged) once written: the client waits for nothing here.
+        server.answered(self.remote, request.target, response.status, self.started,
+                        request.method, len(response.body))
 
     def send(self, data: bytes) -> None:
         """Write an answer: small ones with this iteration's flush, large ones in pieces.
