@@ -3050,6 +3050,33 @@ def test_a_stray_crlf_after_an_answer_leaves_the_connection_idle():
     assert transport.written == answered  # closed when idle, without a 408
 
 
+def test_answers_wait_for_the_loop_iteration_only_when_others_could_join_them():
+    # The only connection's only request: its answer goes out at once, without
+    # a flush scheduled (an extra loop iteration at one connection).
+    loop, connection, transport = connection_by_hand()
+    options = b"OPTIONS / HTTP/1.1\r\nHost: x\r\n\r\n"
+    connection.data_received(options)
+    assert status_of(transport.written) == 200 and not loop.timers[1:]
+    # Pipelined requests take the usual way, and are answered in order.
+    writes = []
+    transport.write = lambda data: writes.append(data)
+    connection.data_received(b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n" + options)
+    assert len(loop.timers) == 2  # a flush
+    loop.advance(0)
+    written = b"".join(writes)
+    assert written.count(b"HTTP/1.1 200 OK") == 2 and written.index(b'{"status":"ok"}') < len(
+        written) - len(b"Content-Length: 0\r\n\r\n") and written.endswith(b"Content-Length: 0\r\n\r\n")
+    # With another connection open, answers wait for the iteration's flush.
+    other, other_transport = og.Connection(connection.server), RecordingTransport()
+    other.connection_made(other_transport)
+    connection.server.last_batch = 2  # the last iteration answered several
+    writes.clear()
+    connection.data_received(options)
+    assert writes == []
+    loop.advance(0)
+    assert len(writes) == 1 and status_of(writes[0]) == 200
+
+
 def test_a_client_gone_before_its_last_answer_is_dropped_at_once():
     # Seen at a stop: clients that asked during the warm-up and left got their
     # 503, the half-close raised ENOTCONN out of the callback, and the stop
