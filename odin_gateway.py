@@ -1535,8 +1535,8 @@ class Config:
         "seconds a room token lives, and an unreported room is kept (more than `update_interval`)")
     warmup: Optional[float] = setting(
         None, _warmup,
-        "seconds after a start (without saved state) before rooms no server has reported are "
-        "placed; `None`: `update_interval` + 2 s; `0`: none. See [Restarts](#restarts)")
+        "seconds after a start (without state saved after a warm-up) before rooms no server has "
+        "reported are placed; `None`: `update_interval` + 2 s; `0`: none. See [Restarts](#restarts)")
     state_file: Optional[str] = setting(
         None, _state_file,
         "a file for what a restart or crash must not lose (admin tasks not yet delivered, where "
@@ -2533,14 +2533,24 @@ class Grid:
             self.placed.add(digest)
 
     def _unmap(self, digest: str) -> None:
-        self._touch(self.rooms.pop(digest).server)
+        """Unmap a room and journal it."""
+        self.drop_room(digest)
+        self._note(["unroom", digest])
+
+    def drop_room(self, digest: str) -> Optional[Room]:
+        """Unmap a room, unjournaled (apply_record replays an "unroom" record with it);
+        the room, None if it was not mapped. (Its server's room_hashes are the caller's.)"""
+        room = self.rooms.pop(digest, None)
+        if room is None:
+            return None
+        self._touch(room.server)
         self.placed.discard(digest)
         if self._sorted is not None:
             if digest in self._unsorted:
                 self._unsorted.discard(digest)
             else:
                 self._stale += 1
-        self._note(["unroom", digest])
+        return room
 
     def set_complete(self) -> None:
         """Every server's rooms are known from now on (see complete)."""
@@ -3145,12 +3155,9 @@ def apply_record(grid: Grid, record: list, now: float) -> None:
             server.room_hashes.add(digest)
         return
     if kind == "unroom":
-        room = grid.rooms.pop(record[1], None)
-        grid.placed.discard(record[1])
+        room = grid.drop_room(record[1])
         if room is not None and room.server in grid.servers:
             grid.servers[room.server].room_hashes.discard(record[1])
-            grid._touch(room.server)
-        grid._sorted = None
         return
     hostname = record[1]
     server = grid.servers.get(hostname)
@@ -4188,11 +4195,16 @@ class Gateway:
     def warming_up(self, now: float) -> bool:
         """True during the warm-up; ends it (waking the waiting requests) when its time is up."""
         if self.warm_until and now >= self.warm_until:
-            self.warm_until = 0.0
-            self.grid.set_complete()
-            self.event("warmup_over", now)
-            self._changed()
+            self.end_warmup(now)
         return self.warm_until > 0
+
+    def end_warmup(self, now: Optional[float] = None) -> None:
+        """End the warm-up: every server's rooms are known (Grid.complete), the
+        waiting requests are woken."""
+        self.warm_until = 0.0
+        self.grid.set_complete()
+        self.event("warmup_over", now)
+        self._changed()
 
     def _changed(self) -> None:
         for hook in self.on_change:
@@ -4203,6 +4215,8 @@ class Gateway:
         now = self.clock()
         if not self.warming_up(now):
             return None
+        if not _is_string_or_strings(auth.claims.get("rid")):
+            return None  # Connect itself refuses it (its room cannot be looked up)
         try:
             digest, _ = _connect_room(auth, self.room_hashes)
         except RpcError:  # Connect itself refuses it
@@ -6145,9 +6159,7 @@ class ClusterLink:
         grid = self.gateway.grid
         if first and grid.servers and self.gateway.warm_until:
             # The cluster's state is this gateway's state: no blind interval to wait out.
-            self.gateway.warm_until = 0.0
-            self.gateway.event("warmup_over")
-            self.gateway._changed()
+            self.gateway.end_warmup()
         self.gateway.event("cluster_up", how="joined" if first else "resynced",
                            servers=len(grid.servers), rooms=len(grid.rooms), members=len(self.members))
 
@@ -6274,7 +6286,7 @@ class ClusterLink:
         known = grid.servers.get(hostname)
         if known is not None and known.last_seen > record["last_seen"]:
             return  # this replica has a newer report already
-        server = grid.report(record["hostname"], record["version"], record["report"],
+        server = grid.report(hostname, record["version"], record["report"],
                              record["last_seen"], replica=True)
         if known is None:
             server.first_seen = record["first_seen"]
@@ -6440,9 +6452,14 @@ class ClusterLink:
         steps = [answer["result"] for answer in pending.answers
                  if isinstance(answer.get("result"), ClusterStep)]
         takes: List[str] = []  # the reports' takes, settled once the answer is written
-        results = await asyncio.gather(*(self._settle(step, takes) for step in steps),
-                                       return_exceptions=True)
-        response = self.gateway.finish_steps(pending, list(results))
+        try:
+            results = await asyncio.gather(*(self._settle(step, takes) for step in steps),
+                                           return_exceptions=True)
+            response = self.gateway.finish_steps(pending, list(results))
+        except BaseException:  # no answer will carry the tasks taken: handed back
+            if takes:
+                self._answered(takes, False)
+            raise
         if not takes:
             return response
         return TakenAnswer(response, functools.partial(self._answered, takes))
@@ -6631,9 +6648,9 @@ class ClusterLink:
             return None
         entries = [load_json(raw) for raw in results[-1]]
         if entries:
-            self._takes[take] = (server.hostname, None)
+            self._takes[take] = (server.hostname, None)  # settled once the answer is written
             takes.append(take)
-        if entries:  # delivered: the gateways that accepted them may forget them
+            # Delivered: the gateways that accepted them may forget them.
             for entry in entries:
                 self._undelivered.pop(entry["id"], None)
                 self._recent[entry["id"]] = server.hostname
@@ -7602,6 +7619,8 @@ class GatewayServer:
                 self.collector_paused = False
                 gc.enable()
                 freeze_grown_grid(self.gateway.grid)
+        if response.__class__ is not Response:  # cluster steps: Redis first, as for any request
+            return await self._after_cluster(response, acknowledged)
         answer = self._after_saving(response, acknowledged)
         return answer if isinstance(answer, Response) else await answer
 
@@ -8771,18 +8790,18 @@ def run_workers(config: Config, argv: List[str]) -> int:
     workers: Dict[int, "subprocess.Popen[bytes]"] = {}
     started: Dict[int, float] = {}
     stopping: List[int] = []
-    passed: List[Tuple[int, set]] = []  # each signal passed on, and the workers it reached
+    passed: List[Tuple[int, set]] = []  # signals passed on (and the workers they reached) since a start
 
     def start(number: int, replaces: Optional[dict] = None) -> None:
         env = dict(os.environ, **{WORKER_ENV: str(number)})
         env.pop(WORKER_REPLACES_ENV, None)
         if replaces is not None:
             env[WORKER_REPLACES_ENV] = _compact_json(replaces)
-        seen = len(passed)
+        passed.clear()  # (only those passed on while this worker starts matter)
         # A session of its own: a terminal's Ctrl-C reaches the supervisor only, which passes it on.
         workers[number] = subprocess.Popen(command, env=env, start_new_session=True)
         # A signal passed on while it started missed it (a stop would wait for it for ever).
-        for signum, reached in passed[seen:]:
+        for signum, reached in passed:
             if number not in reached:
                 with contextlib.suppress(ProcessLookupError):
                     workers[number].send_signal(signum)

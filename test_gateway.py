@@ -1813,6 +1813,20 @@ def test_warmup_postpones_connects_for_unreported_rooms_only():
     assert gw.handle_http("GET", "/ready", {}, b"").status == 200
 
 
+@pytest.mark.parametrize("rid", [5, None, {"x": 1}, [{"x": 1}], ["lobby", 5]])
+def test_a_connect_whose_rid_is_malformed_is_refused_as_ever_during_the_warmup(rid):
+    # The warm-up looks the room up before Connect checks the claims: a
+    # malformed rid must reach Connect's refusal, not break the lookup.
+    headers = {"authorization": "Bearer " + token(room_id=rid)}
+    warming, warm = make_gateway(), make_gateway(warmup=0)
+    warming.begin_warmup()
+    response = warming.handle_http("POST", "/", headers, CONNECT_BODY)
+    assert response.status == 200
+    assert response.json()["error"]["data"]["fieldErrors"] == {
+        "rid": ["must be a string or an array of strings"]}
+    assert response.body == warm.handle_http("POST", "/", headers, CONNECT_BODY).body
+
+
 def test_a_room_reported_during_the_warmup_is_answered_with_its_server():
     gw = make_gateway()
     gw.begin_warmup()
@@ -6684,6 +6698,24 @@ def test_an_admin_request_sent_again_through_the_other_gateway_is_queued_once(re
         assert [t["user_data"] for t in tasks] == [[9], [9]]
 
 
+def test_a_big_report_parsed_in_steps_takes_its_tasks_from_redis(redis_server, tmp_path, monkeypatch):
+    # A report big enough to be parsed in steps ends as any other in cluster
+    # mode: stored in Redis, its server's tasks taken (and, with a state file, saved).
+    monkeypatch.setattr(og, "JSON_STEP_CHARS", 300)
+    stepped = []
+    parse_big = og.GatewayServer._parsed_in_steps
+    monkeypatch.setattr(og.GatewayServer, "_parsed_in_steps",
+                        lambda server, *args: stepped.append(1) or parse_big(server, *args))
+    rooms = [room(NS, "lobby", NS)] + [room(NS, "r%d" % i, NS) for i in range(40)]
+    with cluster_gateway(redis_server, state_file=str(tmp_path / "state")) as a:
+        http_report(a, SFU1, rooms=rooms)
+        assert admin(a, "RoomUpdate", {"room_id": "lobby", "user_data": [3]}) == {}
+        tasks = http_report(a, SFU1, rooms=rooms)["tasks"]
+        assert len(stepped) == 2
+        assert [t["user_data"] for t in tasks] == [[3]]
+        assert redis_server.client().hlen("odin:taken") == 0  # the answer was written: confirmed
+
+
 def test_a_report_whose_redis_call_times_out_hands_the_tasks_it_took_back(redis_server):
     # The report's transaction, stalled past the deadline, runs when Redis wakes up
     # and takes the server's task, though the answer went out without it: the take
@@ -6706,6 +6738,22 @@ def test_a_report_whose_redis_call_times_out_hands_the_tasks_it_took_back(redis_
         assert [t["user_data"] for t in tasks] == [[7]]
         assert http_report(a, SFU1, rooms=lobby)["tasks"] == []
         assert redis_server.client().hlen("odin:taken") == 0  # b's answer was written: confirmed
+
+
+def test_tasks_taken_for_an_answer_that_fails_are_handed_back(redis_server, monkeypatch):
+    # A report's answer that cannot be made (a bug: an internal error) carries
+    # no tasks: those it took go back to the queue, for the next report.
+    with cluster_gateway(redis_server) as a:
+        http_report(a, SFU1, rooms=[room(NS, "lobby", NS)])
+        assert admin(a, "RoomUpdate", {"room_id": "lobby", "user_data": [5]}) == {}
+        finish = og.Gateway.finish_steps
+        monkeypatch.setattr(og.Gateway, "finish_steps", lambda *args: 1 / 0)
+        with pytest.raises(og.RpcError):
+            http_report(a, SFU1, rooms=[room(NS, "lobby", NS)])
+        monkeypatch.setattr(og.Gateway, "finish_steps", finish)
+        eventually(a, lambda: redis_server.client().hlen("odin:taken") == 0)
+        tasks = http_report(a, SFU1, rooms=[room(NS, "lobby", NS)])["tasks"]
+        assert [t["user_data"] for t in tasks] == [[5]]
 
 
 def test_tasks_taken_by_a_gateway_that_died_before_answering_are_handed_back(redis_server):
@@ -6969,6 +7017,8 @@ def test_a_gateway_that_joins_is_not_ready_before_the_state_is_loaded(redis_serv
             redis_server.resume()
             eventually(b, lambda: b.gateway.cluster.loaded)
             assert len(b.gateway.grid.servers) == 2 and len(b.gateway.grid.rooms) == 101
+            # Ended as a warm-up ends: a state saved from now on spares a restart its warm-up.
+            assert b.call(lambda: (b.gateway.warm_until, b.gateway.grid.complete)) == (0.0, True)
             assert b.call(lambda: b.gateway.handle_http("GET", "/ready", {}, b"")).status == 200
 
 
