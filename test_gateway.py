@@ -3064,6 +3064,33 @@ def test_a_stray_crlf_after_an_answer_leaves_the_connection_idle():
     assert transport.written == answered  # closed when idle, without a 408
 
 
+def test_answers_wait_for_the_loop_iteration_only_when_others_could_join_them():
+    # The only connection's only request: its answer goes out at once, without
+    # a flush scheduled (an extra loop iteration at one connection).
+    loop, connection, transport = connection_by_hand()
+    options = b"OPTIONS / HTTP/1.1\r\nHost: x\r\n\r\n"
+    connection.data_received(options)
+    assert status_of(transport.written) == 200 and not loop.timers[1:]
+    # Pipelined requests take the usual way, and are answered in order.
+    writes = []
+    transport.write = lambda data: writes.append(data)
+    connection.data_received(b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n" + options)
+    assert len(loop.timers) == 2  # a flush
+    loop.advance(0)
+    written = b"".join(writes)
+    assert written.count(b"HTTP/1.1 200 OK") == 2 and written.index(b'{"status":"ok"}') < len(
+        written) - len(b"Content-Length: 0\r\n\r\n") and written.endswith(b"Content-Length: 0\r\n\r\n")
+    # With another connection open, answers wait for the iteration's flush.
+    other, other_transport = og.Connection(connection.server), RecordingTransport()
+    other.connection_made(other_transport)
+    connection.server.last_batch = 2  # the last iteration answered several
+    writes.clear()
+    connection.data_received(options)
+    assert writes == []
+    loop.advance(0)
+    assert len(writes) == 1 and status_of(writes[0]) == 200
+
+
 def test_a_client_gone_before_its_last_answer_is_dropped_at_once():
     # Seen at a stop: clients that asked during the warm-up and left got their
     # 503, the half-close raised ENOTCONN out of the callback, and the stop
@@ -5038,6 +5065,89 @@ def test_header_lines_kept_are_bounded_and_parsed_as_new_ones():
     framing.feed(b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 0\r\n\r\n")
     assert framing.next_event().headers == {"host": "a", "content-length": "0"}
     assert "Content-Length: 0" in known
+
+
+_FRAMING_LIMITS = og.Config(max_head_bytes=600)  # one object: a reload makes a new one
+
+
+def _framing_outcome(data, heads=None, limits=None):
+    """What a framing makes of data: its events up to the first that asks for more."""
+    framing = og.HttpFraming(limits or _FRAMING_LIMITS, heads=heads)
+    framing.feed(data)
+    events = []
+    for _ in range(4):
+        event = framing.next_event()
+        if isinstance(event, og.Request):
+            events.append((event.method, event.target, event.version, list(event.headers.items()),
+                           event.body, event.keep_alive))
+        elif isinstance(event, og.HttpError):
+            events.append((event.status, event.message, event.target))
+            break
+        else:
+            events.append(event)
+            if event != og.CONTINUE:
+                break
+    return events, framing.phase
+
+
+_KEPT_HEAD = (b"POST /?a=1 HTTP/1.1\r\nHost: gw:8080\r\nAuthorization: Bearer %s\r\n"
+              b"Content-Type: application/json\r\nContent-Length: 2\r\n\r\n{}")
+_HEAD_VARIANTS = [
+    _KEPT_HEAD, _KEPT_HEAD.replace(b"1.1", b"1.0"),
+    _KEPT_HEAD.replace(b"Host: gw:8080\r\n", b""),  # 1.1 without Host: 400
+    _KEPT_HEAD.replace(b"Content-Length: 2", b"Transfer-Encoding: chunked").replace(b"{}", b"2\r\n{}\r\n0\r\n\r\n"),
+    _KEPT_HEAD.replace(b"Content-Length: 2", b"Content-Length: 2\r\nExpect: 100-continue")[:-2],
+    _KEPT_HEAD.replace(b"Content-Length: 2", b"Content-Length: 2\r\nConnection: close"),
+    _KEPT_HEAD.replace(b"Content-Length: 2", b"Content-Length: 2\r\nAuthorization: Basic eDp5"),
+    _KEPT_HEAD.replace(b"Content-Length: 2", b"Content-Length: 2\r\nauthorization: x"),
+    _KEPT_HEAD.replace(b"Content-Length: 2", b"Content-Length: 99999999"),
+    _KEPT_HEAD.replace(b"Content-Length: 2", b"Content-Length: 2, 2"),
+    _KEPT_HEAD + b"POST / HTTP/1.1\r\nHost: x\r\nAuthorization: %s\r\nContent-Length: 0\r\n\r\n",  # pipelined
+    _KEPT_HEAD.replace(b"Bearer %s", b"%s").replace(b"\r\nAuthorization", b"\r\nX-A: 1\r\nAuthorization"),
+    _KEPT_HEAD.replace(b"POST /?a=1", b"GET http://gw/x"),
+]
+_TOKEN_VALUES = [b"t.u.v", b"", b" t ", b"t\t", b"t\rx", b"t\nx", b"t\x00x", b"caf\xe9", b"x" * 700,
+                 b"t\r\n\r\nGET / HTTP/1.1", b"t\r\nAuthorization: u", b"t\r\n Folded: x"]
+
+
+@pytest.mark.parametrize("variant", _HEAD_VARIANTS)
+def test_heads_kept_read_as_the_general_path_reads_them(variant):
+    # A head that differs from one read before only in its token is not parsed
+    # again (HEAD_CACHE): what the framing makes of it, the refusals included,
+    # must be byte for byte what a framing that keeps nothing makes of it.
+    heads = {}
+    for first in _TOKEN_VALUES:
+        for value in _TOKEN_VALUES:
+            _framing_outcome(variant.replace(b"%s", first), heads)
+            data = variant.replace(b"%s", value)
+            assert _framing_outcome(data, heads) == _framing_outcome(data)
+    assert all(b"t.u.v" not in key and fields["authorization"] == ""  # tokens are not kept
+                                   for key, (_l, _m, _t, _v, fields, _n) in heads.items())
+    # After a reload (new limits), a kept head is read anew under them.
+    data = _KEPT_HEAD.replace(b"%s", b"t.u.v")
+    _framing_outcome(data, heads)
+    reloaded = og.Config(max_body_bytes=1)
+    assert _framing_outcome(data, heads, reloaded) == _framing_outcome(data, None, reloaded)
+    assert _framing_outcome(data, heads, reloaded)[0][0][0] == 413
+
+
+def test_heads_kept_are_bounded():
+    heads = {}
+    for index in range(og.HEAD_CACHE + 1):
+        _framing_outcome(_KEPT_HEAD.replace(b"/?a=1", b"/?a=%d" % index).replace(b"%s", b"t"), heads)
+    assert len(heads) == 1  # full: emptied first
+    long_head = _KEPT_HEAD.replace(b"%s", b"t").replace(b"Host: gw", b"Host: " + b"g" * og.HEAD_KEPT)
+    _framing_outcome(long_head, heads, og.Config())
+    assert len(heads) == 1 and long_head[:-20] not in b"".join(heads)
+
+
+@FUZZ
+@given(st.binary(max_size=40), st.binary(max_size=40), st.sampled_from(_HEAD_VARIANTS))
+def test_fuzz_heads_kept_read_as_the_general_path_reads_them(first, value, variant):
+    heads = {}
+    _framing_outcome(variant.replace(b"%s", first), heads)
+    data = variant.replace(b"%s", value)
+    assert _framing_outcome(data, heads) == _framing_outcome(data)
 
 
 @FUZZ
