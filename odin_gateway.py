@@ -4104,13 +4104,26 @@ class Gateway:
         unset = object()
         region = p.take("region", _want_label, unset)
         pinned = p.take("server", _want_string, None)
+        # The room (and its namespace, as in a token: the customer's id by default):
+        # a cluster gateway without Redis picks a new room's server by the room's hash.
+        room_id = p.take("room", _want_string, None)
+        namespace = p.take("namespace", _want_string, customer)
         p.check()
+        try:
+            digest = room_hash(namespace, room_id) if room_id is not None else ""
+        except ValueError as err:
+            raise invalid_fields({"room": str(err)}) from err
         customer_region, pool = self.labels_of(customer)
         placement = self.grid.place(pool=pool, region=customer_region if region is unset else region,
-                                    pinned=pinned, now=self.clock(),
+                                    pinned=pinned, now=self.clock(), digest=digest,
                                     rng=copy.deepcopy(self.rng))  # the real draws stay as they are
+        answer = placement.explain()
+        if (self.grid.placing_alone and room_id is None and placement.used is not None
+                and len(placement.tiers[placement.used][2]) > 1):
+            answer["pick"] = None  # each room has its own: no one server to name
+            answer["reason"] += " (name a room to see its pick)"
         return dict(customer=customer, configured=customer in self._static_labels
-                    or customer in self._dynamic_labels, **placement.explain())
+                    or customer in self._dynamic_labels, **answer)
 
     def rpc_info(self, call: Call, params: dict) -> dict:
         """Servers, rooms and call statistics, for operators.

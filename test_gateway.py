@@ -7551,6 +7551,22 @@ def test_explain_tells_where_a_new_room_would_go_and_why_without_side_effects():
     assert "customer" in error(gw, "Explain", {})["data"]["fieldErrors"]
 
 
+def test_explain_without_redis_names_the_pick_of_the_rooms_hash():
+    # A cluster gateway whose Redis is down places a new room by the room's hash:
+    # Explain names each room's own server, the one Connect then places it on.
+    gw = labelled_gateway(servers=(EU1, EU2, EU3, WEST1, EAST1, EAST2))
+    gw.grid.placing_alone = True
+    rooms = ["room-%d" % n for n in range(12)]
+    picks = {room: result(gw, "Explain", {"customer": "anywhere", "room": room})["pick"] for room in rooms}
+    assert len(set(picks.values())) > 1  # not one server for every room
+    assert "by the room's hash" in result(gw, "Explain", {"customer": "anywhere", "room": "x"})["reason"]
+    unnamed = result(gw, "Explain", {"customer": "anywhere"})
+    assert unnamed["pick"] is None and unnamed["reason"].endswith("(name a room to see its pick)")
+    assert {room: place(gw, KEY_ANY, room) for room in rooms} == picks
+    assert "room" in error(gw, "Explain", {"customer": "anywhere", "room": "x", "namespace": "n" * 300}
+                           )["data"]["fieldErrors"]
+
+
 def test_placement_decisions_are_logged_at_debug(caplog):
     gw = labelled_gateway()
     with caplog.at_level(logging.DEBUG, logger="odin_gateway"):
