@@ -7158,16 +7158,18 @@ class Connection(asyncio.Protocol):
         self.waiting = False
         try:
             response = future.result()
-        except Exception:  # a bug: answer, log once, keep the process serving
+        except (Exception, asyncio.CancelledError):  # a bug: answer, log once, keep serving
             response = _internal_error(request)
         settle = getattr(response, "settle", None)  # a TakenAnswer: tasks taken from Redis
-        if self.transport is None:
+        written = False
+        try:  # tasks taken for an answer not written (closed, or it failed) are handed back
+            if self.transport is None:
+                return
+            self._answer(request, response)
+            written = True
+        finally:
             if settle is not None:
-                settle(False)
-            return
-        self._answer(request, response)
-        if settle is not None:
-            settle(True)
+                settle(written)
         if not (self.closing or self.writing_paused or self.pending is not None):
             self._unblock()
 

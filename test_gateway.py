@@ -6756,6 +6756,26 @@ def test_tasks_taken_for_an_answer_that_fails_are_handed_back(redis_server, monk
         assert [t["user_data"] for t in tasks] == [[5]]
 
 
+def test_tasks_taken_for_an_answer_whose_write_fails_are_handed_back(redis_server, monkeypatch):
+    # Writing the report's answer fails (its connection breaks): the tasks it took
+    # were not sent, so they go back to the queue, not left in odin:taken.
+    with cluster_gateway(redis_server) as a:
+        http_report(a, SFU1, rooms=[room(NS, "lobby", NS)])
+        assert admin(a, "RoomUpdate", {"room_id": "lobby", "user_data": [6]}) == {}
+        answer = og.Connection._answer
+
+        def broken(connection, request, response):
+            connection.transport.abort()
+            raise ConnectionResetError("the write failed")
+        monkeypatch.setattr(og.Connection, "_answer", broken)
+        with pytest.raises(Exception):
+            http_report(a, SFU1, rooms=[room(NS, "lobby", NS)])
+        monkeypatch.setattr(og.Connection, "_answer", answer)
+        eventually(a, lambda: redis_server.client().hlen("odin:taken") == 0)
+        tasks = http_report(a, SFU1, rooms=[room(NS, "lobby", NS)])["tasks"]
+        assert [t["user_data"] for t in tasks] == [[6]]
+
+
 def test_tasks_taken_by_a_gateway_that_died_before_answering_are_handed_back(redis_server):
     # A gateway killed between the take and the answer leaves its take in
     # odin:taken under its member id; once it is no longer a member, the next
