@@ -2498,6 +2498,9 @@ class Grid:
         # in steps before it is integrated (prepare_rooms); used up by the report.
         self.prepared: Dict[Tuple[str, str], str] = {}
         self.prepared_order: Dict[str, Tuple[str, str]] = {}
+        # Cluster mode: admin tasks whose Redis call failed (it may have run), id ->
+        # (hostname, task); sent again under their ids (ClusterLink._push_held_tasks).
+        self.held: Dict[str, Tuple[str, dict]] = {}
 
     # -- changes: each room mapping goes through _map and _unmap ---------------
 
@@ -2850,6 +2853,17 @@ class Grid:
         self._task_event("task_queued", server, task)
         self._note(["task", server.hostname, task], acknowledged=True)
 
+    def hold_task(self, task_id: str, hostname: str, task: dict, acknowledged: bool = False) -> None:
+        """Keep a task whose Redis call failed, to send again under its id (journaled:
+        acknowledged, the answer {} waits until it is on disk)."""
+        self.held[task_id] = (hostname, task)
+        self._note(["held", task_id, hostname, task], acknowledged)
+
+    def stored_task(self, task_id: str) -> None:
+        """A held task that Redis now has (or refused: then queued here again)."""
+        if self.held.pop(task_id, None) is not None:
+            self._note(["stored", task_id])
+
     def _task_event(self, kind: str, server: Server, task: dict) -> None:
         self._gateway.event(kind, server=server.hostname, task=task["task"], room=tuple(task["id"]))
 
@@ -3061,6 +3075,8 @@ class Grid:
 #   ["unroom", hash]                                    unmapped
 #   ["task", hostname, task]                            queued for the server
 #   ["sent", hostname, count]                           its first count tasks were delivered
+#   ["held", id, hostname, task]       cluster: its Redis call failed; sent again under its id
+#   ["stored", id]                                      that held task is in Redis now
 #   ["usage", hostname, {customer: [peers, rooms]}]     its last report's usage by customer
 #   ["complete"]                                        every server's rooms are known (Grid.complete)
 
@@ -3080,6 +3096,8 @@ _RECORD_SHAPES: Dict[str, Tuple[type, ...]] = {
     "unroom": (str,),
     "task": (str, dict),
     "sent": (str, int),
+    "held": (str, str, dict),
+    "stored": (str,),
     "usage": (str, dict),
     "complete": (),
 }
@@ -3115,6 +3133,8 @@ def grid_records(grid: Grid) -> Iterator[list]:
             yield ["usage", server.hostname, server.usage]
         for task in server.tasks:
             yield ["task", server.hostname, task]
+    for task_id, (hostname, task) in grid.held.items():
+        yield ["held", task_id, hostname, task]
     for digest, room in grid.rooms.items():
         yield room_record(digest, room)
 
@@ -3153,6 +3173,12 @@ def apply_record(grid: Grid, record: list, now: float) -> None:
         grid.put_room(digest, room)
         if room.reported:
             server.room_hashes.add(digest)
+        return
+    if kind == "held":
+        grid.held[record[1]] = (record[2], record[3])
+        return
+    if kind == "stored":
+        grid.held.pop(record[1], None)
         return
     if kind == "unroom":
         room = grid.drop_room(record[1])
@@ -6046,8 +6072,9 @@ class ClusterLink:
         # restarted (_restore_delivered); the requeue waits until then (_requeue_at).
         self._recent: Dict[str, str] = {}
         self._requeue_at: Optional[float] = None
-        # Tasks whose call timed out while the link stayed up: id -> (hostname, task).
-        self._unsure: Dict[str, Tuple[str, dict]] = {}
+        # Tasks whose call timed out while the link stayed up: id -> (hostname, task),
+        # kept in the grid (Grid.held), so that a state file keeps them too.
+        self._unsure = gateway.grid.held
         self._redis_run: Optional[str] = None  # Redis's run_id: it changes when Redis restarts
         self._pongs: Dict[str, "asyncio.Future[None]"] = {}  # barrier token -> its arrival
         self._wake = asyncio.Event()
@@ -6239,19 +6266,23 @@ class ClusterLink:
         grid = self.gateway.grid
         fresh = {}  # never sent: these need not wait for _requeue_at
         for server in grid.servers.values():
+            if server.tasks:  # no longer queued here (journaled as delivered): held under ids
+                grid._note(["sent", server.hostname, len(server.tasks)])
             for task in server.tasks:
-                fresh[self._new_task_id()] = (server.hostname, task)
+                task_id = self._new_task_id()
+                fresh[task_id] = (server.hostname, task)
+                grid.hold_task(task_id, server.hostname, task)
             server.tasks.clear()
-        self._unsure.update(fresh)
         pushing = list((fresh if waiting else self._unsure).items())
         if not pushing:
             return
         outcomes = await self._push_tasks([(host, task_id, task) for task_id, (host, task) in pushing])
         for (task_id, (hostname, task)), outcome in zip(pushing, outcomes):
-            del self._unsure[task_id]
+            grid.stored_task(task_id)
             held = grid.servers.get(hostname)
             if outcome == "full" and held is not None:
                 held.tasks.append(task)
+                grid._note(["task", hostname, task])
         if "full" in outcomes:
             log.warning("cluster: task queues full in Redis; %d held tasks stay here",
                         outcomes.count("full"))
@@ -6579,7 +6610,7 @@ class ClusterLink:
             # Redis may have run the call (slow, or the connection broke after it was
             # sent): sent again under the same id once Redis answers (queued once),
             # never delivered from here.
-            self._unsure[task_id] = (hostname, task)
+            self.gateway.grid.hold_task(task_id, hostname, task, acknowledged=True)
             return "queued"
 
     def _new_task_id(self) -> str:

@@ -6740,6 +6740,35 @@ def test_a_report_whose_redis_call_times_out_hands_the_tasks_it_took_back(redis_
         assert redis_server.client().hlen("odin:taken") == 0  # b's answer was written: confirmed
 
 
+@pytest.mark.parametrize("redis_ran_it", [False, True])
+def test_a_task_whose_redis_call_failed_survives_a_kill_in_the_state_file(
+        redis_server, tmp_path, monkeypatch, redis_ran_it):
+    # The admin call's Redis call fails (Redis may or may not have run it): answered
+    # {} and held under its id, on disk before the answer. The gateway is killed (its
+    # stop sequence never runs: the file is as the kill left it); a new one with the
+    # same state_file sends it again under that id: the next report delivers it once.
+    state = tmp_path / "state"
+    lobby = [room(NS, "lobby", NS)]
+    with cluster_gateway(redis_server, state_file=str(state), cluster_heartbeat=60) as a:
+        http_report(a, SFU1, rooms=lobby)
+        push = og.ClusterLink._push_tasks
+
+        async def failing(link, items):
+            if redis_ran_it:
+                await push(link, items)
+            raise og._Unreachable("timed out")
+        monkeypatch.setattr(og.ClusterLink, "_push_tasks", failing)
+        assert admin(a, "RoomUpdate", {"room_id": "lobby", "user_data": [8]}) == {}
+        monkeypatch.setattr(og.ClusterLink, "_push_tasks", push)
+        killed = state.read_bytes()  # what a kill leaves on disk
+    state.write_bytes(killed)
+    with cluster_gateway(redis_server, state_file=str(state)) as b:
+        tasks = http_report(b, SFU1, rooms=lobby)["tasks"]
+        assert [t["user_data"] for t in tasks] == [[8]]
+        assert http_report(b, SFU1, rooms=lobby)["tasks"] == []
+        assert b.call(lambda: b.gateway.grid.held) == {}  # in Redis now: journaled as stored
+
+
 def test_tasks_taken_for_an_answer_that_fails_are_handed_back(redis_server, monkeypatch):
     # A report's answer that cannot be made (a bug: an internal error) carries
     # no tasks: those it took go back to the queue, for the next report.
