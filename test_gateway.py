@@ -6769,6 +6769,31 @@ def test_a_task_whose_redis_call_failed_survives_a_kill_in_the_state_file(
         assert b.call(lambda: b.gateway.grid.held) == {}  # in Redis now: journaled as stored
 
 
+def test_tasks_queued_while_redis_was_down_are_sent_once_after_a_kill(redis_server, tmp_path):
+    # A task accepted while Redis is down is queued here ("task" in the state file);
+    # moved to Redis when it is back, it leaves the file's queue too ("sent", then
+    # "held" under its id, then "stored"): a gateway killed after that and restarted
+    # with the file does not queue it again under a new id.
+    state = tmp_path / "state"
+    lobby = [room(NS, "lobby", NS)]
+    with cluster_gateway(redis_server, state_file=str(state), cluster_timeout=0.2) as a:
+        http_report(a, SFU1, rooms=lobby)
+        redis_server.kill()
+        eventually(a, lambda: not a.gateway.cluster.up)
+        assert admin(a, "RoomUpdate", {"room_id": "lobby", "user_data": [4]}) == {}
+        redis_server.start()
+        eventually(a, lambda: a.gateway.cluster.up and not a.gateway.grid.servers[SFU1].tasks
+                   and not a.gateway.grid.held)
+        connect(a)  # a request: what changed meanwhile is written with it
+        eventually(a, lambda: b'"stored"' in state.read_bytes())
+        killed = state.read_bytes()  # what a kill leaves on disk
+    state.write_bytes(killed)
+    with cluster_gateway(redis_server, state_file=str(state)) as b:
+        tasks = http_report(b, SFU1, rooms=lobby)["tasks"]
+        assert [t["user_data"] for t in tasks] == [[4]]
+        assert http_report(b, SFU1, rooms=lobby)["tasks"] == []
+
+
 def test_tasks_taken_for_an_answer_that_fails_are_handed_back(redis_server, monkeypatch):
     # A report's answer that cannot be made (a bug: an internal error) carries
     # no tasks: those it took go back to the queue, for the next report.
