@@ -6075,6 +6075,8 @@ class ClusterLink:
         # Tasks whose call timed out while the link stayed up: id -> (hostname, task),
         # kept in the grid (Grid.held), so that a state file keeps them too.
         self._unsure = gateway.grid.held
+        # With a state file: a future done once what the grid journaled is on disk.
+        self.state_written: Optional[Callable[[], "asyncio.Future[None]"]] = None
         self._redis_run: Optional[str] = None  # Redis's run_id: it changes when Redis restarts
         self._pongs: Dict[str, "asyncio.Future[None]"] = {}  # barrier token -> its arrival
         self._wake = asyncio.Event()
@@ -6273,6 +6275,8 @@ class ClusterLink:
                 fresh[task_id] = (server.hostname, task)
                 grid.hold_task(task_id, server.hostname, task)
             server.tasks.clear()
+        if fresh and self.state_written is not None:  # on disk under their ids before sent
+            await self.state_written()
         pushing = list((fresh if waiting else self._unsure).items())
         if not pushing:
             return
@@ -7409,6 +7413,8 @@ class GatewayServer:
         self.gateway.open_state()  # an unusable state file stops the start before listening
         if self.gateway.saved is not None:
             self.state_flush = StateFlush(self.gateway.saved)
+            if self.owns_cluster:
+                self.gateway.cluster.state_written = self.state_flush.soon  # type: ignore[union-attr]
         sockets = create_listeners(self.host, self.port, config.backlog, reuse_port=self.reuse_port)
         try:
             for sock in sockets:
