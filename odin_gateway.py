@@ -2696,15 +2696,16 @@ class Grid:
         pending = self.pending.get(customer, (0, 0))
         return reported[0] + pending[0], reported[1] + pending[1]
 
-    def limit_usage(self, customer: str) -> Tuple[int, int]:
+    def limit_usage(self, customer: str, shares: Optional[int] = None) -> Tuple[int, int]:
         """usage_of() as limits count it: a cluster gateway without Redis, which cannot
         see the others' placements, counts its own placements since the reports once
-        for every gateway (gateways_alone), as if each had placed as many."""
-        if self.gateways_alone == 1:
+        for every gateway (gateways_alone, or shares if more), as if each had placed as
+        many."""
+        shares = max(self.gateways_alone, shares or 1)
+        if shares == 1:
             return self.usage_of(customer)
         reported = self.reported.get(customer, (0, 0))
         pending = self.pending.get(customer, (0, 0))
-        shares = self.gateways_alone
         return reported[0] + shares * pending[0], reported[1] + shares * pending[1]
 
     @property
@@ -3863,13 +3864,16 @@ class Gateway:
 
     def _connect_checked(self, auth: Authorization, digest: str, namespace: str, room_name: str,
                          pinned: Optional[str], claimed_region: Optional[str],
-                         _barrier: Any = None) -> Any:
-        """Connect past its claims: the limits, then the room's server or a claim for it."""
+                         seen_all: Optional[bool] = True) -> Any:
+        """Connect past its claims: the limits, then the room's server or a claim for it.
+        seen_all: the barrier passed (None: it missed its deadline, so the others'
+        latest placements may be unseen: the limits count as while Redis is down)."""
         licensee = auth.licensee
-        peers, rooms = self.grid.limit_usage(licensee.customer_id)
+        link = self.cluster
+        unseen = len(link.members) if link is not None and not seen_all else None
+        peers, rooms = self.grid.limit_usage(licensee.customer_id, unseen)
         self._check_limit(licensee, licensee.peer_limit, peers, "peers")
         now = self.clock()
-        link = self.cluster
         if link is not None and link.up and self.grid.server_of(digest, now) is None:
             # A new room: claim it in Redis first, so that every gateway sends it to one server.
             self._check_limit(licensee, licensee.room_limit, rooms, "rooms")
@@ -6348,7 +6352,12 @@ class ClusterLink:
         try:
             await self._call(pipe.execute())
         except _Unreachable:
-            self._delivered[:0] = delivered  # the others must hear of them: next batch
+            # The others must hear of them: in the next batch. Placements that reached
+            # Redis anyway (a slow answer) then count twice until their server's next
+            # report: a limit refuses early rather than late.
+            self._placed[:0] = placed
+            self._drains[:0] = drains
+            self._delivered[:0] = delivered
             raise
 
     # -- steps: what must be in Redis before an answer ------------------------
@@ -6464,9 +6473,9 @@ class ClusterLink:
                 if not lock.locked() and self._serials.get(step.serial) is lock:
                     del self._serials[step.serial]  # type: ignore[arg-type]
 
-    async def _perform_barrier(self) -> None:
-        """Return once every event published before this call has been applied here: a
-        PING on the events connection comes back after them."""
+    async def _perform_barrier(self) -> bool:
+        """Return (True) once every event published before this call has been applied here:
+        a PING on the events connection comes back after them."""
         if not self.up or self._pubsub is None:
             raise _Unreachable("down")
         token = os.urandom(8).hex()
@@ -6477,6 +6486,7 @@ class ClusterLink:
             await self._call(asyncio.shield(arrived))
         finally:
             self._pongs.pop(token, None)
+        return True
 
     async def _perform(self, step: ClusterStep) -> Any:
         """A step's outcome; None if Redis could not be reached in time (then held here)."""
@@ -8206,13 +8216,18 @@ def serve_demo(out: Any = None, *, port: int = 0, stop: Optional[threading.Event
                 fakes["sfu-c.local:4433"].start()
 
         seen = 0
-        # SIGTERM (a service manager, `kill`) stops it as cleanly as Ctrl-C does.
+        # Ctrl-C and SIGTERM (a service manager, `kill`) end the loop after the step: taken
+        # even where SIGINT was ignored at start (a background job), as serve takes it,
+        # never raised as a KeyboardInterrupt in the middle of a step. The handler only
+        # appends (stop.set() there could wait for the lock the interrupted thread holds).
         import signal
+        signalled: List[int] = []
         in_main = threading.current_thread() is threading.main_thread()
-        previous_term = signal.signal(signal.SIGTERM, lambda *_: stop.set()) if in_main else None
+        previous = {number: signal.signal(number, lambda number, _frame: signalled.append(number))
+                    for number in (signal.SIGINT, signal.SIGTERM)} if in_main else {}
         try:
             step = 0
-            while not stop.wait(DEMO_STEP):
+            while not signalled and not stop.wait(DEMO_STEP):
                 step += 1
                 if step % DEMO_CYCLE in DEMO_TIMELINE:
                     script(DEMO_TIMELINE[step % DEMO_CYCLE])
@@ -8232,11 +8247,9 @@ def serve_demo(out: Any = None, *, port: int = 0, stop: Optional[threading.Event
                     print("%s %-16s %s" % (time.strftime("%H:%M:%S", time.gmtime(event["time"])),
                                            event["kind"], _event_details(event)), file=out, flush=True)
                 seen = page["next"]
-        except KeyboardInterrupt:
-            pass
         finally:
-            if in_main:
-                signal.signal(signal.SIGTERM, previous_term)
+            for number, handler in previous.items():
+                signal.signal(number, handler)
             for fake in fakes.values():
                 fake.stop()
     print("\nDemo stopped.", file=out)
