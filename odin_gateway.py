@@ -1535,8 +1535,8 @@ class Config:
         "seconds a room token lives, and an unreported room is kept (more than `update_interval`)")
     warmup: Optional[float] = setting(
         None, _warmup,
-        "seconds after a start (without saved state) before rooms no server has reported are "
-        "placed; `None`: `update_interval` + 2 s; `0`: none. See [Restarts](#restarts)")
+        "seconds after a start (without state saved after a warm-up) before rooms no server has "
+        "reported are placed; `None`: `update_interval` + 2 s; `0`: none. See [Restarts](#restarts)")
     state_file: Optional[str] = setting(
         None, _state_file,
         "a file for what a restart or crash must not lose (admin tasks not yet delivered, where "
@@ -2533,14 +2533,24 @@ class Grid:
             self.placed.add(digest)
 
     def _unmap(self, digest: str) -> None:
-        self._touch(self.rooms.pop(digest).server)
+        """Unmap a room and journal it."""
+        self.drop_room(digest)
+        self._note(["unroom", digest])
+
+    def drop_room(self, digest: str) -> Optional[Room]:
+        """Unmap a room, unjournaled (apply_record replays an "unroom" record with it);
+        the room, None if it was not mapped. (Its server's room_hashes are the caller's.)"""
+        room = self.rooms.pop(digest, None)
+        if room is None:
+            return None
+        self._touch(room.server)
         self.placed.discard(digest)
         if self._sorted is not None:
             if digest in self._unsorted:
                 self._unsorted.discard(digest)
             else:
                 self._stale += 1
-        self._note(["unroom", digest])
+        return room
 
     def set_complete(self) -> None:
         """Every server's rooms are known from now on (see complete)."""
@@ -3146,12 +3156,9 @@ def apply_record(grid: Grid, record: list, now: float) -> None:
             server.room_hashes.add(digest)
         return
     if kind == "unroom":
-        room = grid.rooms.pop(record[1], None)
-        grid.placed.discard(record[1])
+        room = grid.drop_room(record[1])
         if room is not None and room.server in grid.servers:
             grid.servers[room.server].room_hashes.discard(record[1])
-            grid._touch(room.server)
-        grid._sorted = None
         return
     hostname = record[1]
     server = grid.servers.get(hostname)
@@ -4181,9 +4188,9 @@ class Gateway:
         seconds = self.config.warmup
         if seconds is None:
             seconds = self.config.update_interval + WARMUP_MARGIN
-        if seconds <= 0:
+        if seconds <= 0:  # no warm-up: the rooms are as known as they will be
             self.grid.set_complete()
-        if seconds <= 0 or self.grid.complete or self.warmed:
+        if self.grid.complete or self.warmed:
             return
         self.warmed = True
         self.warm_until = self.clock() + seconds
@@ -4192,11 +4199,16 @@ class Gateway:
     def warming_up(self, now: float) -> bool:
         """True during the warm-up; ends it (waking the waiting requests) when its time is up."""
         if self.warm_until and now >= self.warm_until:
-            self.warm_until = 0.0
-            self.grid.set_complete()
-            self.event("warmup_over", now)
-            self._changed()
+            self.end_warmup(now)
         return self.warm_until > 0
+
+    def end_warmup(self, now: Optional[float] = None) -> None:
+        """End the warm-up: every server's rooms are known (Grid.complete), the
+        waiting requests are woken."""
+        self.warm_until = 0.0
+        self.grid.set_complete()
+        self.event("warmup_over", now)
+        self._changed()
 
     def _changed(self) -> None:
         for hook in self.on_change:
@@ -4207,6 +4219,8 @@ class Gateway:
         now = self.clock()
         if not self.warming_up(now):
             return None
+        if not _is_string_or_strings(auth.claims.get("rid")):
+            return None  # Connect itself refuses it (its room cannot be looked up)
         try:
             digest, _ = _connect_room(auth, self.room_hashes)
         except RpcError:  # Connect itself refuses it
@@ -5239,6 +5253,13 @@ REQUEST_LINE_CACHE = 256
 #: (Host, Content-Type and Content-Length lines repeat; Authorization lines, which
 #: hold tokens, are not kept; long lines would make the cache big).
 HEADER_LINE_CACHE, HEADER_LINE_KEPT = 256, 200
+#: Most distinct heads a server remembers parsed, and the longest it keeps. A
+#: client's heads differ only in their token: a head with an Authorization line
+#: spelled as below is kept without its value, and a head that is the same but
+#: for that value (one without CR, LF or NUL) is read as the one kept was.
+HEAD_CACHE, HEAD_KEPT = 256, 1024
+_AUTHORIZATION_LINE = b"\r\nAuthorization: "
+_CLEAN_VALUE_RE = re.compile(rb"[^\r\n\x00]*")
 
 
 class HttpError(GatewayError):
@@ -5483,15 +5504,17 @@ class HttpFraming:
 
     __slots__ = ("limits", "date", "lines", "buffer", "start", "eof", "phase", "scanned",
                  "request", "length", "continue_sent", "chunk_pos", "chunk_left", "chunks",
-                 "in_trailer", "host", "header_lines")
+                 "in_trailer", "host", "header_lines", "heads")
 
     def __init__(self, limits: Config, *, date: Optional[Callable[[], bytes]] = None,
                  request_lines: Optional[Dict[bytes, Tuple[str, str, Tuple[int, int]]]] = None,
-                 header_lines: Optional[Dict[str, Tuple[str, str]]] = None):
+                 header_lines: Optional[Dict[str, Tuple[str, str]]] = None,
+                 heads: Optional[Dict[bytes, tuple]] = None):
         self.limits = limits
         self.date = date or HttpDate()
         self.lines = request_lines if request_lines is not None else {}
         self.header_lines = header_lines if header_lines is not None else {}
+        self.heads = heads if heads is not None else {}  # see HEAD_CACHE
         # Bytes received and not yet consumed: buffer[start:]. A request that
         # arrives whole is parsed from the bytes as received (no copy); a
         # request in pieces is gathered in a bytearray.
@@ -5588,6 +5611,24 @@ class HttpFraming:
         line_end = buffer.find(b"\r\n", start, end + 2)
         if line_end == start:
             return self._skip_empty_lines()
+        key = None
+        cut = buffer.find(_AUTHORIZATION_LINE, line_end, end) if type(buffer) is bytes else -1
+        if cut >= 0:  # a head kept (HEAD_CACHE): read as it was, with this token
+            value_start = cut + len(_AUTHORIZATION_LINE)
+            value_end = buffer.find(b"\r\n", value_start, end + 2)
+            key = buffer[start:value_start] + buffer[value_end:end]
+            kept = self.heads.get(key)
+            if (kept is not None and kept[0] is limits and end - start <= limits.max_head_bytes
+                    and _CLEAN_VALUE_RE.fullmatch(buffer, value_start, value_end)):
+                _limits, method, target, version, fields, length = kept
+                headers = fields.copy()
+                headers["authorization"] = buffer[value_start:value_end].decode("latin-1").strip(" \t")
+                self.start = self.scanned = end + 4
+                self.phase = "body"
+                self.request = Request(method, target, version, headers)
+                self.continue_sent = False
+                self.length = length
+                return None
         line = bytes(buffer[start:line_end])
         if len(line) > limits.max_request_line:
             raise HttpError(414, "request line too long (limit %d bytes)" % limits.max_request_line)
@@ -5633,6 +5674,12 @@ class HttpFraming:
             self.chunks = bytearray()
             if version < (1, 1):  # its framing is suspect: close after it (RFC 9112 6.1)
                 self.request.keep_alive = False
+        elif key is not None and len(key) <= HEAD_KEPT and "authorization" in headers:
+            if len(self.heads) >= HEAD_CACHE:
+                self.heads.clear()
+            fields = headers.copy()
+            fields["authorization"] = ""  # the token is not kept; its place in the order is
+            self.heads[key] = (limits, method, target, version, fields, length)
         return None
 
     def _skip_empty_lines(self) -> Any:
@@ -6116,9 +6163,7 @@ class ClusterLink:
         grid = self.gateway.grid
         if first and grid.servers and self.gateway.warm_until:
             # The cluster's state is this gateway's state: no blind interval to wait out.
-            self.gateway.warm_until = 0.0
-            self.gateway.event("warmup_over")
-            self.gateway._changed()
+            self.gateway.end_warmup()
         self.gateway.event("cluster_up", how="joined" if first else "resynced",
                            servers=len(grid.servers), rooms=len(grid.rooms), members=len(self.members))
 
@@ -6245,7 +6290,7 @@ class ClusterLink:
         known = grid.servers.get(hostname)
         if known is not None and known.last_seen > record["last_seen"]:
             return  # this replica has a newer report already
-        server = grid.report(record["hostname"], record["version"], record["report"],
+        server = grid.report(hostname, record["version"], record["report"],
                              record["last_seen"], replica=True)
         if known is None:
             server.first_seen = record["first_seen"]
@@ -6416,9 +6461,14 @@ class ClusterLink:
         steps = [answer["result"] for answer in pending.answers
                  if isinstance(answer.get("result"), ClusterStep)]
         takes: List[str] = []  # the reports' takes, settled once the answer is written
-        results = await asyncio.gather(*(self._settle(step, takes) for step in steps),
-                                       return_exceptions=True)
-        response = self.gateway.finish_steps(pending, list(results))
+        try:
+            results = await asyncio.gather(*(self._settle(step, takes) for step in steps),
+                                           return_exceptions=True)
+            response = self.gateway.finish_steps(pending, list(results))
+        except BaseException:  # no answer will carry the tasks taken: handed back
+            if takes:
+                self._answered(takes, False)
+            raise
         if not takes:
             return response
         return TakenAnswer(response, functools.partial(self._answered, takes))
@@ -6608,9 +6658,9 @@ class ClusterLink:
             return None
         entries = [load_json(raw) for raw in results[-1]]
         if entries:
-            self._takes[take] = (server.hostname, None)
+            self._takes[take] = (server.hostname, None)  # settled once the answer is written
             takes.append(take)
-        if entries:  # delivered: the gateways that accepted them may forget them
+            # Delivered: the gateways that accepted them may forget them.
             for entry in entries:
                 self._undelivered.pop(entry["id"], None)
                 self._recent[entry["id"]] = server.hostname
@@ -7001,7 +7051,7 @@ class Connection(asyncio.Protocol):
             transport.max_size = config.receive_size
         transport.set_write_buffer_limits(high=config.max_write_buffer)
         self.framing = HttpFraming(config, date=server.date, request_lines=server.request_lines,
-                                   header_lines=server.header_lines)
+                                   header_lines=server.header_lines, heads=server.heads)
         self.arm("first byte")
 
     def data_received(self, data: bytes) -> None:
@@ -7130,12 +7180,13 @@ class Connection(asyncio.Protocol):
                 INVALID_REQUEST, "too many answers wait to be read; try again later"))
         data = self.framing.answer(request, response,  # type: ignore[union-attr]
                                    stopping=server.stopping)
-        server.answered(self.remote, request.target, response.status, self.started,
-                        request.method, len(response.body))
         if self.framing.phase == "closed":  # type: ignore[union-attr]
             self._finish(data)
         else:
             self.send(data)
+        # Counted (and logged) once written: the client waits for nothing here.
+        server.answered(self.remote, request.target, response.status, self.started,
+                        request.method, len(response.body))
 
     def send(self, data: bytes) -> None:
         """Write an answer: small ones with this iteration's flush, large ones in pieces.
@@ -7143,12 +7194,19 @@ class Connection(asyncio.Protocol):
         Under load, the answers of one loop iteration are written together
         at its end (GatewayServer.flush), which saves a fifth of a Connect's
         CPU; when the last iteration answered one request at most, the first
-        answer of an iteration goes out at once, which saves its latency.
+        answer of an iteration goes out at once, which saves its latency. The
+        answer to the only connection's only request waits for nothing: it
+        goes out at once, without a flush (and its extra loop iteration).
         """
         server = self.server
         max_write_buffer = server.gateway.config.max_write_buffer
         if len(data) <= max_write_buffer:
             if not server.flush_scheduled:
+                framing = self.framing
+                if (len(server.connections) == 1 and not self.out and framing is not None
+                        and framing.start >= len(framing.buffer)):
+                    self.transport.write(data)
+                    return
                 server.flush_scheduled = True
                 server.loop.call_soon(server.flush)
                 if server.last_batch <= 1 and not self.out:
@@ -7281,6 +7339,7 @@ class GatewayServer:
         self.date = HttpDate()
         self.request_lines: Dict[bytes, Tuple[str, str, Tuple[int, int]]] = {}
         self.header_lines: Dict[str, Tuple[str, str]] = {}
+        self.heads: Dict[bytes, tuple] = {}  # HEAD_CACHE
         self.file_budget = gateway.config.max_connections
         self.refused_count = 0
         self.accept_errors = 0
@@ -7570,6 +7629,8 @@ class GatewayServer:
                 self.collector_paused = False
                 gc.enable()
                 freeze_grown_grid(self.gateway.grid)
+        if response.__class__ is not Response:  # cluster steps: Redis first, as for any request
+            return await self._after_cluster(response, acknowledged)
         answer = self._after_saving(response, acknowledged)
         return answer if isinstance(answer, Response) else await answer
 
@@ -8742,18 +8803,18 @@ def run_workers(config: Config, argv: List[str]) -> int:
     workers: Dict[int, "subprocess.Popen[bytes]"] = {}
     started: Dict[int, float] = {}
     stopping: List[int] = []
-    passed: List[Tuple[int, set]] = []  # each signal passed on, and the workers it reached
+    passed: List[Tuple[int, set]] = []  # signals passed on (and the workers they reached) since a start
 
     def start(number: int, replaces: Optional[dict] = None) -> None:
         env = dict(os.environ, **{WORKER_ENV: str(number)})
         env.pop(WORKER_REPLACES_ENV, None)
         if replaces is not None:
             env[WORKER_REPLACES_ENV] = _compact_json(replaces)
-        seen = len(passed)
+        passed.clear()  # (only those passed on while this worker starts matter)
         # A session of its own: a terminal's Ctrl-C reaches the supervisor only, which passes it on.
         workers[number] = subprocess.Popen(command, env=env, start_new_session=True)
         # A signal passed on while it started missed it (a stop would wait for it for ever).
-        for signum, reached in passed[seen:]:
+        for signum, reached in passed:
             if number not in reached:
                 with contextlib.suppress(ProcessLookupError):
                     workers[number].send_signal(signum)

@@ -1925,6 +1925,20 @@ def test_warmup_postpones_connects_for_unreported_rooms_only():
     assert gw.handle_http("GET", "/ready", {}, b"").status == 200
 
 
+@pytest.mark.parametrize("rid", [5, None, {"x": 1}, [{"x": 1}], ["lobby", 5]])
+def test_a_connect_whose_rid_is_malformed_is_refused_as_ever_during_the_warmup(rid):
+    # The warm-up looks the room up before Connect checks the claims: a
+    # malformed rid must reach Connect's refusal, not break the lookup.
+    headers = {"authorization": "Bearer " + token(room_id=rid)}
+    warming, warm = make_gateway(), make_gateway(warmup=0)
+    warming.begin_warmup()
+    response = warming.handle_http("POST", "/", headers, CONNECT_BODY)
+    assert response.status == 200
+    assert response.json()["error"]["data"]["fieldErrors"] == {
+        "rid": ["must be a string or an array of strings"]}
+    assert response.body == warm.handle_http("POST", "/", headers, CONNECT_BODY).body
+
+
 def test_a_room_reported_during_the_warmup_is_answered_with_its_server():
     gw = make_gateway()
     gw.begin_warmup()
@@ -3160,6 +3174,33 @@ def test_a_stray_crlf_after_an_answer_leaves_the_connection_idle():
     connection.data_received(b"\r\n")
     assert connection.deadline == "idle" and passes_at(loop, transport, 4)
     assert transport.written == answered  # closed when idle, without a 408
+
+
+def test_answers_wait_for_the_loop_iteration_only_when_others_could_join_them():
+    # The only connection's only request: its answer goes out at once, without
+    # a flush scheduled (an extra loop iteration at one connection).
+    loop, connection, transport = connection_by_hand()
+    options = b"OPTIONS / HTTP/1.1\r\nHost: x\r\n\r\n"
+    connection.data_received(options)
+    assert status_of(transport.written) == 200 and not loop.timers[1:]
+    # Pipelined requests take the usual way, and are answered in order.
+    writes = []
+    transport.write = lambda data: writes.append(data)
+    connection.data_received(b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n" + options)
+    assert len(loop.timers) == 2  # a flush
+    loop.advance(0)
+    written = b"".join(writes)
+    assert written.count(b"HTTP/1.1 200 OK") == 2 and written.index(b'{"status":"ok"}') < len(
+        written) - len(b"Content-Length: 0\r\n\r\n") and written.endswith(b"Content-Length: 0\r\n\r\n")
+    # With another connection open, answers wait for the iteration's flush.
+    other, other_transport = og.Connection(connection.server), RecordingTransport()
+    other.connection_made(other_transport)
+    connection.server.last_batch = 2  # the last iteration answered several
+    writes.clear()
+    connection.data_received(options)
+    assert writes == []
+    loop.advance(0)
+    assert len(writes) == 1 and status_of(writes[0]) == 200
 
 
 def test_a_client_gone_before_its_last_answer_is_dropped_at_once():
@@ -5144,6 +5185,89 @@ def test_header_lines_kept_are_bounded_and_parsed_as_new_ones():
     assert "Content-Length: 0" in known
 
 
+_FRAMING_LIMITS = og.Config(max_head_bytes=600)  # one object: a reload makes a new one
+
+
+def _framing_outcome(data, heads=None, limits=None):
+    """What a framing makes of data: its events up to the first that asks for more."""
+    framing = og.HttpFraming(limits or _FRAMING_LIMITS, heads=heads)
+    framing.feed(data)
+    events = []
+    for _ in range(4):
+        event = framing.next_event()
+        if isinstance(event, og.Request):
+            events.append((event.method, event.target, event.version, list(event.headers.items()),
+                           event.body, event.keep_alive))
+        elif isinstance(event, og.HttpError):
+            events.append((event.status, event.message, event.target))
+            break
+        else:
+            events.append(event)
+            if event != og.CONTINUE:
+                break
+    return events, framing.phase
+
+
+_KEPT_HEAD = (b"POST /?a=1 HTTP/1.1\r\nHost: gw:8080\r\nAuthorization: Bearer %s\r\n"
+              b"Content-Type: application/json\r\nContent-Length: 2\r\n\r\n{}")
+_HEAD_VARIANTS = [
+    _KEPT_HEAD, _KEPT_HEAD.replace(b"1.1", b"1.0"),
+    _KEPT_HEAD.replace(b"Host: gw:8080\r\n", b""),  # 1.1 without Host: 400
+    _KEPT_HEAD.replace(b"Content-Length: 2", b"Transfer-Encoding: chunked").replace(b"{}", b"2\r\n{}\r\n0\r\n\r\n"),
+    _KEPT_HEAD.replace(b"Content-Length: 2", b"Content-Length: 2\r\nExpect: 100-continue")[:-2],
+    _KEPT_HEAD.replace(b"Content-Length: 2", b"Content-Length: 2\r\nConnection: close"),
+    _KEPT_HEAD.replace(b"Content-Length: 2", b"Content-Length: 2\r\nAuthorization: Basic eDp5"),
+    _KEPT_HEAD.replace(b"Content-Length: 2", b"Content-Length: 2\r\nauthorization: x"),
+    _KEPT_HEAD.replace(b"Content-Length: 2", b"Content-Length: 99999999"),
+    _KEPT_HEAD.replace(b"Content-Length: 2", b"Content-Length: 2, 2"),
+    _KEPT_HEAD + b"POST / HTTP/1.1\r\nHost: x\r\nAuthorization: %s\r\nContent-Length: 0\r\n\r\n",  # pipelined
+    _KEPT_HEAD.replace(b"Bearer %s", b"%s").replace(b"\r\nAuthorization", b"\r\nX-A: 1\r\nAuthorization"),
+    _KEPT_HEAD.replace(b"POST /?a=1", b"GET http://gw/x"),
+]
+_TOKEN_VALUES = [b"t.u.v", b"", b" t ", b"t\t", b"t\rx", b"t\nx", b"t\x00x", b"caf\xe9", b"x" * 700,
+                 b"t\r\n\r\nGET / HTTP/1.1", b"t\r\nAuthorization: u", b"t\r\n Folded: x"]
+
+
+@pytest.mark.parametrize("variant", _HEAD_VARIANTS)
+def test_heads_kept_read_as_the_general_path_reads_them(variant):
+    # A head that differs from one read before only in its token is not parsed
+    # again (HEAD_CACHE): what the framing makes of it, the refusals included,
+    # must be byte for byte what a framing that keeps nothing makes of it.
+    heads = {}
+    for first in _TOKEN_VALUES:
+        for value in _TOKEN_VALUES:
+            _framing_outcome(variant.replace(b"%s", first), heads)
+            data = variant.replace(b"%s", value)
+            assert _framing_outcome(data, heads) == _framing_outcome(data)
+    assert all(b"t.u.v" not in key and fields["authorization"] == ""  # tokens are not kept
+                                   for key, (_l, _m, _t, _v, fields, _n) in heads.items())
+    # After a reload (new limits), a kept head is read anew under them.
+    data = _KEPT_HEAD.replace(b"%s", b"t.u.v")
+    _framing_outcome(data, heads)
+    reloaded = og.Config(max_body_bytes=1)
+    assert _framing_outcome(data, heads, reloaded) == _framing_outcome(data, None, reloaded)
+    assert _framing_outcome(data, heads, reloaded)[0][0][0] == 413
+
+
+def test_heads_kept_are_bounded():
+    heads = {}
+    for index in range(og.HEAD_CACHE + 1):
+        _framing_outcome(_KEPT_HEAD.replace(b"/?a=1", b"/?a=%d" % index).replace(b"%s", b"t"), heads)
+    assert len(heads) == 1  # full: emptied first
+    long_head = _KEPT_HEAD.replace(b"%s", b"t").replace(b"Host: gw", b"Host: " + b"g" * og.HEAD_KEPT)
+    _framing_outcome(long_head, heads, og.Config())
+    assert len(heads) == 1 and long_head[:-20] not in b"".join(heads)
+
+
+@FUZZ
+@given(st.binary(max_size=40), st.binary(max_size=40), st.sampled_from(_HEAD_VARIANTS))
+def test_fuzz_heads_kept_read_as_the_general_path_reads_them(first, value, variant):
+    heads = {}
+    _framing_outcome(variant.replace(b"%s", first), heads)
+    data = variant.replace(b"%s", value)
+    assert _framing_outcome(data, heads) == _framing_outcome(data)
+
+
 @FUZZ
 @given(st.text(max_size=300))
 def test_fuzz_authorization_header(header):
@@ -6682,6 +6806,24 @@ def test_an_admin_request_sent_again_through_the_other_gateway_is_queued_once(re
         assert [t["user_data"] for t in tasks] == [[9], [9]]
 
 
+def test_a_big_report_parsed_in_steps_takes_its_tasks_from_redis(redis_server, tmp_path, monkeypatch):
+    # A report big enough to be parsed in steps ends as any other in cluster
+    # mode: stored in Redis, its server's tasks taken (and, with a state file, saved).
+    monkeypatch.setattr(og, "JSON_STEP_CHARS", 300)
+    stepped = []
+    parse_big = og.GatewayServer._parsed_in_steps
+    monkeypatch.setattr(og.GatewayServer, "_parsed_in_steps",
+                        lambda server, *args: stepped.append(1) or parse_big(server, *args))
+    rooms = [room(NS, "lobby", NS)] + [room(NS, "r%d" % i, NS) for i in range(40)]
+    with cluster_gateway(redis_server, state_file=str(tmp_path / "state")) as a:
+        http_report(a, SFU1, rooms=rooms)
+        assert admin(a, "RoomUpdate", {"room_id": "lobby", "user_data": [3]}) == {}
+        tasks = http_report(a, SFU1, rooms=rooms)["tasks"]
+        assert len(stepped) == 2
+        assert [t["user_data"] for t in tasks] == [[3]]
+        assert redis_server.client().hlen("odin:taken") == 0  # the answer was written: confirmed
+
+
 def test_a_report_whose_redis_call_times_out_hands_the_tasks_it_took_back(redis_server):
     # The report's transaction, stalled past the deadline, runs when Redis wakes up
     # and takes the server's task, though the answer went out without it: the take
@@ -6704,6 +6846,22 @@ def test_a_report_whose_redis_call_times_out_hands_the_tasks_it_took_back(redis_
         assert [t["user_data"] for t in tasks] == [[7]]
         assert http_report(a, SFU1, rooms=lobby)["tasks"] == []
         assert redis_server.client().hlen("odin:taken") == 0  # b's answer was written: confirmed
+
+
+def test_tasks_taken_for_an_answer_that_fails_are_handed_back(redis_server, monkeypatch):
+    # A report's answer that cannot be made (a bug: an internal error) carries
+    # no tasks: those it took go back to the queue, for the next report.
+    with cluster_gateway(redis_server) as a:
+        http_report(a, SFU1, rooms=[room(NS, "lobby", NS)])
+        assert admin(a, "RoomUpdate", {"room_id": "lobby", "user_data": [5]}) == {}
+        finish = og.Gateway.finish_steps
+        monkeypatch.setattr(og.Gateway, "finish_steps", lambda *args: 1 / 0)
+        with pytest.raises(og.RpcError):
+            http_report(a, SFU1, rooms=[room(NS, "lobby", NS)])
+        monkeypatch.setattr(og.Gateway, "finish_steps", finish)
+        eventually(a, lambda: redis_server.client().hlen("odin:taken") == 0)
+        tasks = http_report(a, SFU1, rooms=[room(NS, "lobby", NS)])["tasks"]
+        assert [t["user_data"] for t in tasks] == [[5]]
 
 
 def test_tasks_taken_by_a_gateway_that_died_before_answering_are_handed_back(redis_server):
@@ -6967,6 +7125,8 @@ def test_a_gateway_that_joins_is_not_ready_before_the_state_is_loaded(redis_serv
             redis_server.resume()
             eventually(b, lambda: b.gateway.cluster.loaded)
             assert len(b.gateway.grid.servers) == 2 and len(b.gateway.grid.rooms) == 101
+            # Ended as a warm-up ends: a state saved from now on spares a restart its warm-up.
+            assert b.call(lambda: (b.gateway.warm_until, b.gateway.grid.complete)) == (0.0, True)
             assert b.call(lambda: b.gateway.handle_http("GET", "/ready", {}, b"")).status == 200
 
 
