@@ -85,7 +85,6 @@ import hashlib
 import hmac
 import html
 import inspect
-import itertools
 import ipaddress
 import itertools
 import json
@@ -4713,7 +4712,8 @@ def render_metrics(gateway: Gateway) -> str:
 
     grid = gateway.grid
     now = gateway.clock()
-    enabled = [s for s in grid.servers.values() if not s.disabled]
+    # Out from the moment it is silent, before the tick disables it (as /status says).
+    enabled = [s for s in grid.servers.values() if grid.state(s, now) != "disabled"]
     family("odin_gateway_build_info", "gauge", "Version of this gateway (always 1).",
            [({"version": __version__}, 1)])
     start = process_start_time()

@@ -6102,18 +6102,26 @@ def test_an_age_past_update_interval_is_amber_and_past_disable_timeout_disabled(
 def test_metrics_and_status_agree_on_a_server_that_has_just_gone_silent():
     clock = Clock()
     gw = status_gateway(clock)  # SFU1 taking rooms, SFU2 drained
+    result(gw, "sfu.Report", {"public_endpoint": SFU1, "version": "1.6.0", "load": 0.25, "clients": 4,
+                              "rooms": [room("custom-ns", "lobby", "odinref", peers=3)]})
 
     def states():
         families = parse_metrics(og.render_metrics(gw))
         metrics = {state: sample_value(families, "odin_gateway_servers", state=state, region="")
                    for state in ("enabled", "draining", "disabled")}
+        # The figures of the servers not disabled follow the same state.
+        metrics["oldest"] = sample_value(families, "odin_gateway_oldest_report_age_seconds")
+        metrics["clients"] = sample_value(families, "odin_gateway_reported_clients")
         return metrics, sorted(s["state"] for s in og.status_data(gw)["servers"])
 
-    assert states() == ({"enabled": 1, "draining": 1, "disabled": 0}, ["draining", "taking rooms"])
-    clock.advance(8)  # past disable_timeout, before the tick: out from this moment, both say
-    assert states() == ({"enabled": 0, "draining": 0, "disabled": 2}, ["disabled", "disabled"])
+    assert states() == ({"enabled": 1, "draining": 1, "disabled": 0, "oldest": 0, "clients": 4},
+                        ["draining", "taking rooms"])
+    clock.advance(8)  # past disable_timeout, before the tick: out from this moment, all say
+    assert states() == ({"enabled": 0, "draining": 0, "disabled": 2, "oldest": 0, "clients": 0},
+                        ["disabled", "disabled"])
     gw.tick()
-    assert states() == ({"enabled": 0, "draining": 0, "disabled": 2}, ["disabled", "disabled"])
+    assert states() == ({"enabled": 0, "draining": 0, "disabled": 2, "oldest": 0, "clients": 0},
+                        ["disabled", "disabled"])
 
 
 def test_status_is_protected_like_metrics():
