@@ -111,6 +111,11 @@ import urllib.parse
 import urllib.request
 from typing import Any, Callable, Dict, Generator, Iterator, List, Optional, Tuple, Union
 
+try:  # Unix: the state_file lock (elsewhere a second gateway on one state_file is not stopped)
+    import fcntl
+except ImportError:  # pragma: no cover - Windows
+    fcntl = None  # type: ignore[assignment]
+
 if sys.version_info < (3, 9):  # else a TypeError from deep inside, on Ubuntu 20.04's 3.8
     raise SystemExit("odin_gateway needs Python 3.9 or newer; this is Python %d.%d"
                      % sys.version_info[:2])
@@ -3192,8 +3197,40 @@ class StateFile:
     def __init__(self, path: str):
         self.path = path
         self._file: Any = None
+        self._lock: Any = None
         self.snapshot_bytes = 0  # size of the last snapshot
         self.appended_bytes = 0  # bytes appended since
+
+    def lock(self) -> None:
+        """Hold path + ".lock" (flock, exclusive) while this gateway uses the file: a
+        second gateway on it would journal into a file the first then replaces, or the
+        other way round. StateError naming the file and the holder's pid."""
+        if fcntl is None or self._lock is not None:
+            return
+        lock_path = self.path + ".lock"
+        try:
+            lock = open(lock_path, "a+")
+        except OSError as err:
+            raise StateError("state_file %s: cannot open its lock file %s: %s" % (
+                self.path, lock_path, err.strerror or err)) from err
+        try:
+            fcntl.flock(lock.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            lock.seek(0)
+            holder = lock.read().strip() or "unknown"
+            lock.close()
+            raise StateError("state_file %s is in use by another gateway (pid %s, holding %s): stop "
+                             "it first, or give each gateway its own state_file"
+                             % (self.path, holder, lock_path)) from None
+        lock.truncate(0)
+        lock.write("%d\n" % os.getpid())
+        lock.flush()
+        self._lock = lock
+
+    def unlock(self) -> None:
+        if self._lock is not None:
+            self._lock.close()  # (closing releases the flock)
+            self._lock = None
 
     def read(self) -> List[list]:
         """The records of the file ([] if there is none); StateError if unreadable.
@@ -3299,11 +3336,13 @@ class SavedState:
         """
         gateway, grid, path = self.gateway, self.gateway.grid, self.file.path
         now = gateway.clock()
+        self.file.lock()
         try:
             records = self.file.read()
             age = self.file.age(now) if os.path.exists(path) else None
         except (StateError, OSError) as err:
             if not discard_unreadable:
+                self.file.unlock()
                 raise StateError(str(err)) from err
             log.error("%s; starting without it, as --discard-unreadable-state says", err,
                       extra=fields("state_discarded", path=path, reason=str(err)))
@@ -3336,6 +3375,7 @@ class SavedState:
 
     def resume(self) -> None:
         """Start journaling: a fresh snapshot of the grid, then its changes."""
+        self.file.lock()
         try:
             self.file.rewrite(self.file.encode(list(grid_records(self.gateway.grid))))
         except OSError as err:
@@ -3377,6 +3417,7 @@ class SavedState:
     def close(self) -> None:
         """Stop journaling (flush first: what is pending is not written here)."""
         self.file.close()
+        self.file.unlock()
         self.gateway.grid.journal = None
 
 

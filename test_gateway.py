@@ -2029,9 +2029,18 @@ def test_waiting_connects_are_placed_when_the_warmup_ends_and_answered_503_at_a_
 
 
 def saved_gateway(path, clock=None, **settings):
+    """A gateway journaling to path. The one made here before on path counts as
+    killed: its lock on the file is let go, as its process's end would."""
+    previous = _SAVED_GATEWAYS.pop(str(path), None)
+    if previous is not None and previous.saved is not None:
+        previous.saved.file.unlock()
     gw = make_gateway(clock, state_file=str(path), **settings)
     gw.open_state()
+    _SAVED_GATEWAYS[str(path)] = gw
     return gw
+
+
+_SAVED_GATEWAYS = {}  # state file -> the last gateway saved_gateway made on it
 
 
 def test_saved_state_brings_back_rooms_placements_and_tasks(tmp_path):
@@ -2254,6 +2263,38 @@ def test_a_failed_state_write_is_made_good_by_a_snapshot(tmp_path, monkeypatch, 
     report(gw, SFU2)
     og.flush_state(gw.saved)  # the whole state, not just the last change
     assert list(og.grid_records(saved_gateway(path).grid)) == list(og.grid_records(gw.grid))
+
+
+@pytest.mark.skipif(og.fcntl is None, reason="the state_file lock needs fcntl (Unix)")
+def test_a_second_gateway_on_one_state_file_stops_naming_the_file_and_holder(tmp_path):
+    # Both journaled into it, and the old one's writes went to a replaced file.
+    path = tmp_path / "state.jsonl"
+    first = make_gateway(state_file=str(path))
+    first.open_state()
+    second = make_gateway(state_file=str(path))
+    with pytest.raises(og.StateError) as refused:
+        second.open_state()
+    assert str(path) in str(refused.value) and "pid %d" % os.getpid() in str(refused.value)
+    assert second.grid.journal is None
+    first.saved.close()  # the old gateway stopped
+    second.open_state()
+    assert second.grid.journal is not None
+    second.saved.close()
+
+
+@pytest.mark.skipif(og.fcntl is None, reason="the state_file lock needs fcntl (Unix)")
+def test_a_gateway_started_before_the_old_one_stopped_exits_naming_it(tmp_path):
+    state = tmp_path / "state.jsonl"
+    old, port = _serve_process(tmp_path, state)
+    try:
+        new, refusal = _serve_process(tmp_path, state)
+        assert wait_for_exit(new, "its refusal") == 2
+        new.stderr.close()
+        assert "is in use by another gateway (pid %d" % old.pid in refusal and str(state) in refusal
+    finally:
+        old.kill()
+        old.wait()
+        old.stderr.close()
 
 
 def test_without_a_state_file_nothing_is_journaled():
@@ -7337,7 +7378,8 @@ def test_workers_share_the_port_get_every_signal_and_are_restarted(tmp_path, red
         assert len(ports) == 1  # one port, two processes
         url = "http://127.0.0.1:%d" % ports.pop()
         # Each worker saves its own replica; one journal written by two processes loses lines.
-        assert sorted(p.name for p in tmp_path.glob("state*")) == ["state.worker1", "state.worker2"]
+        assert sorted(p.name for p in tmp_path.glob("state*")) == [
+            "state.worker1", "state.worker1.lock", "state.worker2", "state.worker2.lock"]
         wait_for("cluster_member_joined")  # the first saw the second join: each knows the other
         os.kill(pids[0], signal.SIGKILL)
         died = wait_for("worker_died")[0]
