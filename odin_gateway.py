@@ -85,7 +85,6 @@ import hashlib
 import hmac
 import html
 import inspect
-import itertools
 import ipaddress
 import itertools
 import json
@@ -111,6 +110,11 @@ import urllib.error
 import urllib.parse
 import urllib.request
 from typing import Any, Callable, Dict, Generator, Iterator, List, Optional, Tuple, Union
+
+try:  # Unix: the state_file lock (elsewhere a second gateway on one state_file is not stopped)
+    import fcntl
+except ImportError:  # pragma: no cover - Windows
+    fcntl = None  # type: ignore[assignment]
 
 if sys.version_info < (3, 9):  # else a TypeError from deep inside, on Ubuntu 20.04's 3.8
     raise SystemExit("odin_gateway needs Python 3.9 or newer; this is Python %d.%d"
@@ -2709,15 +2713,16 @@ class Grid:
         pending = self.pending.get(customer, (0, 0))
         return reported[0] + pending[0], reported[1] + pending[1]
 
-    def limit_usage(self, customer: str) -> Tuple[int, int]:
+    def limit_usage(self, customer: str, shares: Optional[int] = None) -> Tuple[int, int]:
         """usage_of() as limits count it: a cluster gateway without Redis, which cannot
         see the others' placements, counts its own placements since the reports once
-        for every gateway (gateways_alone), as if each had placed as many."""
-        if self.gateways_alone == 1:
+        for every gateway (gateways_alone, or shares if more), as if each had placed as
+        many."""
+        shares = max(self.gateways_alone, shares or 1)
+        if shares == 1:
             return self.usage_of(customer)
         reported = self.reported.get(customer, (0, 0))
         pending = self.pending.get(customer, (0, 0))
-        shares = self.gateways_alone
         return reported[0] + shares * pending[0], reported[1] + shares * pending[1]
 
     @property
@@ -3218,8 +3223,40 @@ class StateFile:
     def __init__(self, path: str):
         self.path = path
         self._file: Any = None
+        self._lock: Any = None
         self.snapshot_bytes = 0  # size of the last snapshot
         self.appended_bytes = 0  # bytes appended since
+
+    def lock(self) -> None:
+        """Hold path + ".lock" (flock, exclusive) while this gateway uses the file: a
+        second gateway on it would journal into a file the first then replaces, or the
+        other way round. StateError naming the file and the holder's pid."""
+        if fcntl is None or self._lock is not None:
+            return
+        lock_path = self.path + ".lock"
+        try:
+            lock = open(lock_path, "a+")
+        except OSError as err:
+            raise StateError("state_file %s: cannot open its lock file %s: %s" % (
+                self.path, lock_path, err.strerror or err)) from err
+        try:
+            fcntl.flock(lock.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            lock.seek(0)
+            holder = lock.read().strip() or "unknown"
+            lock.close()
+            raise StateError("state_file %s is in use by another gateway (pid %s, holding %s): stop "
+                             "it first, or give each gateway its own state_file"
+                             % (self.path, holder, lock_path)) from None
+        lock.truncate(0)
+        lock.write("%d\n" % os.getpid())
+        lock.flush()
+        self._lock = lock
+
+    def unlock(self) -> None:
+        if self._lock is not None:
+            self._lock.close()  # (closing releases the flock)
+            self._lock = None
 
     def read(self) -> List[list]:
         """The records of the file ([] if there is none); StateError if unreadable.
@@ -3325,11 +3362,13 @@ class SavedState:
         """
         gateway, grid, path = self.gateway, self.gateway.grid, self.file.path
         now = gateway.clock()
+        self.file.lock()
         try:
             records = self.file.read()
             age = self.file.age(now) if os.path.exists(path) else None
         except (StateError, OSError) as err:
             if not discard_unreadable:
+                self.file.unlock()
                 raise StateError(str(err)) from err
             log.error("%s; starting without it, as --discard-unreadable-state says", err,
                       extra=fields("state_discarded", path=path, reason=str(err)))
@@ -3362,6 +3401,7 @@ class SavedState:
 
     def resume(self) -> None:
         """Start journaling: a fresh snapshot of the grid, then its changes."""
+        self.file.lock()
         try:
             self.file.rewrite(self.file.encode(list(grid_records(self.gateway.grid))))
         except OSError as err:
@@ -3403,6 +3443,7 @@ class SavedState:
     def close(self) -> None:
         """Stop journaling (flush first: what is pending is not written here)."""
         self.file.close()
+        self.file.unlock()
         self.gateway.grid.journal = None
 
 
@@ -3896,13 +3937,16 @@ class Gateway:
 
     def _connect_checked(self, auth: Authorization, digest: str, namespace: str, room_name: str,
                          pinned: Optional[str], claimed_region: Optional[str],
-                         _barrier: Any = None) -> Any:
-        """Connect past its claims: the limits, then the room's server or a claim for it."""
+                         seen_all: Optional[bool] = True) -> Any:
+        """Connect past its claims: the limits, then the room's server or a claim for it.
+        seen_all: the barrier passed (None: it missed its deadline, so the others'
+        latest placements may be unseen: the limits count as while Redis is down)."""
         licensee = auth.licensee
-        peers, rooms = self.grid.limit_usage(licensee.customer_id)
+        link = self.cluster
+        unseen = len(link.members) if link is not None and not seen_all else None
+        peers, rooms = self.grid.limit_usage(licensee.customer_id, unseen)
         self._check_limit(licensee, licensee.peer_limit, peers, "peers")
         now = self.clock()
-        link = self.cluster
         if link is not None and link.up and self.grid.server_of(digest, now) is None:
             # A new room: claim it in Redis first, so that every gateway sends it to one server.
             self._check_limit(licensee, licensee.room_limit, rooms, "rooms")
@@ -4748,7 +4792,8 @@ def render_metrics(gateway: Gateway) -> str:
 
     grid = gateway.grid
     now = gateway.clock()
-    enabled = [s for s in grid.servers.values() if not s.disabled]
+    # Out from the moment it is silent, before the tick disables it (as /status says).
+    enabled = [s for s in grid.servers.values() if grid.state(s, now) != "disabled"]
     family("odin_gateway_build_info", "gauge", "Version of this gateway (always 1).",
            [({"version": __version__}, 1)])
     start = process_start_time()
@@ -6441,7 +6486,12 @@ class ClusterLink:
         try:
             await self._call(pipe.execute())
         except _Unreachable:
-            self._delivered[:0] = delivered  # the others must hear of them: next batch
+            # The others must hear of them: in the next batch. Placements that reached
+            # Redis anyway (a slow answer) then count twice until their server's next
+            # report: a limit refuses early rather than late.
+            self._placed[:0] = placed
+            self._drains[:0] = drains
+            self._delivered[:0] = delivered
             raise
 
     # -- steps: what must be in Redis before an answer ------------------------
@@ -6562,9 +6612,9 @@ class ClusterLink:
                 if not lock.locked() and self._serials.get(step.serial) is lock:
                     del self._serials[step.serial]  # type: ignore[arg-type]
 
-    async def _perform_barrier(self) -> None:
-        """Return once every event published before this call has been applied here: a
-        PING on the events connection comes back after them."""
+    async def _perform_barrier(self) -> bool:
+        """Return (True) once every event published before this call has been applied here:
+        a PING on the events connection comes back after them."""
         if not self.up or self._pubsub is None:
             raise _Unreachable("down")
         token = os.urandom(8).hex()
@@ -6575,6 +6625,7 @@ class ClusterLink:
             await self._call(asyncio.shield(arrived))
         finally:
             self._pongs.pop(token, None)
+        return True
 
     async def _perform(self, step: ClusterStep) -> Any:
         """A step's outcome; None if Redis could not be reached in time (then held here)."""
@@ -8319,13 +8370,18 @@ def serve_demo(out: Any = None, *, port: int = 0, stop: Optional[threading.Event
                 fakes["sfu-c.local:4433"].start()
 
         seen = 0
-        # SIGTERM (a service manager, `kill`) stops it as cleanly as Ctrl-C does.
+        # Ctrl-C and SIGTERM (a service manager, `kill`) end the loop after the step: taken
+        # even where SIGINT was ignored at start (a background job), as serve takes it,
+        # never raised as a KeyboardInterrupt in the middle of a step. The handler only
+        # appends (stop.set() there could wait for the lock the interrupted thread holds).
         import signal
+        signalled: List[int] = []
         in_main = threading.current_thread() is threading.main_thread()
-        previous_term = signal.signal(signal.SIGTERM, lambda *_: stop.set()) if in_main else None
+        previous = {number: signal.signal(number, lambda number, _frame: signalled.append(number))
+                    for number in (signal.SIGINT, signal.SIGTERM)} if in_main else {}
         try:
             step = 0
-            while not stop.wait(DEMO_STEP):
+            while not signalled and not stop.wait(DEMO_STEP):
                 step += 1
                 if step % DEMO_CYCLE in DEMO_TIMELINE:
                     script(DEMO_TIMELINE[step % DEMO_CYCLE])
@@ -8345,11 +8401,9 @@ def serve_demo(out: Any = None, *, port: int = 0, stop: Optional[threading.Event
                     print("%s %-16s %s" % (time.strftime("%H:%M:%S", time.gmtime(event["time"])),
                                            event["kind"], _event_details(event)), file=out, flush=True)
                 seen = page["next"]
-        except KeyboardInterrupt:
-            pass
         finally:
-            if in_main:
-                signal.signal(signal.SIGTERM, previous_term)
+            for number, handler in previous.items():
+                signal.signal(number, handler)
             for fake in fakes.values():
                 fake.stop()
     print("\nDemo stopped.", file=out)
