@@ -7037,6 +7037,14 @@ def _plain(response: Response) -> Response:
     return Response(response.status, response.body, response.headers, response.content_type)
 
 
+
+# A report's answer hands its tasks over: they have left their queue (and, in a
+# cluster, are confirmed as sent once it is written), so such an answer is never
+# swapped for max_unsent_bytes' 503 (its size is bounded by max_queued_tasks).
+# JSON strings escape quotes, so only a result that is a task list has this.
+_TASKS_HANDED_OVER = b'"result":{"tasks":[{'
+
+
 class Connection(asyncio.Protocol):
     """One client connection: its HttpFraming, its answers, its one deadline.
 
@@ -7263,7 +7271,8 @@ class Connection(asyncio.Protocol):
         server = self.server
         config = server.gateway.config
         size = len(response.body)
-        if size > config.max_write_buffer and server.unsent + size > config.max_unsent_bytes:
+        if (size > config.max_write_buffer and server.unsent + size > config.max_unsent_bytes
+                and _TASKS_HANDED_OVER not in response.body):
             log.warning("answering %s %s with 503: %d bytes of answers wait for their clients "
                         "(max_unsent_bytes %d)", printable(request.method), printable(request.target),
                         server.unsent, config.max_unsent_bytes)

@@ -4468,6 +4468,29 @@ def test_clients_that_never_read_cannot_stall_others_or_grow_memory():
             sock.close()
 
 
+def test_a_report_answer_with_tasks_is_never_swapped_for_503_while_clients_do_not_read():
+    # Its tasks have left the queue: a 503 in its place would lose them.
+    gw = make_gateway(max_unsent_bytes=30_000_000, max_write_buffer=1000)
+    real, big = gw.handle_http, og.Response(200, b"x" * 5000)
+    gw.handle_http = lambda m, t, h, b, r="127.0.0.1", **o: big if t == "/big" else real(m, t, h, b, r, **o)
+    report = report_request(0)
+    with running(gw) as server:
+        assert status_of(exchange(server.port, report)) == 200
+        tasks = [{"task": "RoomUpdate", "id": ["ns", "r%d" % i], "data": [0] * 50} for i in range(50)]
+        server.call(lambda: gw.grid.servers["127.0.0.1:4433"].tasks.extend(tasks))
+        # As if 30 MB of answers waited for clients that do not read (see the test above).
+        server.call(lambda: setattr(server.server, "unsent", 30_000_000))
+        try:
+            other = exchange(server.port, b"GET /big HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+            answer = exchange(server.port, report)
+        finally:
+            server.call(lambda: setattr(server.server, "unsent", 0))
+    assert status_of(other) == 503  # a large answer without tasks is refused
+    head, _, body = answer.partition(b"\r\n\r\n")
+    assert status_of(head) == 200 and len(body) > 1000
+    assert json.loads(body)["result"]["tasks"] == tasks
+
+
 def test_a_connection_close_answer_survives_more_input_behind_it():
     gw = big_answer_gateway()
     with og.serve_in_thread(gateway=gw) as server, \
