@@ -6102,7 +6102,8 @@ class ClusterLink:
         self.changed = asyncio.Event()  # set whenever up, loaded or members change (tests await it)
         self._placed: List[Tuple[str, str, int]] = []  # (hostname, customer, new room) to share
         self._drains: List[Tuple[str, bool]] = []  # (hostname, draining) to share
-        self._serials: Dict[str, asyncio.Lock] = {}  # customer -> its Connects' turn here
+        # customer -> [the lock of its Connects' turn here, Connects holding or awaiting it]
+        self._serials: Dict[str, list] = {}
         self._sending = asyncio.Lock()  # one batch of placements at a time
         self._task_count = 0
         self._report_count = 0
@@ -6591,10 +6592,20 @@ class ClusterLink:
         """Perform a step and finish it, and the steps its finish returns; a serial
         step holds its lock until its placements are published. (takes: where a
         report's take of tasks is noted.)"""
-        lock = None
+        lock = turn = None
         if step.serial is not None:
-            lock = self._serials.setdefault(step.serial, asyncio.Lock())
-            await lock.acquire()
+            # The lock is dropped when no Connect holds or awaits it: a released lock
+            # reads unlocked before its next waiter runs, so locked() cannot tell.
+            turn = self._serials.get(step.serial)
+            if turn is None:
+                turn = self._serials[step.serial] = [asyncio.Lock(), 0]
+            lock = turn[0]
+            turn[1] += 1
+            try:
+                await lock.acquire()
+            except BaseException:
+                self._leave_turn(step.serial, turn)
+                raise
         try:
             result: Any = step
             while isinstance(result, ClusterStep):
@@ -6609,8 +6620,12 @@ class ClusterLink:
         finally:
             if lock is not None:
                 lock.release()
-                if not lock.locked() and self._serials.get(step.serial) is lock:
-                    del self._serials[step.serial]  # type: ignore[arg-type]
+                self._leave_turn(step.serial, turn)  # type: ignore[arg-type]
+
+    def _leave_turn(self, serial: str, turn: list) -> None:
+        turn[1] -= 1
+        if turn[1] == 0 and self._serials.get(serial) is turn:
+            del self._serials[serial]
 
     async def _perform_barrier(self) -> bool:
         """Return (True) once every event published before this call has been applied here:

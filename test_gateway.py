@@ -7401,6 +7401,41 @@ def test_without_redis_two_gateways_together_do_not_overrun_a_limit(redis_server
         eventually(a, lambda: a.gateway.grid.gateways_alone == 1)
 
 
+def test_a_customers_limited_connects_take_turns_on_a_gateway(redis_server):
+    # The bound below needs one limited Connect of a customer at a time per
+    # gateway. Its lock was dropped when its holder released it while another
+    # waited (a released lock reads unlocked until the waiter runs), and the next
+    # Connect made a new lock: two ran at once (burst test: 7 admitted of 5 + 1).
+    with cluster_gateway(redis_server) as a:
+        link, inside, most = a.gateway.cluster, [0], [0]
+
+        async def barrier():
+            inside[0] += 1
+            most[0] = max(most[0], inside[0])
+            await asyncio.sleep(0.01)
+            inside[0] -= 1
+            return True
+
+        link._perform_barrier = barrier
+
+        async def connects():
+            def step():
+                return og.ClusterStep("barrier", (), lambda outcome: outcome, serial="small")
+
+            first = asyncio.ensure_future(link._settle(step(), []))
+            second = asyncio.ensure_future(link._settle(step(), []))
+            await first  # released while the second waits: a third must wait too
+            third = asyncio.ensure_future(link._settle(step(), []))
+            await asyncio.gather(second, third)
+            return dict(link._serials)
+
+        try:
+            assert asyncio.run_coroutine_threadsafe(connects(), a.loop).result(timeout=WAIT) == {}
+        finally:
+            del link._perform_barrier
+        assert most[0] == 1
+
+
 def test_a_concurrent_burst_overruns_a_limit_by_at_most_one_per_other_gateway(redis_server):
     # The bound of the design, with a deadline this machine's load cannot miss: a
     # Redis call that misses it makes a gateway count as without Redis (the tests
