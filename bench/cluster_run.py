@@ -283,41 +283,37 @@ def rpc(method, params, request_id=1):
     return {"jsonrpc": "2.0", "method": method, "params": params, "id": request_id}
 
 
+def counted_call(fleet, done, failed, refused, front, *request):
+    """One call through the front, counted as done, failed (no answer) or refused
+    (an error answer); (the gateway that answered, the result or None)."""
+    try:
+        via, answer = front.call(*request)
+    except (Refused, OSError, ValueError):
+        outcome, via, answer = failed, None, None
+    else:
+        outcome = refused if answer is None or "result" not in answer else done
+    with fleet.lock:
+        fleet.counts[outcome] += 1
+    return via, answer["result"] if outcome == done else None
+
+
 def report_loop(front, fleet, host, stop):
     next_at = time.monotonic() + random.random() * UPDATE_INTERVAL
     while not stop.is_set():
         time.sleep(max(0.0, next_at - time.monotonic()))
         next_at += UPDATE_INTERVAL
-        try:
-            via, answer = front.call("/internal", rpc("sfu.Report", fleet.report_params(host)))
-        except (Refused, OSError, ValueError):
-            with fleet.lock:
-                fleet.counts["reports_failed"] += 1
-            continue
-        if answer is None or "result" not in answer:
-            with fleet.lock:
-                fleet.counts["reports_failed"] += 1
-            continue
-        with fleet.lock:
-            fleet.counts["reports"] += 1
-        fleet.tasks(host, answer["result"]["tasks"], via)
+        via, result = counted_call(fleet, "reports", "reports_failed", "reports_failed", front,
+                                   "/internal", rpc("sfu.Report", fleet.report_params(host)))
+        if result is not None:
+            fleet.tasks(host, result["tasks"], via)
 
 
 def connect(front, fleet, key, customer, access_key, user):
     token = og.create_token(access_key, key[1], user)
-    try:
-        via, answer = front.call("/", rpc("Connect", {}), {"Authorization": "Bearer " + token})
-    except (Refused, OSError, ValueError):
-        with fleet.lock:
-            fleet.counts["failed"] += 1
-        return
-    if answer is None or "result" not in answer:
-        with fleet.lock:
-            fleet.counts["refused"] += 1
-        return
-    with fleet.lock:
-        fleet.counts["connects"] += 1
-    fleet.join(answer["result"]["address"], key, customer, via)
+    via, result = counted_call(fleet, "connects", "failed", "refused", front,
+                               "/", rpc("Connect", {}), {"Authorization": "Bearer " + token})
+    if result is not None:
+        fleet.join(result["address"], key, customer, via)
 
 
 def client_loop(front, fleet, number, stop, retry):
